@@ -1,0 +1,29 @@
+# Two commands on a fresh clone: `make demo` and `make test`. Each builds the virtual environment first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+QC := $(VENV)/bin/qconvert
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench models clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+# Palettize the bundled digits CNN and compare accuracy on its held-out digits.
+demo: $(STAMP)
+	@mkdir -p build
+	$(QC) kmeans samples/digits_cnn.onnx --bits 4 --data samples/digits_test.npz -o build/digits.kmeans4.onnx
+	$(QC) kmeans samples/digits_cnn.onnx --bits 2 --per-channel --data samples/digits_test.npz -o build/digits.kmeans2pc.onnx
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+# ResNet-50- and MobileNetV2-shaped models with random weights (about 115 MB) for size and speed checks.
+models: $(STAMP)
+	$(PY) samples/cnn_shapes.py build/models
+
+clean:
+	rm -rf build $(VENV) .pytest_cache

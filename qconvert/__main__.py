@@ -1,0 +1,5 @@
+"""`python -m qconvert` runs the command line."""
+
+from qconvert.cli import main
+
+main()

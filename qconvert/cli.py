@@ -1,0 +1,196 @@
+"""The `qconvert` command line: parse options into plans, run the pipeline, render the report."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+from rich.console import Console
+
+from qconvert import __version__, io
+from qconvert.errors import ExitCode, QConvertError
+from qconvert.pipeline import convert, default_output
+from qconvert.plan import DEFAULT_MIN_ELEMENTS, Granularity, KMeansPlan, ValidationPlan, parse_input_shape
+from qconvert.report import summary
+
+EXIT_CODES_HELP = """\b
+Exit codes:
+  0    success
+  1    internal error (a bug; rerun with --debug for the traceback)
+  2    usage error: bad option or argument
+  3    input error: model or data file missing, unreadable, not ONNX / npz
+  4    unsupported model: nothing to quantize, or onnxruntime cannot run it
+  6    output error: the model or report could not be written
+  130  interrupted (Ctrl-C)"""
+
+
+class CliError(click.ClickException):
+    """A one-line error with a chosen exit code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class QConvertGroup(click.Group):
+    """Maps library errors to exit codes in one place; every error is one line, no traceback unless --debug."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            where = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
+            self._fail(e.format_message() + where, ExitCode.USAGE)
+        except click.ClickException as e:
+            self._fail(e.format_message(), e.exit_code)
+        except click.Abort:
+            self._fail("interrupted", ExitCode.INTERRUPTED)
+        if standalone_mode:
+            sys.exit(result if isinstance(result, int) else 0)
+        return result
+
+    @staticmethod
+    def _fail(message: str, code: int) -> NoReturn:
+        click.echo(f"qconvert: error: {message}", err=True)
+        sys.exit(code)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except QConvertError as e:
+            raise CliError(str(e), e.exit_code) from e
+        except KeyboardInterrupt:
+            raise CliError("interrupted", ExitCode.INTERRUPTED) from None
+        except Exception as e:
+            if ctx.params.get("debug"):
+                traceback.print_exc()
+            raise CliError(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", ExitCode.INTERNAL) from e
+
+
+@click.group(cls=QConvertGroup, epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="qconvert")
+@click.option("--debug", is_flag=True, help="Show the Python traceback of an internal error.")
+def cli(debug: bool) -> None:
+    """Shrink an ONNX CNN by quantizing its weights, validate it under onnxruntime, write it with a report.
+
+    \b
+    Examples:
+      qconvert kmeans model.onnx --bits 4
+      qconvert kmeans model.onnx --bits 2 --per-channel -o small.onnx --json > report.json
+    """
+
+
+def validation_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by every command that validates a converted model."""
+    for option in reversed(
+        [
+            click.option("--validate/--no-validate", default=True, show_default=True, help="Compare the new model with the float one under onnxruntime."),
+            click.option("--data", type=click.Path(path_type=Path, dir_okay=False), help="Validation inputs: .npz with one array per model input (axis 0 = samples) and optionally `labels`."),
+            click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DIMS", help="Shape for an input's symbolic dimensions, e.g. input=1x3x224x224 (repeatable; default 1)."),
+            click.option("--samples", default=8, show_default=True, help="Random validation samples when no --data is given."),
+            click.option("--seed", default=0, show_default=True, help="Seed of the random validation inputs."),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+def output_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Where the model and the report go, and how much is printed."""
+    for option in reversed(
+        [
+            click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), help="Output model path [default: MODEL.<method><bits>.onnx beside the input]."),
+            click.option("--report", "report_path", type=click.Path(path_type=Path, dir_okay=False), help="JSON report path [default: the output path with .report.json]."),
+            click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout instead of the summary on stderr."),
+            click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors."),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--bits", "-b", type=click.IntRange(1, 8), required=True, help="Index bits: 2**bits centroids per codebook (1-8).")
+@click.option("--per-channel/--per-tensor", default=False, show_default=True, help="One codebook per output channel, or one per tensor.")
+@click.option("--min-elements", default=DEFAULT_MIN_ELEMENTS, show_default=True, help="Leave weights with fewer elements as they are.")
+@click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave weights whose name matches (exact or glob; repeatable).")
+@click.option("--keep-opset", is_flag=True, help="Never raise the opset: store 4/2-bit indices bit-packed instead of uint4/uint2.")
+@validation_options
+@output_options
+def kmeans(model: Path, bits: int, per_channel: bool, min_elements: int, exclude: tuple[str, ...], keep_opset: bool, **common: Any) -> None:
+    """Palettize weights: a codebook of 2**bits centroids (k-means) plus low-bit indices.
+
+    Every float weight read by Conv, ConvTranspose, Gemm or MatMul is replaced by a codebook and
+    indices decoded in the graph (Cast -> Gather), wherever it lives: initializers, Constant nodes,
+    If/Loop subgraphs. Indices are stored as uint4 (opset >= 21) or uint2 (opset >= 25), raising the
+    opset when needed, or bit-packed and unpacked in the graph.
+
+    \b
+    Examples:
+      qconvert kmeans model.onnx --bits 4
+      qconvert kmeans model.onnx --bits 4 --per-channel --exclude 'classifier*'
+      qconvert kmeans model.onnx --bits 3 --data val.npz -o model.q3.onnx
+      qconvert kmeans model.onnx --bits 8 --input-shape images=1x3x224x224 --json
+    """
+    plan = KMeansPlan(
+        bits=bits,
+        granularity=Granularity.PER_CHANNEL if per_channel else Granularity.PER_TENSOR,
+        min_elements=min_elements,
+        exclude=exclude,
+        raise_opset=not keep_opset,
+    )
+    _run(model, plan, **common)
+
+
+def _run(
+    model: Path,
+    plan: KMeansPlan,
+    *,
+    validate: bool,
+    data: Path | None,
+    input_shapes: tuple[str, ...],
+    samples: int,
+    seed: int,
+    output: Path | None,
+    report_path: Path | None,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    validation = None
+    if validate:
+        validation = ValidationPlan(data=data, input_shapes=dict(map(parse_input_shape, input_shapes)), samples=samples, seed=seed)
+    output = output or default_output(model, plan)
+    report_path = report_path or output.with_suffix(".report.json")
+    console = Console(stderr=True, quiet=quiet)
+    with console.status("converting", spinner="dots") if console.is_terminal else _nothing() as status:
+        def progress(message: str) -> None:
+            if status is not None:
+                status.update(message)
+
+        conversion = convert(model, output, plan, validation, progress)
+    report = conversion.report
+    io.write_atomically(report_path, report.to_json().encode())
+    if as_json:
+        click.echo(report.to_json(), nl=False)
+    else:
+        console.print(summary(report))
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def main() -> None:
+    cli.main(prog_name="qconvert")

@@ -1,0 +1,216 @@
+"""Graph rewriting: palettized weights become index + codebook tensors and in-graph decode nodes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import ml_dtypes
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from qconvert.quant.kmeans import Palette
+from qconvert.quant.layout import from_rows
+from qconvert.select import Weight
+
+
+class IndexStorage(str, Enum):
+    """How palette indices are stored in the file."""
+
+    UINT8 = "uint8"  # one byte per index; any opset
+    UINT4 = "uint4"  # native 4-bit tensor; opset >= 21
+    UINT2 = "uint2"  # native 2-bit tensor; opset >= 25
+    PACKED = "packed"  # groups of 8 b-bit indices in b bytes, unpacked by integer ops; opset >= 10
+
+    @property
+    def bits(self) -> int | None:
+        return {"uint8": 8, "uint4": 4, "uint2": 2}.get(self.value)
+
+
+NATIVE_MIN_OPSET = {IndexStorage.UINT4: 21, IndexStorage.UINT2: 25}
+PACKED_MIN_OPSET = 10  # Mod and Slice-with-inputs
+NATIVE_DTYPE = {IndexStorage.UINT8: np.uint8, IndexStorage.UINT4: ml_dtypes.uint4, IndexStorage.UINT2: ml_dtypes.uint2}
+# ORT's int64 ReduceSum goes through double: a packed group must fit in 53 bits, so 7-bit indices
+# (8 x 7 = 56 bits) are stored as uint8 instead.
+PACKABLE_BITS = (1, 2, 3, 4, 5, 6)
+
+
+def preferred_storage(bits: int) -> IndexStorage:
+    """The tightest storage for `bits`-bit indices, ignoring the opset."""
+    if bits == 4:
+        return IndexStorage.UINT4
+    if bits == 2:
+        return IndexStorage.UINT2
+    if bits in PACKABLE_BITS:
+        return IndexStorage.PACKED
+    return IndexStorage.UINT8
+
+
+def fallback_storage(bits: int, opset: int) -> IndexStorage:
+    """The tightest storage that needs no opset above `opset`."""
+    if bits in PACKABLE_BITS and opset >= PACKED_MIN_OPSET:
+        return IndexStorage.PACKED
+    return IndexStorage.UINT8
+
+
+def min_opset(storage: IndexStorage) -> int:
+    return NATIVE_MIN_OPSET.get(storage, PACKED_MIN_OPSET if storage is IndexStorage.PACKED else 1)
+
+
+@dataclass(frozen=True)
+class EncodedWeight:
+    """A weight with its palette, ready to be written into the graph."""
+
+    weight: Weight
+    palette: Palette
+    axis: int | None  # channel axis of the codebooks; None for one codebook
+
+
+def stored_bytes(palette: Palette, storage: IndexStorage, bits: int) -> int:
+    """Bytes the palette takes in the file: codebook plus indices (constants of a few bytes excluded)."""
+    count = palette.indices.size
+    index_bits = storage.bits or bits
+    index_bytes = -(-count // 8) * index_bits if storage is IndexStorage.PACKED else -(-count * index_bits // 8)
+    return palette.codebook.nbytes + index_bytes
+
+
+def pack_indices(indices: np.ndarray, bits: int) -> np.ndarray:
+    """Little-endian bit packing: each group of 8 indices becomes `bits` bytes -> [groups, bits] uint8."""
+    flat = indices.reshape(-1).astype(np.uint64)
+    groups = -(-flat.size // 8)
+    padded = np.zeros(groups * 8, np.uint64)
+    padded[: flat.size] = flat
+    shifts = np.arange(8, dtype=np.uint64) * np.uint64(bits)
+    words = np.bitwise_or.reduce(padded.reshape(groups, 8) << shifts, axis=1)
+    return words.astype("<u8").view(np.uint8).reshape(groups, 8)[:, :bits].copy()
+
+
+class NameSource:
+    """Fresh tensor and node names that collide with nothing in the model."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self._taken: set[str] = set()
+        graphs = [model.graph]
+        while graphs:
+            graph = graphs.pop()
+            self._taken.update(t.name for t in graph.initializer)
+            self._taken.update(v.name for v in (*graph.input, *graph.output, *graph.value_info))
+            for node in graph.node:
+                self._taken.update((*node.input, *node.output, node.name))
+                for attr in node.attribute:
+                    graphs.extend([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs)
+
+    def __call__(self, base: str) -> str:
+        name, n = base, 1
+        while name in self._taken:
+            n += 1
+            name = f"{base}_{n}"
+        self._taken.add(name)
+        return name
+
+
+def encode_palettes(model: onnx.ModelProto, items: list[EncodedWeight], *, bits: int, storage: IndexStorage) -> onnx.ModelProto:
+    """Replace each weight by its palette and decode nodes, in place; returns `model`.
+
+    The palette tensors become initializers of the graph that held the weight (initializer or Constant
+    node), and the decode nodes go to the top of that graph. The decoded tensor keeps the weight's
+    name, so every consumer reads it unchanged.
+    """
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    model.ir_version = max(model.ir_version, 4)  # IR 3 wanted every initializer listed as an input
+    fresh = NameSource(model)
+    edits: dict[int, _GraphEdit] = {}
+    for item in items:
+        weight = item.weight
+        edit = edits.get(id(weight.graph)) or edits.setdefault(id(weight.graph), _GraphEdit(weight.graph, fresh))
+        edit.removed.add(weight.name)
+        _decode(edit, item, bits, storage, opset)
+        if weight.is_graph_input:
+            kept = [i for i in model.graph.input if i.name != weight.name]
+            del model.graph.input[:]
+            model.graph.input.extend(kept)
+    for edit in edits.values():
+        edit.apply()
+    return model
+
+
+@dataclass
+class _GraphEdit:
+    """All changes to one graph, applied in one rebuild of its node list."""
+
+    graph: onnx.GraphProto
+    fresh: NameSource
+    front: list[onnx.NodeProto] = field(default_factory=list)
+    removed: set[str] = field(default_factory=set)  # weights: their initializer or Constant node goes
+    initializers: list[onnx.TensorProto] = field(default_factory=list)
+    shared: dict[tuple[str, bytes], str] = field(default_factory=dict)
+
+    def constant(self, base: str, suffix: str, array: np.ndarray, *, share: bool = False) -> str:
+        """A new initializer; `share` reuses one with the same suffix and bytes (small constants)."""
+        key = (suffix, f"{array.dtype.str}{array.shape}".encode() + array.tobytes())
+        if share and key in self.shared:
+            return self.shared[key]
+        name = self.fresh(f"qc_{suffix}" if share else f"{base}_qc_{suffix}")
+        self.initializers.append(numpy_helper.from_array(array, name))
+        if share:
+            self.shared[key] = name
+        return name
+
+    def node(self, base: str, op: str, inputs: list[str], suffix: str, output: str | None = None, **attrs: object) -> str:
+        out = output or self.fresh(f"{base}_qc_{suffix}")
+        self.front.append(helper.make_node(op, inputs, [out], name=self.fresh(f"{out}_node") if output else out, **attrs))
+        return out
+
+    def apply(self) -> None:
+        nodes = [*self.front]
+        nodes += [n for n in self.graph.node if not (n.op_type == "Constant" and n.output[0] in self.removed)]
+        copies = [onnx.NodeProto() for _ in nodes]
+        for copy, node in zip(copies, nodes):
+            copy.CopyFrom(node)
+        del self.graph.node[:]
+        self.graph.node.extend(copies)
+        # Delete in place (no copy of the remaining, possibly large, tensors).
+        for i in reversed(range(len(self.graph.initializer))):
+            if self.graph.initializer[i].name in self.removed:
+                del self.graph.initializer[i]
+        self.graph.initializer.extend(self.initializers)
+
+
+def _decode(edit: _GraphEdit, item: EncodedWeight, bits: int, storage: IndexStorage, opset: int) -> None:
+    """Tensors and nodes that rebuild the weight: indices -> (unpack) -> (+ channel offset) -> Gather."""
+    weight, palette, axis = item.weight, item.palette, item.axis
+    base, shape = weight.name, weight.shape
+    channels, k = palette.codebook.shape
+    indices = from_rows(palette.indices, shape, axis)
+    if storage is IndexStorage.PACKED:
+        offset_dtype = np.int64
+        shared = f"pack{bits}"
+        wide = edit.node(base, "Cast", [edit.constant(base, "packed_indices", pack_indices(indices, bits))], "packed_i64", to=onnx.TensorProto.INT64)
+        byte_scale = edit.constant(base, f"{shared}_byte_scale", (256 ** np.arange(bits)).astype(np.int64), share=True)
+        scaled = edit.node(base, "Mul", [wide, byte_scale], "bytes_scaled")
+        if opset >= 13:
+            axis_one = edit.constant(base, "axis1", np.array([1], np.int64), share=True)
+            words = edit.node(base, "ReduceSum", [scaled, axis_one], "words", keepdims=1)
+        else:
+            words = edit.node(base, "ReduceSum", [scaled], "words", axes=[1], keepdims=1)
+        field_scale = edit.constant(base, f"{shared}_field_scale", (2 ** (bits * np.arange(8))).astype(np.int64), share=True)
+        fields = edit.node(base, "Div", [words, field_scale], "fields")
+        modulus = edit.constant(base, f"{shared}_modulus", np.array(1 << bits, np.int64), share=True)
+        padded = edit.node(base, "Mod", [fields, modulus], "indices_padded")
+        flat = edit.node(base, "Reshape", [padded, edit.constant(base, "flat_shape", np.array([-1], np.int64), share=True)], "indices_flat")
+        start = edit.constant(base, "zero", np.array([0], np.int64), share=True)
+        stop = edit.constant(base, "count", np.array([indices.size], np.int64), share=True)
+        trimmed = edit.node(base, "Slice", [flat, start, stop], "indices_trimmed")
+        index = edit.node(base, "Reshape", [trimmed, edit.constant(base, "shape", np.array(shape, np.int64), share=True)], "indices")
+    else:
+        offset_dtype = np.int32
+        stored = edit.constant(base, "indices", indices.astype(NATIVE_DTYPE[storage]))
+        index = edit.node(base, "Cast", [stored], "indices_i32", to=onnx.TensorProto.INT32)
+    if channels > 1:
+        offsets_shape = [1] * len(shape)
+        offsets_shape[axis if axis is not None else 0] = channels
+        offsets = (np.arange(channels, dtype=offset_dtype) * k).reshape(offsets_shape)
+        index = edit.node(base, "Add", [index, edit.constant(base, "channel_offsets", offsets, share=True)], "indices_global")
+    codebook = edit.constant(base, "codebook", palette.codebook.reshape(-1))
+    edit.node(base, "Gather", [codebook, index], "decode", output=base, axis=0)

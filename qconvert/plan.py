@@ -1,0 +1,63 @@
+"""What the user asked for, as frozen dataclasses validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from qconvert.errors import UsageError
+
+DEFAULT_MIN_ELEMENTS = 1024
+
+
+class Granularity(str, Enum):
+    PER_TENSOR = "per-tensor"
+    PER_CHANNEL = "per-channel"
+
+
+@dataclass(frozen=True)
+class KMeansPlan:
+    """Palettize weights: 2**bits centroids per tensor or per output channel."""
+
+    bits: int
+    granularity: Granularity = Granularity.PER_TENSOR
+    min_elements: int = DEFAULT_MIN_ELEMENTS
+    exclude: tuple[str, ...] = ()
+    raise_opset: bool = True  # allow raising the opset for uint4/uint2 index storage
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.bits <= 8:
+            raise UsageError(f"--bits must be between 1 and 8, got {self.bits}")
+        if self.min_elements < 1:
+            raise UsageError(f"--min-elements must be at least 1, got {self.min_elements}")
+
+    @property
+    def method(self) -> str:
+        return "kmeans"
+
+
+@dataclass(frozen=True)
+class ValidationPlan:
+    """How to compare the new model with the float one under onnxruntime."""
+
+    data: Path | None = None  # .npz with one array per model input (+ optional `labels`)
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    samples: int = 8  # random samples when no data is given
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise UsageError(f"--samples must be at least 1, got {self.samples}")
+
+
+def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """'images=1x3x224x224' -> ('images', (1, 3, 224, 224))."""
+    name, sep, dims = text.rpartition("=")
+    try:
+        shape = tuple(int(d) for d in dims.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if not sep or not name or not shape or min(shape) < 1:
+        raise UsageError(f"--input-shape expects NAME=D1xD2x..., e.g. input=1x3x224x224; got {text!r}")
+    return name, shape

@@ -1,0 +1,204 @@
+"""1-D k-means palettization in pure numpy: exact DP on sorted runs, Lloyd polish, batched over rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+MAX_ITERATIONS = 300
+
+
+@dataclass(frozen=True)
+class Palette:
+    """A palettized tensor: `codebook[c, indices]` rebuilds row c of the weight (rows = channels)."""
+
+    codebook: np.ndarray  # [C, K], the weight's dtype, each row sorted ascending
+    indices: np.ndarray  # [C, n] uint8, < K
+
+
+def palettize(rows: np.ndarray, *, bits: int, max_points: int | None = None) -> Palette:
+    """Cluster each row of `rows` ([C, n] float) into 2**bits centroids minimising squared error.
+
+    The optimum is found exactly by dynamic programming over at most `max_points` equal-count runs of
+    the sorted row (every value, when the row is that short), then polished by Lloyd iterations on all
+    values. Rows with at most 2**bits distinct values are represented exactly. Deterministic.
+    """
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    if rows.ndim != 2 or rows.shape[1] == 0:
+        raise ValueError(f"expected a non-empty [C, n] array, got shape {rows.shape}")
+    k = 1 << bits
+    x = np.sort(rows.astype(np.float64), axis=1)  # [C, n]
+    c_count, n = x.shape
+    x_shift = x.mean(axis=1, keepdims=True)  # centred sums keep the DP's variance terms accurate
+    centred = x - x_shift
+    prefix = _prefix(centred)
+    prefix_sq = _prefix(centred * centred)
+
+    cuts = _run_cuts(x, max_points or default_max_points(bits, c_count))
+    bounds = cuts[optimal_bounds(cuts.astype(np.float64), prefix[:, cuts], prefix_sq[:, cuts], k)]
+    centroids = _lloyd(centred, prefix, bounds) + x_shift
+    if centroids.shape[1] < k:  # fewer values than centroids: repeat the largest
+        centroids = np.pad(centroids, ((0, 0), (0, k - centroids.shape[1])), mode="edge")
+
+    distinct = 1 + np.count_nonzero(np.diff(x, axis=1), axis=1)
+    for c in np.flatnonzero(distinct <= k):  # exact: the palette is the set of values
+        values = np.unique(x[c])
+        centroids[c, : values.size] = values
+        centroids[c, values.size :] = values[-1]
+
+    codebook = np.sort(centroids, axis=1).astype(rows.dtype)  # rounded to what will be stored
+    return Palette(codebook=codebook, indices=nearest(rows, codebook))
+
+
+def default_max_points(bits: int, rows: int) -> int:
+    """How many runs the exact DP works on: its cost grows as rows · points · 2**bits · log(points)."""
+    budget = 1 << 23
+    return int(np.clip(budget // (rows * (1 << bits) * 12), 4 << bits, 4096))
+
+
+def nearest(rows: np.ndarray, codebook: np.ndarray) -> np.ndarray:
+    """Index of the nearest codebook entry ([C, K], rows sorted) for each value of `rows` ([C, n])."""
+    cb = codebook.astype(np.float64)
+    mids = (cb[:, 1:] + cb[:, :-1]) / 2  # [C, K-1]
+    positions = _rowwise_searchsorted(mids, rows.astype(np.float64), side="left")
+    return positions.astype(np.uint8)
+
+
+def reconstruct(palette: Palette) -> np.ndarray:
+    """The [C, n] tensor the palette stands for (the inverse of `palettize`)."""
+    return np.take_along_axis(palette.codebook, palette.indices.astype(np.intp), axis=1)
+
+
+def _run_cuts(x: np.ndarray, max_points: int) -> np.ndarray:
+    """Positions cutting the sorted rows ([C, n]) into at most `max_points` runs, shared by all rows.
+
+    Half the cuts are equal-count (dense centre), half equal-width (sparse tails, where a k-means
+    centroid may sit on a handful of values); short rows keep every value as its own run.
+    """
+    n = x.shape[1]
+    if n <= max_points:
+        return np.arange(n + 1)
+    half = max_points // 2
+    by_count = np.round(np.linspace(0, n, half + 1)).astype(np.intp)
+    levels = np.linspace(x[:, 0], x[:, -1], half + 1, axis=1)[:, 1:-1]  # [C, half - 1]
+    by_width = np.round(np.median(_rowwise_searchsorted(x, levels, side="left"), axis=0)).astype(np.intp)
+    return np.unique(np.concatenate([by_count, by_width]))
+
+
+def _prefix(x: np.ndarray) -> np.ndarray:
+    """[C, n] -> [C, n + 1] running sums starting at 0."""
+    out = np.zeros((x.shape[0], x.shape[1] + 1))
+    np.cumsum(x, axis=1, out=out[:, 1:])
+    return out
+
+
+def optimal_bounds(weight: np.ndarray, total: np.ndarray, total_sq: np.ndarray, k: int) -> np.ndarray:
+    """Exact weighted 1-D k-means over sorted points, by dynamic programming, batched over rows.
+
+    weight: [m + 1] running count of values; total, total_sq: [C, m + 1] running sums of the values and
+    of their squares. Returns [C, k + 1] cluster bounds as point positions (0 first, m last).
+
+    cost(i, j) is the squared error of one cluster holding points i..j-1. best_k(j) = min over i of
+    best_{k-1}(i) + cost(i, j); the optimal i never decreases with j (1-D k-means is monotone), so each
+    layer is solved by divide and conquer, all rows and all pending sub-ranges at once (O(m log m)).
+    """
+    c_count, m = total.shape[0], total.shape[1] - 1
+    k = min(k, m)
+    rows = np.arange(c_count)
+
+    def cost(r: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        s = total[r, j] - total[r, i]
+        return (total_sq[r, j] - total_sq[r, i]) - s * s / (weight[j] - weight[i])
+
+    best = np.full((c_count, m + 1), np.inf)
+    best[:, 1:] = total_sq[:, 1:] - total[:, 1:] ** 2 / weight[1:]
+    choice = np.zeros((k, c_count, m + 1), np.int32)
+    for layer in range(1, k):
+        new_best = np.full_like(best, np.inf)
+        # Pending tasks: for row r, solve every j in [j_lo, j_hi], knowing the optimal i is in [i_lo, i_hi].
+        r_task = rows
+        j_lo, j_hi = np.full(c_count, layer + 1), np.full(c_count, m)
+        i_lo, i_hi = np.full(c_count, layer), np.full(c_count, m - 1)
+        while r_task.size:
+            j_mid = (j_lo + j_hi) >> 1
+            lengths = np.minimum(i_hi, j_mid - 1) - i_lo + 1
+            starts = np.zeros_like(lengths)
+            np.cumsum(lengths[:-1], out=starts[1:])
+            task = np.repeat(np.arange(lengths.size), lengths)
+            flat = np.arange(task.size)
+            i = i_lo[task] + flat - starts[task]
+            r = r_task[task]
+            value = best[r, i] + cost(r, i, j_mid[task])
+            low = np.minimum.reduceat(value, starts)
+            first = np.minimum.reduceat(np.where(value <= low[task], flat, task.size), starts)
+            arg = i[first]
+            new_best[r_task, j_mid] = low
+            choice[layer, r_task, j_mid] = arg
+            left, right = j_lo < j_mid, j_mid < j_hi
+            r_task = np.concatenate([r_task[left], r_task[right]])
+            j_lo, j_hi = np.concatenate([j_lo[left], j_mid[right] + 1]), np.concatenate([j_mid[left] - 1, j_hi[right]])
+            i_lo, i_hi = np.concatenate([i_lo[left], arg[right]]), np.concatenate([arg[left], i_hi[right]])
+        best = new_best
+    bounds = np.zeros((c_count, k + 1), np.intp)
+    bounds[:, k] = m
+    for layer in range(k - 1, 0, -1):
+        bounds[:, layer] = choice[layer, rows, bounds[:, layer + 1]]
+    return bounds
+
+
+def _lloyd(x: np.ndarray, prefix: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """Lloyd iterations on sorted rows from the given cluster bounds; returns [C, K] centroids.
+
+    In 1-D a cluster is a run of the sorted values bounded by midpoints between neighbouring centroids,
+    so each step is a binary search per boundary plus prefix-sum differences: O(C·K·log n).
+    """
+    c_count, n = x.shape
+    row = np.arange(c_count)[:, None]
+    bands = _Bands(x[:, 0], x[:, -1])
+    keys = bands.keys(x)
+    centroids = np.zeros((c_count, bounds.shape[1] - 1))
+    for _ in range(MAX_ITERATIONS):
+        counts = np.diff(bounds, axis=1)
+        sums = np.diff(prefix[row, bounds], axis=1)
+        # An empty cluster keeps its centroid; Lloyd never increases the error either way.
+        centroids = np.where(counts > 0, sums / np.maximum(counts, 1), centroids)
+        mids = (centroids[:, 1:] + centroids[:, :-1]) / 2
+        inner = bands.search(keys, mids, side="right")  # ties go to the lower cluster
+        new_bounds = np.concatenate([bounds[:, :1], inner, bounds[:, -1:]], axis=1)
+        if np.array_equal(new_bounds, bounds):
+            break
+        bounds = new_bounds
+    return centroids
+
+
+class _Bands:
+    """Maps row c's values monotonically into its own band [4c, 4c + 1] of one flat float64 axis.
+
+    One flat `np.searchsorted` then serves all rows at once; float64 keeps float32 neighbours apart in
+    bands up to c ~ 10^6.
+    """
+
+    def __init__(self, lo: np.ndarray, hi: np.ndarray) -> None:  # [C] each
+        self.lo = lo[:, None]
+        self.span = np.where(hi > lo, hi - lo, 1.0)[:, None]
+        self.band = 4.0 * np.arange(lo.shape[0])[:, None]
+
+    def keys(self, values: np.ndarray) -> np.ndarray:
+        """[C, m] values -> [C * m] sorted-compatible keys (values outside [lo, hi] are clamped)."""
+        return (np.clip((values - self.lo) / self.span, 0.0, 1.0) + self.band).ravel()
+
+    def search(self, sorted_keys: np.ndarray, queries: np.ndarray, *, side: str) -> np.ndarray:
+        """Row-local positions ([C, q]) of `queries` among the rows whose keys are `sorted_keys`."""
+        rows, per_row = queries.shape[0], sorted_keys.size // queries.shape[0]
+        found = np.searchsorted(sorted_keys, self.keys(queries), side=side).reshape(queries.shape)
+        return found - per_row * np.arange(rows)[:, None]
+
+
+def _rowwise_searchsorted(sorted_rows: np.ndarray, queries: np.ndarray, *, side: str) -> np.ndarray:
+    """`np.searchsorted` row by row: [C, m] sorted rows, [C, q] queries -> [C, q] positions."""
+    lo = np.minimum(sorted_rows[:, 0], queries.min(axis=1))
+    hi = np.maximum(sorted_rows[:, -1], queries.max(axis=1))
+    bands = _Bands(lo, hi)
+    return bands.search(bands.keys(sorted_rows), queries, side=side)

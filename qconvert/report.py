@@ -1,0 +1,192 @@
+"""The conversion report: a dataclass, its versioned JSON form and a rich summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from qconvert import __version__
+from qconvert.select import Skipped
+from qconvert.validate import ValidationResult
+
+SCHEMA_VERSION = 1
+WORST_SHOWN = 5
+
+
+@dataclass(frozen=True)
+class WeightReport:
+    name: str
+    source: str  # initializer | constant
+    graph: str
+    consumers: list[str]
+    shape: list[int]
+    elements: int
+    dtype: str
+    bits: int
+    granularity: str
+    channel_axis: int | None
+    codebooks: int
+    float_bytes: int
+    stored_bytes: int
+    snr_db: float | None  # None: represented exactly
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class OpsetChange:
+    before: int
+    after: int
+    index_storage: str
+    note: str | None = None
+
+
+@dataclass
+class Report:
+    method: str
+    options: dict[str, Any]
+    input_path: str
+    input_bytes: int
+    output_path: str | None
+    output_bytes: int
+    opset: OpsetChange
+    weights: list[WeightReport]
+    skipped: list[Skipped]
+    validation: ValidationResult | None
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def size_ratio(self) -> float:
+        return self.output_bytes / self.input_bytes if self.input_bytes else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        float_bytes = sum(w.float_bytes for w in self.weights)
+        stored = sum(w.stored_bytes for w in self.weights)
+        return _jsonable(
+            {
+                "schema_version": SCHEMA_VERSION,
+                "tool": versions(),
+                "method": self.method,
+                "options": self.options,
+                "input": {"path": self.input_path, "bytes": self.input_bytes},
+                "output": {"path": self.output_path, "bytes": self.output_bytes},
+                "size_ratio": self.size_ratio,
+                "opset": dataclasses.asdict(self.opset),
+                "weights": {
+                    "quantized": len(self.weights),
+                    "skipped": len(self.skipped),
+                    "float_bytes": float_bytes,
+                    "stored_bytes": stored,
+                    "ratio": stored / float_bytes if float_bytes else 0.0,
+                },
+                "per_weight": [dataclasses.asdict(w) for w in self.weights],
+                "skipped": [dataclasses.asdict(s) for s in self.skipped],
+                "validation": dataclasses.asdict(self.validation) if self.validation else None,
+                "warnings": self.warnings,
+                "timings_s": self.timings,
+            }
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+
+def versions() -> dict[str, str]:
+    return {
+        "name": "qconvert",
+        "version": __version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    """Tuples to lists, non-finite floats to None (JSON has no Infinity)."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def summary(report: Report) -> Group:
+    """A short human summary: sizes, output drift, the worst layers."""
+    parts: list[Any] = []
+    out = report.output_path or "(not written)"
+    parts.append(
+        Text.assemble(
+            (f"{report.input_path}", "bold"),
+            " -> ",
+            (out, "bold"),
+            f": {_size(report.input_bytes)} -> {_size(report.output_bytes)} ",
+            (f"({100 * report.size_ratio:.1f} %)", "green"),
+        )
+    )
+    parts.append(
+        Text(
+            f"{len(report.weights)} weights palettized at {report.options.get('bits')} bits "
+            f"({report.options.get('granularity')}), {len(report.skipped)} left as they were; "
+            f"opset {report.opset.before} -> {report.opset.after}, indices stored as {report.opset.index_storage}"
+        )
+    )
+    if report.opset.note:
+        parts.append(Text(report.opset.note, style="yellow"))
+    validation = report.validation
+    if validation:
+        table = Table(title=f"Outputs vs float ({validation.samples} samples, {validation.source})", title_justify="left")
+        for column in ("output", "SNR dB", "cosine", "max |err|", "mean |err|", "top-1 agree"):
+            table.add_column(column, justify="left" if column == "output" else "right")
+        for o in validation.outputs:
+            table.add_row(
+                o.name,
+                _db(o.snr_db),
+                f"{o.cosine_similarity:.5f}",
+                f"{o.max_abs_error:.3g}",
+                f"{o.mean_abs_error:.3g}",
+                "-" if o.top1_agreement is None else f"{100 * o.top1_agreement:.1f} %",
+            )
+        parts.append(table)
+        if validation.accuracy:
+            a = validation.accuracy
+            parts.append(
+                Text(f"accuracy on labels: float {100 * a.float_top1:.2f} %, converted {100 * a.quantized_top1:.2f} % "
+                     f"(drop {a.drop_points:.2f} points)")
+            )
+    worst = sorted(report.weights, key=lambda w: math.inf if w.snr_db is None else w.snr_db)[:WORST_SHOWN]
+    if worst:
+        table = Table(title="Weights with the lowest SNR", title_justify="left")
+        for column in ("weight", "op", "shape", "SNR dB", "bytes"):
+            table.add_column(column, justify="left" if column in ("weight", "op") else "right")
+        for w in worst:
+            table.add_row(w.name, ",".join(w.consumers), "x".join(map(str, w.shape)), _db(w.snr_db), f"{w.float_bytes} -> {w.stored_bytes}")
+        parts.append(table)
+    for warning in report.warnings:
+        parts.append(Text(f"warning: {warning}", style="yellow"))
+    return Group(*parts)
+
+
+def _db(value: float | None) -> str:
+    return "exact" if value is None else f"{value:.2f}"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    raise AssertionError

@@ -1,0 +1,165 @@
+"""Which tensors are weights: constants feeding the weight input of Conv, ConvTranspose, Gemm, MatMul."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+# op type -> index of its weight input
+WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
+FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.BFLOAT16,
+}
+MAIN_GRAPH = "main"
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """One node that reads the weight, and the weight's output-channel axis for that node."""
+
+    op_type: str
+    node: str
+    axis: int | None
+
+
+@dataclass
+class Weight:
+    """A constant tensor consumed as a weight; `graph` is the GraphProto that defines it."""
+
+    name: str
+    graph: onnx.GraphProto = field(repr=False)
+    graph_path: str
+    source: str  # "initializer" or "constant" (a Constant node's value)
+    tensor: onnx.TensorProto = field(repr=False)
+    consumers: list[Consumer] = field(default_factory=list)
+    is_graph_input: bool = False  # IR < 4 models list initializers as inputs too
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.tensor.dims)
+
+    @property
+    def elements(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def channel_axis(self) -> int | None:
+        """The output-channel axis all consumers agree on, else None (then only per-tensor applies)."""
+        axes = {c.axis for c in self.consumers}
+        return axes.pop() if len(axes) == 1 else None
+
+    @property
+    def op_types(self) -> str:
+        return ",".join(sorted({c.op_type for c in self.consumers}))
+
+    def array(self) -> np.ndarray:
+        return numpy_helper.to_array(self.tensor)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A weight-input tensor left as it is, and why."""
+
+    name: str
+    op_type: str
+    reason: str
+    shape: tuple[int, ...] = ()
+
+
+@dataclass
+class Selection:
+    weights: list[Weight]
+    skipped: list[Skipped]
+
+
+def channel_axis(node: onnx.NodeProto, weight_rank: int) -> int | None:
+    """The weight's output-channel axis for this consumer (Conv 0, ConvTranspose 1, Gemm by transB ...)."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return 0 if trans_b else 1
+    if node.op_type == "MatMul":
+        return weight_rank - 1 if weight_rank >= 2 else None
+    return None
+
+
+def select_weights(
+    model: onnx.ModelProto, *, min_elements: int = 1, exclude: tuple[str, ...] = ()
+) -> Selection:
+    """Find every weight, wherever it lives (initializers, Constant nodes, If/Loop subgraphs).
+
+    A tensor shared by several consumers appears once with all of them. Tensors below `min_elements`,
+    matching an `exclude` pattern (name or glob), or not float are reported as skipped.
+    """
+    found: dict[tuple[int, str], Weight] = {}
+    skipped: dict[str, Skipped] = {}
+    graph_inputs = {i.name for i in model.graph.input}
+
+    def definitions(graph: onnx.GraphProto, path: str) -> dict[str, Weight]:
+        defs = {
+            t.name: Weight(t.name, graph, path, "initializer", t, is_graph_input=path == MAIN_GRAPH and t.name in graph_inputs)
+            for t in graph.initializer
+        }
+        for node in graph.node:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                value = next((a.t for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR), None)
+                if value is not None:
+                    defs[node.output[0]] = Weight(node.output[0], graph, path, "constant", value)
+        return defs
+
+    def walk(graph: onnx.GraphProto, path: str, scopes: list[dict[str, Weight]]) -> None:
+        scopes = [*scopes, definitions(graph, path)]
+        producers = {out: node.op_type for node in graph.node for out in node.output}
+        for index, node in enumerate(graph.node):
+            slot = WEIGHT_INPUT.get(node.op_type)
+            if slot is not None and node.domain in ("", "ai.onnx") and len(node.input) > slot and node.input[slot]:
+                _consider(node, index, node.input[slot], scopes, producers)
+            for attr in node.attribute:
+                label = f"{path}/{node.name or node.op_type + str(index)}.{attr.name}"
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    walk(attr.g, label, scopes)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for i, sub in enumerate(attr.graphs):
+                        walk(sub, f"{label}[{i}]", scopes)
+
+    def _consider(node: onnx.NodeProto, index: int, name: str, scopes: list[dict[str, Weight]], producers: dict[str, str]) -> None:
+        candidate = next((scope[name] for scope in reversed(scopes) if name in scope), None)
+        if candidate is None:
+            if producers.get(name) == "DequantizeLinear":
+                skipped.setdefault(name, Skipped(name, node.op_type, "already quantized (DequantizeLinear)"))
+            return
+        key = (id(candidate.graph), name)
+        weight = found.setdefault(key, candidate)
+        weight.consumers.append(Consumer(node.op_type, node.name or f"{node.op_type}#{index}", channel_axis(node, len(weight.shape))))
+
+    walk(model.graph, MAIN_GRAPH, [])
+
+    weights = []
+    for weight in found.values():
+        reason = _skip_reason(weight, min_elements, exclude)
+        if reason:
+            skipped.setdefault(weight.name, Skipped(weight.name, weight.op_types, reason, weight.shape))
+        else:
+            weights.append(weight)
+    return Selection(weights=weights, skipped=list(skipped.values()))
+
+
+def _skip_reason(weight: Weight, min_elements: int, exclude: tuple[str, ...]) -> str | None:
+    if any(weight.name == p or fnmatch.fnmatchcase(weight.name, p) for p in exclude):
+        return "excluded by --exclude"
+    if weight.tensor.data_type not in FLOAT_TYPES:
+        kind = onnx.helper.tensor_dtype_to_np_dtype(weight.tensor.data_type).name
+        return f"not a float tensor ({kind}); already quantized?"
+    if weight.elements < min_elements:
+        return f"{weight.elements} elements < --min-elements {min_elements}"
+    return None

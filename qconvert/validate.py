@@ -1,0 +1,228 @@
+"""Run the float and the converted model on the same inputs under onnxruntime and measure the drift."""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from qconvert.errors import InputError, first_line, UnsupportedModelError, UsageError
+from qconvert.plan import ValidationPlan
+from qconvert.quant.layout import snr_db
+
+ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+LABELS_KEY = "labels"
+DATA_BATCH = 64  # samples per run when the batch dimension is free
+
+
+@dataclass(frozen=True)
+class OutputMetrics:
+    name: str
+    shape: tuple[int, ...]
+    max_abs_error: float
+    mean_abs_error: float
+    snr_db: float | None  # None: identical outputs
+    cosine_similarity: float
+    top1_agreement: float | None  # None: not class scores
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """Top-1 accuracy on labelled data (first class-score output)."""
+
+    output: str
+    float_top1: float
+    quantized_top1: float
+
+    @property
+    def drop_points(self) -> float:
+        return 100.0 * (self.float_top1 - self.quantized_top1)
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    source: str  # "random (seed 0)" or the data file
+    samples: int
+    outputs: list[OutputMetrics]
+    accuracy: Accuracy | None
+
+
+@dataclass(frozen=True)
+class Feeds:
+    batches: list[dict[str, np.ndarray]]
+    samples: int
+    source: str
+    labels: np.ndarray | None = None
+    padded: int = 0  # samples repeated to fill the last fixed-size batch
+
+
+def session(model: str | bytes, what: str) -> ort.InferenceSession:
+    """An onnxruntime CPU session; `model` is a path or serialized bytes."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own untyped errors
+        raise UnsupportedModelError(f"onnxruntime cannot load the {what}: {first_line(e)}") from e
+
+
+def build_feeds(sess: ort.InferenceSession, plan: ValidationPlan) -> Feeds:
+    """Inputs from the user's .npz, or seeded random inputs from the model's input signature."""
+    inputs = sess.get_inputs()
+    names = [i.name for i in inputs]
+    unknown = sorted(set(plan.input_shapes) - set(names))
+    if unknown:
+        raise UsageError(f"--input-shape names unknown input {unknown[0]!r} (model inputs: {', '.join(names)})")
+    if plan.data is not None:
+        return _data_feeds(inputs, plan.data)
+    rng = np.random.default_rng(plan.seed)
+    batches = []
+    for _ in range(plan.samples):
+        feed = {}
+        for i in inputs:
+            shape = plan.input_shapes.get(i.name) or tuple(d if isinstance(d, int) and d > 0 else 1 for d in i.shape)
+            feed[i.name] = _random(rng, _dtype(i), shape)
+        batches.append(feed)
+    return Feeds(batches, plan.samples, f"random (seed {plan.seed})")
+
+
+def compare(float_model: str | bytes, quantized_model: bytes, plan: ValidationPlan) -> ValidationResult:
+    """Run both models on the same feeds and measure per-output drift (and accuracy with labels)."""
+    reference = session(float_model, "input model")
+    candidate = session(quantized_model, "converted model")
+    feeds = build_feeds(reference, plan)
+    names = [o.name for o in reference.get_outputs()]
+    ref_out = _run_all(reference, feeds, "input model")
+    new_out = _run_all(candidate, feeds, "converted model")
+    outputs = [_metrics(name, r, q) for name, r, q in zip(names, ref_out, new_out)]
+    accuracy = None
+    if feeds.labels is not None:
+        scores = next((i for i, m in enumerate(outputs) if m.top1_agreement is not None), None)
+        if scores is not None:
+            labels = feeds.labels.reshape(-1)
+            accuracy = Accuracy(
+                names[scores],
+                float(np.mean(_top1(ref_out[scores]) == labels)),
+                float(np.mean(_top1(new_out[scores]) == labels)),
+            )
+    return ValidationResult(feeds.source, feeds.samples, outputs, accuracy)
+
+
+def _run_all(sess: ort.InferenceSession, feeds: Feeds, what: str) -> list[np.ndarray]:
+    runs = []
+    for feed in feeds.batches:
+        try:
+            runs.append(sess.run(None, feed))
+        except Exception as e:
+            shapes = ", ".join(f"{k}[{'x'.join(map(str, v.shape))}]" for k, v in feed.items())
+            raise UnsupportedModelError(
+                f"onnxruntime cannot run the {what} with inputs {shapes}: {first_line(e)} "
+                "(set symbolic dimensions with --input-shape NAME=DIMS)"
+            ) from e
+    outputs = []
+    for per_output in zip(*runs):
+        joined = np.concatenate([np.atleast_1d(o) for o in per_output], axis=0)
+        outputs.append(joined[: len(joined) - feeds.padded] if feeds.padded else joined)
+    return outputs
+
+
+def _metrics(name: str, reference: np.ndarray, quantized: np.ndarray) -> OutputMetrics:
+    r = reference.astype(np.float64).reshape(-1)
+    q = quantized.astype(np.float64).reshape(-1)
+    error = np.abs(r - q)
+    norms = np.linalg.norm(r) * np.linalg.norm(q)
+    cosine = float(r @ q / norms) if norms > 0 else float(np.array_equal(r, q))
+    agreement = None
+    if _is_class_scores(reference):
+        agreement = float(np.mean(_top1(reference) == _top1(quantized)))
+    return OutputMetrics(
+        name,
+        tuple(reference.shape),
+        float(error.max(initial=0.0)),
+        float(error.mean()) if error.size else 0.0,
+        snr_db(r, q),
+        cosine,
+        agreement,
+    )
+
+
+def _is_class_scores(output: np.ndarray) -> bool:
+    """[N, C] (or [N, C, 1, 1]) with C > 1 and a float type."""
+    squeezed = output.reshape(output.shape[:2]) if output.ndim > 2 and all(d == 1 for d in output.shape[2:]) else output
+    return squeezed.ndim == 2 and squeezed.shape[1] > 1 and np.issubdtype(output.dtype, np.floating)
+
+
+def _top1(output: np.ndarray) -> np.ndarray:
+    return np.argmax(output.reshape(output.shape[0], -1), axis=1)
+
+
+def _dtype(node_arg: ort.NodeArg) -> np.dtype:
+    try:
+        return np.dtype(ORT_TYPES[node_arg.type])
+    except KeyError:
+        raise UnsupportedModelError(f"input {node_arg.name!r} has type {node_arg.type}, which validation cannot feed") from None
+
+
+def _random(rng: np.random.Generator, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    if dtype == np.bool_:
+        return rng.random(shape) < 0.5
+    if np.issubdtype(dtype, np.integer):
+        high = 256 if dtype == np.uint8 else 10  # pixels, or small ids/indices
+        return rng.integers(0, high, size=shape).astype(dtype)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def _data_feeds(inputs: list[ort.NodeArg], path: Path) -> Feeds:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise InputError(f"{path}: not a readable .npz file: {first_line(e)}") from e
+    names = [i.name for i in inputs]
+    counts = set()
+    feeds: dict[str, np.ndarray] = {}
+    for i in inputs:
+        if i.name not in arrays:
+            raise InputError(f"{path}: no array named {i.name!r} (model inputs: {', '.join(names)})")
+        array, dtype = arrays[i.name], _dtype(i)
+        expected = [d if isinstance(d, int) and d > 0 else None for d in i.shape]
+        if array.ndim != len(expected) or any(e is not None and e != a for e, a in zip(expected[1:], array.shape[1:])):
+            shown = "x".join(str(d) if d is not None else "?" for d in expected)
+            raise InputError(f"{path}: array {i.name!r} has shape {'x'.join(map(str, array.shape))}, model input expects {shown} (axis 0 holds the samples)")
+        if array.dtype != dtype:
+            if array.dtype.kind != dtype.kind and not (array.dtype.kind in "iu" and dtype.kind in "iu"):
+                raise InputError(f"{path}: array {i.name!r} is {array.dtype}, model input expects {dtype}")
+            array = array.astype(dtype)
+        feeds[i.name] = array
+        counts.add(array.shape[0])
+    labels = arrays.get(LABELS_KEY)
+    if labels is not None:
+        counts.add(labels.shape[0] if labels.ndim else -1)
+    if len(counts) != 1 or min(counts) < 1:
+        raise InputError(f"{path}: arrays disagree on the number of samples (axis 0), or hold none")
+    samples = counts.pop()
+    fixed = {i.shape[0] for i in inputs if i.shape and isinstance(i.shape[0], int) and i.shape[0] > 0}
+    if len(fixed) == 1:  # the model takes exactly this many samples per run
+        batch = fixed.pop()
+        padded = -samples % batch
+    else:
+        batch, padded = DATA_BATCH, 0
+    if padded:  # a fixed batch size: repeat the last sample to fill the final batch
+        feeds = {k: np.concatenate([v, np.repeat(v[-1:], padded, axis=0)]) for k, v in feeds.items()}
+    batches = [{k: v[s : s + batch] for k, v in feeds.items()} for s in range(0, samples + padded, batch)]
+    return Feeds(batches, samples, str(path), labels, padded)

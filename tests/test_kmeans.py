@@ -1,0 +1,132 @@
+"""The k-means quantizer: optimality against an exact DP, exactness, determinism, layout."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from qconvert.quant.kmeans import nearest, palettize, reconstruct
+from qconvert.quant.layout import from_rows, snr_db, to_rows
+
+
+def exact_kmeans_mse(values: np.ndarray, k: int) -> float:
+    """Textbook O(k n^2) dynamic programme over the sorted values: the true 1-D optimum."""
+    x = np.sort(values.astype(np.float64))
+    n = x.size
+    s = np.concatenate([[0.0], np.cumsum(x)])
+    s2 = np.concatenate([[0.0], np.cumsum(x * x)])
+    i, j = np.arange(n + 1)[:, None], np.arange(n + 1)[None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cost = np.where(j > i, (s2[j] - s2[i]) - (s[j] - s[i]) ** 2 / np.maximum(j - i, 1), np.inf)
+    best = cost[0].copy()
+    for _ in range(k - 1):
+        best = np.minimum(best, np.min(best[:, None] + cost, axis=0))
+    return max(best[n], 0.0) / n
+
+
+def sample(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    if kind == "normal":
+        return rng.standard_normal(n).astype(np.float32)
+    if kind == "laplace":
+        return rng.laplace(size=n).astype(np.float32)
+    return np.concatenate([rng.normal(-3, 0.3, n // 2), rng.normal(2, 1, n - n // 2)]).astype(np.float32)
+
+
+def mse(palette, rows: np.ndarray) -> float:
+    return float(np.mean((reconstruct(palette).astype(np.float64) - rows.astype(np.float64)) ** 2))
+
+
+@pytest.mark.parametrize("kind", ["normal", "laplace", "bimodal"])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6])
+def test_mse_within_half_percent_of_exact_optimum(kind: str, bits: int) -> None:
+    values = sample(kind, 700, np.random.default_rng(bits))
+    optimum = exact_kmeans_mse(values, 1 << bits)
+    assert mse(palettize(values[None], bits=bits), values[None]) <= 1.005 * optimum
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_mse_near_optimum_when_runs_are_binned(bits: int) -> None:
+    # 1200 values but the DP may only see 6 * 2**bits runs: the binned path plus Lloyd polish.
+    values = sample("laplace", 1200, np.random.default_rng(7))
+    optimum = exact_kmeans_mse(values, 1 << bits)
+    palette = palettize(values[None], bits=bits, max_points=min(1200, 6 << bits))
+    assert mse(palette, values[None]) <= 1.01 * optimum
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 8])
+def test_few_distinct_values_are_exact(bits: int) -> None:
+    rng = np.random.default_rng(0)
+    levels = rng.standard_normal(1 << bits).astype(np.float32)
+    rows = rng.choice(levels, size=(3, 500))
+    palette = palettize(rows, bits=bits)
+    np.testing.assert_array_equal(reconstruct(palette), rows)
+
+
+def test_constant_and_zero_rows_are_exact() -> None:
+    rows = np.stack([np.zeros(64, np.float32), np.full(64, 0.25, np.float32)])
+    np.testing.assert_array_equal(reconstruct(palettize(rows, bits=4)), rows)
+
+
+def test_indices_in_range_and_codebook_sorted_and_shaped() -> None:
+    rows = np.random.default_rng(1).standard_normal((5, 300)).astype(np.float32)
+    for bits in range(1, 9):
+        palette = palettize(rows, bits=bits)
+        assert palette.codebook.shape == (5, 1 << bits)
+        assert palette.indices.shape == rows.shape and palette.indices.dtype == np.uint8
+        assert int(palette.indices.max()) < (1 << bits)
+        assert np.all(np.diff(palette.codebook.astype(np.float64), axis=1) >= 0)
+
+
+def test_each_value_maps_to_its_nearest_centroid() -> None:
+    rows = np.random.default_rng(2).standard_normal((4, 400)).astype(np.float32)
+    palette = palettize(rows, bits=3)
+    distance = np.abs(rows[:, :, None] - palette.codebook[:, None, :])
+    chosen = np.take_along_axis(distance, palette.indices[:, :, None].astype(np.intp), axis=2)[..., 0]
+    np.testing.assert_array_equal(chosen, distance.min(axis=2))
+
+
+def test_rows_are_independent() -> None:
+    rows = np.random.default_rng(3).standard_normal((6, 250)).astype(np.float32) * np.arange(1, 7)[:, None]
+    together = palettize(rows, bits=3)
+    for c in range(6):
+        alone = palettize(rows[c : c + 1], bits=3)
+        np.testing.assert_array_equal(together.indices[c], alone.indices[0])
+        np.testing.assert_array_equal(together.codebook[c], alone.codebook[0])
+
+
+def test_deterministic() -> None:
+    rows = np.random.default_rng(4).standard_normal((3, 5000)).astype(np.float32)
+    a, b = palettize(rows, bits=4), palettize(rows.copy(), bits=4)
+    np.testing.assert_array_equal(a.codebook, b.codebook)
+    np.testing.assert_array_equal(a.indices, b.indices)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float64])
+def test_codebook_keeps_the_weight_dtype(dtype: type) -> None:
+    rows = np.random.default_rng(5).standard_normal((2, 300)).astype(dtype)
+    palette = palettize(rows, bits=4)
+    assert palette.codebook.dtype == np.dtype(dtype)
+    assert snr_db(rows, reconstruct(palette)) > 15
+
+
+def test_nearest_with_fewer_values_than_centroids() -> None:
+    rows = np.array([[0.5, -1.0, 0.5]], np.float32)
+    palette = palettize(rows, bits=4)
+    np.testing.assert_array_equal(reconstruct(palette), rows)
+    np.testing.assert_array_equal(nearest(rows, palette.codebook), palette.indices)
+
+
+def test_rejects_bad_bits() -> None:
+    with pytest.raises(ValueError):
+        palettize(np.zeros((1, 4), np.float32), bits=9)
+
+
+@pytest.mark.parametrize("axis", [None, 0, 1, 3])
+def test_rows_layout_round_trip(axis: int | None) -> None:
+    w = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
+    rows = to_rows(w, axis)
+    assert rows.shape[0] == (1 if axis is None else w.shape[axis])
+    np.testing.assert_array_equal(from_rows(rows, w.shape, axis), w)
+    if axis is not None:  # row c holds exactly the slice at index c along the axis
+        np.testing.assert_array_equal(np.sort(rows[1]), np.sort(np.take(w, 1, axis=axis).ravel()))
