@@ -23,7 +23,19 @@ def raise_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     try:
         converted = version_converter.convert_version(model, target)
         converted.ir_version = max(model.ir_version, helper.find_min_ir_version_for(list(converted.opset_import)))
-        onnx.checker.check_model(converted)
-    except Exception as e:  # the converter raises bare RuntimeError/ConvertError/ValidationError
+    except Exception as e:  # the converter raises bare RuntimeError/ConvertError
         raise UnsupportedModelError(f"cannot convert the model to opset {target}: {first_line(e)}") from e
+    try:
+        onnx.checker.check_model(converted, full_check=True)
+    except Exception as e:
+        if _passes_full_check(model):  # the conversion broke it (seen: Reshape rank in a CRNN at 12 -> 21)
+            raise UnsupportedModelError(f"the model converted to opset {target} fails the ONNX checker: {first_line(e)}") from e
     return converted
+
+
+def _passes_full_check(model: onnx.ModelProto) -> bool:
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception:
+        return False
+    return True

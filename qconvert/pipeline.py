@@ -79,7 +79,7 @@ def convert(
         items.append(item)
         reports.append(report)
     if not items:
-        reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:3]) or "no Conv/ConvTranspose/Gemm/MatMul reads a constant weight"
+        reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:3]) or "no Conv, ConvTranspose, Gemm, MatMul or RNN reads a constant weight"
         raise UnsupportedModelError(f"{input_path}: nothing to quantize ({reasons})")
     lap("quantize")
 

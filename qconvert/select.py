@@ -1,4 +1,4 @@
-"""Which tensors are weights: constants feeding the weight input of Conv, ConvTranspose, Gemm, MatMul."""
+"""Which tensors are weights: constants feeding the weight inputs of Conv, ConvTranspose, Gemm, MatMul, LSTM/GRU/RNN."""
 
 from __future__ import annotations
 
@@ -9,8 +9,19 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-# op type -> index of its weight input
-WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
+# op type -> indices of its weight inputs
+WEIGHT_INPUTS = {
+    "Conv": (1,),
+    "ConvTranspose": (1,),
+    "Gemm": (1,),
+    "MatMul": (1,),
+    # recurrent layers (CRNN heads of OCR models): W and R, [directions, gates * hidden, in]
+    "LSTM": (1, 2),
+    "GRU": (1, 2),
+    "RNN": (1, 2),
+}
+# already-quantized ops: their weight inputs are reported, never touched
+QUANTIZED_INPUTS = {"ConvInteger": (1,), "MatMulInteger": (1,), "QLinearConv": (3,), "QLinearMatMul": (3,)}
 FLOAT_TYPES = {
     onnx.TensorProto.FLOAT,
     onnx.TensorProto.FLOAT16,
@@ -90,6 +101,8 @@ def channel_axis(node: onnx.NodeProto, weight_rank: int) -> int | None:
         return 0 if trans_b else 1
     if node.op_type == "MatMul":
         return weight_rank - 1 if weight_rank >= 2 else None
+    if node.op_type in ("LSTM", "GRU", "RNN"):
+        return 1
     return None
 
 
@@ -121,9 +134,13 @@ def select_weights(
         scopes = [*scopes, definitions(graph, path)]
         producers = {out: node.op_type for node in graph.node for out in node.output}
         for index, node in enumerate(graph.node):
-            slot = WEIGHT_INPUT.get(node.op_type)
-            if slot is not None and node.domain in ("", "ai.onnx") and len(node.input) > slot and node.input[slot]:
-                _consider(node, index, node.input[slot], scopes, producers)
+            default_domain = node.domain in ("", "ai.onnx")
+            for slot in WEIGHT_INPUTS.get(node.op_type, ()) if default_domain else ():
+                if len(node.input) > slot and node.input[slot]:
+                    _consider(node, index, node.input[slot], scopes, producers)
+            for slot in QUANTIZED_INPUTS.get(node.op_type, ()) if default_domain else ():
+                if len(node.input) > slot and node.input[slot]:
+                    skipped.setdefault(node.input[slot], Skipped(node.input[slot], node.op_type, f"already quantized ({node.op_type})"))
             for attr in node.attribute:
                 label = f"{path}/{node.name or node.op_type + str(index)}.{attr.name}"
                 if attr.type == onnx.AttributeProto.GRAPH:

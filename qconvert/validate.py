@@ -72,7 +72,7 @@ class Feeds:
 def session(model: str | bytes, what: str) -> ort.InferenceSession:
     """An onnxruntime CPU session; `model` is a path or serialized bytes."""
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: failures come back as one-line errors instead
     try:
         return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own untyped errors
