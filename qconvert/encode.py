@@ -123,14 +123,15 @@ def encode_palettes(model: onnx.ModelProto, items: list[EncodedWeight], *, bits:
     edits: dict[int, _GraphEdit] = {}
     for item in items:
         weight = item.weight
-        edit = edits.get(id(weight.graph)) or edits.setdefault(id(weight.graph), _GraphEdit(weight.graph, fresh))
+        edit = edits.get(id(weight.graph)) or edits.setdefault(id(weight.graph), _GraphEdit(weight.graph, weight.graph_path, fresh))
         edit.removed.add(weight.name)
         _decode(edit, item, bits, storage, opset)
         if weight.is_graph_input:
             kept = [i for i in model.graph.input if i.name != weight.name]
             del model.graph.input[:]
             model.graph.input.extend(kept)
-    for edit in edits.values():
+    # Innermost graphs first: rebuilding a graph copies its nodes, subgraph attributes included.
+    for edit in sorted(edits.values(), key=lambda e: -e.path.count("/")):
         edit.apply()
     return model
 
@@ -140,6 +141,7 @@ class _GraphEdit:
     """All changes to one graph, applied in one rebuild of its node list."""
 
     graph: onnx.GraphProto
+    path: str  # "main", "main/If0.then_branch", ...
     fresh: NameSource
     front: list[onnx.NodeProto] = field(default_factory=list)
     removed: set[str] = field(default_factory=set)  # weights: their initializer or Constant node goes

@@ -145,10 +145,11 @@ def _palettize(weight: Weight, array: np.ndarray, plan: KMeansPlan, storage: Ind
         if axis is None:
             note = "per-tensor: its consumers disagree on the channel axis"
         else:
-            codebook_bytes = weight.shape[axis] * (1 << plan.bits) * array.itemsize
-            index_bytes = weight.elements * plan.bits // 8
-            if codebook_bytes > index_bytes:
-                note = f"per-tensor: {weight.shape[axis]} per-channel codebooks ({codebook_bytes} B) would outweigh the indices ({index_bytes} B)"
+            # C codebooks cost C·K·itemsize bytes; past one bit per weight, one more index bit per tensor
+            # (about +6 dB) buys more accuracy than per-channel codebooks do.
+            overhead_bits = weight.shape[axis] * (1 << plan.bits) * array.itemsize * 8 / weight.elements
+            if overhead_bits > 1.0:
+                note = f"per-tensor: per-channel codebooks would add {overhead_bits:.2f} bits per weight (> 1)"
                 axis = None
     rows = to_rows(array, axis)
     palette = palettize(rows, bits=plan.bits)

@@ -178,11 +178,12 @@ def _dtype(node_arg: ort.NodeArg) -> np.dtype:
 
 def _random(rng: np.random.Generator, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
     if dtype == np.bool_:
-        return rng.random(shape) < 0.5
-    if np.issubdtype(dtype, np.integer):
-        high = 256 if dtype == np.uint8 else 10  # pixels, or small ids/indices
-        return rng.integers(0, high, size=shape).astype(dtype)
-    return rng.standard_normal(shape).astype(dtype)
+        values = rng.random(shape) < 0.5
+    elif np.issubdtype(dtype, np.integer):
+        values = rng.integers(0, 256 if dtype == np.uint8 else 10, size=shape)  # pixels, or small ids
+    else:
+        values = rng.standard_normal(shape)
+    return np.asarray(values, dtype=dtype)  # scalars (shape ()) too
 
 
 def _data_feeds(inputs: list[ort.NodeArg], path: Path) -> Feeds:

@@ -118,7 +118,7 @@ def test_depthwise_per_channel_falls_back_to_per_tensor(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     weights = json.loads(result.stdout)["per_weight"]
     depthwise = [w for w in weights if w["shape"][1] == 1 and w["shape"][2] == 3]
-    assert depthwise and all(w["granularity"] == "per-tensor" and "outweigh" in w["note"] for w in depthwise)
+    assert depthwise and all(w["granularity"] == "per-tensor" and "bits per weight" in w["note"] for w in depthwise)
     assert any(w["granularity"] == "per-channel" for w in weights)
 
 

@@ -1,0 +1,96 @@
+"""Awkward graph layouts end to end: subgraphs, IR 3 initializer inputs, recurrent weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from qconvert.cli import cli
+from qconvert.select import select_weights
+
+from conftest import save
+
+
+def if_model() -> onnx.ModelProto:
+    """y = cond ? Conv(x, w_then) : Conv(x, w_outer); w_then lives in the branch, w_outer outside."""
+    rng = np.random.default_rng(0)
+
+    def branch(name: str, weight: str, inits: list[onnx.TensorProto]) -> onnx.GraphProto:
+        return helper.make_graph(
+            [helper.make_node("Conv", ["x", weight], [f"{name}_y"], pads=[1, 1, 1, 1])], name, [],
+            [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, [1, 32, 6, 6])], inits,
+        )
+
+    w_then = numpy_helper.from_array(rng.standard_normal((32, 16, 3, 3)).astype(np.float32), "w_then")
+    w_outer = numpy_helper.from_array(rng.standard_normal((32, 16, 3, 3)).astype(np.float32), "w_outer")
+    graph = helper.make_graph(
+        [helper.make_node("If", ["cond"], ["y"], then_branch=branch("then", "w_then", [w_then]), else_branch=branch("else", "w_outer", []))],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 6, 6]), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 6, 6])],
+        [w_outer],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    return model
+
+
+def test_weights_in_and_around_if_branches(tmp_path: Path) -> None:
+    model = save(if_model(), tmp_path / "m.onnx")
+    out = tmp_path / "q.onnx"
+    result = CliRunner().invoke(cli, ["kmeans", str(model), "--bits", "3", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert {w["name"]: w["graph"].split("/")[0] for w in report["per_weight"]} == {"w_outer": "main", "w_then": "main"}
+    assert any("then_branch" in w["graph"] for w in report["per_weight"])
+    written = onnx.load(str(out))
+    then_branch = written.graph.node[-1].attribute[0].g
+    assert not [t for t in then_branch.initializer if t.name == "w_then"]
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    reference = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).standard_normal((1, 16, 6, 6)).astype(np.float32)
+    for cond in (True, False):
+        feed = {"x": x, "cond": np.array(cond)}
+        got, want = session.run(None, feed)[0], reference.run(None, feed)[0]
+        assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.95  # close, yet quantized
+        assert not np.array_equal(got, want)
+
+
+def test_ir3_initializer_inputs_are_dropped_with_their_weight(tmp_path: Path) -> None:
+    w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64]), helper.make_tensor_value_info("w", TensorProto.FLOAT, [64, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 8)])
+    model.ir_version = 3
+    path = save(model, tmp_path / "m.onnx")
+    out = tmp_path / "q.onnx"
+    result = CliRunner().invoke(cli, ["kmeans", str(path), "--bits", "4", "--keep-opset", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    written = onnx.load(str(out))
+    assert [i.name for i in written.graph.input] == ["x"]
+    onnx.checker.check_model(written, full_check=True)
+
+
+def test_recurrent_weights_are_selected_along_the_gate_axis() -> None:
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((1, 4 * 32, 16)).astype(np.float32)
+    r = rng.standard_normal((1, 4 * 32, 32)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("LSTM", ["x", "W", "R"], ["y"], hidden_size=32)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 1, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 1, 1, 32])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(r, "R")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    weights = {x.name: x.channel_axis for x in select_weights(model).weights}
+    assert weights == {"W": 1, "R": 1}
