@@ -120,12 +120,15 @@ def output_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--bits", "-b", type=click.IntRange(1, 8), required=True, help="Index bits: 2**bits centroids per codebook (1-8).")
 @click.option("--per-channel/--per-tensor", default=False, show_default=True, help="One codebook per output channel, or one per tensor.")
+@click.option("--max-codebook-overhead", default=1.0, show_default=True, metavar="BITS",
+              help="With --per-channel: a weight whose codebooks would add more bits per weight than this stays per-tensor.")
 @click.option("--min-elements", default=DEFAULT_MIN_ELEMENTS, show_default=True, help="Leave weights with fewer elements as they are.")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave weights whose name matches (exact or glob; repeatable).")
 @click.option("--keep-opset", is_flag=True, help="Never raise the opset: store 4/2-bit indices bit-packed instead of uint4/uint2.")
 @validation_options
 @output_options
-def kmeans(model: Path, bits: int, per_channel: bool, min_elements: int, exclude: tuple[str, ...], keep_opset: bool, **common: Any) -> None:
+def kmeans(model: Path, bits: int, per_channel: bool, max_codebook_overhead: float, min_elements: int,
+           exclude: tuple[str, ...], keep_opset: bool, **common: Any) -> None:
     """Palettize weights: a codebook of 2**bits centroids (k-means) plus low-bit indices.
 
     Every float weight read by Conv, ConvTranspose, Gemm or MatMul is replaced by a codebook and
@@ -146,6 +149,7 @@ def kmeans(model: Path, bits: int, per_channel: bool, min_elements: int, exclude
         min_elements=min_elements,
         exclude=exclude,
         raise_opset=not keep_opset,
+        max_codebook_overhead=max_codebook_overhead,
     )
     _run(model, plan, **common)
 

@@ -145,11 +145,12 @@ def _palettize(weight: Weight, array: np.ndarray, plan: KMeansPlan, storage: Ind
         if axis is None:
             note = "per-tensor: its consumers disagree on the channel axis"
         else:
-            # C codebooks cost C·K·itemsize bytes; past one bit per weight, one more index bit per tensor
-            # (about +6 dB) buys more accuracy than per-channel codebooks do.
+            # C codebooks cost C·K·itemsize bytes. Past about one bit per weight, one more index bit per
+            # tensor (about +6 dB) buys more accuracy than per-channel codebooks do.
             overhead_bits = weight.shape[axis] * (1 << plan.bits) * array.itemsize * 8 / weight.elements
-            if overhead_bits > 1.0:
-                note = f"per-tensor: per-channel codebooks would add {overhead_bits:.2f} bits per weight (> 1)"
+            if overhead_bits > plan.max_codebook_overhead:
+                note = (f"per-tensor: per-channel codebooks would add {overhead_bits:.2f} bits per weight "
+                        f"(> --max-codebook-overhead {plan.max_codebook_overhead:g})")
                 axis = None
     rows = to_rows(array, axis)
     palette = palettize(rows, bits=plan.bits)
@@ -194,6 +195,7 @@ def _options(plan: KMeansPlan, validation: ValidationPlan | None) -> dict[str, o
         "min_elements": plan.min_elements,
         "exclude": list(plan.exclude),
         "raise_opset": plan.raise_opset,
+        "max_codebook_overhead": plan.max_codebook_overhead,
         "validate": validation is not None,
     }
     if validation is not None:

@@ -25,10 +25,14 @@ class KMeansPlan:
     min_elements: int = DEFAULT_MIN_ELEMENTS
     exclude: tuple[str, ...] = ()
     raise_opset: bool = True  # allow raising the opset for uint4/uint2 index storage
+    # per-channel codebooks may add at most this many bits per weight; past it a weight stays per-tensor
+    max_codebook_overhead: float = 1.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.bits <= 8:
             raise UsageError(f"--bits must be between 1 and 8, got {self.bits}")
+        if self.max_codebook_overhead < 0:
+            raise UsageError(f"--max-codebook-overhead must be >= 0, got {self.max_codebook_overhead}")
         if self.min_elements < 1:
             raise UsageError(f"--min-elements must be at least 1, got {self.min_elements}")
 

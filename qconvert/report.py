@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import platform
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,10 +138,11 @@ def summary(report: Report) -> Group:
             (f"({100 * report.size_ratio:.1f} %)", "green"),
         )
     )
+    kinds = Counter(w.granularity for w in report.weights)
     parts.append(
         Text(
             f"{len(report.weights)} weights palettized at {report.options.get('bits')} bits "
-            f"({report.options.get('granularity')}), {len(report.skipped)} left as they were; "
+            f"({', '.join(f'{n} {kind}' for kind, n in sorted(kinds.items()))}), {len(report.skipped)} left as they were; "
             f"opset {report.opset.before} -> {report.opset.after}, indices stored as {report.opset.index_storage}"
         )
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -112,3 +114,20 @@ def test_stored_bytes_counts_codebook_and_indices() -> None:
     palette = palettize(rows, bits=3)
     assert stored_bytes(palette, IndexStorage.PACKED, 3) == 4 * 8 * 4 + 50 * 3
     assert stored_bytes(palette, IndexStorage.UINT8, 3) == 4 * 8 * 4 + 400
+
+
+def test_onnxruntime_folds_the_decoding_at_load(tmp_path: Path) -> None:
+    """The palettized model runs as the float one: Cast/Gather/unpacking are constant-folded away."""
+    for storage, opset in ((IndexStorage.UINT4, 21), (IndexStorage.PACKED, 13)):
+        model = weight_model("Conv", (6, 4, 3, 3), opset)
+        model.graph.output.pop()  # keep only the Conv output, as a real model would
+        model.graph.node.pop()
+        (weight,) = select_weights(model).weights
+        palette = palettize(to_rows(weight.array(), 0), bits=4)
+        encode_palettes(model, [EncodedWeight(weight, palette, 0)], bits=4, storage=storage)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = str(tmp_path / f"optimized_{storage.value}.onnx")
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(options.optimized_model_filepath)
+        assert [n.op_type for n in optimized.graph.node] == ["Conv"], storage

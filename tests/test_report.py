@@ -1,0 +1,38 @@
+"""The JSON report's shape is a contract: a golden list of key paths guards it (bump schema_version)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from qconvert.cli import cli
+from qconvert.report import SCHEMA_VERSION
+
+GOLDEN = Path(__file__).parent / "golden" / "report_keys.json"
+
+
+def key_paths(value: object, prefix: str = "") -> set[str]:
+    """{'a': {'b': 1}, 'c': [{'d': 2}]} -> {'a', 'a.b', 'c', 'c[].d'}."""
+    paths = set()
+    if isinstance(value, dict):
+        for key, child in value.items():
+            path = f"{prefix}.{key}" if prefix else key
+            paths |= {path} | key_paths(child, path)
+    elif isinstance(value, list):
+        for child in value:
+            paths |= key_paths(child, f"{prefix}[]")
+    return paths
+
+
+def test_report_keys_match_the_golden_schema(tmp_path: Path, digits: Path, digits_data: Path) -> None:
+    result = CliRunner().invoke(
+        cli, ["kmeans", str(digits), "--bits", "4", "--per-channel", "--data", str(digits_data), "-o", str(tmp_path / "q.onnx"), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["schema_version"] == SCHEMA_VERSION
+    golden = json.loads(GOLDEN.read_text())
+    assert golden["schema_version"] == SCHEMA_VERSION
+    assert sorted(key_paths(report)) == golden["keys"]
