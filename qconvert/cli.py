@@ -14,7 +14,16 @@ from rich.console import Console
 from qconvert import __version__, io
 from qconvert.errors import ExitCode, QConvertError
 from qconvert.pipeline import convert, default_output
-from qconvert.plan import DEFAULT_MIN_ELEMENTS, Granularity, KMeansPlan, ValidationPlan, parse_input_shape
+from qconvert.plan import (
+    DEFAULT_MIN_ELEMENTS,
+    CalibrationMethod,
+    Granularity,
+    KMeansPlan,
+    LinearPlan,
+    Plan,
+    ValidationPlan,
+    parse_input_shape,
+)
 from qconvert.report import summary
 
 EXIT_CODES_HELP = """\b
@@ -84,6 +93,8 @@ def cli(debug: bool) -> None:
     Examples:
       qconvert kmeans model.onnx --bits 4
       qconvert kmeans model.onnx --bits 2 --per-channel -o small.onnx --json > report.json
+      qconvert linear model.onnx --per-channel
+      qconvert linear model.onnx --per-channel --calibration calib.npz
     """
 
 
@@ -154,9 +165,59 @@ def kmeans(model: Path, bits: int, per_channel: bool, max_codebook_overhead: flo
     _run(model, plan, **common)
 
 
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--bits", "-b", type=click.Choice(["8", "4"]), default="8", show_default=True, help="Integer width of the weights.")
+@click.option("--per-channel/--per-tensor", default=False, show_default=True,
+              help="One scale per output channel, or one per tensor (depthwise kernels always get per-channel).")
+@click.option("--symmetric/--asymmetric", default=True, show_default=True,
+              help="Weights: signed with zero point 0, or unsigned with a zero point.")
+@click.option("--weights-only", "weights_only", is_flag=True, help="Quantize weights only (the default without --calibration).")
+@click.option("--calibration", type=click.Path(path_type=Path, dir_okay=False),
+              help="Quantize activations too, with ranges measured on this .npz of inputs (one array per input, axis 0 = samples).")
+@click.option("--calibration-method", type=click.Choice([m.value for m in CalibrationMethod]), default="minmax", show_default=True,
+              help="Activation range: the observed min/max, or percentiles (--percentile).")
+@click.option("--percentile", default=99.999, show_default=True, help="With --calibration-method percentile: the kept share of values, in %.")
+@click.option("--no-fold-batchnorm", "no_fold", is_flag=True, help="Keep BatchNormalization after Conv instead of folding it in first.")
+@click.option("--min-elements", default=1, show_default=True, help="Leave weights with fewer elements as they are.")
+@click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave weights whose name matches (exact or glob; repeatable).")
+@validation_options
+@output_options
+def linear(model: Path, bits: str, per_channel: bool, symmetric: bool, weights_only: bool, calibration: Path | None,
+           calibration_method: str, percentile: float, no_fold: bool, min_elements: int, exclude: tuple[str, ...], **common: Any) -> None:
+    """Linear quantization r = S(q - Z): QuantizeLinear/DequantizeLinear (QDQ) form.
+
+    Without --calibration, weights become int8/int4 initializers followed by DequantizeLinear: a smaller
+    file and less memory, dequantized at every run. With --calibration, activations get uint8
+    Quantize/DequantizeLinear pairs and biases int32 (scale S_x*S_w), the form onnxruntime fuses into
+    integer kernels (QLinearConv, QGemm ...) that run faster than float. BatchNormalization after a Conv
+    is folded into it first, so ranges are measured where the integer kernels see them.
+
+    \b
+    Examples:
+      qconvert linear model.onnx --per-channel
+      qconvert linear model.onnx --bits 4 --per-channel --asymmetric
+      qconvert linear model.onnx --per-channel --calibration calib.npz --data val.npz
+    """
+    if weights_only and calibration is not None:
+        raise click.UsageError("--weights-only and --calibration exclude each other")
+    plan = LinearPlan(
+        bits=int(bits),
+        granularity=Granularity.PER_CHANNEL if per_channel else Granularity.PER_TENSOR,
+        symmetric=symmetric,
+        calibration=calibration,
+        calibration_method=CalibrationMethod(calibration_method),
+        percentile=percentile,
+        fold_batchnorm=not no_fold,
+        min_elements=min_elements,
+        exclude=exclude,
+    )
+    _run(model, plan, **common)
+
+
 def _run(
     model: Path,
-    plan: KMeansPlan,
+    plan: Plan,
     *,
     validate: bool,
     data: Path | None,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 from enum import Enum
 
 import ml_dtypes
@@ -10,8 +11,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from qconvert.opset import default_opset
 from qconvert.quant.kmeans import Palette
 from qconvert.quant.layout import from_rows
+from qconvert.rewrite import GraphEdit, replace_weights
 from qconvert.select import Weight
 
 
@@ -86,30 +89,6 @@ def pack_indices(indices: np.ndarray, bits: int) -> np.ndarray:
     return words.astype("<u8").view(np.uint8).reshape(groups, 8)[:, :bits].copy()
 
 
-class NameSource:
-    """Fresh tensor and node names that collide with nothing in the model."""
-
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self._taken: set[str] = set()
-        graphs = [model.graph]
-        while graphs:
-            graph = graphs.pop()
-            self._taken.update(t.name for t in graph.initializer)
-            self._taken.update(v.name for v in (*graph.input, *graph.output, *graph.value_info))
-            for node in graph.node:
-                self._taken.update((*node.input, *node.output, node.name))
-                for attr in node.attribute:
-                    graphs.extend([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs)
-
-    def __call__(self, base: str) -> str:
-        name, n = base, 1
-        while name in self._taken:
-            n += 1
-            name = f"{base}_{n}"
-        self._taken.add(name)
-        return name
-
-
 def encode_palettes(model: onnx.ModelProto, items: list[EncodedWeight], *, bits: int, storage: IndexStorage) -> onnx.ModelProto:
     """Replace each weight by its palette and decode nodes, in place; returns `model`.
 
@@ -117,69 +96,12 @@ def encode_palettes(model: onnx.ModelProto, items: list[EncodedWeight], *, bits:
     node), and the decode nodes go to the top of that graph. The decoded tensor keeps the weight's
     name, so every consumer reads it unchanged.
     """
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
-    model.ir_version = max(model.ir_version, 4)  # IR 3 wanted every initializer listed as an input
-    fresh = NameSource(model)
-    edits: dict[int, _GraphEdit] = {}
-    for item in items:
-        weight = item.weight
-        edit = edits.get(id(weight.graph)) or edits.setdefault(id(weight.graph), _GraphEdit(weight.graph, weight.graph_path, fresh))
-        edit.removed.add(weight.name)
-        _decode(edit, item, bits, storage, opset)
-        if weight.is_graph_input:
-            kept = [i for i in model.graph.input if i.name != weight.name]
-            del model.graph.input[:]
-            model.graph.input.extend(kept)
-    # Innermost graphs first: rebuilding a graph copies its nodes, subgraph attributes included.
-    for edit in sorted(edits.values(), key=lambda e: -e.path.count("/")):
-        edit.apply()
+    opset = default_opset(model)
+    replace_weights(model, [(item.weight, partial(_decode, item=item, bits=bits, storage=storage, opset=opset)) for item in items])
     return model
 
 
-@dataclass
-class _GraphEdit:
-    """All changes to one graph, applied in one rebuild of its node list."""
-
-    graph: onnx.GraphProto
-    path: str  # "main", "main/If0.then_branch", ...
-    fresh: NameSource
-    front: list[onnx.NodeProto] = field(default_factory=list)
-    removed: set[str] = field(default_factory=set)  # weights: their initializer or Constant node goes
-    initializers: list[onnx.TensorProto] = field(default_factory=list)
-    shared: dict[tuple[str, bytes], str] = field(default_factory=dict)
-
-    def constant(self, base: str, suffix: str, array: np.ndarray, *, share: bool = False) -> str:
-        """A new initializer; `share` reuses one with the same suffix and bytes (small constants)."""
-        key = (suffix, f"{array.dtype.str}{array.shape}".encode() + array.tobytes())
-        if share and key in self.shared:
-            return self.shared[key]
-        name = self.fresh(f"qc_{suffix}" if share else f"{base}_qc_{suffix}")
-        self.initializers.append(numpy_helper.from_array(array, name))
-        if share:
-            self.shared[key] = name
-        return name
-
-    def node(self, base: str, op: str, inputs: list[str], suffix: str, output: str | None = None, **attrs: object) -> str:
-        out = output or self.fresh(f"{base}_qc_{suffix}")
-        self.front.append(helper.make_node(op, inputs, [out], name=self.fresh(f"{out}_node") if output else out, **attrs))
-        return out
-
-    def apply(self) -> None:
-        nodes = [*self.front]
-        nodes += [n for n in self.graph.node if not (n.op_type == "Constant" and n.output[0] in self.removed)]
-        copies = [onnx.NodeProto() for _ in nodes]
-        for copy, node in zip(copies, nodes):
-            copy.CopyFrom(node)
-        del self.graph.node[:]
-        self.graph.node.extend(copies)
-        # Delete in place (no copy of the remaining, possibly large, tensors).
-        for i in reversed(range(len(self.graph.initializer))):
-            if self.graph.initializer[i].name in self.removed:
-                del self.graph.initializer[i]
-        self.graph.initializer.extend(self.initializers)
-
-
-def _decode(edit: _GraphEdit, item: EncodedWeight, bits: int, storage: IndexStorage, opset: int) -> None:
+def _decode(edit: GraphEdit, *, item: EncodedWeight, bits: int, storage: IndexStorage, opset: int) -> None:
     """Tensors and nodes that rebuild the weight: indices -> (unpack) -> (+ channel offset) -> Gather."""
     weight, palette, axis = item.weight, item.palette, item.axis
     base, shape = weight.name, weight.shape

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from qconvert import io
+from qconvert import io, qdq
+from qconvert.calibrate import activation_ranges
 from qconvert.encode import EncodedWeight, IndexStorage, encode_palettes, fallback_storage, min_opset, preferred_storage, stored_bytes
 from qconvert.errors import QConvertError, UnsupportedModelError, UsageError, first_line
+from qconvert.fold import fold_batchnorm
 from qconvert.opset import default_opset, raise_opset
-from qconvert.plan import Granularity, KMeansPlan, ValidationPlan
+from qconvert.plan import Granularity, KMeansPlan, LinearPlan, Plan, ValidationPlan
 from qconvert.quant.kmeans import palettize, reconstruct
 from qconvert.quant.layout import snr_db, to_rows
 from qconvert.report import OpsetChange, Report, WeightReport
@@ -22,6 +26,8 @@ from qconvert.select import Skipped, Weight, select_weights
 from qconvert import validate
 
 Progress = Callable[[str], None]
+CALIBRATION_BATCH = 4  # samples per calibration run: activations of a whole batch are held at once
+MIN_CALIBRATION_SAMPLES = 16
 
 
 @dataclass(frozen=True)
@@ -32,20 +38,36 @@ class Conversion:
     model_bytes: bytes
 
 
-def default_output(input_path: Path, plan: KMeansPlan) -> Path:
-    """model.onnx -> model.kmeans4.onnx (model.kmeans4pc.onnx per channel), beside the input."""
-    tag = f"kmeans{plan.bits}{'pc' if plan.granularity is Granularity.PER_CHANNEL else ''}"
+@dataclass
+class Step:
+    """What a method's step did to the model (in place, or a converted copy in `model`)."""
+
+    model: onnx.ModelProto
+    opset: OpsetChange
+    weights: list[WeightReport]
+    skipped: list[Skipped]
+    warnings: list[str] = field(default_factory=list)
+    details: dict[str, object] = field(default_factory=dict)
+
+
+def default_output(input_path: Path, plan: Plan) -> Path:
+    """model.onnx -> model.kmeans4.onnx, model.kmeans4pc.onnx, model.int8.onnx, model.int4pc-qdq.onnx ..."""
+    pc = "pc" if plan.granularity is Granularity.PER_CHANNEL else ""
+    if isinstance(plan, KMeansPlan):
+        tag = f"kmeans{plan.bits}{pc}"
+    else:
+        tag = f"int{plan.bits}{pc}{'-qdq' if plan.calibration else ''}"
     return input_path.with_name(f"{input_path.stem}.{tag}.onnx")
 
 
 def convert(
     input_path: Path,
     output_path: Path | None,
-    plan: KMeansPlan,
+    plan: Plan,
     validation: ValidationPlan | None,
     progress: Progress = lambda _: None,
 ) -> Conversion:
-    """Palettize the model at `input_path`; write it to `output_path` (None: don't write)."""
+    """Quantize the model at `input_path` as `plan` says; write it to `output_path` (None: don't write)."""
     if output_path is not None and output_path.resolve() == input_path.resolve():
         raise UsageError(f"{output_path}: the output would overwrite the input model; choose another -o")
     timings: dict[str, float] = {}
@@ -62,43 +84,25 @@ def convert(
     input_bytes = input_path.stat().st_size
     lap("load")
 
-    model, opset = _prepare_opset(model, plan)
-    lap("opset")
-
-    selection = select_weights(model, min_elements=plan.min_elements, exclude=plan.exclude)
-    skipped = list(selection.skipped)
-    items: list[EncodedWeight] = []
-    reports: list[WeightReport] = []
-    for i, weight in enumerate(selection.weights):
-        progress(f"palettizing {i + 1}/{len(selection.weights)}: {weight.name}")
-        array = weight.array()
-        if not np.isfinite(array).all():
-            skipped.append(Skipped(weight.name, weight.op_types, "contains NaN or Inf", weight.shape))
-            continue
-        item, report = _palettize(weight, array, plan, IndexStorage(opset.index_storage))
-        items.append(item)
-        reports.append(report)
-    if not items:
-        reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:3]) or "no Conv, ConvTranspose, Gemm, MatMul or RNN reads a constant weight"
-        raise UnsupportedModelError(f"{input_path}: nothing to quantize ({reasons})")
+    if isinstance(plan, KMeansPlan):
+        step = _kmeans_step(model, plan, progress)
+    else:
+        step = _linear_step(model, plan, input_path, progress)
     lap("quantize")
 
-    progress("encoding")
-    encode_palettes(model, items, bits=plan.bits, storage=IndexStorage(opset.index_storage))
-    warnings = _check(model, input_path)
-    model_bytes = model.SerializeToString()
-    lap("encode")
+    warnings = step.warnings + _check(step.model, input_path)
+    model_bytes = step.model.SerializeToString()
+    lap("check")
 
-    result = None
+    result, latency = None, None
     if validation is not None:
         progress("validating under onnxruntime")
-        result = validate.compare(str(input_path), model_bytes, validation)
+        result, latency = validate.compare(str(input_path), model_bytes, validation)
         lap("validate")
 
-    output_bytes = len(model_bytes)
     if output_path is not None:
         progress("writing")
-        io.save_model(model, output_path)
+        io.save_model(step.model, output_path)
         lap("write")
     timings["total"] = round(sum(timings.values()), 4)
     report = Report(
@@ -107,15 +111,138 @@ def convert(
         input_path=str(input_path),
         input_bytes=input_bytes,
         output_path=str(output_path) if output_path else None,
-        output_bytes=output_bytes,
-        opset=opset,
-        weights=reports,
-        skipped=skipped,
+        output_bytes=len(model_bytes),
+        opset=step.opset,
+        weights=step.weights,
+        skipped=step.skipped,
         validation=result,
+        latency_ms=latency,
+        details=step.details,
         timings=timings,
         warnings=warnings,
     )
     return Conversion(report, model_bytes)
+
+
+def _kmeans_step(model: onnx.ModelProto, plan: KMeansPlan, progress: Progress) -> Step:
+    model, opset = _prepare_opset(model, plan)
+    selection = select_weights(model, min_elements=plan.min_elements, exclude=plan.exclude)
+    skipped = list(selection.skipped)
+    items: list[EncodedWeight] = []
+    reports: list[WeightReport] = []
+    for i, weight in enumerate(_finite(selection.weights, skipped)):
+        progress(f"palettizing {i + 1}/{len(selection.weights)}: {weight.name}")
+        item, report = _palettize(weight, weight.array(), plan, IndexStorage(opset.storage))
+        items.append(item)
+        reports.append(report)
+    _require_weights(items, skipped)
+    progress("encoding")
+    encode_palettes(model, items, bits=plan.bits, storage=IndexStorage(opset.storage))
+    return Step(model, opset, reports, skipped)
+
+
+def _finite(weights: list[Weight], skipped: list[Skipped]) -> list[Weight]:
+    """The weights without NaN/Inf; the others join `skipped`."""
+    kept = []
+    for weight in weights:
+        if np.isfinite(weight.array()).all():
+            kept.append(weight)
+        else:
+            skipped.append(Skipped(weight.name, weight.op_types, "contains NaN or Inf", weight.shape))
+    return kept
+
+
+def _require_weights(items: list[object], skipped: list[Skipped]) -> None:
+    if not items:
+        reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:3]) or "no Conv, ConvTranspose, Gemm, MatMul or RNN reads a constant weight"
+        raise UnsupportedModelError(f"nothing to quantize ({reasons})")
+
+
+def _linear_step(model: onnx.ModelProto, plan: LinearPlan, input_path: Path, progress: Progress) -> Step:
+    details: dict[str, object] = {}
+    warnings: list[str] = []
+    if plan.fold_batchnorm:
+        folded = fold_batchnorm(model)
+        details["folded_batchnorm"] = folded
+    selection = select_weights(model, min_elements=plan.min_elements, exclude=plan.exclude)
+    skipped = list(selection.skipped)
+    weights = []
+    for weight in _finite(selection.weights, skipped):
+        if weight.tensor.data_type == onnx.TensorProto.DOUBLE:
+            skipped.append(Skipped(weight.name, weight.op_types, "float64: DequantizeLinear cannot output float64", weight.shape))
+        else:
+            weights.append(weight)
+    _require_weights(weights, skipped)
+    axes = {w.name: _linear_axis(w, plan) for w in weights}
+
+    before = default_opset(model)
+    needed = max(
+        10,
+        13 if any(axis is not None for axis, _ in axes.values()) else 10,
+        19 if any(w.tensor.data_type != onnx.TensorProto.FLOAT for w in weights) else 10,  # typed scales
+        21 if plan.bits == 4 else 10,
+    )
+    note = None
+    if before < needed:
+        model = raise_opset(model, needed)  # an UnsupportedModelError says why it cannot
+        note = f"opset raised from {before} to {needed} for {'int4' if plan.bits == 4 else 'per-channel'} DequantizeLinear"
+        selection = select_weights(model, min_elements=plan.min_elements, exclude=plan.exclude)
+        weights = [w for w in selection.weights if w.name in axes]
+
+    items = {}
+    reports = []
+    for i, weight in enumerate(weights):
+        progress(f"quantizing {i + 1}/{len(weights)}: {weight.name}")
+        axis, why = axes[weight.name]
+        array = weight.array()
+        item = qdq.quantize_weight(weight, array, bits=plan.bits, symmetric=plan.symmetric, axis=axis)
+        items[weight.name] = item
+        reports.append(WeightReport(
+            name=weight.name, source=weight.source, graph=weight.graph_path, consumers=[c.op_type for c in weight.consumers],
+            shape=list(weight.shape), elements=weight.elements, dtype=str(array.dtype), bits=plan.bits,
+            granularity=(Granularity.PER_TENSOR if axis is None else Granularity.PER_CHANNEL).value, channel_axis=axis,
+            groups=item.grid.scale.size, float_bytes=array.nbytes, stored_bytes=qdq.stored_bytes(item),
+            snr_db=snr_db(array, item.dequantized()), note=why,
+        ))
+    storage = np.dtype(next(iter(items.values())).storage).name
+    opset = OpsetChange(before, max(before, needed), storage, note)
+
+    if plan.calibration is None:
+        qdq.insert_weight_dq(model, list(items.values()))
+        details["runtime"] = ("weights-only: integer weights stay small in memory, but onnxruntime dequantizes "
+                              "them at every run (slower than float)")
+        return Step(model, opset, reports, skipped, warnings, details)
+
+    progress("calibrating activation ranges")
+    names = set(items)
+    tensors = qdq.activation_tensors(model, names)
+    feeds = validate.load_feeds(validate.session(model.SerializeToString(), "input model"), plan.calibration, batch_size=CALIBRATION_BATCH)
+    if feeds.samples < MIN_CALIBRATION_SAMPLES:
+        warnings.append(f"only {feeds.samples} calibration samples; activation ranges may not generalize (use {MIN_CALIBRATION_SAMPLES}+)")
+    ranges = activation_ranges(model, tensors, feeds, method=plan.calibration_method, percentile=plan.percentile)
+    qdq.insert_weight_dq(model, list(items.values()))
+    absorbed = qdq.absorb_activations(model, names)
+    tensors = [t for t in qdq.activation_tensors(model, names) if t in ranges]
+    count = qdq.insert_activation_qdq(model, {t: ranges[t] for t in tensors}, items)
+    details.update(
+        calibration_samples=feeds.samples,
+        activations_quantized=count,
+        activations_absorbed=absorbed,
+        runtime="full QDQ: onnxruntime fuses DequantizeLinear -> op -> QuantizeLinear into integer kernels (QLinearConv, QGemm ...)",
+    )
+    if plan.bits == 4:
+        warnings.append("int4 weights in a full QDQ graph are not fused into integer kernels by onnxruntime; int8 runs faster")
+    return Step(model, opset, reports, skipped, warnings, details)
+
+
+def _linear_axis(weight: Weight, plan: LinearPlan) -> tuple[int | None, str | None]:
+    """The scale axis for a weight, and why it differs from what the plan asked, if it does."""
+    axis = weight.channel_axis
+    if plan.granularity is Granularity.PER_CHANNEL:
+        return axis, None if axis is not None else "per-tensor: its consumers disagree on the channel axis"
+    if weight.depthwise and axis is not None:
+        return axis, "per-channel: depthwise kernels lose badly under one scale per tensor"
+    return None, None
 
 
 def _prepare_opset(model: onnx.ModelProto, plan: KMeansPlan) -> tuple[onnx.ModelProto, OpsetChange]:
@@ -166,7 +293,7 @@ def _palettize(weight: Weight, array: np.ndarray, plan: KMeansPlan, storage: Ind
         bits=plan.bits,
         granularity=(Granularity.PER_TENSOR if axis is None else Granularity.PER_CHANNEL).value,
         channel_axis=axis,
-        codebooks=palette.codebook.shape[0],
+        groups=palette.codebook.shape[0],
         float_bytes=array.nbytes,
         stored_bytes=stored_bytes(palette, storage, plan.bits),
         snr_db=snr_db(rows, reconstruct(palette)),
@@ -188,16 +315,10 @@ def _check(model: onnx.ModelProto, input_path: Path) -> list[str]:
     return []
 
 
-def _options(plan: KMeansPlan, validation: ValidationPlan | None) -> dict[str, object]:
-    options: dict[str, object] = {
-        "bits": plan.bits,
-        "granularity": plan.granularity.value,
-        "min_elements": plan.min_elements,
-        "exclude": list(plan.exclude),
-        "raise_opset": plan.raise_opset,
-        "max_codebook_overhead": plan.max_codebook_overhead,
-        "validate": validation is not None,
-    }
+def _options(plan: Plan, validation: ValidationPlan | None) -> dict[str, object]:
+    options = {k: (v.value if isinstance(v, Enum) else str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+               for k, v in dataclasses.asdict(plan).items()}
+    options["validate"] = validation is not None
     if validation is not None:
         options.update(
             data=str(validation.data) if validation.data else None,

@@ -41,6 +41,41 @@ class KMeansPlan:
         return "kmeans"
 
 
+class CalibrationMethod(str, Enum):
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+
+
+@dataclass(frozen=True)
+class LinearPlan:
+    """Linear quantization r = S(q − Z) of weights (DequantizeLinear), and of activations with calibration."""
+
+    bits: int = 8
+    granularity: Granularity = Granularity.PER_TENSOR
+    symmetric: bool = True
+    calibration: Path | None = None  # .npz of inputs: quantize activations too (full QDQ)
+    calibration_method: CalibrationMethod = CalibrationMethod.MINMAX
+    percentile: float = 99.999
+    fold_batchnorm: bool = True
+    min_elements: int = 1
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise UsageError(f"--bits must be 8 or 4 for linear quantization, got {self.bits}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise UsageError(f"--percentile must be in (50, 100], got {self.percentile}")
+        if self.min_elements < 1:
+            raise UsageError(f"--min-elements must be at least 1, got {self.min_elements}")
+
+    @property
+    def method(self) -> str:
+        return "linear"
+
+
+Plan = KMeansPlan | LinearPlan
+
+
 @dataclass(frozen=True)
 class ValidationPlan:
     """How to compare the new model with the float one under onnxruntime."""
@@ -49,6 +84,7 @@ class ValidationPlan:
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     samples: int = 8  # random samples when no data is given
     seed: int = 0
+    latency_runs: int = 10  # timed runs of each model (0: don't time)
 
     def __post_init__(self) -> None:
         if self.samples < 1:

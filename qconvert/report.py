@@ -37,7 +37,7 @@ class WeightReport:
     bits: int
     granularity: str
     channel_axis: int | None
-    codebooks: int
+    groups: int  # codebooks (kmeans) or scales (linear)
     float_bytes: int
     stored_bytes: int
     snr_db: float | None  # None: represented exactly
@@ -48,7 +48,7 @@ class WeightReport:
 class OpsetChange:
     before: int
     after: int
-    index_storage: str
+    storage: str  # how the integers are stored: uint4, packed, int8 ...
     note: str | None = None
 
 
@@ -64,6 +64,8 @@ class Report:
     weights: list[WeightReport]
     skipped: list[Skipped]
     validation: ValidationResult | None
+    latency_ms: dict[str, float] | None = None  # median onnxruntime run time, float vs converted
+    details: dict[str, Any] = field(default_factory=dict)  # method-specific facts
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -94,6 +96,8 @@ class Report:
                 "per_weight": [dataclasses.asdict(w) for w in self.weights],
                 "skipped": [dataclasses.asdict(s) for s in self.skipped],
                 "validation": dataclasses.asdict(self.validation) if self.validation else None,
+                "latency_ms": self.latency_ms,
+                "details": self.details,
                 "warnings": self.warnings,
                 "timings_s": self.timings,
             }
@@ -141,9 +145,9 @@ def summary(report: Report) -> Group:
     kinds = Counter(w.granularity for w in report.weights)
     parts.append(
         Text(
-            f"{len(report.weights)} weights palettized at {report.options.get('bits')} bits "
+            f"{len(report.weights)} weights {'palettized' if report.method == 'kmeans' else 'quantized'} at {report.options.get('bits')} bits "
             f"({', '.join(f'{n} {kind}' for kind, n in sorted(kinds.items()))}), {len(report.skipped)} left as they were; "
-            f"opset {report.opset.before} -> {report.opset.after}, indices stored as {report.opset.index_storage}"
+            f"opset {report.opset.before} -> {report.opset.after}, stored as {report.opset.storage}"
         )
     )
     if report.opset.note:
@@ -169,6 +173,13 @@ def summary(report: Report) -> Group:
                 Text(f"accuracy on labels: float {100 * a.float_top1:.2f} %, converted {100 * a.quantized_top1:.2f} % "
                      f"(drop {a.drop_points:.2f} points)")
             )
+    if report.latency_ms:
+        lat = report.latency_ms
+        parts.append(Text(f"onnxruntime latency: float {lat['float']:.2f} ms, converted {lat['converted']:.2f} ms "
+                          f"({lat['converted'] / lat['float']:.2f}x; median of {int(lat['runs'])} runs)"))
+    for key, value in report.details.items():
+        if isinstance(value, str):
+            parts.append(Text(f"{key.replace('_', ' ')}: {value}"))
     worst = sorted(report.weights, key=lambda w: math.inf if w.snr_db is None else w.snr_db)[:WORST_SHOWN]
     if worst:
         table = Table(title="Weights with the lowest SNR", title_justify="left")

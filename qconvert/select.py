@@ -38,6 +38,7 @@ class Consumer:
     op_type: str
     node: str
     axis: int | None
+    depthwise: bool = False  # a grouped Conv with one input channel per group
 
 
 @dataclass
@@ -65,6 +66,10 @@ class Weight:
         """The output-channel axis all consumers agree on, else None (then only per-tensor applies)."""
         axes = {c.axis for c in self.consumers}
         return axes.pop() if len(axes) == 1 else None
+
+    @property
+    def depthwise(self) -> bool:
+        return any(c.depthwise for c in self.consumers)
 
     @property
     def op_types(self) -> str:
@@ -157,7 +162,9 @@ def select_weights(
             return
         key = (id(candidate.graph), name)
         weight = found.setdefault(key, candidate)
-        weight.consumers.append(Consumer(node.op_type, node.name or f"{node.op_type}#{index}", channel_axis(node, len(weight.shape))))
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        depthwise = node.op_type == "Conv" and group > 1 and len(weight.shape) > 1 and weight.shape[1] == 1
+        weight.consumers.append(Consumer(node.op_type, node.name or f"{node.op_type}#{index}", channel_axis(node, len(weight.shape)), depthwise))
 
     walk(model.graph, MAIN_GRAPH, [])
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,7 +89,7 @@ def build_feeds(sess: ort.InferenceSession, plan: ValidationPlan) -> Feeds:
     if unknown:
         raise UsageError(f"--input-shape names unknown input {unknown[0]!r} (model inputs: {', '.join(names)})")
     if plan.data is not None:
-        return _data_feeds(inputs, plan.data)
+        return load_feeds(sess, plan.data)
     rng = np.random.default_rng(plan.seed)
     batches = []
     for _ in range(plan.samples):
@@ -99,8 +101,8 @@ def build_feeds(sess: ort.InferenceSession, plan: ValidationPlan) -> Feeds:
     return Feeds(batches, plan.samples, f"random (seed {plan.seed})")
 
 
-def compare(float_model: str | bytes, quantized_model: bytes, plan: ValidationPlan) -> ValidationResult:
-    """Run both models on the same feeds and measure per-output drift (and accuracy with labels)."""
+def compare(float_model: str | bytes, quantized_model: bytes, plan: ValidationPlan) -> tuple[ValidationResult, dict[str, float] | None]:
+    """Run both models on the same feeds: per-output drift (and accuracy with labels), and latency."""
     reference = session(float_model, "input model")
     candidate = session(quantized_model, "converted model")
     feeds = build_feeds(reference, plan)
@@ -118,22 +120,26 @@ def compare(float_model: str | bytes, quantized_model: bytes, plan: ValidationPl
                 float(np.mean(_top1(ref_out[scores]) == labels)),
                 float(np.mean(_top1(new_out[scores]) == labels)),
             )
-    return ValidationResult(feeds.source, feeds.samples, outputs, accuracy)
+    latency = _latency_ms(reference, candidate, feeds.batches[0], plan.latency_runs) if plan.latency_runs else None
+    return ValidationResult(feeds.source, feeds.samples, outputs, accuracy), latency
 
 
-def _run_all(sess: ort.InferenceSession, feeds: Feeds, what: str) -> list[np.ndarray]:
-    runs = []
+def run_batches(sess: ort.InferenceSession, feeds: Feeds, what: str, output_names: list[str] | None = None) -> Iterator[list[np.ndarray]]:
+    """Each batch's outputs, one batch at a time; a failing run becomes a one-line error."""
     for feed in feeds.batches:
         try:
-            runs.append(sess.run(None, feed))
+            yield sess.run(output_names, feed)
         except Exception as e:
             shapes = ", ".join(f"{k}[{'x'.join(map(str, v.shape))}]" for k, v in feed.items())
             raise UnsupportedModelError(
                 f"onnxruntime cannot run the {what} with inputs {shapes}: {first_line(e)} "
                 "(set symbolic dimensions with --input-shape NAME=DIMS)"
             ) from e
+
+
+def _run_all(sess: ort.InferenceSession, feeds: Feeds, what: str) -> list[np.ndarray]:
     outputs = []
-    for per_output in zip(*runs):
+    for per_output in zip(*run_batches(sess, feeds, what)):
         joined = np.concatenate([np.atleast_1d(o) for o in per_output], axis=0)
         outputs.append(joined[: len(joined) - feeds.padded] if feeds.padded else joined)
     return outputs
@@ -186,7 +192,9 @@ def _random(rng: np.random.Generator, dtype: np.dtype, shape: tuple[int, ...]) -
     return np.asarray(values, dtype=dtype)  # scalars (shape ()) too
 
 
-def _data_feeds(inputs: list[ort.NodeArg], path: Path) -> Feeds:
+def load_feeds(sess: ort.InferenceSession, path: Path, batch_size: int = DATA_BATCH) -> Feeds:
+    """Feeds from an .npz holding one array per model input (axis 0 = samples) and maybe `labels`."""
+    inputs = sess.get_inputs()
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
@@ -222,8 +230,22 @@ def _data_feeds(inputs: list[ort.NodeArg], path: Path) -> Feeds:
         batch = fixed.pop()
         padded = -samples % batch
     else:
-        batch, padded = DATA_BATCH, 0
+        batch, padded = batch_size, 0
     if padded:  # a fixed batch size: repeat the last sample to fill the final batch
         feeds = {k: np.concatenate([v, np.repeat(v[-1:], padded, axis=0)]) for k, v in feeds.items()}
     batches = [{k: v[s : s + batch] for k, v in feeds.items()} for s in range(0, samples + padded, batch)]
     return Feeds(batches, samples, str(path), labels, padded)
+
+
+def _latency_ms(reference: ort.InferenceSession, candidate: ort.InferenceSession, feed: dict[str, np.ndarray], runs: int) -> dict[str, float]:
+    """Median onnxruntime run time (ms) of each model on one batch, after a warm-up run."""
+    medians = {}
+    for name, sess in (("float", reference), ("converted", candidate)):
+        sess.run(None, feed)
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            sess.run(None, feed)
+            times.append(time.perf_counter() - start)
+        medians[name] = 1000 * float(np.median(times))
+    return {**medians, "runs": float(runs)}

@@ -1,0 +1,73 @@
+"""Folding inference-mode BatchNormalization into the Conv before it (exact in float)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from qconvert.rewrite import set_nodes
+
+
+def fold_batchnorm(model: onnx.ModelProto) -> list[str]:
+    """Fold every Conv -> BatchNormalization pair of the main graph, in place; returns the BN names.
+
+    W' = W·γ/√(σ²+ε) per output channel, b' = (b − μ)·γ/√(σ²+ε) + β. Only where the Conv output feeds
+    nothing but the BN, the Conv weight (and bias) are initializers used by that Conv alone, and the BN
+    parameters are initializers.
+    """
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    for output in graph.output:
+        uses[output.name] = uses.get(output.name, 0) + 1
+    producer = {out: node for node in graph.node for out in node.output}
+    folded: list[str] = []
+    dropped: set[int] = set()
+    unused: set[str] = set()
+    for index, bn in enumerate(graph.node):
+        if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx") or len(bn.output) != 1:
+            continue
+        conv = producer.get(bn.input[0])
+        if conv is None or conv.op_type != "Conv" or uses.get(bn.input[0]) != 1:
+            continue
+        params = bn.input[1:5]
+        weight = conv.input[1]
+        bias = conv.input[2] if len(conv.input) > 2 and conv.input[2] else None
+        if not all(p in inits for p in params) or weight not in inits or uses.get(weight) != 1:
+            continue
+        if bias is not None and (bias not in inits or uses.get(bias) != 1):
+            continue
+        epsilon = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[p]).astype(np.float64) for p in params)
+        w = numpy_helper.to_array(inits[weight])
+        b = numpy_helper.to_array(inits[bias]).astype(np.float64) if bias else np.zeros(w.shape[0])
+        factor = gamma / np.sqrt(var + epsilon)  # [Cout]
+        new_w = (w.astype(np.float64) * factor.reshape(-1, *([1] * (w.ndim - 1)))).astype(w.dtype)
+        new_b = ((b - mean) * factor + beta).astype(w.dtype)
+        inits[weight].CopyFrom(numpy_helper.from_array(new_w, weight))
+        bias_name = bias or f"{weight}_folded_bias"
+        if bias:
+            inits[bias].CopyFrom(numpy_helper.from_array(new_b, bias))
+        else:
+            tensor = numpy_helper.from_array(new_b, bias_name)
+            graph.initializer.append(tensor)
+            inits[bias_name] = tensor
+            del conv.input[2:]
+            conv.input.append(bias_name)
+        conv.output[0] = bn.output[0]
+        for p in params:
+            uses[p] -= 1
+            if uses[p] == 0:
+                unused.add(p)
+        dropped.add(index)
+        folded.append(bn.name or bn.output[0])
+    if dropped:
+        set_nodes(graph, [n for i, n in enumerate(graph.node) if i not in dropped])
+        for i in reversed(range(len(graph.initializer))):
+            if graph.initializer[i].name in unused:
+                del graph.initializer[i]
+    return folded

@@ -1,0 +1,246 @@
+"""Graph rewriting for linear quantization: DequantizeLinear weights, and QDQ activations + int32 biases."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import ml_dtypes
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from qconvert.quant.layout import from_rows, to_rows
+from qconvert.quant.linear import Grid, dequantize, grid_for, quantize
+from qconvert.rewrite import GraphEdit, NameSource, replace_weights, set_nodes
+from qconvert.select import Weight
+
+# Ops whose float inputs and outputs get Quantize/DequantizeLinear pairs, so that onnxruntime runs them
+# (or drops them, for data movement) as integer kernels. Relu and Clip(0, ...) after a quantized op are
+# absorbed into its output range.
+QDQ_OPS = {
+    "Conv", "Gemm", "MatMul", "Add", "Mul", "MaxPool", "AveragePool", "GlobalAveragePool", "Concat",
+    "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Resize", "Sigmoid", "Relu", "Clip",
+}
+WEIGHTED_OPS = {"Conv", "Gemm", "MatMul"}
+DATA_INPUTS = {"Conv": 1, "Gemm": 1, "MatMul": 1, "Reshape": 1, "Resize": 1, "Clip": 1, "Squeeze": 1, "Unsqueeze": 1}
+ABSORBING = {"Conv", "Gemm", "MatMul", "Add"}  # producers that may absorb a following Relu / Clip(0, x)
+
+
+@dataclass(frozen=True)
+class LinearWeight:
+    """A weight on an integer grid: r = S·(q − Z), per tensor (axis None) or along `axis`."""
+
+    weight: Weight
+    grid: Grid
+    axis: int | None
+    q: np.ndarray  # integers in the weight's layout
+    bits: int
+
+    def dequantized(self) -> np.ndarray:
+        rows = dequantize(to_rows(self.q, self.axis), self.grid)
+        return from_rows(rows, self.weight.shape, self.axis)
+
+    @property
+    def storage(self) -> type:
+        if self.bits == 4:
+            return ml_dtypes.int4 if self.grid.signed else ml_dtypes.uint4
+        return np.int8 if self.grid.signed else np.uint8
+
+
+def quantize_weight(weight: Weight, array: np.ndarray, *, bits: int, symmetric: bool, axis: int | None) -> LinearWeight:
+    rows = to_rows(array, axis)
+    grid = grid_for(rows, bits=bits, symmetric=symmetric)
+    return LinearWeight(weight, grid, axis, from_rows(quantize(rows, grid), weight.shape, axis), bits)
+
+
+def stored_bytes(item: LinearWeight) -> int:
+    """Integers, scales and zero points as stored in the file."""
+    return ((item.q.size + item.grid.zero_point.size) * item.bits + 7) // 8 + item.grid.scale.nbytes
+
+
+def insert_weight_dq(model: onnx.ModelProto, items: list[LinearWeight]) -> None:
+    """Each weight becomes integer q + DequantizeLinear(q, S, Z, axis) under the weight's name, in place."""
+    replace_weights(model, [(item.weight, partial(_weight_dq, item=item)) for item in items])
+
+
+def _weight_dq(edit: GraphEdit, *, item: LinearWeight) -> None:
+    base = item.weight.name
+    per_axis = item.axis is not None
+    scale = item.grid.scale.astype(item.weight.array().dtype if _needs_typed_scale(item) else np.float32)
+    zero = item.grid.zero_point.astype(item.storage)
+    # The zero point is spelled out even when 0: onnxruntime's QGemm fusion wants it.
+    inputs = [
+        edit.constant(base, "quantized", item.q.astype(item.storage)),
+        edit.constant(base, "scale", scale if per_axis else scale.reshape(())),
+        edit.constant(base, "zero_point", zero if per_axis else zero.reshape(())),
+    ]
+    attrs = {"axis": item.axis} if per_axis else {}
+    edit.node(base, "DequantizeLinear", inputs, "dequantize", output=base, **attrs)
+
+
+def _needs_typed_scale(item: LinearWeight) -> bool:
+    return item.weight.tensor.data_type != onnx.TensorProto.FLOAT
+
+
+# ---- activations (full QDQ) -------------------------------------------------------------------------------
+
+
+def absorb_activations(model: onnx.ModelProto, quantized_weights: set[str]) -> int:
+    """Remove each Relu / Clip(min 0) whose input comes only from a quantized op, in place.
+
+    The op then writes the activation's output directly, and that tensor's Quantize (range [0, max],
+    zero point 0) clamps exactly as the activation did. Call after calibration (which needs them).
+    """
+    graph = model.graph
+    constants = _constants(graph)
+    uses = _uses(graph)
+    producer = {out: node for node in graph.node for out in node.output}
+    removed: list[int] = []
+    for index, node in enumerate(graph.node):
+        if node.op_type not in ("Relu", "Clip") or not node.input or not _clamps_at_zero(node, constants):
+            continue
+        source = producer.get(node.input[0])
+        if source is None or source.op_type not in ABSORBING or uses.get(node.input[0], 0) != 1:
+            continue
+        if source.op_type in WEIGHTED_OPS and source.input[1] not in quantized_weights:
+            continue
+        if source.op_type == "Add" and any(i in constants for i in source.input):
+            continue
+        source.output[0] = node.output[0]
+        removed.append(index)
+    if removed:
+        set_nodes(graph, [n for i, n in enumerate(graph.node) if i not in set(removed)])
+    return len(removed)
+
+
+def activation_tensors(model: onnx.ModelProto, quantized_weights: set[str]) -> list[str]:
+    """The float activations of the main graph to quantize: data inputs and outputs of QDQ ops."""
+    graph = model.graph
+    constants = _constants(graph)
+    float_inputs = {i.name for i in graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    produced = {out for node in graph.node for out in node.output}
+    tensors: dict[str, None] = {}
+    for node in graph.node:
+        if node.op_type not in QDQ_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type in WEIGHTED_OPS and (len(node.input) < 2 or node.input[1] not in quantized_weights):
+            continue
+        if node.op_type in ("Add", "Mul", "Concat") and any(i in constants for i in node.input):
+            continue
+        data = node.input[: DATA_INPUTS.get(node.op_type, len(node.input))]
+        for name in (*data, node.output[0]):
+            if name and name not in constants and (name in produced or name in float_inputs):
+                tensors[name] = None
+    return list(tensors)
+
+
+def insert_activation_qdq(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], weights: dict[str, LinearWeight]) -> int:
+    """Quantize/DequantizeLinear (uint8, asymmetric) on each activation with a range, int32 biases; in place.
+
+    A produced tensor T becomes P -> T_float -> Q -> DQ -> T, so consumers are untouched; a graph
+    input gets Q -> DQ -> T_dq and its consumers are renamed. Returns how many activations were done.
+    """
+    graph = model.graph
+    fresh = NameSource(model)
+    producer = {out: i for i, node in enumerate(graph.node) for out in node.output}
+    after: dict[int, list[onnx.NodeProto]] = {}
+    front: list[onnx.NodeProto] = []
+    renamed: dict[str, str] = {}
+    scales: dict[str, float] = {}
+    new_inits: list[onnx.TensorProto] = []
+    for name, (lo, hi) in ranges.items():
+        grid = grid_for(np.zeros((1, 1), np.float32), bits=8, symmetric=False, lo=np.array([lo]), hi=np.array([hi]))
+        scale = numpy_helper.from_array(grid.scale.reshape(()), fresh(f"{name}_qc_scale"))
+        zero = numpy_helper.from_array(grid.zero_point.astype(np.uint8).reshape(()), fresh(f"{name}_qc_zero_point"))
+        new_inits += [scale, zero]
+        scales[name] = float(grid.scale[0])
+        quantized = fresh(f"{name}_qc_q")
+        if name in producer:
+            node = graph.node[producer[name]]
+            source = fresh(f"{name}_qc_float")
+            node.output[list(node.output).index(name)] = source
+            target = name
+            place = after.setdefault(producer[name], [])
+        else:  # a graph input
+            source, target = name, fresh(f"{name}_qc_dq")
+            renamed[name] = target
+            place = front
+        place.append(helper.make_node("QuantizeLinear", [source, scale.name, zero.name], [quantized], name=quantized))
+        place.append(helper.make_node("DequantizeLinear", [quantized, scale.name, zero.name], [target], name=fresh(f"{target}_qc_dq_node")))
+    biases = _quantize_biases(graph, weights, scales, fresh, new_inits, front)
+    nodes = list(front)
+    for i, node in enumerate(graph.node):
+        for j, name in enumerate(node.input):
+            if name in renamed:
+                node.input[j] = renamed[name]
+        nodes.append(node)
+        nodes.extend(after.get(i, []))
+    set_nodes(graph, nodes)
+    kept = [t for t in graph.initializer if t.name not in biases]
+    del graph.initializer[:]
+    graph.initializer.extend([*kept, *new_inits])
+    return len(ranges)
+
+
+def _quantize_biases(graph: onnx.GraphProto, weights: dict[str, LinearWeight], scales: dict[str, float], fresh: NameSource,
+                     new_inits: list[onnx.TensorProto], front: list[onnx.NodeProto]) -> set[str]:
+    """Conv/Gemm biases -> int32 with scale S_x·S_w and DequantizeLinear, as integer kernels expect them."""
+    inits = {t.name: t for t in graph.initializer}
+    uses = _uses(graph)
+    done: set[str] = set()
+    for node in graph.node:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[1] not in weights:
+            continue
+        x, w, b = node.input[0], node.input[1], node.input[2]
+        if x not in scales or b not in inits or uses.get(b) != 1 or inits[b].data_type != onnx.TensorProto.FLOAT:
+            continue
+        bias = numpy_helper.to_array(inits[b]).astype(np.float64)
+        item = weights[w]
+        channels = item.weight.shape[item.axis if item.axis is not None else 0]
+        if bias.ndim != 1 or bias.size != channels:
+            continue
+        scale = (scales[x] * item.grid.scale.astype(np.float64)).astype(np.float32)
+        per_axis = item.axis is not None
+        q = np.clip(np.rint(bias / scale.astype(np.float64)), -(2**31), 2**31 - 1).astype(np.int32)
+        q_init = numpy_helper.from_array(q, fresh(f"{b}_qc_quantized"))
+        s_init = numpy_helper.from_array(scale if per_axis else scale.reshape(()), fresh(f"{b}_qc_scale"))
+        zeros = np.zeros(scale.shape, np.int32)
+        z_init = numpy_helper.from_array(zeros if per_axis else zeros.reshape(()), fresh(f"{b}_qc_zero_point"))
+        new_inits += [q_init, s_init, z_init]
+        attrs = {"axis": 0} if per_axis else {}
+        front.append(helper.make_node("DequantizeLinear", [q_init.name, s_init.name, z_init.name], [b], name=fresh(f"{b}_qc_dequantize"), **attrs))
+        done.add(b)
+    return done
+
+
+def _clamps_at_zero(node: onnx.NodeProto, constants: dict[str, np.ndarray | None]) -> bool:
+    if node.op_type == "Relu":
+        return True
+    low = next((a.f for a in node.attribute if a.name == "min"), None)  # Clip before opset 11
+    if low is None and len(node.input) > 1 and node.input[1]:
+        value = constants.get(node.input[1])
+        low = float(value) if value is not None and value.size == 1 else None
+    return low == 0.0
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray | None]:
+    """Names of constant tensors (initializers, Constant outputs); small ones with their value."""
+    out: dict[str, np.ndarray | None] = {}
+    for t in graph.initializer:
+        out[t.name] = numpy_helper.to_array(t) if np.prod(t.dims) <= 16 else None
+    for node in graph.node:
+        if node.op_type == "Constant":
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            out[node.output[0]] = numpy_helper.to_array(value) if value is not None and np.prod(value.dims) <= 16 else None
+    return out
+
+
+def _uses(graph: onnx.GraphProto) -> dict[str, int]:
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    for output in graph.output:
+        uses[output.name] = uses.get(output.name, 0) + 1
+    return uses

@@ -1,0 +1,62 @@
+"""Linear (affine) quantization in pure numpy: r = S·(q − Z), per tensor or per row (channel)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Grid:
+    """An integer grid per row: scale S [C] > 0, zero point Z [C], and the integer range [qmin, qmax]."""
+
+    scale: np.ndarray  # [C] float32
+    zero_point: np.ndarray  # [C] int32, qmin <= Z <= qmax
+    qmin: int
+    qmax: int
+
+    @property
+    def signed(self) -> bool:
+        return self.qmin < 0
+
+
+def integer_range(bits: int, *, signed: bool, narrow: bool = False) -> tuple[int, int]:
+    """int8 [-128, 127] (narrow: [-127, 127], symmetric about 0), uint8 [0, 255], int4 [-8, 7] ..."""
+    if signed:
+        return -(1 << (bits - 1)) + int(narrow), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+def grid_for(rows: np.ndarray, *, bits: int, symmetric: bool, lo: np.ndarray | None = None, hi: np.ndarray | None = None) -> Grid:
+    """The grid covering each row's range [lo, hi] (default: its min and max), with zero exactly on it.
+
+    Symmetric: signed, Z = 0, S = max|r| / qmax on the narrow range (−127..127 for 8 bits).
+    Asymmetric: unsigned, the range stretched to include 0, Z = round(−lo / S). A row of zeros (or any
+    empty range) gets S = 1 so that every value, zero included, is exact.
+    """
+    lo = np.minimum(rows.min(axis=1) if lo is None else lo, 0.0).astype(np.float64)
+    hi = np.maximum(rows.max(axis=1) if hi is None else hi, 0.0).astype(np.float64)
+    if symmetric:
+        qmin, qmax = integer_range(bits, signed=True, narrow=True)
+        scale = np.maximum(-lo, hi) / qmax
+        zero_point = np.zeros(lo.shape, np.int32)
+    else:
+        qmin, qmax = integer_range(bits, signed=False)
+        scale = (hi - lo) / (qmax - qmin)
+        safe = np.where(scale > 0, scale, 1.0)
+        zero_point = np.clip(np.round(qmin - lo / safe), qmin, qmax).astype(np.int32)
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    scale = np.maximum(scale, np.finfo(np.float32).tiny)  # a denormal range still gets a usable scale
+    return Grid(scale=scale, zero_point=zero_point, qmin=qmin, qmax=qmax)
+
+
+def quantize(rows: np.ndarray, grid: Grid) -> np.ndarray:
+    """q = clip(round(r / S) + Z) per row ([C, n] -> [C, n] int32); rounds half to even like ONNX."""
+    q = np.rint(rows.astype(np.float64) / grid.scale[:, None].astype(np.float64)) + grid.zero_point[:, None]
+    return np.clip(q, grid.qmin, grid.qmax).astype(np.int32)
+
+
+def dequantize(q: np.ndarray, grid: Grid) -> np.ndarray:
+    """r = S·(q − Z) per row, in float32 as DequantizeLinear computes it."""
+    return ((q - grid.zero_point[:, None]).astype(np.float32) * grid.scale[:, None]).astype(np.float32)

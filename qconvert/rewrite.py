@@ -1,0 +1,106 @@
+"""Shared graph-editing helpers: fresh names, and batched edits of one graph (new tensors, nodes on top)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from qconvert.select import Weight
+
+
+class NameSource:
+    """Fresh tensor and node names that collide with nothing in the model."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self._taken: set[str] = set()
+        graphs = [model.graph]
+        while graphs:
+            graph = graphs.pop()
+            self._taken.update(t.name for t in graph.initializer)
+            self._taken.update(v.name for v in (*graph.input, *graph.output, *graph.value_info))
+            for node in graph.node:
+                self._taken.update((*node.input, *node.output, node.name))
+                for attr in node.attribute:
+                    graphs.extend([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs)
+
+    def __call__(self, base: str) -> str:
+        name, n = base, 1
+        while name in self._taken:
+            n += 1
+            name = f"{base}_{n}"
+        self._taken.add(name)
+        return name
+
+
+@dataclass
+class GraphEdit:
+    """All changes to one graph, applied in one rebuild of its node list."""
+
+    graph: onnx.GraphProto
+    path: str  # "main", "main/If0.then_branch", ...
+    fresh: NameSource
+    front: list[onnx.NodeProto] = field(default_factory=list)
+    removed: set[str] = field(default_factory=set)  # weights: their initializer or Constant node goes
+    initializers: list[onnx.TensorProto] = field(default_factory=list)
+    shared: dict[tuple[str, bytes], str] = field(default_factory=dict)
+
+    def constant(self, base: str, suffix: str, array: np.ndarray, *, share: bool = False) -> str:
+        """A new initializer; `share` reuses one with the same suffix and bytes (small constants)."""
+        key = (suffix, f"{array.dtype.str}{array.shape}".encode() + array.tobytes())
+        if share and key in self.shared:
+            return self.shared[key]
+        name = self.fresh(f"qc_{suffix}" if share else f"{base}_qc_{suffix}")
+        self.initializers.append(numpy_helper.from_array(array, name))
+        if share:
+            self.shared[key] = name
+        return name
+
+    def node(self, base: str, op: str, inputs: list[str], suffix: str, output: str | None = None, **attrs: object) -> str:
+        out = output or self.fresh(f"{base}_qc_{suffix}")
+        self.front.append(helper.make_node(op, inputs, [out], name=self.fresh(f"{out}_node") if output else out, **attrs))
+        return out
+
+    def apply(self) -> None:
+        nodes = [*self.front]
+        nodes += [n for n in self.graph.node if not (n.op_type == "Constant" and n.output[0] in self.removed)]
+        set_nodes(self.graph, nodes)
+        # Delete in place (no copy of the remaining, possibly large, tensors).
+        for i in reversed(range(len(self.graph.initializer))):
+            if self.graph.initializer[i].name in self.removed:
+                del self.graph.initializer[i]
+        self.graph.initializer.extend(self.initializers)
+
+
+def replace_weights(model: onnx.ModelProto, jobs: list[tuple[Weight, Callable[[GraphEdit], None]]]) -> None:
+    """Drop each weight's initializer or Constant node; its builder adds what recomputes it, in place.
+
+    A builder adds tensors and nodes to the weight's graph through a GraphEdit; its last node must
+    output the weight's name, so every consumer reads the rebuilt tensor unchanged.
+    """
+    model.ir_version = max(model.ir_version, 4)  # IR 3 wanted every initializer listed as an input
+    fresh = NameSource(model)
+    edits: dict[int, GraphEdit] = {}
+    for weight, build in jobs:
+        edit = edits.get(id(weight.graph)) or edits.setdefault(id(weight.graph), GraphEdit(weight.graph, weight.graph_path, fresh))
+        edit.removed.add(weight.name)
+        build(edit)
+        if weight.is_graph_input:
+            kept = [i for i in model.graph.input if i.name != weight.name]
+            del model.graph.input[:]
+            model.graph.input.extend(kept)
+    # Innermost graphs first: rebuilding a graph copies its nodes, subgraph attributes included.
+    for edit in sorted(edits.values(), key=lambda e: -e.path.count("/")):
+        edit.apply()
+
+
+def set_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
+    """Make `nodes` (which may be the graph's own) the graph's node list, in that order."""
+    copies = [onnx.NodeProto() for _ in nodes]
+    for copy, node in zip(copies, nodes):
+        copy.CopyFrom(node)
+    del graph.node[:]
+    graph.node.extend(copies)

@@ -1,0 +1,159 @@
+"""Linear quantization end to end: DequantizeLinear weights, full QDQ, BatchNorm folding, opsets."""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.reference
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from qconvert.cli import cli
+from qconvert.errors import ExitCode
+from qconvert.fold import fold_batchnorm
+from qconvert.qdq import insert_weight_dq, quantize_weight
+from qconvert.select import select_weights
+
+from conftest import conv_model, save
+
+WEIGHT_CASES = {  # op, weight shape, attributes, expected channel axis
+    "conv": ("Conv", (6, 4, 3, 3), {}, 0),
+    "conv_transpose": ("ConvTranspose", (4, 6, 3, 3), {}, 1),
+    "gemm_transB": ("Gemm", (6, 4), {"transB": 1}, 0),
+    "gemm": ("Gemm", (4, 6), {}, 1),
+    "matmul": ("MatMul", (4, 6), {}, 1),
+}
+
+
+def single_op_model(op: str, shape: tuple[int, ...], attrs: dict, opset: int) -> onnx.ModelProto:
+    spread = np.linspace(0.1, 2, shape[0]).reshape(-1, *[1] * (len(shape) - 1))
+    w = (np.random.default_rng(0).standard_normal(shape) * spread).astype(np.float32)
+    x_shape = [1, 4, 5, 5] if op in ("Conv", "ConvTranspose") else [3, 4]
+    graph = helper.make_graph(
+        [helper.make_node(op, ["x", "w"], ["y"], **attrs), helper.make_node("Identity", ["w"], ["w_out"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("w_out", TensorProto.FLOAT, list(shape))],  # y dangles: only w matters
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = helper.find_min_ir_version_for(list(model.opset_import))
+    return model
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("per_channel", [True, False], ids=["per-channel", "per-tensor"])
+@pytest.mark.parametrize("case", list(WEIGHT_CASES))
+def test_dequantize_linear_matches_numpy_and_onnx_reference(case: str, per_channel: bool, symmetric: bool, bits: int) -> None:
+    op, shape, attrs, axis = WEIGHT_CASES[case]
+    model = single_op_model(op, shape, attrs, 21)
+    (weight,) = select_weights(model).weights
+    assert weight.channel_axis == axis
+    item = quantize_weight(weight, weight.array(), bits=bits, symmetric=symmetric, axis=axis if per_channel else None)
+    insert_weight_dq(model, [item])
+    onnx.checker.check_model(model, full_check=True)
+    x = np.zeros([d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim], np.float32)
+    (by_ort,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(["w_out"], {"x": x})
+    (by_reference,) = onnx.reference.ReferenceEvaluator(model).run(["w_out"], {"x": x})
+    np.testing.assert_array_equal(by_ort, item.dequantized())
+    np.testing.assert_array_equal(by_reference, item.dequantized())
+    scales = next(t for t in model.graph.initializer if t.name.endswith("_scale"))
+    assert list(scales.dims) == ([shape[axis]] if per_channel else [])
+
+
+def test_batchnorm_folding_is_exact(digits: Path, digits_data: Path) -> None:
+    model = onnx.load(str(digits))
+    assert fold_batchnorm(model) == ["bn1", "bn2", "bn3"]
+    assert "BatchNormalization" not in {n.op_type for n in model.graph.node}
+    assert not any(t.name.startswith("bn") for t in model.graph.initializer)
+    x = np.load(digits_data)["input"]
+    want = ort.InferenceSession(str(digits), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def optimized_op_types(path: Path, tmp_path: Path) -> collections.Counter:
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+def test_full_qdq_runs_integer_kernels_and_keeps_accuracy(tmp_path: Path, digits: Path, digits_data: Path) -> None:
+    out = tmp_path / "q.onnx"
+    result = CliRunner().invoke(cli, ["linear", str(digits), "--per-channel", "--calibration", str(digits_data),
+                                      "--data", str(digits_data), "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["details"]["folded_batchnorm"] == ["bn1", "bn2", "bn3"]
+    assert report["details"]["activations_absorbed"] == 4  # the four Relus
+    accuracy = report["validation"]["accuracy"]
+    assert accuracy["float_top1"] - accuracy["quantized_top1"] <= 0.01
+    assert report["validation"]["outputs"][0]["snr_db"] > 30
+    ops = optimized_op_types(out, tmp_path)
+    assert ops["QLinearConv"] == 3 and ops["QGemm"] == 2
+    assert "Conv" not in ops and "Gemm" not in ops and "BatchNormalization" not in ops
+
+
+def test_weights_only_is_small_and_accurate(tmp_path: Path, digits: Path, digits_data: Path) -> None:
+    out = tmp_path / "q.onnx"
+    result = CliRunner().invoke(cli, ["linear", str(digits), "--bits", "4", "--per-channel", "--data", str(digits_data), "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["opset"]["after"] == 21 and report["opset"]["storage"] == "int4"
+    assert report["size_ratio"] < 0.2
+    assert report["validation"]["accuracy"]["quantized_top1"] > 0.95
+    assert "weights-only" in report["details"]["runtime"]
+
+
+def test_old_opset_still_gets_per_channel_scales(tmp_path: Path) -> None:
+    model = save(conv_model(cin=16, cout=32, opset=11), tmp_path / "m.onnx")
+    out = tmp_path / "q.onnx"
+    result = CliRunner().invoke(cli, ["linear", str(model), "--per-channel", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["opset"]["after"] == 13
+    dq = next(n for n in onnx.load(str(out)).graph.node if n.op_type == "DequantizeLinear")
+    assert [a.i for a in dq.attribute if a.name == "axis"] == [0]
+
+
+def test_constant_node_weights_are_quantized(tmp_path: Path) -> None:
+    model = save(conv_model(cin=16, cout=32, weight_in_constant=True), tmp_path / "m.onnx")
+    out = tmp_path / "q.onnx"
+    result = CliRunner().invoke(cli, ["linear", str(model), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.stat().st_size < model.stat().st_size / 3
+
+
+def test_depthwise_gets_per_channel_under_per_tensor(tmp_path: Path) -> None:
+    from cnn_shapes import mobilenet
+
+    model = save(mobilenet(width=0.25, classes=10, size=32), tmp_path / "m.onnx")
+    result = CliRunner().invoke(cli, ["linear", str(model), "-o", str(tmp_path / "q.onnx"), "--json", "--no-validate"])
+    assert result.exit_code == 0, result.output
+    weights = json.loads(result.stdout)["per_weight"]
+    depthwise = [w for w in weights if w["shape"][1] == 1 and len(w["shape"]) == 4]
+    assert depthwise and all(w["granularity"] == "per-channel" and "depthwise" in w["note"] for w in depthwise)
+    assert all(w["granularity"] == "per-tensor" for w in weights if w not in depthwise)
+
+
+def test_calibration_data_must_match_the_inputs(tmp_path: Path, digits: Path) -> None:
+    np.savez(tmp_path / "bad.npz", input=np.zeros((4, 1, 9, 9), np.float32))
+    result = CliRunner().invoke(cli, ["linear", str(digits), "--calibration", str(tmp_path / "bad.npz"), "-o", str(tmp_path / "q.onnx")])
+    assert result.exit_code == ExitCode.INPUT
+    assert "'input' has shape 4x1x9x9" in result.stderr
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_few_calibration_samples_warn(tmp_path: Path, digits: Path, digits_data: Path) -> None:
+    with np.load(digits_data) as data:
+        np.savez(tmp_path / "few.npz", input=data["input"][:3])
+    result = CliRunner().invoke(cli, ["linear", str(digits), "--calibration", str(tmp_path / "few.npz"), "-o", str(tmp_path / "q.onnx"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert any("only 3 calibration samples" in w for w in json.loads(result.stdout)["warnings"])
