@@ -21,6 +21,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+# Tables of size/accuracy/time, and qconvert linear vs onnxruntime's quantize_static (several minutes).
+bench: $(STAMP)
+	$(PY) bench/kmeans_table.py
+	$(PY) bench/linear_vs_ort.py
+
 # ResNet-50- and MobileNetV2-shaped models with random weights (about 115 MB) for size and speed checks.
 models: $(STAMP)
 	$(PY) samples/cnn_shapes.py build/models
