@@ -13,6 +13,7 @@ from rich.console import Console
 
 from qconvert import __version__, io
 from qconvert.errors import ExitCode, QConvertError
+from qconvert.images import Preprocessing
 from qconvert.pipeline import convert, default_output
 from qconvert.plan import (
     DEFAULT_MIN_ELEMENTS,
@@ -173,8 +174,15 @@ def kmeans(model: Path, bits: int, per_channel: bool, max_codebook_overhead: flo
 @click.option("--symmetric/--asymmetric", default=True, show_default=True,
               help="Weights: signed with zero point 0, or unsigned with a zero point.")
 @click.option("--weights-only", "weights_only", is_flag=True, help="Quantize weights only (the default without --calibration).")
-@click.option("--calibration", type=click.Path(path_type=Path, dir_okay=False),
-              help="Quantize activations too, with ranges measured on this .npz of inputs (one array per input, axis 0 = samples).")
+@click.option("--calibration", type=click.Path(path_type=Path),
+              help="Quantize activations too, with ranges measured on this data: an .npz of inputs (one array per "
+                   "input, axis 0 = samples) or a folder of images (see --image-size ... --std).")
+@click.option("--image-size", metavar="HxW", help="Images: resize to this [default: the model's input size].")
+@click.option("--layout", type=click.Choice(["nchw", "nhwc"]), help="Images: input layout [default: guessed from the input shape].")
+@click.option("--channel-order", type=click.Choice(["rgb", "bgr"]), default="rgb", show_default=True, help="Images: channel order.")
+@click.option("--pixel-scale", default=1 / 255, show_default=True, help="Images: pixels (0-255) are multiplied by this first.")
+@click.option("--mean", default="0", show_default=True, metavar="M[,M,M]", help="Images: subtracted per channel after scaling.")
+@click.option("--std", default="1", show_default=True, metavar="S[,S,S]", help="Images: divided per channel after the mean.")
 @click.option("--calibration-method", type=click.Choice([m.value for m in CalibrationMethod]), default="minmax", show_default=True,
               help="Activation range: the observed min/max, or percentiles (--percentile).")
 @click.option("--percentile", default=99.999, show_default=True, help="With --calibration-method percentile: the kept share of values, in %.")
@@ -184,6 +192,7 @@ def kmeans(model: Path, bits: int, per_channel: bool, max_codebook_overhead: flo
 @validation_options
 @output_options
 def linear(model: Path, bits: str, per_channel: bool, symmetric: bool, weights_only: bool, calibration: Path | None,
+           image_size: str | None, layout: str | None, channel_order: str, pixel_scale: float, mean: str, std: str,
            calibration_method: str, percentile: float, no_fold: bool, min_elements: int, exclude: tuple[str, ...], **common: Any) -> None:
     """Linear quantization r = S(q - Z): QuantizeLinear/DequantizeLinear (QDQ) form.
 
@@ -198,6 +207,7 @@ def linear(model: Path, bits: str, per_channel: bool, symmetric: bool, weights_o
       qconvert linear model.onnx --per-channel
       qconvert linear model.onnx --bits 4 --per-channel --asymmetric
       qconvert linear model.onnx --per-channel --calibration calib.npz --data val.npz
+      qconvert linear model.onnx --per-channel --calibration photos/ --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225
     """
     if weights_only and calibration is not None:
         raise click.UsageError("--weights-only and --calibration exclude each other")
@@ -206,6 +216,14 @@ def linear(model: Path, bits: str, per_channel: bool, symmetric: bool, weights_o
         granularity=Granularity.PER_CHANNEL if per_channel else Granularity.PER_TENSOR,
         symmetric=symmetric,
         calibration=calibration,
+        preprocessing=Preprocessing(
+            size=_dims(image_size, "--image-size") if image_size else None,
+            layout=layout,
+            channel_order=channel_order,
+            scale=pixel_scale,
+            mean=_floats(mean, "--mean"),
+            std=_floats(std, "--std"),
+        ),
         calibration_method=CalibrationMethod(calibration_method),
         percentile=percentile,
         fold_batchnorm=not no_fold,
@@ -213,6 +231,20 @@ def linear(model: Path, bits: str, per_channel: bool, symmetric: bool, weights_o
         exclude=exclude,
     )
     _run(model, plan, **common)
+
+
+def _floats(text: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise click.UsageError(f"{option} expects numbers separated by commas, got {text!r}") from None
+
+
+def _dims(text: str, option: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise click.UsageError(f"{option} expects HxW, e.g. 224x224; got {text!r}")
+    return int(parts[0]), int(parts[1])
 
 
 def _run(

@@ -17,6 +17,7 @@ from qconvert.calibrate import activation_ranges
 from qconvert.encode import EncodedWeight, IndexStorage, encode_palettes, fallback_storage, min_opset, preferred_storage, stored_bytes
 from qconvert.errors import QConvertError, UnsupportedModelError, UsageError, first_line
 from qconvert.fold import fold_batchnorm
+from qconvert.images import load_images
 from qconvert.opset import default_opset, raise_opset
 from qconvert.plan import Granularity, KMeansPlan, LinearPlan, Plan, ValidationPlan
 from qconvert.quant.kmeans import palettize, reconstruct
@@ -216,7 +217,7 @@ def _linear_step(model: onnx.ModelProto, plan: LinearPlan, input_path: Path, pro
     progress("calibrating activation ranges")
     names = set(items)
     tensors = qdq.activation_tensors(model, names)
-    feeds = validate.load_feeds(validate.session(model.SerializeToString(), "input model"), plan.calibration, batch_size=CALIBRATION_BATCH)
+    feeds = _calibration_feeds(model, plan)
     if feeds.samples < MIN_CALIBRATION_SAMPLES:
         warnings.append(f"only {feeds.samples} calibration samples; activation ranges may not generalize (use {MIN_CALIBRATION_SAMPLES}+)")
     ranges = activation_ranges(model, tensors, feeds, method=plan.calibration_method, percentile=plan.percentile)
@@ -233,6 +234,19 @@ def _linear_step(model: onnx.ModelProto, plan: LinearPlan, input_path: Path, pro
     if plan.bits == 4:
         warnings.append("int4 weights in a full QDQ graph are not fused into integer kernels by onnxruntime; int8 runs faster")
     return Step(model, opset, reports, skipped, warnings, details)
+
+
+def _calibration_feeds(model: onnx.ModelProto, plan: LinearPlan) -> validate.Feeds:
+    """Batches from the calibration .npz, or from a folder of images for a single-input model."""
+    assert plan.calibration is not None
+    sess = validate.session(model.SerializeToString(), "input model")
+    if not plan.calibration.is_dir():
+        return validate.load_feeds(sess, plan.calibration, batch_size=CALIBRATION_BATCH)
+    inputs = sess.get_inputs()
+    if len(inputs) != 1:
+        raise UsageError(f"a folder of images calibrates single-input models; this one has {len(inputs)} (use an .npz)")
+    images = load_images(plan.calibration, list(inputs[0].shape), plan.preprocessing)
+    return validate.feeds_from_arrays(sess, {inputs[0].name: images}, plan.calibration, batch_size=CALIBRATION_BATCH)
 
 
 def _linear_axis(weight: Weight, plan: LinearPlan) -> tuple[int | None, str | None]:
@@ -315,9 +329,21 @@ def _check(model: onnx.ModelProto, input_path: Path) -> list[str]:
     return []
 
 
+def _plain(value: object) -> object:
+    """Option values as JSON takes them."""
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
 def _options(plan: Plan, validation: ValidationPlan | None) -> dict[str, object]:
-    options = {k: (v.value if isinstance(v, Enum) else str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
-               for k, v in dataclasses.asdict(plan).items()}
+    options = {k: _plain(v) for k, v in dataclasses.asdict(plan).items()}
     options["validate"] = validation is not None
     if validation is not None:
         options.update(

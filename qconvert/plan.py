@@ -7,6 +7,7 @@ from enum import Enum
 from pathlib import Path
 
 from qconvert.errors import UsageError
+from qconvert.images import Preprocessing
 
 DEFAULT_MIN_ELEMENTS = 1024
 
@@ -53,7 +54,8 @@ class LinearPlan:
     bits: int = 8
     granularity: Granularity = Granularity.PER_TENSOR
     symmetric: bool = True
-    calibration: Path | None = None  # .npz of inputs: quantize activations too (full QDQ)
+    calibration: Path | None = None  # .npz of inputs or a folder of images: quantize activations too
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)  # for a folder of images
     calibration_method: CalibrationMethod = CalibrationMethod.MINMAX
     percentile: float = 99.999
     fold_batchnorm: bool = True

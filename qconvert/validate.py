@@ -194,7 +194,6 @@ def _random(rng: np.random.Generator, dtype: np.dtype, shape: tuple[int, ...]) -
 
 def load_feeds(sess: ort.InferenceSession, path: Path, batch_size: int = DATA_BATCH) -> Feeds:
     """Feeds from an .npz holding one array per model input (axis 0 = samples) and maybe `labels`."""
-    inputs = sess.get_inputs()
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
@@ -202,6 +201,12 @@ def load_feeds(sess: ort.InferenceSession, path: Path, batch_size: int = DATA_BA
         raise InputError(f"{path}: no such file") from None
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise InputError(f"{path}: not a readable .npz file: {first_line(e)}") from e
+    return feeds_from_arrays(sess, arrays, path, batch_size)
+
+
+def feeds_from_arrays(sess: ort.InferenceSession, arrays: dict[str, np.ndarray], path: Path, batch_size: int = DATA_BATCH) -> Feeds:
+    """Check arrays against the model's inputs (names, shapes, dtypes) and cut them into batches."""
+    inputs = sess.get_inputs()
     names = [i.name for i in inputs]
     counts = set()
     feeds: dict[str, np.ndarray] = {}

@@ -157,3 +157,54 @@ def test_few_calibration_samples_warn(tmp_path: Path, digits: Path, digits_data:
     result = CliRunner().invoke(cli, ["linear", str(digits), "--calibration", str(tmp_path / "few.npz"), "-o", str(tmp_path / "q.onnx"), "--json"])
     assert result.exit_code == 0, result.output
     assert any("only 3 calibration samples" in w for w in json.loads(result.stdout)["warnings"])
+
+
+def write_digit_images(folder: Path, digits_data: Path, count: int = 40) -> np.ndarray:
+    from PIL import Image
+
+    folder.mkdir()
+    with np.load(digits_data) as data:
+        pixels = np.rint(data["input"][:count, 0] * 255).astype(np.uint8)
+    for i, image in enumerate(pixels):
+        Image.fromarray(image, mode="L").save(folder / f"{i:03d}.png")
+    return pixels
+
+
+def test_calibration_from_a_folder_of_images(tmp_path: Path, digits: Path, digits_data: Path) -> None:
+    from qconvert.images import Preprocessing, load_images
+
+    pixels = write_digit_images(tmp_path / "images", digits_data)
+    loaded = load_images(tmp_path / "images", ["batch", 1, 8, 8], Preprocessing())
+    np.testing.assert_allclose(loaded[:, 0], pixels / 255.0, rtol=1e-6)  # decoded, laid out, scaled
+    nhwc = load_images(tmp_path / "images", ["batch", 8, 8, 1], Preprocessing(mean=(0.5,), std=(0.25,)))
+    np.testing.assert_allclose(nhwc[..., 0], (pixels / 255.0 - 0.5) / 0.25, rtol=1e-5, atol=1e-6)
+    out = tmp_path / "q.onnx"
+    result = CliRunner().invoke(cli, ["linear", str(digits), "--per-channel", "--calibration", str(tmp_path / "images"),
+                                      "--data", str(digits_data), "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["details"]["calibration_samples"] == 40
+    assert report["validation"]["accuracy"]["quantized_top1"] > 0.97
+
+
+def test_unreadable_image_is_named(tmp_path: Path, digits: Path, digits_data: Path) -> None:
+    write_digit_images(tmp_path / "images", digits_data, count=3)
+    (tmp_path / "images" / "broken.png").write_bytes(b"not a png")
+    result = CliRunner().invoke(cli, ["linear", str(digits), "--calibration", str(tmp_path / "images"), "-o", str(tmp_path / "q.onnx")])
+    assert result.exit_code == ExitCode.INPUT
+    assert "broken.png: cannot read image" in result.stderr
+
+
+def test_percentile_ranges_are_inside_minmax_ranges(digits: Path, digits_data: Path) -> None:
+    from qconvert.calibrate import activation_ranges
+    from qconvert.plan import CalibrationMethod
+    from qconvert.validate import load_feeds, session
+
+    model = onnx.load(str(digits))
+    feeds = load_feeds(session(str(digits), "model"), digits_data, batch_size=16)
+    tensors = ["relu1", "relu2", "relu4"]
+    full = activation_ranges(model, tensors, feeds, method=CalibrationMethod.MINMAX)
+    clipped = activation_ranges(model, tensors, feeds, method=CalibrationMethod.PERCENTILE, percentile=99.0)
+    for name in tensors:
+        assert full[name][0] == 0.0  # after a Relu
+        assert full[name][0] <= clipped[name][0] and clipped[name][1] < full[name][1]
