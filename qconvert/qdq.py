@@ -205,11 +205,9 @@ def _quantize_biases(graph: onnx.GraphProto, weights: dict[str, LinearWeight], s
         q = np.clip(np.rint(bias / scale.astype(np.float64)), -(2**31), 2**31 - 1).astype(np.int32)
         q_init = numpy_helper.from_array(q, fresh(f"{b}_qc_quantized"))
         s_init = numpy_helper.from_array(scale if per_axis else scale.reshape(()), fresh(f"{b}_qc_scale"))
-        zeros = np.zeros(scale.shape, np.int32)
-        z_init = numpy_helper.from_array(zeros if per_axis else zeros.reshape(()), fresh(f"{b}_qc_zero_point"))
-        new_inits += [q_init, s_init, z_init]
+        new_inits += [q_init, s_init]
         attrs = {"axis": 0} if per_axis else {}
-        front.append(helper.make_node("DequantizeLinear", [q_init.name, s_init.name, z_init.name], [b], name=fresh(f"{b}_qc_dequantize"), **attrs))
+        front.append(helper.make_node("DequantizeLinear", [q_init.name, s_init.name], [b], name=fresh(f"{b}_qc_dequantize"), **attrs))
         done.add(b)
     return done
 
