@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 QC := $(VENV)/bin/qconvert
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench models clean
+.PHONY: demo test lint bench models clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check ruff mypy
+	$(PY) -m ruff check qconvert tests bench samples
+	$(PY) -m mypy qconvert
 
 # Tables of size/accuracy/time, and qconvert linear vs onnxruntime's quantize_static (several minutes).
 bench: $(STAMP)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from enum import Enum
+from functools import partial
 
 import ml_dtypes
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
 
 from qconvert.opset import default_opset
 from qconvert.quant.kmeans import Palette
@@ -107,6 +106,7 @@ def _decode(edit: GraphEdit, *, item: EncodedWeight, bits: int, storage: IndexSt
     base, shape = weight.name, weight.shape
     channels, k = palette.codebook.shape
     indices = from_rows(palette.indices, shape, axis)
+    offset_dtype: type[np.integer]
     if storage is IndexStorage.PACKED:
         offset_dtype = np.int64
         shared = f"pack{bits}"

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from qconvert.rewrite import set_nodes
+from qconvert.rewrite import set_nodes, use_counts
 
 
 def fold_batchnorm(model: onnx.ModelProto) -> list[str]:
@@ -18,12 +18,7 @@ def fold_batchnorm(model: onnx.ModelProto) -> list[str]:
     """
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    uses: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
-    for output in graph.output:
-        uses[output.name] = uses.get(output.name, 0) + 1
+    uses = use_counts(graph)
     producer = {out: node for node in graph.node for out in node.output}
     folded: list[str] = []
     dropped: set[int] = set()

@@ -41,22 +41,23 @@ def load_images(folder: Path, shape: list[int | str | None], prep: Preprocessing
     if len(shape) != 4:
         raise InputError(f"{folder}: a folder of images needs a 4-D image input, the model's has shape {shape}")
     layout = prep.layout or ("nhwc" if shape[3] in (1, 3, 4) and shape[1] not in (1, 3, 4) else "nchw")
-    channels, height, width = (shape[1], shape[2], shape[3]) if layout == "nchw" else (shape[3], shape[1], shape[2])
+    dims = (shape[1], shape[2], shape[3]) if layout == "nchw" else (shape[3], shape[1], shape[2])
     if prep.size:
-        height, width = prep.size
-    if not all(isinstance(d, int) and d > 0 for d in (channels, height, width)):
+        dims = (dims[0], *prep.size)
+    if not all(isinstance(d, int) and d > 0 for d in dims):
         raise UsageError(f"the model's image size is not fixed ({shape}); give it with --image-size HxW")
+    channels, height, width = (int(d) for d in dims)  # type: ignore[arg-type]
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise InputError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    mode = {1: "L", 3: "RGB", 4: "RGBA"}.get(int(channels))
+    mode = {1: "L", 3: "RGB", 4: "RGBA"}.get(channels)
     if mode is None:
         raise InputError(f"{folder}: cannot make {channels}-channel images")
-    batch = np.empty((len(files), height, width, channels), np.float32)
+    batch: np.ndarray = np.empty((len(files), height, width, channels), np.float32)
     for i, path in enumerate(files):
         try:
             with Image.open(path) as image:
-                pixels = np.asarray(image.convert(mode).resize((width, height), Image.BILINEAR), np.float32)
+                pixels = np.asarray(image.convert(mode).resize((width, height), Image.Resampling.BILINEAR), np.float32)
         except Exception as e:  # Pillow raises many types for bad files
             raise InputError(f"{path}: cannot read image: {first_line(e)}") from e
         batch[i] = pixels.reshape(height, width, channels)

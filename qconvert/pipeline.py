@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -12,9 +12,17 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from qconvert import io, qdq
+from qconvert import io, qdq, validate
 from qconvert.calibrate import activation_ranges
-from qconvert.encode import EncodedWeight, IndexStorage, encode_palettes, fallback_storage, min_opset, preferred_storage, stored_bytes
+from qconvert.encode import (
+    EncodedWeight,
+    IndexStorage,
+    encode_palettes,
+    fallback_storage,
+    min_opset,
+    preferred_storage,
+    stored_bytes,
+)
 from qconvert.errors import QConvertError, UnsupportedModelError, UsageError, first_line
 from qconvert.fold import fold_batchnorm
 from qconvert.images import load_images
@@ -24,7 +32,6 @@ from qconvert.quant.kmeans import palettize, reconstruct
 from qconvert.quant.layout import snr_db, to_rows
 from qconvert.report import OpsetChange, Report, WeightReport
 from qconvert.select import Skipped, Weight, select_weights
-from qconvert import validate
 
 Progress = Callable[[str], None]
 CALIBRATION_BATCH = 4  # samples per calibration run: activations of a whole batch are held at once
@@ -153,7 +160,7 @@ def _finite(weights: list[Weight], skipped: list[Skipped]) -> list[Weight]:
     return kept
 
 
-def _require_weights(items: list[object], skipped: list[Skipped]) -> None:
+def _require_weights(items: Sequence[object], skipped: list[Skipped]) -> None:
     if not items:
         reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:3]) or "no Conv, ConvTranspose, Gemm, MatMul or RNN reads a constant weight"
         raise UnsupportedModelError(f"nothing to quantize ({reasons})")

@@ -12,7 +12,7 @@ from onnx import helper, numpy_helper
 
 from qconvert.quant.layout import from_rows, to_rows
 from qconvert.quant.linear import Grid, dequantize, grid_for, quantize
-from qconvert.rewrite import GraphEdit, NameSource, replace_weights, set_nodes
+from qconvert.rewrite import GraphEdit, NameSource, replace_weights, set_nodes, use_counts
 from qconvert.select import Weight
 
 # Ops whose float inputs and outputs get Quantize/DequantizeLinear pairs, so that onnxruntime runs them
@@ -68,7 +68,7 @@ def _weight_dq(edit: GraphEdit, *, item: LinearWeight) -> None:
     base = item.weight.name
     per_axis = item.axis is not None
     scale = item.grid.scale.astype(item.weight.array().dtype if _needs_typed_scale(item) else np.float32)
-    zero = item.grid.zero_point.astype(item.storage)
+    zero: np.ndarray = item.grid.zero_point.astype(item.storage)
     # The zero point is spelled out even when 0: onnxruntime's QGemm fusion wants it.
     inputs = [
         edit.constant(base, "quantized", item.q.astype(item.storage)),
@@ -94,7 +94,7 @@ def absorb_activations(model: onnx.ModelProto, quantized_weights: set[str]) -> i
     """
     graph = model.graph
     constants = _constants(graph)
-    uses = _uses(graph)
+    uses = use_counts(graph)
     producer = {out: node for node in graph.node for out in node.output}
     removed: list[int] = []
     for index, node in enumerate(graph.node):
@@ -187,7 +187,7 @@ def _quantize_biases(graph: onnx.GraphProto, weights: dict[str, LinearWeight], s
                      new_inits: list[onnx.TensorProto], front: list[onnx.NodeProto]) -> set[str]:
     """Conv/Gemm biases -> int32 with scale S_x·S_w and DequantizeLinear, as integer kernels expect them."""
     inits = {t.name: t for t in graph.initializer}
-    uses = _uses(graph)
+    uses = use_counts(graph)
     done: set[str] = set()
     for node in graph.node:
         if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[1] not in weights:
@@ -207,7 +207,7 @@ def _quantize_biases(graph: onnx.GraphProto, weights: dict[str, LinearWeight], s
         s_init = numpy_helper.from_array(scale if per_axis else scale.reshape(()), fresh(f"{b}_qc_scale"))
         new_inits += [q_init, s_init]
         attrs = {"axis": 0} if per_axis else {}
-        front.append(helper.make_node("DequantizeLinear", [q_init.name, s_init.name], [b], name=fresh(f"{b}_qc_dequantize"), **attrs))
+        front.append(helper.make_node("DequantizeLinear", [q_init.name, s_init.name], [b], name=fresh(f"{b}_qc_dequantize"), **attrs))  # type: ignore[arg-type]
         done.add(b)
     return done
 
@@ -232,13 +232,3 @@ def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray | None]:
             value = next((a.t for a in node.attribute if a.name == "value"), None)
             out[node.output[0]] = numpy_helper.to_array(value) if value is not None and np.prod(value.dims) <= 16 else None
     return out
-
-
-def _uses(graph: onnx.GraphProto) -> dict[str, int]:
-    uses: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
-    for output in graph.output:
-        uses[output.name] = uses.get(output.name, 0) + 1
-    return uses

@@ -61,7 +61,7 @@ class GraphEdit:
 
     def node(self, base: str, op: str, inputs: list[str], suffix: str, output: str | None = None, **attrs: object) -> str:
         out = output or self.fresh(f"{base}_qc_{suffix}")
-        self.front.append(helper.make_node(op, inputs, [out], name=self.fresh(f"{out}_node") if output else out, **attrs))
+        self.front.append(helper.make_node(op, inputs, [out], name=self.fresh(f"{out}_node") if output else out, **attrs))  # type: ignore[arg-type]
         return out
 
     def apply(self) -> None:
@@ -104,3 +104,14 @@ def set_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
         copy.CopyFrom(node)
     del graph.node[:]
     graph.node.extend(copies)
+
+
+def use_counts(graph: onnx.GraphProto) -> dict[str, int]:
+    """How many node inputs (and graph outputs) read each tensor name of the graph."""
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    for output in graph.output:
+        uses[output.name] = uses.get(output.name, 0) + 1
+    return uses

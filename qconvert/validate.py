@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from qconvert.errors import InputError, first_line, UnsupportedModelError, UsageError
+from qconvert.errors import InputError, UnsupportedModelError, UsageError, first_line
 from qconvert.plan import ValidationPlan
 from qconvert.quant.layout import snr_db
 
@@ -183,6 +183,7 @@ def _dtype(node_arg: ort.NodeArg) -> np.dtype:
 
 
 def _random(rng: np.random.Generator, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    values: np.ndarray
     if dtype == np.bool_:
         values = rng.random(shape) < 0.5
     elif np.issubdtype(dtype, np.integer):

@@ -48,7 +48,7 @@ def train() -> tuple[DigitsCNN, np.ndarray, np.ndarray]:
     model = DigitsCNN()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     xs, ys = torch.from_numpy(x_train), torch.from_numpy(y_train)
-    for epoch in range(40):
+    for _ in range(40):
         model.train()
         order = torch.randperm(len(xs))
         for start in range(0, len(xs), 64):

@@ -22,7 +22,7 @@ from qconvert.errors import ExitCode
 from conftest import conv_model, save
 
 
-def run(*args: str | Path) -> "click.testing.Result":  # noqa: F821
+def run(*args: str | Path) -> click.testing.Result:  # noqa: F821
     return CliRunner().invoke(cli, [str(a) for a in args])
 
 

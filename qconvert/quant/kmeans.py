@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
 MAX_ITERATIONS = 300
+Side = Literal["left", "right"]
 
 
 @dataclass(frozen=True)
@@ -219,14 +221,14 @@ class _Bands:
         """[C, m] values -> [C * m] sorted-compatible keys (values outside [lo, hi] are clamped)."""
         return (np.clip((values - self.lo) / self.span, 0.0, 1.0) + self.band).ravel()
 
-    def search(self, sorted_keys: np.ndarray, queries: np.ndarray, *, side: str) -> np.ndarray:
+    def search(self, sorted_keys: np.ndarray, queries: np.ndarray, *, side: Side) -> np.ndarray:
         """Row-local positions ([C, q]) of `queries` among the rows whose keys are `sorted_keys`."""
         rows, per_row = queries.shape[0], sorted_keys.size // queries.shape[0]
         found = np.searchsorted(sorted_keys, self.keys(queries), side=side).reshape(queries.shape)
         return found - per_row * np.arange(rows)[:, None]
 
 
-def _rowwise_searchsorted(sorted_rows: np.ndarray, queries: np.ndarray, *, side: str) -> np.ndarray:
+def _rowwise_searchsorted(sorted_rows: np.ndarray, queries: np.ndarray, *, side: Side) -> np.ndarray:
     """`np.searchsorted` row by row: [C, m] sorted rows, [C, q] queries -> [C, q] positions."""
     lo = np.minimum(sorted_rows[:, 0], queries.min(axis=1))
     hi = np.maximum(sorted_rows[:, -1], queries.max(axis=1))
