@@ -14,10 +14,14 @@ def fold_batchnorm(model: onnx.ModelProto) -> list[str]:
 
     W' = W·γ/√(σ²+ε) per output channel, b' = (b − μ)·γ/√(σ²+ε) + β. Only where the Conv output feeds
     nothing but the BN, the Conv weight (and bias) are initializers used by that Conv alone, and the BN
-    parameters are initializers.
+    parameters are constants (initializers, or Constant nodes as paddle2onnx writes them).
     """
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        value = next((a.t for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR), None)
+        if node.op_type == "Constant" and value is not None:
+            inits[node.output[0]] = value  # edited in place like an initializer
     uses = use_counts(graph)
     producer = {out: node for node in graph.node for out in node.output}
     folded: list[str] = []
@@ -43,10 +47,10 @@ def fold_batchnorm(model: onnx.ModelProto) -> list[str]:
         factor = gamma / np.sqrt(var + epsilon)  # [Cout]
         new_w = (w.astype(np.float64) * factor.reshape(-1, *([1] * (w.ndim - 1)))).astype(w.dtype)
         new_b = ((b - mean) * factor + beta).astype(w.dtype)
-        inits[weight].CopyFrom(numpy_helper.from_array(new_w, weight))
+        inits[weight].CopyFrom(numpy_helper.from_array(new_w, inits[weight].name))
         bias_name = bias or f"{weight}_folded_bias"
         if bias:
-            inits[bias].CopyFrom(numpy_helper.from_array(new_b, bias))
+            inits[bias].CopyFrom(numpy_helper.from_array(new_b, inits[bias].name))
         else:
             tensor = numpy_helper.from_array(new_b, bias_name)
             graph.initializer.append(tensor)
@@ -60,6 +64,7 @@ def fold_batchnorm(model: onnx.ModelProto) -> list[str]:
                 unused.add(p)
         dropped.add(index)
         folded.append(bn.name or bn.output[0])
+    dropped |= {i for i, n in enumerate(graph.node) if n.op_type == "Constant" and n.output and n.output[0] in unused}
     if dropped:
         set_nodes(graph, [n for i, n in enumerate(graph.node) if i not in dropped])
         for i in reversed(range(len(graph.initializer))):

@@ -115,11 +115,14 @@ def absorb_activations(model: onnx.ModelProto, quantized_weights: set[str]) -> i
 
 
 def activation_tensors(model: onnx.ModelProto, quantized_weights: set[str]) -> list[str]:
-    """The float activations of the main graph to quantize: data inputs and outputs of QDQ ops."""
+    """The float activations of the main graph to quantize: data inputs and outputs of QDQ ops.
+
+    Only tensors that shape inference types as float32 qualify: Concat, Reshape and friends also
+    carry int64 shapes.
+    """
     graph = model.graph
     constants = _constants(graph)
-    float_inputs = {i.name for i in graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
-    produced = {out for node in graph.node for out in node.output}
+    floats = _float_tensors(model)
     tensors: dict[str, None] = {}
     for node in graph.node:
         if node.op_type not in QDQ_OPS or node.domain not in ("", "ai.onnx"):
@@ -130,9 +133,21 @@ def activation_tensors(model: onnx.ModelProto, quantized_weights: set[str]) -> l
             continue
         data = node.input[: DATA_INPUTS.get(node.op_type, len(node.input))]
         for name in (*data, node.output[0]):
-            if name and name not in constants and (name in produced or name in float_inputs):
+            if name and name not in constants and name in floats:
                 tensors[name] = None
     return list(tensors)
+
+
+def _float_tensors(model: onnx.ModelProto) -> set[str]:
+    """Names of the main graph's float32 tensors, by ONNX shape inference (outputs of weighted ops too)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:  # inference fails on some exported models; fall back to what is declared
+        inferred = model.graph
+    values = (*inferred.input, *inferred.value_info, *inferred.output)
+    floats = {v.name for v in values if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    floats.update(n.output[0] for n in model.graph.node if n.op_type in WEIGHTED_OPS)
+    return floats
 
 
 def insert_activation_qdq(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], weights: dict[str, LinearWeight]) -> int:
@@ -166,8 +181,9 @@ def insert_activation_qdq(model: onnx.ModelProto, ranges: dict[str, tuple[float,
             source, target = name, fresh(f"{name}_qc_dq")
             renamed[name] = target
             place = front
-        place.append(helper.make_node("QuantizeLinear", [source, scale.name, zero.name], [quantized], name=quantized))
-        place.append(helper.make_node("DequantizeLinear", [quantized, scale.name, zero.name], [target], name=fresh(f"{target}_qc_dq_node")))
+        # Unnamed: hundreds of pairs, and names cost bytes (up to 15 % of a small model's file).
+        place.append(helper.make_node("QuantizeLinear", [source, scale.name, zero.name], [quantized]))
+        place.append(helper.make_node("DequantizeLinear", [quantized, scale.name, zero.name], [target]))
     biases = _quantize_biases(graph, weights, scales, fresh, new_inits, front)
     nodes = list(front)
     for i, node in enumerate(graph.node):

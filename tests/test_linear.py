@@ -208,3 +208,28 @@ def test_percentile_ranges_are_inside_minmax_ranges(digits: Path, digits_data: P
     for name in tensors:
         assert full[name][0] == 0.0  # after a Relu
         assert full[name][0] <= clipped[name][0] and clipped[name][1] < full[name][1]
+
+
+def test_batchnorm_folding_with_constant_node_parameters() -> None:
+    """paddle2onnx style: weights and BatchNorm parameters all in Constant nodes."""
+    rng = np.random.default_rng(0)
+
+    def constant(name: str, array: np.ndarray) -> onnx.NodeProto:
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(array.astype(np.float32), name))
+
+    nodes = [
+        constant("w", rng.standard_normal((8, 4, 3, 3))),
+        constant("gamma", rng.uniform(0.5, 2, 8)), constant("beta", rng.standard_normal(8)),
+        constant("mean", rng.standard_normal(8)), constant("var", rng.uniform(0.5, 2, 8)),
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 6, 6])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    x = rng.standard_normal((1, 4, 6, 6)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert len(fold_batchnorm(model)) == 1
+    assert [n.op_type for n in model.graph.node] == ["Constant", "Conv"]
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
