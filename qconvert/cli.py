@@ -108,6 +108,8 @@ def validation_options(command: Callable[..., Any]) -> Callable[..., Any]:
             click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DIMS", help="Shape for an input's symbolic dimensions, e.g. input=1x3x224x224 (repeatable; default 1)."),
             click.option("--samples", default=8, show_default=True, help="Random validation samples when no --data is given."),
             click.option("--seed", default=0, show_default=True, help="Seed of the random validation inputs."),
+            click.option("--allow-unvalidated", is_flag=True,
+                         help="If onnxruntime cannot run the input model (custom ops), write the result unvalidated with a warning instead of failing."),
         ]
     ):
         command = option(command)
@@ -256,6 +258,7 @@ def _run(
     input_shapes: tuple[str, ...],
     samples: int,
     seed: int,
+    allow_unvalidated: bool,
     output: Path | None,
     report_path: Path | None,
     as_json: bool,
@@ -263,7 +266,8 @@ def _run(
 ) -> None:
     validation = None
     if validate:
-        validation = ValidationPlan(data=data, input_shapes=dict(map(parse_input_shape, input_shapes)), samples=samples, seed=seed)
+        validation = ValidationPlan(data=data, input_shapes=dict(map(parse_input_shape, input_shapes)), samples=samples, seed=seed,
+                                    allow_unrunnable=allow_unvalidated)
     output = output or default_output(model, plan)
     report_path = report_path or output.with_suffix(".report.json")
     console = Console(stderr=True, quiet=quiet)

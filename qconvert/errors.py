@@ -39,6 +39,14 @@ class OutputError(QConvertError):
     exit_code = ExitCode.OUTPUT
 
 
+class CannotRunError(UnsupportedModelError):
+    """onnxruntime cannot load or run a model; `which` says whether it is the input or the result."""
+
+    def __init__(self, message: str, which: str) -> None:
+        super().__init__(message)
+        self.which = which
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's text (library errors can run to pages), for one-line messages."""
     text = str(e).strip()

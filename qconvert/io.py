@@ -11,6 +11,8 @@ from google.protobuf.message import DecodeError
 
 from qconvert.errors import InputError, OutputError, first_line
 
+LARGE_MODEL_BYTES = 1 << 31  # protobuf's limit: larger models are checked by path
+
 
 def load_model(path: Path) -> onnx.ModelProto:
     """Read a model (and its external data) or raise InputError naming the problem."""
@@ -22,11 +24,24 @@ def load_model(path: Path) -> onnx.ModelProto:
         model = onnx.load(str(path))
     except DecodeError as e:
         raise InputError(f"{path}: not an ONNX model (protobuf parse failed)") from e
-    except (OSError, ValueError) as e:  # unreadable file, missing external data file
+    except (OSError, ValueError, onnx.checker.ValidationError) as e:  # unreadable, external data missing
         raise InputError(f"{path}: cannot read model: {first_line(e)}") from e
     if not model.graph.node:
         raise InputError(f"{path}: not an ONNX model (no graph nodes)")
+    try:
+        onnx.checker.check_model(model if model.ByteSize() < LARGE_MODEL_BYTES else str(path))
+    except Exception as e:  # ValidationError, or a C++ error for odd protobufs
+        raise InputError(f"{path}: invalid ONNX model: {first_line(e)}") from e
     return model
+
+
+def verify_written(path: Path) -> None:
+    """Re-read a written model and run the full checker on it; a failure removes the file."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as e:
+        path.unlink(missing_ok=True)
+        raise OutputError(f"{path}: the written model does not read back as valid ONNX ({first_line(e)}); removed it") from e
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> int:

@@ -23,7 +23,7 @@ from qconvert.encode import (
     preferred_storage,
     stored_bytes,
 )
-from qconvert.errors import QConvertError, UnsupportedModelError, UsageError, first_line
+from qconvert.errors import CannotRunError, QConvertError, UnsupportedModelError, UsageError, first_line
 from qconvert.fold import fold_batchnorm
 from qconvert.images import load_images
 from qconvert.opset import default_opset, raise_opset
@@ -36,6 +36,7 @@ from qconvert.select import Skipped, Weight, select_weights
 Progress = Callable[[str], None]
 CALIBRATION_BATCH = 4  # samples per calibration run: activations of a whole batch are held at once
 MIN_CALIBRATION_SAMPLES = 16
+MIN_OPSET = 7  # Cast takes its type as an int from opset 6 on; onnxruntime supports 7+
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,11 @@ def convert(
     progress("loading")
     model = io.load_model(input_path)
     input_bytes = input_path.stat().st_size
+    if default_opset(model) < MIN_OPSET:
+        raise UnsupportedModelError(
+            f"{input_path}: opset {default_opset(model)} is older than {MIN_OPSET}, the oldest qconvert supports; "
+            "convert it first (onnx.version_converter)"
+        )
     lap("load")
 
     if isinstance(plan, KMeansPlan):
@@ -105,12 +111,18 @@ def convert(
     result, latency = None, None
     if validation is not None:
         progress("validating under onnxruntime")
-        result, latency = validate.compare(str(input_path), model_bytes, validation)
+        try:
+            result, latency = validate.compare(str(input_path), model_bytes, validation)
+        except CannotRunError as e:
+            if not (validation.allow_unrunnable and e.which == "input model"):
+                raise
+            warnings.append(f"not validated: {e}")
         lap("validate")
 
     if output_path is not None:
         progress("writing")
         io.save_model(step.model, output_path)
+        io.verify_written(output_path)
         lap("write")
     timings["total"] = round(sum(timings.values()), 4)
     report = Report(

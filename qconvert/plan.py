@@ -87,6 +87,7 @@ class ValidationPlan:
     samples: int = 8  # random samples when no data is given
     seed: int = 0
     latency_runs: int = 10  # timed runs of each model (0: don't time)
+    allow_unrunnable: bool = False  # onnxruntime cannot run the input (custom ops): warn, don't fail
 
     def __post_init__(self) -> None:
         if self.samples < 1:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from qconvert.errors import InputError, UnsupportedModelError, UsageError, first_line
+from qconvert.errors import CannotRunError, InputError, UnsupportedModelError, UsageError, first_line
 from qconvert.plan import ValidationPlan
 from qconvert.quant.layout import snr_db
 
@@ -78,7 +78,7 @@ def session(model: str | bytes, what: str) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own untyped errors
-        raise UnsupportedModelError(f"onnxruntime cannot load the {what}: {first_line(e)}") from e
+        raise CannotRunError(f"onnxruntime cannot load the {what}: {first_line(e)}", what) from e
 
 
 def build_feeds(sess: ort.InferenceSession, plan: ValidationPlan) -> Feeds:
@@ -131,9 +131,10 @@ def run_batches(sess: ort.InferenceSession, feeds: Feeds, what: str, output_name
             yield sess.run(output_names, feed)
         except Exception as e:
             shapes = ", ".join(f"{k}[{'x'.join(map(str, v.shape))}]" for k, v in feed.items())
-            raise UnsupportedModelError(
+            raise CannotRunError(
                 f"onnxruntime cannot run the {what} with inputs {shapes}: {first_line(e)} "
-                "(set symbolic dimensions with --input-shape NAME=DIMS)"
+                "(set symbolic dimensions with --input-shape NAME=DIMS)",
+                what,
             ) from e
 
 
@@ -145,6 +146,7 @@ def _run_all(sess: ort.InferenceSession, feeds: Feeds, what: str) -> list[np.nda
     return outputs
 
 
+@np.errstate(all="ignore")  # NaN/Inf outputs give NaN metrics (reported as null), not warnings
 def _metrics(name: str, reference: np.ndarray, quantized: np.ndarray) -> OutputMetrics:
     r = reference.astype(np.float64).reshape(-1)
     q = quantized.astype(np.float64).reshape(-1)

@@ -80,11 +80,17 @@ def default_max_points(bits: int, rows: int, budget: int = 1 << 21) -> int:
 
 
 def nearest(rows: np.ndarray, codebook: np.ndarray) -> np.ndarray:
-    """Index of the nearest codebook entry ([C, K], rows sorted) for each value of `rows` ([C, n])."""
+    """Index of the nearest codebook entry ([C, K], rows sorted) for each value of `rows` ([C, n]).
+
+    One exact search per row: the banded single search loses ties when a row spans ~1e16 of range.
+    """
     cb = codebook.astype(np.float64)
     mids = (cb[:, 1:] + cb[:, :-1]) / 2  # [C, K-1]
-    positions = _rowwise_searchsorted(mids, rows.astype(np.float64), side="left")
-    return positions.astype(np.uint8)
+    values = rows.astype(np.float64)
+    out = np.empty(rows.shape, np.uint8)
+    for c in range(rows.shape[0]):
+        out[c] = np.searchsorted(mids[c], values[c], side="left")
+    return out
 
 
 def reconstruct(palette: Palette) -> np.ndarray:

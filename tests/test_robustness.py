@@ -1,0 +1,187 @@
+"""Bad and awkward inputs: each gets a documented exit code and one line; inputs stay untouched."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import ROOT, conv_model, save
+from qconvert.cli import cli
+from qconvert.errors import ExitCode
+
+
+def invoke(*args: object) -> "click.testing.Result":  # noqa: F821
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def files(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.is_file()}
+
+
+def check_contract(result, code: int, words: str, folder: Path, before: dict[str, str]) -> None:
+    assert result.exit_code == code, result.output
+    assert words in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.output
+    assert files(folder) == before  # input untouched, no output, no temp file
+
+
+def test_truncated_model(tmp_path: Path) -> None:
+    data = conv_model(cin=16, cout=32).SerializeToString()
+    (tmp_path / "m.onnx").write_bytes(data[: len(data) // 2])
+    before = files(tmp_path)
+    check_contract(invoke("kmeans", tmp_path / "m.onnx", "--bits", "4"), ExitCode.INPUT, "m.onnx", tmp_path, before)
+
+
+def test_protobuf_that_is_not_a_model(tmp_path: Path) -> None:
+    (tmp_path / "t.onnx").write_bytes(numpy_helper.from_array(np.ones((4, 4), np.float32), "t").SerializeToString())
+    before = files(tmp_path)
+    check_contract(invoke("kmeans", tmp_path / "t.onnx", "--bits", "4"), ExitCode.INPUT, "not an ONNX model", tmp_path, before)
+
+
+def test_model_failing_the_checker(tmp_path: Path) -> None:
+    model = conv_model(cin=16, cout=32)
+    model.graph.node[1].input[0] = "dangling"
+    save(model, tmp_path / "m.onnx")
+    before = files(tmp_path)
+    check_contract(invoke("kmeans", tmp_path / "m.onnx", "--bits", "4"), ExitCode.INPUT, "invalid ONNX model", tmp_path, before)
+
+
+def test_external_data_file_missing(tmp_path: Path) -> None:
+    model = conv_model(cin=64, cout=64)
+    onnx.save(model, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.data", size_threshold=0)
+    (tmp_path / "m.data").unlink()
+    before = files(tmp_path)
+    check_contract(invoke("kmeans", tmp_path / "m.onnx", "--bits", "4"), ExitCode.INPUT, "m.onnx", tmp_path, before)
+
+
+def test_opset_older_than_supported(tmp_path: Path) -> None:
+    save(conv_model(cin=16, cout=32, opset=5), tmp_path / "m.onnx")
+    before = files(tmp_path)
+    check_contract(invoke("kmeans", tmp_path / "m.onnx", "--bits", "4"), ExitCode.UNSUPPORTED, "opset 5 is older than 7", tmp_path, before)
+
+
+def custom_op_model() -> onnx.ModelProto:
+    w = np.random.default_rng(0).standard_normal((32, 32)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Mystery", ["h"], ["y"], domain="com.example")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 32])], [numpy_helper.from_array(w, "w")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.example", 1)])
+
+
+def test_custom_domain_ops_fail_validation_unless_allowed(tmp_path: Path) -> None:
+    save(custom_op_model(), tmp_path / "m.onnx")
+    before = files(tmp_path)
+    check_contract(invoke("kmeans", tmp_path / "m.onnx", "--bits", "4", "-o", tmp_path / "q.onnx"),
+                   ExitCode.UNSUPPORTED, "cannot load the input model", tmp_path, before)
+    result = invoke("kmeans", tmp_path / "m.onnx", "--bits", "4", "-o", tmp_path / "q.onnx", "--allow-unvalidated", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["validation"] is None and any("not validated" in w for w in report["warnings"])
+    assert (tmp_path / "q.onnx").exists()
+
+
+def test_nan_weights_are_left_alone_and_reported(tmp_path: Path) -> None:
+    model = conv_model(cin=16, cout=32)
+    w = numpy_helper.to_array(model.graph.initializer[1]).copy()
+    w[0, 0, 0, 0] = np.nan
+    model.graph.initializer[1].CopyFrom(numpy_helper.from_array(w, "w"))
+    save(model, tmp_path / "m.onnx")
+    result = invoke("kmeans", tmp_path / "m.onnx", "--bits", "4", "--no-validate")
+    assert result.exit_code == ExitCode.UNSUPPORTED
+    assert "NaN or Inf" in result.stderr
+
+
+def test_bf16_weights_keep_bf16(tmp_path: Path) -> None:
+    w = np.random.default_rng(0).standard_normal((64, 64)).astype(ml_dtypes.bfloat16)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [2, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [2, 64])], [numpy_helper.from_array(w, "w")],
+    )
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "m.onnx")
+    result = invoke("kmeans", tmp_path / "m.onnx", "--bits", "4", "-o", tmp_path / "q.onnx", "--no-validate", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["per_weight"][0]["dtype"] == "bfloat16"
+    codebook = next(t for t in onnx.load(str(tmp_path / "q.onnx")).graph.initializer if t.name.endswith("codebook"))
+    assert codebook.data_type == TensorProto.BFLOAT16
+
+
+def test_multi_input_multi_output_with_int64_input(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["table", "ids"], ["emb"]),
+            helper.make_node("MatMul", ["emb", "w"], ["y1"]),
+            helper.make_node("MatMul", ["x", "w"], ["y2"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"]), helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 48])],
+        [helper.make_tensor_value_info("y1", TensorProto.FLOAT, ["n", 48]), helper.make_tensor_value_info("y2", TensorProto.FLOAT, ["n", 48])],
+        [numpy_helper.from_array(rng.standard_normal((10, 48)).astype(np.float32), "table"),
+         numpy_helper.from_array(rng.standard_normal((48, 48)).astype(np.float32), "w")],
+    )
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "m.onnx")
+    result = invoke("kmeans", tmp_path / "m.onnx", "--bits", "6", "--input-shape", "ids=3", "--input-shape", "x=3x48", "--json")
+    assert result.exit_code == 0, result.output
+    outputs = json.loads(result.stdout)["validation"]["outputs"]
+    assert [o["name"] for o in outputs] == ["y1", "y2"] and all(o["snr_db"] > 25 for o in outputs)
+
+
+def test_disk_full_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    save(conv_model(cin=16, cout=32), tmp_path / "m.onnx")
+    before = files(tmp_path)
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    result = invoke("kmeans", tmp_path / "m.onnx", "--bits", "4", "-o", tmp_path / "q.onnx")
+    check_contract(result, ExitCode.OUTPUT, "No space left on device", tmp_path, before)
+
+
+def test_internal_errors_are_one_line_unless_debug(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import qconvert.pipeline
+
+    save(conv_model(cin=16, cout=32), tmp_path / "m.onnx")
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ZeroDivisionError("simulated bug")
+
+    monkeypatch.setattr(qconvert.pipeline, "encode_palettes", broken)
+    result = invoke("kmeans", tmp_path / "m.onnx", "--bits", "4")
+    assert result.exit_code == ExitCode.INTERNAL
+    assert "internal error: ZeroDivisionError: simulated bug" in result.stderr and "Traceback" not in result.stderr
+    result = CliRunner().invoke(cli, ["--debug", "kmeans", str(tmp_path / "m.onnx"), "--bits", "4"])
+    assert result.exit_code == ExitCode.INTERNAL and "Traceback" in result.stderr
+
+
+def test_sigint_exits_130_without_partial_output(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "samples"))
+    from cnn_shapes import resnet
+
+    save(resnet(width=32, blocks=(2, 2, 2, 2), classes=100, size=64), tmp_path / "m.onnx")
+    before = files(tmp_path)
+    process = subprocess.Popen([sys.executable, "-m", "qconvert", "kmeans", str(tmp_path / "m.onnx"), "--bits", "8", "-o", str(tmp_path / "q.onnx")],
+                               stderr=subprocess.PIPE, text=True)
+    time.sleep(2.0)  # imports done, converting
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == ExitCode.INTERRUPTED, stderr
+    assert stderr.strip() == "qconvert: error: interrupted"
+    assert files(tmp_path) == before
