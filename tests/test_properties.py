@@ -11,11 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from conftest import conv_model
 from qconvert.cli import cli
 from qconvert.errors import ExitCode
 from qconvert.quant.kmeans import palettize, reconstruct
 from qconvert.quant.linear import dequantize, grid_for, quantize
+
+from conftest import conv_model
 
 BOUND = float(np.float32(1e30))
 finite = st.floats(min_value=-BOUND, max_value=BOUND, allow_nan=False, allow_infinity=False, width=32)

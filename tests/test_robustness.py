@@ -19,12 +19,13 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import ROOT, conv_model, save
 from qconvert.cli import cli
 from qconvert.errors import ExitCode
 
+from conftest import ROOT, conv_model, save
 
-def invoke(*args: object) -> "click.testing.Result":  # noqa: F821
+
+def invoke(*args: object) -> click.testing.Result:  # noqa: F821
     return CliRunner().invoke(cli, [str(a) for a in args])
 
 
