@@ -222,7 +222,7 @@ def _linear_step(model: onnx.ModelProto, plan: LinearPlan, input_path: Path, pro
             shape=list(weight.shape), elements=weight.elements, dtype=str(array.dtype), bits=plan.bits,
             granularity=(Granularity.PER_TENSOR if axis is None else Granularity.PER_CHANNEL).value, channel_axis=axis,
             groups=item.grid.scale.size, float_bytes=array.nbytes, stored_bytes=qdq.stored_bytes(item),
-            snr_db=snr_db(array, item.dequantized()), note=why,
+            snr_db=snr_db(array, item.dequantized()), note=_join(why, _readers_note(weight)),
         ))
     storage = np.dtype(next(iter(items.values())).storage).name
     opset = OpsetChange(before, max(before, needed), storage, note)
@@ -266,6 +266,16 @@ def _calibration_feeds(model: onnx.ModelProto, plan: LinearPlan) -> validate.Fee
         raise UsageError(f"a folder of images calibrates single-input models; this one has {len(inputs)} (use an .npz)")
     images = load_images(plan.calibration, list(inputs[0].shape), plan.preprocessing)
     return validate.feeds_from_arrays(sess, {inputs[0].name: images}, plan.calibration, batch_size=CALIBRATION_BATCH)
+
+
+def _readers_note(weight: Weight) -> str | None:
+    if not weight.other_readers:
+        return None
+    return f"also read by {', '.join(sorted(set(weight.other_readers)))}, which sees the quantized values"
+
+
+def _join(*notes: str | None) -> str | None:
+    return "; ".join(n for n in notes if n) or None
 
 
 def _linear_axis(weight: Weight, plan: LinearPlan) -> tuple[int | None, str | None]:
@@ -312,6 +322,7 @@ def _palettize(weight: Weight, array: np.ndarray, plan: KMeansPlan, storage: Ind
                 note = (f"per-tensor: per-channel codebooks would add {overhead_bits:.2f} bits per weight "
                         f"(> --max-codebook-overhead {plan.max_codebook_overhead:g})")
                 axis = None
+    note = _join(note, _readers_note(weight))
     rows = to_rows(array, axis)
     palette = palettize(rows, bits=plan.bits)
     item = EncodedWeight(weight, palette, axis)

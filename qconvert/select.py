@@ -52,6 +52,7 @@ class Weight:
     tensor: onnx.TensorProto = field(repr=False)
     consumers: list[Consumer] = field(default_factory=list)
     is_graph_input: bool = False  # IR < 4 models list initializers as inputs too
+    other_readers: list[str] = field(default_factory=list)  # non-weight uses: they read the decoded tensor
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -138,11 +139,16 @@ def select_weights(
     def walk(graph: onnx.GraphProto, path: str, scopes: list[dict[str, Weight]]) -> None:
         scopes = [*scopes, definitions(graph, path)]
         producers = {out: node.op_type for node in graph.node for out in node.output}
+        other_reads.extend(("graph output", o.name, scopes) for o in graph.output)
         for index, node in enumerate(graph.node):
             default_domain = node.domain in ("", "ai.onnx")
-            for slot in WEIGHT_INPUTS.get(node.op_type, ()) if default_domain else ():
+            slots = WEIGHT_INPUTS.get(node.op_type, ()) if default_domain else ()
+            for slot in slots:
                 if len(node.input) > slot and node.input[slot]:
                     _consider(node, index, node.input[slot], scopes, producers)
+            for slot, name in enumerate(node.input):
+                if slot not in slots and name:
+                    other_reads.append((node.op_type, name, scopes))
             for slot in QUANTIZED_INPUTS.get(node.op_type, ()) if default_domain else ():
                 if len(node.input) > slot and node.input[slot]:
                     skipped.setdefault(node.input[slot], Skipped(node.input[slot], node.op_type, f"already quantized ({node.op_type})"))
@@ -166,7 +172,13 @@ def select_weights(
         depthwise = node.op_type == "Conv" and group > 1 and len(weight.shape) > 1 and weight.shape[1] == 1
         weight.consumers.append(Consumer(node.op_type, node.name or f"{node.op_type}#{index}", channel_axis(node, len(weight.shape)), depthwise))
 
+    other_reads: list[tuple[str, str, list[dict[str, Weight]]]] = []
     walk(model.graph, MAIN_GRAPH, [])
+    for reader, name, scopes in other_reads:
+        definition = next((scope[name] for scope in reversed(scopes) if name in scope), None)
+        weight = found.get((id(definition.graph), name)) if definition else None
+        if weight is not None:
+            weight.other_readers.append(reader)
 
     weights = []
     for weight in found.values():

@@ -186,3 +186,35 @@ def test_sigint_exits_130_without_partial_output(tmp_path: Path) -> None:
     assert process.returncode == ExitCode.INTERRUPTED, stderr
     assert stderr.strip() == "qconvert: error: interrupted"
     assert files(tmp_path) == before
+
+
+def test_weight_also_read_by_a_non_weight_consumer(tmp_path: Path) -> None:
+    w = np.random.default_rng(0).standard_normal((32, 32)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("ReduceSum", ["w"], ["norm"], keepdims=0)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 32]), helper.make_tensor_value_info("norm", TensorProto.FLOAT, [])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "m.onnx")
+    result = invoke("kmeans", tmp_path / "m.onnx", "--bits", "4", "-o", tmp_path / "q.onnx", "--json")
+    assert result.exit_code == 0, result.output
+    (weight,) = json.loads(result.stdout)["per_weight"]
+    assert "also read by ReduceSum" in weight["note"]
+
+
+def test_nhwc_input(tmp_path: Path) -> None:
+    model = conv_model(cin=16, cout=32)
+    graph = model.graph
+    graph.node.insert(0, helper.make_node("Transpose", ["x_nhwc"], ["x"], perm=[0, 3, 1, 2]))
+    graph.input[0].CopyFrom(helper.make_tensor_value_info("x_nhwc", TensorProto.FLOAT, [1, 8, 8, 16]))
+    save(model, tmp_path / "m.onnx")
+    result = invoke("linear", tmp_path / "m.onnx", "--per-channel", "-o", tmp_path / "q.onnx", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["validation"]["outputs"][0]["snr_db"] > 30
+
+
+def test_unwritable_output_location(tmp_path: Path) -> None:
+    save(conv_model(cin=16, cout=32), tmp_path / "m.onnx")
+    before = files(tmp_path)
+    check_contract(invoke("kmeans", tmp_path / "m.onnx", "--bits", "4", "-o", "/proc/q.onnx"), ExitCode.OUTPUT, "cannot write", tmp_path, before)
