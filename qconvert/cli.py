@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import tempfile
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -12,7 +14,8 @@ import click
 from rich.console import Console
 
 from qconvert import __version__, io
-from qconvert.errors import ExitCode, QConvertError
+from qconvert.errors import ExitCode, GateFailed, QConvertError
+from qconvert.gates import GateResult, Gates
 from qconvert.images import Preprocessing
 from qconvert.pipeline import convert, default_output
 from qconvert.plan import (
@@ -34,6 +37,7 @@ Exit codes:
   2    usage error: bad option or argument
   3    input error: model or data file missing, unreadable, not ONNX / npz
   4    unsupported model: nothing to quantize, or onnxruntime cannot run it
+  5    a quality gate failed (--min-snr ...): the model is not written
   6    output error: the model or report could not be written
   130  interrupted (Ctrl-C)"""
 
@@ -116,11 +120,28 @@ def validation_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
+def gate_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Quality gates: a converted model that fails one exits 5 and is not written (unless --keep-failed)."""
+    for option in reversed(
+        [
+            click.option("--min-snr", type=float, metavar="DB", help="Gate: every output's SNR vs float at least this (dB)."),
+            click.option("--max-abs-error", type=float, metavar="X", help="Gate: every output's largest absolute error at most this."),
+            click.option("--min-top1", type=click.FloatRange(0, 1), metavar="FRACTION", help="Gate: top-1 agreement with float at least this, per class-score output."),
+            click.option("--max-accuracy-drop", type=float, metavar="POINTS", help="Gate: top-1 accuracy on labels may drop at most this many percentage points."),
+            click.option("--labels", type=click.Path(path_type=Path, dir_okay=False), help="Labels (.npy, one per sample of --data) for accuracy."),
+            click.option("--keep-failed", is_flag=True, help="Write the model even when a gate fails (the exit code is still 5)."),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
 def output_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Where the model and the report go, and how much is printed."""
     for option in reversed(
         [
-            click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), help="Output model path [default: MODEL.<method><bits>.onnx beside the input]."),
+            click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False, allow_dash=True),
+                         help="Output model path, - for stdout [default: MODEL.<method><bits>.onnx beside the input]."),
             click.option("--report", "report_path", type=click.Path(path_type=Path, dir_okay=False), help="JSON report path [default: the output path with .report.json]."),
             click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout instead of the summary on stderr."),
             click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors."),
@@ -131,7 +152,7 @@ def output_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model", type=click.Path(path_type=Path, allow_dash=True))
 @click.option("--bits", "-b", type=click.IntRange(1, 8), required=True, help="Index bits: 2**bits centroids per codebook (1-8).")
 @click.option("--per-channel/--per-tensor", default=False, show_default=True, help="One codebook per output channel, or one per tensor.")
 @click.option("--max-codebook-overhead", default=1.0, show_default=True, metavar="BITS",
@@ -140,6 +161,7 @@ def output_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave weights whose name matches (exact or glob; repeatable).")
 @click.option("--keep-opset", is_flag=True, help="Never raise the opset: store 4/2-bit indices bit-packed instead of uint4/uint2.")
 @validation_options
+@gate_options
 @output_options
 def kmeans(model: Path, bits: int, per_channel: bool, max_codebook_overhead: float, min_elements: int,
            exclude: tuple[str, ...], keep_opset: bool, **common: Any) -> None:
@@ -169,7 +191,7 @@ def kmeans(model: Path, bits: int, per_channel: bool, max_codebook_overhead: flo
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model", type=click.Path(path_type=Path, allow_dash=True))
 @click.option("--bits", "-b", type=click.Choice(["8", "4"]), default="8", show_default=True, help="Integer width of the weights.")
 @click.option("--per-channel/--per-tensor", default=False, show_default=True,
               help="One scale per output channel, or one per tensor (depthwise kernels always get per-channel).")
@@ -192,6 +214,7 @@ def kmeans(model: Path, bits: int, per_channel: bool, max_codebook_overhead: flo
 @click.option("--min-elements", default=1, show_default=True, help="Leave weights with fewer elements as they are.")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave weights whose name matches (exact or glob; repeatable).")
 @validation_options
+@gate_options
 @output_options
 def linear(model: Path, bits: str, per_channel: bool, symmetric: bool, weights_only: bool, calibration: Path | None,
            image_size: str | None, layout: str | None, channel_order: str, pixel_scale: float, mean: str, std: str,
@@ -259,30 +282,69 @@ def _run(
     samples: int,
     seed: int,
     allow_unvalidated: bool,
+    min_snr: float | None,
+    max_abs_error: float | None,
+    min_top1: float | None,
+    max_accuracy_drop: float | None,
+    labels: Path | None,
+    keep_failed: bool,
     output: Path | None,
     report_path: Path | None,
     as_json: bool,
     quiet: bool,
 ) -> None:
+    from_stdin, to_stdout = str(model) == "-", output is not None and str(output) == "-"
+    if to_stdout and as_json:
+        raise click.UsageError("-o - writes the model to stdout, so --json cannot; use --report PATH")
+    if from_stdin and output is None:
+        raise click.UsageError("reading the model from stdin (-) needs -o PATH or -o -")
     validation = None
     if validate:
         validation = ValidationPlan(data=data, input_shapes=dict(map(parse_input_shape, input_shapes)), samples=samples, seed=seed,
-                                    allow_unrunnable=allow_unvalidated)
-    output = output or default_output(model, plan)
-    report_path = report_path or output.with_suffix(".report.json")
+                                    allow_unrunnable=allow_unvalidated, labels=labels)
+    gates = Gates(min_snr, max_abs_error, min_top1, max_accuracy_drop)
+    target = None if to_stdout else (output or default_output(model, plan))
+    report_path = report_path or (target.with_suffix(".report.json") if target else None)
     console = Console(stderr=True, quiet=quiet)
-    with console.status("converting", spinner="dots") if console.is_terminal else _nothing() as status:
+    with _model_file(model) as path, (console.status("converting", spinner="dots") if console.is_terminal else _nothing()) as status:
         def progress(message: str) -> None:
             if status is not None:
                 status.update(message)
 
-        conversion = convert(model, output, plan, validation, progress)
+        conversion = convert(path, target, plan, validation, progress, gates, keep_failed)
     report = conversion.report
-    io.write_atomically(report_path, report.to_json().encode())
+    if from_stdin:
+        report.input_path = "-"
+    if to_stdout:
+        report.output_path = "-" if report.passed or keep_failed else None
+    if report_path is not None:
+        io.write_atomically(report_path, report.to_json().encode())
+    if to_stdout and report.output_path:
+        sys.stdout.buffer.write(conversion.model_bytes)
+        sys.stdout.buffer.flush()
     if as_json:
         click.echo(report.to_json(), nl=False)
     else:
         console.print(summary(report))
+    if not report.passed:
+        raise GateFailed("quality gate failed: " + "; ".join(map(_describe, report.failed_gates)))
+
+
+def _describe(gate: GateResult) -> str:
+    value = "not finite" if gate.value is None else f"{gate.value:.4g}"
+    return f"{gate.gate} on {gate.subject}: {value}, limit {gate.limit:g}"
+
+
+@contextlib.contextmanager
+def _model_file(model: Path) -> Iterator[Path]:
+    """The model's path; for - (stdin), a temporary copy of the bytes read."""
+    if str(model) != "-":
+        yield model
+        return
+    with tempfile.TemporaryDirectory(prefix="qconvert-") as tmp:
+        path = Path(tmp) / "stdin.onnx"
+        path.write_bytes(sys.stdin.buffer.read())
+        yield path
 
 
 class _nothing:

@@ -13,6 +13,7 @@ class ExitCode(IntEnum):
     USAGE = 2  # bad options or arguments (click's own code too)
     INPUT = 3  # model or data file missing, unreadable or not valid ONNX / npz
     UNSUPPORTED = 4  # a valid model qconvert cannot process (nothing to quantize, cannot run)
+    GATE = 5  # a quality gate failed: the model was not written (unless --keep-failed)
     OUTPUT = 6  # the output could not be written
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 
@@ -37,6 +38,10 @@ class UnsupportedModelError(QConvertError):
 
 class OutputError(QConvertError):
     exit_code = ExitCode.OUTPUT
+
+
+class GateFailed(QConvertError):
+    exit_code = ExitCode.GATE
 
 
 class CannotRunError(UnsupportedModelError):

@@ -25,6 +25,8 @@ from qconvert.encode import (
 )
 from qconvert.errors import CannotRunError, QConvertError, UnsupportedModelError, UsageError, first_line
 from qconvert.fold import fold_batchnorm
+from qconvert.gates import Gates
+from qconvert.gates import evaluate as evaluate_gates
 from qconvert.images import load_images
 from qconvert.opset import default_opset, raise_opset
 from qconvert.plan import Granularity, KMeansPlan, LinearPlan, Plan, ValidationPlan
@@ -75,8 +77,16 @@ def convert(
     plan: Plan,
     validation: ValidationPlan | None,
     progress: Progress = lambda _: None,
+    gates: Gates = Gates(),
+    keep_failed: bool = False,
 ) -> Conversion:
-    """Quantize the model at `input_path` as `plan` says; write it to `output_path` (None: don't write)."""
+    """Quantize the model at `input_path` as `plan` says; write it to `output_path` (None: don't write).
+
+    With gates, a model that fails one is not written unless `keep_failed`; the report says which
+    gate, the measured value and the limit.
+    """
+    if gates.any and validation is None:
+        raise UsageError("quality gates need validation: drop --no-validate")
     if output_path is not None and output_path.resolve() == input_path.resolve():
         raise UsageError(f"{output_path}: the output would overwrite the input model; choose another -o")
     timings: dict[str, float] = {}
@@ -119,6 +129,11 @@ def convert(
             warnings.append(f"not validated: {e}")
         lap("validate")
 
+    checks = evaluate_gates(gates, result) if gates.any and result is not None else []
+    passed = all(c.passed for c in checks)
+    if not passed and output_path is not None and not keep_failed:
+        warnings.append("model not written: a quality gate failed (--keep-failed writes it anyway)")
+        output_path = None
     if output_path is not None:
         progress("writing")
         io.save_model(step.model, output_path)
@@ -137,6 +152,7 @@ def convert(
         skipped=step.skipped,
         validation=result,
         latency_ms=latency,
+        gates=checks,
         details=step.details,
         timings=timings,
         warnings=warnings,

@@ -88,6 +88,7 @@ class ValidationPlan:
     seed: int = 0
     latency_runs: int = 10  # timed runs of each model (0: don't time)
     allow_unrunnable: bool = False  # onnxruntime cannot run the input (custom ops): warn, don't fail
+    labels: Path | None = None  # .npy of labels for --data (else its `labels` array)
 
     def __post_init__(self) -> None:
         if self.samples < 1:

@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from qconvert import __version__
+from qconvert.gates import GateResult
 from qconvert.select import Skipped
 from qconvert.validate import ValidationResult
 
@@ -65,9 +66,18 @@ class Report:
     skipped: list[Skipped]
     validation: ValidationResult | None
     latency_ms: dict[str, float] | None = None  # median onnxruntime run time, float vs converted
+    gates: list[GateResult] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)  # method-specific facts
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.gates)
+
+    @property
+    def failed_gates(self) -> list[GateResult]:
+        return [g for g in self.gates if not g.passed]
 
     @property
     def size_ratio(self) -> float:
@@ -97,6 +107,7 @@ class Report:
                 "skipped": [dataclasses.asdict(s) for s in self.skipped],
                 "validation": dataclasses.asdict(self.validation) if self.validation else None,
                 "latency_ms": self.latency_ms,
+                "gates": {"passed": self.passed, "checks": [dataclasses.asdict(g) for g in self.gates]},
                 "details": self.details,
                 "warnings": self.warnings,
                 "timings_s": self.timings,
@@ -187,6 +198,14 @@ def summary(report: Report) -> Group:
             table.add_column(column, justify="left" if column in ("weight", "op") else "right")
         for w in worst:
             table.add_row(w.name, ",".join(w.consumers), "x".join(map(str, w.shape)), _db(w.snr_db), f"{w.float_bytes} -> {w.stored_bytes}")
+        parts.append(table)
+    if report.gates:
+        table = Table(title=f"Quality gates: {'passed' if report.passed else 'FAILED'}", title_justify="left")
+        for column in ("gate", "measured on", "value", "limit", "result"):
+            table.add_column(column)
+        for g in report.gates:
+            value = "-" if g.value is None else f"{g.value:.4g}"
+            table.add_row(g.gate, g.subject, value, f"{g.limit:g}", "pass" if g.passed else Text("FAIL", style="bold red"))
         parts.append(table)
     for warning in report.warnings:
         parts.append(Text(f"warning: {warning}", style="yellow"))

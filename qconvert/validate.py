@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import zipfile
 from collections.abc import Iterator
@@ -89,7 +90,15 @@ def build_feeds(sess: ort.InferenceSession, plan: ValidationPlan) -> Feeds:
     if unknown:
         raise UsageError(f"--input-shape names unknown input {unknown[0]!r} (model inputs: {', '.join(names)})")
     if plan.data is not None:
-        return load_feeds(sess, plan.data)
+        feeds = load_feeds(sess, plan.data)
+        if plan.labels is None:
+            return feeds
+        labels = _load_labels(plan.labels)
+        if labels.shape[0] != feeds.samples:
+            raise InputError(f"{plan.labels}: {labels.shape[0]} labels for {feeds.samples} samples in {plan.data}")
+        return dataclasses.replace(feeds, labels=labels)
+    if plan.labels is not None:
+        raise UsageError("--labels go with --data (the samples they label)")
     rng = np.random.default_rng(plan.seed)
     batches = []
     for _ in range(plan.samples):
@@ -182,6 +191,18 @@ def _dtype(node_arg: ort.NodeArg) -> np.dtype:
         return np.dtype(ORT_TYPES[node_arg.type])
     except KeyError:
         raise UnsupportedModelError(f"input {node_arg.name!r} has type {node_arg.type}, which validation cannot feed") from None
+
+
+def _load_labels(path: Path) -> np.ndarray:
+    try:
+        labels = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: not a readable .npy file: {first_line(e)}") from e
+    if not isinstance(labels, np.ndarray) or labels.ndim != 1:
+        raise InputError(f"{path}: expected a 1-D .npy array of class indices")
+    return labels
 
 
 def _random(rng: np.random.Generator, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:

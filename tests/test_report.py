@@ -28,7 +28,7 @@ def key_paths(value: object, prefix: str = "") -> set[str]:
 
 def test_report_keys_match_the_golden_schema(tmp_path: Path, digits: Path, digits_data: Path) -> None:
     result = CliRunner().invoke(
-        cli, ["kmeans", str(digits), "--bits", "4", "--per-channel", "--data", str(digits_data), "-o", str(tmp_path / "q.onnx"), "--json"]
+        cli, ["kmeans", str(digits), "--bits", "4", "--per-channel", "--data", str(digits_data), "--min-snr", "10", "-o", str(tmp_path / "q.onnx"), "--json"]
     )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)

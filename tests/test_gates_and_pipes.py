@@ -1,0 +1,92 @@
+"""Quality gates and Unix pipes: what a deployment build relies on."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from click.testing import CliRunner
+
+from qconvert.cli import cli
+from qconvert.errors import ExitCode
+
+from conftest import ROOT, conv_model, save
+
+
+def invoke(*args: object) -> click.testing.Result:  # noqa: F821
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_failed_gate_exits_5_and_writes_no_model(tmp_path: Path, digits: Path, digits_data: Path) -> None:
+    out = tmp_path / "q.onnx"
+    result = invoke("kmeans", digits, "--bits", "4", "--data", digits_data, "--min-snr", "60", "--min-top1", "0.9", "-o", out, "-q")
+    assert result.exit_code == ExitCode.GATE
+    assert result.stderr.startswith("qconvert: error: quality gate failed: --min-snr on logits: 26.43, limit 60")
+    assert result.stderr.strip().count("\n") == 0
+    assert not out.exists()
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["output"]["path"] is None and report["gates"]["passed"] is False
+    checks = {c["gate"]: c for c in report["gates"]["checks"]}
+    assert checks["--min-snr"]["passed"] is False and checks["--min-snr"]["limit"] == 60
+    assert checks["--min-top1"]["passed"] is True
+
+
+def test_keep_failed_writes_the_model_but_still_fails(tmp_path: Path, digits: Path, digits_data: Path) -> None:
+    out = tmp_path / "q.onnx"
+    result = invoke("kmeans", digits, "--bits", "2", "--data", digits_data, "--max-abs-error", "0.01", "--keep-failed", "-o", out)
+    assert result.exit_code == ExitCode.GATE
+    assert out.exists()
+
+
+def test_accuracy_gate_with_labels(tmp_path: Path, digits: Path, digits_data: Path) -> None:
+    out = tmp_path / "q.onnx"
+    assert invoke("kmeans", digits, "--bits", "4", "--data", digits_data, "--max-accuracy-drop", "1", "-o", out).exit_code == 0
+    with np.load(digits_data) as data:
+        np.savez(tmp_path / "inputs.npz", input=data["input"])
+        np.save(tmp_path / "labels.npy", data["labels"])
+        np.save(tmp_path / "short.npy", data["labels"][:10])
+    result = invoke("kmeans", digits, "--bits", "4", "--data", tmp_path / "inputs.npz", "--labels", tmp_path / "labels.npy",
+                    "--max-accuracy-drop", "1", "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["validation"]["accuracy"]["float_top1"] > 0.97
+    result = invoke("kmeans", digits, "--bits", "4", "--data", tmp_path / "inputs.npz", "--labels", tmp_path / "short.npy", "-o", out)
+    assert result.exit_code == ExitCode.INPUT and "10 labels for 360 samples" in result.stderr
+
+
+def test_gates_that_cannot_be_measured_are_usage_errors(tmp_path: Path, digits: Path) -> None:
+    model = save(conv_model(cin=16, cout=32), tmp_path / "m.onnx")
+    cases = [
+        (["kmeans", model, "--bits", "4", "--min-top1", "0.9"], "no output holds class scores"),
+        (["kmeans", digits, "--bits", "4", "--max-accuracy-drop", "1", "-o", tmp_path / "q.onnx"], "needs labels"),
+        (["kmeans", model, "--bits", "4", "--min-snr", "20", "--no-validate"], "need validation"),
+        (["kmeans", model, "--bits", "4", "-o", "-", "--json"], "--json cannot"),
+        (["kmeans", "-", "--bits", "4"], "needs -o"),
+    ]
+    for args, words in cases:
+        result = invoke(*args)
+        assert result.exit_code == ExitCode.USAGE, (args, result.output)
+        assert words in result.stderr
+
+
+CHECK_STDIN = (
+    "import sys, numpy as np, onnx, onnxruntime as ort; data = sys.stdin.buffer.read(); "
+    "onnx.checker.check_model(onnx.load_from_string(data), full_check=True); "
+    "s = ort.InferenceSession(data, providers=['CPUExecutionProvider']); "
+    "print(s.run(None, {'x': np.ones((1, 16, 8, 8), np.float32)})[0].shape)"
+)
+
+
+def test_shell_pipeline_through_stdin_and_stdout(tmp_path: Path) -> None:
+    model = save(conv_model(cin=16, cout=32), tmp_path / "m.onnx")
+    command = (f"cat {model} | {sys.executable} -m qconvert kmeans - --bits 4 -o - -q --report {tmp_path}/r.json "
+               f'| {sys.executable} -c "{CHECK_STDIN}"')
+    done = subprocess.run(command, shell=True, capture_output=True, text=True, cwd=ROOT, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "(1, 32, 8, 8)"  # the piped bytes are a valid, runnable model
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["input"]["path"] == "-" and report["output"]["path"] == "-"
+    assert report["validation"]["outputs"][0]["snr_db"] > 15
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "r.json"]  # nothing else written
