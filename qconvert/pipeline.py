@@ -38,6 +38,7 @@ from qconvert.select import Skipped, Weight, select_weights
 Progress = Callable[[str], None]
 CALIBRATION_BATCH = 4  # samples per calibration run: activations of a whole batch are held at once
 MIN_CALIBRATION_SAMPLES = 16
+NO_GATES = Gates()
 MIN_OPSET = 7  # Cast takes its type as an int from opset 6 on; onnxruntime supports 7+
 
 
@@ -77,7 +78,7 @@ def convert(
     plan: Plan,
     validation: ValidationPlan | None,
     progress: Progress = lambda _: None,
-    gates: Gates = Gates(),
+    gates: Gates = NO_GATES,
     keep_failed: bool = False,
 ) -> Conversion:
     """Quantize the model at `input_path` as `plan` says; write it to `output_path` (None: don't write).
