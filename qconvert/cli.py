@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 import tempfile
 import traceback
@@ -17,7 +18,8 @@ from qconvert import __version__, io
 from qconvert.errors import ExitCode, GateFailed, QConvertError
 from qconvert.gates import GateResult, Gates
 from qconvert.images import Preprocessing
-from qconvert.pipeline import convert, default_output
+from qconvert.inspect import inspect_model
+from qconvert.pipeline import compare_models, convert, default_output
 from qconvert.plan import (
     DEFAULT_MIN_ELEMENTS,
     CalibrationMethod,
@@ -28,7 +30,7 @@ from qconvert.plan import (
     ValidationPlan,
     parse_input_shape,
 )
-from qconvert.report import summary
+from qconvert.report import Report, inspection, markdown, summary
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -100,6 +102,8 @@ def cli(debug: bool) -> None:
       qconvert kmeans model.onnx --bits 2 --per-channel -o small.onnx --json > report.json
       qconvert linear model.onnx --per-channel
       qconvert linear model.onnx --per-channel --calibration calib.npz
+      qconvert inspect model.onnx
+      qconvert compare model.onnx model.kmeans4.onnx --data val.npz --min-snr 20
     """
 
 
@@ -143,6 +147,7 @@ def output_options(command: Callable[..., Any]) -> Callable[..., Any]:
             click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False, allow_dash=True),
                          help="Output model path, - for stdout [default: MODEL.<method><bits>.onnx beside the input]."),
             click.option("--report", "report_path", type=click.Path(path_type=Path, dir_okay=False), help="JSON report path [default: the output path with .report.json]."),
+            click.option("--report-md", type=click.Path(path_type=Path, dir_okay=False), help="Also write a Markdown summary (fits a CI job summary)."),
             click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout instead of the summary on stderr."),
             click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors."),
         ]
@@ -258,6 +263,55 @@ def linear(model: Path, bits: str, per_channel: bool, symmetric: bool, weights_o
     _run(model, plan, **common)
 
 
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--min-elements", default=DEFAULT_MIN_ELEMENTS, show_default=True, help="Weights with fewer elements are listed as left alone.")
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON on stdout.")
+def inspect(model: Path, min_elements: int, as_json: bool) -> None:
+    """Describe a model: opset, inputs/outputs, its weights and where they live, and the file size each
+    method and bit width would give. Writes nothing.
+
+    \b
+    Examples:
+      qconvert inspect model.onnx
+      qconvert inspect model.onnx --json | jq '.estimates[] | select(.bits == 4)'
+    """
+    info = inspect_model(model, min_elements=min_elements)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+    else:
+        Console(stderr=True).print(inspection(info))
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("float_model", type=click.Path(path_type=Path))
+@click.argument("converted_model", type=click.Path(path_type=Path))
+@validation_options
+@gate_options
+@click.option("--report", "report_path", type=click.Path(path_type=Path, dir_okay=False), help="Also write the JSON report here.")
+@click.option("--report-md", type=click.Path(path_type=Path, dir_okay=False), help="Also write a Markdown summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout instead of the summary on stderr.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+def compare(float_model: Path, converted_model: Path, *, validate: bool, data: Path | None, input_shapes: tuple[str, ...],
+            samples: int, seed: int, allow_unvalidated: bool, min_snr: float | None, max_abs_error: float | None,
+            min_top1: float | None, max_accuracy_drop: float | None, labels: Path | None, keep_failed: bool,
+            report_path: Path | None, report_md: Path | None, as_json: bool, quiet: bool) -> None:
+    """Validation only: compare a converted model with its float original (same metrics and gates).
+
+    \b
+    Examples:
+      qconvert compare model.onnx model.kmeans4.onnx --data val.npz --max-accuracy-drop 1
+      qconvert compare model.onnx vendor_int8.onnx --min-snr 25 --json
+    """
+    if not validate:
+        raise click.UsageError("compare is validation; --no-validate leaves nothing to do")
+    validation = ValidationPlan(data=data, input_shapes=dict(map(parse_input_shape, input_shapes)), samples=samples, seed=seed,
+                                labels=labels)
+    report = compare_models(float_model, converted_model, validation, Gates(min_snr, max_abs_error, min_top1, max_accuracy_drop))
+    _emit_reports(report, report_path, report_md)
+    _finish(report, Console(stderr=True, quiet=quiet), as_json)
+
+
 def _floats(text: str, option: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(","))
@@ -290,6 +344,7 @@ def _run(
     keep_failed: bool,
     output: Path | None,
     report_path: Path | None,
+    report_md: Path | None,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -304,7 +359,8 @@ def _run(
                                     allow_unrunnable=allow_unvalidated, labels=labels)
     gates = Gates(min_snr, max_abs_error, min_top1, max_accuracy_drop)
     target = None if to_stdout else (output or default_output(model, plan))
-    report_path = report_path or (target.with_suffix(".report.json") if target else None)
+    if report_path is None and target is not None and not io.is_special(target):
+        report_path = target.with_suffix(".report.json")
     console = Console(stderr=True, quiet=quiet)
     with _model_file(model) as path, (console.status("converting", spinner="dots") if console.is_terminal else _nothing()) as status:
         def progress(message: str) -> None:
@@ -317,11 +373,22 @@ def _run(
         report.input_path = "-"
     if to_stdout:
         report.output_path = "-" if report.passed or keep_failed else None
-    if report_path is not None:
-        io.write_atomically(report_path, report.to_json().encode())
+    _emit_reports(report, report_path, report_md)
     if to_stdout and report.output_path:
         sys.stdout.buffer.write(conversion.model_bytes)
         sys.stdout.buffer.flush()
+    _finish(report, console, as_json)
+
+
+def _emit_reports(report: Report, report_path: Path | None, report_md: Path | None) -> None:
+    if report_path is not None:
+        io.write_atomically(report_path, report.to_json().encode())
+    if report_md is not None:
+        io.write_atomically(report_md, markdown(report).encode())
+
+
+def _finish(report: Report, console: Console, as_json: bool) -> None:
+    """Print the report (JSON on stdout, or the summary on stderr); a failed gate exits 5."""
     if as_json:
         click.echo(report.to_json(), nl=False)
     else:

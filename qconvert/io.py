@@ -37,6 +37,8 @@ def load_model(path: Path) -> onnx.ModelProto:
 
 def verify_written(path: Path) -> None:
     """Re-read a written model and run the full checker on it; a failure removes the file."""
+    if is_special(path):
+        return
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as e:
@@ -53,8 +55,23 @@ def save_model(model: onnx.ModelProto, path: Path) -> int:
     return write_atomically(path, data)
 
 
+def is_special(path: Path) -> bool:
+    """A device, FIFO or socket (/dev/null, /dev/stdout ...): written in place, never replaced."""
+    return path.exists() and not path.is_file() and not path.is_dir()
+
+
 def write_atomically(path: Path, data: bytes) -> int:
-    """Write bytes to a temp file beside `path`, fsync, rename: readers never see half a file."""
+    """Write bytes to a temp file beside `path`, fsync, rename: readers never see half a file.
+
+    A special file (/dev/null, a FIFO) is written directly: renaming over it would replace the device.
+    """
+    if is_special(path):
+        try:
+            with open(path, "wb") as f:
+                f.write(data)
+        except OSError as e:
+            raise OutputError(f"{path}: cannot write: {e.strerror or e}") from e
+        return len(data)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:

@@ -161,6 +161,29 @@ def convert(
     return Conversion(report, model_bytes)
 
 
+def compare_models(float_path: Path, converted_path: Path, validation: ValidationPlan, gates: Gates = NO_GATES) -> Report:
+    """Validation only: the same metrics, latency and gates for two existing models."""
+    start = time.perf_counter()
+    reference, converted = io.load_model(float_path), io.load_model(converted_path)
+    result, latency = validate.compare(str(float_path), converted_path.read_bytes(), validation)
+    checks = evaluate_gates(gates, result) if gates.any else []
+    return Report(
+        method="compare",
+        options=_options(None, validation),
+        input_path=str(float_path),
+        input_bytes=float_path.stat().st_size,
+        output_path=str(converted_path),
+        output_bytes=converted_path.stat().st_size,
+        opset=OpsetChange(default_opset(reference), default_opset(converted), "-"),
+        weights=[],
+        skipped=[],
+        validation=result,
+        latency_ms=latency,
+        gates=checks,
+        timings={"total": round(time.perf_counter() - start, 4)},
+    )
+
+
 def _kmeans_step(model: onnx.ModelProto, plan: KMeansPlan, progress: Progress) -> Step:
     model, opset = _prepare_opset(model, plan)
     selection = select_weights(model, min_elements=plan.min_elements, exclude=plan.exclude)
@@ -389,8 +412,8 @@ def _plain(value: object) -> object:
     return value
 
 
-def _options(plan: Plan, validation: ValidationPlan | None) -> dict[str, object]:
-    options = {k: _plain(v) for k, v in dataclasses.asdict(plan).items()}
+def _options(plan: Plan | None, validation: ValidationPlan | None) -> dict[str, object]:
+    options = {k: _plain(v) for k, v in dataclasses.asdict(plan).items()} if plan is not None else {}
     options["validate"] = validation is not None
     if validation is not None:
         options.update(

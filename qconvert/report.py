@@ -154,13 +154,14 @@ def summary(report: Report) -> Group:
         )
     )
     kinds = Counter(w.granularity for w in report.weights)
-    parts.append(
-        Text(
-            f"{len(report.weights)} weights {'palettized' if report.method == 'kmeans' else 'quantized'} at {report.options.get('bits')} bits "
-            f"({', '.join(f'{n} {kind}' for kind, n in sorted(kinds.items()))}), {len(report.skipped)} left as they were; "
-            f"opset {report.opset.before} -> {report.opset.after}, stored as {report.opset.storage}"
+    if report.method != "compare":
+        parts.append(
+            Text(
+                f"{len(report.weights)} weights {'palettized' if report.method == 'kmeans' else 'quantized'} at {report.options.get('bits')} bits "
+                f"({', '.join(f'{n} {kind}' for kind, n in sorted(kinds.items()))}), {len(report.skipped)} left as they were; "
+                f"opset {report.opset.before} -> {report.opset.after}, stored as {report.opset.storage}"
+            )
         )
-    )
     if report.opset.note:
         parts.append(Text(report.opset.note, style="yellow"))
     validation = report.validation
@@ -222,3 +223,66 @@ def _size(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000  # type: ignore[assignment]
     raise AssertionError
+
+
+def inspection(info: dict[str, Any]) -> Group:
+    """The rich view of `qconvert inspect`."""
+    parts: list[Any] = [
+        Text(f"{info['path']}: {_size(info['bytes'])}, IR {info['ir_version']}, opset {info['opset']}"
+             f"{', ' + info['producer'] if info['producer'] else ''}")
+    ]
+    for kind in ("inputs", "outputs"):
+        shown = ", ".join(f"{v['name']} {v['dtype']}[{'x'.join(str(d) if d else '?' for d in v['shape'])}]" for v in info[kind])
+        parts.append(Text(f"{kind}: {shown}"))
+    table = Table(title=f"{len(info['weights'])} weights ({_size(info['weight_bytes'])})", title_justify="left")
+    for column in ("weight", "op", "shape", "dtype", "where"):
+        table.add_column(column)
+    for w in info["weights"]:
+        table.add_row(w["name"], ",".join(w["consumers"]), "x".join(map(str, w["shape"])), w["dtype"], w["location"])
+    parts.append(table)
+    if info["skipped"]:
+        parts.append(Text(f"left as they are: {', '.join(s['name'] + ' (' + s['reason'] + ')' for s in info['skipped'][:8])}"
+                          + (" ..." if len(info["skipped"]) > 8 else "")))
+    sizes = Table(title="Estimated file size", title_justify="left")
+    for column in ("method", "bits", "granularity", "size", "% of now"):
+        sizes.add_column(column, justify="left" if column in ("method", "granularity") else "right")
+    for e in info["estimates"]:
+        sizes.add_row(e["method"], str(e["bits"]), e["granularity"], _size(e["bytes"]), f"{100 * e['ratio']:.1f}")
+    parts.append(sizes)
+    return Group(*parts)
+
+
+def markdown(report: Report) -> str:
+    """A Markdown summary that fits a CI job summary."""
+    lines = [
+        f"### qconvert {report.method}: {'passed' if report.passed else 'FAILED'}",
+        "",
+        f"`{report.input_path}` -> `{report.output_path or '(not written)'}`: "
+        f"{_size(report.input_bytes)} -> {_size(report.output_bytes)} (**{100 * report.size_ratio:.1f} %**), "
+        f"opset {report.opset.before} -> {report.opset.after}, stored as {report.opset.storage}",
+        "",
+    ]
+    if report.validation:
+        v = report.validation
+        lines += [f"Outputs vs float ({v.samples} samples, {v.source}):", "",
+                  "| output | SNR dB | cosine | max abs err | top-1 agreement |", "|---|---:|---:|---:|---:|"]
+        for o in v.outputs:
+            agree = "-" if o.top1_agreement is None else f"{100 * o.top1_agreement:.1f} %"
+            lines.append(f"| {o.name} | {_db(o.snr_db)} | {o.cosine_similarity:.5f} | {o.max_abs_error:.3g} | {agree} |")
+        if v.accuracy:
+            a = v.accuracy
+            lines += ["", f"Accuracy on labels: float {100 * a.float_top1:.2f} %, converted {100 * a.quantized_top1:.2f} % (drop {a.drop_points:.2f} points)"]
+        lines.append("")
+    if report.gates:
+        lines += ["| gate | on | value | limit | result |", "|---|---|---:|---:|---|"]
+        for g in report.gates:
+            lines.append(f"| `{g.gate}` | {g.subject} | {'-' if g.value is None else f'{g.value:.4g}'} | {g.limit:g} | {'pass' if g.passed else '**FAIL**'} |")
+        lines.append("")
+    worst = sorted(report.weights, key=lambda w: math.inf if w.snr_db is None else w.snr_db)[:10]
+    if worst:
+        lines += ["| weight | op | shape | granularity | SNR dB | bytes |", "|---|---|---|---|---:|---:|"]
+        for w in worst:
+            lines.append(f"| {w.name} | {','.join(w.consumers)} | {'x'.join(map(str, w.shape))} | {w.granularity} | {_db(w.snr_db)} | {w.float_bytes} -> {w.stored_bytes} |")
+        lines.append("")
+    lines += [f"- warning: {w}" for w in report.warnings]
+    return "\n".join(lines).rstrip() + "\n"

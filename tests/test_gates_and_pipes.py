@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 from click.testing import CliRunner
 
 from qconvert.cli import cli
@@ -90,3 +91,45 @@ def test_shell_pipeline_through_stdin_and_stdout(tmp_path: Path) -> None:
     assert report["input"]["path"] == "-" and report["output"]["path"] == "-"
     assert report["validation"]["outputs"][0]["snr_db"] > 15
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "r.json"]  # nothing else written
+
+
+def test_inspect_lists_weights_and_estimates(tmp_path: Path, digits: Path) -> None:
+    result = invoke("inspect", digits, "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["opset"] == 13 and info["inputs"][0] == {"name": "input", "dtype": "float32", "shape": ["batch", 1, 8, 8]}
+    assert [w["name"] for w in info["weights"]] == ["conv2.weight", "conv3.weight", "fc1.weight"]
+    estimate = next(e for e in info["estimates"] if e["method"] == "kmeans" and e["bits"] == 4)
+    actual = invoke("kmeans", digits, "--bits", "4", "--no-validate", "--json", "-o", tmp_path / "q.onnx")
+    assert abs(estimate["bytes"] - json.loads(actual.stdout)["output"]["bytes"]) < 0.05 * estimate["bytes"]  # within 5 %
+
+
+def test_compare_applies_the_same_metrics_and_gates(tmp_path: Path, digits: Path, digits_data: Path) -> None:
+    converted = tmp_path / "q.onnx"
+    assert invoke("kmeans", digits, "--bits", "2", "-o", converted, "--no-validate").exit_code == 0
+    result = invoke("compare", digits, converted, "--data", digits_data, "--json", "--report-md", tmp_path / "summary.md")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["method"] == "compare" and report["validation"]["accuracy"]["float_top1"] > 0.97
+    assert "| logits |" in (tmp_path / "summary.md").read_text()
+    failed = invoke("compare", digits, converted, "--data", digits_data, "--min-snr", "40", "-q")
+    assert failed.exit_code == ExitCode.GATE and "--min-snr on logits" in failed.stderr
+
+
+def test_special_output_files_are_written_in_place(tmp_path: Path, digits: Path) -> None:
+    """-o to a FIFO (or /dev/null) writes through it; a rename would have replaced the device."""
+    import os
+    import stat
+    import threading
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received = bytearray()
+    reader = threading.Thread(target=lambda: received.extend(fifo.read_bytes()))
+    reader.start()
+    result = invoke("kmeans", digits, "--bits", "4", "--no-validate", "-o", fifo, "-q")
+    reader.join(timeout=30)
+    assert result.exit_code == 0, result.output
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    onnx.checker.check_model(onnx.load_from_string(bytes(received)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]  # no report beside a special file
