@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 import click
 from rich.console import Console
 
-from qconvert import __version__, io
+from qconvert import __version__, batch, io
 from qconvert.errors import ExitCode, GateFailed, QConvertError
 from qconvert.gates import GateResult, Gates
 from qconvert.images import Preprocessing
@@ -30,7 +30,7 @@ from qconvert.plan import (
     ValidationPlan,
     parse_input_shape,
 )
-from qconvert.report import Report, inspection, markdown, summary
+from qconvert.report import Report, batch_summary, inspection, markdown, summary
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -157,7 +157,7 @@ def output_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
-@click.argument("model", type=click.Path(path_type=Path, allow_dash=True))
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path, allow_dash=True))
 @click.option("--bits", "-b", type=click.IntRange(1, 8), required=True, help="Index bits: 2**bits centroids per codebook (1-8).")
 @click.option("--per-channel/--per-tensor", default=False, show_default=True, help="One codebook per output channel, or one per tensor.")
 @click.option("--max-codebook-overhead", default=1.0, show_default=True, metavar="BITS",
@@ -168,7 +168,7 @@ def output_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @validation_options
 @gate_options
 @output_options
-def kmeans(model: Path, bits: int, per_channel: bool, max_codebook_overhead: float, min_elements: int,
+def kmeans(models: tuple[Path, ...], bits: int, per_channel: bool, max_codebook_overhead: float, min_elements: int,
            exclude: tuple[str, ...], keep_opset: bool, **common: Any) -> None:
     """Palettize weights: a codebook of 2**bits centroids (k-means) plus low-bit indices.
 
@@ -192,11 +192,11 @@ def kmeans(model: Path, bits: int, per_channel: bool, max_codebook_overhead: flo
         raise_opset=not keep_opset,
         max_codebook_overhead=max_codebook_overhead,
     )
-    _run(model, plan, **common)
+    _dispatch(models, plan, common)
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
-@click.argument("model", type=click.Path(path_type=Path, allow_dash=True))
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path, allow_dash=True))
 @click.option("--bits", "-b", type=click.Choice(["8", "4"]), default="8", show_default=True, help="Integer width of the weights.")
 @click.option("--per-channel/--per-tensor", default=False, show_default=True,
               help="One scale per output channel, or one per tensor (depthwise kernels always get per-channel).")
@@ -221,7 +221,7 @@ def kmeans(model: Path, bits: int, per_channel: bool, max_codebook_overhead: flo
 @validation_options
 @gate_options
 @output_options
-def linear(model: Path, bits: str, per_channel: bool, symmetric: bool, weights_only: bool, calibration: Path | None,
+def linear(models: tuple[Path, ...], bits: str, per_channel: bool, symmetric: bool, weights_only: bool, calibration: Path | None,
            image_size: str | None, layout: str | None, channel_order: str, pixel_scale: float, mean: str, std: str,
            calibration_method: str, percentile: float, no_fold: bool, min_elements: int, exclude: tuple[str, ...], **common: Any) -> None:
     """Linear quantization r = S(q - Z): QuantizeLinear/DequantizeLinear (QDQ) form.
@@ -260,7 +260,7 @@ def linear(model: Path, bits: str, per_channel: bool, symmetric: bool, weights_o
         min_elements=min_elements,
         exclude=exclude,
     )
-    _run(model, plan, **common)
+    _dispatch(models, plan, common)
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
@@ -305,8 +305,8 @@ def compare(float_model: Path, converted_model: Path, *, validate: bool, data: P
     """
     if not validate:
         raise click.UsageError("compare is validation; --no-validate leaves nothing to do")
-    validation = ValidationPlan(data=data, input_shapes=dict(map(parse_input_shape, input_shapes)), samples=samples, seed=seed,
-                                labels=labels)
+    validation = _validation_plan(data=data, input_shapes=input_shapes, samples=samples, seed=seed,
+                                  allow_unvalidated=allow_unvalidated, labels=labels)
     report = compare_models(float_model, converted_model, validation, Gates(min_snr, max_abs_error, min_top1, max_accuracy_drop))
     _emit_reports(report, report_path, report_md)
     _finish(report, Console(stderr=True, quiet=quiet), as_json)
@@ -324,6 +324,44 @@ def _dims(text: str, option: str) -> tuple[int, int]:
     if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise click.UsageError(f"{option} expects HxW, e.g. 224x224; got {text!r}")
     return int(parts[0]), int(parts[1])
+
+
+def _dispatch(models: tuple[Path, ...], plan: Plan, common: dict[str, Any]) -> None:
+    """One model: the full single-model behaviour. Several, or a directory: batch into -o DIR."""
+    if len(models) == 1 and not models[0].is_dir():
+        _run(models[0], plan, **common)
+    else:
+        _run_batch(models, plan, **common)
+
+
+def _run_batch(models: tuple[Path, ...], plan: Plan, *, output: Path | None, as_json: bool, quiet: bool,
+               report_path: Path | None, report_md: Path | None, **common: Any) -> None:
+    if output is None or str(output) == "-" or report_path or report_md or any(str(m) == "-" for m in models):
+        raise click.UsageError("several models (or a directory) need -o DIR; reports go beside each model, no -, --report or --report-md")
+    paths = batch.expand(models)
+    output.mkdir(parents=True, exist_ok=True)
+    validation = _validation_plan(**common) if common["validate"] else None
+    gates = Gates(common["min_snr"], common["max_abs_error"], common["min_top1"], common["max_accuracy_drop"])
+    jobs = [batch.Job(p, batch.output_for(p, output, plan), plan, validation, gates, common["keep_failed"]) for p in paths]
+    console = Console(stderr=True, quiet=quiet)
+    with console.status(f"converting {len(jobs)} models", spinner="dots") if console.is_terminal else _nothing():
+        outcomes = batch.run_all(jobs)
+    if as_json:
+        reports = [json.loads(o.report_json) if o.report_json else {"input": {"path": str(o.model)}, "error": o.message, "exit_code": o.exit_code}
+                   for o in outcomes]
+        click.echo(json.dumps(reports, indent=2))
+    else:
+        console.print(batch_summary(outcomes))
+    code = batch.worst(outcomes)
+    if code:
+        failed = [o for o in outcomes if o.exit_code]
+        raise CliError(f"{len(failed)} of {len(outcomes)} models failed; first: {failed[0].message}", code)
+
+
+def _validation_plan(*, data: Path | None, input_shapes: tuple[str, ...], samples: int, seed: int, allow_unvalidated: bool,
+                     labels: Path | None, **_: Any) -> ValidationPlan:
+    return ValidationPlan(data=data, input_shapes=dict(map(parse_input_shape, input_shapes)), samples=samples, seed=seed,
+                          allow_unrunnable=allow_unvalidated, labels=labels)
 
 
 def _run(
@@ -355,8 +393,8 @@ def _run(
         raise click.UsageError("reading the model from stdin (-) needs -o PATH or -o -")
     validation = None
     if validate:
-        validation = ValidationPlan(data=data, input_shapes=dict(map(parse_input_shape, input_shapes)), samples=samples, seed=seed,
-                                    allow_unrunnable=allow_unvalidated, labels=labels)
+        validation = _validation_plan(data=data, input_shapes=input_shapes, samples=samples, seed=seed,
+                                      allow_unvalidated=allow_unvalidated, labels=labels)
     gates = Gates(min_snr, max_abs_error, min_top1, max_accuracy_drop)
     target = None if to_stdout else (output or default_output(model, plan))
     if report_path is None and target is not None and not io.is_special(target):

@@ -33,10 +33,11 @@ def inspect_model(path: Path, *, min_elements: int) -> dict[str, Any]:
         }
         for w in selection.weights
     ]
-    float_bytes = sum(w.elements * w.array().itemsize for w in selection.weights)
-    estimates = []
+    itemsize = {w.name: onnx.helper.tensor_dtype_to_np_dtype(w.tensor.data_type).itemsize for w in selection.weights}
+    float_bytes = sum(w.elements * itemsize[w.name] for w in selection.weights)
+    estimates: list[dict[str, Any]] = []
     for bits in KMEANS_BITS:
-        stored = sum(-(-w.elements * bits // 8) + (1 << bits) * w.array().itemsize for w in selection.weights)
+        stored = sum(-(-w.elements * bits // 8) + (1 << bits) * itemsize[w.name] for w in selection.weights)
         estimates.append({"method": "kmeans", "bits": bits, "granularity": "per-tensor", "bytes": size - float_bytes + stored})
     for bits in LINEAR_BITS:
         for per_channel in (False, True):

@@ -286,3 +286,15 @@ def markdown(report: Report) -> str:
         lines.append("")
     lines += [f"- warning: {w}" for w in report.warnings]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def batch_summary(outcomes: list[Any]) -> Table:
+    """One row per model of a batch run (outcomes from qconvert.batch)."""
+    table = Table(title=f"{len(outcomes)} models", title_justify="left")
+    for column in ("model", "result", "size", "worst output SNR dB"):
+        table.add_column(column, justify="left" if column in ("model", "result") else "right")
+    for o in outcomes:
+        result = Text("ok", style="green") if o.exit_code == 0 else Text(f"exit {o.exit_code}: {o.message}", style="red")
+        size = f"{_size(o.input_bytes)} -> {_size(o.output_bytes)}" if o.report_json else "-"
+        table.add_row(str(o.model), result, size, "-" if o.snr_db is None else f"{o.snr_db:.2f}")
+    return table

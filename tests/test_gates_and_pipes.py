@@ -133,3 +133,27 @@ def test_special_output_files_are_written_in_place(tmp_path: Path, digits: Path)
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
     onnx.checker.check_model(onnx.load_from_string(bytes(received)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]  # no report beside a special file
+
+
+def test_batch_converts_a_directory_with_the_worst_exit_code(tmp_path: Path, digits: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "a.onnx").write_bytes(digits.read_bytes())
+    save(conv_model(cin=16, cout=32), models / "b.onnx")
+    (models / "c.onnx").write_bytes(b"junk")
+    out = tmp_path / "out"
+    result = invoke("kmeans", models, "--bits", "4", "-o", out, "--json")
+    assert result.exit_code == ExitCode.INPUT
+    assert "1 of 3 models failed" in result.stderr
+    reports = json.loads(result.stdout)
+    assert [r["input"]["path"] for r in reports] == [str(models / n) for n in ("a.onnx", "b.onnx", "c.onnx")]
+    assert reports[2]["exit_code"] == ExitCode.INPUT
+    assert sorted(p.name for p in out.iterdir()) == ["a.kmeans4.onnx", "a.kmeans4.report.json", "b.kmeans4.onnx", "b.kmeans4.report.json"]
+    # the same bytes as converting one model alone, in this process
+    assert invoke("kmeans", models / "a.onnx", "--bits", "4", "-o", tmp_path / "alone.onnx", "-q").exit_code == 0
+    assert (tmp_path / "alone.onnx").read_bytes() == (out / "a.kmeans4.onnx").read_bytes()
+
+
+def test_batch_needs_an_output_directory(tmp_path: Path, digits: Path) -> None:
+    result = invoke("kmeans", digits, digits, "--bits", "4")
+    assert result.exit_code == ExitCode.USAGE and "-o DIR" in result.stderr
