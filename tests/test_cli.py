@@ -142,7 +142,7 @@ def test_symbolic_dimension_that_cannot_be_one(tmp_path: Path) -> None:
 
 BAD_INPUTS = {  # case: (arguments, with {d} the folder and {m} a valid model), exit code, words in the message
     "missing file": ("kmeans {d}/nope.onnx --bits 4", ExitCode.INPUT, "no such file"),
-    "directory": ("kmeans {d} --bits 4", ExitCode.INPUT, "directory"),
+    "directory without -o": ("kmeans {d} --bits 4", ExitCode.USAGE, "need -o DIR"),
     "random bytes": ("kmeans {d}/junk.onnx --bits 4", ExitCode.INPUT, "not an ONNX model"),
     "empty file": ("kmeans {d}/empty.onnx --bits 4", ExitCode.INPUT, "not an ONNX model"),
     "nothing to quantize": ("kmeans {d}/relu.onnx --bits 4", ExitCode.UNSUPPORTED, "nothing to quantize"),
