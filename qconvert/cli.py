@@ -31,6 +31,7 @@ from qconvert.plan import (
     parse_input_shape,
 )
 from qconvert.report import Report, batch_summary, inspection, markdown, summary
+from qconvert.report_html import render as report_html_page
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -148,6 +149,8 @@ def output_options(command: Callable[..., Any]) -> Callable[..., Any]:
                          help="Output model path, - for stdout [default: MODEL.<method><bits>.onnx beside the input]."),
             click.option("--report", "report_path", type=click.Path(path_type=Path, dir_okay=False), help="JSON report path [default: the output path with .report.json]."),
             click.option("--report-md", type=click.Path(path_type=Path, dir_okay=False), help="Also write a Markdown summary (fits a CI job summary)."),
+            click.option("--report-html", type=click.Path(path_type=Path, dir_okay=False),
+                         help="Also write a self-contained HTML report with pictures (weight histograms and levels, per-layer error, sizes)."),
             click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout instead of the summary on stderr."),
             click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors."),
         ]
@@ -335,8 +338,8 @@ def _dispatch(models: tuple[Path, ...], plan: Plan, common: dict[str, Any]) -> N
 
 
 def _run_batch(models: tuple[Path, ...], plan: Plan, *, output: Path | None, as_json: bool, quiet: bool,
-               report_path: Path | None, report_md: Path | None, **common: Any) -> None:
-    if output is None or str(output) == "-" or report_path or report_md or any(str(m) == "-" for m in models):
+               report_path: Path | None, report_md: Path | None, report_html: Path | None, **common: Any) -> None:
+    if output is None or str(output) == "-" or report_path or report_md or report_html or any(str(m) == "-" for m in models):
         raise click.UsageError("several models (or a directory) need -o DIR; reports go beside each model, no -, --report or --report-md")
     paths = batch.expand(models)
     output.mkdir(parents=True, exist_ok=True)
@@ -383,6 +386,7 @@ def _run(
     output: Path | None,
     report_path: Path | None,
     report_md: Path | None,
+    report_html: Path | None,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -411,18 +415,20 @@ def _run(
         report.input_path = "-"
     if to_stdout:
         report.output_path = "-" if report.passed or keep_failed else None
-    _emit_reports(report, report_path, report_md)
+    _emit_reports(report, report_path, report_md, report_html)
     if to_stdout and report.output_path:
         sys.stdout.buffer.write(conversion.model_bytes)
         sys.stdout.buffer.flush()
     _finish(report, console, as_json)
 
 
-def _emit_reports(report: Report, report_path: Path | None, report_md: Path | None) -> None:
+def _emit_reports(report: Report, report_path: Path | None, report_md: Path | None, report_html: Path | None = None) -> None:
     if report_path is not None:
         io.write_atomically(report_path, report.to_json().encode())
     if report_md is not None:
         io.write_atomically(report_md, markdown(report).encode())
+    if report_html is not None:
+        io.write_atomically(report_html, report_html_page(report).encode())
 
 
 def _finish(report: Report, console: Console, as_json: bool) -> None:

@@ -32,7 +32,7 @@ from qconvert.opset import default_opset, raise_opset
 from qconvert.plan import Granularity, KMeansPlan, LinearPlan, Plan, ValidationPlan
 from qconvert.quant.kmeans import palettize, reconstruct
 from qconvert.quant.layout import snr_db, to_rows
-from qconvert.report import OpsetChange, Report, WeightReport
+from qconvert.report import Histogram, OpsetChange, Report, WeightReport
 from qconvert.select import Skipped, Weight, select_weights
 
 Progress = Callable[[str], None]
@@ -60,6 +60,7 @@ class Step:
     skipped: list[Skipped]
     warnings: list[str] = field(default_factory=list)
     details: dict[str, object] = field(default_factory=dict)
+    histograms: list[Histogram] = field(default_factory=list)
 
 
 def default_output(input_path: Path, plan: Plan) -> Path:
@@ -154,6 +155,7 @@ def convert(
         validation=result,
         latency_ms=latency,
         gates=checks,
+        histograms=step.histograms,
         details=step.details,
         timings=timings,
         warnings=warnings,
@@ -190,15 +192,18 @@ def _kmeans_step(model: onnx.ModelProto, plan: KMeansPlan, progress: Progress) -
     skipped = list(selection.skipped)
     items: list[EncodedWeight] = []
     reports: list[WeightReport] = []
+    histograms: list[Histogram] = []
     for i, weight in enumerate(_finite(selection.weights, skipped)):
         progress(f"palettizing {i + 1}/{len(selection.weights)}: {weight.name}")
-        item, report = _palettize(weight, weight.array(), plan, IndexStorage(opset.storage))
+        array = weight.array()
+        item, report = _palettize(weight, array, plan, IndexStorage(opset.storage))
         items.append(item)
         reports.append(report)
+        histograms.append(Histogram.of(weight.name, array, item.palette.codebook, rows=item.palette.codebook.shape[0]))
     _require_weights(items, skipped)
     progress("encoding")
     encode_palettes(model, items, bits=plan.bits, storage=IndexStorage(opset.storage))
-    return Step(model, opset, reports, skipped)
+    return Step(model, opset, reports, skipped, histograms=histograms)
 
 
 def _finite(weights: list[Weight], skipped: list[Skipped]) -> list[Weight]:
@@ -251,6 +256,7 @@ def _linear_step(model: onnx.ModelProto, plan: LinearPlan, input_path: Path, pro
 
     items = {}
     reports = []
+    histograms = []
     for i, weight in enumerate(weights):
         progress(f"quantizing {i + 1}/{len(weights)}: {weight.name}")
         axis, why = axes[weight.name]
@@ -264,6 +270,9 @@ def _linear_step(model: onnx.ModelProto, plan: LinearPlan, input_path: Path, pro
             groups=item.grid.scale.size, float_bytes=array.nbytes, stored_bytes=qdq.stored_bytes(item),
             snr_db=snr_db(array, item.dequantized()), note=_join(why, _readers_note(weight)),
         ))
+        grid = item.grid
+        levels = (np.arange(grid.qmin, grid.qmax + 1)[None, :] - grid.zero_point[:, None]) * grid.scale[:, None]
+        histograms.append(Histogram.of(weight.name, array, levels, rows=grid.scale.size))
     storage = np.dtype(next(iter(items.values())).storage).name
     opset = OpsetChange(before, max(before, needed), storage, note)
 
@@ -271,7 +280,7 @@ def _linear_step(model: onnx.ModelProto, plan: LinearPlan, input_path: Path, pro
         qdq.insert_weight_dq(model, list(items.values()))
         details["runtime"] = ("weights-only: integer weights stay small in memory, but onnxruntime dequantizes "
                               "them at every run (slower than float)")
-        return Step(model, opset, reports, skipped, warnings, details)
+        return Step(model, opset, reports, skipped, warnings, details, histograms)
 
     progress("calibrating activation ranges")
     names = set(items)
@@ -292,7 +301,7 @@ def _linear_step(model: onnx.ModelProto, plan: LinearPlan, input_path: Path, pro
     )
     if plan.bits == 4:
         warnings.append("int4 weights in a full QDQ graph are not fused into integer kernels by onnxruntime; int8 runs faster")
-    return Step(model, opset, reports, skipped, warnings, details)
+    return Step(model, opset, reports, skipped, warnings, details, histograms)
 
 
 def _calibration_feeds(model: onnx.ModelProto, plan: LinearPlan) -> validate.Feeds:

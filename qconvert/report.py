@@ -46,6 +46,26 @@ class WeightReport:
 
 
 @dataclass(frozen=True)
+class Histogram:
+    """A weight's value distribution and the levels it was mapped to (for the HTML report only)."""
+
+    name: str
+    counts: list[int]
+    edges: list[float]
+    levels: list[float]  # centroids or grid values (of one channel when per channel)
+    levels_of: str = ""  # "" for the whole tensor, else which channel's levels are drawn
+
+    @staticmethod
+    def of(name: str, array: Any, levels: Any, rows: int = 1, bins: int = 60) -> Histogram:
+        """`levels` is [rows, L]; with several rows (channels) the widest one is drawn."""
+        counts, edges = np.histogram(np.asarray(array, np.float64).ravel(), bins=bins)
+        per_row = np.asarray(levels, np.float64).reshape(rows, -1)
+        widest = int(np.argmax(per_row.max(axis=1) - per_row.min(axis=1)))
+        shown = np.unique(per_row[widest])
+        return Histogram(name, counts.tolist(), edges.tolist(), shown.tolist(), f"channel {widest}, the widest" if rows > 1 else "")
+
+
+@dataclass(frozen=True)
 class OpsetChange:
     before: int
     after: int
@@ -67,6 +87,7 @@ class Report:
     validation: ValidationResult | None
     latency_ms: dict[str, float] | None = None  # median onnxruntime run time, float vs converted
     gates: list[GateResult] = field(default_factory=list)
+    histograms: list[Histogram] = field(default_factory=list)  # HTML only, not in the JSON
     details: dict[str, Any] = field(default_factory=dict)  # method-specific facts
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)

@@ -157,3 +157,15 @@ def test_batch_converts_a_directory_with_the_worst_exit_code(tmp_path: Path, dig
 def test_batch_needs_an_output_directory(tmp_path: Path, digits: Path) -> None:
     result = invoke("kmeans", digits, digits, "--bits", "4")
     assert result.exit_code == ExitCode.USAGE and "-o DIR" in result.stderr
+
+
+def test_html_report_is_self_contained_with_pictures(tmp_path: Path, digits: Path, digits_data: Path) -> None:
+    page = tmp_path / "r.html"
+    result = invoke("kmeans", digits, "--bits", "3", "--per-channel", "--max-codebook-overhead", "inf", "--data", digits_data,
+                    "--min-snr", "10", "-o", tmp_path / "q.onnx", "--report-html", page, "-q")
+    assert result.exit_code == 0, result.output
+    text = page.read_text()
+    assert "<script" not in text and "http" not in text  # nothing fetched: it opens offline
+    assert text.count("<figure>") == 3  # the three layers (largest = worst here), each once
+    assert text.count("stroke='#d1495b'") == 3 * 8  # 8 centroids drawn over each histogram
+    assert "levels of channel" in text and "gates passed" in text and "conv3.weight" in text
