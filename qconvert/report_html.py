@@ -14,7 +14,7 @@ h1{font-size:20px;margin:0 0 4px} h2{font-size:16px;margin:28px 0 8px;border-bot
 .muted{color:#666} .pass{color:#16794a;font-weight:600} .fail{color:#b3261e;font-weight:600}
 table{border-collapse:collapse;margin:6px 0} td,th{padding:3px 10px;border-bottom:1px solid #eee;text-align:right}
 td:first-child,th:first-child{text-align:left} .grid{display:flex;flex-wrap:wrap;gap:16px}
-figure{margin:0;border:1px solid #e4e4e4;border-radius:6px;padding:8px;width:320px} figcaption{font-size:12px;color:#444}
+figure{margin:0;border:1px solid #e4e4e4;border-radius:6px;padding:8px;width:300px} figcaption{font-size:12px;color:#444}
 """
 
 
@@ -57,7 +57,7 @@ def _chosen(report: Report) -> list[tuple[Histogram, str]]:
     return chosen
 
 
-def _histogram(h: Histogram, caption: str, width: int = 320, height: int = 150) -> str:
+def _histogram(h: Histogram, caption: str, width: int = 300, height: int = 150) -> str:
     lo, hi = h.edges[0], h.edges[-1]
     span = (hi - lo) or 1.0
     top = max(h.counts) or 1
