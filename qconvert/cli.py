@@ -15,6 +15,7 @@ import click
 from rich.console import Console
 
 from qconvert import __version__, batch, io
+from qconvert.config import layer_overrides, load_config
 from qconvert.errors import ExitCode, GateFailed, QConvertError
 from qconvert.gates import GateResult, Gates
 from qconvert.images import Preprocessing
@@ -125,6 +126,14 @@ def validation_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
+def config_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--config", type=click.Path(path_type=Path, dir_okay=False), is_eager=True, expose_value=False, callback=load_config,
+        help="TOML file of options (any long option, without dashes) and [[layer]] overrides (match, bits, granularity, skip); "
+             "the command line wins.",
+    )(command)
+
+
 def gate_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Quality gates: a converted model that fails one exits 5 and is not written (unless --keep-failed)."""
     for option in reversed(
@@ -171,6 +180,7 @@ def output_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @validation_options
 @gate_options
 @output_options
+@config_option
 def kmeans(models: tuple[Path, ...], bits: int, per_channel: bool, max_codebook_overhead: float, min_elements: int,
            exclude: tuple[str, ...], keep_opset: bool, **common: Any) -> None:
     """Palettize weights: a codebook of 2**bits centroids (k-means) plus low-bit indices.
@@ -194,6 +204,7 @@ def kmeans(models: tuple[Path, ...], bits: int, per_channel: bool, max_codebook_
         exclude=exclude,
         raise_opset=not keep_opset,
         max_codebook_overhead=max_codebook_overhead,
+        overrides=layer_overrides(),
     )
     _dispatch(models, plan, common)
 
@@ -224,6 +235,7 @@ def kmeans(models: tuple[Path, ...], bits: int, per_channel: bool, max_codebook_
 @validation_options
 @gate_options
 @output_options
+@config_option
 def linear(models: tuple[Path, ...], bits: str, per_channel: bool, symmetric: bool, weights_only: bool, calibration: Path | None,
            image_size: str | None, layout: str | None, channel_order: str, pixel_scale: float, mean: str, std: str,
            calibration_method: str, percentile: float, no_fold: bool, min_elements: int, exclude: tuple[str, ...], **common: Any) -> None:
@@ -262,6 +274,7 @@ def linear(models: tuple[Path, ...], bits: str, per_channel: bool, symmetric: bo
         fold_batchnorm=not no_fold,
         min_elements=min_elements,
         exclude=exclude,
+        overrides=layer_overrides(),
     )
     _dispatch(models, plan, common)
 

@@ -67,6 +67,8 @@ class EncodedWeight:
     weight: Weight
     palette: Palette
     axis: int | None  # channel axis of the codebooks; None for one codebook
+    bits: int
+    storage: IndexStorage
 
 
 def stored_bytes(palette: Palette, storage: IndexStorage, bits: int) -> int:
@@ -88,7 +90,7 @@ def pack_indices(indices: np.ndarray, bits: int) -> np.ndarray:
     return words.astype("<u8").view(np.uint8).reshape(groups, 8)[:, :bits].copy()
 
 
-def encode_palettes(model: onnx.ModelProto, items: list[EncodedWeight], *, bits: int, storage: IndexStorage) -> onnx.ModelProto:
+def encode_palettes(model: onnx.ModelProto, items: list[EncodedWeight]) -> onnx.ModelProto:
     """Replace each weight by its palette and decode nodes, in place; returns `model`.
 
     The palette tensors become initializers of the graph that held the weight (initializer or Constant
@@ -96,13 +98,13 @@ def encode_palettes(model: onnx.ModelProto, items: list[EncodedWeight], *, bits:
     name, so every consumer reads it unchanged.
     """
     opset = default_opset(model)
-    replace_weights(model, [(item.weight, partial(_decode, item=item, bits=bits, storage=storage, opset=opset)) for item in items])
+    replace_weights(model, [(item.weight, partial(_decode, item=item, opset=opset)) for item in items])
     return model
 
 
-def _decode(edit: GraphEdit, *, item: EncodedWeight, bits: int, storage: IndexStorage, opset: int) -> None:
+def _decode(edit: GraphEdit, *, item: EncodedWeight, opset: int) -> None:
     """Tensors and nodes that rebuild the weight: indices -> (unpack) -> (+ channel offset) -> Gather."""
-    weight, palette, axis = item.weight, item.palette, item.axis
+    weight, palette, axis, bits, storage = item.weight, item.palette, item.axis, item.bits, item.storage
     base, shape = weight.name, weight.shape
     channels, k = palette.codebook.shape
     indices = from_rows(palette.indices, shape, axis)

@@ -29,11 +29,11 @@ from qconvert.gates import Gates
 from qconvert.gates import evaluate as evaluate_gates
 from qconvert.images import load_images
 from qconvert.opset import default_opset, raise_opset
-from qconvert.plan import Granularity, KMeansPlan, LinearPlan, Plan, ValidationPlan
+from qconvert.plan import Granularity, KMeansPlan, LinearPlan, Plan, ValidationPlan, layer_setting
 from qconvert.quant.kmeans import palettize, reconstruct
 from qconvert.quant.layout import snr_db, to_rows
 from qconvert.report import Histogram, OpsetChange, Report, WeightReport
-from qconvert.select import Skipped, Weight, select_weights
+from qconvert.select import Selection, Skipped, Weight, select_weights
 
 Progress = Callable[[str], None]
 CALIBRATION_BATCH = 4  # samples per calibration run: activations of a whole batch are held at once
@@ -187,23 +187,40 @@ def compare_models(float_path: Path, converted_path: Path, validation: Validatio
 
 
 def _kmeans_step(model: onnx.ModelProto, plan: KMeansPlan, progress: Progress) -> Step:
-    model, opset = _prepare_opset(model, plan)
-    selection = select_weights(model, min_elements=plan.min_elements, exclude=plan.exclude)
+    selection = _select(model, plan)
+    settings = {w.name: layer_setting(plan, w.name) for w in selection.weights}
+    model, opset, storages = _prepare_opset(model, plan, {bits for bits, _, _ in settings.values()})
+    if opset.after != opset.before:
+        selection = _select(model, plan)  # the converted model holds other proto objects
     skipped = list(selection.skipped)
     items: list[EncodedWeight] = []
     reports: list[WeightReport] = []
     histograms: list[Histogram] = []
     for i, weight in enumerate(_finite(selection.weights, skipped)):
         progress(f"palettizing {i + 1}/{len(selection.weights)}: {weight.name}")
+        bits, granularity, _ = settings[weight.name]
         array = weight.array()
-        item, report = _palettize(weight, array, plan, IndexStorage(opset.storage))
+        item, report = _palettize(weight, array, plan, bits, granularity, storages[bits])
         items.append(item)
         reports.append(report)
         histograms.append(Histogram.of(weight.name, array, item.palette.codebook, rows=item.palette.codebook.shape[0]))
     _require_weights(items, skipped)
     progress("encoding")
-    encode_palettes(model, items, bits=plan.bits, storage=IndexStorage(opset.storage))
+    encode_palettes(model, items)
     return Step(model, opset, reports, skipped, histograms=histograms)
+
+
+def _select(model: onnx.ModelProto, plan: Plan) -> Selection:
+    """The weights to quantize: selection minus those a layer override skips (reported as skipped)."""
+    selection = select_weights(model, min_elements=plan.min_elements, exclude=plan.exclude)
+    kept = []
+    for weight in selection.weights:
+        if layer_setting(plan, weight.name)[2]:
+            selection.skipped.append(Skipped(weight.name, weight.op_types, "skipped by a layer override", weight.shape))
+        else:
+            kept.append(weight)
+    selection.weights = kept
+    return selection
 
 
 def _finite(weights: list[Weight], skipped: list[Skipped]) -> list[Weight]:
@@ -229,7 +246,7 @@ def _linear_step(model: onnx.ModelProto, plan: LinearPlan, input_path: Path, pro
     if plan.fold_batchnorm:
         folded = fold_batchnorm(model)
         details["folded_batchnorm"] = folded
-    selection = select_weights(model, min_elements=plan.min_elements, exclude=plan.exclude)
+    selection = _select(model, plan)
     skipped = list(selection.skipped)
     weights = []
     for weight in _finite(selection.weights, skipped):
@@ -238,20 +255,22 @@ def _linear_step(model: onnx.ModelProto, plan: LinearPlan, input_path: Path, pro
         else:
             weights.append(weight)
     _require_weights(weights, skipped)
-    axes = {w.name: _linear_axis(w, plan) for w in weights}
+    bits_of = {w.name: layer_setting(plan, w.name)[0] for w in weights}
+    axes = {w.name: _linear_axis(w, layer_setting(plan, w.name)[1]) for w in weights}
+    int4 = 4 in bits_of.values()
 
     before = default_opset(model)
     needed = max(
         10,
         13 if any(axis is not None for axis, _ in axes.values()) else 10,
         19 if any(w.tensor.data_type != onnx.TensorProto.FLOAT for w in weights) else 10,  # typed scales
-        21 if plan.bits == 4 else 10,
+        21 if int4 else 10,
     )
     note = None
     if before < needed:
         model = raise_opset(model, needed)  # an UnsupportedModelError says why it cannot
-        note = f"opset raised from {before} to {needed} for {'int4' if plan.bits == 4 else 'per-channel'} DequantizeLinear"
-        selection = select_weights(model, min_elements=plan.min_elements, exclude=plan.exclude)
+        note = f"opset raised from {before} to {needed} for {'int4' if int4 else 'per-channel'} DequantizeLinear"
+        selection = _select(model, plan)
         weights = [w for w in selection.weights if w.name in axes]
 
     items = {}
@@ -261,11 +280,11 @@ def _linear_step(model: onnx.ModelProto, plan: LinearPlan, input_path: Path, pro
         progress(f"quantizing {i + 1}/{len(weights)}: {weight.name}")
         axis, why = axes[weight.name]
         array = weight.array()
-        item = qdq.quantize_weight(weight, array, bits=plan.bits, symmetric=plan.symmetric, axis=axis)
+        item = qdq.quantize_weight(weight, array, bits=bits_of[weight.name], symmetric=plan.symmetric, axis=axis)
         items[weight.name] = item
         reports.append(WeightReport(
             name=weight.name, source=weight.source, graph=weight.graph_path, consumers=[c.op_type for c in weight.consumers],
-            shape=list(weight.shape), elements=weight.elements, dtype=str(array.dtype), bits=plan.bits,
+            shape=list(weight.shape), elements=weight.elements, dtype=str(array.dtype), bits=item.bits,
             granularity=(Granularity.PER_TENSOR if axis is None else Granularity.PER_CHANNEL).value, channel_axis=axis,
             groups=item.grid.scale.size, float_bytes=array.nbytes, stored_bytes=qdq.stored_bytes(item),
             snr_db=snr_db(array, item.dequantized()), note=_join(why, _readers_note(weight)),
@@ -273,7 +292,7 @@ def _linear_step(model: onnx.ModelProto, plan: LinearPlan, input_path: Path, pro
         grid = item.grid
         levels = (np.arange(grid.qmin, grid.qmax + 1)[None, :] - grid.zero_point[:, None]) * grid.scale[:, None]
         histograms.append(Histogram.of(weight.name, array, levels, rows=grid.scale.size))
-    storage = np.dtype(next(iter(items.values())).storage).name
+    storage = ", ".join(sorted({np.dtype(item.storage).name for item in items.values()}))
     opset = OpsetChange(before, max(before, needed), storage, note)
 
     if plan.calibration is None:
@@ -299,7 +318,7 @@ def _linear_step(model: onnx.ModelProto, plan: LinearPlan, input_path: Path, pro
         activations_absorbed=absorbed,
         runtime="full QDQ: onnxruntime fuses DequantizeLinear -> op -> QuantizeLinear into integer kernels (QLinearConv, QGemm ...)",
     )
-    if plan.bits == 4:
+    if int4:
         warnings.append("int4 weights in a full QDQ graph are not fused into integer kernels by onnxruntime; int8 runs faster")
     return Step(model, opset, reports, skipped, warnings, details, histograms)
 
@@ -327,54 +346,61 @@ def _join(*notes: str | None) -> str | None:
     return "; ".join(n for n in notes if n) or None
 
 
-def _linear_axis(weight: Weight, plan: LinearPlan) -> tuple[int | None, str | None]:
-    """The scale axis for a weight, and why it differs from what the plan asked, if it does."""
+def _linear_axis(weight: Weight, granularity: Granularity) -> tuple[int | None, str | None]:
+    """The scale axis for a weight, and why it differs from what was asked, if it does."""
     axis = weight.channel_axis
-    if plan.granularity is Granularity.PER_CHANNEL:
+    if granularity is Granularity.PER_CHANNEL:
         return axis, None if axis is not None else "per-tensor: its consumers disagree on the channel axis"
     if weight.depthwise and axis is not None:
         return axis, "per-channel: depthwise kernels lose badly under one scale per tensor"
     return None, None
 
 
-def _prepare_opset(model: onnx.ModelProto, plan: KMeansPlan) -> tuple[onnx.ModelProto, OpsetChange]:
-    """Pick the index storage; raise the opset if that storage needs it and the plan allows."""
+def _prepare_opset(model: onnx.ModelProto, plan: KMeansPlan, bits_used: set[int]) -> tuple[onnx.ModelProto, OpsetChange, dict[int, IndexStorage]]:
+    """Pick the index storage per bit width; raise the opset if one needs it and the plan allows."""
     before = default_opset(model)
-    storage = preferred_storage(plan.bits)
-    needed = min_opset(storage)
+    storages = {bits: preferred_storage(bits) for bits in bits_used}
+    needed = max((min_opset(s) for s in storages.values()), default=before)
+
+    def described(chosen: dict[int, IndexStorage]) -> str:
+        return ", ".join(sorted({s.value for s in chosen.values()})) or "-"
+
     if before >= needed:
-        return model, OpsetChange(before, before, storage.value)
+        return model, OpsetChange(before, before, described(storages)), storages
+    wanted = ", ".join(sorted({s.value for s in storages.values() if min_opset(s) > before}))
     if plan.raise_opset:
         try:
             converted = raise_opset(model, needed)
-            return converted, OpsetChange(before, needed, storage.value, f"opset raised from {before} to {needed} for {storage.value} indices")
+            note = f"opset raised from {before} to {needed} for {wanted} indices"
+            return converted, OpsetChange(before, needed, described(storages), note), storages
         except QConvertError as e:
             reason = str(e)
     else:
         reason = "--keep-opset"
-    fallback = fallback_storage(plan.bits, before)
-    note = f"{storage.value} indices need opset {needed} ({reason}); stored as {fallback.value} instead"
-    return model, OpsetChange(before, before, fallback.value, note)
+    fallback = {bits: s if min_opset(s) <= before else fallback_storage(bits, before) for bits, s in storages.items()}
+    note = f"{wanted} indices need opset {needed} ({reason}); stored as {described(fallback)} instead"
+    return model, OpsetChange(before, before, described(fallback), note), fallback
 
 
-def _palettize(weight: Weight, array: np.ndarray, plan: KMeansPlan, storage: IndexStorage) -> tuple[EncodedWeight, WeightReport]:
+def _palettize(weight: Weight, array: np.ndarray, plan: KMeansPlan, bits: int, granularity: Granularity,
+               storage: IndexStorage) -> tuple[EncodedWeight, WeightReport]:
     axis, note = None, None
-    if plan.granularity is Granularity.PER_CHANNEL:
+    if granularity is Granularity.PER_CHANNEL:
         axis = weight.channel_axis
         if axis is None:
             note = "per-tensor: its consumers disagree on the channel axis"
         else:
             # C codebooks cost C·K·itemsize bytes. Past about one bit per weight, one more index bit per
             # tensor (about +6 dB) buys more accuracy than per-channel codebooks do.
-            overhead_bits = weight.shape[axis] * (1 << plan.bits) * array.itemsize * 8 / weight.elements
+            overhead_bits = weight.shape[axis] * (1 << bits) * array.itemsize * 8 / weight.elements
             if overhead_bits > plan.max_codebook_overhead:
                 note = (f"per-tensor: per-channel codebooks would add {overhead_bits:.2f} bits per weight "
                         f"(> --max-codebook-overhead {plan.max_codebook_overhead:g})")
                 axis = None
     note = _join(note, _readers_note(weight))
     rows = to_rows(array, axis)
-    palette = palettize(rows, bits=plan.bits)
-    item = EncodedWeight(weight, palette, axis)
+    palette = palettize(rows, bits=bits)
+    item = EncodedWeight(weight, palette, axis, bits, storage)
     report = WeightReport(
         name=weight.name,
         source=weight.source,
@@ -383,12 +409,12 @@ def _palettize(weight: Weight, array: np.ndarray, plan: KMeansPlan, storage: Ind
         shape=list(weight.shape),
         elements=weight.elements,
         dtype=str(array.dtype),
-        bits=plan.bits,
+        bits=bits,
         granularity=(Granularity.PER_TENSOR if axis is None else Granularity.PER_CHANNEL).value,
         channel_axis=axis,
         groups=palette.codebook.shape[0],
         float_bytes=array.nbytes,
-        stored_bytes=stored_bytes(palette, storage, plan.bits),
+        stored_bytes=stored_bytes(palette, storage, bits),
         snr_db=snr_db(rows, reconstruct(palette)),
         note=note,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -18,6 +19,30 @@ class Granularity(str, Enum):
 
 
 @dataclass(frozen=True)
+class LayerOverride:
+    """Per-layer settings for weights whose name matches (exactly or as a glob); later entries win."""
+
+    match: str
+    bits: int | None = None
+    granularity: Granularity | None = None
+    skip: bool = False
+
+    def applies_to(self, name: str) -> bool:
+        return name == self.match or fnmatch.fnmatchcase(name, self.match)
+
+
+def layer_setting(plan: KMeansPlan | LinearPlan, name: str) -> tuple[int, Granularity, bool]:
+    """(bits, granularity, skip) for one weight: the plan's, refined by every override that matches."""
+    bits, granularity, skip = plan.bits, plan.granularity, False
+    for override in plan.overrides:
+        if override.applies_to(name):
+            bits = override.bits if override.bits is not None else bits
+            granularity = override.granularity or granularity
+            skip = skip or override.skip
+    return bits, granularity, skip
+
+
+@dataclass(frozen=True)
 class KMeansPlan:
     """Palettize weights: 2**bits centroids per tensor or per output channel."""
 
@@ -28,10 +53,12 @@ class KMeansPlan:
     raise_opset: bool = True  # allow raising the opset for uint4/uint2 index storage
     # per-channel codebooks may add at most this many bits per weight; past it a weight stays per-tensor
     max_codebook_overhead: float = 1.0
+    overrides: tuple[LayerOverride, ...] = ()
 
     def __post_init__(self) -> None:
-        if not 1 <= self.bits <= 8:
-            raise UsageError(f"--bits must be between 1 and 8, got {self.bits}")
+        for bits in (self.bits, *(o.bits for o in self.overrides if o.bits is not None)):
+            if not 1 <= bits <= 8:
+                raise UsageError(f"--bits must be between 1 and 8, got {bits}")
         if self.max_codebook_overhead < 0:
             raise UsageError(f"--max-codebook-overhead must be >= 0, got {self.max_codebook_overhead}")
         if self.min_elements < 1:
@@ -61,10 +88,12 @@ class LinearPlan:
     fold_batchnorm: bool = True
     min_elements: int = 1
     exclude: tuple[str, ...] = ()
+    overrides: tuple[LayerOverride, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.bits not in (4, 8):
-            raise UsageError(f"--bits must be 8 or 4 for linear quantization, got {self.bits}")
+        for bits in (self.bits, *(o.bits for o in self.overrides if o.bits is not None)):
+            if bits not in (4, 8):
+                raise UsageError(f"--bits must be 8 or 4 for linear quantization, got {bits}")
         if not 50.0 < self.percentile <= 100.0:
             raise UsageError(f"--percentile must be in (50, 100], got {self.percentile}")
         if self.min_elements < 1:

@@ -44,7 +44,7 @@ def run_round_trip(model: onnx.ModelProto, bits: int, per_channel: bool, storage
     axis = weight.channel_axis if per_channel else None
     palette = palettize(to_rows(array, axis), bits=bits)
     expected = from_rows(reconstruct(palette), array.shape, axis)
-    encode_palettes(model, [EncodedWeight(weight, palette, axis)], bits=bits, storage=storage)
+    encode_palettes(model, [EncodedWeight(weight, palette, axis, bits, storage)])
     onnx.checker.check_model(model, full_check=True)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = np.zeros(session.get_inputs()[0].shape, array.dtype)
@@ -124,7 +124,7 @@ def test_onnxruntime_folds_the_decoding_at_load(tmp_path: Path) -> None:
         model.graph.node.pop()
         (weight,) = select_weights(model).weights
         palette = palettize(to_rows(weight.array(), 0), bits=4)
-        encode_palettes(model, [EncodedWeight(weight, palette, 0)], bits=4, storage=storage)
+        encode_palettes(model, [EncodedWeight(weight, palette, 0, 4, storage)])
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.optimized_model_filepath = str(tmp_path / f"optimized_{storage.value}.onnx")

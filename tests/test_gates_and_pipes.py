@@ -169,3 +169,61 @@ def test_html_report_is_self_contained_with_pictures(tmp_path: Path, digits: Pat
     assert text.count("<figure>") == 3  # the three layers (largest = worst here), each once
     assert text.count("stroke='#d1495b'") == 3 * 8  # 8 centroids drawn over each histogram
     assert "levels of channel" in text and "gates passed" in text and "conv3.weight" in text
+
+
+CONFIG = """
+bits = 2
+per-channel = true
+min-snr = 5
+exclude = ["fc1.*"]
+
+[[layer]]
+match = "conv3.*"
+bits = 6
+granularity = "per-tensor"
+
+[[layer]]
+match = "conv2.weight"
+skip = true
+"""
+
+
+def test_config_file_options_and_layer_overrides(tmp_path: Path, digits: Path, digits_data: Path) -> None:
+    (tmp_path / "qconvert.toml").write_text(CONFIG)
+    result = invoke("kmeans", digits, "--config", tmp_path / "qconvert.toml", "--data", digits_data, "-o", tmp_path / "q.onnx", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["options"]["bits"] == 2 and report["options"]["granularity"] == "per-channel"
+    assert [(w["name"], w["bits"], w["granularity"]) for w in report["per_weight"]] == [("conv3.weight", 6, "per-tensor")]
+    reasons = {s["name"]: s["reason"] for s in report["skipped"]}
+    assert reasons["conv2.weight"] == "skipped by a layer override" and "exclude" in reasons["fc1.weight"]
+    assert report["gates"]["checks"][0]["limit"] == 5
+    # the command line wins over the file
+    result = invoke("kmeans", digits, "--config", tmp_path / "qconvert.toml", "--bits", "3", "--per-tensor", "-o", tmp_path / "q.onnx", "--json")
+    assert json.loads(result.stdout)["options"]["bits"] == 3 and json.loads(result.stdout)["options"]["granularity"] == "per-tensor"
+
+
+def test_mixed_bit_widths_store_each_at_its_width(tmp_path: Path, digits: Path) -> None:
+    (tmp_path / "mixed.toml").write_text('bits = 4\n[[layer]]\nmatch = "fc1.weight"\nbits = 2\n[[layer]]\nmatch = "conv2.weight"\nbits = 8\n')
+    out = tmp_path / "q.onnx"
+    result = invoke("kmeans", digits, "--config", tmp_path / "mixed.toml", "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["opset"]["after"] == 25 and report["opset"]["storage"] == "uint2, uint4, uint8"
+    types = {t.name: t.data_type for t in onnx.load(str(out)).graph.initializer if t.name.endswith("_indices")}
+    assert types == {"conv2.weight_qc_indices": onnx.TensorProto.UINT8, "conv3.weight_qc_indices": onnx.TensorProto.UINT4,
+                     "fc1.weight_qc_indices": onnx.TensorProto.UINT2}
+
+
+def test_bad_config_files(tmp_path: Path, digits: Path) -> None:
+    cases = {
+        "unknown = 1\n": (ExitCode.USAGE, "'unknown' is not an option of qconvert kmeans"),
+        "[[layer]]\nbits = 2\n": (ExitCode.USAGE, "needs match"),
+        "[[layer]]\nmatch = 'x'\nmethod = 'linear'\n": (ExitCode.USAGE, "unknown keys ['method']"),
+        "bits = = 2\n": (ExitCode.INPUT, "not a readable TOML file"),
+    }
+    for text, (code, words) in cases.items():
+        (tmp_path / "c.toml").write_text(text)
+        result = invoke("kmeans", digits, "--bits", "4", "--config", tmp_path / "c.toml", "-o", tmp_path / "q.onnx")
+        assert result.exit_code == code, (text, result.output)
+        assert words in result.stderr
