@@ -14,6 +14,10 @@
     match = "head.weight"
     skip = true
 
+    [[layer]]                     # in qconvert kmeans: these weights become int8 DequantizeLinear
+    match = "stem.*"
+    method = "linear"
+
 Options given on the command line override the file.
 """
 
@@ -29,7 +33,7 @@ from qconvert.errors import InputError, UsageError
 from qconvert.plan import Granularity, LayerOverride
 
 LAYERS_KEY = "qconvert.layers"  # where the overrides wait in click's context meta
-LAYER_KEYS = {"match", "bits", "granularity", "skip"}
+LAYER_KEYS = {"match", "bits", "granularity", "skip", "method"}
 
 
 def load_config(ctx: click.Context, param: click.Parameter, path: Path | None) -> None:
@@ -80,4 +84,5 @@ def _layer(entry: Any, path: Path) -> LayerOverride:
         bits=entry.get("bits"),
         granularity=Granularity(granularity) if granularity else None,
         skip=bool(entry.get("skip", False)),
+        method=entry.get("method"),
     )

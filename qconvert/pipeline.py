@@ -187,27 +187,60 @@ def compare_models(float_path: Path, converted_path: Path, validation: Validatio
 
 
 def _kmeans_step(model: onnx.ModelProto, plan: KMeansPlan, progress: Progress) -> Step:
+    """Palettize the weights; layers that an override switches to linear get DequantizeLinear instead."""
     selection = _select(model, plan)
     settings = {w.name: layer_setting(plan, w.name) for w in selection.weights}
-    model, opset, storages = _prepare_opset(model, plan, {bits for bits, _, _ in settings.values()})
+    palette_bits = {s.bits for s in settings.values() if s.method == "kmeans"}
+    linear_axes = {w.name: _linear_axis(w, settings[w.name].granularity) for w in selection.weights if settings[w.name].method == "linear"}
+    linear_needs = max([10, *(13 for axis, _ in linear_axes.values() if axis is not None),
+                        *(21 for name in linear_axes if settings[name].bits == 4)]) if linear_axes else 1
+    model, opset, storages = _prepare_opset(model, plan, palette_bits, linear_needs)
     if opset.after != opset.before:
         selection = _select(model, plan)  # the converted model holds other proto objects
     skipped = list(selection.skipped)
     items: list[EncodedWeight] = []
+    linear_items: list[qdq.LinearWeight] = []
     reports: list[WeightReport] = []
     histograms: list[Histogram] = []
     for i, weight in enumerate(_finite(selection.weights, skipped)):
-        progress(f"palettizing {i + 1}/{len(selection.weights)}: {weight.name}")
-        bits, granularity, _ = settings[weight.name]
+        progress(f"quantizing {i + 1}/{len(selection.weights)}: {weight.name}")
+        setting = settings[weight.name]
         array = weight.array()
-        item, report = _palettize(weight, array, plan, bits, granularity, storages[bits])
+        if setting.method == "linear":
+            axis, why = linear_axes[weight.name]
+            linear = qdq.quantize_weight(weight, array, bits=setting.bits, symmetric=True, axis=axis)
+            linear_items.append(linear)
+            reports.append(_linear_report(weight, array, linear, _join("linear by a layer override", why)))
+            histograms.append(_linear_histogram(weight.name, array, linear))
+            continue
+        item, report = _palettize(weight, array, plan, setting.bits, setting.granularity, storages[setting.bits])
         items.append(item)
         reports.append(report)
         histograms.append(Histogram.of(weight.name, array, item.palette.codebook, rows=item.palette.codebook.shape[0]))
-    _require_weights(items, skipped)
+    _require_weights([*items, *linear_items], skipped)
     progress("encoding")
     encode_palettes(model, items)
+    qdq.insert_weight_dq(model, linear_items)
+    if linear_items:
+        kinds = {np.dtype(x.storage).name for x in linear_items}
+        opset = dataclasses.replace(opset, storage=", ".join(sorted({*opset.storage.split(", "), *kinds} - {"-"})))
     return Step(model, opset, reports, skipped, histograms=histograms)
+
+
+def _linear_report(weight: Weight, array: np.ndarray, item: qdq.LinearWeight, note: str | None) -> WeightReport:
+    return WeightReport(
+        name=weight.name, source=weight.source, graph=weight.graph_path, consumers=[c.op_type for c in weight.consumers],
+        shape=list(weight.shape), elements=weight.elements, dtype=str(array.dtype), bits=item.bits,
+        granularity=(Granularity.PER_TENSOR if item.axis is None else Granularity.PER_CHANNEL).value, channel_axis=item.axis,
+        groups=item.grid.scale.size, float_bytes=array.nbytes, stored_bytes=qdq.stored_bytes(item),
+        snr_db=snr_db(array, item.dequantized()), note=_join(note, _readers_note(weight)),
+    )
+
+
+def _linear_histogram(name: str, array: np.ndarray, item: qdq.LinearWeight) -> Histogram:
+    grid = item.grid
+    levels = (np.arange(grid.qmin, grid.qmax + 1)[None, :] - grid.zero_point[:, None]) * grid.scale[:, None]
+    return Histogram.of(name, array, levels, rows=grid.scale.size)
 
 
 def _select(model: onnx.ModelProto, plan: Plan) -> Selection:
@@ -215,7 +248,7 @@ def _select(model: onnx.ModelProto, plan: Plan) -> Selection:
     selection = select_weights(model, min_elements=plan.min_elements, exclude=plan.exclude)
     kept = []
     for weight in selection.weights:
-        if layer_setting(plan, weight.name)[2]:
+        if layer_setting(plan, weight.name).skip:
             selection.skipped.append(Skipped(weight.name, weight.op_types, "skipped by a layer override", weight.shape))
         else:
             kept.append(weight)
@@ -255,8 +288,8 @@ def _linear_step(model: onnx.ModelProto, plan: LinearPlan, input_path: Path, pro
         else:
             weights.append(weight)
     _require_weights(weights, skipped)
-    bits_of = {w.name: layer_setting(plan, w.name)[0] for w in weights}
-    axes = {w.name: _linear_axis(w, layer_setting(plan, w.name)[1]) for w in weights}
+    bits_of = {w.name: layer_setting(plan, w.name).bits for w in weights}
+    axes = {w.name: _linear_axis(w, layer_setting(plan, w.name).granularity) for w in weights}
     int4 = 4 in bits_of.values()
 
     before = default_opset(model)
@@ -282,16 +315,8 @@ def _linear_step(model: onnx.ModelProto, plan: LinearPlan, input_path: Path, pro
         array = weight.array()
         item = qdq.quantize_weight(weight, array, bits=bits_of[weight.name], symmetric=plan.symmetric, axis=axis)
         items[weight.name] = item
-        reports.append(WeightReport(
-            name=weight.name, source=weight.source, graph=weight.graph_path, consumers=[c.op_type for c in weight.consumers],
-            shape=list(weight.shape), elements=weight.elements, dtype=str(array.dtype), bits=item.bits,
-            granularity=(Granularity.PER_TENSOR if axis is None else Granularity.PER_CHANNEL).value, channel_axis=axis,
-            groups=item.grid.scale.size, float_bytes=array.nbytes, stored_bytes=qdq.stored_bytes(item),
-            snr_db=snr_db(array, item.dequantized()), note=_join(why, _readers_note(weight)),
-        ))
-        grid = item.grid
-        levels = (np.arange(grid.qmin, grid.qmax + 1)[None, :] - grid.zero_point[:, None]) * grid.scale[:, None]
-        histograms.append(Histogram.of(weight.name, array, levels, rows=grid.scale.size))
+        reports.append(_linear_report(weight, array, item, why))
+        histograms.append(_linear_histogram(weight.name, array, item))
     storage = ", ".join(sorted({np.dtype(item.storage).name for item in items.values()}))
     opset = OpsetChange(before, max(before, needed), storage, note)
 
@@ -356,24 +381,32 @@ def _linear_axis(weight: Weight, granularity: Granularity) -> tuple[int | None, 
     return None, None
 
 
-def _prepare_opset(model: onnx.ModelProto, plan: KMeansPlan, bits_used: set[int]) -> tuple[onnx.ModelProto, OpsetChange, dict[int, IndexStorage]]:
-    """Pick the index storage per bit width; raise the opset if one needs it and the plan allows."""
+def _prepare_opset(model: onnx.ModelProto, plan: KMeansPlan, bits_used: set[int],
+                   linear_needs: int = 1) -> tuple[onnx.ModelProto, OpsetChange, dict[int, IndexStorage]]:
+    """Pick the index storage per bit width; raise the opset if one needs it and the plan allows.
+
+    `linear_needs` is the opset that linear layers of the plan require (they cannot fall back).
+    """
     before = default_opset(model)
     storages = {bits: preferred_storage(bits) for bits in bits_used}
-    needed = max((min_opset(s) for s in storages.values()), default=before)
+    needed = max([linear_needs, *(min_opset(s) for s in storages.values())])
+    if before < linear_needs and not plan.raise_opset:
+        raise UnsupportedModelError(f"linear layers need opset {linear_needs}, and --keep-opset forbids raising it from {before}")
 
     def described(chosen: dict[int, IndexStorage]) -> str:
         return ", ".join(sorted({s.value for s in chosen.values()})) or "-"
 
     if before >= needed:
         return model, OpsetChange(before, before, described(storages)), storages
-    wanted = ", ".join(sorted({s.value for s in storages.values() if min_opset(s) > before}))
+    wanted = ", ".join(sorted({s.value for s in storages.values() if min_opset(s) > before})) or "DequantizeLinear"
     if plan.raise_opset:
         try:
             converted = raise_opset(model, needed)
             note = f"opset raised from {before} to {needed} for {wanted} indices"
             return converted, OpsetChange(before, needed, described(storages), note), storages
         except QConvertError as e:
+            if before < linear_needs:
+                raise
             reason = str(e)
     else:
         reason = "--keep-opset"

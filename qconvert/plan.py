@@ -26,20 +26,32 @@ class LayerOverride:
     bits: int | None = None
     granularity: Granularity | None = None
     skip: bool = False
+    method: str | None = None  # "linear" inside a kmeans plan: int8/int4 DequantizeLinear for these weights
 
     def applies_to(self, name: str) -> bool:
         return name == self.match or fnmatch.fnmatchcase(name, self.match)
 
 
-def layer_setting(plan: KMeansPlan | LinearPlan, name: str) -> tuple[int, Granularity, bool]:
-    """(bits, granularity, skip) for one weight: the plan's, refined by every override that matches."""
-    bits, granularity, skip = plan.bits, plan.granularity, False
-    for override in plan.overrides:
-        if override.applies_to(name):
-            bits = override.bits if override.bits is not None else bits
-            granularity = override.granularity or granularity
-            skip = skip or override.skip
-    return bits, granularity, skip
+@dataclass(frozen=True)
+class LayerSetting:
+    method: str
+    bits: int
+    granularity: Granularity
+    skip: bool
+
+
+def layer_setting(plan: KMeansPlan | LinearPlan, name: str) -> LayerSetting:
+    """How one weight is quantized: the plan's settings, refined by every override that matches.
+
+    An override that switches a kmeans plan's layer to linear without giving bits means int8.
+    """
+    setting = LayerSetting(plan.method, plan.bits, plan.granularity, False)
+    for o in plan.overrides:
+        if o.applies_to(name):
+            method = o.method or setting.method
+            bits = o.bits if o.bits is not None else (8 if method != setting.method and method == "linear" else setting.bits)
+            setting = LayerSetting(method, bits, o.granularity or setting.granularity, setting.skip or o.skip)
+    return setting
 
 
 @dataclass(frozen=True)
@@ -56,7 +68,12 @@ class KMeansPlan:
     overrides: tuple[LayerOverride, ...] = ()
 
     def __post_init__(self) -> None:
-        for bits in (self.bits, *(o.bits for o in self.overrides if o.bits is not None)):
+        for o in self.overrides:
+            if o.method not in (None, "kmeans", "linear"):
+                raise UsageError(f"[[layer]] {o.match!r}: method must be kmeans or linear, got {o.method!r}")
+            if o.method == "linear" and o.bits not in (None, 4, 8):
+                raise UsageError(f"[[layer]] {o.match!r}: linear layers take bits 8 or 4, got {o.bits}")
+        for bits in (self.bits, *(o.bits for o in self.overrides if o.bits is not None and o.method != "linear")):
             if not 1 <= bits <= 8:
                 raise UsageError(f"--bits must be between 1 and 8, got {bits}")
         if self.max_codebook_overhead < 0:
@@ -91,6 +108,8 @@ class LinearPlan:
     overrides: tuple[LayerOverride, ...] = ()
 
     def __post_init__(self) -> None:
+        if any(o.method == "kmeans" for o in self.overrides):
+            raise UsageError("[[layer]] method = 'kmeans' works in qconvert kmeans (with linear layers), not in qconvert linear")
         for bits in (self.bits, *(o.bits for o in self.overrides if o.bits is not None)):
             if bits not in (4, 8):
                 raise UsageError(f"--bits must be 8 or 4 for linear quantization, got {bits}")

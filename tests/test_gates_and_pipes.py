@@ -219,7 +219,8 @@ def test_bad_config_files(tmp_path: Path, digits: Path) -> None:
     cases = {
         "unknown = 1\n": (ExitCode.USAGE, "'unknown' is not an option of qconvert kmeans"),
         "[[layer]]\nbits = 2\n": (ExitCode.USAGE, "needs match"),
-        "[[layer]]\nmatch = 'x'\nmethod = 'linear'\n": (ExitCode.USAGE, "unknown keys ['method']"),
+        "[[layer]]\nmatch = 'x'\ncolour = 'red'\n": (ExitCode.USAGE, "unknown keys ['colour']"),
+        "[[layer]]\nmatch = 'x'\nmethod = 'magic'\n": (ExitCode.USAGE, "method must be kmeans or linear"),
         "bits = = 2\n": (ExitCode.INPUT, "not a readable TOML file"),
     }
     for text, (code, words) in cases.items():
@@ -227,3 +228,17 @@ def test_bad_config_files(tmp_path: Path, digits: Path) -> None:
         result = invoke("kmeans", digits, "--bits", "4", "--config", tmp_path / "c.toml", "-o", tmp_path / "q.onnx")
         assert result.exit_code == code, (text, result.output)
         assert words in result.stderr
+
+
+def test_hybrid_kmeans_with_linear_layers(tmp_path: Path, digits: Path, digits_data: Path) -> None:
+    (tmp_path / "hybrid.toml").write_text('bits = 3\n[[layer]]\nmatch = "fc1.weight"\nmethod = "linear"\nbits = 4\ngranularity = "per-channel"\n')
+    out = tmp_path / "q.onnx"
+    result = invoke("kmeans", digits, "--config", tmp_path / "hybrid.toml", "--data", digits_data, "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    fc1 = next(w for w in report["per_weight"] if w["name"] == "fc1.weight")
+    assert fc1["bits"] == 4 and fc1["granularity"] == "per-channel" and "linear" in fc1["note"]
+    assert report["opset"]["after"] == 21 and report["opset"]["storage"] == "int4, packed"
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert ops.count("DequantizeLinear") == 1 and ops.count("Gather") == 2
+    assert report["validation"]["accuracy"]["quantized_top1"] > 0.95
