@@ -4,7 +4,8 @@
 
 Both get the same calibration inputs (seeded random for the random-weight models, the first 100
 held-out digits for the digits CNN); both are scored on other inputs by output SNR vs the float model,
-onnxruntime latency (median of 30 runs, batch 1) and file size. Prints a Markdown table.
+onnxruntime latency (median of 40 rounds, batch 1, the three models timed in turn each round so that
+machine noise hits them alike) and file size. Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -40,22 +41,29 @@ def ort_quantize(src: Path, dst: Path, calibration: np.ndarray, name: str) -> No
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
 
 
-def score(float_path: Path, path: Path, inputs: np.ndarray, name: str) -> tuple[float, float]:
+def sessions(*paths: Path) -> list[ort.InferenceSession]:
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    ref = ort.InferenceSession(str(float_path), options, providers=["CPUExecutionProvider"])
-    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    want = np.concatenate([ref.run(None, {name: inputs[i : i + 1]})[0] for i in range(len(inputs))]).astype(np.float64)
-    got = np.concatenate([sess.run(None, {name: inputs[i : i + 1]})[0] for i in range(len(inputs))]).astype(np.float64)
-    snr = 10 * np.log10(np.sum(want**2) / np.sum((want - got) ** 2))
-    one = {name: inputs[:1]}
-    sess.run(None, one)
-    times = []
-    for _ in range(30):
-        start = time.perf_counter()
-        sess.run(None, one)
-        times.append(time.perf_counter() - start)
-    return float(snr), 1000 * float(np.median(times))
+    return [ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]) for p in paths]
+
+
+def snr(reference: ort.InferenceSession, session: ort.InferenceSession, inputs: np.ndarray, name: str) -> float:
+    want = np.concatenate([reference.run(None, {name: inputs[i : i + 1]})[0] for i in range(len(inputs))]).astype(np.float64)
+    got = np.concatenate([session.run(None, {name: inputs[i : i + 1]})[0] for i in range(len(inputs))]).astype(np.float64)
+    return float(10 * np.log10(np.sum(want**2) / np.sum((want - got) ** 2)))
+
+
+def latencies(runs: list[ort.InferenceSession], feed: dict[str, np.ndarray], rounds: int = 40) -> list[float]:
+    """Median ms per session, the sessions timed in turn each round so machine noise hits all alike."""
+    times: list[list[float]] = [[] for _ in runs]
+    for s in runs:
+        s.run(None, feed)
+    for _ in range(rounds):
+        for i, s in enumerate(runs):
+            start = time.perf_counter()
+            s.run(None, feed)
+            times[i].append(time.perf_counter() - start)
+    return [1000 * float(np.median(t)) for t in times]
 
 
 def main() -> None:
@@ -88,9 +96,10 @@ def main() -> None:
             start = time.perf_counter()
             convert(path, ours, LinearPlan(granularity=Granularity.PER_CHANNEL, calibration=Path(tmp) / "calib.npz"), None)
             our_time = time.perf_counter() - start
-            _, float_ms = score(path, path, evaluation[:1], input_name)
-            ort_snr, ort_ms = score(path, theirs, evaluation, input_name)
-            our_snr, our_ms = score(path, ours, evaluation, input_name)
+            reference, theirs_session, ours_session = sessions(path, theirs, ours)
+            ort_snr = snr(reference, theirs_session, evaluation, input_name)
+            our_snr = snr(reference, ours_session, evaluation, input_name)
+            float_ms, ort_ms, our_ms = latencies([reference, theirs_session, ours_session], {input_name: evaluation[:1]})
             size = path.stat().st_size
             print(f"| {name} | quantize_static | {ort_time:.1f} | {100 * theirs.stat().st_size / size:.1f} | {ort_snr:.2f} | {ort_ms:.2f} ({float_ms:.2f}) | | | |")
             print(f"| {name} | qconvert | {our_time:.1f} | {100 * ours.stat().st_size / size:.1f} | {our_snr:.2f} | {our_ms:.2f} ({float_ms:.2f}) | "

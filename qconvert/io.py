@@ -46,12 +46,11 @@ def verify_written(path: Path) -> None:
         raise OutputError(f"{path}: the written model does not read back as valid ONNX ({first_line(e)}); removed it") from e
 
 
-def save_model(model: onnx.ModelProto, path: Path) -> int:
-    """Write `model` to `path` atomically (temp file + rename); returns the size in bytes."""
+def save_model(data: bytes, path: Path) -> int:
+    """Write a serialized model to `path` atomically (temp file + rename); returns the size in bytes."""
     directory = path.parent
     if not directory.is_dir():
         raise OutputError(f"{directory}: output directory does not exist")
-    data = model.SerializeToString()
     return write_atomically(path, data)
 
 

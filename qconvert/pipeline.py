@@ -113,7 +113,7 @@ def convert(
     if isinstance(plan, KMeansPlan):
         step = _kmeans_step(model, plan, progress)
     else:
-        step = _linear_step(model, plan, input_path, progress)
+        step = _linear_step(model, plan, progress)
     lap("quantize")
 
     warnings = step.warnings + _check(step.model, input_path)
@@ -138,7 +138,7 @@ def convert(
         output_path = None
     if output_path is not None:
         progress("writing")
-        io.save_model(step.model, output_path)
+        io.save_model(model_bytes, output_path)
         io.verify_written(output_path)
         lap("write")
     timings["total"] = round(sum(timings.values()), 4)
@@ -191,9 +191,10 @@ def _kmeans_step(model: onnx.ModelProto, plan: KMeansPlan, progress: Progress) -
     selection = _select(model, plan)
     settings = {w.name: layer_setting(plan, w.name) for w in selection.weights}
     palette_bits = {s.bits for s in settings.values() if s.method == "kmeans"}
-    linear_axes = {w.name: _linear_axis(w, settings[w.name].granularity) for w in selection.weights if settings[w.name].method == "linear"}
-    linear_needs = max([10, *(13 for axis, _ in linear_axes.values() if axis is not None),
-                        *(21 for name in linear_axes if settings[name].bits == 4)]) if linear_axes else 1
+    linear_weights = [w for w in selection.weights if settings[w.name].method == "linear"]
+    linear_axes = {w.name: _linear_axis(w, settings[w.name].granularity) for w in linear_weights}
+    linear_bits = {settings[w.name].bits for w in linear_weights}
+    linear_needs = _linear_opset(linear_weights, linear_axes, linear_bits) if linear_weights else 1
     model, opset, storages = _prepare_opset(model, plan, palette_bits, linear_needs)
     if opset.after != opset.before:
         selection = _select(model, plan)  # the converted model holds other proto objects
@@ -225,6 +226,16 @@ def _kmeans_step(model: onnx.ModelProto, plan: KMeansPlan, progress: Progress) -
         kinds = {np.dtype(x.storage).name for x in linear_items}
         opset = dataclasses.replace(opset, storage=", ".join(sorted({*opset.storage.split(", "), *kinds} - {"-"})))
     return Step(model, opset, reports, skipped, histograms=histograms)
+
+
+def _linear_opset(weights: list[Weight], axes: dict[str, tuple[int | None, str | None]], bits: set[int]) -> int:
+    """The opset DequantizeLinear needs for these weights: per-axis 13, typed scales 19, int4 21."""
+    return max(
+        10,
+        13 if any(axis is not None for axis, _ in axes.values()) else 10,
+        19 if any(w.tensor.data_type != onnx.TensorProto.FLOAT for w in weights) else 10,
+        21 if 4 in bits else 10,
+    )
 
 
 def _linear_report(weight: Weight, array: np.ndarray, item: qdq.LinearWeight, note: str | None) -> WeightReport:
@@ -273,7 +284,7 @@ def _require_weights(items: Sequence[object], skipped: list[Skipped]) -> None:
         raise UnsupportedModelError(f"nothing to quantize ({reasons})")
 
 
-def _linear_step(model: onnx.ModelProto, plan: LinearPlan, input_path: Path, progress: Progress) -> Step:
+def _linear_step(model: onnx.ModelProto, plan: LinearPlan, progress: Progress) -> Step:
     details: dict[str, object] = {}
     warnings: list[str] = []
     if plan.fold_batchnorm:
@@ -293,12 +304,7 @@ def _linear_step(model: onnx.ModelProto, plan: LinearPlan, input_path: Path, pro
     int4 = 4 in bits_of.values()
 
     before = default_opset(model)
-    needed = max(
-        10,
-        13 if any(axis is not None for axis, _ in axes.values()) else 10,
-        19 if any(w.tensor.data_type != onnx.TensorProto.FLOAT for w in weights) else 10,  # typed scales
-        21 if int4 else 10,
-    )
+    needed = _linear_opset(weights, axes, set(bits_of.values()))
     note = None
     if before < needed:
         model = raise_opset(model, needed)  # an UnsupportedModelError says why it cannot
