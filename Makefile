@@ -28,6 +28,8 @@ lint: $(STAMP)
 
 # Tables of size/accuracy/time, and qconvert linear vs onnxruntime's quantize_static (several minutes).
 bench: $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
+	$(PY) bench/kmeans_vs_sklearn.py
 	$(PY) bench/kmeans_table.py
 	$(PY) bench/linear_vs_ort.py
 
