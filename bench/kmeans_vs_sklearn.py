@@ -40,7 +40,7 @@ def main() -> None:
         onnx.save(cnn_shapes.resnet(), str(path))
     weights = sorted(select_weights(onnx.load(str(path))).weights, key=lambda w: -w.elements)[: args.limit]
     k = 1 << args.bits
-    print(f"| weight | elements | qconvert s | sklearn s | time ratio | MSE ratio (qconvert / sklearn) |")
+    print("| weight | elements | qconvert s | sklearn s | time ratio | MSE ratio (qconvert / sklearn) |")
     print("|---|---:|---:|---:|---:|---:|")
     totals = [0.0, 0.0]
     for w in weights:
