@@ -65,7 +65,8 @@ def worst(outcomes: list[Outcome]) -> int:
 
 def _run(job: Job) -> Outcome:
     try:
-        report = convert(job.model, job.output, job.plan, job.validation, gates=job.gates, keep_failed=job.keep_failed).report
+        # one process per model already: no nested pool
+        report = convert(job.model, job.output, job.plan, job.validation, gates=job.gates, keep_failed=job.keep_failed, workers=1).report
     except QConvertError as e:
         return Outcome(job.model, int(e.exit_code), str(e), None)
     except Exception as e:  # a bug in one model's conversion must not sink the others

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -30,7 +32,7 @@ from qconvert.gates import evaluate as evaluate_gates
 from qconvert.images import load_images
 from qconvert.opset import default_opset, raise_opset
 from qconvert.plan import Granularity, KMeansPlan, LinearPlan, Plan, ValidationPlan, layer_setting
-from qconvert.quant.kmeans import palettize, reconstruct
+from qconvert.quant.kmeans import Palette, palettize_tensor, reconstruct
 from qconvert.quant.layout import snr_db, to_rows
 from qconvert.report import Histogram, OpsetChange, Report, WeightReport
 from qconvert.select import Selection, Skipped, Weight, select_weights
@@ -39,6 +41,7 @@ Progress = Callable[[str], None]
 CALIBRATION_BATCH = 4  # samples per calibration run: activations of a whole batch are held at once
 MIN_CALIBRATION_SAMPLES = 16
 NO_GATES = Gates()
+PARALLEL_MIN_ELEMENTS = 1 << 21  # below this, starting processes costs more than it saves
 MIN_OPSET = 7  # Cast takes its type as an int from opset 6 on; onnxruntime supports 7+
 
 
@@ -81,11 +84,12 @@ def convert(
     progress: Progress = lambda _: None,
     gates: Gates = NO_GATES,
     keep_failed: bool = False,
+    workers: int = 2,
 ) -> Conversion:
     """Quantize the model at `input_path` as `plan` says; write it to `output_path` (None: don't write).
 
     With gates, a model that fails one is not written unless `keep_failed`; the report says which
-    gate, the measured value and the limit.
+    gate, the measured value and the limit. `workers` processes share the k-means of big models.
     """
     if gates.any and validation is None:
         raise UsageError("quality gates need validation: drop --no-validate")
@@ -111,7 +115,7 @@ def convert(
     lap("load")
 
     if isinstance(plan, KMeansPlan):
-        step = _kmeans_step(model, plan, progress)
+        step = _kmeans_step(model, plan, progress, workers)
     else:
         step = _linear_step(model, plan, progress)
     lap("quantize")
@@ -186,7 +190,7 @@ def compare_models(float_path: Path, converted_path: Path, validation: Validatio
     )
 
 
-def _kmeans_step(model: onnx.ModelProto, plan: KMeansPlan, progress: Progress) -> Step:
+def _kmeans_step(model: onnx.ModelProto, plan: KMeansPlan, progress: Progress, workers: int) -> Step:
     """Palettize the weights; layers that an override switches to linear get DequantizeLinear instead."""
     selection = _select(model, plan)
     settings = {w.name: layer_setting(plan, w.name) for w in selection.weights}
@@ -203,8 +207,8 @@ def _kmeans_step(model: onnx.ModelProto, plan: KMeansPlan, progress: Progress) -
     linear_items: list[qdq.LinearWeight] = []
     reports: list[WeightReport] = []
     histograms: list[Histogram] = []
-    for i, weight in enumerate(_finite(selection.weights, skipped)):
-        progress(f"quantizing {i + 1}/{len(selection.weights)}: {weight.name}")
+    pending: list[tuple[Weight, np.ndarray, int | None, str | None]] = []
+    for weight in _finite(selection.weights, skipped):
         setting = settings[weight.name]
         array = weight.array()
         if setting.method == "linear":
@@ -213,11 +217,16 @@ def _kmeans_step(model: onnx.ModelProto, plan: KMeansPlan, progress: Progress) -
             linear_items.append(linear)
             reports.append(_linear_report(weight, array, linear, _join("linear by a layer override", why)))
             histograms.append(_linear_histogram(weight.name, array, linear))
-            continue
-        item, report = _palettize(weight, array, plan, setting.bits, setting.granularity, storages[setting.bits])
+        else:
+            pending.append((weight, array, *_codebook_axis(weight, array.itemsize, plan, setting.bits, setting.granularity)))
+    progress(f"palettizing {len(pending)} weights")
+    palettes = _palettes([(array, settings[w.name].bits, axis) for w, array, axis, _ in pending], workers)
+    for (weight, array, axis, note), palette in zip(pending, palettes):
+        bits = settings[weight.name].bits
+        item = EncodedWeight(weight, palette, axis, bits, storages[bits])
         items.append(item)
-        reports.append(report)
-        histograms.append(Histogram.of(weight.name, array, item.palette.codebook, rows=item.palette.codebook.shape[0]))
+        reports.append(_palette_report(weight, array, item, note))
+        histograms.append(Histogram.of(weight.name, array, palette.codebook, rows=palette.codebook.shape[0]))
     _require_weights([*items, *linear_items], skipped)
     progress("encoding")
     encode_palettes(model, items)
@@ -421,26 +430,35 @@ def _prepare_opset(model: onnx.ModelProto, plan: KMeansPlan, bits_used: set[int]
     return model, OpsetChange(before, before, described(fallback), note), fallback
 
 
-def _palettize(weight: Weight, array: np.ndarray, plan: KMeansPlan, bits: int, granularity: Granularity,
-               storage: IndexStorage) -> tuple[EncodedWeight, WeightReport]:
-    axis, note = None, None
-    if granularity is Granularity.PER_CHANNEL:
-        axis = weight.channel_axis
-        if axis is None:
-            note = "per-tensor: its consumers disagree on the channel axis"
-        else:
-            # C codebooks cost C·K·itemsize bytes. Past about one bit per weight, one more index bit per
-            # tensor (about +6 dB) buys more accuracy than per-channel codebooks do.
-            overhead_bits = weight.shape[axis] * (1 << bits) * array.itemsize * 8 / weight.elements
-            if overhead_bits > plan.max_codebook_overhead:
-                note = (f"per-tensor: per-channel codebooks would add {overhead_bits:.2f} bits per weight "
-                        f"(> --max-codebook-overhead {plan.max_codebook_overhead:g})")
-                axis = None
-    note = _join(note, _readers_note(weight))
-    rows = to_rows(array, axis)
-    palette = palettize(rows, bits=bits)
-    item = EncodedWeight(weight, palette, axis, bits, storage)
-    report = WeightReport(
+def _codebook_axis(weight: Weight, itemsize: int, plan: KMeansPlan, bits: int, granularity: Granularity) -> tuple[int | None, str | None]:
+    """The axis of per-channel codebooks (None: one codebook), and why it differs from what was asked."""
+    if granularity is not Granularity.PER_CHANNEL:
+        return None, None
+    axis = weight.channel_axis
+    if axis is None:
+        return None, "per-tensor: its consumers disagree on the channel axis"
+    # C codebooks cost C·K·itemsize bytes. Past about one bit per weight, one more index bit per tensor
+    # (about +6 dB) buys more accuracy than per-channel codebooks do.
+    overhead_bits = weight.shape[axis] * (1 << bits) * itemsize * 8 / weight.elements
+    if overhead_bits > plan.max_codebook_overhead:
+        return None, (f"per-tensor: per-channel codebooks would add {overhead_bits:.2f} bits per weight "
+                      f"(> --max-codebook-overhead {plan.max_codebook_overhead:g})")
+    return axis, None
+
+
+def _palettes(jobs: list[tuple[np.ndarray, int, int | None]], workers: int) -> list[Palette]:
+    """palettize_tensor over all jobs; big models use a process per core (results do not depend on it)."""
+    if workers < 2 or len(jobs) < 2 or sum(a.size for a, _, _ in jobs) < PARALLEL_MIN_ELEMENTS:
+        return [palettize_tensor(*job) for job in jobs]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        arrays, bits, axes = zip(*jobs)
+        return list(pool.map(palettize_tensor, arrays, bits, axes))
+
+
+def _palette_report(weight: Weight, array: np.ndarray, item: EncodedWeight, note: str | None) -> WeightReport:
+    palette, axis = item.palette, item.axis
+    return WeightReport(
         name=weight.name,
         source=weight.source,
         graph=weight.graph_path,
@@ -448,16 +466,15 @@ def _palettize(weight: Weight, array: np.ndarray, plan: KMeansPlan, bits: int, g
         shape=list(weight.shape),
         elements=weight.elements,
         dtype=str(array.dtype),
-        bits=bits,
+        bits=item.bits,
         granularity=(Granularity.PER_TENSOR if axis is None else Granularity.PER_CHANNEL).value,
         channel_axis=axis,
         groups=palette.codebook.shape[0],
         float_bytes=array.nbytes,
-        stored_bytes=stored_bytes(palette, storage, bits),
-        snr_db=snr_db(rows, reconstruct(palette)),
-        note=note,
+        stored_bytes=stored_bytes(palette, item.storage, item.bits),
+        snr_db=snr_db(to_rows(array, axis), reconstruct(palette)),
+        note=_join(note, _readers_note(weight)),
     )
-    return item, report
 
 
 def _check(model: onnx.ModelProto, input_path: Path) -> list[str]:

@@ -7,6 +7,8 @@ from typing import Literal
 
 import numpy as np
 
+from qconvert.quant.layout import to_rows
+
 MAX_ITERATIONS = 300
 Side = Literal["left", "right"]
 
@@ -44,6 +46,11 @@ def palettize(rows: np.ndarray, *, bits: int, max_points: int | None = None) -> 
 
     codebook = np.sort(centroids, axis=1).astype(rows.dtype)  # rounded to what will be stored
     return Palette(codebook=codebook, indices=nearest(rows, codebook))
+
+
+def palettize_tensor(array: np.ndarray, bits: int, axis: int | None) -> Palette:
+    """`palettize` of a whole weight: one codebook, or one per slice along `axis` (a process-pool job)."""
+    return palettize(to_rows(array, axis), bits=bits)
 
 
 def _cluster(x: np.ndarray, k: int, max_points: int) -> np.ndarray:
