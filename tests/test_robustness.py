@@ -218,3 +218,15 @@ def test_unwritable_output_location(tmp_path: Path) -> None:
     save(conv_model(cin=16, cout=32), tmp_path / "m.onnx")
     before = files(tmp_path)
     check_contract(invoke("kmeans", tmp_path / "m.onnx", "--bits", "4", "-o", "/proc/q.onnx"), ExitCode.OUTPUT, "cannot write", tmp_path, before)
+
+
+def test_raising_the_opset_leaves_the_original_model_intact() -> None:
+    from qconvert.opset import raise_opset
+
+    model = conv_model(cin=64, cout=64, opset=11)
+    before = model.SerializeToString()
+    converted = raise_opset(model, 21)
+    assert model.SerializeToString() == before
+    assert converted.opset_import[0].version == 21
+    assert [t.raw_data for t in converted.graph.initializer] == [t.raw_data for t in model.graph.initializer]
+    onnx.checker.check_model(converted, full_check=True)
