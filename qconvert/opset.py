@@ -69,5 +69,5 @@ def _restore(model: onnx.ModelProto, data: dict[str, bytes]) -> None:
     for tensor in model.graph.initializer:
         if tensor.name in data and tensor.data_location == onnx.TensorProto.EXTERNAL:
             del tensor.external_data[:]
-            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.ClearField("data_location")  # as it was: absent, not an explicit DEFAULT
             tensor.raw_data = data[tensor.name]
