@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -207,21 +208,24 @@ def _kmeans_step(model: onnx.ModelProto, plan: KMeansPlan, progress: Progress, w
     linear_items: list[qdq.LinearWeight] = []
     reports: list[WeightReport] = []
     histograms: list[Histogram] = []
-    pending: list[tuple[Weight, np.ndarray, int | None, str | None]] = []
+    pending: list[tuple[Weight, int | None, str | None]] = []
     for weight in _finite(selection.weights, skipped):
         setting = settings[weight.name]
-        array = weight.array()
         if setting.method == "linear":
+            array = weight.array()
             axis, why = linear_axes[weight.name]
             linear = qdq.quantize_weight(weight, array, bits=setting.bits, symmetric=True, axis=axis)
             linear_items.append(linear)
             reports.append(_linear_report(weight, array, linear, _join("linear by a layer override", why)))
             histograms.append(_linear_histogram(weight.name, array, linear))
         else:
-            pending.append((weight, array, *_codebook_axis(weight, array.itemsize, plan, setting.bits, setting.granularity)))
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(weight.tensor.data_type).itemsize
+            pending.append((weight, *_codebook_axis(weight, itemsize, plan, setting.bits, setting.granularity)))
     progress(f"palettizing {len(pending)} weights")
-    palettes = _palettes([(array, settings[w.name].bits, axis) for w, array, axis, _ in pending], workers)
-    for (weight, array, axis, note), palette in zip(pending, palettes):
+    jobs = ((w.array(), settings[w.name].bits, axis) for w, axis, _ in pending)  # one array at a time
+    palettes = _palettes(jobs, sum(w.elements for w, _, _ in pending), workers)
+    for (weight, axis, note), palette in zip(pending, palettes):
+        array = weight.array()
         bits = settings[weight.name].bits
         item = EncodedWeight(weight, palette, axis, bits, storages[bits])
         items.append(item)
@@ -446,14 +450,22 @@ def _codebook_axis(weight: Weight, itemsize: int, plan: KMeansPlan, bits: int, g
     return axis, None
 
 
-def _palettes(jobs: list[tuple[np.ndarray, int, int | None]], workers: int) -> list[Palette]:
-    """palettize_tensor over all jobs; big models use a process per core (results do not depend on it)."""
-    if workers < 2 or len(jobs) < 2 or sum(a.size for a, _, _ in jobs) < PARALLEL_MIN_ELEMENTS:
-        return [palettize_tensor(*job) for job in jobs]
+def _palettes(jobs: Iterator[tuple[np.ndarray, int, int | None]], total_elements: int, workers: int) -> Iterator[Palette]:
+    """palettize_tensor over the jobs, in order. Big models use a process per core, with at most a few
+    tensors in flight so memory stays bounded (results do not depend on the number of workers)."""
+    if workers < 2 or total_elements < PARALLEL_MIN_ELEMENTS:
+        for job in jobs:
+            yield palettize_tensor(*job)
+        return
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        arrays, bits, axes = zip(*jobs)
-        return list(pool.map(palettize_tensor, arrays, bits, axes))
+        in_flight: deque[Future[Palette]] = deque()
+        for job in jobs:
+            in_flight.append(pool.submit(palettize_tensor, *job))
+            if len(in_flight) > workers:
+                yield in_flight.popleft().result()
+        while in_flight:
+            yield in_flight.popleft().result()
 
 
 def _palette_report(weight: Weight, array: np.ndarray, item: EncodedWeight, note: str | None) -> WeightReport:
