@@ -44,6 +44,13 @@ def verify_written(path: Path) -> None:
         raise OutputError(f"{path}: the written model does not read back as valid ONNX ({first_line(e)}); removed it") from e
 
 
+def size_on_disk(path: Path) -> int:
+    """The model file plus the external data files it names (a model over 2 GB keeps its weights there)."""
+    model = onnx.load(str(path), load_external_data=False)
+    locations = {entry.value for t in model.graph.initializer for entry in t.external_data if entry.key == "location"}
+    return path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).is_file())
+
+
 def save_model(data: bytes, path: Path) -> int:
     """Write a serialized model to `path` atomically (temp file + rename); returns the size in bytes."""
     directory = path.parent

@@ -107,7 +107,7 @@ def convert(
 
     progress("loading")
     model = io.load_model(input_path)
-    input_bytes = input_path.stat().st_size
+    input_bytes = io.size_on_disk(input_path)
     if default_opset(model) < MIN_OPSET:
         raise UnsupportedModelError(
             f"{input_path}: opset {default_opset(model)} is older than {MIN_OPSET}, the oldest qconvert supports; "
@@ -178,7 +178,7 @@ def compare_models(float_path: Path, converted_path: Path, validation: Validatio
         method="compare",
         options=_options(None, validation),
         input_path=str(float_path),
-        input_bytes=float_path.stat().st_size,
+        input_bytes=io.size_on_disk(float_path),
         output_path=str(converted_path),
         output_bytes=converted_path.stat().st_size,
         opset=OpsetChange(default_opset(reference), default_opset(converted), "-"),

@@ -230,3 +230,12 @@ def test_raising_the_opset_leaves_the_original_model_intact() -> None:
     assert converted.opset_import[0].version == 21
     assert [t.raw_data for t in converted.graph.initializer] == [t.raw_data for t in model.graph.initializer]
     onnx.checker.check_model(converted, full_check=True)
+
+
+def test_external_data_model_converts_and_counts_its_data(tmp_path: Path) -> None:
+    onnx.save(conv_model(cin=64, cout=64), str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.data", size_threshold=0)
+    result = invoke("kmeans", tmp_path / "m.onnx", "--bits", "4", "-o", tmp_path / "q.onnx", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["input"]["bytes"] == (tmp_path / "m.onnx").stat().st_size + (tmp_path / "m.data").stat().st_size
+    assert report["size_ratio"] < 0.2
