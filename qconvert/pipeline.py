@@ -123,6 +123,7 @@ def convert(
 
     warnings = step.warnings + _check(step.model, input_path)
     model_bytes = step.model.SerializeToString()
+    del model, step.model  # only the bytes from here on: a big model must not sit beside onnxruntime's copies
     lap("check")
 
     result, latency = None, None
