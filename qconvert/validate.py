@@ -76,7 +76,6 @@ def session(model: str | bytes, what: str) -> ort.InferenceSession:
     """An onnxruntime CPU session; `model` is a path or serialized bytes."""
     options = ort.SessionOptions()
     options.log_severity_level = 4  # fatal only: failures come back as one-line errors instead
-    options.add_session_config_entry("session.disable_prepacking", "1")  # no second copy of every weight
     try:
         return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own untyped errors
