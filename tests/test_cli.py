@@ -199,13 +199,14 @@ def test_written_model_runs_like_the_report_says(tmp_path: Path, digits: Path, d
 
 
 def test_parallel_palettization_gives_the_same_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import qconvert.methods.kmeans as kmeans_method
     import qconvert.pipeline as pipeline
     from qconvert.plan import Granularity, KMeansPlan
 
     from cnn_shapes import resnet
 
     model = save(resnet(width=8, blocks=(1, 1, 1, 1), classes=10, size=32), tmp_path / "m.onnx")
-    monkeypatch.setattr(pipeline, "PARALLEL_MIN_ELEMENTS", 0)  # use the pool even for this small model
+    monkeypatch.setattr(kmeans_method, "PARALLEL_MIN_ELEMENTS", 0)  # use the pool even for this small model
     plan = KMeansPlan(bits=3, granularity=Granularity.PER_CHANNEL, min_elements=256)
     serial = pipeline.convert(model, tmp_path / "a.onnx", plan, None, workers=1).model_bytes
     parallel = pipeline.convert(model, tmp_path / "b.onnx", plan, None, workers=2).model_bytes

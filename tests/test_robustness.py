@@ -157,14 +157,14 @@ def test_disk_full_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_internal_errors_are_one_line_unless_debug(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import qconvert.pipeline
+    import qconvert.methods.kmeans
 
     save(conv_model(cin=16, cout=32), tmp_path / "m.onnx")
 
     def broken(*args: object, **kwargs: object) -> None:
         raise ZeroDivisionError("simulated bug")
 
-    monkeypatch.setattr(qconvert.pipeline, "encode_palettes", broken)
+    monkeypatch.setattr(qconvert.methods.kmeans, "encode_palettes", broken)
     result = invoke("kmeans", tmp_path / "m.onnx", "--bits", "4")
     assert result.exit_code == ExitCode.INTERNAL
     assert "internal error: ZeroDivisionError: simulated bug" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,173 @@
+"""The k-means method: palettes per weight (a process per core for big models), decoded in the graph."""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+
+import numpy as np
+import onnx
+
+from qconvert import qdq
+from qconvert.encode import (
+    EncodedWeight,
+    IndexStorage,
+    encode_palettes,
+    fallback_storage,
+    min_opset,
+    preferred_storage,
+    stored_bytes,
+)
+from qconvert.errors import QConvertError, UnsupportedModelError
+from qconvert.methods.common import Progress, Step, finite, join, readers_note, require_weights, select
+from qconvert.methods.linear import linear_axis, linear_histogram, linear_opset, linear_report
+from qconvert.opset import default_opset, raise_opset
+from qconvert.plan import Granularity, KMeansPlan, layer_setting
+from qconvert.quant.kmeans import Palette, palettize_tensor, reconstruct
+from qconvert.quant.layout import snr_db, to_rows
+from qconvert.report import Histogram, OpsetChange, WeightReport
+from qconvert.select import Weight
+
+PARALLEL_MIN_ELEMENTS = 1 << 21  # below this, starting processes costs more than it saves
+
+
+def kmeans_step(model: onnx.ModelProto, plan: KMeansPlan, progress: Progress, workers: int) -> Step:
+    """Palettize the weights; layers that an override switches to linear get DequantizeLinear instead."""
+    selection = select(model, plan)
+    settings = {w.name: layer_setting(plan, w.name) for w in selection.weights}
+    palette_bits = {s.bits for s in settings.values() if s.method == "kmeans"}
+    linear_weights = [w for w in selection.weights if settings[w.name].method == "linear"]
+    linear_axes = {w.name: linear_axis(w, settings[w.name].granularity) for w in linear_weights}
+    linear_bits = {settings[w.name].bits for w in linear_weights}
+    linear_needs = linear_opset(linear_weights, linear_axes, linear_bits) if linear_weights else 1
+    model, opset, storages = _prepare_opset(model, plan, palette_bits, linear_needs)
+    if opset.after != opset.before:
+        selection = select(model, plan)  # the converted model holds other proto objects
+    skipped = list(selection.skipped)
+    items: list[EncodedWeight] = []
+    linear_items: list[qdq.LinearWeight] = []
+    reports: list[WeightReport] = []
+    histograms: list[Histogram] = []
+    pending: list[tuple[Weight, int | None, str | None]] = []
+    for weight in finite(selection.weights, skipped):
+        setting = settings[weight.name]
+        if setting.method == "linear":
+            array = weight.array()
+            axis, why = linear_axes[weight.name]
+            linear = qdq.quantize_weight(weight, array, bits=setting.bits, symmetric=True, axis=axis)
+            linear_items.append(linear)
+            reports.append(linear_report(weight, array, linear, join("linear by a layer override", why)))
+            histograms.append(linear_histogram(weight.name, array, linear))
+        else:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(weight.tensor.data_type).itemsize
+            pending.append((weight, *_codebook_axis(weight, itemsize, plan, setting.bits, setting.granularity)))
+    progress(f"palettizing {len(pending)} weights")
+    jobs = ((w.array(), settings[w.name].bits, axis) for w, axis, _ in pending)  # one array at a time
+    palettes = _palettes(jobs, sum(w.elements for w, _, _ in pending), workers)
+    for (weight, axis, note), palette in zip(pending, palettes):
+        array = weight.array()
+        bits = settings[weight.name].bits
+        item = EncodedWeight(weight, palette, axis, bits, storages[bits])
+        items.append(item)
+        reports.append(_palette_report(weight, array, item, note))
+        histograms.append(Histogram.of(weight.name, array, palette.codebook, rows=palette.codebook.shape[0]))
+    require_weights([*items, *linear_items], skipped)
+    progress("encoding")
+    encode_palettes(model, items)
+    qdq.insert_weight_dq(model, linear_items)
+    if linear_items:
+        kinds = {np.dtype(x.storage).name for x in linear_items}
+        opset = dataclasses.replace(opset, storage=", ".join(sorted({*opset.storage.split(", "), *kinds} - {"-"})))
+    return Step(model, opset, reports, skipped, histograms=histograms)
+
+
+def _prepare_opset(model: onnx.ModelProto, plan: KMeansPlan, bits_used: set[int],
+                   linear_needs: int = 1) -> tuple[onnx.ModelProto, OpsetChange, dict[int, IndexStorage]]:
+    """Pick the index storage per bit width; raise the opset if one needs it and the plan allows.
+
+    `linear_needs` is the opset that linear layers of the plan require (they cannot fall back).
+    """
+    before = default_opset(model)
+    storages = {bits: preferred_storage(bits) for bits in bits_used}
+    needed = max([linear_needs, *(min_opset(s) for s in storages.values())])
+    if before < linear_needs and not plan.raise_opset:
+        raise UnsupportedModelError(f"linear layers need opset {linear_needs}, and --keep-opset forbids raising it from {before}")
+
+    def described(chosen: dict[int, IndexStorage]) -> str:
+        return ", ".join(sorted({s.value for s in chosen.values()})) or "-"
+
+    if before >= needed:
+        return model, OpsetChange(before, before, described(storages)), storages
+    wanted = ", ".join(sorted({s.value for s in storages.values() if min_opset(s) > before})) or "DequantizeLinear"
+    if plan.raise_opset:
+        try:
+            converted = raise_opset(model, needed)
+            note = f"opset raised from {before} to {needed} for {wanted} indices"
+            return converted, OpsetChange(before, needed, described(storages), note), storages
+        except QConvertError as e:
+            if before < linear_needs:
+                raise
+            reason = str(e)
+    else:
+        reason = "--keep-opset"
+    fallback = {bits: s if min_opset(s) <= before else fallback_storage(bits, before) for bits, s in storages.items()}
+    note = f"{wanted} indices need opset {needed} ({reason}); stored as {described(fallback)} instead"
+    return model, OpsetChange(before, before, described(fallback), note), fallback
+
+
+def _codebook_axis(weight: Weight, itemsize: int, plan: KMeansPlan, bits: int, granularity: Granularity) -> tuple[int | None, str | None]:
+    """The axis of per-channel codebooks (None: one codebook), and why it differs from what was asked."""
+    if granularity is not Granularity.PER_CHANNEL:
+        return None, None
+    axis = weight.channel_axis
+    if axis is None:
+        return None, "per-tensor: its consumers disagree on the channel axis"
+    # C codebooks cost C·K·itemsize bytes. Past about one bit per weight, one more index bit per tensor
+    # (about +6 dB) buys more accuracy than per-channel codebooks do.
+    overhead_bits = weight.shape[axis] * (1 << bits) * itemsize * 8 / weight.elements
+    if overhead_bits > plan.max_codebook_overhead:
+        return None, (f"per-tensor: per-channel codebooks would add {overhead_bits:.2f} bits per weight "
+                      f"(> --max-codebook-overhead {plan.max_codebook_overhead:g})")
+    return axis, None
+
+
+def _palettes(jobs: Iterator[tuple[np.ndarray, int, int | None]], total_elements: int, workers: int) -> Iterator[Palette]:
+    """palettize_tensor over the jobs, in order. Big models use a process per core, with at most a few
+    tensors in flight so memory stays bounded (results do not depend on the number of workers)."""
+    if workers < 2 or total_elements < PARALLEL_MIN_ELEMENTS:
+        for job in jobs:
+            yield palettize_tensor(*job)
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        in_flight: deque[Future[Palette]] = deque()
+        for job in jobs:
+            in_flight.append(pool.submit(palettize_tensor, *job))
+            if len(in_flight) > workers:
+                yield in_flight.popleft().result()
+        while in_flight:
+            yield in_flight.popleft().result()
+
+
+def _palette_report(weight: Weight, array: np.ndarray, item: EncodedWeight, note: str | None) -> WeightReport:
+    palette, axis = item.palette, item.axis
+    return WeightReport(
+        name=weight.name,
+        source=weight.source,
+        graph=weight.graph_path,
+        consumers=[c.op_type for c in weight.consumers],
+        shape=list(weight.shape),
+        elements=weight.elements,
+        dtype=str(array.dtype),
+        bits=item.bits,
+        granularity=(Granularity.PER_TENSOR if axis is None else Granularity.PER_CHANNEL).value,
+        channel_axis=axis,
+        groups=palette.codebook.shape[0],
+        float_bytes=array.nbytes,
+        stored_bytes=stored_bytes(palette, item.storage, item.bits),
+        snr_db=snr_db(to_rows(array, axis), reconstruct(palette)),
+        note=join(note, readers_note(weight)),
+    )

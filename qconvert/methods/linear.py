@@ -1,0 +1,140 @@
+"""The linear method: DequantizeLinear weights, and QDQ activations with calibration data."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from qconvert import qdq, validate
+from qconvert.calibrate import activation_ranges
+from qconvert.errors import UsageError
+from qconvert.fold import fold_batchnorm
+from qconvert.images import load_images
+from qconvert.methods.common import Progress, Step, finite, join, readers_note, require_weights, select
+from qconvert.opset import default_opset, raise_opset
+from qconvert.plan import Granularity, LinearPlan, layer_setting
+from qconvert.quant.layout import snr_db
+from qconvert.report import Histogram, OpsetChange, WeightReport
+from qconvert.select import Skipped, Weight
+
+CALIBRATION_BATCH = 4  # samples per calibration run: activations of a whole batch are held at once
+MIN_CALIBRATION_SAMPLES = 16
+
+
+def linear_step(model: onnx.ModelProto, plan: LinearPlan, progress: Progress) -> Step:
+    details: dict[str, object] = {}
+    warnings: list[str] = []
+    if plan.fold_batchnorm:
+        folded = fold_batchnorm(model)
+        details["folded_batchnorm"] = folded
+    selection = select(model, plan)
+    skipped = list(selection.skipped)
+    weights = []
+    for weight in finite(selection.weights, skipped):
+        if weight.tensor.data_type == onnx.TensorProto.DOUBLE:
+            skipped.append(Skipped(weight.name, weight.op_types, "float64: DequantizeLinear cannot output float64", weight.shape))
+        else:
+            weights.append(weight)
+    require_weights(weights, skipped)
+    bits_of = {w.name: layer_setting(plan, w.name).bits for w in weights}
+    axes = {w.name: linear_axis(w, layer_setting(plan, w.name).granularity) for w in weights}
+    int4 = 4 in bits_of.values()
+
+    before = default_opset(model)
+    needed = linear_opset(weights, axes, set(bits_of.values()))
+    note = None
+    if before < needed:
+        model = raise_opset(model, needed)  # an UnsupportedModelError says why it cannot
+        note = f"opset raised from {before} to {needed} for {'int4' if int4 else 'per-channel'} DequantizeLinear"
+        selection = select(model, plan)
+        weights = [w for w in selection.weights if w.name in axes]
+
+    items = {}
+    reports = []
+    histograms = []
+    for i, weight in enumerate(weights):
+        progress(f"quantizing {i + 1}/{len(weights)}: {weight.name}")
+        axis, why = axes[weight.name]
+        array = weight.array()
+        item = qdq.quantize_weight(weight, array, bits=bits_of[weight.name], symmetric=plan.symmetric, axis=axis)
+        items[weight.name] = item
+        reports.append(linear_report(weight, array, item, why))
+        histograms.append(linear_histogram(weight.name, array, item))
+    storage = ", ".join(sorted({np.dtype(item.storage).name for item in items.values()}))
+    opset = OpsetChange(before, max(before, needed), storage, note)
+
+    if plan.calibration is None:
+        qdq.insert_weight_dq(model, list(items.values()))
+        details["runtime"] = ("weights-only: integer weights stay small in memory, but onnxruntime dequantizes "
+                              "them at every run (slower than float)")
+        return Step(model, opset, reports, skipped, warnings, details, histograms)
+
+    progress("calibrating activation ranges")
+    names = set(items)
+    tensors = qdq.activation_tensors(model, names)
+    feeds = _calibration_feeds(model, plan)
+    if feeds.samples < MIN_CALIBRATION_SAMPLES:
+        warnings.append(f"only {feeds.samples} calibration samples; activation ranges may not generalize (use {MIN_CALIBRATION_SAMPLES}+)")
+    ranges = activation_ranges(model, tensors, feeds, method=plan.calibration_method, percentile=plan.percentile)
+    qdq.insert_weight_dq(model, list(items.values()))
+    absorbed = qdq.absorb_activations(model, names)
+    tensors = [t for t in qdq.activation_tensors(model, names) if t in ranges]
+    count = qdq.insert_activation_qdq(model, {t: ranges[t] for t in tensors}, items)
+    details.update(
+        calibration_samples=feeds.samples,
+        activations_quantized=count,
+        activations_absorbed=absorbed,
+        runtime="full QDQ: onnxruntime fuses DequantizeLinear -> op -> QuantizeLinear into integer kernels (QLinearConv, QGemm ...)",
+    )
+    if int4:
+        warnings.append("int4 weights in a full QDQ graph are not fused into integer kernels by onnxruntime; int8 runs faster")
+    return Step(model, opset, reports, skipped, warnings, details, histograms)
+
+
+def _calibration_feeds(model: onnx.ModelProto, plan: LinearPlan) -> validate.Feeds:
+    """Batches from the calibration .npz, or from a folder of images for a single-input model."""
+    assert plan.calibration is not None
+    sess = validate.session(model.SerializeToString(), "input model")
+    if not plan.calibration.is_dir():
+        return validate.load_feeds(sess, plan.calibration, batch_size=CALIBRATION_BATCH)
+    inputs = sess.get_inputs()
+    if len(inputs) != 1:
+        raise UsageError(f"a folder of images calibrates single-input models; this one has {len(inputs)} (use an .npz)")
+    images = load_images(plan.calibration, list(inputs[0].shape), plan.preprocessing)
+    return validate.feeds_from_arrays(sess, {inputs[0].name: images}, plan.calibration, batch_size=CALIBRATION_BATCH)
+
+
+def linear_axis(weight: Weight, granularity: Granularity) -> tuple[int | None, str | None]:
+    """The scale axis for a weight, and why it differs from what was asked, if it does."""
+    axis = weight.channel_axis
+    if granularity is Granularity.PER_CHANNEL:
+        return axis, None if axis is not None else "per-tensor: its consumers disagree on the channel axis"
+    if weight.depthwise and axis is not None:
+        return axis, "per-channel: depthwise kernels lose badly under one scale per tensor"
+    return None, None
+
+
+def linear_opset(weights: list[Weight], axes: dict[str, tuple[int | None, str | None]], bits: set[int]) -> int:
+    """The opset DequantizeLinear needs for these weights: per-axis 13, typed scales 19, int4 21."""
+    return max(
+        10,
+        13 if any(axis is not None for axis, _ in axes.values()) else 10,
+        19 if any(w.tensor.data_type != onnx.TensorProto.FLOAT for w in weights) else 10,
+        21 if 4 in bits else 10,
+    )
+
+
+def linear_report(weight: Weight, array: np.ndarray, item: qdq.LinearWeight, note: str | None) -> WeightReport:
+    return WeightReport(
+        name=weight.name, source=weight.source, graph=weight.graph_path, consumers=[c.op_type for c in weight.consumers],
+        shape=list(weight.shape), elements=weight.elements, dtype=str(array.dtype), bits=item.bits,
+        granularity=(Granularity.PER_TENSOR if item.axis is None else Granularity.PER_CHANNEL).value, channel_axis=item.axis,
+        groups=item.grid.scale.size, float_bytes=array.nbytes, stored_bytes=qdq.stored_bytes(item),
+        snr_db=snr_db(array, item.dequantized()), note=join(note, readers_note(weight)),
+    )
+
+
+def linear_histogram(name: str, array: np.ndarray, item: qdq.LinearWeight) -> Histogram:
+    grid = item.grid
+    levels = (np.arange(grid.qmin, grid.qmax + 1)[None, :] - grid.zero_point[:, None]) * grid.scale[:, None]
+    return Histogram.of(name, array, levels, rows=grid.scale.size)
