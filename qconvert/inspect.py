@@ -17,8 +17,7 @@ LINEAR_BITS = (8, 4)
 
 def inspect_model(path: Path, *, min_elements: int) -> dict[str, Any]:
     """A JSON-able description of the model at `path` (nothing is written)."""
-    model = io.load_model(path)
-    size = path.stat().st_size
+    model, size = io.load_model(path)
     selection = select_weights(model, min_elements=min_elements)
     weights = [
         {

@@ -12,14 +12,20 @@ from google.protobuf.message import DecodeError
 from qconvert.errors import InputError, OutputError, first_line
 
 
-def load_model(path: Path) -> onnx.ModelProto:
-    """Read a model (and its external data) or raise InputError naming the problem."""
+def load_model(path: Path) -> tuple[onnx.ModelProto, int]:
+    """Read a model (and its external data) or raise InputError naming the problem.
+
+    Returns the model and its size on disk: the file plus the external data files it names (a model
+    over 2 GB keeps its weights there).
+    """
     if not path.exists():
         raise InputError(f"{path}: no such file")
     if path.is_dir():
         raise InputError(f"{path}: is a directory, expected an .onnx file")
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
+        locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+        onnx.load_external_data_for_model(model, str(path.parent))
     except DecodeError as e:
         raise InputError(f"{path}: not an ONNX model (protobuf parse failed)") from e
     except (OSError, ValueError, onnx.checker.ValidationError) as e:  # unreadable, external data missing
@@ -30,25 +36,24 @@ def load_model(path: Path) -> onnx.ModelProto:
         onnx.checker.check_model(str(path))  # by path: works past protobuf's 2 GB and checks external data
     except Exception as e:  # ValidationError, or a C++ error for odd protobufs
         raise InputError(f"{path}: invalid ONNX model: {first_line(e)}") from e
-    return model
+    size = path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in locations)
+    return model, size
 
 
-def verify_written(path: Path) -> None:
-    """Re-read a written model and run the full checker on it; a failure removes the file."""
+def verify_written(path: Path, data: bytes) -> None:
+    """Read a written model back: it must be exactly the bytes that were checked and validated.
+
+    A mismatch (a disk or filesystem fault) removes the file.
+    """
     if is_special(path):
         return
     try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except Exception as e:
+        same = path.read_bytes() == data
+    except OSError as e:
+        raise OutputError(f"{path}: cannot read the written model back: {e.strerror or e}") from e
+    if not same:
         path.unlink(missing_ok=True)
-        raise OutputError(f"{path}: the written model does not read back as valid ONNX ({first_line(e)}); removed it") from e
-
-
-def size_on_disk(path: Path) -> int:
-    """The model file plus the external data files it names (a model over 2 GB keeps its weights there)."""
-    model = onnx.load(str(path), load_external_data=False)
-    locations = {entry.value for t in model.graph.initializer for entry in t.external_data if entry.key == "location"}
-    return path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).is_file())
+        raise OutputError(f"{path}: the written model does not read back as written; removed it")
 
 
 def save_model(data: bytes, path: Path) -> int:

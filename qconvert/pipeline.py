@@ -72,8 +72,7 @@ def convert(
         clock = now
 
     progress("loading")
-    model = io.load_model(input_path)
-    input_bytes = io.size_on_disk(input_path)
+    model, input_bytes = io.load_model(input_path)
     if default_opset(model) < MIN_OPSET:
         raise UnsupportedModelError(
             f"{input_path}: opset {default_opset(model)} is older than {MIN_OPSET}, the oldest qconvert supports; "
@@ -87,8 +86,8 @@ def convert(
         step = linear_step(model, plan, progress)
     lap("quantize")
 
-    warnings = step.warnings + _check(step.model, input_path)
     model_bytes = step.model.SerializeToString()
+    warnings = step.warnings + _check(model_bytes, input_path)
     del model, step.model  # only the bytes from here on: a big model must not sit beside onnxruntime's copies
     lap("check")
 
@@ -111,7 +110,7 @@ def convert(
     if output_path is not None:
         progress("writing")
         io.save_model(model_bytes, output_path)
-        io.verify_written(output_path)
+        io.verify_written(output_path, model_bytes)
         lap("write")
     timings["total"] = round(sum(timings.values()), 4)
     report = Report(
@@ -138,16 +137,16 @@ def convert(
 def compare_models(float_path: Path, converted_path: Path, validation: ValidationPlan, gates: Gates = NO_GATES) -> Report:
     """Validation only: the same metrics, latency and gates for two existing models."""
     start = time.perf_counter()
-    reference, converted = io.load_model(float_path), io.load_model(converted_path)
+    (reference, float_bytes), (converted, converted_bytes) = io.load_model(float_path), io.load_model(converted_path)
     result, latency = validate.compare(str(float_path), converted_path.read_bytes(), validation)
     checks = evaluate_gates(gates, result) if gates.any else []
     return Report(
         method="compare",
         options=_options(None, validation),
         input_path=str(float_path),
-        input_bytes=io.size_on_disk(float_path),
+        input_bytes=float_bytes,
         output_path=str(converted_path),
-        output_bytes=converted_path.stat().st_size,
+        output_bytes=converted_bytes,
         opset=OpsetChange(default_opset(reference), default_opset(converted), "-"),
         weights=[],
         skipped=[],
@@ -158,13 +157,13 @@ def compare_models(float_path: Path, converted_path: Path, validation: Validatio
     )
 
 
-def _check(model: onnx.ModelProto, input_path: Path) -> list[str]:
-    """Full ONNX check of the new model; a failure is ours unless the input fails the checker too."""
+def _check(model_bytes: bytes, input_path: Path) -> list[str]:
+    """Full ONNX check of the new model; a failure is ours unless the input fails the full check too."""
     try:
-        onnx.checker.check_model(model, full_check=True)
+        onnx.checker.check_model(model_bytes, full_check=True)
     except Exception as e:
         try:
-            onnx.checker.check_model(str(input_path))
+            onnx.checker.check_model(str(input_path), full_check=True)
         except Exception as original:
             return [f"the input model fails the ONNX checker ({first_line(original)}); so does the output"]
         raise QConvertError(f"the converted model fails the ONNX checker: {first_line(e)}") from e
