@@ -360,7 +360,7 @@ def _run_batch(models: tuple[Path, ...], plan: Plan, *, output: Path | None, as_
     gates = Gates(common["min_snr"], common["max_abs_error"], common["min_top1"], common["max_accuracy_drop"])
     jobs = [batch.Job(p, batch.output_for(p, output, plan), plan, validation, gates, common["keep_failed"]) for p in paths]
     console = Console(stderr=True, quiet=quiet)
-    with console.status(f"converting {len(jobs)} models", spinner="dots") if console.is_terminal else _nothing():
+    with console.status(f"converting {len(jobs)} models", spinner="dots") if console.is_terminal else contextlib.nullcontext():
         outcomes = batch.run_all(jobs)
     if as_json:
         reports = [json.loads(o.report_json) if o.report_json else {"input": {"path": str(o.model)}, "error": o.message, "exit_code": o.exit_code}
@@ -417,7 +417,7 @@ def _run(
     if report_path is None and target is not None and not io.is_special(target):
         report_path = target.with_suffix(".report.json")
     console = Console(stderr=True, quiet=quiet)
-    with _model_file(model) as path, (console.status("converting", spinner="dots") if console.is_terminal else _nothing()) as status:
+    with _model_file(model) as path, (console.status("converting", spinner="dots") if console.is_terminal else contextlib.nullcontext()) as status:
         def progress(message: str) -> None:
             if status is not None:
                 status.update(message)
@@ -469,14 +469,6 @@ def _model_file(model: Path) -> Iterator[Path]:
         path = Path(tmp) / "stdin.onnx"
         path.write_bytes(sys.stdin.buffer.read())
         yield path
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ import onnx
 from onnx import numpy_helper
 
 from qconvert.rewrite import set_nodes, use_counts
+from qconvert.select import constant_value
 
 
 def fold_batchnorm(model: onnx.ModelProto) -> list[str]:
@@ -19,8 +20,8 @@ def fold_batchnorm(model: onnx.ModelProto) -> list[str]:
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     for node in graph.node:
-        value = next((a.t for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR), None)
-        if node.op_type == "Constant" and value is not None:
+        value = constant_value(node)
+        if value is not None:
             inits[node.output[0]] = value  # edited in place like an initializer
     uses = use_counts(graph)
     producer = {out: node for node in graph.node for out in node.output}

@@ -13,7 +13,7 @@ from onnx import helper, numpy_helper
 from qconvert.quant.layout import from_rows, to_rows
 from qconvert.quant.linear import Grid, dequantize, grid_for, quantize
 from qconvert.rewrite import GraphEdit, NameSource, replace_weights, set_nodes, use_counts
-from qconvert.select import Weight
+from qconvert.select import Weight, constant_value
 
 # Ops whose float inputs and outputs get Quantize/DequantizeLinear pairs, so that onnxruntime runs them
 # (or drops them, for data movement) as integer kernels. Relu and Clip(0, ...) after a quantized op are
@@ -96,7 +96,7 @@ def absorb_activations(model: onnx.ModelProto, quantized_weights: set[str]) -> i
     constants = _constants(graph)
     uses = use_counts(graph)
     producer = {out: node for node in graph.node for out in node.output}
-    removed: list[int] = []
+    removed: set[int] = set()
     for index, node in enumerate(graph.node):
         if node.op_type not in ("Relu", "Clip") or not node.input or not _clamps_at_zero(node, constants):
             continue
@@ -108,9 +108,9 @@ def absorb_activations(model: onnx.ModelProto, quantized_weights: set[str]) -> i
         if source.op_type == "Add" and any(i in constants for i in source.input):
             continue
         source.output[0] = node.output[0]
-        removed.append(index)
+        removed.add(index)
     if removed:
-        set_nodes(graph, [n for i, n in enumerate(graph.node) if i not in set(removed)])
+        set_nodes(graph, [n for i, n in enumerate(graph.node) if i not in removed])
     return len(removed)
 
 
@@ -244,7 +244,7 @@ def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray | None]:
     for t in graph.initializer:
         out[t.name] = numpy_helper.to_array(t) if np.prod(t.dims) <= 16 else None
     for node in graph.node:
-        if node.op_type == "Constant":
-            value = next((a.t for a in node.attribute if a.name == "value"), None)
-            out[node.output[0]] = numpy_helper.to_array(value) if value is not None and np.prod(value.dims) <= 16 else None
+        value = constant_value(node)
+        if value is not None:
+            out[node.output[0]] = numpy_helper.to_array(value) if np.prod(value.dims) <= 16 else None
     return out

@@ -96,6 +96,13 @@ class Selection:
     skipped: list[Skipped]
 
 
+def constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    """The tensor a Constant node holds in its `value` attribute (None for other nodes and forms)."""
+    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+        return None
+    return next((a.t for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR), None)
+
+
 def channel_axis(node: onnx.NodeProto, weight_rank: int) -> int | None:
     """The weight's output-channel axis for this consumer (Conv 0, ConvTranspose 1, Gemm by transB ...)."""
     if node.op_type == "Conv":
@@ -130,10 +137,9 @@ def select_weights(
             for t in graph.initializer
         }
         for node in graph.node:
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-                value = next((a.t for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR), None)
-                if value is not None:
-                    defs[node.output[0]] = Weight(node.output[0], graph, path, "constant", value)
+            value = constant_value(node)
+            if value is not None:
+                defs[node.output[0]] = Weight(node.output[0], graph, path, "constant", value)
         return defs
 
     def walk(graph: onnx.GraphProto, path: str, scopes: list[dict[str, Weight]]) -> None:
