@@ -67,8 +67,7 @@ def kmeans_step(model: onnx.ModelProto, plan: KMeansPlan, progress: Progress, wo
     progress(f"palettizing {len(pending)} weights")
     jobs = ((w.array(), settings[w.name].bits, axis) for w, axis, _ in pending)  # one array at a time
     palettes = _palettes(jobs, sum(w.elements for w, _, _ in pending), workers)
-    for (weight, axis, note), palette in zip(pending, palettes):
-        array = weight.array()
+    for (weight, axis, note), (array, palette) in zip(pending, palettes):
         bits = settings[weight.name].bits
         item = EncodedWeight(weight, palette, axis, bits, storages[bits])
         items.append(item)
@@ -134,22 +133,27 @@ def _codebook_axis(weight: Weight, itemsize: int, plan: KMeansPlan, bits: int, g
     return axis, None
 
 
-def _palettes(jobs: Iterator[tuple[np.ndarray, int, int | None]], total_elements: int, workers: int) -> Iterator[Palette]:
-    """palettize_tensor over the jobs, in order. Big models use a process per core, with at most a few
+Job = tuple[np.ndarray, int, int | None]  # array, bits, codebook axis
+
+
+def _palettes(jobs: Iterator[Job], total_elements: int, workers: int) -> Iterator[tuple[np.ndarray, Palette]]:
+    """(array, palette) for each job, in order. Big models use a process per core, with at most a few
     tensors in flight so memory stays bounded (results do not depend on the number of workers)."""
     if workers < 2 or total_elements < PARALLEL_MIN_ELEMENTS:
         for job in jobs:
-            yield palettize_tensor(*job)
+            yield job[0], palettize_tensor(*job)
         return
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        in_flight: deque[Future[Palette]] = deque()
+        in_flight: deque[tuple[np.ndarray, Future[Palette]]] = deque()
         for job in jobs:
-            in_flight.append(pool.submit(palettize_tensor, *job))
+            in_flight.append((job[0], pool.submit(palettize_tensor, *job)))
             if len(in_flight) > workers:
-                yield in_flight.popleft().result()
+                array, future = in_flight.popleft()
+                yield array, future.result()
         while in_flight:
-            yield in_flight.popleft().result()
+            array, future = in_flight.popleft()
+            yield array, future.result()
 
 
 def _palette_report(weight: Weight, array: np.ndarray, item: EncodedWeight, note: str | None) -> WeightReport:
