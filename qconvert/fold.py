@@ -1,4 +1,4 @@
-"""Folding inference-mode BatchNormalization into the Conv before it (exact in float)."""
+"""Folding inference-mode BatchNormalization into the Conv, ConvTranspose or Gemm before it (exact in float)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,18 @@ import onnx
 from onnx import numpy_helper
 
 from qconvert.rewrite import set_nodes, use_counts
-from qconvert.select import constant_value
+from qconvert.select import channel_axis, constant_value
+
+FOLDABLE = ("Conv", "ConvTranspose", "Gemm")
 
 
 def fold_batchnorm(model: onnx.ModelProto) -> list[str]:
-    """Fold every Conv -> BatchNormalization pair of the main graph, in place; returns the BN names.
+    """Fold every Conv/ConvTranspose/Gemm -> BatchNormalization pair of the main graph, in place;
+    returns the BN names.
 
-    W' = W·γ/√(σ²+ε) per output channel, b' = (b − μ)·γ/√(σ²+ε) + β. Only where the Conv output feeds
-    nothing but the BN, the Conv weight (and bias) are initializers used by that Conv alone, and the BN
-    parameters are constants (initializers, or Constant nodes as paddle2onnx writes them).
+    W' = W·γ/√(σ²+ε) along the output channels, b' = (b − μ)·γ/√(σ²+ε) + β. Only where the layer's
+    output feeds nothing but the BN, its weight (and bias) are constants used by that layer alone, and
+    the BN parameters are constants (initializers, or Constant nodes as paddle2onnx writes them).
     """
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
@@ -32,7 +35,7 @@ def fold_batchnorm(model: onnx.ModelProto) -> list[str]:
         if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx") or len(bn.output) != 1:
             continue
         conv = producer.get(bn.input[0])
-        if conv is None or conv.op_type != "Conv" or uses.get(bn.input[0]) != 1:
+        if conv is None or conv.op_type not in FOLDABLE or conv.domain not in ("", "ai.onnx") or uses.get(bn.input[0]) != 1:
             continue
         params = bn.input[1:5]
         weight = conv.input[1]
@@ -41,13 +44,23 @@ def fold_batchnorm(model: onnx.ModelProto) -> list[str]:
             continue
         if bias is not None and (bias not in inits or uses.get(bias) != 1):
             continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in conv.attribute}
+        w = numpy_helper.to_array(inits[weight])
+        axis = channel_axis(conv, w.ndim)
+        if axis is None or (conv.op_type == "ConvTranspose" and attrs.get("group", 1) != 1) or attrs.get("beta", 1.0) == 0:
+            continue
+        channels = w.shape[axis]
+        b = numpy_helper.to_array(inits[bias]).astype(np.float64) if bias else np.zeros(channels)
+        if b.shape != (channels,):  # a Gemm C of shape [M, N] or a scalar: leave it
+            continue
         epsilon = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
         gamma, beta, mean, var = (numpy_helper.to_array(inits[p]).astype(np.float64) for p in params)
-        w = numpy_helper.to_array(inits[weight])
-        b = numpy_helper.to_array(inits[bias]).astype(np.float64) if bias else np.zeros(w.shape[0])
         factor = gamma / np.sqrt(var + epsilon)  # [Cout]
-        new_w = (w.astype(np.float64) * factor.reshape(-1, *([1] * (w.ndim - 1)))).astype(w.dtype)
-        new_b = ((b - mean) * factor + beta).astype(w.dtype)
+        shape = [1] * w.ndim
+        shape[axis] = channels
+        new_w = (w.astype(np.float64) * factor.reshape(shape)).astype(w.dtype)
+        gemm_beta = float(attrs.get("beta", 1.0)) if conv.op_type == "Gemm" else 1.0  # Y = αAB + βC
+        new_b = (((gemm_beta * b - mean) * factor + beta) / gemm_beta).astype(w.dtype)
         inits[weight].CopyFrom(numpy_helper.from_array(new_w, inits[weight].name))
         bias_name = bias or f"{weight}_folded_bias"
         if bias:

@@ -233,3 +233,30 @@ def test_batchnorm_folding_with_constant_node_parameters() -> None:
     assert [n.op_type for n in model.graph.node] == ["Constant", "Conv"]
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("op", ["ConvTranspose", "Gemm", "GemmTransB"])
+def test_batchnorm_folds_into_conv_transpose_and_gemm(op: str) -> None:
+    rng = np.random.default_rng(1)
+    bn = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in (
+        ("gamma", rng.uniform(0.5, 2, 6)), ("beta", rng.standard_normal(6)), ("mean", rng.standard_normal(6)), ("var", rng.uniform(0.5, 2, 6)))]
+    if op == "ConvTranspose":
+        shape_in, shape_out = [1, 4, 5, 5], [1, 6, 7, 7]
+        w = rng.standard_normal((4, 6, 3, 3))
+        layer = helper.make_node("ConvTranspose", ["x", "w"], ["c"])
+    else:
+        shape_in, shape_out = [3, 4], [3, 6]
+        w = rng.standard_normal((6, 4) if op == "GemmTransB" else (4, 6))
+        layer = helper.make_node("Gemm", ["x", "w", "b"], ["c"], transB=int(op == "GemmTransB"), alpha=0.5, beta=2.0)
+        bn.append(numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "b"))
+    nodes = [layer, helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape_in)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape_out)],
+                              [numpy_helper.from_array(w.astype(np.float32), "w"), *bn])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    x = rng.standard_normal(shape_in).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert len(fold_batchnorm(model)) == 1
+    assert [n.op_type for n in model.graph.node] == [layer.op_type]
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qconvert.quant.linear import dequantize, grid_for, integer_range, quantize
+from qconvert.quant.linear import clipped_grid, dequantize, grid_for, integer_range, quantize
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -49,3 +49,30 @@ def test_given_range_clips_outliers() -> None:
     rows = np.array([[-1.0, 0.0, 0.5, 100.0]], np.float32)
     grid = grid_for(rows, bits=8, symmetric=False, lo=np.array([-1.0]), hi=np.array([1.0]))
     assert dequantize(quantize(rows, grid), grid)[0, -1] == pytest.approx(1.0, abs=float(grid.scale[0]))
+
+
+def _weighted_error(rows: np.ndarray, grid, weights: np.ndarray) -> np.ndarray:
+    return np.sum(weights * (rows - dequantize(quantize(rows, grid), grid)) ** 2, axis=1)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_clipping_search_never_loses_to_min_max_and_clips_outliers(symmetric: bool) -> None:
+    rng = np.random.default_rng(0)
+    rows = rng.laplace(size=(4, 2000)).astype(np.float32)
+    rows[:, 0] = 25.0  # one outlier per row stretches the min/max grid
+    weights = rng.lognormal(0.0, 1.0, rows.shape)
+    plain = grid_for(rows, bits=4, symmetric=symmetric)
+    searched = clipped_grid(rows, bits=4, symmetric=symmetric, weights=weights)
+    plain_error, searched_error = _weighted_error(rows, plain, weights), _weighted_error(rows, searched, weights)
+    assert np.all(searched_error <= plain_error)
+    assert np.all(searched_error < 0.8 * plain_error)  # clipping the outlier pays at 4 bits
+    assert np.all(searched.scale < plain.scale)
+
+
+def test_clipping_search_respects_weights() -> None:
+    # The outlier's error costs 1e6 times more than the rest: clipping it would be a loss.
+    rows = np.concatenate([np.random.default_rng(1).standard_normal((1, 500)), [[30.0]]], axis=1).astype(np.float32)
+    weights = np.ones(rows.shape)
+    weights[0, -1] = 1e6
+    searched = clipped_grid(rows, bits=4, symmetric=True, weights=weights)
+    assert searched.scale[0] == grid_for(rows, bits=4, symmetric=True).scale[0]

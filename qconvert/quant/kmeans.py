@@ -21,9 +21,10 @@ class Palette:
     indices: np.ndarray  # [C, n] uint8, < K
 
 
-def palettize(rows: np.ndarray, *, bits: int, max_points: int | None = None) -> Palette:
+def palettize(rows: np.ndarray, *, bits: int, max_points: int | None = None, weights: np.ndarray | None = None) -> Palette:
     """Cluster each row of `rows` ([C, n] float) into 2**bits centroids minimising squared error.
 
+    With `weights` ([C, n], > 0) the error of each value counts that many times: Σ w·(x − c)².
     The optimum is found exactly by dynamic programming over at most `max_points` runs of
     the sorted row (every value, when the row is that short), then polished by Lloyd iterations on all
     values. Rows with at most 2**bits distinct values are represented exactly. Deterministic.
@@ -32,8 +33,15 @@ def palettize(rows: np.ndarray, *, bits: int, max_points: int | None = None) -> 
         raise ValueError(f"bits must be in 1..8, got {bits}")
     if rows.ndim != 2 or rows.shape[1] == 0:
         raise ValueError(f"expected a non-empty [C, n] array, got shape {rows.shape}")
+    if weights is not None and (weights.shape != rows.shape or not np.all(weights > 0)):
+        raise ValueError("weights must be positive and shaped like rows")
     k = 1 << bits
-    x = np.sort(rows.astype(np.float64), axis=1)  # [C, n]
+    if weights is None:
+        x, w = np.sort(rows.astype(np.float64), axis=1), None  # [C, n]
+    else:
+        order = np.argsort(rows, axis=1, kind="stable")
+        x = np.take_along_axis(rows.astype(np.float64), order, axis=1)
+        w = np.take_along_axis(weights.astype(np.float64), order, axis=1)
     centroids = np.empty((x.shape[0], k))
     distinct = 1 + np.count_nonzero(np.diff(x, axis=1), axis=1)
     exact = distinct <= k
@@ -42,29 +50,39 @@ def palettize(rows: np.ndarray, *, bits: int, max_points: int | None = None) -> 
         centroids[c, : values.size] = values
         centroids[c, values.size :] = values[-1]
     if not exact.all():
-        centroids[~exact] = _cluster(x[~exact], k, max_points or default_max_points(bits, int(np.sum(~exact))))
+        rest = ~exact
+        budget = max_points or default_max_points(bits, int(np.sum(rest)))
+        centroids[rest] = _cluster(x[rest], None if w is None else w[rest], k, budget)
 
     codebook = np.sort(centroids, axis=1).astype(rows.dtype)  # rounded to what will be stored
     return Palette(codebook=codebook, indices=nearest(rows, codebook))
 
 
-def palettize_tensor(array: np.ndarray, bits: int, axis: int | None) -> Palette:
-    """`palettize` of a whole weight: one codebook, or one per slice along `axis` (a process-pool job)."""
-    return palettize(to_rows(array, axis), bits=bits)
+def palettize_tensor(array: np.ndarray, bits: int, axis: int | None, importance: np.ndarray | None = None) -> Palette:
+    """`palettize` of a whole weight: one codebook, or one per slice along `axis` (a process-pool job).
+
+    `importance` (broadcastable to the array, > 0) weighs each value's squared error.
+    """
+    weights = None if importance is None else to_rows(np.broadcast_to(importance, array.shape), axis)
+    return palettize(to_rows(array, axis), bits=bits, weights=weights)
 
 
-def _cluster(x: np.ndarray, k: int, max_points: int) -> np.ndarray:
-    """Optimal centroids ([C, k]) of sorted rows ([C, n]): DP over runs, then Lloyd on every value."""
+def _cluster(x: np.ndarray, w: np.ndarray | None, k: int, max_points: int) -> np.ndarray:
+    """Optimal centroids ([C, k]) of sorted rows ([C, n]) with weights w (None: all 1): DP over runs,
+    then Lloyd on every value."""
     x_shift = x.mean(axis=1, keepdims=True)  # centred sums keep the DP's variance terms accurate
     centred = x - x_shift
-    prefix = _prefix(centred)
-    prefix_sq = _prefix(centred * centred)
+    counts = np.arange(x.shape[1] + 1, dtype=np.float64) if w is None else _prefix(w)
+    weighted = centred if w is None else centred * w
+    prefix = _prefix(weighted)
+    prefix_sq = _prefix(weighted * centred)
     cuts = _run_cuts(x, max_points)
     if cuts.size - 1 <= k:  # no more runs than clusters: each run starts as its own cluster
         bounds = np.broadcast_to(cuts, (x.shape[0], cuts.size))
     else:
-        bounds = cuts[optimal_bounds(cuts.astype(np.float64), prefix[:, cuts], prefix_sq[:, cuts], k)]
-    centroids = _lloyd(centred, prefix, bounds) + x_shift
+        run_counts = counts[cuts] if counts.ndim == 1 else counts[:, cuts]
+        bounds = cuts[optimal_bounds(run_counts, prefix[:, cuts], prefix_sq[:, cuts], k)]
+    centroids = _lloyd(centred, counts, prefix, bounds) + x_shift
     if centroids.shape[1] < k:  # fewer runs than centroids: repeat the largest
         centroids = np.pad(centroids, ((0, 0), (0, k - centroids.shape[1])), mode="edge")
     return centroids
@@ -131,8 +149,9 @@ def _prefix(x: np.ndarray) -> np.ndarray:
 def optimal_bounds(weight: np.ndarray, total: np.ndarray, total_sq: np.ndarray, k: int) -> np.ndarray:
     """Exact weighted 1-D k-means over sorted points, by dynamic programming, batched over rows.
 
-    weight: [m + 1] running count of values; total, total_sq: [C, m + 1] running sums of the values and
-    of their squares. Returns [C, k + 1] cluster bounds as point positions (0 first, m last).
+    weight: [m + 1] (or [C, m + 1]) running count (or weight) of values; total, total_sq: [C, m + 1]
+    running (weighted) sums of the values and of their squares. Returns [C, k + 1] cluster bounds as
+    point positions (0 first, m last).
 
     cost(i, j) is the squared error of one cluster holding points i..j-1, and layer c of the DP is
     best_c(j) = min over i of best_{c-1}(i) + cost(i, j). The optimal i, opt_c(j), never decreases with
@@ -143,14 +162,16 @@ def optimal_bounds(weight: np.ndarray, total: np.ndarray, total_sq: np.ndarray, 
     c_count, m = total.shape[0], total.shape[1] - 1
     k = min(k, m)
     rows = np.arange(c_count)
+    weight = np.broadcast_to(weight, total.shape)
     flat_total, flat_total_sq = total.ravel(), total_sq.ravel()  # 1-D takes beat 2-D fancy indexing
+    flat_weight = weight.ravel()
 
     def cost(base: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
         s = flat_total[base + j] - flat_total[base + i]
-        return (flat_total_sq[base + j] - flat_total_sq[base + i]) - s * s / (weight[j] - weight[i])
+        return (flat_total_sq[base + j] - flat_total_sq[base + i]) - s * s / (flat_weight[base + j] - flat_weight[base + i])
 
     best = np.full((c_count, m + 1), np.inf)
-    best[:, 1:] = total_sq[:, 1:] - total[:, 1:] ** 2 / weight[1:]
+    best[:, 1:] = total_sq[:, 1:] - total[:, 1:] ** 2 / weight[:, 1:]
     choice = np.zeros((k, c_count, m + 1), np.int32)
     divide_cost = 2 * c_count * m * max(1, int(np.log2(m)))
     for layer in range(1, k):
@@ -193,8 +214,10 @@ def optimal_bounds(weight: np.ndarray, total: np.ndarray, total_sq: np.ndarray, 
     return bounds
 
 
-def _lloyd(x: np.ndarray, prefix: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+def _lloyd(x: np.ndarray, counts: np.ndarray, prefix: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     """Lloyd iterations on sorted rows from the given cluster bounds; returns [C, K] centroids.
+
+    counts: running count ([n + 1]) or weight ([C, n + 1]) of the values; prefix: running weighted sums.
 
     In 1-D a cluster is a run of the sorted values bounded by midpoints between neighbouring centroids,
     so each step is a binary search per boundary plus prefix-sum differences: O(C·K·log n).
@@ -205,10 +228,10 @@ def _lloyd(x: np.ndarray, prefix: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     keys = bands.keys(x)
     centroids = np.zeros((c_count, bounds.shape[1] - 1))
     for _ in range(MAX_ITERATIONS):
-        counts = np.diff(bounds, axis=1)
+        mass = np.diff(counts[bounds] if counts.ndim == 1 else counts[row, bounds], axis=1)
         sums = np.diff(prefix[row, bounds], axis=1)
         # An empty cluster keeps its centroid; Lloyd never increases the error either way.
-        centroids = np.where(counts > 0, sums / np.maximum(counts, 1), centroids)
+        centroids = np.where(mass > 0, sums / np.where(mass > 0, mass, 1), centroids)
         mids = (centroids[:, 1:] + centroids[:, :-1]) / 2
         inner = bands.search(keys, mids, side="right")  # ties go to the lower cluster
         new_bounds = np.concatenate([bounds[:, :1], inner, bounds[:, -1:]], axis=1)
