@@ -6,10 +6,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from qconvert.plan import CalibrationMethod
-from qconvert.validate import Feeds, run_batches, session
+from qconvert.validate import Feeds, run_with_outputs
 
 SAMPLE_PER_TENSOR = 1 << 16  # values kept per tensor for percentiles (min and max are exact)
 
@@ -35,17 +34,10 @@ def activation_ranges(
     The tensors are exposed as extra graph outputs of a copy of the model; each batch's values are
     folded into running min/max plus a bounded random sample, never kept whole.
     """
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    known = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in tensors if t not in known)
-    sess = session(probe.SerializeToString(), "model for calibration")
-    names = [o.name for o in sess.get_outputs()]
-    wanted = {name: i for i, name in enumerate(names) if name in set(tensors)}
-    stats = {t: _Stats() for t in wanted}
+    stats = {t: _Stats() for t in tensors}
     rng = np.random.default_rng(seed)
-    for outputs in run_batches(sess, feeds, "model for calibration", output_names=list(wanted)):
-        for name, values in zip(wanted, outputs):
+    for outputs in run_with_outputs(model, tensors, feeds, "model for calibration"):
+        for name, values in outputs.items():
             flat = np.asarray(values, np.float32).reshape(-1)
             if flat.size == 0:
                 continue

@@ -126,6 +126,39 @@ def validation_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
+def calibration_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Calibration data (and how to read a folder of images), and the techniques that learn from it."""
+    for option in reversed(
+        [
+            click.option("--image-size", metavar="HxW", help="Images: resize to this [default: the model's input size]."),
+            click.option("--layout", type=click.Choice(["nchw", "nhwc"]), help="Images: input layout [default: guessed from the input shape]."),
+            click.option("--channel-order", type=click.Choice(["rgb", "bgr"]), default="rgb", show_default=True, help="Images: channel order."),
+            click.option("--pixel-scale", default=1 / 255, show_default=True, help="Images: pixels (0-255) are multiplied by this first."),
+            click.option("--mean", default="0", show_default=True, metavar="M[,M,M]", help="Images: subtracted per channel after scaling."),
+            click.option("--std", default="1", show_default=True, metavar="S[,S,S]", help="Images: divided per channel after the mean."),
+            click.option("--no-fold-batchnorm", "no_fold", is_flag=True,
+                         help="Keep BatchNormalization after Conv/ConvTranspose/Gemm (by default it is folded in where that costs no accuracy)."),
+            click.option("--no-data-aware", "no_data_aware", is_flag=True,
+                         help="With calibration data: minimise each weight's own error, not the layer's output error."),
+            click.option("--no-bias-correction", "no_bias_correction", is_flag=True,
+                         help="With calibration data: leave biases as they are (by default they absorb the mean output error)."),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+def _preprocessing(image_size: str | None, layout: str | None, channel_order: str, pixel_scale: float, mean: str, std: str) -> Preprocessing:
+    return Preprocessing(
+        size=_dims(image_size, "--image-size") if image_size else None,
+        layout=layout,
+        channel_order=channel_order,
+        scale=pixel_scale,
+        mean=_floats(mean, "--mean"),
+        std=_floats(std, "--std"),
+    )
+
+
 def config_option(command: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--config", type=click.Path(path_type=Path, dir_okay=False), is_eager=True, expose_value=False, callback=load_config,
@@ -177,18 +210,29 @@ def output_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--min-elements", default=DEFAULT_MIN_ELEMENTS, show_default=True, help="Leave weights with fewer elements as they are.")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave weights whose name matches (exact or glob; repeatable).")
 @click.option("--keep-opset", is_flag=True, help="Never raise the opset: store 4/2-bit indices bit-packed instead of uint4/uint2.")
+@click.option("--calibration", type=click.Path(path_type=Path),
+              help="Inputs for the data-aware palettes and bias correction: an .npz (one array per input, axis 0 = "
+                   "samples) or a folder of images (see --image-size ... --std) [default: --data].")
+@calibration_options
 @validation_options
 @gate_options
 @output_options
 @config_option
 def kmeans(models: tuple[Path, ...], bits: int, per_channel: bool, max_codebook_overhead: float, min_elements: int,
-           exclude: tuple[str, ...], keep_opset: bool, **common: Any) -> None:
+           exclude: tuple[str, ...], keep_opset: bool, calibration: Path | None, image_size: str | None, layout: str | None,
+           channel_order: str, pixel_scale: float, mean: str, std: str, no_fold: bool, no_data_aware: bool,
+           no_bias_correction: bool, **common: Any) -> None:
     """Palettize weights: a codebook of 2**bits centroids (k-means) plus low-bit indices.
 
     Every float weight read by Conv, ConvTranspose, Gemm or MatMul is replaced by a codebook and
     indices decoded in the graph (Cast -> Gather), wherever it lives: initializers, Constant nodes,
     If/Loop subgraphs. Indices are stored as uint4 (opset >= 21) or uint2 (opset >= 25), raising the
     opset when needed, or bit-packed and unpacked in the graph.
+
+    With calibration data (--calibration, else --data), each codebook minimises the error of its
+    layer's output rather than of the weights, and biases absorb the mean error; each layer keeps
+    whichever result, plain or refined, measures better on that data. BatchNormalization is folded
+    into the layer before it wherever that costs no accuracy.
 
     \b
     Examples:
@@ -205,6 +249,11 @@ def kmeans(models: tuple[Path, ...], bits: int, per_channel: bool, max_codebook_
         raise_opset=not keep_opset,
         max_codebook_overhead=max_codebook_overhead,
         overrides=layer_overrides(),
+        calibration=calibration,
+        preprocessing=_preprocessing(image_size, layout, channel_order, pixel_scale, mean, std),
+        fold_batchnorm=not no_fold,
+        data_aware=not no_data_aware,
+        bias_correction=not no_bias_correction,
     )
     _dispatch(models, plan, common)
 
@@ -220,32 +269,30 @@ def kmeans(models: tuple[Path, ...], bits: int, per_channel: bool, max_codebook_
 @click.option("--calibration", type=click.Path(path_type=Path),
               help="Quantize activations too, with ranges measured on this data: an .npz of inputs (one array per "
                    "input, axis 0 = samples) or a folder of images (see --image-size ... --std).")
-@click.option("--image-size", metavar="HxW", help="Images: resize to this [default: the model's input size].")
-@click.option("--layout", type=click.Choice(["nchw", "nhwc"]), help="Images: input layout [default: guessed from the input shape].")
-@click.option("--channel-order", type=click.Choice(["rgb", "bgr"]), default="rgb", show_default=True, help="Images: channel order.")
-@click.option("--pixel-scale", default=1 / 255, show_default=True, help="Images: pixels (0-255) are multiplied by this first.")
-@click.option("--mean", default="0", show_default=True, metavar="M[,M,M]", help="Images: subtracted per channel after scaling.")
-@click.option("--std", default="1", show_default=True, metavar="S[,S,S]", help="Images: divided per channel after the mean.")
 @click.option("--calibration-method", type=click.Choice([m.value for m in CalibrationMethod]), default="minmax", show_default=True,
               help="Activation range: the observed min/max, or percentiles (--percentile).")
 @click.option("--percentile", default=99.999, show_default=True, help="With --calibration-method percentile: the kept share of values, in %.")
-@click.option("--no-fold-batchnorm", "no_fold", is_flag=True, help="Keep BatchNormalization after Conv instead of folding it in first.")
 @click.option("--min-elements", default=1, show_default=True, help="Leave weights with fewer elements as they are.")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave weights whose name matches (exact or glob; repeatable).")
+@calibration_options
 @validation_options
 @gate_options
 @output_options
 @config_option
 def linear(models: tuple[Path, ...], bits: str, per_channel: bool, symmetric: bool, weights_only: bool, calibration: Path | None,
            image_size: str | None, layout: str | None, channel_order: str, pixel_scale: float, mean: str, std: str,
-           calibration_method: str, percentile: float, no_fold: bool, min_elements: int, exclude: tuple[str, ...], **common: Any) -> None:
+           calibration_method: str, percentile: float, no_fold: bool, no_data_aware: bool, no_bias_correction: bool,
+           min_elements: int, exclude: tuple[str, ...], **common: Any) -> None:
     """Linear quantization r = S(q - Z): QuantizeLinear/DequantizeLinear (QDQ) form.
 
     Without --calibration, weights become int8/int4 initializers followed by DequantizeLinear: a smaller
     file and less memory, dequantized at every run. With --calibration, activations get uint8
     Quantize/DequantizeLinear pairs and biases int32 (scale S_x*S_w), the form onnxruntime fuses into
     integer kernels (QLinearConv, QGemm ...) that run faster than float. BatchNormalization after a Conv
-    is folded into it first, so ranges are measured where the integer kernels see them.
+    is folded into it first, so ranges are measured where the integer kernels see them (weights-only:
+    where folding costs no accuracy). With calibration data (--calibration, else --data), clipping
+    ranges minimise each layer's output error and biases absorb the mean error, layer by layer where
+    that measures better.
 
     \b
     Examples:
@@ -261,20 +308,15 @@ def linear(models: tuple[Path, ...], bits: str, per_channel: bool, symmetric: bo
         granularity=Granularity.PER_CHANNEL if per_channel else Granularity.PER_TENSOR,
         symmetric=symmetric,
         calibration=calibration,
-        preprocessing=Preprocessing(
-            size=_dims(image_size, "--image-size") if image_size else None,
-            layout=layout,
-            channel_order=channel_order,
-            scale=pixel_scale,
-            mean=_floats(mean, "--mean"),
-            std=_floats(std, "--std"),
-        ),
+        preprocessing=_preprocessing(image_size, layout, channel_order, pixel_scale, mean, std),
         calibration_method=CalibrationMethod(calibration_method),
         percentile=percentile,
         fold_batchnorm=not no_fold,
         min_elements=min_elements,
         exclude=exclude,
         overrides=layer_overrides(),
+        data_aware=not no_data_aware,
+        bias_correction=not no_bias_correction,
     )
     _dispatch(models, plan, common)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -10,11 +12,13 @@ from qconvert.rewrite import set_nodes, use_counts
 from qconvert.select import channel_axis, constant_value
 
 FOLDABLE = ("Conv", "ConvTranspose", "Gemm")
+# (weight name, weight [.., C at axis, ..], BN factor γ/√(σ²+ε) [C], axis) -> fold this one?
+FoldFilter = Callable[[str, np.ndarray, np.ndarray, int], bool]
 
 
-def fold_batchnorm(model: onnx.ModelProto) -> list[str]:
+def fold_batchnorm(model: onnx.ModelProto, where: FoldFilter | None = None) -> dict[str, str]:
     """Fold every Conv/ConvTranspose/Gemm -> BatchNormalization pair of the main graph, in place;
-    returns the BN names.
+    returns {BN name: name of the weight it was folded into}.
 
     W' = W·γ/√(σ²+ε) along the output channels, b' = (b − μ)·γ/√(σ²+ε) + β. Only where the layer's
     output feeds nothing but the BN, its weight (and bias) are constants used by that layer alone, and
@@ -28,7 +32,7 @@ def fold_batchnorm(model: onnx.ModelProto) -> list[str]:
             inits[node.output[0]] = value  # edited in place like an initializer
     uses = use_counts(graph)
     producer = {out: node for node in graph.node for out in node.output}
-    folded: list[str] = []
+    folded: dict[str, str] = {}
     dropped: set[int] = set()
     unused: set[str] = set()
     for index, bn in enumerate(graph.node):
@@ -56,6 +60,8 @@ def fold_batchnorm(model: onnx.ModelProto) -> list[str]:
         epsilon = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
         gamma, beta, mean, var = (numpy_helper.to_array(inits[p]).astype(np.float64) for p in params)
         factor = gamma / np.sqrt(var + epsilon)  # [Cout]
+        if where is not None and not where(weight, w, factor, axis):
+            continue
         shape = [1] * w.ndim
         shape[axis] = channels
         new_w = (w.astype(np.float64) * factor.reshape(shape)).astype(w.dtype)
@@ -77,7 +83,7 @@ def fold_batchnorm(model: onnx.ModelProto) -> list[str]:
             if uses[p] == 0:
                 unused.add(p)
         dropped.add(index)
-        folded.append(bn.name or bn.output[0])
+        folded[bn.name or bn.output[0]] = weight
     dropped |= {i for i, n in enumerate(graph.node) if n.op_type == "Constant" and n.output and n.output[0] in unused}
     if dropped:
         set_nodes(graph, [n for i, n in enumerate(graph.node) if i not in dropped])

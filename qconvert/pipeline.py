@@ -80,10 +80,12 @@ def convert(
         )
     lap("load")
 
+    # The data-aware techniques learn from the calibration inputs, else from the validation inputs.
+    data = plan.calibration or (validation.data if validation else None)
     if isinstance(plan, KMeansPlan):
-        step = kmeans_step(model, plan, progress, workers)
+        step = kmeans_step(model, plan, progress, workers, data)
     else:
-        step = linear_step(model, plan, progress)
+        step = linear_step(model, plan, progress, data)
     lap("quantize")
 
     model_bytes = step.model.SerializeToString()

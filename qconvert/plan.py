@@ -66,6 +66,11 @@ class KMeansPlan:
     # per-channel codebooks may add at most this many bits per weight; past it a weight stays per-tensor
     max_codebook_overhead: float = 1.0
     overrides: tuple[LayerOverride, ...] = ()
+    calibration: Path | None = None  # inputs (.npz or images) for the data-aware techniques [default: --data]
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)  # for a folder of images
+    fold_batchnorm: bool = True
+    data_aware: bool = True  # with calibration data: minimise each layer's output error, not its weight error
+    bias_correction: bool = True  # with calibration data: keep each layer's mean output
 
     def __post_init__(self) -> None:
         for o in self.overrides:
@@ -106,6 +111,8 @@ class LinearPlan:
     min_elements: int = 1
     exclude: tuple[str, ...] = ()
     overrides: tuple[LayerOverride, ...] = ()
+    data_aware: bool = True  # with calibration data (or --data): clipping ranges that minimise the output error
+    bias_correction: bool = True
 
     def __post_init__(self) -> None:
         if any(o.method == "kmeans" for o in self.overrides):

@@ -11,7 +11,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qconvert.quant.layout import from_rows, to_rows
-from qconvert.quant.linear import Grid, dequantize, grid_for, quantize
+from qconvert.quant.linear import Grid, clipped_grid, dequantize, grid_for, quantize
 from qconvert.rewrite import GraphEdit, NameSource, replace_weights, set_nodes, use_counts
 from qconvert.select import Weight, constant_value
 
@@ -48,9 +48,15 @@ class LinearWeight:
         return np.int8 if self.grid.signed else np.uint8
 
 
-def quantize_weight(weight: Weight, array: np.ndarray, *, bits: int, symmetric: bool, axis: int | None) -> LinearWeight:
+def quantize_weight(weight: Weight, array: np.ndarray, *, bits: int, symmetric: bool, axis: int | None,
+                    importance: np.ndarray | None = None) -> LinearWeight:
+    """Min/max grids, or with `importance` (error weights broadcastable to the array) the clipped
+    ranges that minimise the weighted error."""
     rows = to_rows(array, axis)
-    grid = grid_for(rows, bits=bits, symmetric=symmetric)
+    if importance is None:
+        grid = grid_for(rows, bits=bits, symmetric=symmetric)
+    else:
+        grid = clipped_grid(rows, bits=bits, symmetric=symmetric, weights=to_rows(np.broadcast_to(importance, array.shape), axis))
     return LinearWeight(weight, grid, axis, from_rows(quantize(rows, grid), weight.shape, axis), bits)
 
 

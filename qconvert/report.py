@@ -22,7 +22,7 @@ from qconvert.gates import GateResult
 from qconvert.select import Skipped
 from qconvert.validate import ValidationResult
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 WORST_SHOWN = 5
 
 
@@ -43,6 +43,8 @@ class WeightReport:
     stored_bytes: int
     snr_db: float | None  # None: represented exactly
     note: str | None = None
+    techniques: list[str] = field(default_factory=list)  # batchnorm-folded, data-aware, bias-corrected
+    layer_snr_db: float | None = None  # the layer's output vs float on the calibration data (None: not measured or exact)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from qconvert.errors import CannotRunError, InputError, UnsupportedModelError, UsageError, first_line
@@ -152,6 +153,19 @@ def run_batches(sess: ort.InferenceSession, feeds: Feeds, what: str, output_name
                 "(set symbolic dimensions with --input-shape NAME=DIMS)",
                 what,
             ) from e
+
+
+def run_with_outputs(model: onnx.ModelProto, tensors: list[str], feeds: Feeds, what: str) -> Iterator[dict[str, np.ndarray]]:
+    """The named intermediate tensors of each batch, exposed as extra outputs of a copy of the model."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in dict.fromkeys(tensors) if t not in known)
+    sess = session(probe.SerializeToString(), what)
+    del probe
+    wanted = list(dict.fromkeys(tensors))
+    for outputs in run_batches(sess, feeds, what, output_names=wanted):
+        yield dict(zip(wanted, outputs))
 
 
 def _run_all(sess: ort.InferenceSession, feeds: Feeds, what: str) -> list[np.ndarray]:

@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qconvert import __version__
 from qconvert.cli import cli
 from qconvert.errors import ExitCode
+from qconvert.report import SCHEMA_VERSION
 
 from conftest import conv_model, save
 
@@ -38,7 +39,7 @@ def test_digits_4bit_end_to_end(tmp_path: Path, digits: Path, digits_data: Path)
     assert digest(digits) == before
     onnx.checker.check_model(str(out), full_check=True)
     report = json.loads(out.with_suffix(".report.json").read_text())
-    assert report["schema_version"] == 1 and report["method"] == "kmeans"
+    assert report["schema_version"] == SCHEMA_VERSION and report["method"] == "kmeans"
     assert report["output"]["bytes"] == out.stat().st_size
     assert report["size_ratio"] < 0.2
     assert report["opset"] == {"before": 13, "after": 21, "storage": "uint4", "note": "opset raised from 13 to 21 for uint4 indices"}

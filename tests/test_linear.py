@@ -69,7 +69,7 @@ def test_dequantize_linear_matches_numpy_and_onnx_reference(case: str, per_chann
 
 def test_batchnorm_folding_is_exact(digits: Path, digits_data: Path) -> None:
     model = onnx.load(str(digits))
-    assert fold_batchnorm(model) == ["bn1", "bn2", "bn3"]
+    assert list(fold_batchnorm(model)) == ["bn1", "bn2", "bn3"]
     assert "BatchNormalization" not in {n.op_type for n in model.graph.node}
     assert not any(t.name.startswith("bn") for t in model.graph.initializer)
     x = np.load(digits_data)["input"]

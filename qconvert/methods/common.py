@@ -4,16 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
 
-from qconvert.errors import UnsupportedModelError
+from qconvert import validate
+from qconvert.errors import UnsupportedModelError, UsageError
+from qconvert.images import Preprocessing, load_images
 from qconvert.plan import Plan, layer_setting
 from qconvert.report import Histogram, OpsetChange, WeightReport
 from qconvert.select import Selection, Skipped, Weight, select_weights
 
 Progress = Callable[[str], None]
+CALIBRATION_BATCH = 4  # samples per calibration run: activations of a whole batch are held at once
 
 
 @dataclass
@@ -67,3 +71,33 @@ def readers_note(weight: Weight) -> str | None:
 
 def join(*notes: str | None) -> str | None:
     return "; ".join(n for n in notes if n) or None
+
+
+def calibration_feeds(model: onnx.ModelProto, path: Path, preprocessing: Preprocessing) -> validate.Feeds:
+    """Batches from a calibration .npz, or from a folder of images for a single-input model."""
+    sess = validate.session(model.SerializeToString(), "input model")
+    if not path.is_dir():
+        return validate.load_feeds(sess, path, batch_size=CALIBRATION_BATCH)
+    inputs = sess.get_inputs()
+    if len(inputs) != 1:
+        raise UsageError(f"a folder of images calibrates single-input models; this one has {len(inputs)} (use an .npz)")
+    images = load_images(path, list(inputs[0].shape), preprocessing)
+    return validate.feeds_from_arrays(sess, {inputs[0].name: images}, path, batch_size=CALIBRATION_BATCH)
+
+
+def fold_pays(array: np.ndarray, factor: np.ndarray, axis: int, quantize: Callable[[np.ndarray], np.ndarray],
+              importance: np.ndarray | None) -> bool:
+    """Whether to fold a BatchNorm factor f (per channel along `axis`) into a weight before quantizing it.
+
+    Folded, the layer computes Q(f·W); kept, f·Q(W). Folding saves the BN op, but one codebook or scale
+    for the whole tensor fits f·W worse when f varies a lot between channels. Compared on the output's
+    (importance-weighted) squared error; a tie folds.
+    """
+    shape = [1] * array.ndim
+    shape[axis] = -1
+    f = factor.reshape(shape)
+    w = array.astype(np.float64)
+    h = 1.0 if importance is None else importance
+    kept = float(np.sum(h * (f * (w - quantize(array))) ** 2))
+    folded = (w * f).astype(array.dtype)
+    return float(np.sum(h * (folded - quantize(folded)) ** 2)) <= kept

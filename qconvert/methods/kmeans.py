@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -22,20 +23,27 @@ from qconvert.encode import (
     stored_bytes,
 )
 from qconvert.errors import QConvertError, UnsupportedModelError
+from qconvert.fold import fold_batchnorm
 from qconvert.methods.common import Progress, Step, finite, join, readers_note, require_weights, select
 from qconvert.methods.linear import linear_axis, linear_histogram, linear_opset, linear_report
+from qconvert.methods.refine import Quantizer, fold_filter, refiner_for, with_techniques
 from qconvert.opset import default_opset, raise_opset
-from qconvert.plan import Granularity, KMeansPlan, layer_setting
+from qconvert.plan import Granularity, KMeansPlan, LayerSetting, layer_setting
 from qconvert.quant.kmeans import Palette, palettize_tensor, reconstruct
-from qconvert.quant.layout import snr_db, to_rows
+from qconvert.quant.layout import from_rows, snr_db, to_rows
 from qconvert.report import Histogram, OpsetChange, WeightReport
 from qconvert.select import Weight
 
 PARALLEL_MIN_ELEMENTS = 1 << 21  # below this, starting processes costs more than it saves
 
 
-def kmeans_step(model: onnx.ModelProto, plan: KMeansPlan, progress: Progress, workers: int) -> Step:
-    """Palettize the weights; layers that an override switches to linear get DequantizeLinear instead."""
+def kmeans_step(model: onnx.ModelProto, plan: KMeansPlan, progress: Progress, workers: int, data: Path | None = None) -> Step:
+    """Palettize the weights; layers that an override switches to linear get DequantizeLinear instead.
+
+    With `data` (calibration inputs), palettes minimise each layer's output error and biases absorb
+    the mean error, wherever that measurably beats plain k-means on the layer's output.
+    """
+    details: dict[str, object] = {}
     selection = select(model, plan)
     settings = {w.name: layer_setting(plan, w.name) for w in selection.weights}
     palette_bits = {s.bits for s in settings.values() if s.method == "kmeans"}
@@ -43,16 +51,26 @@ def kmeans_step(model: onnx.ModelProto, plan: KMeansPlan, progress: Progress, wo
     linear_axes = {w.name: linear_axis(w, settings[w.name].granularity) for w in linear_weights}
     linear_bits = {settings[w.name].bits for w in linear_weights}
     linear_needs = linear_opset(linear_weights, linear_axes, linear_bits) if linear_weights else 1
+    refiner = refiner_for(model, [w for w in selection.weights if settings[w.name].method == "kmeans"], plan, data, progress)
+    folded = {}
+    if plan.fold_batchnorm:
+        folded = fold_batchnorm(model, where=fold_filter(selection.weights, _quantizer(plan, settings, linear_axes), refiner))
+        selection = select(model, plan)  # folding rebuilt the graph
+    if folded:
+        details["folded_batchnorm"] = list(folded)
     model, opset, storages = _prepare_opset(model, plan, palette_bits, linear_needs)
     if opset.after != opset.before:
         selection = select(model, plan)  # the converted model holds other proto objects
     skipped = list(selection.skipped)
+    weights = finite(selection.weights, skipped)
+    if refiner is not None:
+        refiner.bind(model, weights)
     items: list[EncodedWeight] = []
     linear_items: list[qdq.LinearWeight] = []
     reports: list[WeightReport] = []
     histograms: list[Histogram] = []
-    pending: list[tuple[Weight, int | None, str | None]] = []
-    for weight in finite(selection.weights, skipped):
+    pending: list[tuple[Weight, int | None, str | None, np.ndarray | None]] = []
+    for weight in weights:
         setting = settings[weight.name]
         if setting.method == "linear":
             array = weight.array()
@@ -63,15 +81,35 @@ def kmeans_step(model: onnx.ModelProto, plan: KMeansPlan, progress: Progress, wo
             histograms.append(linear_histogram(weight.name, array, linear))
         else:
             itemsize = onnx.helper.tensor_dtype_to_np_dtype(weight.tensor.data_type).itemsize
-            pending.append((weight, *_codebook_axis(weight, itemsize, plan, setting.bits, setting.granularity)))
+            axis, note = _codebook_axis(weight, itemsize, plan, setting.bits, setting.granularity)
+            pending.append((weight, axis, note, refiner.importance(weight) if refiner else None))
     progress(f"palettizing {len(pending)} weights")
-    jobs = ((w.array(), settings[w.name].bits, axis) for w, axis, _ in pending)  # one array at a time
-    palettes = _palettes(jobs, sum(w.elements for w, _, _ in pending), workers)
-    for (weight, axis, note), (array, palette) in zip(pending, palettes):
+    # one job per weight, and a data-aware one after it where there are error weights
+    jobs = [(w, axis, importance) for w, axis, _, weights_of in pending
+            for importance in ([None] if weights_of is None else [None, weights_of])]
+    arrays = ((w.array(), settings[w.name].bits, axis, importance) for w, axis, importance in jobs)  # one array at a time
+    palettes = _palettes(arrays, sum(w.elements for w, _, _ in jobs), workers)
+    found: dict[str, list[tuple[np.ndarray, Palette]]] = {}
+    for (weight, _, _), result in zip(jobs, palettes):
+        found.setdefault(weight.name, []).append(result)
+    decisions = {}
+    if refiner is not None:
+        progress("checking each layer's output on the calibration data")
+        results = {}
+        for weight, axis, _, _ in pending:
+            (array, plain), *refined = found[weight.name]
+            results[weight.name] = (array, _decoded(plain, weight.shape, axis), _decoded(refined[0][1], weight.shape, axis) if refined else None)
+        decisions = refiner.decide(model, results)
+        del results
+        refiner.apply_shifts(model, decisions)
+    for weight, axis, note, _ in pending:
         bits = settings[weight.name].bits
+        decision = decisions.get(weight.name)
+        array, palette = found[weight.name][1 if decision and decision.refined else 0]
         item = EncodedWeight(weight, palette, axis, bits, storages[bits])
         items.append(item)
-        reports.append(_palette_report(weight, array, item, note))
+        report = _palette_report(weight, array, item, join(note, decision.note if decision else None))
+        reports.append(with_techniques(report, weight.name in folded.values(), decision))
         histograms.append(Histogram.of(weight.name, array, palette.codebook, rows=palette.codebook.shape[0]))
     require_weights([*items, *linear_items], skipped)
     progress("encoding")
@@ -80,7 +118,26 @@ def kmeans_step(model: onnx.ModelProto, plan: KMeansPlan, progress: Progress, wo
     if linear_items:
         kinds = {np.dtype(x.storage).name for x in linear_items}
         opset = dataclasses.replace(opset, storage=", ".join(sorted({*opset.storage.split(", "), *kinds} - {"-"})))
-    return Step(model, opset, reports, skipped, histograms=histograms)
+    return Step(model, opset, reports, skipped, details=details, histograms=histograms)
+
+
+def _decoded(palette: Palette, shape: tuple[int, ...], axis: int | None) -> np.ndarray:
+    return from_rows(reconstruct(palette), shape, axis)
+
+
+def _quantizer(plan: KMeansPlan, settings: dict[str, LayerSetting], linear_axes: dict[str, tuple[int | None, str | None]]) -> Quantizer:
+    """How each weight will be quantized (its axis, and the array it comes back as), for the fold decision."""
+
+    def quantizer(weight: Weight, importance: np.ndarray | None) -> tuple[int | None, Callable[[np.ndarray], np.ndarray]]:
+        setting = settings[weight.name]
+        if setting.method == "linear":
+            axis = linear_axes[weight.name][0]
+            return axis, lambda values: qdq.quantize_weight(weight, values, bits=setting.bits, symmetric=True, axis=axis).dequantized()
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(weight.tensor.data_type).itemsize
+        axis = _codebook_axis(weight, itemsize, plan, setting.bits, setting.granularity)[0]
+        return axis, lambda values: _decoded(palettize_tensor(values, setting.bits, axis, importance), weight.shape, axis)
+
+    return quantizer
 
 
 def _prepare_opset(model: onnx.ModelProto, plan: KMeansPlan, bits_used: set[int],
@@ -133,7 +190,7 @@ def _codebook_axis(weight: Weight, itemsize: int, plan: KMeansPlan, bits: int, g
     return axis, None
 
 
-Job = tuple[np.ndarray, int, int | None]  # array, bits, codebook axis
+Job = tuple[np.ndarray, int, int | None, np.ndarray | None]  # array, bits, codebook axis, error weights
 
 
 def _palettes(jobs: Iterator[Job], total_elements: int, workers: int) -> Iterator[tuple[np.ndarray, Palette]]:

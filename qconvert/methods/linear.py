@@ -2,32 +2,52 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import numpy as np
 import onnx
 
-from qconvert import qdq, validate
+from qconvert import qdq
 from qconvert.calibrate import activation_ranges
-from qconvert.errors import UsageError
 from qconvert.fold import fold_batchnorm
-from qconvert.images import load_images
-from qconvert.methods.common import Progress, Step, finite, join, readers_note, require_weights, select
+from qconvert.methods.common import (
+    Progress,
+    Step,
+    calibration_feeds,
+    finite,
+    join,
+    readers_note,
+    require_weights,
+    select,
+)
+from qconvert.methods.refine import Quantizer, fold_filter, refiner_for, with_techniques
 from qconvert.opset import default_opset, raise_opset
 from qconvert.plan import Granularity, LinearPlan, layer_setting
 from qconvert.quant.layout import snr_db
 from qconvert.report import Histogram, OpsetChange, WeightReport
 from qconvert.select import Skipped, Weight
 
-CALIBRATION_BATCH = 4  # samples per calibration run: activations of a whole batch are held at once
 MIN_CALIBRATION_SAMPLES = 16
 
 
-def linear_step(model: onnx.ModelProto, plan: LinearPlan, progress: Progress) -> Step:
+def linear_step(model: onnx.ModelProto, plan: LinearPlan, progress: Progress, data: Path | None = None) -> Step:
+    """Integer weights (and activations with --calibration). With `data` (calibration inputs), clipping
+    ranges minimise each layer's output error and biases absorb the mean error, where that measurably
+    beats min/max grids on the layer's output."""
     details: dict[str, object] = {}
     warnings: list[str] = []
-    if plan.fold_batchnorm:
-        folded = fold_batchnorm(model)
-        details["folded_batchnorm"] = folded
     selection = select(model, plan)
+    # In a full QDQ graph an Add after a MatMul would sit outside the integer kernel: MatMuls keep no bias.
+    refiner = refiner_for(model, selection.weights, plan, data, progress, matmul_bias=plan.calibration is None)
+    folded = {}
+    if plan.fold_batchnorm:
+        # Integer kernels need every BatchNorm folded; weights-only folds where it costs no accuracy.
+        where = None if plan.calibration else fold_filter(selection.weights, _quantizer(plan), refiner)
+        folded = fold_batchnorm(model, where)
+        selection = select(model, plan)
+    if folded:
+        details["folded_batchnorm"] = list(folded)
     skipped = list(selection.skipped)
     weights = []
     for weight in finite(selection.weights, skipped):
@@ -49,21 +69,39 @@ def linear_step(model: onnx.ModelProto, plan: LinearPlan, progress: Progress) ->
         selection = select(model, plan)
         weights = [w for w in selection.weights if w.name in axes]
 
+    if refiner is not None:
+        refiner.bind(model, weights)
+    plain, refined = {}, {}
+    for i, weight in enumerate(weights):
+        progress(f"quantizing {i + 1}/{len(weights)}: {weight.name}")
+        array = weight.array()
+        settings = {"bits": bits_of[weight.name], "symmetric": plan.symmetric, "axis": axes[weight.name][0]}
+        plain[weight.name] = qdq.quantize_weight(weight, array, **settings)  # type: ignore[arg-type]
+        importance = refiner.importance(weight) if refiner else None
+        if importance is not None:
+            refined[weight.name] = qdq.quantize_weight(weight, array, **settings, importance=importance)  # type: ignore[arg-type]
+    decisions = {}
+    if refiner is not None:
+        progress("checking each layer's output on the calibration data")
+        decisions = refiner.decide(model, {w.name: (w.array(), plain[w.name].dequantized(),
+                                                    refined[w.name].dequantized() if w.name in refined else None) for w in weights})
     items = {}
     reports = []
     histograms = []
-    for i, weight in enumerate(weights):
-        progress(f"quantizing {i + 1}/{len(weights)}: {weight.name}")
-        axis, why = axes[weight.name]
-        array = weight.array()
-        item = qdq.quantize_weight(weight, array, bits=bits_of[weight.name], symmetric=plan.symmetric, axis=axis)
+    for weight in weights:
+        decision = decisions.get(weight.name)
+        item = refined[weight.name] if decision and decision.refined else plain[weight.name]
         items[weight.name] = item
-        reports.append(linear_report(weight, array, item, why))
+        array = weight.array()
+        report = linear_report(weight, array, item, join(axes[weight.name][1], decision.note if decision else None))
+        reports.append(with_techniques(report, weight.name in folded.values(), decision))
         histograms.append(linear_histogram(weight.name, array, item))
     storage = ", ".join(sorted({np.dtype(item.storage).name for item in items.values()}))
     opset = OpsetChange(before, max(before, needed), storage, note)
 
     if plan.calibration is None:
+        if refiner is not None:
+            refiner.apply_shifts(model, decisions)
         qdq.insert_weight_dq(model, list(items.values()))
         details["runtime"] = ("weights-only: integer weights stay small in memory, but onnxruntime dequantizes "
                               "them at every run (slower than float)")
@@ -72,10 +110,12 @@ def linear_step(model: onnx.ModelProto, plan: LinearPlan, progress: Progress) ->
     progress("calibrating activation ranges")
     names = set(items)
     tensors = qdq.activation_tensors(model, names)
-    feeds = _calibration_feeds(model, plan)
+    feeds = refiner.feeds if refiner and data == plan.calibration else calibration_feeds(model, plan.calibration, plan.preprocessing)
     if feeds.samples < MIN_CALIBRATION_SAMPLES:
         warnings.append(f"only {feeds.samples} calibration samples; activation ranges may not generalize (use {MIN_CALIBRATION_SAMPLES}+)")
     ranges = activation_ranges(model, tensors, feeds, method=plan.calibration_method, percentile=plan.percentile)
+    if refiner is not None:
+        refiner.apply_shifts(model, decisions)  # after the ranges: those are the float model's
     qdq.insert_weight_dq(model, list(items.values()))
     absorbed = qdq.absorb_activations(model, names)
     tensors = [t for t in qdq.activation_tensors(model, names) if t in ranges]
@@ -91,17 +131,14 @@ def linear_step(model: onnx.ModelProto, plan: LinearPlan, progress: Progress) ->
     return Step(model, opset, reports, skipped, warnings, details, histograms)
 
 
-def _calibration_feeds(model: onnx.ModelProto, plan: LinearPlan) -> validate.Feeds:
-    """Batches from the calibration .npz, or from a folder of images for a single-input model."""
-    assert plan.calibration is not None
-    sess = validate.session(model.SerializeToString(), "input model")
-    if not plan.calibration.is_dir():
-        return validate.load_feeds(sess, plan.calibration, batch_size=CALIBRATION_BATCH)
-    inputs = sess.get_inputs()
-    if len(inputs) != 1:
-        raise UsageError(f"a folder of images calibrates single-input models; this one has {len(inputs)} (use an .npz)")
-    images = load_images(plan.calibration, list(inputs[0].shape), plan.preprocessing)
-    return validate.feeds_from_arrays(sess, {inputs[0].name: images}, plan.calibration, batch_size=CALIBRATION_BATCH)
+def _quantizer(plan: LinearPlan) -> Quantizer:
+    def quantizer(weight: Weight, importance: np.ndarray | None) -> tuple[int | None, Callable[[np.ndarray], np.ndarray]]:
+        setting = layer_setting(plan, weight.name)
+        axis = linear_axis(weight, setting.granularity)[0]
+        return axis, lambda values: qdq.quantize_weight(weight, values, bits=setting.bits, symmetric=plan.symmetric, axis=axis,
+                                                        importance=importance).dequantized()
+
+    return quantizer
 
 
 def linear_axis(weight: Weight, granularity: Granularity) -> tuple[int | None, str | None]:

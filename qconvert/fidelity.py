@@ -1,0 +1,264 @@
+"""Quantizing for the layer's output, not its weights: input statistics from calibration data, error
+weights (importance), bias correction, and a measured check of each layer's output error."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from qconvert.rewrite import NameSource, set_nodes, use_counts
+from qconvert.select import MAIN_GRAPH, Weight, constant_value
+from qconvert.validate import Feeds, run_batches, run_with_outputs, session
+
+IMPORTANCE_FLOOR = 1e-6  # dead input channels still count a little: keeps the weighted k-means well posed
+PROBE_BYTES = 64 << 20  # candidate weights added to one probe model of the layer-error pass
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A float32 weight read by exactly one Conv, Gemm or MatMul of the main graph.
+
+    y = x·W (Gemm/MatMul) or y = conv(x, W): the mean and energy of x per input channel say what
+    each weight's error costs at the output.
+    """
+
+    weight: str
+    node: onnx.NodeProto  # the consumer, in the model's graph (valid until the graph is rebuilt)
+    x_axis: int  # the input channel axis of x (Conv 1, Gemm 1 or 0 by transA, MatMul last)
+    in_axis: int  # the weight's input-channel axis (Conv 1, Gemm 0 or 1 by transB, MatMul 0)
+    out_axis: int  # the weight's output-channel axis
+    groups: int = 1  # Conv groups: output channel o reads input channels of group o // (Cout / groups)
+    bias_editable: bool = True  # no bias, or a constant one: a bias shift can be applied
+
+    @property
+    def op_type(self) -> str:
+        return self.node.op_type
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Per input channel of a layer: E[x] and E[x²] over the calibration data."""
+
+    mean: np.ndarray  # [Cin] float64
+    square: np.ndarray  # [Cin] float64
+
+
+def find_layers(model: onnx.ModelProto, weights: list[Weight]) -> dict[str, Layer]:
+    """The weights these techniques apply to, by name; the others (subgraphs, shared weights, RNNs,
+    weights also read as data, non-float32) are quantized plainly."""
+    wanted = {w.name: w for w in weights if w.graph_path == MAIN_GRAPH and len(w.consumers) == 1 and not w.other_readers
+              and w.tensor.data_type == onnx.TensorProto.FLOAT and w.consumers[0].op_type in ("Conv", "Gemm", "MatMul")}
+    constants = {t.name for t in model.graph.initializer} | {n.output[0] for n in model.graph.node if constant_value(n) is not None}
+    layers = {}
+    for node in model.graph.node:
+        if len(node.input) < 2 or node.input[1] not in wanted or node.op_type != wanted[node.input[1]].consumers[0].op_type:
+            continue
+        weight = wanted[node.input[1]]
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        rank = len(weight.shape)
+        editable = len(node.input) < 3 or not node.input[2] or node.input[2] in constants
+        if node.op_type == "Conv" and rank >= 3:
+            layers[weight.name] = Layer(weight.name, node, 1, 1, 0, int(attrs.get("group", 1)), editable)
+        elif node.op_type == "Gemm":
+            trans_b = int(attrs.get("transB", 0))
+            layers[weight.name] = Layer(weight.name, node, 0 if attrs.get("transA", 0) else 1, trans_b, 1 - trans_b, 1, editable)
+        elif node.op_type == "MatMul" and rank == 2:
+            layers[weight.name] = Layer(weight.name, node, -1, 0, 1)
+    return layers
+
+
+def input_moments(model: onnx.ModelProto, layers: dict[str, Layer], feeds: Feeds) -> dict[str, Moments]:
+    """E[x] and E[x²] per input channel of each layer, in one onnxruntime pass (running sums only)."""
+    keys = {(layer.node.input[0], layer.x_axis) for layer in layers.values()}
+    sums: dict[tuple[str, int], list[np.ndarray]] = {}
+    counts: dict[tuple[str, int], int] = {}
+    for outputs in run_with_outputs(model, sorted({t for t, _ in keys}), feeds, "model for calibration"):
+        for tensor, axis in keys:
+            x = np.moveaxis(np.asarray(outputs[tensor], np.float64), axis, 0)
+            x = x.reshape(x.shape[0], -1)
+            s, sq = x.sum(axis=1), np.einsum("ij,ij->i", x, x)
+            if (tensor, axis) in sums:
+                sums[tensor, axis][0] += s
+                sums[tensor, axis][1] += sq
+            else:
+                sums[tensor, axis] = [s, sq]
+            counts[tensor, axis] = counts.get((tensor, axis), 0) + x.shape[1]
+    moments = {}
+    for name, layer in layers.items():
+        key = (layer.node.input[0], layer.x_axis)
+        if key in sums and counts[key]:
+            s, sq = sums[key]
+            moments[name] = Moments(s / counts[key], sq / counts[key])
+    return moments
+
+
+def per_weight(layer: Layer, values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
+    """Per-input-channel values ([Cin] of x) laid out to broadcast against the weight; None if the
+    channel counts do not match (a layout this module does not understand)."""
+    if layer.op_type == "Conv":
+        cout, cin_group = shape[0], shape[1]
+        if values.size != cin_group * layer.groups or cout % layer.groups:
+            return None
+        group = np.arange(cout) // (cout // layer.groups)  # [Cout] group of each output channel
+        channel = group[:, None] * cin_group + np.arange(cin_group)[None, :]  # [Cout, Cin/g]
+        return values[channel].reshape(cout, cin_group, *([1] * (len(shape) - 2)))
+    if values.size != shape[layer.in_axis]:
+        return None
+    return values[:, None] if layer.in_axis == 0 else values[None, :]
+
+
+def importance(layer: Layer, moments: Moments, shape: tuple[int, ...]) -> np.ndarray | None:
+    """E[x²] of the input each weight multiplies: Σ importance·(W − Ŵ)² is then the expected output
+    error of the layer (ignoring correlations between inputs)."""
+    energy = per_weight(layer, moments.square, shape)
+    if energy is None or not np.any(energy > 0):
+        return None
+    return np.maximum(energy, IMPORTANCE_FLOOR * float(energy.max()))
+
+
+def bias_shift(layer: Layer, moments: Moments, original: np.ndarray, quantized: np.ndarray) -> np.ndarray | None:
+    """E[x·W] − E[x·Ŵ] per output channel: added to the bias, the layer's mean output is the float one."""
+    mean = per_weight(layer, moments.mean, original.shape)
+    if mean is None or not layer.bias_editable:
+        return None
+    delta = (original.astype(np.float64) - quantized.astype(np.float64)) * mean
+    reduce = tuple(a for a in range(original.ndim) if a != layer.out_axis)
+    shift = delta.sum(axis=reduce)
+    if layer.op_type == "Gemm":
+        shift *= next((a.f for a in layer.node.attribute if a.name == "alpha"), 1.0)
+    return shift
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A quantized version of a layer's weight (and the bias shift that goes with it) to measure."""
+
+    layer: Layer
+    weight: np.ndarray
+    shift: np.ndarray | None = None
+
+
+def layer_snr(model: onnx.ModelProto, candidates: list[Candidate], feeds: Feeds) -> list[float | None]:
+    """Output SNR (dB) of each candidate's layer against the float layer on the calibration data.
+
+    Each candidate runs as a copy of its layer beside the float model, reading the float input;
+    the squared error and the signal are reduced in the graph, so only scalars come back. Candidates
+    go in groups of at most PROBE_BYTES of weights, one onnxruntime pass per group.
+    """
+    snrs: list[float | None] = []
+    group: list[Candidate] = []
+    size = 0
+    for candidate in candidates:
+        if group and size + candidate.weight.nbytes > PROBE_BYTES:
+            snrs += _probe(model, group, feeds)
+            group, size = [], 0
+        group.append(candidate)
+        size += candidate.weight.nbytes
+    if group:
+        snrs += _probe(model, group, feeds)
+    return snrs
+
+
+def _probe(model: onnx.ModelProto, candidates: list[Candidate], feeds: Feeds) -> list[float | None]:
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    graph = probe.graph
+    del graph.output[:]
+    fresh = NameSource(probe)
+    nodes, signals, errors = list(graph.node), {}, []
+    for candidate in candidates:
+        layer = candidate.layer
+        y = layer.node.output[0]
+        if y not in signals:
+            signals[y] = fresh(f"{y}_qc_signal")
+            nodes.append(helper.make_node("ReduceSumSquare", [y], [signals[y]], keepdims=0))
+        w = fresh(f"{layer.weight}_qc_candidate")
+        graph.initializer.append(numpy_helper.from_array(candidate.weight, w))
+        copy = onnx.NodeProto()
+        copy.CopyFrom(layer.node)
+        copy.name = fresh(f"{layer.node.name or layer.op_type}_qc_candidate")
+        copy.input[1] = w
+        del copy.output[:]
+        out = fresh(f"{y}_qc_candidate")
+        copy.output.append(out)
+        nodes.append(copy)
+        if candidate.shift is not None:
+            shift = fresh(f"{layer.weight}_qc_shift")
+            spatial = candidate.weight.ndim - 2 if layer.op_type == "Conv" else 0  # [Cout, 1, 1] against [N, Cout, H, W]
+            layout = candidate.shift.reshape(-1, *([1] * spatial))
+            graph.initializer.append(numpy_helper.from_array(layout.astype(np.float32), shift))
+            shifted = fresh(f"{out}_shifted")
+            nodes.append(helper.make_node("Add", [out, shift], [shifted]))
+            out = shifted
+        diff, error = fresh(f"{out}_diff"), fresh(f"{out}_error")
+        nodes += [helper.make_node("Sub", [out, y], [diff]), helper.make_node("ReduceSumSquare", [diff], [error], keepdims=0)]
+        errors.append((error, signals[y]))
+    set_nodes(graph, nodes)
+    wanted = [*dict.fromkeys(signals.values()), *(e for e, _ in errors)]
+    graph.output.extend(helper.make_empty_tensor_value_info(t) for t in wanted)
+    sess = session(probe.SerializeToString(), "model for the layer-error check")
+    del probe, graph
+    totals = dict.fromkeys(wanted, 0.0)
+    for outputs in run_batches(sess, feeds, "model for the layer-error check", output_names=wanted):
+        for name, value in zip(wanted, outputs):
+            totals[name] += float(value)
+    return [_snr(totals[signal], totals[error]) for error, signal in errors]
+
+
+def _snr(signal: float, error: float) -> float | None:
+    if error == 0.0:
+        return None
+    return 10.0 * float(np.log10(signal / error)) if signal > 0 else float("-inf")
+
+
+def apply_bias_shifts(model: onnx.ModelProto, shifts: dict[str, tuple[Layer, np.ndarray]]) -> None:
+    """Add each shift to its layer's bias, in place: a Conv or Gemm bias is updated or created; a MatMul
+    gets an Add after it. Call before the graph is rebuilt (layers hold references to its nodes)."""
+    if not shifts:
+        return
+    graph = model.graph
+    fresh = NameSource(model)
+    constants = {t.name: t for t in graph.initializer}
+    constants.update({node.output[0]: tensor for node in graph.node if (tensor := constant_value(node)) is not None})
+    uses = use_counts(graph)
+    after: dict[int, onnx.NodeProto] = {}  # id(MatMul node) -> the Add that follows it
+    for layer, shift in shifts.values():
+        node = layer.node
+        if layer.op_type == "MatMul":
+            bias = numpy_helper.from_array(shift.astype(np.float32), fresh(f"{layer.weight}_qc_bias"))
+            graph.initializer.append(bias)
+            product = fresh(f"{node.output[0]}_qc_product")
+            after[id(node)] = helper.make_node("Add", [product, bias.name], [node.output[0]], name=fresh(f"{product}_bias"))
+            node.output[0] = product
+            continue
+        scale = 1.0
+        if layer.op_type == "Gemm":
+            scale = next((a.f for a in node.attribute if a.name == "beta"), 1.0)
+        current = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        if current is None:
+            value = shift / scale
+        else:
+            old = numpy_helper.to_array(constants[current]).astype(np.float64)
+            value = old + (shift / scale).reshape((-1,) if old.ndim <= 1 else (1, -1))
+        array = value.astype(np.float32)
+        if current is not None and uses.get(current) == 1:
+            constants[current].CopyFrom(numpy_helper.from_array(array, constants[current].name))
+            continue
+        bias = numpy_helper.from_array(array, fresh(f"{layer.weight}_qc_bias"))
+        graph.initializer.append(bias)
+        if current is None:
+            del node.input[2:]
+            node.input.append(bias.name)
+        else:
+            node.input[2] = bias.name
+    if after:
+        nodes = []
+        for node in graph.node:
+            nodes.append(node)
+            if id(node) in after:
+                nodes.append(after[id(node)])
+        set_nodes(graph, nodes)
+

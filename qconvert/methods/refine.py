@@ -1,0 +1,152 @@
+"""Data-aware quantization and bias correction around any method, and the per-layer check that keeps
+the plain result wherever they would make a layer's output worse."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from qconvert import fidelity
+from qconvert.fidelity import Candidate, Layer, Moments
+from qconvert.fold import FoldFilter
+from qconvert.methods.common import Progress, calibration_feeds, fold_pays
+from qconvert.plan import Plan
+from qconvert.report import WeightReport
+from qconvert.select import Weight
+from qconvert.validate import Feeds
+
+DATA_AWARE = "data-aware"
+BIAS_CORRECTED = "bias-corrected"
+BATCHNORM_FOLDED = "batchnorm-folded"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What one weight ends up with: the refined or the plain result, and the measured layer SNRs."""
+
+    refined: bool  # take the data-aware result (else the plain one)
+    shift: np.ndarray | None  # bias shift to apply
+    techniques: tuple[str, ...]
+    layer_snr_db: float | None  # of the chosen result (None: exact)
+    plain_layer_snr_db: float | None
+    note: str | None = None
+
+
+@dataclass
+class Refiner:
+    """Input statistics of the layers whose weights are being quantized, gathered once, and the layers
+    of the model being edited (`bind` again after the model is replaced or rebuilt)."""
+
+    feeds: Feeds
+    moments: dict[str, Moments]
+    data_aware: bool
+    bias_correction: bool
+    matmul_bias: bool = True  # a MatMul's bias shift goes in a new Add node
+    layers: dict[str, Layer] = dataclasses.field(default_factory=dict)
+
+    @staticmethod
+    def gather(model: onnx.ModelProto, weights: list[Weight], feeds: Feeds, *, data_aware: bool, bias_correction: bool,
+               matmul_bias: bool = True) -> Refiner:
+        layers = fidelity.find_layers(model, weights)
+        moments = fidelity.input_moments(model, layers, feeds) if layers else {}
+        refiner = Refiner(feeds, moments, data_aware, bias_correction, matmul_bias)
+        refiner.bind(model, weights)
+        return refiner
+
+    def bind(self, model: onnx.ModelProto, weights: list[Weight]) -> None:
+        """Find the layers in `model` (the input of a layer is the same tensor before and after BN
+        folding or an opset change, so its statistics still hold)."""
+        layers = fidelity.find_layers(model, [w for w in weights if w.name in self.moments])
+        if not self.matmul_bias:
+            layers = {n: dataclasses.replace(x, bias_editable=False) if x.op_type == "MatMul" else x for n, x in layers.items()}
+        self.layers = layers
+
+    def importance(self, weight: Weight) -> np.ndarray | None:
+        """The error weights for a data-aware quantization of this weight (None: quantize it plainly)."""
+        if not self.data_aware or weight.name not in self.layers:
+            return None
+        return fidelity.importance(self.layers[weight.name], self.moments[weight.name], weight.shape)
+
+    def decide(self, model: onnx.ModelProto, results: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]) -> dict[str, Decision]:
+        """Per weight: original, plain and data-aware (or None) dequantized arrays -> the better result.
+
+        Both candidates run on the calibration data as copies of the layer; the one with the higher
+        layer output SNR wins (the plain one on a tie).
+        """
+        names = [n for n in results if n in self.layers]
+        candidates: list[Candidate] = []
+        shifts: dict[str, np.ndarray | None] = {}
+        for name in names:
+            original, plain, refined = results[name]
+            layer = self.layers[name]
+            chosen = plain if refined is None else refined
+            shifts[name] = fidelity.bias_shift(layer, self.moments[name], original, chosen) if self.bias_correction else None
+            candidates += [Candidate(layer, plain), Candidate(layer, chosen, shifts[name])]
+        snrs = fidelity.layer_snr(model, candidates, self.feeds)
+        decisions = {}
+        for i, name in enumerate(names):
+            plain_snr, refined_snr = snrs[2 * i], snrs[2 * i + 1]
+            techniques = tuple(t for t, on in ((DATA_AWARE, results[name][2] is not None), (BIAS_CORRECTED, shifts[name] is not None)) if on)
+            if techniques and _better(refined_snr, plain_snr):
+                decisions[name] = Decision(results[name][2] is not None, shifts[name], techniques, refined_snr, plain_snr)
+            else:
+                note = f"plain kept: {' + '.join(techniques)} gave {_db(refined_snr)} at the layer output vs {_db(plain_snr)}" if techniques else None
+                decisions[name] = Decision(False, None, (), plain_snr, plain_snr, note)
+        return decisions
+
+    def apply_shifts(self, model: onnx.ModelProto, decisions: dict[str, Decision]) -> None:
+        fidelity.apply_bias_shifts(model, {n: (self.layers[n], d.shift) for n, d in decisions.items() if d.shift is not None})
+
+
+def refiner_for(model: onnx.ModelProto, weights: list[Weight], plan: Plan, data: Path | None, progress: Progress,
+                matmul_bias: bool = True) -> Refiner | None:
+    """Statistics for the data-aware techniques the plan enables, or None (no data, nothing to refine)."""
+    if data is None or not weights or not (plan.data_aware or plan.bias_correction):
+        return None
+    progress("gathering input statistics on the calibration data")
+    feeds = calibration_feeds(model, data, plan.preprocessing)
+    refiner = Refiner.gather(model, weights, feeds, data_aware=plan.data_aware, bias_correction=plan.bias_correction, matmul_bias=matmul_bias)
+    return refiner if refiner.moments else None
+
+
+# weight, its error weights -> the axis it is quantized along, and what quantizing an array gives back
+Quantizer = Callable[[Weight, "np.ndarray | None"], tuple["int | None", Callable[[np.ndarray], np.ndarray]]]
+
+
+def fold_filter(weights: list[Weight], quantizer: Quantizer, refiner: Refiner | None) -> FoldFilter:
+    """Fold a BatchNorm where that costs the layer's output no accuracy once quantized (see fold_pays)."""
+    by_name = {w.name: w for w in weights}
+
+    def where(name: str, array: np.ndarray, factor: np.ndarray, bn_axis: int) -> bool:
+        weight = by_name.get(name)
+        if weight is None:  # left in float: folding is exact
+            return True
+        importance = refiner.importance(weight) if refiner else None
+        axis, quantize = quantizer(weight, importance)
+        if axis == bn_axis:  # per-channel codebooks and scales scale with their channel: folding is free
+            return True
+        return fold_pays(array, factor, bn_axis, quantize, importance)
+
+    return where
+
+
+def with_techniques(report: WeightReport, folded: bool, decision: Decision | None) -> WeightReport:
+    """The weight's report with the techniques applied to it and its measured layer SNR."""
+    techniques = [BATCHNORM_FOLDED] * folded + list(decision.techniques if decision else ())
+    return dataclasses.replace(report, techniques=techniques, layer_snr_db=decision.layer_snr_db if decision else None)
+
+
+def _better(a: float | None, b: float | None) -> bool:
+    """SNR a beats b (None means exact, the best there is)."""
+    if a is None:
+        return b is not None
+    return b is not None and a > b
+
+
+def _db(value: float | None) -> str:
+    return "exact" if value is None else f"{value:.1f} dB"
