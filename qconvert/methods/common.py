@@ -89,15 +89,21 @@ def fold_pays(array: np.ndarray, factor: np.ndarray, axis: int, quantize: Callab
               importance: np.ndarray | None) -> bool:
     """Whether to fold a BatchNorm factor f (per channel along `axis`) into a weight before quantizing it.
 
-    Folded, the layer computes Q(f·W); kept, f·Q(W). Folding saves the BN op, but one codebook or scale
-    for the whole tensor fits f·W worse when f varies a lot between channels. Compared on the output's
-    (importance-weighted) squared error; a tie folds.
+    Folded, the layer computes Q(f·W); kept, f·Q(W). Folding saves the BN op, but one codebook or
+    scale for the whole tensor fits f·W worse when f varies between channels: channels with a large f
+    take the centroids and the others lose them. Compared on the mean over output channels of the
+    relative (importance-weighted) error, so that no channel's scale decides for the others; a tie folds.
     """
     shape = [1] * array.ndim
     shape[axis] = -1
-    f = factor.reshape(shape)
     w = array.astype(np.float64)
-    h = 1.0 if importance is None else importance
-    kept = float(np.sum(h * (f * (w - quantize(array))) ** 2))
-    folded = (w * f).astype(array.dtype)
-    return float(np.sum(h * (folded - quantize(folded)) ** 2)) <= kept
+    folded = (w * factor.reshape(shape)).astype(array.dtype)
+    h = np.ones_like(w) if importance is None else np.broadcast_to(importance, w.shape)
+    others = tuple(a for a in range(w.ndim) if a != axis)
+
+    def relative_error(reference: np.ndarray, approximation: np.ndarray) -> float:
+        signal = np.sum(h * reference.astype(np.float64) ** 2, axis=others)
+        error = np.sum(h * (reference.astype(np.float64) - approximation) ** 2, axis=others)
+        return float(np.mean(error / np.where(signal > 0, signal, 1.0)))
+
+    return relative_error(folded, quantize(folded)) <= relative_error(w, quantize(array))
