@@ -214,6 +214,49 @@ def _snr(signal: float, error: float) -> float | None:
     return 10.0 * float(np.log10(signal / error)) if signal > 0 else float("-inf")
 
 
+def model_snr(model: onnx.ModelProto, variants: list[tuple[dict[str, np.ndarray], dict[str, tuple[Layer, np.ndarray]]]],
+              feeds: Feeds) -> list[float | None]:
+    """SNR (dB) of the model's outputs, all outputs together, for each variant against the float model.
+
+    A variant replaces weights by float arrays (their dequantized values) and adds bias shifts after
+    their layers, in a copy of the model: the quantized model's arithmetic without encoding it.
+    """
+    reference = [np.concatenate(o).astype(np.float64) for o in zip(*run_batches(session(model.SerializeToString(), "input model"), feeds, "input model"))]
+    signal = sum(float(np.sum(r * r)) for r in reference)
+    snrs = []
+    for arrays, shifts in variants:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        graph = copy.graph
+        for tensor in graph.initializer:
+            if tensor.name in arrays:
+                tensor.CopyFrom(numpy_helper.from_array(arrays[tensor.name].astype(np.float32), tensor.name))
+        for node in graph.node:
+            value = constant_value(node)
+            if value is not None and node.output[0] in arrays:
+                value.CopyFrom(numpy_helper.from_array(arrays[node.output[0]].astype(np.float32), value.name))
+        fresh = NameSource(copy)
+        by_output = {layer.node.output[0]: (layer, shift) for layer, shift in shifts.values()}
+        nodes = []
+        for node in graph.node:
+            nodes.append(node)
+            if node.output and node.output[0] in by_output:
+                layer, shift = by_output[node.output[0]]
+                spatial = arrays[layer.weight].ndim - 2 if layer.op_type == "Conv" else 0
+                bias = numpy_helper.from_array(shift.reshape(-1, *([1] * spatial)).astype(np.float32), fresh(f"{layer.weight}_qc_shift"))
+                graph.initializer.append(bias)
+                product = fresh(f"{node.output[0]}_qc_unshifted")
+                nodes.append(helper.make_node("Add", [product, bias.name], [node.output[0]]))
+                node.output[0] = product
+        set_nodes(graph, nodes)
+        sess = session(copy.SerializeToString(), "model for the whole-model check")
+        del copy, graph
+        outputs = [np.concatenate(o).astype(np.float64) for o in zip(*run_batches(sess, feeds, "model for the whole-model check"))]
+        error = sum(float(np.sum((r - q) ** 2)) for r, q in zip(reference, outputs))
+        snrs.append(_snr(signal, error))
+    return snrs
+
+
 def apply_bias_shifts(model: onnx.ModelProto, shifts: dict[str, tuple[Layer, np.ndarray]]) -> None:
     """Add each shift to its layer's bias, in place: a Conv or Gemm bias is updated or created; a MatMul
     gets an Add after it. Call before the graph is rebuilt (layers hold references to its nodes)."""

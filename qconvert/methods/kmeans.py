@@ -100,6 +100,7 @@ def kmeans_step(model: onnx.ModelProto, plan: KMeansPlan, progress: Progress, wo
             (array, plain), *refined = found[weight.name]
             results[weight.name] = (array, _decoded(plain, weight.shape, axis), _decoded(refined[0][1], weight.shape, axis) if refined else None)
         decisions = refiner.decide(model, results)
+        details["calibration"] = refiner.summary(decisions)
         del results
         refiner.apply_shifts(model, decisions)
     for weight, axis, note, _ in pending:

@@ -85,6 +85,7 @@ def linear_step(model: onnx.ModelProto, plan: LinearPlan, progress: Progress, da
         progress("checking each layer's output on the calibration data")
         decisions = refiner.decide(model, {w.name: (w.array(), plain[w.name].dequantized(),
                                                     refined[w.name].dequantized() if w.name in refined else None) for w in weights})
+        details["calibration"] = refiner.summary(decisions)
     items = {}
     reports = []
     histograms = []

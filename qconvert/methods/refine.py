@@ -48,6 +48,7 @@ class Refiner:
     bias_correction: bool
     matmul_bias: bool = True  # a MatMul's bias shift goes in a new Add node
     layers: dict[str, Layer] = dataclasses.field(default_factory=dict)
+    model_snr_db: dict[str, float | None] = dataclasses.field(default_factory=dict)  # the whole-model check
 
     @staticmethod
     def gather(model: onnx.ModelProto, weights: list[Weight], feeds: Feeds, *, data_aware: bool, bias_correction: bool,
@@ -88,7 +89,7 @@ class Refiner:
             shifts[name] = fidelity.bias_shift(layer, self.moments[name], original, chosen) if self.bias_correction else None
             candidates += [Candidate(layer, plain), Candidate(layer, chosen, shifts[name])]
         snrs = fidelity.layer_snr(model, candidates, self.feeds)
-        decisions = {}
+        decisions: dict[str, Decision] = {}
         for i, name in enumerate(names):
             plain_snr, refined_snr = snrs[2 * i], snrs[2 * i + 1]
             techniques = tuple(t for t, on in ((DATA_AWARE, results[name][2] is not None), (BIAS_CORRECTED, shifts[name] is not None)) if on)
@@ -97,7 +98,38 @@ class Refiner:
             else:
                 note = f"plain kept: {' + '.join(techniques)} gave {_db(refined_snr)} at the layer output vs {_db(plain_snr)}" if techniques else None
                 decisions[name] = Decision(False, None, (), plain_snr, plain_snr, note)
-        return decisions
+        return self._verified(model, results, decisions)
+
+    def _verified(self, model: onnx.ModelProto, results: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]],
+                  decisions: dict[str, Decision]) -> dict[str, Decision]:
+        """The decisions if, all together, they beat plain quantization on the whole model's output
+        (errors of single layers need not add up); else plain everywhere."""
+        if not any(d.techniques for d in decisions.values()):
+            return decisions
+        plain = {name: results[name][1] for name in decisions}
+        chosen = {}
+        for name, decision in decisions.items():
+            _, plain_array, refined = results[name]
+            chosen[name] = refined if decision.refined and refined is not None else plain_array
+        shifts = {n: (self.layers[n], d.shift) for n, d in decisions.items() if d.shift is not None}
+        plain_snr, chosen_snr = fidelity.model_snr(model, [(plain, {}), (chosen, shifts)], self.feeds)
+        self.model_snr_db = {"plain": plain_snr, "refined": chosen_snr}
+        if _better(chosen_snr, plain_snr) or chosen_snr == plain_snr:
+            return decisions
+        note = f"plain kept: refined layers gave {_db(chosen_snr)} at the model output vs {_db(plain_snr)} plain"
+        return {n: Decision(False, None, (), d.plain_layer_snr_db, d.plain_layer_snr_db, note if d.techniques else d.note)
+                for n, d in decisions.items()}
+
+    def summary(self, decisions: dict[str, Decision]) -> dict[str, object]:
+        """For the report's details: the data, and the whole-model check on it."""
+        return {
+            "source": self.feeds.source,
+            "samples": self.feeds.samples,
+            "layers_checked": len(decisions),
+            "layers_refined": sum(bool(d.techniques) for d in decisions.values()),
+            "model_snr_db_plain": self.model_snr_db.get("plain"),
+            "model_snr_db_refined": self.model_snr_db.get("refined"),
+        }
 
     def apply_shifts(self, model: onnx.ModelProto, decisions: dict[str, Decision]) -> None:
         fidelity.apply_bias_shifts(model, {n: (self.layers[n], d.shift) for n, d in decisions.items() if d.shift is not None})

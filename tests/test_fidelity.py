@@ -1,0 +1,175 @@
+"""Data-aware quantization, bias correction, BN folding decisions and the per-layer / whole-model checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from qconvert import fidelity
+from qconvert.cli import cli
+from qconvert.fidelity import Candidate
+from qconvert.methods.common import fold_pays
+from qconvert.methods.refine import Refiner
+from qconvert.select import select_weights
+from qconvert.validate import Feeds
+
+
+def layer_model(op: str, rng: np.random.Generator) -> tuple[onnx.ModelProto, np.ndarray]:
+    """x -> one Conv (2 groups, no bias, no padding) / Gemm (transB, alpha, beta, C) / MatMul -> y."""
+    inits = []
+    if op == "Conv":
+        x_shape, y_shape = [64, 6, 5, 5], [64, 8, 3, 3]
+        w = rng.standard_normal((8, 3, 3, 3))
+        node = helper.make_node("Conv", ["x", "w"], ["y"], group=2)
+    elif op == "Gemm":
+        x_shape, y_shape = [16, 12], [16, 10]
+        w = rng.standard_normal((10, 12))
+        inits.append(numpy_helper.from_array(rng.standard_normal(10).astype(np.float32), "c"))
+        node = helper.make_node("Gemm", ["x", "w", "c"], ["y"], transB=1, alpha=0.7, beta=1.5)
+    else:
+        x_shape, y_shape = [2, 16, 12], [2, 16, 10]
+        w = rng.standard_normal((12, 10))
+        node = helper.make_node("MatMul", ["x", "w"], ["y"])
+    inits.append(numpy_helper.from_array(w.astype(np.float32), "w"))
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    # Inputs with a mean far from zero, different per channel: the case bias correction is for.
+    axis = -1 if op == "MatMul" else 1
+    offsets = np.moveaxis(np.zeros(x_shape), axis, -1) + rng.uniform(0, 3, x_shape[axis])
+    x = (rng.standard_normal(x_shape) + np.moveaxis(offsets, -1, axis)).astype(np.float32)
+    return model, x
+
+
+def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def with_weight(model: onnx.ModelProto, array: np.ndarray) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    w = next(t for t in copy.graph.initializer if t.name == "w")
+    w.CopyFrom(numpy_helper.from_array(array.astype(np.float32), "w"))
+    return copy
+
+
+def feeds(x: np.ndarray) -> Feeds:
+    return Feeds([{"x": x}], x.shape[0], "test")
+
+
+@pytest.mark.parametrize("op", ["Conv", "Gemm", "MatMul"])
+def test_bias_correction_restores_the_mean_output(op: str) -> None:
+    rng = np.random.default_rng(0)
+    model, x = layer_model(op, rng)
+    weights = select_weights(model).weights
+    layers = fidelity.find_layers(model, weights)
+    moments = fidelity.input_moments(model, layers, feeds(x))
+    w = numpy_helper.to_array(model.graph.initializer[-1])
+    coarse = np.round(w * 2 + 0.3) / 2  # a biased quantizer: its error has a non-zero mean
+    shift = fidelity.bias_shift(layers["w"], moments["w"], w, coarse)
+    quantized = with_weight(model, coarse)
+    mean_axis = tuple(a for a in range(x.ndim) if a != (1 if op == "Conv" else x.ndim - 1))
+    before = np.abs((run(model, x) - run(quantized, x)).mean(axis=mean_axis)).max()
+    fidelity.apply_bias_shifts(quantized, {"w": (fidelity.find_layers(quantized, select_weights(quantized).weights)["w"], shift)})
+    onnx.checker.check_model(quantized, full_check=True)
+    after = np.abs((run(model, x) - run(quantized, x)).mean(axis=mean_axis)).max()
+    # exact for Gemm and MatMul; a Conv's windows see the channel mean only on average over the data
+    assert before > 0.5 and after < (0.03 if op == "Conv" else 1e-5) * before
+    if op == "MatMul":
+        assert [n.op_type for n in quantized.graph.node] == ["MatMul", "Add"]
+
+
+def test_importance_follows_conv_groups() -> None:
+    rng = np.random.default_rng(1)
+    model, x = layer_model("Conv", rng)
+    layer = fidelity.find_layers(model, select_weights(model).weights)["w"]
+    moments = fidelity.input_moments(model, {"w": layer}, feeds(x))
+    np.testing.assert_allclose(moments["w"].square, np.mean(x.astype(np.float64) ** 2, axis=(0, 2, 3)), rtol=1e-6)
+    importance = fidelity.importance(layer, moments["w"], (8, 3, 3, 3))
+    assert importance is not None and importance.shape == (8, 3, 1, 1)
+    # output channels 0-3 read input channels 0-2 (group 0), channels 4-7 read 3-5 (group 1)
+    np.testing.assert_allclose(importance[0, :, 0, 0], moments["w"].square[:3])
+    np.testing.assert_allclose(importance[5, :, 0, 0], moments["w"].square[3:])
+
+
+def test_layer_snr_is_measured_on_the_layer_output() -> None:
+    rng = np.random.default_rng(2)
+    model, x = layer_model("Gemm", rng)
+    layer = fidelity.find_layers(model, select_weights(model).weights)["w"]
+    w = numpy_helper.to_array(model.graph.initializer[-1])
+    noisy = w + rng.standard_normal(w.shape).astype(np.float32) * 0.1
+    shift = rng.standard_normal(10).astype(np.float32)
+    snrs = fidelity.layer_snr(model, [Candidate(layer, noisy), Candidate(layer, noisy, shift)], feeds(x))
+    want, got = run(model, x).astype(np.float64), run(with_weight(model, noisy), x).astype(np.float64)
+    for value, out in zip(snrs, (got, got + shift)):
+        assert value == pytest.approx(10 * np.log10(np.sum(want**2) / np.sum((want - out) ** 2)), abs=1e-3)
+
+
+def test_a_refinement_that_hurts_is_not_kept() -> None:
+    rng = np.random.default_rng(3)
+    model, x = layer_model("Conv", rng)
+    weights = select_weights(model).weights
+    refiner = Refiner.gather(model, weights, feeds(x), data_aware=True, bias_correction=False)
+    w = weights[0].array()
+    plain = np.round(w * 4) / 4
+    decisions = refiner.decide(model, {"w": (w, plain, np.zeros_like(w))})  # a "refined" result that is garbage
+    assert not decisions["w"].refined and decisions["w"].techniques == ()
+    assert decisions["w"].note.startswith("plain kept: data-aware gave")
+    better = refiner.decide(model, {"w": (w, plain, np.round(w * 8) / 8)})  # a finer grid: it wins
+    assert better["w"].refined and better["w"].techniques == ("data-aware",)
+    assert better["w"].layer_snr_db > better["w"].plain_layer_snr_db
+    assert refiner.model_snr_db["refined"] > refiner.model_snr_db["plain"]
+
+
+def per_tensor_round(values: np.ndarray) -> np.ndarray:
+    step = np.abs(values).max() / 7  # a 4-bit symmetric grid for the whole tensor
+    return np.round(values / step) * step
+
+
+def test_fold_pays_unless_one_channel_takes_the_grid() -> None:
+    w = np.random.default_rng(4).standard_normal((8, 16)).astype(np.float32)
+    assert fold_pays(w, np.full(8, 3.0), 0, per_tensor_round, None)  # a uniform factor changes nothing
+    skewed = np.ones(8)
+    skewed[0] = 500.0
+    assert not fold_pays(w, skewed, 0, per_tensor_round, None)  # folded, channel 0 would take the whole grid
+
+
+def split_digits(digits_data: Path, folder: Path) -> tuple[Path, Path]:
+    with np.load(digits_data) as npz:
+        x, labels = npz["input"], npz["labels"]
+    calibration, validation = folder / "calibration.npz", folder / "validation.npz"
+    np.savez(calibration, input=x[:180])
+    np.savez(validation, input=x[180:], labels=labels[180:])
+    return calibration, validation
+
+
+@pytest.mark.parametrize("args", [
+    ["kmeans", "--bits", "3", "--calibration", "{calibration}", "--data", "{validation}"],
+    ["linear", "--bits", "8", "--per-channel", "--calibration", "{calibration}", "--data", "{validation}"],  # full QDQ
+    ["linear", "--bits", "4", "--per-channel", "--data", "{calibration}"],  # weights-only, learns from --data
+])
+def test_techniques_beat_plain_on_digits(tmp_path: Path, digits: Path, digits_data: Path, args: list[str]) -> None:
+    calibration, validation = split_digits(digits_data, tmp_path)
+    args = [a.format(calibration=calibration, validation=validation) for a in args]
+
+    def convert(*flags: str) -> dict:
+        result = CliRunner().invoke(cli, [args[0], str(digits), *args[1:], "-o", str(tmp_path / "q.onnx"), "--json", *flags])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    plain = convert("--no-data-aware", "--no-bias-correction", "--no-fold-batchnorm")
+    refined = convert()
+    assert "calibration" not in plain["details"] and all(not w["techniques"] for w in plain["per_weight"])
+    check = refined["details"]["calibration"]
+    assert check["layers_refined"] >= 1 and check["model_snr_db_refined"] > check["model_snr_db_plain"]
+    assert refined["options"]["data_aware"] is True and plain["options"]["data_aware"] is False
+    assert any("bias-corrected" in w["techniques"] for w in refined["per_weight"])
+    assert all(w["layer_snr_db"] is not None for w in refined["per_weight"] if w["techniques"])
+    assert refined["validation"]["outputs"][0]["snr_db"] > plain["validation"]["outputs"][0]["snr_db"]
