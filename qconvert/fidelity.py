@@ -9,12 +9,14 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from qconvert.opset import default_opset
 from qconvert.rewrite import NameSource, set_nodes, use_counts
 from qconvert.select import MAIN_GRAPH, Weight, constant_value
-from qconvert.validate import Feeds, run_batches, run_with_outputs, session
+from qconvert.validate import Feeds, run_batches, session
 
 IMPORTANCE_FLOOR = 1e-6  # dead input channels still count a little: keeps the weighted k-means well posed
 PROBE_BYTES = 64 << 20  # candidate weights added to one probe model of the layer-error pass
+CHECK_SAMPLES = 8  # calibration samples that the layer and whole-model checks run on (statistics use all)
 
 
 @dataclass(frozen=True)
@@ -30,8 +32,16 @@ class Layer:
     x_axis: int  # the input channel axis of x (Conv 1, Gemm 1 or 0 by transA, MatMul last)
     in_axis: int  # the weight's input-channel axis (Conv 1, Gemm 0 or 1 by transB, MatMul 0)
     out_axis: int  # the weight's output-channel axis
+    weight_shape: tuple[int, ...]
     groups: int = 1  # Conv groups: output channel o reads input channels of group o // (Cout / groups)
     bias_editable: bool = True  # no bias, or a constant one: a bias shift can be applied
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of x along x_axis."""
+        if self.op_type == "Conv":
+            return self.weight_shape[1] * self.groups
+        return self.weight_shape[self.in_axis]
 
     @property
     def op_type(self) -> str:
@@ -61,38 +71,82 @@ def find_layers(model: onnx.ModelProto, weights: list[Weight]) -> dict[str, Laye
         rank = len(weight.shape)
         editable = len(node.input) < 3 or not node.input[2] or node.input[2] in constants
         if node.op_type == "Conv" and rank >= 3:
-            layers[weight.name] = Layer(weight.name, node, 1, 1, 0, int(attrs.get("group", 1)), editable)
+            layers[weight.name] = Layer(weight.name, node, 1, 1, 0, weight.shape, int(attrs.get("group", 1)), editable)
         elif node.op_type == "Gemm":
             trans_b = int(attrs.get("transB", 0))
-            layers[weight.name] = Layer(weight.name, node, 0 if attrs.get("transA", 0) else 1, trans_b, 1 - trans_b, 1, editable)
+            layers[weight.name] = Layer(weight.name, node, 0 if attrs.get("transA", 0) else 1, trans_b, 1 - trans_b, weight.shape, 1, editable)
         elif node.op_type == "MatMul" and rank == 2:
-            layers[weight.name] = Layer(weight.name, node, -1, 0, 1)
+            layers[weight.name] = Layer(weight.name, node, -1, 0, 1, weight.shape)
     return layers
 
 
-def input_moments(model: onnx.ModelProto, layers: dict[str, Layer], feeds: Feeds) -> dict[str, Moments]:
-    """E[x] and E[x²] per input channel of each layer, in one onnxruntime pass (running sums only)."""
-    keys = {(layer.node.input[0], layer.x_axis) for layer in layers.values()}
-    sums: dict[tuple[str, int], list[np.ndarray]] = {}
-    counts: dict[tuple[str, int], int] = {}
-    for outputs in run_with_outputs(model, sorted({t for t, _ in keys}), feeds, "model for calibration"):
-        for tensor, axis in keys:
-            x = np.moveaxis(np.asarray(outputs[tensor], np.float64), axis, 0)
-            x = x.reshape(x.shape[0], -1)
-            s, sq = x.sum(axis=1), np.einsum("ij,ij->i", x, x)
-            if (tensor, axis) in sums:
-                sums[tensor, axis][0] += s
-                sums[tensor, axis][1] += sq
+def check_feeds(feeds: Feeds) -> Feeds:
+    """The first batches of the calibration feeds, CHECK_SAMPLES samples or more: what the checks run on."""
+    count, samples = 0, 0
+    while count < len(feeds.batches) and samples < CHECK_SAMPLES:
+        samples += len(next(iter(feeds.batches[count].values())))
+        count += 1
+    return Feeds(feeds.batches[:count], min(samples, feeds.samples), feeds.source)
+
+
+def input_moments(model: onnx.ModelProto, layers: dict[str, Layer], feeds: Feeds) -> tuple[dict[str, Moments], list[np.ndarray]]:
+    """E[x] and E[x²] per input channel of each layer, in one onnxruntime pass; and the model's
+    outputs on `check_feeds(feeds)`, the reference of the whole-model check.
+
+    The sums are reduced in the graph (ReduceSum, ReduceSumSquare, Size), so only [Cin] vectors come
+    back and onnxruntime frees every activation as usual.
+    """
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    graph, opset, fresh = probe.graph, default_opset(model), NameSource(probe)
+    keys: dict[tuple[str, int, int], tuple[str, str, str]] = {}  # (x, channel axis, Cin) -> sum, sum of squares, size
+    nodes = list(graph.node)
+    for layer in layers.values():
+        x, channels = layer.node.input[0], layer.in_channels
+        key = (x, layer.x_axis, channels)
+        if key in keys:
+            continue
+        if layer.op_type == "Conv":
+            axes = [0, *range(2, len(layer.weight_shape))]
+        elif layer.op_type == "Gemm":
+            axes = [1 - layer.x_axis]
+        else:  # MatMul: [..., K] -> [rows, K]
+            shape = fresh(f"{x}_qc_rows_shape")
+            graph.initializer.append(numpy_helper.from_array(np.array([-1, channels], np.int64), shape))
+            rows = fresh(f"{x}_qc_rows")
+            nodes.append(helper.make_node("Reshape", [x, shape], [rows]))
+            x, axes = rows, [0]
+        outputs = (fresh(f"{x}_qc_sum"), fresh(f"{x}_qc_sum_squares"), fresh(f"{x}_qc_size"))
+        for op, out in zip(("ReduceSum", "ReduceSumSquare"), outputs):
+            if opset >= {"ReduceSum": 13, "ReduceSumSquare": 18}[op]:  # axes moved from attribute to input
+                axes_name = fresh(f"{out}_axes")
+                graph.initializer.append(numpy_helper.from_array(np.array(axes, np.int64), axes_name))
+                nodes.append(helper.make_node(op, [x, axes_name], [out], keepdims=0))
             else:
-                sums[tensor, axis] = [s, sq]
-            counts[tensor, axis] = counts.get((tensor, axis), 0) + x.shape[1]
+                nodes.append(helper.make_node(op, [x], [out], axes=axes, keepdims=0))
+        nodes.append(helper.make_node("Size", [x], [outputs[2]]))
+        keys[key] = outputs
+    set_nodes(graph, nodes)
+    model_outputs = [o.name for o in graph.output]
+    wanted = [name for outputs in keys.values() for name in outputs]
+    graph.output.extend(helper.make_empty_tensor_value_info(t) for t in wanted)
+    sess = session(probe.SerializeToString(), "model for calibration", probe=True)
+    del probe, graph
+    totals: dict[str, np.ndarray] = {}
+    checked = len(check_feeds(feeds).batches)
+    reference: list[list[np.ndarray]] = []
+    for index, batch in enumerate(run_batches(sess, feeds, "model for calibration", output_names=[*model_outputs, *wanted])):
+        if index < checked:
+            reference.append(batch[: len(model_outputs)])
+        for name, value in zip(wanted, batch[len(model_outputs) :]):
+            totals[name] = totals.get(name, 0) + np.asarray(value, np.float64)
     moments = {}
     for name, layer in layers.items():
-        key = (layer.node.input[0], layer.x_axis)
-        if key in sums and counts[key]:
-            s, sq = sums[key]
-            moments[name] = Moments(s / counts[key], sq / counts[key])
-    return moments
+        total, squares, size = (totals[o] for o in keys[layer.node.input[0], layer.x_axis, layer.in_channels])
+        count = float(size) / layer.in_channels
+        if count > 0 and total.shape == (layer.in_channels,):
+            moments[name] = Moments(total / count, squares / count)
+    return moments, [np.concatenate(o).astype(np.float64) for o in zip(*reference)]
 
 
 def per_weight(layer: Layer, values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
@@ -168,13 +222,16 @@ def _probe(model: onnx.ModelProto, candidates: list[Candidate], feeds: Feeds) ->
     graph = probe.graph
     del graph.output[:]
     fresh = NameSource(probe)
-    nodes, signals, errors = list(graph.node), {}, []
-    for candidate in candidates:
+    signals: dict[str, str] = {}
+    errors: list[tuple[str, str]] = []
+    after: dict[str, list[onnx.NodeProto]] = {}  # layer output -> its checks, run right after the layer so
+    for candidate in candidates:  # that onnxruntime frees the layer's input and output as usual
         layer = candidate.layer
         y = layer.node.output[0]
+        checks = after.setdefault(y, [])
         if y not in signals:
             signals[y] = fresh(f"{y}_qc_signal")
-            nodes.append(helper.make_node("ReduceSumSquare", [y], [signals[y]], keepdims=0))
+            checks.append(helper.make_node("ReduceSumSquare", [y], [signals[y]], keepdims=0))
         w = fresh(f"{layer.weight}_qc_candidate")
         graph.initializer.append(numpy_helper.from_array(candidate.weight, w))
         copy = onnx.NodeProto()
@@ -184,28 +241,31 @@ def _probe(model: onnx.ModelProto, candidates: list[Candidate], feeds: Feeds) ->
         del copy.output[:]
         out = fresh(f"{y}_qc_candidate")
         copy.output.append(out)
-        nodes.append(copy)
+        checks.append(copy)
         if candidate.shift is not None:
             shift = fresh(f"{layer.weight}_qc_shift")
-            spatial = candidate.weight.ndim - 2 if layer.op_type == "Conv" else 0  # [Cout, 1, 1] against [N, Cout, H, W]
-            layout = candidate.shift.reshape(-1, *([1] * spatial))
-            graph.initializer.append(numpy_helper.from_array(layout.astype(np.float32), shift))
+            graph.initializer.append(numpy_helper.from_array(_output_layout(layer, candidate.shift).astype(np.float32), shift))
             shifted = fresh(f"{out}_shifted")
-            nodes.append(helper.make_node("Add", [out, shift], [shifted]))
+            checks.append(helper.make_node("Add", [out, shift], [shifted]))
             out = shifted
         diff, error = fresh(f"{out}_diff"), fresh(f"{out}_error")
-        nodes += [helper.make_node("Sub", [out, y], [diff]), helper.make_node("ReduceSumSquare", [diff], [error], keepdims=0)]
+        checks += [helper.make_node("Sub", [out, y], [diff]), helper.make_node("ReduceSumSquare", [diff], [error], keepdims=0)]
         errors.append((error, signals[y]))
-    set_nodes(graph, nodes)
+    set_nodes(graph, [n for node in graph.node for n in (node, *(after.get(node.output[0], []) if node.output else []))])
     wanted = [*dict.fromkeys(signals.values()), *(e for e, _ in errors)]
     graph.output.extend(helper.make_empty_tensor_value_info(t) for t in wanted)
-    sess = session(probe.SerializeToString(), "model for the layer-error check")
+    sess = session(probe.SerializeToString(), "model for the layer-error check", probe=True)
     del probe, graph
     totals = dict.fromkeys(wanted, 0.0)
     for outputs in run_batches(sess, feeds, "model for the layer-error check", output_names=wanted):
         for name, value in zip(wanted, outputs):
             totals[name] += float(value)
     return [_snr(totals[signal], totals[error]) for error, signal in errors]
+
+
+def _output_layout(layer: Layer, shift: np.ndarray) -> np.ndarray:
+    """A per-output-channel shift shaped to add to the layer's output: [Cout, 1, 1] against [N, Cout, H, W]."""
+    return shift.reshape(-1, *([1] * (len(layer.weight_shape) - 2))) if layer.op_type == "Conv" else shift
 
 
 def _snr(signal: float, error: float) -> float | None:
@@ -215,13 +275,13 @@ def _snr(signal: float, error: float) -> float | None:
 
 
 def model_snr(model: onnx.ModelProto, variants: list[tuple[dict[str, np.ndarray], dict[str, tuple[Layer, np.ndarray]]]],
-              feeds: Feeds) -> list[float | None]:
-    """SNR (dB) of the model's outputs, all outputs together, for each variant against the float model.
+              feeds: Feeds, reference: list[np.ndarray]) -> list[float | None]:
+    """SNR (dB) of the model's outputs, all outputs together, for each variant against the float
+    model's `reference` outputs on the same feeds.
 
     A variant replaces weights by float arrays (their dequantized values) and adds bias shifts after
     their layers, in a copy of the model: the quantized model's arithmetic without encoding it.
     """
-    reference = [np.concatenate(o).astype(np.float64) for o in zip(*run_batches(session(model.SerializeToString(), "input model"), feeds, "input model"))]
     signal = sum(float(np.sum(r * r)) for r in reference)
     snrs = []
     for arrays, shifts in variants:
@@ -242,8 +302,7 @@ def model_snr(model: onnx.ModelProto, variants: list[tuple[dict[str, np.ndarray]
             nodes.append(node)
             if node.output and node.output[0] in by_output:
                 layer, shift = by_output[node.output[0]]
-                spatial = arrays[layer.weight].ndim - 2 if layer.op_type == "Conv" else 0
-                bias = numpy_helper.from_array(shift.reshape(-1, *([1] * spatial)).astype(np.float32), fresh(f"{layer.weight}_qc_shift"))
+                bias = numpy_helper.from_array(_output_layout(layer, shift).astype(np.float32), fresh(f"{layer.weight}_qc_shift"))
                 graph.initializer.append(bias)
                 product = fresh(f"{node.output[0]}_qc_unshifted")
                 nodes.append(helper.make_node("Add", [product, bias.name], [node.output[0]]))

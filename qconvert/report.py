@@ -24,6 +24,7 @@ from qconvert.validate import ValidationResult
 
 SCHEMA_VERSION = 2
 WORST_SHOWN = 5
+SHORT_TECHNIQUE = {"batchnorm-folded": "fold", "data-aware": "data", "bias-corrected": "bias"}  # for narrow terminals
 
 
 @dataclass(frozen=True)
@@ -215,13 +216,17 @@ def summary(report: Report) -> Group:
     for key, value in report.details.items():
         if isinstance(value, str):
             parts.append(Text(f"{key.replace('_', ' ')}: {value}"))
-    worst = sorted(report.weights, key=lambda w: math.inf if w.snr_db is None else w.snr_db)[:WORST_SHOWN]
+    parts += [Text(line) for line in _fidelity_lines(report)]
+    measured = any(w.layer_snr_db is not None for w in report.weights)
+    worst = _worst(report.weights, WORST_SHOWN)
     if worst:
-        table = Table(title="Weights with the lowest SNR", title_justify="left")
-        for column in ("weight", "op", "shape", "SNR dB", "bytes"):
-            table.add_column(column, justify="left" if column in ("weight", "op") else "right")
+        table = Table(title=f"Weights with the lowest {'layer output' if measured else ''} SNR".replace("  ", " "), title_justify="left")
+        columns = ("weight", "op", "shape", "weight SNR dB", *(("layer SNR dB", "techniques") if measured else ()), "bytes")
+        for column in columns:
+            table.add_column(column, justify="left" if column in ("weight", "op", "techniques") else "right")
         for w in worst:
-            table.add_row(w.name, ",".join(w.consumers), "x".join(map(str, w.shape)), _db(w.snr_db), f"{w.float_bytes} -> {w.stored_bytes}")
+            extra = (_db(w.layer_snr_db), "+".join(SHORT_TECHNIQUE.get(t, t) for t in w.techniques) or "-") if measured else ()
+            table.add_row(w.name, ",".join(w.consumers), "x".join(map(str, w.shape)), _db(w.snr_db), *extra, f"{w.float_bytes} -> {w.stored_bytes}")
         parts.append(table)
     if report.gates:
         table = Table(title=f"Quality gates: {'passed' if report.passed else 'FAILED'}", title_justify="left")
@@ -234,6 +239,31 @@ def summary(report: Report) -> Group:
     for warning in report.warnings:
         parts.append(Text(f"warning: {warning}", style="yellow"))
     return Group(*parts)
+
+
+def _worst(weights: list[WeightReport], count: int) -> list[WeightReport]:
+    """The weights that hurt most: by measured layer-output SNR where there is one, else by weight SNR."""
+    def key(w: WeightReport) -> float:
+        value = w.layer_snr_db if w.layer_snr_db is not None else w.snr_db
+        return math.inf if value is None else value
+    return sorted(weights, key=key)[:count]
+
+
+def _fidelity_lines(report: Report) -> list[str]:
+    """BatchNorm folding and the calibration-data techniques, in a sentence each."""
+    lines = []
+    folded = report.details.get("folded_batchnorm")
+    if isinstance(folded, list) and folded:
+        lines.append(f"BatchNormalization folded into the layer before it: {len(folded)}")
+    check = report.details.get("calibration")
+    if isinstance(check, dict):
+        applied = Counter(t for w in report.weights for t in w.techniques if t != "batchnorm-folded")
+        line = (f"calibration ({check['samples']} samples, {check['source']}): {check['layers_refined']} of "
+                f"{check['layers_checked']} layers refined ({', '.join(f'{n} {t}' for t, n in sorted(applied.items())) or 'none'})")
+        if check.get("model_snr_db_refined") is not None or check.get("model_snr_db_plain") is not None:
+            line += f"; output SNR on that data {_db(check['model_snr_db_plain'])} dB plain -> {_db(check['model_snr_db_refined'])} dB refined"
+        lines.append(line)
+    return lines
 
 
 def _db(value: float | None) -> str:
@@ -301,11 +331,13 @@ def markdown(report: Report) -> str:
         for g in report.gates:
             lines.append(f"| `{g.gate}` | {g.subject} | {'-' if g.value is None else f'{g.value:.4g}'} | {g.limit:g} | {'pass' if g.passed else '**FAIL**'} |")
         lines.append("")
-    worst = sorted(report.weights, key=lambda w: math.inf if w.snr_db is None else w.snr_db)[:10]
+    lines += [f"{line}  " for line in _fidelity_lines(report)] + ([""] if _fidelity_lines(report) else [])
+    worst = _worst(report.weights, 10)
     if worst:
-        lines += ["| weight | op | shape | granularity | SNR dB | bytes |", "|---|---|---|---|---:|---:|"]
+        lines += ["| weight | op | shape | granularity | weight SNR dB | layer SNR dB | techniques | bytes |", "|---|---|---|---|---:|---:|---|---:|"]
         for w in worst:
-            lines.append(f"| {w.name} | {','.join(w.consumers)} | {'x'.join(map(str, w.shape))} | {w.granularity} | {_db(w.snr_db)} | {w.float_bytes} -> {w.stored_bytes} |")
+            lines.append(f"| {w.name} | {','.join(w.consumers)} | {'x'.join(map(str, w.shape))} | {w.granularity} | {_db(w.snr_db)} | "
+                         f"{'-' if w.layer_snr_db is None else _db(w.layer_snr_db)} | {', '.join(w.techniques) or '-'} | {w.float_bytes} -> {w.stored_bytes} |")
         lines.append("")
     lines += [f"- warning: {w}" for w in report.warnings]
     return "\n".join(lines).rstrip() + "\n"

@@ -70,7 +70,7 @@ def test_bias_correction_restores_the_mean_output(op: str) -> None:
     model, x = layer_model(op, rng)
     weights = select_weights(model).weights
     layers = fidelity.find_layers(model, weights)
-    moments = fidelity.input_moments(model, layers, feeds(x))
+    moments, _ = fidelity.input_moments(model, layers, feeds(x))
     w = numpy_helper.to_array(model.graph.initializer[-1])
     coarse = np.round(w * 2 + 0.3) / 2  # a biased quantizer: its error has a non-zero mean
     shift = fidelity.bias_shift(layers["w"], moments["w"], w, coarse)
@@ -90,7 +90,7 @@ def test_importance_follows_conv_groups() -> None:
     rng = np.random.default_rng(1)
     model, x = layer_model("Conv", rng)
     layer = fidelity.find_layers(model, select_weights(model).weights)["w"]
-    moments = fidelity.input_moments(model, {"w": layer}, feeds(x))
+    moments, _ = fidelity.input_moments(model, {"w": layer}, feeds(x))
     np.testing.assert_allclose(moments["w"].square, np.mean(x.astype(np.float64) ** 2, axis=(0, 2, 3)), rtol=1e-6)
     importance = fidelity.importance(layer, moments["w"], (8, 3, 3, 3))
     assert importance is not None and importance.shape == (8, 3, 1, 1)

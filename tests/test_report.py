@@ -26,10 +26,15 @@ def key_paths(value: object, prefix: str = "") -> set[str]:
     return paths
 
 
-def test_report_keys_match_the_golden_schema(tmp_path: Path, digits: Path, digits_data: Path) -> None:
-    result = CliRunner().invoke(
-        cli, ["kmeans", str(digits), "--bits", "4", "--per-channel", "--data", str(digits_data), "--min-snr", "10", "-o", str(tmp_path / "q.onnx"), "--json"]
-    )
+def report_args(samples: Path, folder: Path) -> list[str]:
+    """A run whose report has every section: validation with labels, gates, calibration, folding."""
+    return ["kmeans", str(samples / "digits_cnn.onnx"), "--bits", "4", "--per-channel", "--data", str(samples / "digits_test.npz"),
+            "--min-snr", "10", "-o", str(folder / "q.onnx"), "--json"]
+
+
+def test_report_keys_match_the_golden_schema(tmp_path: Path, digits: Path) -> None:
+    """After a deliberate change: bump SCHEMA_VERSION, then `python tests/golden/regenerate.py`."""
+    result = CliRunner().invoke(cli, report_args(digits.parent, tmp_path))
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["schema_version"] == SCHEMA_VERSION

@@ -42,8 +42,9 @@ class Refiner:
     """Input statistics of the layers whose weights are being quantized, gathered once, and the layers
     of the model being edited (`bind` again after the model is replaced or rebuilt)."""
 
-    feeds: Feeds
+    feeds: Feeds  # the calibration data (the checks run on its first batches)
     moments: dict[str, Moments]
+    reference: list[np.ndarray]  # the float model's outputs on `feeds`
     data_aware: bool
     bias_correction: bool
     matmul_bias: bool = True  # a MatMul's bias shift goes in a new Add node
@@ -54,8 +55,8 @@ class Refiner:
     def gather(model: onnx.ModelProto, weights: list[Weight], feeds: Feeds, *, data_aware: bool, bias_correction: bool,
                matmul_bias: bool = True) -> Refiner:
         layers = fidelity.find_layers(model, weights)
-        moments = fidelity.input_moments(model, layers, feeds) if layers else {}
-        refiner = Refiner(feeds, moments, data_aware, bias_correction, matmul_bias)
+        moments, reference = fidelity.input_moments(model, layers, feeds) if layers else ({}, [])
+        refiner = Refiner(feeds, moments, reference, data_aware, bias_correction, matmul_bias)
         refiner.bind(model, weights)
         return refiner
 
@@ -88,7 +89,7 @@ class Refiner:
             chosen = plain if refined is None else refined
             shifts[name] = fidelity.bias_shift(layer, self.moments[name], original, chosen) if self.bias_correction else None
             candidates += [Candidate(layer, plain), Candidate(layer, chosen, shifts[name])]
-        snrs = fidelity.layer_snr(model, candidates, self.feeds)
+        snrs = fidelity.layer_snr(model, candidates, fidelity.check_feeds(self.feeds))
         decisions: dict[str, Decision] = {}
         for i, name in enumerate(names):
             plain_snr, refined_snr = snrs[2 * i], snrs[2 * i + 1]
@@ -112,7 +113,7 @@ class Refiner:
             _, plain_array, refined = results[name]
             chosen[name] = refined if decision.refined and refined is not None else plain_array
         shifts = {n: (self.layers[n], d.shift) for n, d in decisions.items() if d.shift is not None}
-        plain_snr, chosen_snr = fidelity.model_snr(model, [(plain, {}), (chosen, shifts)], self.feeds)
+        plain_snr, chosen_snr = fidelity.model_snr(model, [(plain, {}), (chosen, shifts)], fidelity.check_feeds(self.feeds), self.reference)
         self.model_snr_db = {"plain": plain_snr, "refined": chosen_snr}
         if _better(chosen_snr, plain_snr) or chosen_snr == plain_snr:
             return decisions
@@ -125,6 +126,7 @@ class Refiner:
         return {
             "source": self.feeds.source,
             "samples": self.feeds.samples,
+            "checked_on_samples": fidelity.check_feeds(self.feeds).samples,
             "layers_checked": len(decisions),
             "layers_refined": sum(bool(d.techniques) for d in decisions.values()),
             "model_snr_db_plain": self.model_snr_db.get("plain"),
