@@ -265,7 +265,7 @@ def kmeans(models: tuple[Path, ...], bits: int, per_channel: bool, max_codebook_
               help="One scale per output channel, or one per tensor (depthwise kernels always get per-channel).")
 @click.option("--symmetric/--asymmetric", default=True, show_default=True,
               help="Weights: signed with zero point 0, or unsigned with a zero point.")
-@click.option("--weights-only", "weights_only", is_flag=True, help="Quantize weights only (the default without --calibration).")
+@click.option("--weights-only", "weights_only", is_flag=True, help="Quantize weights only, also with --calibration (whose data then serves the data-aware techniques only).")
 @click.option("--calibration", type=click.Path(path_type=Path),
               help="Quantize activations too, with ranges measured on this data: an .npz of inputs (one array per "
                    "input, axis 0 = samples) or a folder of images (see --image-size ... --std).")
@@ -301,13 +301,12 @@ def linear(models: tuple[Path, ...], bits: str, per_channel: bool, symmetric: bo
       qconvert linear model.onnx --per-channel --calibration calib.npz --data val.npz
       qconvert linear model.onnx --per-channel --calibration photos/ --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225
     """
-    if weights_only and calibration is not None:
-        raise click.UsageError("--weights-only and --calibration exclude each other")
     plan = LinearPlan(
         bits=int(bits),
         granularity=Granularity.PER_CHANNEL if per_channel else Granularity.PER_TENSOR,
         symmetric=symmetric,
         calibration=calibration,
+        weights_only=weights_only,
         preprocessing=_preprocessing(image_size, layout, channel_order, pixel_scale, mean, std),
         calibration_method=CalibrationMethod(calibration_method),
         percentile=percentile,

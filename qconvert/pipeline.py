@@ -39,7 +39,7 @@ def default_output(input_path: Path, plan: Plan) -> Path:
     if isinstance(plan, KMeansPlan):
         tag = f"kmeans{plan.bits}{pc}"
     else:
-        tag = f"int{plan.bits}{pc}{'-qdq' if plan.calibration else ''}"
+        tag = f"int{plan.bits}{pc}{'-qdq' if plan.activations else ''}"
     return input_path.with_name(f"{input_path.stem}.{tag}.onnx")
 
 

@@ -104,6 +104,7 @@ class LinearPlan:
     granularity: Granularity = Granularity.PER_TENSOR
     symmetric: bool = True
     calibration: Path | None = None  # .npz of inputs or a folder of images: quantize activations too
+    weights_only: bool = False  # with calibration: quantize weights only (the data serves the data-aware techniques)
     preprocessing: Preprocessing = field(default_factory=Preprocessing)  # for a folder of images
     calibration_method: CalibrationMethod = CalibrationMethod.MINMAX
     percentile: float = 99.999
@@ -128,6 +129,11 @@ class LinearPlan:
     @property
     def method(self) -> str:
         return "linear"
+
+    @property
+    def activations(self) -> bool:
+        """Full QDQ: activations quantized too, with ranges from the calibration data."""
+        return self.calibration is not None and not self.weights_only
 
 
 Plan = KMeansPlan | LinearPlan

@@ -153,6 +153,7 @@ def split_digits(digits_data: Path, folder: Path) -> tuple[Path, Path]:
 @pytest.mark.parametrize("args", [
     ["kmeans", "--bits", "3", "--calibration", "{calibration}", "--data", "{validation}"],
     ["linear", "--bits", "8", "--per-channel", "--calibration", "{calibration}", "--data", "{validation}"],  # full QDQ
+    ["linear", "--bits", "4", "--per-channel", "--weights-only", "--calibration", "{calibration}", "--data", "{validation}"],
     ["linear", "--bits", "4", "--per-channel", "--data", "{calibration}"],  # weights-only, learns from --data
 ])
 def test_techniques_beat_plain_on_digits(tmp_path: Path, digits: Path, digits_data: Path, args: list[str]) -> None:
@@ -173,3 +174,5 @@ def test_techniques_beat_plain_on_digits(tmp_path: Path, digits: Path, digits_da
     assert any("bias-corrected" in w["techniques"] for w in refined["per_weight"])
     assert all(w["layer_snr_db"] is not None for w in refined["per_weight"] if w["techniques"])
     assert refined["validation"]["outputs"][0]["snr_db"] > plain["validation"]["outputs"][0]["snr_db"]
+    full_qdq = args[0] == "linear" and "--calibration" in args and "--weights-only" not in args
+    assert ("activations_quantized" in refined["details"]) == full_qdq

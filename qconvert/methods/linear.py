@@ -39,11 +39,11 @@ def linear_step(model: onnx.ModelProto, plan: LinearPlan, progress: Progress, da
     warnings: list[str] = []
     selection = select(model, plan)
     # In a full QDQ graph an Add after a MatMul would sit outside the integer kernel: MatMuls keep no bias.
-    refiner = refiner_for(model, selection.weights, plan, data, progress, matmul_bias=plan.calibration is None)
+    refiner = refiner_for(model, selection.weights, plan, data, progress, matmul_bias=not plan.activations)
     folded = {}
     if plan.fold_batchnorm:
         # Integer kernels need every BatchNorm folded; weights-only folds where it costs no accuracy.
-        where = None if plan.calibration else fold_filter(selection.weights, _quantizer(plan), refiner)
+        where = None if plan.activations else fold_filter(selection.weights, _quantizer(plan), refiner)
         folded = fold_batchnorm(model, where)
         selection = select(model, plan)
     if folded:
@@ -100,7 +100,7 @@ def linear_step(model: onnx.ModelProto, plan: LinearPlan, progress: Progress, da
     storage = ", ".join(sorted({np.dtype(item.storage).name for item in items.values()}))
     opset = OpsetChange(before, max(before, needed), storage, note)
 
-    if plan.calibration is None:
+    if not plan.activations:
         if refiner is not None:
             refiner.apply_shifts(model, decisions)
         qdq.insert_weight_dq(model, list(items.values()))
@@ -111,6 +111,7 @@ def linear_step(model: onnx.ModelProto, plan: LinearPlan, progress: Progress, da
     progress("calibrating activation ranges")
     names = set(items)
     tensors = qdq.activation_tensors(model, names)
+    assert plan.calibration is not None
     feeds = refiner.feeds if refiner and data == plan.calibration else calibration_feeds(model, plan.calibration, plan.preprocessing)
     if feeds.samples < MIN_CALIBRATION_SAMPLES:
         warnings.append(f"only {feeds.samples} calibration samples; activation ranges may not generalize (use {MIN_CALIBRATION_SAMPLES}+)")
