@@ -204,7 +204,9 @@ def output_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path, allow_dash=True))
 @click.option("--bits", "-b", type=click.IntRange(1, 8), required=True, help="Index bits: 2**bits centroids per codebook (1-8).")
-@click.option("--per-channel/--per-tensor", default=False, show_default=True, help="One codebook per output channel, or one per tensor.")
+@click.option("--per-channel/--per-tensor", default=None,
+              help="One codebook per output channel, or one per tensor [default: per channel where that beats spending "
+                   "the codebooks' bits on one more index bit, i.e. gains over 6 dB per added bit per weight].")
 @click.option("--max-codebook-overhead", default=1.0, show_default=True, metavar="BITS",
               help="With --per-channel: a weight whose codebooks would add more bits per weight than this stays per-tensor.")
 @click.option("--min-elements", default=DEFAULT_MIN_ELEMENTS, show_default=True, help="Leave weights with fewer elements as they are.")
@@ -218,7 +220,7 @@ def output_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @gate_options
 @output_options
 @config_option
-def kmeans(models: tuple[Path, ...], bits: int, per_channel: bool, max_codebook_overhead: float, min_elements: int,
+def kmeans(models: tuple[Path, ...], bits: int, per_channel: bool | None, max_codebook_overhead: float, min_elements: int,
            exclude: tuple[str, ...], keep_opset: bool, calibration: Path | None, image_size: str | None, layout: str | None,
            channel_order: str, pixel_scale: float, mean: str, std: str, no_fold: bool, no_data_aware: bool,
            no_bias_correction: bool, **common: Any) -> None:
@@ -243,7 +245,7 @@ def kmeans(models: tuple[Path, ...], bits: int, per_channel: bool, max_codebook_
     """
     plan = KMeansPlan(
         bits=bits,
-        granularity=Granularity.PER_CHANNEL if per_channel else Granularity.PER_TENSOR,
+        granularity=_granularity(per_channel, Granularity.AUTO),
         min_elements=min_elements,
         exclude=exclude,
         raise_opset=not keep_opset,
@@ -261,7 +263,7 @@ def kmeans(models: tuple[Path, ...], bits: int, per_channel: bool, max_codebook_
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path, allow_dash=True))
 @click.option("--bits", "-b", type=click.Choice(["8", "4"]), default="8", show_default=True, help="Integer width of the weights.")
-@click.option("--per-channel/--per-tensor", default=False, show_default=True,
+@click.option("--per-channel/--per-tensor", default=True, show_default=True,
               help="One scale per output channel, or one per tensor (depthwise kernels always get per-channel).")
 @click.option("--symmetric/--asymmetric", default=True, show_default=True,
               help="Weights: signed with zero point 0, or unsigned with a zero point.")
@@ -303,7 +305,7 @@ def linear(models: tuple[Path, ...], bits: str, per_channel: bool, symmetric: bo
     """
     plan = LinearPlan(
         bits=int(bits),
-        granularity=Granularity.PER_CHANNEL if per_channel else Granularity.PER_TENSOR,
+        granularity=_granularity(per_channel, Granularity.PER_CHANNEL),
         symmetric=symmetric,
         calibration=calibration,
         weights_only=weights_only,
@@ -367,6 +369,12 @@ def compare(float_model: Path, converted_model: Path, *, validate: bool, data: P
     report = compare_models(float_model, converted_model, validation, Gates(min_snr, max_abs_error, min_top1, max_accuracy_drop))
     _emit_reports(report, report_path, report_md)
     _finish(report, Console(stderr=True, quiet=quiet), as_json)
+
+
+def _granularity(per_channel: bool | None, default: Granularity) -> Granularity:
+    if per_channel is None:
+        return default
+    return Granularity.PER_CHANNEL if per_channel else Granularity.PER_TENSOR
 
 
 def _floats(text: str, option: str) -> tuple[float, ...]:

@@ -16,6 +16,7 @@ DEFAULT_MIN_ELEMENTS = 1024
 class Granularity(str, Enum):
     PER_TENSOR = "per-tensor"
     PER_CHANNEL = "per-channel"
+    AUTO = "auto"  # k-means: per channel where that beats spending the codebooks' bits on index bits
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class KMeansPlan:
     """Palettize weights: 2**bits centroids per tensor or per output channel."""
 
     bits: int
-    granularity: Granularity = Granularity.PER_TENSOR
+    granularity: Granularity = Granularity.AUTO
     min_elements: int = DEFAULT_MIN_ELEMENTS
     exclude: tuple[str, ...] = ()
     raise_opset: bool = True  # allow raising the opset for uint4/uint2 index storage
@@ -101,7 +102,7 @@ class LinearPlan:
     """Linear quantization r = S(q − Z) of weights (DequantizeLinear), and of activations with calibration."""
 
     bits: int = 8
-    granularity: Granularity = Granularity.PER_TENSOR
+    granularity: Granularity = Granularity.PER_CHANNEL  # a scale per channel costs 4 bytes: it always pays
     symmetric: bool = True
     calibration: Path | None = None  # .npz of inputs or a folder of images: quantize activations too
     weights_only: bool = False  # with calibration: quantize weights only (the data serves the data-aware techniques)

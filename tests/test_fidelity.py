@@ -121,7 +121,8 @@ def test_a_refinement_that_hurts_is_not_kept() -> None:
     plain = np.round(w * 4) / 4
     decisions = refiner.decide(model, {"w": (w, plain, np.zeros_like(w))})  # a "refined" result that is garbage
     assert not decisions["w"].refined and decisions["w"].techniques == ()
-    assert decisions["w"].note.startswith("plain kept: data-aware gave")
+    assert decisions["w"].note.startswith("layer output SNR on the calibration data: plain ")
+    assert "data-aware" in decisions["w"].note
     better = refiner.decide(model, {"w": (w, plain, np.round(w * 8) / 8)})  # a finer grid: it wins
     assert better["w"].refined and better["w"].techniques == ("data-aware",)
     assert better["w"].layer_snr_db > better["w"].plain_layer_snr_db
@@ -176,3 +177,15 @@ def test_techniques_beat_plain_on_digits(tmp_path: Path, digits: Path, digits_da
     assert refined["validation"]["outputs"][0]["snr_db"] > plain["validation"]["outputs"][0]["snr_db"]
     full_qdq = args[0] == "linear" and "--calibration" in args and "--weights-only" not in args
     assert ("activations_quantized" in refined["details"]) == full_qdq
+
+
+def test_bias_correction_alone_is_an_option() -> None:
+    """A biased plain result and a useless data-aware one: plain with its bias corrected wins."""
+    rng = np.random.default_rng(5)
+    model, x = layer_model("Gemm", rng)
+    weights = select_weights(model).weights
+    refiner = Refiner.gather(model, weights, feeds(x), data_aware=True, bias_correction=True)
+    w = weights[0].array()
+    decisions = refiner.decide(model, {"w": (w, np.round(w * 4 + 0.3) / 4, np.zeros_like(w))})
+    assert decisions["w"].techniques == ("bias-corrected",) and not decisions["w"].refined
+    assert decisions["w"].layer_snr_db > decisions["w"].plain_layer_snr_db + 3

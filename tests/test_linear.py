@@ -135,7 +135,7 @@ def test_depthwise_gets_per_channel_under_per_tensor(tmp_path: Path) -> None:
     from cnn_shapes import mobilenet
 
     model = save(mobilenet(width=0.25, classes=10, size=32), tmp_path / "m.onnx")
-    result = CliRunner().invoke(cli, ["linear", str(model), "-o", str(tmp_path / "q.onnx"), "--json", "--no-validate"])
+    result = CliRunner().invoke(cli, ["linear", str(model), "--per-tensor", "-o", str(tmp_path / "q.onnx"), "--json", "--no-validate"])
     assert result.exit_code == 0, result.output
     weights = json.loads(result.stdout)["per_weight"]
     depthwise = [w for w in weights if w["shape"][1] == 1 and len(w["shape"]) == 4]

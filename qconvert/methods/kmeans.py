@@ -69,7 +69,7 @@ def kmeans_step(model: onnx.ModelProto, plan: KMeansPlan, progress: Progress, wo
     linear_items: list[qdq.LinearWeight] = []
     reports: list[WeightReport] = []
     histograms: list[Histogram] = []
-    pending: list[tuple[Weight, int | None, str | None, np.ndarray | None]] = []
+    pending: list[tuple[Weight, list[int | None], str | None]] = []  # weight, codebook axes to try, note
     for weight in weights:
         setting = settings[weight.name]
         if setting.method == "linear":
@@ -81,37 +81,41 @@ def kmeans_step(model: onnx.ModelProto, plan: KMeansPlan, progress: Progress, wo
             histograms.append(linear_histogram(weight.name, array, linear))
         else:
             itemsize = onnx.helper.tensor_dtype_to_np_dtype(weight.tensor.data_type).itemsize
-            axis, note = _codebook_axis(weight, itemsize, plan, setting.bits, setting.granularity)
-            pending.append((weight, axis, note, refiner.importance(weight) if refiner else None))
+            pending.append((weight, *_codebook_axes(weight, itemsize, plan, setting.bits, setting.granularity)))
     progress(f"palettizing {len(pending)} weights")
-    # one job per weight, and a data-aware one after it where there are error weights
-    jobs = [(w, axis, importance) for w, axis, _, weights_of in pending
-            for importance in ([None] if weights_of is None else [None, weights_of])]
-    arrays = ((w.array(), settings[w.name].bits, axis, importance) for w, axis, importance in jobs)  # one array at a time
-    palettes = _palettes(arrays, sum(w.elements for w, _, _ in jobs), workers)
-    found: dict[str, list[tuple[np.ndarray, Palette]]] = {}
-    for (weight, _, _), result in zip(jobs, palettes):
-        found.setdefault(weight.name, []).append(result)
+    plain = _run(((w, axis, None) for w, axes, _ in pending for axis in axes), settings, workers)
+    chosen: dict[str, tuple[int | None, str | None]] = {}
+    for weight, axes, note in pending:
+        axis, why = _granularity(weight, plain, axes, settings[weight.name].bits)
+        chosen[weight.name] = axis, join(note, why)
     decisions = {}
+    refined: dict[tuple[str, int | None], tuple[np.ndarray, Palette]] = {}
     if refiner is not None:
+        importance = {w.name: refiner.importance(w) for w, _, _ in pending}
+        progress("palettizing for the layer outputs")
+        refined = _run(((w, chosen[w.name][0], importance[w.name]) for w, _, _ in pending if importance[w.name] is not None), settings, workers)
         progress("checking each layer's output on the calibration data")
         results = {}
-        for weight, axis, _, _ in pending:
-            (array, plain), *refined = found[weight.name]
-            results[weight.name] = (array, _decoded(plain, weight.shape, axis), _decoded(refined[0][1], weight.shape, axis) if refined else None)
+        for weight, _, _ in pending:
+            axis = chosen[weight.name][0]
+            array, palette = plain[weight.name, axis]
+            better = refined.get((weight.name, axis))
+            results[weight.name] = (array, _decoded(palette, weight.shape, axis), _decoded(better[1], weight.shape, axis) if better else None)
         decisions = refiner.decide(model, results)
         details["calibration"] = refiner.summary(decisions)
         del results
         refiner.apply_shifts(model, decisions)
-    for weight, axis, note, _ in pending:
+    for weight, _, _ in pending:
         bits = settings[weight.name].bits
+        axis, note = chosen[weight.name]
         decision = decisions.get(weight.name)
-        array, palette = found[weight.name][1 if decision and decision.refined else 0]
+        array, palette = (refined if decision and decision.refined else plain)[weight.name, axis]
         item = EncodedWeight(weight, palette, axis, bits, storages[bits])
         items.append(item)
         report = _palette_report(weight, array, item, join(note, decision.note if decision else None))
         reports.append(with_techniques(report, weight.name in folded.values(), decision))
         histograms.append(Histogram.of(weight.name, array, palette.codebook, rows=palette.codebook.shape[0]))
+    del plain, refined
     require_weights([*items, *linear_items], skipped)
     progress("encoding")
     encode_palettes(model, items)
@@ -135,7 +139,7 @@ def _quantizer(plan: KMeansPlan, settings: dict[str, LayerSetting], linear_axes:
             axis = linear_axes[weight.name][0]
             return axis, lambda values: qdq.quantize_weight(weight, values, bits=setting.bits, symmetric=True, axis=axis).dequantized()
         itemsize = onnx.helper.tensor_dtype_to_np_dtype(weight.tensor.data_type).itemsize
-        axis = _codebook_axis(weight, itemsize, plan, setting.bits, setting.granularity)[0]
+        axis = _codebook_axes(weight, itemsize, plan, setting.bits, setting.granularity)[0][-1]  # auto: as if per channel
         return axis, lambda values: _decoded(palettize_tensor(values, setting.bits, axis, importance), weight.shape, axis)
 
     return quantizer
@@ -175,20 +179,57 @@ def _prepare_opset(model: onnx.ModelProto, plan: KMeansPlan, bits_used: set[int]
     return model, OpsetChange(before, before, described(fallback), note), fallback
 
 
-def _codebook_axis(weight: Weight, itemsize: int, plan: KMeansPlan, bits: int, granularity: Granularity) -> tuple[int | None, str | None]:
-    """The axis of per-channel codebooks (None: one codebook), and why it differs from what was asked."""
-    if granularity is not Granularity.PER_CHANNEL:
-        return None, None
+def _codebook_axes(weight: Weight, itemsize: int, plan: KMeansPlan, bits: int, granularity: Granularity) -> tuple[list[int | None], str | None]:
+    """The codebook axes to try (None: one codebook per tensor), and why that differs from what was asked.
+
+    Per-channel is tried where its codebooks add at most --max-codebook-overhead bits per weight; auto
+    tries both and `_granularity` picks.
+    """
+    if granularity is Granularity.PER_TENSOR:
+        return [None], None
     axis = weight.channel_axis
     if axis is None:
-        return None, "per-tensor: its consumers disagree on the channel axis"
-    # C codebooks cost C·K·itemsize bytes. Past about one bit per weight, one more index bit per tensor
-    # (about +6 dB) buys more accuracy than per-channel codebooks do.
-    overhead_bits = weight.shape[axis] * (1 << bits) * itemsize * 8 / weight.elements
-    if overhead_bits > plan.max_codebook_overhead:
-        return None, (f"per-tensor: per-channel codebooks would add {overhead_bits:.2f} bits per weight "
-                      f"(> --max-codebook-overhead {plan.max_codebook_overhead:g})")
-    return axis, None
+        return [None], "per-tensor: its consumers disagree on the channel axis"
+    overhead = _overhead_bits(weight, itemsize, bits, axis)
+    if overhead > plan.max_codebook_overhead:
+        return [None], (f"per-tensor: per-channel codebooks would add {overhead:.2f} bits per weight "
+                        f"(> --max-codebook-overhead {plan.max_codebook_overhead:g})")
+    return ([axis] if granularity is Granularity.PER_CHANNEL else [None, axis]), None
+
+
+def _overhead_bits(weight: Weight, itemsize: int, bits: int, axis: int) -> float:
+    """Bits per weight that C codebooks of 2**bits entries add over one."""
+    return (weight.shape[axis] - 1) * (1 << bits) * itemsize * 8 / weight.elements
+
+
+def _granularity(weight: Weight, palettes: dict[tuple[str, int | None], tuple[np.ndarray, Palette]], axes: list[int | None],
+                 bits: int) -> tuple[int | None, str | None]:
+    """Of the palettes tried, per channel where it pays: it must gain more than the ~6 dB per bit that
+    spending its codebook overhead on index bits would buy."""
+    if len(axes) == 1:
+        return axes[0], None
+    axis = axes[1]
+    assert axis is not None
+    (array, per_tensor), (_, per_channel) = palettes[weight.name, None], palettes[weight.name, axis]
+    gains = [snr_db(to_rows(array, a), reconstruct(p)) for a, p in ((None, per_tensor), (axis, per_channel))]
+    itemsize = array.dtype.itemsize
+    overhead = _overhead_bits(weight, itemsize, bits, axis)
+    if gains[1] is None or (gains[0] is not None and gains[1] - gains[0] > 6.02 * overhead):
+        return axis, None
+    return None, f"per-tensor: per-channel codebooks gained {_gain(gains)} for {overhead:.2f} more bits per weight"
+
+
+def _gain(snrs: list[float | None]) -> str:
+    return "nothing" if snrs[0] is None else f"{snrs[1] - snrs[0]:.1f} dB" if snrs[1] is not None else "exactness"
+
+
+def _run(jobs: Iterator[tuple[Weight, int | None, np.ndarray | None]], settings: dict[str, LayerSetting],
+         workers: int) -> dict[tuple[str, int | None], tuple[np.ndarray, Palette]]:
+    """Palettes of (weight, codebook axis, error weights) jobs, keyed by weight name and axis."""
+    listed = list(jobs)
+    arrays = ((w.array(), settings[w.name].bits, axis, importance) for w, axis, importance in listed)  # one array at a time
+    results = _palettes(arrays, sum(w.elements for w, _, _ in listed), workers)
+    return {(w.name, axis): result for (w, axis, _), result in zip(listed, results)}
 
 
 Job = tuple[np.ndarray, int, int | None, np.ndarray | None]  # array, bits, codebook axis, error weights

@@ -146,7 +146,7 @@ def _quantizer(plan: LinearPlan) -> Quantizer:
 def linear_axis(weight: Weight, granularity: Granularity) -> tuple[int | None, str | None]:
     """The scale axis for a weight, and why it differs from what was asked, if it does."""
     axis = weight.channel_axis
-    if granularity is Granularity.PER_CHANNEL:
+    if granularity is not Granularity.PER_TENSOR:  # per channel, or auto: a scale per channel always pays
         return axis, None if axis is not None else "per-tensor: its consumers disagree on the channel axis"
     if weight.depthwise and axis is not None:
         return axis, "per-channel: depthwise kernels lose badly under one scale per tensor"

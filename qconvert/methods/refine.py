@@ -75,30 +75,41 @@ class Refiner:
         return fidelity.importance(self.layers[weight.name], self.moments[weight.name], weight.shape)
 
     def decide(self, model: onnx.ModelProto, results: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]) -> dict[str, Decision]:
-        """Per weight: original, plain and data-aware (or None) dequantized arrays -> the better result.
+        """Per weight: original, plain and data-aware (or None) dequantized arrays -> the best result.
 
-        Both candidates run on the calibration data as copies of the layer; the one with the higher
-        layer output SNR wins (the plain one on a tie).
+        The options (plain; plain with its bias corrected; data-aware, with its bias corrected if that
+        is on) run on the calibration data as copies of the layer; the highest layer output SNR wins,
+        the simpler option on a tie.
         """
         names = [n for n in results if n in self.layers]
+        options: dict[str, list[tuple[bool, np.ndarray | None]]] = {}  # name -> [(data-aware?, bias shift)]
         candidates: list[Candidate] = []
-        shifts: dict[str, np.ndarray | None] = {}
         for name in names:
             original, plain, refined = results[name]
-            layer = self.layers[name]
-            chosen = plain if refined is None else refined
-            shifts[name] = fidelity.bias_shift(layer, self.moments[name], original, chosen) if self.bias_correction else None
-            candidates += [Candidate(layer, plain), Candidate(layer, chosen, shifts[name])]
-        snrs = fidelity.layer_snr(model, candidates, fidelity.check_feeds(self.feeds))
+            layer, moments = self.layers[name], self.moments[name]
+            shift = fidelity.bias_shift if self.bias_correction else None
+            tried: list[tuple[bool, np.ndarray | None]] = [(False, None)]
+            if shift is not None and (plain_shift := shift(layer, moments, original, plain)) is not None:
+                tried.append((False, plain_shift))
+            if refined is not None:
+                tried.append((True, shift(layer, moments, original, refined) if shift is not None else None))
+            options[name] = tried
+            candidates += [Candidate(layer, refined if use_refined and refined is not None else plain, bias) for use_refined, bias in tried]
+        snrs = iter(fidelity.layer_snr(model, candidates, fidelity.check_feeds(self.feeds)))
         decisions: dict[str, Decision] = {}
-        for i, name in enumerate(names):
-            plain_snr, refined_snr = snrs[2 * i], snrs[2 * i + 1]
-            techniques = tuple(t for t, on in ((DATA_AWARE, results[name][2] is not None), (BIAS_CORRECTED, shifts[name] is not None)) if on)
-            if techniques and _better(refined_snr, plain_snr):
-                decisions[name] = Decision(results[name][2] is not None, shifts[name], techniques, refined_snr, plain_snr)
-            else:
-                note = f"plain kept: {' + '.join(techniques)} gave {_db(refined_snr)} at the layer output vs {_db(plain_snr)}" if techniques else None
-                decisions[name] = Decision(False, None, (), plain_snr, plain_snr, note)
+        for name in names:
+            measured = [next(snrs) for _ in options[name]]
+            best = 0
+            for i in range(1, len(measured)):
+                if _better(measured[i], measured[best]):
+                    best = i
+            use_refined, bias = options[name][best]
+            techniques = tuple(t for t, on in ((DATA_AWARE, use_refined), (BIAS_CORRECTED, bias is not None)) if on)
+            note = None
+            if use_refined != (results[name][2] is not None) or (bias is None and self.bias_correction):
+                shown = ", ".join(f"{_label(*option)} {_db(snr)}" for option, snr in zip(options[name], measured))
+                note = f"layer output SNR on the calibration data: {shown}"
+            decisions[name] = Decision(use_refined, bias, techniques, measured[best], measured[0], note)
         return self._verified(model, results, decisions)
 
     def _verified(self, model: onnx.ModelProto, results: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]],
@@ -173,6 +184,10 @@ def with_techniques(report: WeightReport, folded: bool, decision: Decision | Non
     """The weight's report with the techniques applied to it and its measured layer SNR."""
     techniques = [BATCHNORM_FOLDED] * folded + list(decision.techniques if decision else ())
     return dataclasses.replace(report, techniques=techniques, layer_snr_db=decision.layer_snr_db if decision else None)
+
+
+def _label(use_refined: bool, bias: np.ndarray | None) -> str:
+    return " + ".join([DATA_AWARE if use_refined else "plain", *([BIAS_CORRECTED] if bias is not None else [])])
 
 
 def _better(a: float | None, b: float | None) -> bool:
