@@ -73,8 +73,9 @@ def datasets(names: list[str], tmp: Path) -> dict[str, tuple[Path, Path, Validat
             continue
         path = ROOT / "build" / "models" / f"{name}.onnx"
         if not path.exists():
-            import cnn_shapes
             import onnx
+
+            import cnn_shapes
 
             path.parent.mkdir(parents=True, exist_ok=True)
             onnx.save(getattr(cnn_shapes, build)(), str(path))
