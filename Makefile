@@ -26,12 +26,13 @@ lint: $(STAMP)
 	$(PY) -m ruff check qconvert tests bench samples
 	$(PY) -m mypy qconvert
 
-# Tables of size/accuracy/time, and qconvert linear vs onnxruntime's quantize_static (several minutes).
+# Tables of size/accuracy/time, qconvert linear vs onnxruntime quantize_static, data-aware techniques (tens of minutes).
 bench: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
 	$(PY) bench/kmeans_vs_sklearn.py
 	$(PY) bench/kmeans_table.py
 	$(PY) bench/linear_vs_ort.py
+	$(PY) bench/fidelity_table.py
 
 # ResNet-50- and MobileNetV2-shaped models with random weights (about 115 MB) for size and speed checks.
 models: $(STAMP)
