@@ -15,14 +15,16 @@ import click
 from rich.console import Console
 
 from qconvert import __version__, batch, io
+from qconvert.auto import plan_toml
 from qconvert.config import layer_overrides, load_config
 from qconvert.errors import ExitCode, GateFailed, QConvertError
 from qconvert.gates import GateResult, Gates
 from qconvert.images import Preprocessing
 from qconvert.inspect import inspect_model
-from qconvert.pipeline import compare_models, convert, default_output
+from qconvert.pipeline import auto_convert, compare_models, convert, default_output
 from qconvert.plan import (
     DEFAULT_MIN_ELEMENTS,
+    AutoPlan,
     CalibrationMethod,
     Granularity,
     KMeansPlan,
@@ -323,6 +325,62 @@ def linear(models: tuple[Path, ...], bits: str, per_channel: bool, symmetric: bo
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("model", type=click.Path(path_type=Path, allow_dash=True))
+@click.option("--target-snr", type=float, metavar="DB", help="Target: every output's SNR vs float at least this (dB).")
+@click.option("--min-top1", type=click.FloatRange(0, 1), metavar="FRACTION", help="Target: top-1 agreement with float at least this.")
+@click.option("--max-accuracy-drop", type=float, metavar="POINTS", help="Target: top-1 accuracy on labels drops at most this many points.")
+@click.option("--labels", type=click.Path(path_type=Path, dir_okay=False), help="Labels (.npy, one per sample of --data) for accuracy.")
+@click.option("--methods", default="kmeans,linear", show_default=True, help="Methods a weight may get (comma-separated).")
+@click.option("--bits", "bits_list", default="2,3,4,5,6,8", show_default=True, help="K-means widths to consider (linear: 4 and 8).")
+@click.option("--max-codebook-overhead", default=1.0, show_default=True, metavar="BITS", help="Per-channel codebooks adding more bits per weight are not considered.")
+@click.option("--min-elements", default=DEFAULT_MIN_ELEMENTS, show_default=True, help="Leave weights with fewer elements as they are.")
+@click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave weights whose name matches (exact or glob; repeatable).")
+@click.option("--calibration", type=click.Path(path_type=Path),
+              help="Inputs (.npz or a folder of images) for data-aware k-means and bias correction in the final model.")
+@click.option("--plan-out", type=click.Path(path_type=Path, dir_okay=False),
+              help="Save the chosen plan as TOML: `qconvert kmeans MODEL --config PLAN` redoes it without searching.")
+@click.option("--keep-failed", is_flag=True, help="Write the last plan's model even if it misses the target (exit code 5).")
+@calibration_options
+@validation_options
+@output_options
+def auto(model: Path, target_snr: float | None, min_top1: float | None, max_accuracy_drop: float | None, labels: Path | None,
+         methods: str, bits_list: str, max_codebook_overhead: float, min_elements: int, exclude: tuple[str, ...],
+         calibration: Path | None, plan_out: Path | None, keep_failed: bool, image_size: str | None, layout: str | None,
+         channel_order: str, pixel_scale: float, mean: str, std: str, no_fold: bool, no_data_aware: bool,
+         no_bias_correction: bool, **common: Any) -> None:
+    """Mixed precision: per weight the method and bit width that meet a target at the smallest size.
+
+    Measures how much each layer's output noise reaches the model's outputs (one batched onnxruntime
+    probe), estimates every option's size and noise (k-means 2-8 bits per tensor or channel, linear
+    int4/int8, float), picks per weight by a knapsack-style allocation, then converts and validates
+    the plan, tightening it while the target is missed. Only a model that meets the target is written.
+
+    \b
+    Examples:
+      qconvert auto model.onnx --target-snr 30 --data val.npz
+      qconvert auto model.onnx --max-accuracy-drop 0.5 --data val.npz --plan-out plan.toml
+      qconvert kmeans model.onnx --config plan.toml      # the same plan again, without the search
+    """
+    plan = AutoPlan(
+        target_snr=target_snr,
+        min_top1=min_top1,
+        max_accuracy_drop=max_accuracy_drop,
+        methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+        bits=_ints(bits_list, "--bits"),
+        calibration=calibration,
+        preprocessing=_preprocessing(image_size, layout, channel_order, pixel_scale, mean, std),
+        min_elements=min_elements,
+        exclude=exclude,
+        max_codebook_overhead=max_codebook_overhead,
+        fold_batchnorm=not no_fold,
+        data_aware=not no_data_aware,
+        bias_correction=not no_bias_correction,
+    )
+    _run(model, plan, min_snr=None, max_abs_error=None, min_top1=None, max_accuracy_drop=None, labels=labels,
+         keep_failed=keep_failed, plan_out=plan_out, **common)
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--min-elements", default=DEFAULT_MIN_ELEMENTS, show_default=True, help="Weights with fewer elements are listed as left alone.")
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON on stdout.")
@@ -375,6 +433,13 @@ def _granularity(per_channel: bool | None, default: Granularity) -> Granularity:
     if per_channel is None:
         return default
     return Granularity.PER_CHANNEL if per_channel else Granularity.PER_TENSOR
+
+
+def _ints(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(sorted({int(v) for v in text.split(",") if v.strip()}))
+    except ValueError:
+        raise click.UsageError(f"{option} expects integers separated by commas, got {text!r}") from None
 
 
 def _floats(text: str, option: str) -> tuple[float, ...]:
@@ -431,7 +496,7 @@ def _validation_plan(*, data: Path | None, input_shapes: tuple[str, ...], sample
 
 def _run(
     model: Path,
-    plan: Plan,
+    plan: Plan | AutoPlan,
     *,
     validate: bool,
     data: Path | None,
@@ -451,6 +516,7 @@ def _run(
     report_html: Path | None,
     as_json: bool,
     quiet: bool,
+    plan_out: Path | None = None,
 ) -> None:
     from_stdin, to_stdout = str(model) == "-", output is not None and str(output) == "-"
     if to_stdout and as_json:
@@ -471,13 +537,18 @@ def _run(
             if status is not None:
                 status.update(message)
 
-        conversion = convert(path, target, plan, validation, progress, gates, keep_failed)
+        if isinstance(plan, AutoPlan):
+            conversion = auto_convert(path, target, plan, validation, progress, gates, keep_failed)
+        else:
+            conversion = convert(path, target, plan, validation, progress, gates, keep_failed)
     report = conversion.report
     if from_stdin:
         report.input_path = "-"
     if to_stdout:
         report.output_path = "-" if report.passed or keep_failed else None
     _emit_reports(report, report_path, report_md, report_html)
+    if plan_out is not None and isinstance(report.details.get("auto"), dict):
+        io.write_atomically(plan_out, plan_toml(report.details["auto"], str(model)).encode())
     if to_stdout and report.output_path:
         sys.stdout.buffer.write(conversion.model_bytes)
         sys.stdout.buffer.flush()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import onnx
 
-from qconvert import io, validate
+from qconvert import auto, io, validate
 from qconvert.errors import CannotRunError, QConvertError, UnsupportedModelError, UsageError, first_line
 from qconvert.gates import Gates
 from qconvert.gates import evaluate as evaluate_gates
@@ -18,7 +18,7 @@ from qconvert.methods.common import Progress
 from qconvert.methods.kmeans import kmeans_step
 from qconvert.methods.linear import linear_step
 from qconvert.opset import default_opset
-from qconvert.plan import Granularity, KMeansPlan, Plan, ValidationPlan
+from qconvert.plan import AutoPlan, Granularity, KMeansPlan, Plan, ValidationPlan
 from qconvert.report import OpsetChange, Report
 
 NO_GATES = Gates()
@@ -33,8 +33,10 @@ class Conversion:
     model_bytes: bytes
 
 
-def default_output(input_path: Path, plan: Plan) -> Path:
-    """model.onnx -> model.kmeans4.onnx, model.kmeans4pc.onnx, model.int8.onnx, model.int4pc-qdq.onnx ..."""
+def default_output(input_path: Path, plan: Plan | AutoPlan) -> Path:
+    """model.onnx -> model.kmeans4.onnx, model.kmeans4pc.onnx, model.int8pc.onnx, model.auto.onnx ..."""
+    if isinstance(plan, AutoPlan):
+        return input_path.with_name(f"{input_path.stem}.auto.onnx")
     pc = "pc" if plan.granularity is Granularity.PER_CHANNEL else ""
     if isinstance(plan, KMeansPlan):
         tag = f"kmeans{plan.bits}{pc}"
@@ -134,6 +136,21 @@ def convert(
         warnings=warnings,
     )
     return Conversion(report, model_bytes)
+
+
+def auto_convert(input_path: Path, output_path: Path | None, plan: AutoPlan, validation: ValidationPlan | None,
+                 progress: Progress = lambda _: None, gates: Gates = NO_GATES, keep_failed: bool = False, workers: int = 2) -> Conversion:
+    """qconvert auto: search a per-weight plan that meets the plan's target, convert and write it.
+
+    The target is a gate of every trial conversion, so only a model that meets it is written (unless
+    `keep_failed`); `gates` may add more.
+    """
+    if validation is None:
+        raise UsageError("qconvert auto measures its plans: drop --no-validate")
+    target = auto.target_gates(plan)
+    merged = Gates(*(a if a is not None else b for a, b in zip(dataclasses.astuple(target), dataclasses.astuple(gates))))
+    return auto.search(input_path, plan, validation, progress,
+                       lambda kmeans_plan: convert(input_path, output_path, kmeans_plan, validation, progress, merged, keep_failed, workers))
 
 
 def compare_models(float_path: Path, converted_path: Path, validation: ValidationPlan, gates: Gates = NO_GATES) -> Report:

@@ -141,6 +141,40 @@ Plan = KMeansPlan | LinearPlan
 
 
 @dataclass(frozen=True)
+class AutoPlan:
+    """Search per weight for the method and width that meet a target at the smallest size."""
+
+    target_snr: float | None = None  # dB, every output
+    min_top1: float | None = None  # top-1 agreement with float, every class-score output
+    max_accuracy_drop: float | None = None  # percentage points on labels
+    methods: tuple[str, ...] = ("kmeans", "linear")
+    bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+    calibration: Path | None = None  # inputs for data-aware k-means and bias correction in the final model
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    min_elements: int = DEFAULT_MIN_ELEMENTS
+    exclude: tuple[str, ...] = ()
+    max_codebook_overhead: float = 1.0
+    fold_batchnorm: bool = True
+    data_aware: bool = True  # in the final conversion, with --calibration only (the search assumes plain k-means)
+    bias_correction: bool = True
+
+    def __post_init__(self) -> None:
+        targets = [t for t in (self.target_snr, self.min_top1, self.max_accuracy_drop) if t is not None]
+        if len(targets) != 1:
+            raise UsageError("qconvert auto needs exactly one target: --target-snr, --min-top1 or --max-accuracy-drop")
+        if not self.methods or set(self.methods) - {"kmeans", "linear"}:
+            raise UsageError(f"--methods takes kmeans and/or linear, got {','.join(self.methods) or 'nothing'}")
+        if not self.bits or any(not 1 <= b <= 8 for b in self.bits):
+            raise UsageError(f"--bits takes widths between 1 and 8, got {','.join(map(str, self.bits)) or 'nothing'}")
+        if self.min_elements < 1:
+            raise UsageError(f"--min-elements must be at least 1, got {self.min_elements}")
+
+    @property
+    def method(self) -> str:
+        return "auto"
+
+
+@dataclass(frozen=True)
 class ValidationPlan:
     """How to compare the new model with the float one under onnxruntime."""
 

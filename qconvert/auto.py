@@ -1,0 +1,419 @@
+"""qconvert auto: per-layer sensitivity, then the smallest mix of methods and bit widths that meets a target.
+
+1. Sensitivity: one onnxruntime probe adds seeded noise of known power after each layer, a different
+   layer per batch slot, so a single batched run measures how much of a layer's output noise reaches
+   the model's outputs (its gain).
+2. Candidates per weight (k-means at each bit width, per tensor and per channel; linear int4/int8;
+   float): file size, and output noise predicted as gain × the layer's noise, which is estimated from
+   the weight error weighted by the energy of the input each weight multiplies (on samples of the
+   weight, so that all widths cost seconds).
+3. Allocation: a Lagrangian knapsack picks per weight the candidate minimising size + λ·noise, with λ
+   bisected until the predicted output SNR meets the target; then the plan is converted and validated,
+   and tightened while the measured result misses the target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from qconvert import fidelity, io, validate
+from qconvert.gates import Gates
+from qconvert.methods.common import Progress, select
+from qconvert.plan import AutoPlan, Granularity, KMeansPlan, LayerOverride, ValidationPlan
+from qconvert.quant.kmeans import nearest, palettize
+from qconvert.quant.layout import from_rows, to_rows
+from qconvert.quant.linear import dequantize, grid_for, quantize
+from qconvert.rewrite import NameSource, set_nodes
+from qconvert.select import Weight, select_weights
+
+if TYPE_CHECKING:
+    from qconvert.pipeline import Conversion
+
+PROBE_BITS = (4, 2)  # the gains are measured with each layer's error at these k-means widths
+GAIN_SAMPLES = 32  # samples the gains are averaged over, at most
+GAIN_BUDGET = 1 << 24  # weights × samples × widths of the sensitivity probes (ResNet-50: 1 sample, 1 width)
+SLOTS = 16  # layers probed per batched run
+FIT_VALUES = 1 << 14  # per tensor: values the k-means codebooks of the estimates are fitted on
+ROW_VALUES = 512  # per channel: values per row
+EVAL_CHANNELS = 64  # output channels of a weight the options are measured on
+MAX_ITERATIONS = 4
+TOP1_START_DB, TOP1_STEP_DB = 20.0, 4.0  # accuracy targets: the SNR aimed at first, and each step up
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to store one weight: what the plan says, its size, and its predicted output noise."""
+
+    method: str  # kmeans | linear | float
+    bits: int
+    granularity: Granularity
+    size: int  # bytes in the file
+    noise: float  # predicted share of the output's noise-to-signal ratio
+
+    @property
+    def label(self) -> str:
+        if self.method == "float":
+            return "float"
+        short = "pc" if self.granularity is Granularity.PER_CHANNEL else "pt"
+        return f"{self.method} {self.bits}-bit {short}"
+
+
+@dataclass
+class Profile:
+    """Per weight, the options to choose from, and the measured gain of its layer."""
+
+    options: dict[str, list[Option]]
+    gains: dict[str, float]  # the larger of the measured gains
+
+
+def profile(model: onnx.ModelProto, plan: AutoPlan, validation: ValidationPlan, progress: Progress) -> Profile:
+    """Gains of every layer and the options of every weight, with their predicted output noise."""
+    selection = select(model, _base_plan(plan, ()))
+    weights = [w for w in selection.weights if np.isfinite(w.array()).all()]
+    reference = validate.session(model.SerializeToString(), "input model")
+    feeds = validate.build_feeds(reference, validation)
+    del reference
+    # Work grows with model size × samples × probe widths: small models get more of both.
+    elements = max(sum(w.elements for w in weights), 1)
+    widths = PROBE_BITS if elements * len(PROBE_BITS) <= GAIN_BUDGET else PROBE_BITS[:1]
+    count = int(np.clip(GAIN_BUDGET // (elements * len(widths)), 1, GAIN_SAMPLES))
+    groups = SLOTS * int(np.clip(GAIN_BUDGET // elements, 1, 4))  # batched runs of SLOTS slots: 1 for ResNet-50
+    singles = [{k: v[i : i + 1] for k, v in batch.items()} for batch in feeds.batches for i in range(len(next(iter(batch.values()))))]
+    samples = validate.Feeds(singles[:count], len(singles[:count]), feeds.source)
+    layers = fidelity.find_layers(model, weights)
+    moments, _ = fidelity.input_moments(model, layers, samples) if layers else ({}, [])
+    layers = {n: layer for n, layer in layers.items() if n in moments}
+    estimates = {n: _noise_estimate(w, layers[n], moments[n]) for w in weights if (n := w.name) in layers}
+    progress(f"measuring the sensitivity of {len(layers)} layers on {count} samples")
+    rng = np.random.default_rng(0)
+    points: dict[str, list[tuple[float, float]]] = {name: [] for name in layers}
+    calibration: dict[str, float] = {}  # measured / estimated layer noise, at the first width
+    for bits in widths:  # noise grows faster than linearly through a network once it is large
+        arrays = {w.name: w.array() for w in weights if w.name in layers}
+        perturbed = {name: _kmeans(array, bits, rng) for name, array in arrays.items()}  # Ŵ
+        for name, point in noise_gains(model, layers, samples, perturbed, groups).items():
+            points[name].append(point)
+            if name not in calibration:
+                estimate = estimates[name](arrays[name], perturbed[name])
+                calibration[name] = point[0] / estimate if estimate > 0 else 0.0
+        del arrays, perturbed
+    gains = {name: _gain_curve(p) for name, p in points.items()}
+    worst_gain = max((max(g for _, g in p) for p in points.values()), default=1.0)
+    options: dict[str, list[Option]] = {}
+    for i, weight in enumerate(weights):
+        progress(f"estimating options {i + 1}/{len(weights)}: {weight.name}")
+        array = weight.array()
+        options[weight.name] = [Option("float", 32, Granularity.PER_TENSOR, array.nbytes, 0.0)]
+        axis = weight.channel_axis
+        channels = None
+        if axis is not None and weight.shape[axis] > EVAL_CHANNELS:  # a seeded subset of output channels stands for all
+            channels = np.sort(rng.choice(weight.shape[axis], EVAL_CHANNELS, replace=False))
+        part = array if channels is None else np.take(array, channels, axis)
+        for option, approx in _options(weight, array, plan, rng, channels):
+            if weight.name in layers:  # the layer's noise ratio, estimated and calibrated, times its gain there
+                ratio = calibration[weight.name] * estimates[weight.name](part, approx, channels)
+                noise = gains[weight.name](ratio) * ratio
+            else:  # no layer to measure (subgraphs, RNNs, shared weights): the weight's own error ratio, worst gain
+                error = float(np.sum((part.astype(np.float64) - approx) ** 2))
+                noise = worst_gain * error / max(float(np.sum(part.astype(np.float64) ** 2)), 1e-30)
+            options[weight.name].append(dataclasses.replace(option, noise=noise))
+    return Profile(options, {name: max(g for _, g in p) for name, p in points.items()})
+
+
+def _noise_estimate(weight: Weight, layer: fidelity.Layer, moments: fidelity.Moments) -> Callable[..., float]:
+    """(original, quantized[, output channels they hold]) -> a number proportional to the layer's
+    output noise: Σ Var[x]·ΔW² plus the squared mean error (Σ E[x]·ΔW)² per output channel. The
+    constant (the output's power, input correlations) is calibrated against one measured perturbation
+    per layer; a subset of output channels stands for all of them."""
+    spread = fidelity.per_weight(layer, np.maximum(moments.square - moments.mean**2, 0.0), weight.shape)
+    centre = fidelity.per_weight(layer, moments.mean, weight.shape)
+    variance = np.broadcast_to(1.0 if spread is None else spread, weight.shape)  # unknown layout: plain weight error
+    mean = np.broadcast_to(0.0 if centre is None else centre, weight.shape)
+    alpha = next((a.f for a in layer.node.attribute if a.name == "alpha"), 1.0) if layer.op_type == "Gemm" else 1.0
+    others = tuple(a for a in range(len(weight.shape)) if a != layer.out_axis)
+
+    def estimate(original: np.ndarray, quantized: np.ndarray, channels: np.ndarray | None = None) -> float:
+        delta = original.astype(np.float64) - quantized
+        var, mu = (variance, mean) if channels is None else (np.take(variance, channels, layer.out_axis), np.take(mean, channels, layer.out_axis))
+        shift = alpha * np.sum(delta * mu, axis=others)
+        scale = 1.0 if channels is None else weight.shape[layer.out_axis] / channels.size
+        return scale * (float(np.sum(var * delta * delta)) + float(np.sum(shift**2)))
+
+    return estimate
+
+
+def _gain_curve(points: list[tuple[float, float]]) -> Callable[[float], float]:
+    """Gain as a function of the layer's noise ratio: log-linear between the measured points, flat beyond."""
+    points = sorted(p for p in points if p[0] > 0 and p[1] > 0)
+    if not points:
+        return lambda _: 0.0
+    ratios, gains = np.log([r for r, _ in points]), np.log([g for _, g in points])
+    return lambda ratio: float(np.exp(np.interp(np.log(max(ratio, 1e-30)), ratios, gains)))
+
+
+def noise_gains(model: onnx.ModelProto, layers: dict[str, fidelity.Layer], samples: validate.Feeds,
+                perturbed: dict[str, np.ndarray], groups: int) -> dict[str, tuple[float, float]]:
+    """Per layer: the layer's own noise-to-signal ratio with the weights of `perturbed` (a quantized
+    version of each layer's weight), and the gain (the model output's ratio over the layer's), on
+    `samples` (one sample per batch). With fewer `groups` than layers, consecutive layers share a slot
+    and a gain (their noise together over their noise ratios summed).
+
+    The perturbation's own output conv(x, W − Ŵ) is added after the layer, masked to one batch slot
+    per layer, so one batched run measures SLOTS layers. Quantization noise, unlike white noise, has
+    the same pattern at every position of the layer's output, so it survives pooling: the gain must be
+    measured with noise of that kind.
+    """
+    probe_feeds = samples
+    names = list(layers)
+    if not names:
+        return {}
+    own = fidelity.layer_snr(model, [fidelity.Candidate(layers[n], perturbed[n]) for n in names], probe_feeds)
+    weights = {w.name: w for w in select_weights(model).weights}
+    deltas = {n: weights[n].array() - perturbed[n] for n in names}  # W − Ŵ
+    outputs = [o.name for o in model.graph.output]
+    ys = [layers[n].node.output[0] for n in names]
+    references, ranks = [], {}
+    for result in validate.run_with_outputs(model, [*outputs, *ys], probe_feeds, "input model"):
+        references.append([result[o].astype(np.float64) for o in outputs])
+        ranks = {name: result[y].ndim for name, y in zip(names, ys)}
+    probe, masks = _noise_probe(model, layers, deltas, ranks)
+    sess = validate.session(probe.SerializeToString(), "model for the sensitivity probe", probe=True)
+    del probe
+    slots = 1 if _fixed_batch(model) else SLOTS
+    units = [list(u) for u in np.array_split(np.array(names, dtype=object), min(groups, len(names)))]
+    ratios = {name: 10 ** (-snr / 10) if snr is not None else 0.0 for name, snr in zip(names, own)}
+    output_ratio = [0.0] * len(units)
+    for feed, reference in zip(probe_feeds.batches, references):
+        signal = sum(float(np.sum(r * r)) for r in reference)
+        for start in range(0, len(units), slots):
+            chunk = units[start : start + slots]
+            run = {k: np.repeat(v, len(chunk), axis=0) for k, v in feed.items()}
+            for name in names:
+                run[masks[name]] = np.zeros((len(chunk), *([1] * (ranks[name] - 1))), np.float32)
+            for slot, unit in enumerate(chunk):
+                for name in unit:
+                    run[masks[name]][slot] = 1.0
+            noisy = sess.run(outputs, run)
+            for slot in range(len(chunk)):
+                error = sum(float(np.sum((n[slot : slot + 1].astype(np.float64) - r) ** 2)) for n, r in zip(noisy, reference))
+                output_ratio[start + slot] += error / max(signal, 1e-30) / len(probe_feeds.batches)
+    measured = {}
+    for unit, out in zip(units, output_ratio):
+        total = sum(ratios[name] for name in unit)
+        for name in unit:
+            measured[name] = ratios[name], out / total if total > 0 else 0.0
+    return measured
+
+
+def _noise_probe(model: onnx.ModelProto, layers: dict[str, fidelity.Layer], deltas: dict[str, np.ndarray],
+                 ranks: dict[str, int]) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """A copy of the model with y + mask·layer(x; W − Ŵ) after each layer, mask a new [batch, 1, ...] input."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    graph, fresh = probe.graph, NameSource(probe)
+    masks, extra = {}, {}
+    for name, layer in layers.items():
+        node, y = layer.node, layer.node.output[0]
+        delta = fresh(f"{name}_qc_delta")
+        graph.initializer.append(numpy_helper.from_array(deltas[name].astype(np.float32), delta))
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = fresh(f"{node.name or node.op_type}_qc_noise")
+        del copy.input[2:]  # the error of the weight alone: no bias
+        copy.input[1] = delta
+        noise, mask, clean, scaled = fresh(f"{y}_qc_noise"), fresh(f"{y}_qc_mask"), fresh(f"{y}_qc_clean"), fresh(f"{y}_qc_scaled")
+        del copy.output[:]
+        copy.output.append(noise)
+        graph.input.append(helper.make_tensor_value_info(mask, onnx.TensorProto.FLOAT, ["batch", *([1] * (ranks[name] - 1))]))
+        extra[y] = (clean, [copy, helper.make_node("Mul", [mask, noise], [scaled]), helper.make_node("Add", [clean, scaled], [y])])
+        masks[name] = mask
+    nodes = []
+    for node in graph.node:
+        if node.output and node.output[0] in extra:
+            clean, added = extra[node.output[0]]
+            node.output[0] = clean
+            nodes += [node, *added]
+        else:
+            nodes.append(node)
+    set_nodes(graph, nodes)
+    return probe, masks
+
+
+def _fixed_batch(model: onnx.ModelProto) -> bool:
+    """Whether some input's first dimension is a fixed number (then one layer is probed per run)."""
+    initializers = {t.name for t in model.graph.initializer}
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if value.name not in initializers and dims and dims[0].HasField("dim_value"):
+            return True
+    return False
+
+
+def _options(weight: Weight, array: np.ndarray, plan: AutoPlan, rng: np.random.Generator,
+             channels: np.ndarray | None) -> list[tuple[Option, np.ndarray]]:
+    """Every quantized way to store the weight, with its size, and what the output `channels` (None:
+    all) decode to. K-means codebooks are fitted on a sample of the tensor or of each channel."""
+    itemsize = array.dtype.itemsize
+    axis = weight.channel_axis
+    part = array if channels is None else np.take(array, channels, axis)
+    found = []
+    for granularity in (Granularity.PER_TENSOR, Granularity.PER_CHANNEL) if "kmeans" in plan.methods else ():
+        if granularity is Granularity.PER_CHANNEL and axis is None:
+            continue
+        row_axis = axis if granularity is Granularity.PER_CHANNEL else None
+        fitted = to_rows(array if row_axis is None else part, row_axis)  # per tensor: a sample of all of it
+        fit = _sample(fitted.shape[1], FIT_VALUES if row_axis is None else ROW_VALUES, rng)
+        rows = to_rows(part, row_axis)
+        for bits in plan.bits:
+            groups = weight.shape[row_axis] if row_axis is not None else 1
+            if groups > 1 and (groups - 1) * (1 << bits) * itemsize * 8 / array.size > plan.max_codebook_overhead:
+                continue
+            size = -(-array.size * bits // 8) + groups * (1 << bits) * itemsize
+            codebook = _codebook(fitted[:, fit], bits)
+            approx = np.take_along_axis(codebook, nearest(rows, codebook).astype(np.intp), axis=1)
+            found.append((Option("kmeans", bits, granularity, size, 0.0), from_rows(approx, part.shape, row_axis)))
+    if "linear" in plan.methods and weight.tensor.data_type != onnx.TensorProto.DOUBLE:
+        rows = to_rows(part, axis)
+        scales = weight.shape[axis] if axis is not None else 1
+        for bits in (4, 8):
+            grid = grid_for(rows, bits=bits, symmetric=True)
+            approx = from_rows(dequantize(quantize(rows, grid), grid), part.shape, axis)
+            granularity = Granularity.PER_CHANNEL if axis is not None else Granularity.PER_TENSOR
+            found.append((Option("linear", bits, granularity, -(-array.size * bits // 8) + 4 * scales, 0.0), approx))
+    return found
+
+
+def _kmeans(array: np.ndarray, bits: int, rng: np.random.Generator) -> np.ndarray:
+    """The array palettized with one codebook fitted on a sample of it."""
+    rows = to_rows(array, None)
+    codebook = _codebook(rows[:, _sample(rows.shape[1], FIT_VALUES, rng)], bits)
+    return np.take_along_axis(codebook, nearest(rows, codebook).astype(np.intp), axis=1).reshape(array.shape)
+
+
+def _codebook(rows: np.ndarray, bits: int) -> np.ndarray:
+    """Codebooks for an estimate: a coarse DP (none past 4 bits) seeds Lloyd. Slightly worse than the
+    real conversion's, so the prediction errs on the safe side."""
+    return palettize(rows, bits=bits, max_points=min(rows.shape[1], (4 << bits) if bits <= 4 else 1 << bits)).codebook
+
+
+def _sample(n: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted column positions to fit codebooks on (all of them when there are few)."""
+    return np.arange(n) if n <= count else np.sort(rng.choice(n, count, replace=False))
+
+
+def allocate(options: dict[str, list[Option]], budget: float) -> dict[str, Option]:
+    """Per weight the option minimising size + λ·noise, with the smallest λ (searched in log space)
+    whose total predicted noise fits `budget`; float everywhere if none does."""
+
+    def pick(lam: float) -> dict[str, Option]:
+        return {name: min(opts, key=lambda o: (o.size + lam * o.noise, o.noise)) for name, opts in options.items()}
+
+    def fits(lam: float) -> bool:
+        return sum(o.noise for o in pick(lam).values()) <= budget
+
+    fitting = next((lam for lam in np.logspace(-3, 30, 331) if fits(lam)), None)  # every 0.1 decade
+    if fitting is None:
+        return {name: next(o for o in opts if o.method == "float") for name, opts in options.items()}
+    low, high = fitting / 10**0.1, fitting
+    for _ in range(30):
+        mid = float(np.sqrt(low * high))
+        low, high = (low, mid) if fits(mid) else (mid, high)
+    return pick(high)
+
+
+def plan_for(choice: dict[str, Option], plan: AutoPlan) -> KMeansPlan:
+    """The chosen options as a kmeans plan with one [[layer]] override per weight."""
+    kmeans_bits = [o.bits for o in choice.values() if o.method == "kmeans"]
+    base = max(set(kmeans_bits), key=kmeans_bits.count) if kmeans_bits else max(plan.bits)
+    overrides = tuple(
+        LayerOverride(name, skip=True) if o.method == "float"
+        else LayerOverride(name, bits=o.bits, granularity=o.granularity, method=o.method)
+        for name, o in sorted(choice.items())
+    )
+    return _base_plan(plan, overrides, base)
+
+
+def _base_plan(plan: AutoPlan, overrides: tuple[LayerOverride, ...], bits: int = 8) -> KMeansPlan:
+    return KMeansPlan(bits=bits, granularity=Granularity.PER_TENSOR, min_elements=plan.min_elements, exclude=plan.exclude,
+                      max_codebook_overhead=plan.max_codebook_overhead, overrides=overrides, calibration=plan.calibration,
+                      preprocessing=plan.preprocessing, fold_batchnorm=plan.fold_batchnorm,
+                      data_aware=plan.data_aware and plan.calibration is not None,
+                      bias_correction=plan.bias_correction and plan.calibration is not None)
+
+
+def target_gates(plan: AutoPlan) -> Gates:
+    return Gates(min_snr_db=plan.target_snr, min_top1=plan.min_top1, max_accuracy_drop=plan.max_accuracy_drop)
+
+
+def search(input_path: Path, plan: AutoPlan, validation: ValidationPlan, progress: Progress,
+           convert: Callable[[KMeansPlan], Conversion]) -> Conversion:
+    """Plans of decreasing predicted noise, each converted by `convert` (which writes the model when it
+    meets the target), until one meets it or MAX_ITERATIONS are spent. The last conversion's report
+    gets the plan and the search in details["auto"]."""
+    model, _ = io.load_model(input_path)
+    found = profile(model, plan, validation, progress)
+    del model
+    aim = plan.target_snr if plan.target_snr is not None else TOP1_START_DB
+    iterations: list[dict[str, object]] = []
+    best: tuple[Conversion, dict[str, Option]] | None = None
+    for iteration in range(MAX_ITERATIONS):
+        choice = allocate(found.options, 10 ** (-aim / 10))
+        predicted = -10 * float(np.log10(max(sum(o.noise for o in choice.values()), 1e-30)))
+        progress(f"converting plan {iteration + 1} (aiming at {aim:.1f} dB output SNR)")
+        conversion = convert(plan_for(choice, plan))
+        report = conversion.report
+        measured = min((o.snr_db for o in report.validation.outputs if o.snr_db is not None), default=None) if report.validation else None
+        iterations.append({"aimed_snr_db": round(aim, 2), "predicted_snr_db": round(predicted, 2), "measured_snr_db": measured,
+                           "output_bytes": report.output_bytes, "passed": report.passed})
+        if report.passed:  # written; a looser plan (smaller) is tried once if this one beat the target by far
+            first = best is None
+            if first or report.output_bytes < best[0].report.output_bytes:  # type: ignore[index]
+                best = conversion, choice
+            slack = (measured - plan.target_snr) if plan.target_snr is not None and measured is not None else TOP1_STEP_DB
+            if not first or slack <= 1.0:
+                break
+            aim -= slack - 0.5
+        elif best is not None or all(o.method == "float" for o in choice.values()):
+            break  # a looser plan missed: the last model written is the one that met the target
+        elif plan.target_snr is not None and measured is not None:
+            aim += max(plan.target_snr - measured, 0.0) + 0.5  # the prediction was this much too kind
+        else:
+            aim += TOP1_STEP_DB
+    conversion, choice = best if best is not None else (conversion, choice)
+    report = conversion.report
+    report.details["auto"] = {
+        "target": {k: v for k, v in (("snr_db", plan.target_snr), ("top1", plan.min_top1), ("accuracy_drop", plan.max_accuracy_drop)) if v is not None},
+        "iterations": iterations,
+        "plan": [{"weight": name, "choice": o.label, "method": o.method, "bits": o.bits, "granularity": o.granularity.value,
+                  "bytes": o.size, "gain": found.gains.get(name), "predicted_noise": o.noise} for name, o in sorted(choice.items())],
+    }
+    return conversion
+
+
+def plan_toml(details: dict[str, object], model: str) -> str:
+    """The chosen plan in the --config format: `qconvert kmeans MODEL --config plan.toml` redoes it."""
+    rows = details["plan"]
+    assert isinstance(rows, list)
+    kmeans_bits = [r["bits"] for r in rows if r["method"] == "kmeans"]
+    lines = [f"# qconvert auto plan for {model}; reuse: qconvert kmeans {model} --config THIS_FILE",
+             f"bits = {max(set(kmeans_bits), key=kmeans_bits.count) if kmeans_bits else 8}", ""]
+    for r in rows:
+        lines += ["[[layer]]", f"match = {_toml_string(r['weight'])}"]
+        if r["method"] == "float":
+            lines.append("skip = true")
+        else:
+            lines += [f'method = "{r["method"]}"', f"bits = {r['bits']}", f'granularity = "{r["granularity"]}"']
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
