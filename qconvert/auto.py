@@ -42,9 +42,10 @@ GAIN_SAMPLES = 32  # samples the gains are averaged over, at most
 GAIN_BUDGET = 1 << 24  # weights × samples × widths of the sensitivity probes (ResNet-50: 1 sample, 1 width)
 SLOTS = 16  # layers probed per batched run
 FIT_VALUES = 1 << 14  # per tensor: values the k-means codebooks of the estimates are fitted on
-ROW_VALUES = 512  # per channel: values per row
-EVAL_CHANNELS = 64  # output channels of a weight the options are measured on
+ROW_VALUES = 4096  # per channel: values per row
+EVAL_CHANNELS = 32  # output channels of a weight the options are measured on
 MAX_ITERATIONS = 4
+MARGIN_DB = 0.5  # aimed above the target first: predictions are good to about this much
 TOP1_START_DB, TOP1_STEP_DB = 20.0, 4.0  # accuracy targets: the SNR aimed at first, and each step up
 
 
@@ -190,9 +191,9 @@ def noise_gains(model: onnx.ModelProto, layers: dict[str, fidelity.Layer], sampl
     slots = 1 if _fixed_batch(model) else SLOTS
     units = [list(u) for u in np.array_split(np.array(names, dtype=object), min(groups, len(names)))]
     ratios = {name: 10 ** (-snr / 10) if snr is not None else 0.0 for name, snr in zip(names, own)}
-    output_ratio = [0.0] * len(units)
+    output_error, signal = [0.0] * len(units), 0.0  # pooled over the samples, as the layer ratios are
     for feed, reference in zip(probe_feeds.batches, references):
-        signal = sum(float(np.sum(r * r)) for r in reference)
+        signal += sum(float(np.sum(r * r)) for r in reference)
         for start in range(0, len(units), slots):
             chunk = units[start : start + slots]
             run = {k: np.repeat(v, len(chunk), axis=0) for k, v in feed.items()}
@@ -204,12 +205,12 @@ def noise_gains(model: onnx.ModelProto, layers: dict[str, fidelity.Layer], sampl
             noisy = sess.run(outputs, run)
             for slot in range(len(chunk)):
                 error = sum(float(np.sum((n[slot : slot + 1].astype(np.float64) - r) ** 2)) for n, r in zip(noisy, reference))
-                output_ratio[start + slot] += error / max(signal, 1e-30) / len(probe_feeds.batches)
+                output_error[start + slot] += error
     measured = {}
-    for unit, out in zip(units, output_ratio):
+    for unit, error in zip(units, output_error):
         total = sum(ratios[name] for name in unit)
         for name in unit:
-            measured[name] = ratios[name], out / total if total > 0 else 0.0
+            measured[name] = ratios[name], error / max(signal, 1e-30) / total if total > 0 else 0.0
     return measured
 
 
@@ -299,9 +300,9 @@ def _kmeans(array: np.ndarray, bits: int, rng: np.random.Generator) -> np.ndarra
 
 
 def _codebook(rows: np.ndarray, bits: int) -> np.ndarray:
-    """Codebooks for an estimate: a coarse DP (none past 4 bits) seeds Lloyd. Slightly worse than the
-    real conversion's, so the prediction errs on the safe side."""
-    return palettize(rows, bits=bits, max_points=min(rows.shape[1], (4 << bits) if bits <= 4 else 1 << bits)).codebook
+    """Codebooks for an estimate: a coarse DP (none past 6 bits) seeds Lloyd; about as good as the real
+    conversion's up to 6 bits, a little worse past it (the prediction errs on the safe side)."""
+    return palettize(rows, bits=bits, max_points=min(rows.shape[1], (4 << bits) if bits <= 6 else 1 << bits)).codebook
 
 
 def _sample(n: int, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -361,11 +362,21 @@ def search(input_path: Path, plan: AutoPlan, validation: ValidationPlan, progres
     model, _ = io.load_model(input_path)
     found = profile(model, plan, validation, progress)
     del model
-    aim = plan.target_snr if plan.target_snr is not None else TOP1_START_DB
+    aim = plan.target_snr + MARGIN_DB if plan.target_snr is not None else TOP1_START_DB
     iterations: list[dict[str, object]] = []
     best: tuple[Conversion, dict[str, Option]] | None = None
+    missed = -np.inf  # the highest aim whose plan missed the target
+    tried: list[dict[str, Option]] = []
     for iteration in range(MAX_ITERATIONS):
         choice = allocate(found.options, 10 ** (-aim / 10))
+        for _ in range(40):  # still missing the target with a plan already tried: aim higher until it changes
+            if choice not in tried or best is not None:
+                break
+            aim += 0.5
+            choice = allocate(found.options, 10 ** (-aim / 10))
+        if choice in tried:  # the same plan again: nothing new to learn
+            break
+        tried.append(choice)
         predicted = -10 * float(np.log10(max(sum(o.noise for o in choice.values()), 1e-30)))
         progress(f"converting plan {iteration + 1} (aiming at {aim:.1f} dB output SNR)")
         conversion = convert(plan_for(choice, plan))
@@ -373,23 +384,26 @@ def search(input_path: Path, plan: AutoPlan, validation: ValidationPlan, progres
         measured = min((o.snr_db for o in report.validation.outputs if o.snr_db is not None), default=None) if report.validation else None
         iterations.append({"aimed_snr_db": round(aim, 2), "predicted_snr_db": round(predicted, 2), "measured_snr_db": measured,
                            "output_bytes": report.output_bytes, "passed": report.passed})
-        if report.passed:  # written; a looser plan (smaller) is tried once if this one beat the target by far
-            first = best is None
-            if first or report.output_bytes < best[0].report.output_bytes:  # type: ignore[index]
+        if report.passed:  # written; a looser (smaller) plan is tried if this one beat the target by far
+            if best is None or report.output_bytes < best[0].report.output_bytes:
                 best = conversion, choice
             slack = (measured - plan.target_snr) if plan.target_snr is not None and measured is not None else TOP1_STEP_DB
-            if not first or slack <= 1.0:
+            looser = max(aim - slack + 0.25, missed + 0.25)
+            if slack <= 2 * MARGIN_DB or looser >= aim - 0.1:
                 break
-            aim -= slack - 0.5
-        elif best is not None or all(o.method == "float" for o in choice.values()):
-            break  # a looser plan missed: the last model written is the one that met the target
-        elif plan.target_snr is not None and measured is not None:
-            aim += max(plan.target_snr - measured, 0.0) + 0.5  # the prediction was this much too kind
+            aim = looser
         else:
-            aim += TOP1_STEP_DB
+            missed = max(missed, aim)
+            if best is not None or all(o.method == "float" for o in choice.values()):
+                break  # the last model written is the one that met the target
+            if plan.target_snr is not None and measured is not None:
+                aim += max(plan.target_snr - measured, 0.0) + 0.5  # the prediction was this much too kind
+            else:
+                aim += TOP1_STEP_DB
     conversion, choice = best if best is not None else (conversion, choice)
     report = conversion.report
     report.details["auto"] = {
+        "calibrated": plan.calibration is not None,
         "target": {k: v for k, v in (("snr_db", plan.target_snr), ("top1", plan.min_top1), ("accuracy_drop", plan.max_accuracy_drop)) if v is not None},
         "iterations": iterations,
         "plan": [{"weight": name, "choice": o.label, "method": o.method, "bits": o.bits, "granularity": o.granularity.value,
@@ -404,7 +418,8 @@ def plan_toml(details: dict[str, object], model: str) -> str:
     assert isinstance(rows, list)
     kmeans_bits = [r["bits"] for r in rows if r["method"] == "kmeans"]
     lines = [f"# qconvert auto plan for {model}; reuse: qconvert kmeans {model} --config THIS_FILE",
-             f"bits = {max(set(kmeans_bits), key=kmeans_bits.count) if kmeans_bits else 8}", ""]
+             f"bits = {max(set(kmeans_bits), key=kmeans_bits.count) if kmeans_bits else 8}",
+             *([] if details.get("calibrated") else ["no_data_aware = true", "no_bias_correction = true"]), ""]
     for r in rows:
         lines += ["[[layer]]", f"match = {_toml_string(r['weight'])}"]
         if r["method"] == "float":

@@ -147,6 +147,7 @@ def auto_convert(input_path: Path, output_path: Path | None, plan: AutoPlan, val
     """
     if validation is None:
         raise UsageError("qconvert auto measures its plans: drop --no-validate")
+    validation = dataclasses.replace(validation, latency_runs=0)  # every trial is validated: time none of them
     target = auto.target_gates(plan)
     merged = Gates(*(a if a is not None else b for a, b in zip(dataclasses.astuple(target), dataclasses.astuple(gates))))
     return auto.search(input_path, plan, validation, progress,

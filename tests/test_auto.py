@@ -1,0 +1,94 @@
+"""qconvert auto: sensitivity, allocation, the verified plan and its reuse."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from qconvert import auto, fidelity, validate
+from qconvert.cli import cli
+from qconvert.errors import ExitCode
+from qconvert.plan import Granularity
+from qconvert.select import select_weights
+
+
+def run(*args: object) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def test_auto_meets_the_target_writes_the_model_and_a_reusable_plan(tmp_path: Path, digits: Path, digits_data: Path) -> None:
+    out, plan = tmp_path / "a.onnx", tmp_path / "plan.toml"
+    code, output = run("auto", digits, "--target-snr", 25, "--data", digits_data, "-o", out, "--plan-out", plan, "--json")
+    assert code == 0, output
+    report = json.loads(output)
+    assert report["gates"]["passed"] and report["validation"]["outputs"][0]["snr_db"] >= 25
+    details = report["details"]["auto"]
+    assert {p["weight"] for p in details["plan"]} == {w["name"] for w in report["per_weight"]}
+    assert details["iterations"][-1]["passed"] or any(i["passed"] for i in details["iterations"])
+    chosen = {p["weight"]: p for p in details["plan"]}
+    assert all(w["bits"] == chosen[w["name"]]["bits"] for w in report["per_weight"])
+    # the plan file redoes the same model without searching
+    again = tmp_path / "again.onnx"
+    code, output = run("kmeans", digits, "--config", plan, "--data", digits_data, "-o", again, "-q")
+    assert code == 0, output
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_auto_is_deterministic_and_a_lower_target_gives_a_smaller_model(tmp_path: Path, digits: Path, digits_data: Path) -> None:
+    sizes = []
+    for name, target in (("a", 30), ("b", 30), ("c", 15)):
+        code, output = run("auto", digits, "--target-snr", target, "--data", digits_data, "-o", tmp_path / f"{name}.onnx", "-q")
+        assert code == 0, output
+        sizes.append((tmp_path / f"{name}.onnx").stat().st_size)
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    assert sizes[2] < sizes[0]
+
+
+@pytest.mark.parametrize("args", [[], ["--target-snr", "20", "--min-top1", "0.9"], ["--target-snr", "20", "--methods", "zip"],
+                                  ["--target-snr", "20", "--bits", "9"], ["--target-snr", "20", "--no-validate"]])
+def test_auto_usage_errors(tmp_path: Path, digits: Path, args: list[str]) -> None:
+    code, output = run("auto", digits, *args, "-o", tmp_path / "a.onnx")
+    assert code == ExitCode.USAGE, output
+    assert output.count("\n") == 1 and not (tmp_path / "a.onnx").exists()
+
+
+def chain(rng: np.random.Generator) -> onnx.ModelProto:
+    """x -> Gemm(w1) -> Gemm(w2) -> y: linear, so the last layer's noise reaches y unchanged."""
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in (("w1", (16, 32)), ("w2", (32, 8)))]
+    nodes = [helper.make_node("Gemm", ["x", "w1"], ["h"]), helper.make_node("Gemm", ["h", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_noise_gain_of_the_last_linear_layer_is_one() -> None:
+    rng = np.random.default_rng(0)
+    model = chain(rng)
+    layers = fidelity.find_layers(model, select_weights(model).weights)
+    samples = validate.Feeds([{"x": rng.standard_normal((1, 16)).astype(np.float32)} for _ in range(4)], 4, "test")
+    perturbed = {name: auto._kmeans(numpy_helper.to_array(t), 2, rng) for name, t in
+                 ((t.name, t) for t in model.graph.initializer)}
+    gains = auto.noise_gains(model, layers, samples, perturbed, groups=16)
+    ratio, gain = gains["w2"]
+    assert ratio > 1e-3 and gain == pytest.approx(1.0, rel=1e-3)
+    assert gains["w1"][1] > 0
+
+
+def test_allocation_meets_the_budget_at_the_smallest_size() -> None:
+    def option(method: str, bits: int, size: int, noise: float) -> auto.Option:
+        return auto.Option(method, bits, Granularity.PER_TENSOR, size, noise)
+
+    options = {
+        "a": [option("float", 32, 400, 0.0), option("kmeans", 4, 50, 1e-3), option("kmeans", 2, 25, 1e-2)],
+        "b": [option("float", 32, 400, 0.0), option("kmeans", 4, 50, 1e-4), option("kmeans", 2, 25, 1e-3)],
+    }
+    choice = auto.allocate(options, 2.5e-3)  # a at 4 bits + b at 2 bits fits, at 75 bytes
+    assert (choice["a"].bits, choice["b"].bits) == (4, 2)
+    assert all(o.method == "float" for o in auto.allocate(options, 0.0).values())
