@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) bench/kmeans_table.py
 	$(PY) bench/linear_vs_ort.py
 	$(PY) bench/fidelity_table.py
+	$(PY) bench/auto_table.py
 
 # ResNet-50- and MobileNetV2-shaped models with random weights (about 115 MB) for size and speed checks.
 models: $(STAMP)

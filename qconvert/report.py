@@ -178,10 +178,11 @@ def summary(report: Report) -> Group:
         )
     )
     kinds = Counter(w.granularity for w in report.weights)
+    widths = "/".join(str(b) for b in sorted({w.bits for w in report.weights})) or str(report.options.get("bits"))
     if report.method != "compare":
         parts.append(
             Text(
-                f"{len(report.weights)} weights {'palettized' if report.method == 'kmeans' else 'quantized'} at {report.options.get('bits')} bits "
+                f"{len(report.weights)} weights {'palettized' if report.method == 'kmeans' else 'quantized'} at {widths} bits "
                 f"({', '.join(f'{n} {kind}' for kind, n in sorted(kinds.items()))}), {len(report.skipped)} left as they were; "
                 f"opset {report.opset.before} -> {report.opset.after}, stored as {report.opset.storage}"
             )
@@ -217,6 +218,9 @@ def summary(report: Report) -> Group:
         if isinstance(value, str):
             parts.append(Text(f"{key.replace('_', ' ')}: {value}"))
     parts += [Text(line) for line in _fidelity_lines(report)]
+    plan = report.details.get("auto")
+    if isinstance(plan, dict):
+        parts.append(_auto_table(plan, {w.name: w for w in report.weights}))
     measured = any(w.layer_snr_db is not None for w in report.weights)
     worst = _worst(report.weights, WORST_SHOWN)
     if worst:
@@ -239,6 +243,21 @@ def summary(report: Report) -> Group:
     for warning in report.warnings:
         parts.append(Text(f"warning: {warning}", style="yellow"))
     return Group(*parts)
+
+
+def _auto_table(details: dict[str, Any], weights: dict[str, WeightReport]) -> Table:
+    """qconvert auto: the plan per weight, and how the search went."""
+    steps = "; ".join(f"aimed {i['aimed_snr_db']:.1f} dB, predicted {i['predicted_snr_db']:.1f}, measured "
+                      f"{_db(i['measured_snr_db'])}: {'met' if i['passed'] else 'missed'}" for i in details["iterations"])
+    table = Table(title=f"auto plan ({steps})", title_justify="left")
+    for column in ("weight", "choice", "gain dB", "predicted noise dB", "weight SNR dB", "bytes"):
+        table.add_column(column, justify="left" if column in ("weight", "choice") else "right")
+    for row in details["plan"]:
+        weight = weights.get(row["weight"])
+        gain = "-" if not row["gain"] else f"{10 * math.log10(row['gain']):.1f}"
+        noise = "-" if not row["predicted_noise"] else f"{-10 * math.log10(row['predicted_noise']):.1f}"
+        table.add_row(row["weight"], row["choice"], gain, noise, _db(weight.snr_db) if weight else "-", str(row["bytes"]))
+    return table
 
 
 def _worst(weights: list[WeightReport], count: int) -> list[WeightReport]:
