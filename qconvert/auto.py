@@ -31,7 +31,7 @@ from qconvert.plan import AutoPlan, Granularity, KMeansPlan, LayerOverride, Vali
 from qconvert.quant.kmeans import nearest, palettize
 from qconvert.quant.layout import from_rows, to_rows
 from qconvert.quant.linear import dequantize, grid_for, quantize
-from qconvert.rewrite import NameSource, set_nodes
+from qconvert.rewrite import NameSource, add_after
 from qconvert.select import Weight, select_weights
 
 if TYPE_CHECKING:
@@ -220,31 +220,18 @@ def _noise_probe(model: onnx.ModelProto, layers: dict[str, fidelity.Layer], delt
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     graph, fresh = probe.graph, NameSource(probe)
-    masks, extra = {}, {}
+    masks: dict[str, str] = {}
+    additions: dict[str, tuple[str | None, list[onnx.NodeProto]]] = {}
     for name, layer in layers.items():
-        node, y = layer.node, layer.node.output[0]
+        y = layer.node.output[0]
         delta = fresh(f"{name}_qc_delta")
         graph.initializer.append(numpy_helper.from_array(deltas[name].astype(np.float32), delta))
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        copy.name = fresh(f"{node.name or node.op_type}_qc_noise")
-        del copy.input[2:]  # the error of the weight alone: no bias
-        copy.input[1] = delta
         noise, mask, clean, scaled = fresh(f"{y}_qc_noise"), fresh(f"{y}_qc_mask"), fresh(f"{y}_qc_clean"), fresh(f"{y}_qc_scaled")
-        del copy.output[:]
-        copy.output.append(noise)
         graph.input.append(helper.make_tensor_value_info(mask, onnx.TensorProto.FLOAT, ["batch", *([1] * (ranks[name] - 1))]))
-        extra[y] = (clean, [copy, helper.make_node("Mul", [mask, noise], [scaled]), helper.make_node("Add", [clean, scaled], [y])])
+        noise_of_weight = fidelity.layer_copy(layer.node, delta, noise, fresh, bias=False)  # the weight's error alone
+        additions[y] = (clean, [noise_of_weight, helper.make_node("Mul", [mask, noise], [scaled]), helper.make_node("Add", [clean, scaled], [y])])
         masks[name] = mask
-    nodes = []
-    for node in graph.node:
-        if node.output and node.output[0] in extra:
-            clean, added = extra[node.output[0]]
-            node.output[0] = clean
-            nodes += [node, *added]
-        else:
-            nodes.append(node)
-    set_nodes(graph, nodes)
+    add_after(graph, additions)
     return probe, masks
 
 

@@ -10,7 +10,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qconvert.opset import default_opset
-from qconvert.rewrite import NameSource, set_nodes, use_counts
+from qconvert.rewrite import NameSource, add_after, set_nodes, use_counts
 from qconvert.select import MAIN_GRAPH, Weight, constant_value
 from qconvert.validate import Feeds, run_batches, session
 
@@ -224,24 +224,18 @@ def _probe(model: onnx.ModelProto, candidates: list[Candidate], feeds: Feeds) ->
     fresh = NameSource(probe)
     signals: dict[str, str] = {}
     errors: list[tuple[str, str]] = []
-    after: dict[str, list[onnx.NodeProto]] = {}  # layer output -> its checks, run right after the layer so
-    for candidate in candidates:  # that onnxruntime frees the layer's input and output as usual
+    after: dict[str, tuple[str | None, list[onnx.NodeProto]]] = {}  # layer output -> its checks
+    for candidate in candidates:
         layer = candidate.layer
         y = layer.node.output[0]
-        checks = after.setdefault(y, [])
+        _, checks = after.setdefault(y, (None, []))
         if y not in signals:
             signals[y] = fresh(f"{y}_qc_signal")
             checks.append(helper.make_node("ReduceSumSquare", [y], [signals[y]], keepdims=0))
         w = fresh(f"{layer.weight}_qc_candidate")
         graph.initializer.append(numpy_helper.from_array(candidate.weight, w))
-        copy = onnx.NodeProto()
-        copy.CopyFrom(layer.node)
-        copy.name = fresh(f"{layer.node.name or layer.op_type}_qc_candidate")
-        copy.input[1] = w
-        del copy.output[:]
         out = fresh(f"{y}_qc_candidate")
-        copy.output.append(out)
-        checks.append(copy)
+        checks.append(layer_copy(layer.node, w, out, fresh))
         if candidate.shift is not None:
             shift = fresh(f"{layer.weight}_qc_shift")
             graph.initializer.append(numpy_helper.from_array(_output_layout(layer, candidate.shift).astype(np.float32), shift))
@@ -251,7 +245,7 @@ def _probe(model: onnx.ModelProto, candidates: list[Candidate], feeds: Feeds) ->
         diff, error = fresh(f"{out}_diff"), fresh(f"{out}_error")
         checks += [helper.make_node("Sub", [out, y], [diff]), helper.make_node("ReduceSumSquare", [diff], [error], keepdims=0)]
         errors.append((error, signals[y]))
-    set_nodes(graph, [n for node in graph.node for n in (node, *(after.get(node.output[0], []) if node.output else []))])
+    add_after(graph, after)
     wanted = [*dict.fromkeys(signals.values()), *(e for e, _ in errors)]
     graph.output.extend(helper.make_empty_tensor_value_info(t) for t in wanted)
     sess = session(probe.SerializeToString(), "model for the layer-error check", probe=True)
@@ -261,6 +255,19 @@ def _probe(model: onnx.ModelProto, candidates: list[Candidate], feeds: Feeds) ->
         for name, value in zip(wanted, outputs):
             totals[name] += float(value)
     return [_snr(totals[signal], totals[error]) for error, signal in errors]
+
+
+def layer_copy(node: onnx.NodeProto, weight: str, output: str, fresh: NameSource, *, bias: bool = True) -> onnx.NodeProto:
+    """The layer's node reading another weight (and, without `bias`, no bias) into another output."""
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    copy.name = fresh(f"{node.name or node.op_type}_qc_copy")
+    copy.input[1] = weight
+    if not bias:
+        del copy.input[2:]
+    del copy.output[:]
+    copy.output.append(output)
+    return copy
 
 
 def _output_layout(layer: Layer, shift: np.ndarray) -> np.ndarray:
@@ -296,18 +303,14 @@ def model_snr(model: onnx.ModelProto, variants: list[tuple[dict[str, np.ndarray]
             if value is not None and node.output[0] in arrays:
                 value.CopyFrom(numpy_helper.from_array(arrays[node.output[0]].astype(np.float32), value.name))
         fresh = NameSource(copy)
-        by_output = {layer.node.output[0]: (layer, shift) for layer, shift in shifts.values()}
-        nodes = []
-        for node in graph.node:
-            nodes.append(node)
-            if node.output and node.output[0] in by_output:
-                layer, shift = by_output[node.output[0]]
-                bias = numpy_helper.from_array(_output_layout(layer, shift).astype(np.float32), fresh(f"{layer.weight}_qc_shift"))
-                graph.initializer.append(bias)
-                product = fresh(f"{node.output[0]}_qc_unshifted")
-                nodes.append(helper.make_node("Add", [product, bias.name], [node.output[0]]))
-                node.output[0] = product
-        set_nodes(graph, nodes)
+        additions: dict[str, tuple[str | None, list[onnx.NodeProto]]] = {}
+        for layer, shift in shifts.values():
+            y = layer.node.output[0]
+            bias = numpy_helper.from_array(_output_layout(layer, shift).astype(np.float32), fresh(f"{layer.weight}_qc_shift"))
+            graph.initializer.append(bias)
+            product = fresh(f"{y}_qc_unshifted")
+            additions[y] = (product, [helper.make_node("Add", [product, bias.name], [y])])
+        add_after(graph, additions)
         sess = session(copy.SerializeToString(), "model for the whole-model check")
         del copy, graph
         outputs = [np.concatenate(o).astype(np.float64) for o in zip(*run_batches(sess, feeds, "model for the whole-model check"))]
@@ -326,15 +329,14 @@ def apply_bias_shifts(model: onnx.ModelProto, shifts: dict[str, tuple[Layer, np.
     constants = {t.name: t for t in graph.initializer}
     constants.update({node.output[0]: tensor for node in graph.node if (tensor := constant_value(node)) is not None})
     uses = use_counts(graph)
-    after: dict[int, onnx.NodeProto] = {}  # id(MatMul node) -> the Add that follows it
+    after: dict[str, tuple[str | None, list[onnx.NodeProto]]] = {}  # MatMul output -> the Add that makes it
     for layer, shift in shifts.values():
         node = layer.node
         if layer.op_type == "MatMul":
             bias = numpy_helper.from_array(shift.astype(np.float32), fresh(f"{layer.weight}_qc_bias"))
             graph.initializer.append(bias)
-            product = fresh(f"{node.output[0]}_qc_product")
-            after[id(node)] = helper.make_node("Add", [product, bias.name], [node.output[0]], name=fresh(f"{product}_bias"))
-            node.output[0] = product
+            y, product = node.output[0], fresh(f"{node.output[0]}_qc_product")
+            after[y] = (product, [helper.make_node("Add", [product, bias.name], [y], name=fresh(f"{product}_bias"))])
             continue
         scale = 1.0
         if layer.op_type == "Gemm":
@@ -357,10 +359,5 @@ def apply_bias_shifts(model: onnx.ModelProto, shifts: dict[str, tuple[Layer, np.
         else:
             node.input[2] = bias.name
     if after:
-        nodes = []
-        for node in graph.node:
-            nodes.append(node)
-            if id(node) in after:
-                nodes.append(after[id(node)])
-        set_nodes(graph, nodes)
+        add_after(graph, after)
 

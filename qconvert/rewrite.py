@@ -106,6 +106,24 @@ def set_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
     graph.node.extend(copies)
 
 
+def add_after(graph: onnx.GraphProto, additions: dict[str, tuple[str | None, list[onnx.NodeProto]]]) -> None:
+    """Put nodes right after the node producing each tensor, in one rebuild of the node list.
+
+    additions: tensor -> (new name, nodes). With a new name the producer writes that instead and the
+    nodes compute the tensor from it (an op spliced in); with None the nodes only read the tensor.
+    Right after the producer, onnxruntime can free what they read as early as before.
+    """
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
+        if node.output and node.output[0] in additions:
+            rename, extra = additions[node.output[0]]
+            if rename is not None:
+                node.output[0] = rename
+            nodes += extra
+    set_nodes(graph, nodes)
+
+
 def use_counts(graph: onnx.GraphProto) -> dict[str, int]:
     """How many node inputs (and graph outputs) read each tensor name of the graph."""
     uses: dict[str, int] = {}
