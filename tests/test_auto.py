@@ -92,3 +92,13 @@ def test_allocation_meets_the_budget_at_the_smallest_size() -> None:
     choice = auto.allocate(options, 2.5e-3)  # a at 4 bits + b at 2 bits fits, at 75 bytes
     assert (choice["a"].bits, choice["b"].bits) == (4, 2)
     assert all(o.method == "float" for o in auto.allocate(options, 0.0).values())
+
+
+def test_auto_with_an_accuracy_target(tmp_path: Path, digits: Path, digits_data: Path) -> None:
+    code, output = run("auto", digits, "--max-accuracy-drop", 0.5, "--data", digits_data, "-o", tmp_path / "a.onnx", "--json")
+    assert code == 0, output
+    report = json.loads(output)
+    accuracy = report["validation"]["accuracy"]
+    assert accuracy["float_top1"] - accuracy["quantized_top1"] <= 0.005
+    assert report["details"]["auto"]["target"] == {"accuracy_drop": 0.5}
+    assert report["output"]["bytes"] < 0.3 * report["input"]["bytes"]
