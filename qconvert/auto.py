@@ -44,7 +44,7 @@ SLOTS = 16  # layers probed per batched run
 FIT_VALUES = 1 << 14  # per tensor: values the k-means codebooks of the estimates are fitted on
 ROW_VALUES = 4096  # per channel: values per row
 EVAL_CHANNELS = 32  # output channels of a weight the options are measured on
-MAX_ITERATIONS = 4
+MAX_ITERATIONS = 5  # conversions a search may try (two fewer past GAIN_BUDGET weights: ResNet-50 stays under a minute)
 MARGIN_DB = 0.5  # aimed above the target first: predictions are good to about this much
 TOP1_START_DB, TOP1_STEP_DB = 20.0, 4.0  # accuracy targets: the SNR aimed at first, and each step up
 
@@ -73,6 +73,7 @@ class Profile:
 
     options: dict[str, list[Option]]
     gains: dict[str, float]  # the larger of the measured gains
+    elements: dict[str, int]  # weights per tensor
 
 
 def profile(model: onnx.ModelProto, plan: AutoPlan, validation: ValidationPlan, progress: Progress) -> Profile:
@@ -126,7 +127,7 @@ def profile(model: onnx.ModelProto, plan: AutoPlan, validation: ValidationPlan, 
                 error = float(np.sum((part.astype(np.float64) - approx) ** 2))
                 noise = worst_gain * error / max(float(np.sum(part.astype(np.float64) ** 2)), 1e-30)
             options[weight.name].append(dataclasses.replace(option, noise=noise))
-    return Profile(options, {name: max(g for _, g in p) for name, p in points.items()})
+    return Profile(options, {name: max(g for _, g in p) for name, p in points.items()}, {w.name: w.elements for w in weights})
 
 
 def _noise_estimate(weight: Weight, layer: fidelity.Layer, moments: fidelity.Moments) -> Callable[..., float]:
@@ -349,12 +350,13 @@ def search(input_path: Path, plan: AutoPlan, validation: ValidationPlan, progres
     model, _ = io.load_model(input_path)
     found = profile(model, plan, validation, progress)
     del model
-    aim = plan.target_snr + MARGIN_DB if plan.target_snr is not None else TOP1_START_DB
     iterations: list[dict[str, object]] = []
+    big = sum(found.elements.values()) > GAIN_BUDGET  # fewer conversions to spend: aim a little high first
+    aim = plan.target_snr + (MARGIN_DB if big else 0.0) if plan.target_snr is not None else TOP1_START_DB
     best: tuple[Conversion, dict[str, Option]] | None = None
-    missed = -np.inf  # the highest aim whose plan missed the target
+    missed, met = -np.inf, np.inf  # the highest aim whose plan missed the target, the lowest that met it
     tried: list[dict[str, Option]] = []
-    for iteration in range(MAX_ITERATIONS):
+    for iteration in range(MAX_ITERATIONS - 2 if big else MAX_ITERATIONS):
         choice = allocate(found.options, 10 ** (-aim / 10))
         for _ in range(40):  # still missing the target with a plan already tried: aim higher until it changes
             if choice not in tried or best is not None:
@@ -371,22 +373,30 @@ def search(input_path: Path, plan: AutoPlan, validation: ValidationPlan, progres
         measured = min((o.snr_db for o in report.validation.outputs if o.snr_db is not None), default=None) if report.validation else None
         iterations.append({"aimed_snr_db": round(aim, 2), "predicted_snr_db": round(predicted, 2), "measured_snr_db": measured,
                            "output_bytes": report.output_bytes, "passed": report.passed})
-        if report.passed:  # written; a looser (smaller) plan is tried if this one beat the target by far
+        by_snr = plan.target_snr is not None and measured is not None
+        if report.passed:  # written (over any earlier, larger one)
             if best is None or report.output_bytes < best[0].report.output_bytes:
                 best = conversion, choice
-            slack = (measured - plan.target_snr) if plan.target_snr is not None and measured is not None else TOP1_STEP_DB
-            looser = max(aim - slack + 0.25, missed + 0.25)
-            if slack <= 2 * MARGIN_DB or looser >= aim - 0.1:
+            met = min(met, aim)
+            slack = measured - plan.target_snr if by_snr else TOP1_STEP_DB  # type: ignore[operator]
+            if slack <= 2 * MARGIN_DB and (big or not np.isinf(missed)):
                 break
-            aim = looser
+            if slack <= 2 * MARGIN_DB:  # a small model: step down to the next smaller plan while none missed
+                while aim > (plan.target_snr or 0.0) - 20 and allocate(found.options, 10 ** (-aim / 10)) in tried:
+                    aim -= MARGIN_DB / 2
+                continue
         else:
             missed = max(missed, aim)
-            if best is not None or all(o.method == "float" for o in choice.values()):
-                break  # the last model written is the one that met the target
-            if plan.target_snr is not None and measured is not None:
-                aim += max(plan.target_snr - measured, 0.0) + 0.5  # the prediction was this much too kind
-            else:
-                aim += TOP1_STEP_DB
+            if all(o.method == "float" for o in choice.values()):
+                break
+        if np.isfinite(missed) and np.isfinite(met):  # bracketed: halve it
+            if met - missed < MARGIN_DB:
+                break
+            aim = (missed + met) / 2
+        elif report.passed:
+            aim -= slack - MARGIN_DB / 2  # the prediction was this much too strict
+        else:
+            aim += (plan.target_snr - measured + MARGIN_DB) if by_snr else TOP1_STEP_DB  # type: ignore[operator]
     conversion, choice = best if best is not None else (conversion, choice)
     report = conversion.report
     report.details["auto"] = {
