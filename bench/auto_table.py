@@ -22,7 +22,6 @@ sys.path.insert(0, str(ROOT / "samples"))
 from qconvert.pipeline import auto_convert, convert  # noqa: E402
 from qconvert.plan import AutoPlan, Granularity, KMeansPlan, ValidationPlan  # noqa: E402
 
-
 BUILDERS = {"mobilenetv2_shaped": "mobilenet", "resnet50_shaped": "resnet"}  # in samples/cnn_shapes.py
 
 
@@ -31,8 +30,9 @@ def model_path(name: str) -> tuple[Path, ValidationPlan]:
         return ROOT / "samples" / "digits_cnn.onnx", ValidationPlan(data=ROOT / "samples" / "digits_test.npz")
     path = ROOT / "build" / "models" / f"{name}.onnx"
     if not path.exists():
-        import cnn_shapes
         import onnx
+
+        import cnn_shapes
 
         path.parent.mkdir(parents=True, exist_ok=True)
         onnx.save(getattr(cnn_shapes, BUILDERS[name])(), str(path))
