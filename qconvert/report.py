@@ -247,9 +247,7 @@ def summary(report: Report) -> Group:
 
 def _auto_table(details: dict[str, Any], weights: dict[str, WeightReport]) -> Table:
     """qconvert auto: the plan per weight, and how the search went."""
-    steps = "; ".join(f"aimed {i['aimed_snr_db']:.1f} dB, predicted {i['predicted_snr_db']:.1f}, measured "
-                      f"{_db(i['measured_snr_db'])}: {'met' if i['passed'] else 'missed'}" for i in details["iterations"])
-    table = Table(title=f"auto plan ({steps})", title_justify="left")
+    table = Table(title=f"auto plan ({_auto_steps(details)})", title_justify="left")
     for column in ("weight", "choice", "gain dB", "predicted noise dB", "weight SNR dB", "bytes"):
         table.add_column(column, justify="left" if column in ("weight", "choice") else "right")
     for row in details["plan"]:
@@ -258,6 +256,11 @@ def _auto_table(details: dict[str, Any], weights: dict[str, WeightReport]) -> Ta
         noise = "-" if not row["predicted_noise"] else f"{-10 * math.log10(row['predicted_noise']):.1f}"
         table.add_row(row["weight"], row["choice"], gain, noise, _db(weight.snr_db) if weight else "-", str(row["bytes"]))
     return table
+
+
+def _auto_steps(details: dict[str, Any]) -> str:
+    return "; ".join(f"aimed {i['aimed_snr_db']:.1f} dB, predicted {i['predicted_snr_db']:.1f}, measured "
+                     f"{_db(i['measured_snr_db'])}: {'met' if i['passed'] else 'missed'}" for i in details["iterations"])
 
 
 def _worst(weights: list[WeightReport], count: int) -> list[WeightReport]:
@@ -351,11 +354,15 @@ def markdown(report: Report) -> str:
             lines.append(f"| `{g.gate}` | {g.subject} | {'-' if g.value is None else f'{g.value:.4g}'} | {g.limit:g} | {'pass' if g.passed else '**FAIL**'} |")
         lines.append("")
     lines += [f"{line}  " for line in _fidelity_lines(report)] + ([""] if _fidelity_lines(report) else [])
+    plan = report.details.get("auto")
+    if isinstance(plan, dict):
+        lines += [f"auto: {_auto_steps(plan)}", ""]
     worst = _worst(report.weights, 10)
     if worst:
-        lines += ["| weight | op | shape | granularity | weight SNR dB | layer SNR dB | techniques | bytes |", "|---|---|---|---|---:|---:|---|---:|"]
+        lines += ["| weight | op | shape | bits | granularity | weight SNR dB | layer SNR dB | techniques | bytes |",
+                  "|---|---|---|---:|---|---:|---:|---|---:|"]
         for w in worst:
-            lines.append(f"| {w.name} | {','.join(w.consumers)} | {'x'.join(map(str, w.shape))} | {w.granularity} | {_db(w.snr_db)} | "
+            lines.append(f"| {w.name} | {','.join(w.consumers)} | {'x'.join(map(str, w.shape))} | {w.bits} | {w.granularity} | {_db(w.snr_db)} | "
                          f"{'-' if w.layer_snr_db is None else _db(w.layer_snr_db)} | {', '.join(w.techniques) or '-'} | {w.float_bytes} -> {w.stored_bytes} |")
         lines.append("")
     lines += [f"- warning: {w}" for w in report.warnings]
