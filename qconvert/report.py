@@ -282,8 +282,8 @@ def _fidelity_lines(report: Report) -> list[str]:
         applied = Counter(t for w in report.weights for t in w.techniques if t != "batchnorm-folded")
         line = (f"calibration ({check['samples']} samples, {check['source']}): {check['layers_refined']} of "
                 f"{check['layers_checked']} layers refined ({', '.join(f'{n} {t}' for t, n in sorted(applied.items())) or 'none'})")
-        if check.get("model_snr_db_refined") is not None or check.get("model_snr_db_plain") is not None:
-            line += f"; output SNR on that data {_db(check['model_snr_db_plain'])} dB plain -> {_db(check['model_snr_db_refined'])} dB refined"
+        variants = ", ".join(f"{v['variant']} {_db(v['model_snr_db'])}" for v in check.get("variants", []))
+        line += f"; output SNR dB on that data: {variants}; kept: {check.get('chosen')}"
         lines.append(line)
     return lines
 

@@ -126,7 +126,7 @@ def test_a_refinement_that_hurts_is_not_kept() -> None:
     better = refiner.decide(model, {"w": (w, plain, np.round(w * 8) / 8)})  # a finer grid: it wins
     assert better["w"].refined and better["w"].techniques == ("data-aware",)
     assert better["w"].layer_snr_db > better["w"].plain_layer_snr_db
-    assert refiner.model_snr_db["refined"] > refiner.model_snr_db["plain"]
+    assert refiner.chosen != "plain" and refiner.model_snr_db[refiner.chosen] > refiner.model_snr_db["plain"]
 
 
 def per_tensor_round(values: np.ndarray) -> np.ndarray:
@@ -170,7 +170,9 @@ def test_techniques_beat_plain_on_digits(tmp_path: Path, digits: Path, digits_da
     refined = convert()
     assert "calibration" not in plain["details"] and all(not w["techniques"] for w in plain["per_weight"])
     check = refined["details"]["calibration"]
-    assert check["layers_refined"] >= 1 and check["model_snr_db_refined"] > check["model_snr_db_plain"]
+    snrs = {v["variant"]: v["model_snr_db"] for v in check["variants"]}
+    assert check["layers_refined"] >= 1 and check["chosen"] != "plain" and snrs[check["chosen"]] > snrs["plain"]
+    assert snrs[check["chosen"]] == max(snrs.values())
     assert refined["options"]["data_aware"] is True and plain["options"]["data_aware"] is False
     assert any("bias-corrected" in w["techniques"] for w in refined["per_weight"])
     assert all(w["layer_snr_db"] is not None for w in refined["per_weight"] if w["techniques"])

@@ -49,7 +49,8 @@ class Refiner:
     bias_correction: bool
     matmul_bias: bool = True  # a MatMul's bias shift goes in a new Add node
     layers: dict[str, Layer] = dataclasses.field(default_factory=dict)
-    model_snr_db: dict[str, float | None] = dataclasses.field(default_factory=dict)  # the whole-model check
+    model_snr_db: dict[str, float | None] = dataclasses.field(default_factory=dict)  # the whole-model check, per variant
+    chosen: str = "plain"  # the variant that won it
 
     @staticmethod
     def gather(model: onnx.ModelProto, weights: list[Weight], feeds: Feeds, *, data_aware: bool, bias_correction: bool,
@@ -96,41 +97,49 @@ class Refiner:
             options[name] = tried
             candidates += [Candidate(layer, refined if use_refined and refined is not None else plain, bias) for use_refined, bias in tried]
         snrs = iter(fidelity.layer_snr(model, candidates, fidelity.check_feeds(self.feeds)))
-        decisions: dict[str, Decision] = {}
+        measured = {name: [next(snrs) for _ in options[name]] for name in names}
+        best_per_layer = {}
         for name in names:
-            measured = [next(snrs) for _ in options[name]]
             best = 0
-            for i in range(1, len(measured)):
-                if _better(measured[i], measured[best]):
+            for i in range(1, len(measured[name])):
+                if _better(measured[name][i], measured[name][best]):
                     best = i
-            use_refined, bias = options[name][best]
+            best_per_layer[name] = best
+        # Layer errors need not add up: whole-model variants decide, plain first (it wins ties).
+        variants = {
+            "plain": dict.fromkeys(names, 0),
+            "per layer": best_per_layer,
+            "bias correction everywhere": {n: 1 if len(options[n]) > 1 and options[n][1][1] is not None else 0 for n in names},
+            "data-aware everywhere": {n: len(options[n]) - 1 if results[n][2] is not None else best_per_layer[n] for n in names},
+        }
+        unique: dict[str, dict[str, int]] = {}
+        for label, choice in variants.items():
+            if choice not in unique.values():
+                unique[label] = choice
+        arrays = []
+        for choice in unique.values():
+            weights, shifts = {}, {}
+            for name, index in choice.items():
+                use_refined, bias = options[name][index]
+                weights[name] = results[name][2] if use_refined and results[name][2] is not None else results[name][1]
+                if bias is not None:
+                    shifts[name] = (self.layers[name], bias)
+            arrays.append((weights, shifts))
+        model_snrs = fidelity.model_snr(model, arrays, fidelity.check_feeds(self.feeds), self.reference)
+        self.model_snr_db = dict(zip(unique, model_snrs))
+        winner = 0
+        for i in range(1, len(model_snrs)):
+            if _better(model_snrs[i], model_snrs[winner]):
+                winner = i
+        self.chosen = list(unique)[winner]
+        decisions: dict[str, Decision] = {}
+        for name, index in unique[self.chosen].items():
+            use_refined, bias = options[name][index]
             techniques = tuple(t for t, on in ((DATA_AWARE, use_refined), (BIAS_CORRECTED, bias is not None)) if on)
-            note = None
-            if use_refined != (results[name][2] is not None) or (bias is None and self.bias_correction):
-                shown = ", ".join(f"{_label(*option)} {_db(snr)}" for option, snr in zip(options[name], measured))
-                note = f"layer output SNR on the calibration data: {shown}"
-            decisions[name] = Decision(use_refined, bias, techniques, measured[best], measured[0], note)
-        return self._verified(model, results, decisions)
-
-    def _verified(self, model: onnx.ModelProto, results: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]],
-                  decisions: dict[str, Decision]) -> dict[str, Decision]:
-        """The decisions if, all together, they beat plain quantization on the whole model's output
-        (errors of single layers need not add up); else plain everywhere."""
-        if not any(d.techniques for d in decisions.values()):
-            return decisions
-        plain = {name: results[name][1] for name in decisions}
-        chosen = {}
-        for name, decision in decisions.items():
-            _, plain_array, refined = results[name]
-            chosen[name] = refined if decision.refined and refined is not None else plain_array
-        shifts = {n: (self.layers[n], d.shift) for n, d in decisions.items() if d.shift is not None}
-        plain_snr, chosen_snr = fidelity.model_snr(model, [(plain, {}), (chosen, shifts)], fidelity.check_feeds(self.feeds), self.reference)
-        self.model_snr_db = {"plain": plain_snr, "refined": chosen_snr}
-        if _better(chosen_snr, plain_snr) or chosen_snr == plain_snr:
-            return decisions
-        note = f"plain kept: refined layers gave {_db(chosen_snr)} at the model output vs {_db(plain_snr)} plain"
-        return {n: Decision(False, None, (), d.plain_layer_snr_db, d.plain_layer_snr_db, note if d.techniques else d.note)
-                for n, d in decisions.items()}
+            shown = ", ".join(f"{_label(*option)} {_db(snr)}" for option, snr in zip(options[name], measured[name]))
+            note = None if index == len(options[name]) - 1 else f"layer output SNR on the calibration data: {shown}"
+            decisions[name] = Decision(use_refined, bias, techniques, measured[name][index], measured[name][0], note)
+        return decisions
 
     def summary(self, decisions: dict[str, Decision]) -> dict[str, object]:
         """For the report's details: the data, and the whole-model check on it."""
@@ -140,8 +149,8 @@ class Refiner:
             "checked_on_samples": fidelity.check_feeds(self.feeds).samples,
             "layers_checked": len(decisions),
             "layers_refined": sum(bool(d.techniques) for d in decisions.values()),
-            "model_snr_db_plain": self.model_snr_db.get("plain"),
-            "model_snr_db_refined": self.model_snr_db.get("refined"),
+            "chosen": self.chosen,
+            "variants": [{"variant": label, "model_snr_db": snr} for label, snr in self.model_snr_db.items()],
         }
 
     def apply_shifts(self, model: onnx.ModelProto, decisions: dict[str, Decision]) -> None:
