@@ -118,10 +118,12 @@ class Refiner:
                 unique[label] = choice
         arrays = []
         for choice in unique.values():
-            weights, shifts = {}, {}
+            weights: dict[str, np.ndarray] = {}
+            shifts: dict[str, tuple[Layer, np.ndarray]] = {}
             for name, index in choice.items():
                 use_refined, bias = options[name][index]
-                weights[name] = results[name][2] if use_refined and results[name][2] is not None else results[name][1]
+                refined = results[name][2]
+                weights[name] = refined if use_refined and refined is not None else results[name][1]
                 if bias is not None:
                     shifts[name] = (self.layers[name], bias)
             arrays.append((weights, shifts))
