@@ -76,11 +76,12 @@ class Refiner:
         return fidelity.importance(self.layers[weight.name], self.moments[weight.name], weight.shape)
 
     def decide(self, model: onnx.ModelProto, results: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]) -> dict[str, Decision]:
-        """Per weight: original, plain and data-aware (or None) dequantized arrays -> the best result.
+        """Per weight: original, plain and data-aware (or None) dequantized arrays -> what to use.
 
         The options (plain; plain with its bias corrected; data-aware, with its bias corrected if that
-        is on) run on the calibration data as copies of the layer; the highest layer output SNR wins,
-        the simpler option on a tie.
+        is on) run on the calibration data as copies of the layer. Then whole-model variants (plain
+        everywhere, each layer's best, bias correction everywhere, data-aware everywhere) run on the
+        same samples and the best wins, plain on a tie.
         """
         names = [n for n in results if n in self.layers]
         options: dict[str, list[tuple[bool, np.ndarray | None]]] = {}  # name -> [(data-aware?, bias shift)]
