@@ -45,7 +45,7 @@ FIT_VALUES = 1 << 14  # per tensor: values the k-means codebooks of the estimate
 ROW_VALUES = 4096  # per channel: values per row
 EVAL_CHANNELS = 32  # output channels of a weight the options are measured on
 MAX_ITERATIONS = 5  # conversions a search may try (two fewer past GAIN_BUDGET weights: ResNet-50 stays under a minute)
-MARGIN_DB = 0.5  # aimed above the target first: predictions are good to about this much
+STEP_DB = 0.5  # the resolution of the search: predictions are good to about this much at 4-8 bits
 TOP1_START_DB, TOP1_STEP_DB = 20.0, 4.0  # accuracy targets: the SNR aimed at first, and each step up
 
 
@@ -351,8 +351,8 @@ def search(input_path: Path, plan: AutoPlan, validation: ValidationPlan, progres
     found = profile(model, plan, validation, progress)
     del model
     iterations: list[dict[str, object]] = []
-    big = sum(found.elements.values()) > GAIN_BUDGET  # fewer conversions to spend: aim a little high first
-    aim = plan.target_snr + (MARGIN_DB if big else 0.0) if plan.target_snr is not None else TOP1_START_DB
+    big = sum(found.elements.values()) > GAIN_BUDGET  # fewer conversions to spend (ResNet-50 in under a minute)
+    aim = plan.target_snr if plan.target_snr is not None else TOP1_START_DB
     best: tuple[Conversion, dict[str, Option]] | None = None
     missed, met = -np.inf, np.inf  # the highest aim whose plan missed the target, the lowest that met it
     tried: list[dict[str, Option]] = []
@@ -379,24 +379,24 @@ def search(input_path: Path, plan: AutoPlan, validation: ValidationPlan, progres
                 best = conversion, choice
             met = min(met, aim)
             slack = measured - plan.target_snr if by_snr else TOP1_STEP_DB  # type: ignore[operator]
-            if slack <= 2 * MARGIN_DB and (big or not np.isinf(missed)):
+            if slack <= 2 * STEP_DB and (big or not np.isinf(missed)):
                 break
-            if slack <= 2 * MARGIN_DB:  # a small model: step down to the next smaller plan while none missed
+            if slack <= 2 * STEP_DB:  # a small model: step down to the next smaller plan while none missed
                 while aim > (plan.target_snr or 0.0) - 20 and allocate(found.options, 10 ** (-aim / 10)) in tried:
-                    aim -= MARGIN_DB / 2
+                    aim -= STEP_DB / 2
                 continue
         else:
             missed = max(missed, aim)
             if all(o.method == "float" for o in choice.values()):
                 break
         if np.isfinite(missed) and np.isfinite(met):  # bracketed: halve it
-            if met - missed < MARGIN_DB:
+            if met - missed < STEP_DB:
                 break
             aim = (missed + met) / 2
         elif report.passed:
-            aim -= slack - MARGIN_DB / 2  # the prediction was this much too strict
+            aim -= slack - STEP_DB / 2  # the prediction was this much too strict
         else:
-            aim += (plan.target_snr - measured + MARGIN_DB) if by_snr else TOP1_STEP_DB  # type: ignore[operator]
+            aim += (plan.target_snr - measured + STEP_DB) if by_snr else TOP1_STEP_DB  # type: ignore[operator]
     conversion, choice = best if best is not None else (conversion, choice)
     report = conversion.report
     report.details["auto"] = {
