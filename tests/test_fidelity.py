@@ -191,3 +191,22 @@ def test_bias_correction_alone_is_an_option() -> None:
     decisions = refiner.decide(model, {"w": (w, np.round(w * 4 + 0.3) / 4, np.zeros_like(w))})
     assert decisions["w"].techniques == ("bias-corrected",) and not decisions["w"].refined
     assert decisions["w"].layer_snr_db > decisions["w"].plain_layer_snr_db + 3
+
+
+def test_auto_granularity_goes_per_channel_only_where_it_pays(tmp_path: Path) -> None:
+    from conftest import conv_model, save
+
+    alike = conv_model(cout=64, cin=64, seed=1)  # i.i.d. channels: per-channel codebooks buy little
+    skewed = conv_model(cout=64, cin=64, seed=1)
+    w = next(t for t in skewed.graph.initializer if t.name == "w")
+    scales = np.geomspace(0.01, 10.0, 64).astype(np.float32).reshape(-1, 1, 1, 1)  # channel ranges over 3 decades
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * scales, "w"))
+    granularity = {}
+    for name, model in (("alike", alike), ("skewed", skewed)):
+        result = CliRunner().invoke(cli, ["kmeans", str(save(model, tmp_path / f"{name}.onnx")), "--bits", "3",
+                                          "-o", str(tmp_path / f"{name}.q.onnx"), "--json", "--no-validate"])
+        assert result.exit_code == 0, result.output
+        (weight,) = json.loads(result.stdout)["per_weight"]
+        granularity[name] = weight["granularity"], weight["note"]
+    assert granularity["skewed"][0] == "per-channel"
+    assert granularity["alike"][0] == "per-tensor" and "per-channel codebooks gained" in granularity["alike"][1]
