@@ -73,16 +73,21 @@ class Feeds:
     padded: int = 0  # samples repeated to fill the last fixed-size batch
 
 
-def session(model: str | bytes, what: str, *, probe: bool = False) -> ort.InferenceSession:
+def session(model: str | bytes, what: str, *, probe: bool = False, optimize: bool = True) -> ort.InferenceSession:
     """An onnxruntime CPU session; `model` is a path or serialized bytes.
 
     `probe`: a model with many side branches (checks beside every layer). onnxruntime's memory
     pattern would reserve one block for all of their buffers at once; without it, peak memory of a
     ResNet-50 probe drops by a third.
+    `optimize` False: no graph optimizations, so no constant folding. A palettized model then decodes
+    each weight when it is used, instead of all of them at load (for a 2.7 GB model, folding at load
+    took more than 24 GB).
     """
     options = ort.SessionOptions()
     options.log_severity_level = 4  # fatal only: failures come back as one-line errors instead
     options.enable_mem_pattern = not probe
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own untyped errors
@@ -117,10 +122,13 @@ def build_feeds(sess: ort.InferenceSession, plan: ValidationPlan) -> Feeds:
     return Feeds(batches, plan.samples, f"random (seed {plan.seed})")
 
 
-def compare(float_model: str | bytes, quantized_model: bytes, plan: ValidationPlan) -> tuple[ValidationResult, dict[str, float] | None]:
+def compare(float_model: str | bytes, quantized_model: bytes, plan: ValidationPlan,
+            fold: bool = True) -> tuple[ValidationResult, dict[str, float] | None]:
     """Run both models on the same feeds: per-output drift (and accuracy with labels), and latency.
 
     One model lives in onnxruntime at a time: a big model and its folded copy would not fit together.
+    `fold` False runs the converted model without graph optimizations (see `session`) and without
+    timing it: its latency would not be the deployed one.
     """
     reference = session(float_model, "input model")
     feeds = build_feeds(reference, plan)
@@ -128,9 +136,9 @@ def compare(float_model: str | bytes, quantized_model: bytes, plan: ValidationPl
     ref_out = _run_all(reference, feeds, "input model")
     ref_ms = _median_ms(reference, feeds.batches[0], plan.latency_runs)
     del reference
-    candidate = session(quantized_model, "converted model")
+    candidate = session(quantized_model, "converted model", optimize=fold)
     new_out = _run_all(candidate, feeds, "converted model")
-    new_ms = _median_ms(candidate, feeds.batches[0], plan.latency_runs)
+    new_ms = _median_ms(candidate, feeds.batches[0], plan.latency_runs if fold else 0)
     del candidate
     outputs = [_metrics(name, r, q) for name, r, q in zip(names, ref_out, new_out)]
     accuracy = None
@@ -143,7 +151,7 @@ def compare(float_model: str | bytes, quantized_model: bytes, plan: ValidationPl
                 float(np.mean(_top1(ref_out[scores]) == labels)),
                 float(np.mean(_top1(new_out[scores]) == labels)),
             )
-    latency = {"float": ref_ms, "converted": new_ms, "runs": float(plan.latency_runs)} if plan.latency_runs else None
+    latency = {"float": ref_ms, "converted": new_ms, "runs": float(plan.latency_runs)} if plan.latency_runs and fold else None
     return ValidationResult(feeds.source, feeds.samples, outputs, accuracy), latency
 
 

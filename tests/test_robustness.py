@@ -239,3 +239,20 @@ def test_external_data_model_converts_and_counts_its_data(tmp_path: Path) -> Non
     report = json.loads(result.stdout)
     assert report["input"]["bytes"] == (tmp_path / "m.onnx").stat().st_size + (tmp_path / "m.data").stat().st_size
     assert report["size_ratio"] < 0.2
+
+
+def test_big_models_are_validated_without_folding_and_the_same_metrics(tmp_path: Path, digits: Path, digits_data: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past FOLD_LIMIT the converted model runs unoptimized (weights decoded at use, not all at load):
+    the outputs are the same, only latency is not measured."""
+    from qconvert import pipeline
+    from qconvert.plan import KMeansPlan, ValidationPlan
+
+    plan, validation = KMeansPlan(bits=4), ValidationPlan(data=digits_data)
+    folded = pipeline.convert(digits, None, plan, validation).report
+    monkeypatch.setattr(pipeline, "FOLD_LIMIT", 0)
+    unfolded = pipeline.convert(digits, None, plan, validation).report
+    assert unfolded.validation.outputs[0].snr_db == pytest.approx(folded.validation.outputs[0].snr_db, abs=1e-3)
+    assert unfolded.validation.accuracy == folded.validation.accuracy
+    assert folded.latency_ms is not None and unfolded.latency_ms is None
+    assert any("without onnxruntime's graph optimizations" in w for w in unfolded.warnings)
