@@ -88,8 +88,11 @@ def kmeans_step(model: onnx.ModelProto, plan: KMeansPlan, progress: Progress, wo
     for weight, axes, note in pending:
         axis, why = _granularity(weight, plain, axes, settings[weight.name].bits)
         chosen[weight.name] = axis, join(note, why)
+        for other in axes:
+            if other != axis:
+                del plain[weight.name, other]  # only the chosen palettes stay in memory
     decisions = {}
-    refined: dict[tuple[str, int | None], tuple[np.ndarray, Palette]] = {}
+    refined: dict[tuple[str, int | None], Palette] = {}
     if refiner is not None:
         importance = {w.name: refiner.importance(w) for w, _, _ in pending}
         progress("palettizing for the layer outputs")
@@ -98,9 +101,9 @@ def kmeans_step(model: onnx.ModelProto, plan: KMeansPlan, progress: Progress, wo
         results = {}
         for weight, _, _ in pending:
             axis = chosen[weight.name][0]
-            array, palette = plain[weight.name, axis]
             better = refined.get((weight.name, axis))
-            results[weight.name] = (array, _decoded(palette, weight.shape, axis), _decoded(better[1], weight.shape, axis) if better else None)
+            results[weight.name] = (weight.array(), _decoded(plain[weight.name, axis], weight.shape, axis),
+                                    _decoded(better, weight.shape, axis) if better else None)
         decisions = refiner.decide(model, results)
         details["calibration"] = refiner.summary(decisions)
         del results
@@ -109,7 +112,8 @@ def kmeans_step(model: onnx.ModelProto, plan: KMeansPlan, progress: Progress, wo
         bits = settings[weight.name].bits
         axis, note = chosen[weight.name]
         decision = decisions.get(weight.name)
-        array, palette = (refined if decision and decision.refined else plain)[weight.name, axis]
+        palette = (refined if decision and decision.refined else plain)[weight.name, axis]
+        array = weight.array()
         item = EncodedWeight(weight, palette, axis, bits, storages[bits])
         items.append(item)
         report = _palette_report(weight, array, item, join(note, decision.note if decision else None))
@@ -202,7 +206,7 @@ def _overhead_bits(weight: Weight, itemsize: int, bits: int, axis: int) -> float
     return (weight.shape[axis] - 1) * (1 << bits) * itemsize * 8 / weight.elements
 
 
-def _granularity(weight: Weight, palettes: dict[tuple[str, int | None], tuple[np.ndarray, Palette]], axes: list[int | None],
+def _granularity(weight: Weight, palettes: dict[tuple[str, int | None], Palette], axes: list[int | None],
                  bits: int) -> tuple[int | None, str | None]:
     """Of the palettes tried, per channel where it pays: it must gain more than the ~6 dB per bit that
     spending its codebook overhead on index bits would buy."""
@@ -210,7 +214,7 @@ def _granularity(weight: Weight, palettes: dict[tuple[str, int | None], tuple[np
         return axes[0], None
     axis = axes[1]
     assert axis is not None
-    (array, per_tensor), (_, per_channel) = palettes[weight.name, None], palettes[weight.name, axis]
+    array, per_tensor, per_channel = weight.array(), palettes[weight.name, None], palettes[weight.name, axis]
     gains = [snr_db(to_rows(array, a), reconstruct(p)) for a, p in ((None, per_tensor), (axis, per_channel))]
     itemsize = array.dtype.itemsize
     overhead = _overhead_bits(weight, itemsize, bits, axis)
@@ -224,35 +228,33 @@ def _gain(snrs: list[float | None]) -> str:
 
 
 def _run(jobs: Iterator[tuple[Weight, int | None, np.ndarray | None]], settings: dict[str, LayerSetting],
-         workers: int) -> dict[tuple[str, int | None], tuple[np.ndarray, Palette]]:
+         workers: int) -> dict[tuple[str, int | None], Palette]:
     """Palettes of (weight, codebook axis, error weights) jobs, keyed by weight name and axis."""
     listed = list(jobs)
     arrays = ((w.array(), settings[w.name].bits, axis, importance) for w, axis, importance in listed)  # one array at a time
     results = _palettes(arrays, sum(w.elements for w, _, _ in listed), workers)
-    return {(w.name, axis): result for (w, axis, _), result in zip(listed, results)}
+    return {(w.name, axis): palette for (w, axis, _), palette in zip(listed, results)}
 
 
 Job = tuple[np.ndarray, int, int | None, np.ndarray | None]  # array, bits, codebook axis, error weights
 
 
-def _palettes(jobs: Iterator[Job], total_elements: int, workers: int) -> Iterator[tuple[np.ndarray, Palette]]:
-    """(array, palette) for each job, in order. Big models use a process per core, with at most a few
+def _palettes(jobs: Iterator[Job], total_elements: int, workers: int) -> Iterator[Palette]:
+    """The palette of each job, in order. Big models use a process per core, with at most a few
     tensors in flight so memory stays bounded (results do not depend on the number of workers)."""
     if workers < 2 or total_elements < PARALLEL_MIN_ELEMENTS:
         for job in jobs:
-            yield job[0], palettize_tensor(*job)
+            yield palettize_tensor(*job)
         return
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        in_flight: deque[tuple[np.ndarray, Future[Palette]]] = deque()
+        in_flight: deque[Future[Palette]] = deque()
         for job in jobs:
-            in_flight.append((job[0], pool.submit(palettize_tensor, *job)))
+            in_flight.append(pool.submit(palettize_tensor, *job))
             if len(in_flight) > workers:
-                array, future = in_flight.popleft()
-                yield array, future.result()
+                yield in_flight.popleft().result()
         while in_flight:
-            array, future = in_flight.popleft()
-            yield array, future.result()
+            yield in_flight.popleft().result()
 
 
 def _palette_report(weight: Weight, array: np.ndarray, item: EncodedWeight, note: str | None) -> WeightReport:
