@@ -19,8 +19,11 @@ def default_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 1)
 
 
-def raise_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+def raise_opset(model: onnx.ModelProto, target: int, *, keep_input: bool = True) -> onnx.ModelProto:
     """A copy of `model` converted to opset `target`, its IR version raised to what that opset needs.
+
+    `keep_input` False: on success the large tensors move to the result and `model` is left without
+    them (a caller that drops it then holds one copy of the weights, not two).
 
     Only bumping `opset_import` would break ops whose signature changed (ReduceMean at 18, ...), so
     the version converter rewrites them. The converter copies the whole model, so large tensors are
@@ -28,7 +31,7 @@ def raise_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     UnsupportedModelError when it cannot convert, or when strict shape inference fails on the result
     but not on the input (seen: Reshape rank in a CRNN at 12 -> 21).
     """
-    with _without_tensor_data(model) as data:
+    with _without_tensor_data(model, restore_on_success=keep_input) as data:
         try:
             converted = version_converter.convert_version(model, target)
             converted.ir_version = max(model.ir_version, helper.find_min_ir_version_for(list(converted.opset_import)))
@@ -37,7 +40,7 @@ def raise_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
         error = _inference_error(converted)
         if error and not _inference_error(model):
             raise UnsupportedModelError(f"the model converted to opset {target} fails the ONNX checker: {error}")
-    _restore(converted, data)
+        _restore(converted, data)
     return converted
 
 
@@ -50,8 +53,9 @@ def _inference_error(model: onnx.ModelProto) -> str | None:
 
 
 @contextmanager
-def _without_tensor_data(model: onnx.ModelProto) -> Iterator[dict[str, bytes]]:
-    """Lift the raw data of large main-graph initializers out of `model`, and put it back on exit."""
+def _without_tensor_data(model: onnx.ModelProto, *, restore_on_success: bool = True) -> Iterator[dict[str, bytes]]:
+    """Lift the raw data of large main-graph initializers out of `model`, and put it back on exit
+    (on success only if `restore_on_success`)."""
     data: dict[str, bytes] = {}
     for tensor in model.graph.initializer:
         if len(tensor.raw_data) > STRIP_BYTES:
@@ -61,7 +65,10 @@ def _without_tensor_data(model: onnx.ModelProto) -> Iterator[dict[str, bytes]]:
             tensor.external_data.add(key="location", value=_STRIPPED)
     try:
         yield data
-    finally:
+    except BaseException:
+        _restore(model, data)
+        raise
+    if restore_on_success:
         _restore(model, data)
 
 

@@ -169,7 +169,7 @@ def _prepare_opset(model: onnx.ModelProto, plan: KMeansPlan, bits_used: set[int]
     wanted = ", ".join(sorted({s.value for s in storages.values() if min_opset(s) > before})) or "DequantizeLinear"
     if plan.raise_opset:
         try:
-            converted = raise_opset(model, needed)
+            converted = raise_opset(model, needed, keep_input=False)  # the caller drops the input
             note = f"opset raised from {before} to {needed} for {wanted} indices"
             return converted, OpsetChange(before, needed, described(storages), note), storages
         except QConvertError as e:

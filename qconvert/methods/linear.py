@@ -64,7 +64,7 @@ def linear_step(model: onnx.ModelProto, plan: LinearPlan, progress: Progress, da
     needed = linear_opset(weights, axes, set(bits_of.values()))
     note = None
     if before < needed:
-        model = raise_opset(model, needed)  # an UnsupportedModelError says why it cannot
+        model = raise_opset(model, needed, keep_input=False)  # an UnsupportedModelError says why it cannot
         note = f"opset raised from {before} to {needed} for {'int4' if int4 else 'per-channel'} DequantizeLinear"
         selection = select(model, plan)
         weights = [w for w in selection.weights if w.name in axes]
