@@ -40,7 +40,7 @@ def raise_opset(model: onnx.ModelProto, target: int, *, keep_input: bool = True)
         error = _inference_error(converted)
         if error and not _inference_error(model):
             raise UnsupportedModelError(f"the model converted to opset {target} fails the ONNX checker: {error}")
-        _restore(converted, data)
+        _restore(converted, data, consume=not keep_input)  # moving frees each lifted tensor as it goes
     return converted
 
 
@@ -72,9 +72,9 @@ def _without_tensor_data(model: onnx.ModelProto, *, restore_on_success: bool = T
         _restore(model, data)
 
 
-def _restore(model: onnx.ModelProto, data: dict[str, bytes]) -> None:
+def _restore(model: onnx.ModelProto, data: dict[str, bytes], consume: bool = False) -> None:
     for tensor in model.graph.initializer:
         if tensor.name in data and tensor.data_location == onnx.TensorProto.EXTERNAL:
             del tensor.external_data[:]
             tensor.ClearField("data_location")  # as it was: absent, not an explicit DEFAULT
-            tensor.raw_data = data[tensor.name]
+            tensor.raw_data = data.pop(tensor.name) if consume else data[tensor.name]

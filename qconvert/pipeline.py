@@ -85,15 +85,17 @@ def convert(
 
     # The data-aware techniques learn from the calibration inputs, else from the validation inputs.
     data = plan.calibration or (validation.data if validation else None)
+    loaded = [model]
+    del model  # the step owns it: a model it converts to another opset must not stay alive beside the result
     if isinstance(plan, KMeansPlan):
-        step = kmeans_step(model, plan, progress, workers, data)
+        step = kmeans_step(loaded.pop(), plan, progress, workers, data)
     else:
-        step = linear_step(model, plan, progress, data)
+        step = linear_step(loaded.pop(), plan, progress, data)
     lap("quantize")
 
     model_bytes = step.model.SerializeToString()
     warnings = step.warnings + _check(model_bytes, input_path)
-    del model, step.model  # only the bytes from here on: a big model must not sit beside onnxruntime's copies
+    del step.model  # only the bytes from here on: a big model must not sit beside onnxruntime's copies
     lap("check")
 
     result, latency = None, None

@@ -51,6 +51,7 @@ def kmeans_step(model: onnx.ModelProto, plan: KMeansPlan, progress: Progress, wo
     linear_axes = {w.name: linear_axis(w, settings[w.name].granularity) for w in linear_weights}
     linear_bits = {settings[w.name].bits for w in linear_weights}
     linear_needs = linear_opset(linear_weights, linear_axes, linear_bits) if linear_weights else 1
+    del linear_weights  # they hold tensors of the model that an opset change replaces
     refiner = refiner_for(model, [w for w in selection.weights if settings[w.name].method == "kmeans"], plan, data, progress)
     folded = {}
     if plan.fold_batchnorm:
