@@ -173,17 +173,16 @@ def noise_gains(model: onnx.ModelProto, layers: dict[str, fidelity.Layer], sampl
     the same pattern at every position of the layer's output, so it survives pooling: the gain must be
     measured with noise of that kind.
     """
-    probe_feeds = samples
     names = list(layers)
     if not names:
         return {}
-    own = fidelity.layer_snr(model, [fidelity.Candidate(layers[n], perturbed[n]) for n in names], probe_feeds)
+    own = fidelity.layer_snr(model, [fidelity.Candidate(layers[n], perturbed[n]) for n in names], samples)
     weights = {w.name: w for w in select_weights(model).weights}
     deltas = {n: weights[n].array() - perturbed[n] for n in names}  # W − Ŵ
     outputs = [o.name for o in model.graph.output]
     ys = [layers[n].node.output[0] for n in names]
     references, ranks = [], {}
-    for result in validate.run_with_outputs(model, [*outputs, *ys], probe_feeds, "input model"):
+    for result in validate.run_with_outputs(model, [*outputs, *ys], samples, "input model"):
         references.append([result[o].astype(np.float64) for o in outputs])
         ranks = {name: result[y].ndim for name, y in zip(names, ys)}
     probe, masks = _noise_probe(model, layers, deltas, ranks)
@@ -193,7 +192,7 @@ def noise_gains(model: onnx.ModelProto, layers: dict[str, fidelity.Layer], sampl
     units = [list(u) for u in np.array_split(np.array(names, dtype=object), min(groups, len(names)))]
     ratios = {name: 10 ** (-snr / 10) if snr is not None else 0.0 for name, snr in zip(names, own)}
     output_error, signal = [0.0] * len(units), 0.0  # pooled over the samples, as the layer ratios are
-    for feed, reference in zip(probe_feeds.batches, references):
+    for feed, reference in zip(samples.batches, references):
         signal += sum(float(np.sum(r * r)) for r in reference)
         for start in range(0, len(units), slots):
             chunk = units[start : start + slots]
