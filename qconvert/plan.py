@@ -169,10 +169,6 @@ class AutoPlan:
         if self.min_elements < 1:
             raise UsageError(f"--min-elements must be at least 1, got {self.min_elements}")
 
-    @property
-    def method(self) -> str:
-        return "auto"
-
 
 @dataclass(frozen=True)
 class ValidationPlan:
