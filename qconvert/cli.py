@@ -550,6 +550,7 @@ def _run(
     if plan_out is not None and isinstance(report.details.get("auto"), dict):
         io.write_atomically(plan_out, plan_toml(report.details["auto"], str(model)).encode())
     if to_stdout and report.output_path:
+        assert conversion.model_bytes is not None  # stdout never gets an external-data model
         sys.stdout.buffer.write(conversion.model_bytes)
         sys.stdout.buffer.flush()
     _finish(report, console, as_json)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -98,6 +99,59 @@ def write_atomically(path: Path, data: bytes) -> int:
             raise OutputError(f"{path}: cannot write: {e.strerror or e}") from e
         raise
     return len(data)
+
+
+PROTOBUF_LIMIT = (1 << 31) - 1  # bytes: a larger model must keep its weights in an external data file
+EXTERNAL_THRESHOLD = 1024  # bytes: smaller tensors stay in the model file
+
+
+def stage_external(model: onnx.ModelProto, path: Path) -> Path:
+    """Write `model` as `path.name` plus its weights in `path.name + ".data"`, inside a fresh hidden folder
+    beside `path` (the same file system, so `publish` is two renames). Returns the staged model file.
+
+    The model's tensors are moved out as they are written: it is not usable afterwards.
+    """
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write: {e.strerror or e}") from e
+    staged = stage / path.name
+    try:
+        onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=external_name(path), size_threshold=EXTERNAL_THRESHOLD)
+        for file in (staged, stage / external_name(path)):
+            with open(file, "rb+") as f:
+                os.fsync(f.fileno())
+    except BaseException as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise OutputError(f"{path}: cannot write: {e.strerror or e}") from e
+        raise
+    return staged
+
+
+def external_name(path: Path) -> str:
+    """The data file of a model written with external data: named after it, next to it."""
+    return f"{path.name}.data"
+
+
+def staged_bytes(staged: Path) -> int:
+    return staged.stat().st_size + (staged.parent / external_name(staged)).stat().st_size
+
+
+def publish(staged: Path, path: Path) -> None:
+    """Move a staged model and its data file into place (data first: the model never names missing data)."""
+    try:
+        os.replace(staged.parent / external_name(staged), path.parent / external_name(path))
+        os.replace(staged, path)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write: {e.strerror or e}") from e
+    finally:
+        discard(staged)
+
+
+def discard(staged: Path) -> None:
+    shutil.rmtree(staged.parent, ignore_errors=True)
 
 
 def _umask() -> int:

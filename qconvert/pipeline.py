@@ -28,10 +28,10 @@ MIN_OPSET = 7  # Cast takes its type as an int from opset 6 on; onnxruntime supp
 
 @dataclass(frozen=True)
 class Conversion:
-    """What convert() produced: the report, and the model bytes (written unless no output was asked)."""
+    """What convert() produced: the report, and the model bytes (None when written with external data)."""
 
     report: Report
-    model_bytes: bytes
+    model_bytes: bytes | None
 
 
 def default_output(input_path: Path, plan: Plan | AutoPlan) -> Path:
@@ -93,36 +93,54 @@ def convert(
         step = linear_step(loaded.pop(), plan, progress, data)
     lap("quantize")
 
-    model_bytes = step.model.SerializeToString()
-    warnings = step.warnings + _check(model_bytes, input_path)
-    del step.model  # only the bytes from here on: a big model must not sit beside onnxruntime's copies
-    lap("check")
+    # A model over protobuf's 2 GB, or converted from one with external data, is written the same way:
+    # staged as model + data file beside the output, checked and validated there, then moved into place.
+    external = step.model.ByteSize() > io.PROTOBUF_LIMIT or (
+        output_path is not None and not io.is_special(output_path) and input_bytes > input_path.stat().st_size)
+    if external and (output_path is None or io.is_special(output_path)):
+        raise UsageError("the converted model is over 2 GB: it is written with external data, so it needs an output file (-o)")
+    staged = io.stage_external(step.model, output_path) if external and output_path else None
+    model: str | bytes = str(staged) if staged else step.model.SerializeToString()
+    del step.model  # only the bytes (or files) from here on: a big model must not sit beside onnxruntime's copies
+    output_data = None
+    try:
+        output_bytes = io.staged_bytes(staged) if staged else len(model)
+        warnings = step.warnings + _check(model, input_path)
+        lap("check")
 
-    result, latency = None, None
-    if validation is not None:
-        progress("validating under onnxruntime")
-        try:
-            fold = input_bytes <= FOLD_LIMIT
-            if not fold:
-                warnings.append(f"validated without onnxruntime's graph optimizations: decoding {input_bytes / 1e9:.1f} GB of weights "
-                                "at load would not fit in memory; latency not measured")
-            result, latency = validate.compare(str(input_path), model_bytes, validation, fold)
-        except CannotRunError as e:
-            if not (validation.allow_unrunnable and e.which == "input model"):
-                raise
-            warnings.append(f"not validated: {e}")
-        lap("validate")
+        result, latency = None, None
+        if validation is not None:
+            progress("validating under onnxruntime")
+            try:
+                fold = input_bytes <= FOLD_LIMIT
+                if not fold:
+                    warnings.append(f"validated without onnxruntime's graph optimizations: decoding {input_bytes / 1e9:.1f} GB of weights "
+                                    "at load would not fit in memory; latency not measured")
+                result, latency = validate.compare(str(input_path), model, validation, fold)
+            except CannotRunError as e:
+                if not (validation.allow_unrunnable and e.which == "input model"):
+                    raise
+                warnings.append(f"not validated: {e}")
+            lap("validate")
 
-    checks = evaluate_gates(gates, result) if gates.any and result is not None else []
-    passed = all(c.passed for c in checks)
-    if not passed and output_path is not None and not keep_failed:
-        warnings.append("model not written: a quality gate failed (--keep-failed writes it anyway)")
-        output_path = None
-    if output_path is not None:
-        progress("writing")
-        io.save_model(model_bytes, output_path)
-        io.verify_written(output_path, model_bytes)
-        lap("write")
+        checks = evaluate_gates(gates, result) if gates.any and result is not None else []
+        passed = all(c.passed for c in checks)
+        if not passed and output_path is not None and not keep_failed:
+            warnings.append("model not written: a quality gate failed (--keep-failed writes it anyway)")
+            output_path = None
+        if output_path is not None:
+            progress("writing")
+            if staged:
+                io.publish(staged, output_path)
+                output_data = str(output_path.parent / io.external_name(output_path))
+            else:
+                assert isinstance(model, bytes)
+                io.save_model(model, output_path)
+                io.verify_written(output_path, model)
+            lap("write")
+    finally:
+        if staged:
+            io.discard(staged)
     timings["total"] = round(sum(timings.values()), 4)
     report = Report(
         method=plan.method,
@@ -130,7 +148,7 @@ def convert(
         input_path=str(input_path),
         input_bytes=input_bytes,
         output_path=str(output_path) if output_path else None,
-        output_bytes=len(model_bytes),
+        output_bytes=output_bytes,
         opset=step.opset,
         weights=step.weights,
         skipped=step.skipped,
@@ -141,8 +159,9 @@ def convert(
         details=step.details,
         timings=timings,
         warnings=warnings,
+        output_data=output_data,
     )
-    return Conversion(report, model_bytes)
+    return Conversion(report, model if isinstance(model, bytes) else None)
 
 
 def auto_convert(input_path: Path, output_path: Path | None, plan: AutoPlan, validation: ValidationPlan | None,
@@ -184,10 +203,10 @@ def compare_models(float_path: Path, converted_path: Path, validation: Validatio
     )
 
 
-def _check(model_bytes: bytes, input_path: Path) -> list[str]:
-    """Full ONNX check of the new model; a failure is ours unless the input fails the full check too."""
+def _check(model: str | bytes, input_path: Path) -> list[str]:
+    """Full ONNX check of the new model (bytes, or a path); a failure is ours unless the input fails it too."""
     try:
-        onnx.checker.check_model(model_bytes, full_check=True)
+        onnx.checker.check_model(model, full_check=True)
     except Exception as e:
         try:
             onnx.checker.check_model(str(input_path), full_check=True)

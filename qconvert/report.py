@@ -8,6 +8,7 @@ import math
 import platform
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -83,7 +84,7 @@ class Report:
     input_path: str
     input_bytes: int
     output_path: str | None
-    output_bytes: int
+    output_bytes: int  # the model file plus its external data file, if any
     opset: OpsetChange
     weights: list[WeightReport]
     skipped: list[Skipped]
@@ -94,6 +95,7 @@ class Report:
     details: dict[str, Any] = field(default_factory=dict)  # method-specific facts
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    output_data: str | None = None  # the external data file written beside the output (models over 2 GB ...)
 
     @property
     def passed(self) -> bool:
@@ -117,7 +119,7 @@ class Report:
                 "method": self.method,
                 "options": self.options,
                 "input": {"path": self.input_path, "bytes": self.input_bytes},
-                "output": {"path": self.output_path, "bytes": self.output_bytes},
+                "output": {"path": self.output_path, "bytes": self.output_bytes, "data": self.output_data},
                 "size_ratio": self.size_ratio,
                 "opset": dataclasses.asdict(self.opset),
                 "weights": {
@@ -168,6 +170,8 @@ def summary(report: Report) -> Group:
     """A short human summary: sizes, output drift, the worst layers."""
     parts: list[Any] = []
     out = report.output_path or "(not written)"
+    if report.output_data:
+        out += f" + {Path(report.output_data).name}"
     parts.append(
         Text.assemble(
             (f"{report.input_path}", "bold"),

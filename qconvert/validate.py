@@ -122,7 +122,7 @@ def build_feeds(sess: ort.InferenceSession, plan: ValidationPlan) -> Feeds:
     return Feeds(batches, plan.samples, f"random (seed {plan.seed})")
 
 
-def compare(float_model: str | bytes, quantized_model: bytes, plan: ValidationPlan,
+def compare(float_model: str | bytes, quantized_model: str | bytes, plan: ValidationPlan,
             fold: bool = True) -> tuple[ValidationResult, dict[str, float] | None]:
     """Run both models on the same feeds: per-output drift (and accuracy with labels), and latency.
 

@@ -242,6 +242,38 @@ def test_external_data_model_converts_and_counts_its_data(tmp_path: Path) -> Non
     report = json.loads(result.stdout)
     assert report["input"]["bytes"] == (tmp_path / "m.onnx").stat().st_size + (tmp_path / "m.data").stat().st_size
     assert report["size_ratio"] < 0.2
+    # Written as it came: weights in a data file named after the output, next to it; nothing else left over.
+    data = tmp_path / "q.onnx.data"
+    assert report["output"]["data"] == str(data)
+    assert report["output"]["bytes"] == (tmp_path / "q.onnx").stat().st_size + data.stat().st_size
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.data", "m.onnx", "q.onnx", "q.onnx.data", "q.report.json"]
+    stored = onnx.load(str(tmp_path / "q.onnx"), load_external_data=False)
+    assert any(t.external_data for t in stored.graph.initializer)
+    onnx.checker.check_model(str(tmp_path / "q.onnx"), full_check=True)
+    import onnxruntime as ort
+
+    x = np.random.default_rng(0).standard_normal((1, 64, 8, 8)).astype(np.float32)
+    want, got = (ort.InferenceSession(str(tmp_path / name)).run(None, {"x": x})[0] for name in ("m.onnx", "q.onnx"))
+    assert 10 * np.log10(np.sum(want**2) / np.sum((want - got) ** 2)) > 15
+
+
+def test_models_over_2gb_are_written_with_external_data_and_never_to_stdout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 2 GB protobuf limit, lowered to a few bytes: a single-file input comes out as model + data file;
+    a failed gate leaves neither (nor the staging folder); stdout cannot take two files."""
+    from qconvert import io
+
+    save(conv_model(cin=64, cout=64), tmp_path / "m.onnx")
+    monkeypatch.setattr(io, "PROTOBUF_LIMIT", 1000)
+    result = invoke("kmeans", tmp_path / "m.onnx", "--bits", "4", "-o", tmp_path / "q.onnx", "--min-snr", "99", "--json")
+    assert result.exit_code == ExitCode.GATE
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "q.report.json"]
+    result = invoke("kmeans", tmp_path / "m.onnx", "--bits", "4", "-o", tmp_path / "q.onnx", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["output"]["data"] == str(tmp_path / "q.onnx.data")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "q.onnx", "q.onnx.data", "q.report.json"]
+    before = files(tmp_path)
+    result = invoke("kmeans", tmp_path / "m.onnx", "--bits", "4", "-o", "-")
+    check_contract(result, ExitCode.USAGE, "needs an output file", tmp_path, before)
 
 
 def test_big_models_are_validated_without_folding_and_the_same_metrics(tmp_path: Path, digits: Path, digits_data: Path,
