@@ -23,6 +23,18 @@ def load_model(path: Path) -> tuple[onnx.ModelProto, int]:
         raise InputError(f"{path}: no such file")
     if path.is_dir():
         raise InputError(f"{path}: is a directory, expected an .onnx file")
+    try:  # checked before it is loaded: the checker's own copy beside ours would double the peak memory
+        onnx.checker.check_model(str(path))  # by path: works past protobuf's 2 GB and checks external data
+    except Exception as e:  # ValidationError, or a C++ error for odd protobufs
+        _read(path)  # a file that is not a model at all gets that said
+        raise InputError(f"{path}: invalid ONNX model: {first_line(e)}") from e
+    model, locations = _read(path)
+    size = path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in locations)
+    return model, size
+
+
+def _read(path: Path) -> tuple[onnx.ModelProto, set[str]]:
+    """The model with its external data loaded, and the data files it names."""
     try:
         model = onnx.load(str(path), load_external_data=False)
         locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
@@ -33,12 +45,7 @@ def load_model(path: Path) -> tuple[onnx.ModelProto, int]:
         raise InputError(f"{path}: cannot read model: {first_line(e)}") from e
     if not model.graph.node:
         raise InputError(f"{path}: not an ONNX model (no graph nodes)")
-    try:
-        onnx.checker.check_model(str(path))  # by path: works past protobuf's 2 GB and checks external data
-    except Exception as e:  # ValidationError, or a C++ error for odd protobufs
-        raise InputError(f"{path}: invalid ONNX model: {first_line(e)}") from e
-    size = path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in locations)
-    return model, size
+    return model, locations
 
 
 def verify_written(path: Path, data: bytes) -> None:

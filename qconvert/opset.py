@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import onnx
+from google.protobuf.message import Message
 from onnx import helper, shape_inference, version_converter
 
 from qconvert.errors import UnsupportedModelError, first_line
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
-STRIP_BYTES = 1024  # initializers larger than this leave the model while the converter copies it
+STRIP_BYTES = 1024  # initializers larger than this stay out of the copy that the converter converts
 _STRIPPED = "__qconvert_stripped__"
 
 
@@ -20,28 +18,87 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 
 def raise_opset(model: onnx.ModelProto, target: int, *, keep_input: bool = True) -> onnx.ModelProto:
-    """A copy of `model` converted to opset `target`, its IR version raised to what that opset needs.
+    """`model` converted to opset `target`, its IR version raised to what that opset needs.
 
-    `keep_input` False: on success the large tensors move to the result and `model` is left without
-    them (a caller that drops it then holds one copy of the weights, not two).
+    `keep_input` True returns a converted copy; False converts `model` itself and returns it (one
+    copy of the weights in memory, not two).
 
     Only bumping `opset_import` would break ops whose signature changed (ReduceMean at 18, ...), so
-    the version converter rewrites them. The converter copies the whole model, so large tensors are
-    lifted out first and put back after (the peak stays near one model, not two). Raises
-    UnsupportedModelError when it cannot convert, or when strict shape inference fails on the result
-    but not on the input (seen: Reshape rank in a CRNN at 12 -> 21).
+    the version converter rewrites them. It copies whatever it is given, so it converts a skeleton
+    whose large initializers hold no data, and the converted graph is grafted back around the
+    weights. Raises UnsupportedModelError when it cannot convert, or when strict shape inference fails
+    on the result but not on the input (seen: Reshape rank in a CRNN at 12 -> 21).
     """
-    with _without_tensor_data(model, restore_on_success=keep_input) as data:
-        try:
-            converted = version_converter.convert_version(model, target)
-            converted.ir_version = max(model.ir_version, helper.find_min_ir_version_for(list(converted.opset_import)))
-        except Exception as e:  # the converter raises bare RuntimeError/ConvertError
-            raise UnsupportedModelError(f"cannot convert the model to opset {target}: {first_line(e)}") from e
-        error = _inference_error(converted)
-        if error and not _inference_error(model):
-            raise UnsupportedModelError(f"the model converted to opset {target} fails the ONNX checker: {error}")
-        _restore(converted, data, consume=not keep_input)  # moving frees each lifted tensor as it goes
-    return converted
+    skeleton = _skeleton(model)
+    try:
+        converted = version_converter.convert_version(skeleton, target)
+        converted.ir_version = max(model.ir_version, helper.find_min_ir_version_for(list(converted.opset_import)))
+    except Exception as e:  # the converter raises bare RuntimeError/ConvertError
+        raise UnsupportedModelError(f"cannot convert the model to opset {target}: {first_line(e)}") from e
+    error = _inference_error(converted)
+    if error and not _inference_error(skeleton):
+        raise UnsupportedModelError(f"the model converted to opset {target} fails the ONNX checker: {error}")
+    if keep_input:
+        model = _copy(model)
+    _graft(converted, model)
+    return model
+
+
+def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose large main-graph initializers carry no data (marked external)."""
+    skeleton = onnx.ModelProto()
+    _copy_fields(model, skeleton, skip="graph")
+    _copy_fields(model.graph, skeleton.graph, skip="initializer")
+    for tensor in model.graph.initializer:
+        if len(tensor.raw_data) > STRIP_BYTES:
+            hollow = skeleton.graph.initializer.add(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type,
+                                                    data_location=onnx.TensorProto.EXTERNAL)
+            hollow.external_data.add(key="location", value=_STRIPPED)
+        else:
+            skeleton.graph.initializer.append(tensor)
+    return skeleton
+
+
+def _graft(converted: onnx.ModelProto, model: onnx.ModelProto) -> None:
+    """Make `model` the converted skeleton again, keeping its own large tensors where the skeleton had holes."""
+    for field in [f for f, _ in model.ListFields() if f.name != "graph"]:
+        model.ClearField(field.name)
+    _copy_fields(converted, model, skip="graph")
+    for field in [f for f, _ in model.graph.ListFields() if f.name != "initializer"]:
+        model.graph.ClearField(field.name)
+    _copy_fields(converted.graph, model.graph, skip="initializer")
+    holes = {t.name for t in converted.graph.initializer if _is_hole(t)}
+    small = {t.name: t for t in converted.graph.initializer if not _is_hole(t)}
+    initializers = model.graph.initializer
+    for i in reversed(range(len(initializers))):  # in place and in order: the weights are never copied
+        tensor = initializers[i]
+        if tensor.name in small:
+            tensor.CopyFrom(small.pop(tensor.name))
+        elif tensor.name not in holes or len(tensor.raw_data) <= STRIP_BYTES:
+            del initializers[i]
+    initializers.extend(small.values())  # tensors the converter added
+
+
+def _is_hole(tensor: onnx.TensorProto) -> bool:
+    return any(e.value == _STRIPPED for e in tensor.external_data)
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def _copy_fields(source: Message, target: Message, skip: str) -> None:
+    for field, value in source.ListFields():
+        if field.name == skip:
+            continue
+        if isinstance(value, Message):
+            getattr(target, field.name).CopyFrom(value)
+        elif isinstance(value, (str, bytes, int, float)):
+            setattr(target, field.name, value)
+        else:  # a repeated field
+            getattr(target, field.name).extend(value)
 
 
 def _inference_error(model: onnx.ModelProto) -> str | None:
@@ -50,31 +107,3 @@ def _inference_error(model: onnx.ModelProto) -> str | None:
     except Exception as e:
         return first_line(e)
     return None
-
-
-@contextmanager
-def _without_tensor_data(model: onnx.ModelProto, *, restore_on_success: bool = True) -> Iterator[dict[str, bytes]]:
-    """Lift the raw data of large main-graph initializers out of `model`, and put it back on exit
-    (on success only if `restore_on_success`)."""
-    data: dict[str, bytes] = {}
-    for tensor in model.graph.initializer:
-        if len(tensor.raw_data) > STRIP_BYTES:
-            data[tensor.name] = tensor.raw_data
-            tensor.ClearField("raw_data")
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            tensor.external_data.add(key="location", value=_STRIPPED)
-    try:
-        yield data
-    except BaseException:
-        _restore(model, data)
-        raise
-    if restore_on_success:
-        _restore(model, data)
-
-
-def _restore(model: onnx.ModelProto, data: dict[str, bytes], consume: bool = False) -> None:
-    for tensor in model.graph.initializer:
-        if tensor.name in data and tensor.data_location == onnx.TensorProto.EXTERNAL:
-            del tensor.external_data[:]
-            tensor.ClearField("data_location")  # as it was: absent, not an explicit DEFAULT
-            tensor.raw_data = data.pop(tensor.name) if consume else data[tensor.name]

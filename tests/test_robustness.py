@@ -220,19 +220,35 @@ def test_unwritable_output_location(tmp_path: Path) -> None:
     check_contract(invoke("kmeans", tmp_path / "m.onnx", "--bits", "4", "-o", "/proc/q.onnx"), ExitCode.OUTPUT, "cannot write", tmp_path, before)
 
 
-def test_raising_the_opset_leaves_the_original_model_intact() -> None:
+def test_raising_the_opset_converts_like_the_version_converter_without_copying_the_weights() -> None:
+    """The converter sees a skeleton; the result is what it gives for the whole model (ReduceMean's
+    axes move to an input at 18), with the weights kept in place."""
+    from onnx import version_converter
+
     from qconvert.opset import raise_opset
 
     model = conv_model(cin=64, cout=64, opset=11)
+    graph = model.graph
+    graph.node.append(helper.make_node("ReduceMean", ["y"], ["m"], axes=[2, 3], keepdims=1))
+    graph.node.append(helper.make_node("Reshape", ["m", "shape"], ["z"]))
+    graph.initializer.append(numpy_helper.from_array(np.array([1, -1], np.int64), "shape"))
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 64]))
+    onnx.checker.check_model(model, full_check=True)
     before = model.SerializeToString()
+    expected = version_converter.convert_version(model, 21)
+    expected.ir_version = 10
+
     converted = raise_opset(model, 21)
-    assert model.SerializeToString() == before
-    assert converted.opset_import[0].version == 21
-    assert [t.raw_data for t in converted.graph.initializer] == [t.raw_data for t in model.graph.initializer]
+    assert model.SerializeToString() == before  # keep_input: a converted copy
+    assert converted.SerializeToString() == expected.SerializeToString()
+    reduce = next(n for n in converted.graph.node if n.op_type == "ReduceMean")
+    assert len(reduce.input) == 2 and [a.name for a in reduce.attribute] == ["keepdims"]
     onnx.checker.check_model(converted, full_check=True)
-    moved = raise_opset(model, 21, keep_input=False)  # the large tensors move: one copy of the weights, not two
-    assert moved.SerializeToString() == converted.SerializeToString()
-    assert not any(len(t.raw_data) > 1024 for t in model.graph.initializer)
+    weight = model.graph.initializer[0]
+    moved = raise_opset(model, 21, keep_input=False)  # in place: one copy of the weights, not two
+    assert moved is model and model.graph.initializer[0] is weight
+    assert moved.SerializeToString() == expected.SerializeToString()
 
 
 def test_external_data_model_converts_and_counts_its_data(tmp_path: Path) -> None:

@@ -29,12 +29,15 @@ from qconvert.methods.linear import linear_axis, linear_histogram, linear_opset,
 from qconvert.methods.refine import Quantizer, fold_filter, refiner_for, with_techniques
 from qconvert.opset import default_opset, raise_opset
 from qconvert.plan import Granularity, KMeansPlan, LayerSetting, layer_setting
-from qconvert.quant.kmeans import Palette, palettize_tensor, reconstruct
+from qconvert.quant.kmeans import Palette, palettize, palettize_tensor, reconstruct
 from qconvert.quant.layout import from_rows, snr_db, to_rows
 from qconvert.report import Histogram, OpsetChange, WeightReport
 from qconvert.select import Weight
 
 PARALLEL_MIN_ELEMENTS = 1 << 21  # below this, starting processes costs more than it saves
+DB_PER_BIT = 6.02  # SNR that one more index bit buys: what per-channel codebooks must beat per bit they cost
+ESTIMATE_MIN_ELEMENTS = 1 << 20  # granularity auto: larger weights first estimate per-channel's gain on a sample
+ESTIMATE_CHANNELS = 32
 
 
 def kmeans_step(model: onnx.ModelProto, plan: KMeansPlan, progress: Progress, workers: int, data: Path | None = None) -> Step:
@@ -84,20 +87,20 @@ def kmeans_step(model: onnx.ModelProto, plan: KMeansPlan, progress: Progress, wo
             itemsize = onnx.helper.tensor_dtype_to_np_dtype(weight.tensor.data_type).itemsize
             pending.append((weight, *_codebook_axes(weight, itemsize, plan, setting.bits, setting.granularity)))
     progress(f"palettizing {len(pending)} weights")
-    plain = _run(((w, axis, None) for w, axes, _ in pending for axis in axes), settings, workers)
+    results = _run([(w, axis, None) for w, axes, _ in pending for axis in axes], settings, workers)
+    plain: dict[tuple[str, int | None], Palette] = {}
     chosen: dict[str, tuple[int | None, str | None]] = {}
-    for weight, axes, note in pending:
-        axis, why = _granularity(weight, plain, axes, settings[weight.name].bits)
+    for weight, axes, note in pending:  # decided as each weight's palettes arrive: only the chosen ones stay
+        tried = dict(next(results) for _ in axes)
+        axis, why = _granularity(weight, tried, axes, settings[weight.name].bits)
         chosen[weight.name] = axis, join(note, why)
-        for other in axes:
-            if other != axis:
-                del plain[weight.name, other]  # only the chosen palettes stay in memory
+        plain[weight.name, axis] = tried[weight.name, axis]
     decisions = {}
     refined: dict[tuple[str, int | None], Palette] = {}
     if refiner is not None:
         importance = {w.name: refiner.importance(w) for w, _, _ in pending}
         progress("palettizing for the layer outputs")
-        refined = _run(((w, chosen[w.name][0], importance[w.name]) for w, _, _ in pending if importance[w.name] is not None), settings, workers)
+        refined = dict(_run([(w, chosen[w.name][0], importance[w.name]) for w, _, _ in pending if importance[w.name] is not None], settings, workers))
         progress("checking each layer's output on the calibration data")
         results = {}
         for weight, _, _ in pending:
@@ -199,7 +202,23 @@ def _codebook_axes(weight: Weight, itemsize: int, plan: KMeansPlan, bits: int, g
     if overhead > plan.max_codebook_overhead:
         return [None], (f"per-tensor: per-channel codebooks would add {overhead:.2f} bits per weight "
                         f"(> --max-codebook-overhead {plan.max_codebook_overhead:g})")
-    return ([axis] if granularity is Granularity.PER_CHANNEL else [None, axis]), None
+    if granularity is Granularity.PER_CHANNEL:
+        return [axis], None
+    if weight.elements >= ESTIMATE_MIN_ELEMENTS:  # skip the full per-channel k-means where a sample shows it cannot pay
+        gain = _sampled_gain(weight, bits, axis)
+        if gain is not None and gain < 0.5 * DB_PER_BIT * overhead:
+            return [None], (f"per-tensor: per-channel codebooks would gain about {gain:.1f} dB (on {ESTIMATE_CHANNELS} sampled channels) "
+                            f"for {overhead:.2f} more bits per weight")
+    return [None, axis], None
+
+
+def _sampled_gain(weight: Weight, bits: int, axis: int) -> float | None:
+    """Per-channel codebooks' SNR gain over one shared codebook, on a seeded sample of channels (None: exact)."""
+    rows = to_rows(weight.array(), axis)
+    sample = rows[np.sort(np.random.default_rng(0).choice(rows.shape[0], min(ESTIMATE_CHANNELS, rows.shape[0]), replace=False))]
+    shared = reconstruct(palettize(sample.reshape(1, -1), bits=bits)).reshape(sample.shape)
+    snrs = snr_db(sample, shared), snr_db(sample, reconstruct(palettize(sample, bits=bits)))
+    return None if None in snrs else snrs[1] - snrs[0]  # type: ignore[operator]
 
 
 def _overhead_bits(weight: Weight, itemsize: int, bits: int, axis: int) -> float:
@@ -219,7 +238,7 @@ def _granularity(weight: Weight, palettes: dict[tuple[str, int | None], Palette]
     gains = [snr_db(to_rows(array, a), reconstruct(p)) for a, p in ((None, per_tensor), (axis, per_channel))]
     itemsize = array.dtype.itemsize
     overhead = _overhead_bits(weight, itemsize, bits, axis)
-    if gains[1] is None or (gains[0] is not None and gains[1] - gains[0] > 6.02 * overhead):
+    if gains[1] is None or (gains[0] is not None and gains[1] - gains[0] > DB_PER_BIT * overhead):
         return axis, None
     return None, f"per-tensor: per-channel codebooks gained {_gain(gains)} for {overhead:.2f} more bits per weight"
 
@@ -228,13 +247,12 @@ def _gain(snrs: list[float | None]) -> str:
     return "nothing" if snrs[0] is None else f"{snrs[1] - snrs[0]:.1f} dB" if snrs[1] is not None else "exactness"
 
 
-def _run(jobs: Iterator[tuple[Weight, int | None, np.ndarray | None]], settings: dict[str, LayerSetting],
-         workers: int) -> dict[tuple[str, int | None], Palette]:
-    """Palettes of (weight, codebook axis, error weights) jobs, keyed by weight name and axis."""
-    listed = list(jobs)
-    arrays = ((w.array(), settings[w.name].bits, axis, importance) for w, axis, importance in listed)  # one array at a time
-    results = _palettes(arrays, sum(w.elements for w, _, _ in listed), workers)
-    return {(w.name, axis): palette for (w, axis, _), palette in zip(listed, results)}
+def _run(jobs: list[tuple[Weight, int | None, np.ndarray | None]], settings: dict[str, LayerSetting],
+         workers: int) -> Iterator[tuple[tuple[str, int | None], Palette]]:
+    """Palettes of (weight, codebook axis, error weights) jobs, in order, keyed by weight name and axis."""
+    arrays = ((w.array(), settings[w.name].bits, axis, importance) for w, axis, importance in jobs)  # one array at a time
+    results = _palettes(arrays, sum(w.elements for w, _, _ in jobs), workers)
+    return (((w.name, axis), palette) for (w, axis, _), palette in zip(jobs, results))
 
 
 Job = tuple[np.ndarray, int, int | None, np.ndarray | None]  # array, bits, codebook axis, error weights
