@@ -62,7 +62,7 @@ class Histogram:
     @staticmethod
     def of(name: str, array: Any, levels: Any, rows: int = 1, bins: int = 60) -> Histogram:
         """`levels` is [rows, L]; with several rows (channels) the widest one is drawn."""
-        counts, edges = np.histogram(np.asarray(array).ravel(), bins=bins)
+        counts, edges = np.histogram(np.asarray(array, np.float64).ravel(), bins=bins)
         per_row = np.asarray(levels, np.float64).reshape(rows, -1)
         widest = int(np.argmax(per_row.max(axis=1) - per_row.min(axis=1)))
         shown = np.unique(per_row[widest])

@@ -37,13 +37,14 @@ def palettize(rows: np.ndarray, *, bits: int, max_points: int | None = None, wei
         raise ValueError("weights must be positive and shaped like rows")
     k = 1 << bits
     if weights is None:
-        x, w = np.sort(rows.astype(np.float64), axis=1), None  # [C, n]
+        x, w = rows.astype(np.float64), None  # [C, n]
+        x.sort(axis=1)
     else:
         order = np.argsort(rows, axis=1, kind="stable")
         x = np.take_along_axis(rows.astype(np.float64), order, axis=1)
         w = np.take_along_axis(weights.astype(np.float64), order, axis=1)
     centroids = np.empty((x.shape[0], k))
-    distinct = 1 + np.count_nonzero(np.diff(x, axis=1), axis=1)
+    distinct = 1 + np.count_nonzero(x[:, 1:] != x[:, :-1], axis=1)
     exact = distinct <= k
     for c in np.flatnonzero(exact):  # the palette is the set of values
         values = np.unique(x[c])
@@ -52,7 +53,8 @@ def palettize(rows: np.ndarray, *, bits: int, max_points: int | None = None, wei
     if not exact.all():
         rest = ~exact
         budget = max_points or default_max_points(bits, int(np.sum(rest)))
-        centroids[rest] = _cluster(x[rest], None if w is None else w[rest], k, budget)
+        every = bool(rest.all())  # then x itself is clustered (and centred in place), not a copy
+        centroids[rest] = _cluster(x if every else x[rest], w if every or w is None else w[rest], k, budget)
 
     codebook = np.sort(centroids, axis=1).astype(rows.dtype)  # rounded to what will be stored
     return Palette(codebook=codebook, indices=nearest(rows, codebook))
@@ -68,21 +70,24 @@ def palettize_tensor(array: np.ndarray, bits: int, axis: int | None, importance:
 
 
 def _cluster(x: np.ndarray, w: np.ndarray | None, k: int, max_points: int) -> np.ndarray:
-    """Optimal centroids ([C, k]) of sorted rows ([C, n]) with weights w (None: all 1): DP over runs,
-    then Lloyd on every value."""
+    """Optimal centroids ([C, k]) of sorted rows ([C, n], centred in place) with weights w (None: all
+    1): DP over runs, then Lloyd on every value. Holds about three copies of x: the full running sums
+    are kept for the first moment only."""
     x_shift = x.mean(axis=1, keepdims=True)  # centred sums keep the DP's variance terms accurate
-    centred = x - x_shift
-    counts = np.arange(x.shape[1] + 1, dtype=np.float64) if w is None else _prefix(w)
-    weighted = centred if w is None else centred * w
-    prefix = _prefix(weighted)
-    prefix_sq = _prefix(weighted * centred)
+    x -= x_shift
+    counts = None if w is None else _prefix(w)  # running weight; None: the position itself
+    prefix = _prefix(x if w is None else x * w)
     cuts = _run_cuts(x, max_points)
     if cuts.size - 1 <= k:  # no more runs than clusters: each run starts as its own cluster
         bounds = np.broadcast_to(cuts, (x.shape[0], cuts.size))
     else:
-        run_counts = counts[cuts] if counts.ndim == 1 else counts[:, cuts]
-        bounds = cuts[optimal_bounds(run_counts, prefix[:, cuts], prefix_sq[:, cuts], k)]
-    centroids = _lloyd(centred, counts, prefix, bounds) + x_shift
+        squares = np.square(x) if w is None else np.square(x) * w
+        prefix_sq = np.zeros((x.shape[0], cuts.size))  # running sums of squares at the cuts only
+        np.cumsum(np.add.reduceat(squares, cuts[:-1], axis=1), axis=1, out=prefix_sq[:, 1:])
+        del squares
+        run_counts = cuts.astype(np.float64) if counts is None else counts[:, cuts]
+        bounds = cuts[optimal_bounds(run_counts, prefix[:, cuts], prefix_sq, k)]
+    centroids = _lloyd(x, counts, prefix, bounds) + x_shift
     if centroids.shape[1] < k:  # fewer runs than centroids: repeat the largest
         centroids = np.pad(centroids, ((0, 0), (0, k - centroids.shape[1])), mode="edge")
     return centroids
@@ -111,10 +116,9 @@ def nearest(rows: np.ndarray, codebook: np.ndarray) -> np.ndarray:
     """
     cb = codebook.astype(np.float64)
     mids = (cb[:, 1:] + cb[:, :-1]) / 2  # [C, K-1]
-    values = rows.astype(np.float64)
     out = np.empty(rows.shape, np.uint8)
     for c in range(rows.shape[0]):
-        out[c] = np.searchsorted(mids[c], values[c], side="left")
+        out[c] = np.searchsorted(mids[c], rows[c].astype(np.float64), side="left")
     return out
 
 
@@ -214,10 +218,11 @@ def optimal_bounds(weight: np.ndarray, total: np.ndarray, total_sq: np.ndarray, 
     return bounds
 
 
-def _lloyd(x: np.ndarray, counts: np.ndarray, prefix: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+def _lloyd(x: np.ndarray, counts: np.ndarray | None, prefix: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     """Lloyd iterations on sorted rows from the given cluster bounds; returns [C, K] centroids.
 
-    counts: running count ([n + 1]) or weight ([C, n + 1]) of the values; prefix: running weighted sums.
+    counts: running weight ([C, n + 1]) of the values, None for unweighted (the count is the position);
+    prefix: running weighted sums.
 
     In 1-D a cluster is a run of the sorted values bounded by midpoints between neighbouring centroids,
     so each step is a binary search per boundary plus prefix-sum differences: O(C·K·log n).
@@ -228,7 +233,7 @@ def _lloyd(x: np.ndarray, counts: np.ndarray, prefix: np.ndarray, bounds: np.nda
     keys = bands.keys(x)
     centroids = np.zeros((c_count, bounds.shape[1] - 1))
     for _ in range(MAX_ITERATIONS):
-        mass = np.diff(counts[bounds] if counts.ndim == 1 else counts[row, bounds], axis=1)
+        mass = np.diff(bounds if counts is None else counts[row, bounds], axis=1)
         sums = np.diff(prefix[row, bounds], axis=1)
         # An empty cluster keeps its centroid; Lloyd never increases the error either way.
         centroids = np.where(mass > 0, sums / np.where(mass > 0, mass, 1), centroids)
@@ -255,7 +260,11 @@ class _Bands:
 
     def keys(self, values: np.ndarray) -> np.ndarray:
         """[C, m] values -> [C * m] sorted-compatible keys (values outside [lo, hi] are clamped)."""
-        return (np.clip((values - self.lo) / self.span, 0.0, 1.0) + self.band).ravel()
+        keys = values - self.lo  # in place from here: one array as large as the values
+        keys /= self.span
+        np.clip(keys, 0.0, 1.0, out=keys)
+        keys += self.band
+        return keys.ravel()
 
     def search(self, sorted_keys: np.ndarray, queries: np.ndarray, *, side: Side) -> np.ndarray:
         """Row-local positions ([C, q]) of `queries` among the rows whose keys are `sorted_keys`."""
