@@ -75,9 +75,10 @@ def clipped_grid(rows: np.ndarray, *, bits: int, symmetric: bool, weights: np.nd
 
 
 def quantize(rows: np.ndarray, grid: Grid) -> np.ndarray:
-    """q = clip(round(r / S) + Z) per row ([C, n] -> [C, n] int32); rounds half to even like ONNX."""
+    """q = clip(round(r / S) + Z) per row ([C, n] -> [C, n] int8, or uint8 for an unsigned grid);
+    rounds half to even like ONNX."""
     q = np.rint(rows.astype(np.float64) / grid.scale[:, None].astype(np.float64)) + grid.zero_point[:, None]
-    return np.clip(q, grid.qmin, grid.qmax).astype(np.int32)
+    return np.clip(q, grid.qmin, grid.qmax).astype(np.int8 if grid.qmin < 0 else np.uint8)
 
 
 def dequantize(q: np.ndarray, grid: Grid) -> np.ndarray:
