@@ -108,6 +108,8 @@ def profile(model: onnx.ModelProto, plan: AutoPlan, validation: ValidationPlan, 
                 calibration[name] = point[0] / estimate if estimate > 0 else 0.0
         del arrays, perturbed
     gains = {name: _gain_curve(p) for name, p in points.items()}
+    # The conversions correct biases wherever that measures better: predict their noise without the mean error.
+    corrected = plan.bias_correction and (plan.calibration or validation.data) is not None
     worst_gain = max((max(g for _, g in p) for p in points.values()), default=1.0)
     options: dict[str, list[Option]] = {}
     for i, weight in enumerate(weights):
@@ -121,7 +123,7 @@ def profile(model: onnx.ModelProto, plan: AutoPlan, validation: ValidationPlan, 
         part = array if channels is None else np.take(array, channels, axis)
         for option, approx in _options(weight, array, plan, rng, channels):
             if weight.name in layers:  # the layer's noise ratio, estimated and calibrated, times its gain there
-                ratio = calibration[weight.name] * estimates[weight.name](part, approx, channels)
+                ratio = calibration[weight.name] * estimates[weight.name](part, approx, channels, corrected and layers[weight.name].bias_editable)
                 noise = gains[weight.name](ratio) * ratio
             else:  # no layer to measure (subgraphs, RNNs, shared weights): the weight's own error ratio, worst gain
                 error = float(np.sum((part.astype(np.float64) - approx) ** 2))
@@ -131,10 +133,11 @@ def profile(model: onnx.ModelProto, plan: AutoPlan, validation: ValidationPlan, 
 
 
 def _noise_estimate(weight: Weight, layer: fidelity.Layer, moments: fidelity.Moments) -> Callable[..., float]:
-    """(original, quantized[, output channels they hold]) -> a number proportional to the layer's
-    output noise: Σ Var[x]·ΔW² plus the squared mean error (Σ E[x]·ΔW)² per output channel. The
-    constant (the output's power, input correlations) is calibrated against one measured perturbation
-    per layer; a subset of output channels stands for all of them."""
+    """(original, quantized[, output channels they hold][, corrected]) -> a number proportional to the
+    layer's output noise: Σ Var[x]·ΔW² plus the squared mean error (Σ E[x]·ΔW)² per output channel,
+    which bias correction (`corrected`) removes. The constant (the output's power, input correlations)
+    is calibrated against one measured perturbation per layer; a subset of output channels stands for
+    all of them."""
     spread = fidelity.per_weight(layer, np.maximum(moments.square - moments.mean**2, 0.0), weight.shape)
     centre = fidelity.per_weight(layer, moments.mean, weight.shape)
     variance = np.broadcast_to(1.0 if spread is None else spread, weight.shape)  # unknown layout: plain weight error
@@ -142,12 +145,12 @@ def _noise_estimate(weight: Weight, layer: fidelity.Layer, moments: fidelity.Mom
     alpha = next((a.f for a in layer.node.attribute if a.name == "alpha"), 1.0) if layer.op_type == "Gemm" else 1.0
     others = tuple(a for a in range(len(weight.shape)) if a != layer.out_axis)
 
-    def estimate(original: np.ndarray, quantized: np.ndarray, channels: np.ndarray | None = None) -> float:
+    def estimate(original: np.ndarray, quantized: np.ndarray, channels: np.ndarray | None = None, corrected: bool = False) -> float:
         delta = original.astype(np.float64) - quantized
         var, mu = (variance, mean) if channels is None else (np.take(variance, channels, layer.out_axis), np.take(mean, channels, layer.out_axis))
-        shift = alpha * np.sum(delta * mu, axis=others)
+        shift = 0.0 if corrected else float(np.sum((alpha * np.sum(delta * mu, axis=others)) ** 2))
         scale = 1.0 if channels is None else weight.shape[layer.out_axis] / channels.size
-        return scale * (float(np.sum(var * delta * delta)) + float(np.sum(shift**2)))
+        return scale * (float(np.sum(var * delta * delta)) + shift)
 
     return estimate
 
@@ -333,8 +336,7 @@ def _base_plan(plan: AutoPlan, overrides: tuple[LayerOverride, ...], bits: int =
     return KMeansPlan(bits=bits, granularity=Granularity.PER_TENSOR, min_elements=plan.min_elements, exclude=plan.exclude,
                       max_codebook_overhead=plan.max_codebook_overhead, overrides=overrides, calibration=plan.calibration,
                       preprocessing=plan.preprocessing, fold_batchnorm=plan.fold_batchnorm,
-                      data_aware=plan.data_aware and plan.calibration is not None,
-                      bias_correction=plan.bias_correction and plan.calibration is not None)
+                      data_aware=plan.data_aware, bias_correction=plan.bias_correction)  # with data, as kmeans does
 
 
 def target_gates(plan: AutoPlan) -> Gates:
@@ -354,13 +356,14 @@ def search(input_path: Path, plan: AutoPlan, validation: ValidationPlan, progres
     aim = plan.target_snr if plan.target_snr is not None else TOP1_START_DB
     best: tuple[Conversion, dict[str, Option]] | None = None
     missed, met = -np.inf, np.inf  # the highest aim whose plan missed the target, the lowest that met it
+    direction = 1.0  # where the aim moves when it allocates a plan already tried: up after a miss, down after a pass
     tried: list[dict[str, Option]] = []
     for iteration in range(MAX_ITERATIONS - 2 if big else MAX_ITERATIONS):
         choice = allocate(found.options, 10 ** (-aim / 10))
-        for _ in range(40):  # still missing the target with a plan already tried: aim higher until it changes
-            if choice not in tried or best is not None:
+        for _ in range(40):  # options are discrete: a small move of the aim may not change the plan
+            if choice not in tried or (np.isfinite(missed) and np.isfinite(met)):
                 break
-            aim += 0.5
+            aim += direction * STEP_DB / 2
             choice = allocate(found.options, 10 ** (-aim / 10))
         if choice in tried:  # the same plan again: nothing new to learn
             break
@@ -376,16 +379,14 @@ def search(input_path: Path, plan: AutoPlan, validation: ValidationPlan, progres
         if report.passed:  # written (over any earlier, larger one)
             if best is None or report.output_bytes < best[0].report.output_bytes:
                 best = conversion, choice
-            met = min(met, aim)
+            met, direction = min(met, aim), -1.0
             slack = measured - plan.target_snr if by_snr else TOP1_STEP_DB  # type: ignore[operator]
             if slack <= 2 * STEP_DB and (big or not np.isinf(missed)):
                 break
-            if slack <= 2 * STEP_DB:  # a small model: step down to the next smaller plan while none missed
-                while aim > (plan.target_snr or 0.0) - 20 and allocate(found.options, 10 ** (-aim / 10)) in tried:
-                    aim -= STEP_DB / 2
+            if slack <= 2 * STEP_DB:  # a small model: on to the next smaller plan while none missed
                 continue
         else:
-            missed = max(missed, aim)
+            missed, direction = max(missed, aim), 1.0
             if all(o.method == "float" for o in choice.values()):
                 break
         if np.isfinite(missed) and np.isfinite(met):  # bracketed: halve it
@@ -399,7 +400,7 @@ def search(input_path: Path, plan: AutoPlan, validation: ValidationPlan, progres
     conversion, choice = best if best is not None else (conversion, choice)
     report = conversion.report
     report.details["auto"] = {
-        "calibrated": plan.calibration is not None,
+        "calibrated": plan.calibration is not None or validation.data is not None,
         "target": {k: v for k, v in (("snr_db", plan.target_snr), ("top1", plan.min_top1), ("accuracy_drop", plan.max_accuracy_drop)) if v is not None},
         "iterations": iterations,
         "plan": [{"weight": name, "choice": o.label, "method": o.method, "bits": o.bits, "granularity": o.granularity.value,

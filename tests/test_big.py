@@ -28,9 +28,7 @@ def build(path: Path) -> None:
     with open(data, "wb") as f:
         for i in range(LAYERS):
             weight = rng.standard_normal((WIDTH, WIDTH), dtype=np.float32) * np.float32(1 / np.sqrt(WIDTH))
-            tensor = helper.make_tensor(f"w{i}", TensorProto.FLOAT, weight.shape, vals=[])
-            tensor.ClearField("float_data")
-            tensor.data_location = TensorProto.EXTERNAL
+            tensor = TensorProto(name=f"w{i}", data_type=TensorProto.FLOAT, dims=weight.shape, data_location=TensorProto.EXTERNAL)
             for key, value in (("location", data.name), ("offset", str(f.tell())), ("length", str(weight.nbytes))):
                 tensor.external_data.add(key=key, value=value)
             f.write(weight.tobytes())
