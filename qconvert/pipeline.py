@@ -100,12 +100,12 @@ def convert(
     if external and (output_path is None or io.is_special(output_path)):
         raise UsageError("the converted model is over 2 GB: it is written with external data, so it needs an output file (-o)")
     staged = io.stage_external(step.model, output_path) if external and output_path else None
-    model: str | bytes = str(staged) if staged else step.model.SerializeToString()
+    converted: str | bytes = str(staged) if staged else step.model.SerializeToString()
     del step.model  # only the bytes (or files) from here on: a big model must not sit beside onnxruntime's copies
     output_data = None
     try:
-        output_bytes = io.staged_bytes(staged) if staged else len(model)
-        warnings = step.warnings + _check(model, input_path)
+        output_bytes = io.staged_bytes(staged) if staged else len(converted)
+        warnings = step.warnings + _check(converted, input_path)
         lap("check")
 
         result, latency = None, None
@@ -116,7 +116,7 @@ def convert(
                 if not fold:
                     warnings.append(f"validated without onnxruntime's graph optimizations: decoding {input_bytes / 1e9:.1f} GB of weights "
                                     "at load would not fit in memory; latency not measured")
-                result, latency = validate.compare(str(input_path), model, validation, fold)
+                result, latency = validate.compare(str(input_path), converted, validation, fold)
             except CannotRunError as e:
                 if not (validation.allow_unrunnable and e.which == "input model"):
                     raise
@@ -134,9 +134,9 @@ def convert(
                 io.publish(staged, output_path)
                 output_data = str(output_path.parent / io.external_name(output_path))
             else:
-                assert isinstance(model, bytes)
-                io.save_model(model, output_path)
-                io.verify_written(output_path, model)
+                assert isinstance(converted, bytes)
+                io.save_model(converted, output_path)
+                io.verify_written(output_path, converted)
             lap("write")
     finally:
         if staged:
@@ -161,7 +161,7 @@ def convert(
         warnings=warnings,
         output_data=output_data,
     )
-    return Conversion(report, model if isinstance(model, bytes) else None)
+    return Conversion(report, converted if isinstance(converted, bytes) else None)
 
 
 def auto_convert(input_path: Path, output_path: Path | None, plan: AutoPlan, validation: ValidationPlan | None,

@@ -87,11 +87,11 @@ def kmeans_step(model: onnx.ModelProto, plan: KMeansPlan, progress: Progress, wo
             itemsize = onnx.helper.tensor_dtype_to_np_dtype(weight.tensor.data_type).itemsize
             pending.append((weight, *_codebook_axes(weight, itemsize, plan, setting.bits, setting.granularity)))
     progress(f"palettizing {len(pending)} weights")
-    results = _run([(w, axis, None) for w, axes, _ in pending for axis in axes], settings, workers)
+    arriving = _run([(w, axis, None) for w, axes, _ in pending for axis in axes], settings, workers)
     plain: dict[tuple[str, int | None], Palette] = {}
     chosen: dict[str, tuple[int | None, str | None]] = {}
     for weight, axes, note in pending:  # decided as each weight's palettes arrive: only the chosen ones stay
-        tried = dict(next(results) for _ in axes)
+        tried = dict(next(arriving) for _ in axes)
         axis, why = _granularity(weight, tried, axes, settings[weight.name].bits)
         chosen[weight.name] = axis, join(note, why)
         plain[weight.name, axis] = tried[weight.name, axis]
