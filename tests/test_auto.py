@@ -59,18 +59,24 @@ def test_auto_usage_errors(tmp_path: Path, digits: Path, args: list[str]) -> Non
     assert output.count("\n") == 1 and not (tmp_path / "a.onnx").exists()
 
 
-def chain(rng: np.random.Generator) -> onnx.ModelProto:
-    """x -> Gemm(w1) -> Gemm(w2) -> y: linear, so the last layer's noise reaches y unchanged."""
+def chain(rng: np.random.Generator, softmax: bool = False) -> onnx.ModelProto:
+    """x -> Gemm(w1) -> Gemm(w2) -> y [-> Softmax -> p]: linear up to y, so the last layer's noise reaches
+    y unchanged."""
     inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in (("w1", (16, 32)), ("w2", (32, 8)))]
     nodes = [helper.make_node("Gemm", ["x", "w1"], ["h"]), helper.make_node("Gemm", ["h", "w2"], ["y"])]
+    if softmax:
+        nodes.append(helper.make_node("Softmax", ["y"], ["p"], axis=-1))
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])], inits)
+                              [helper.make_tensor_value_info("p" if softmax else "y", TensorProto.FLOAT, ["n", 8])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
-def test_noise_gain_of_the_last_linear_layer_is_one() -> None:
+@pytest.mark.parametrize("softmax", [False, True])
+def test_noise_gain_of_the_last_linear_layer_is_one(softmax: bool) -> None:
+    """Measured at the scores: a final Softmax, whose saturation would hide the noise, is looked through."""
     rng = np.random.default_rng(0)
-    model = chain(rng)
+    model = chain(rng, softmax)
+    assert auto.scored_outputs(model) == ["y"]
     layers = fidelity.find_layers(model, select_weights(model).weights)
     samples = validate.Feeds([{"x": rng.standard_normal((1, 16)).astype(np.float32)} for _ in range(4)], 4, "test")
     perturbed = {name: auto._kmeans(numpy_helper.to_array(t), 2, rng) for name, t in
