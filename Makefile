@@ -26,9 +26,11 @@ lint: $(STAMP)
 	$(PY) -m ruff check qconvert tests bench samples
 	$(PY) -m mypy qconvert
 
-# Tables of size/accuracy/time, qconvert linear vs onnxruntime quantize_static, data-aware techniques (tens of minutes).
+# Time/memory/size vs onnxruntime's quantizers, the > 2 GB model, tables of size/accuracy/time, data-aware techniques, auto (tens of minutes).
 bench: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
+	$(PY) bench/perf.py
+	$(PY) -m pytest -m slow -s tests/test_big.py
 	$(PY) bench/kmeans_vs_sklearn.py
 	$(PY) bench/kmeans_table.py
 	$(PY) bench/linear_vs_ort.py

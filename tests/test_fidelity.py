@@ -193,8 +193,17 @@ def test_bias_correction_alone_is_an_option() -> None:
     assert decisions["w"].layer_snr_db > decisions["w"].plain_layer_snr_db + 3
 
 
-def test_auto_granularity_goes_per_channel_only_where_it_pays(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sampled", [False, True])
+def test_auto_granularity_goes_per_channel_only_where_it_pays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sampled: bool) -> None:
+    """Both palettes are computed and compared; a large weight first estimates per-channel's gain on a
+    sample of channels and skips the per-channel k-means when it cannot pay (`sampled` makes every
+    weight large)."""
     from conftest import conv_model, save
+
+    from qconvert.methods import kmeans
+
+    if sampled:
+        monkeypatch.setattr(kmeans, "ESTIMATE_MIN_ELEMENTS", 0)
 
     alike = conv_model(cout=64, cin=64, seed=1)  # i.i.d. channels: per-channel codebooks buy little
     skewed = conv_model(cout=64, cin=64, seed=1)
@@ -209,4 +218,5 @@ def test_auto_granularity_goes_per_channel_only_where_it_pays(tmp_path: Path) ->
         (weight,) = json.loads(result.stdout)["per_weight"]
         granularity[name] = weight["granularity"], weight["note"]
     assert granularity["skewed"][0] == "per-channel"
-    assert granularity["alike"][0] == "per-tensor" and "per-channel codebooks gained" in granularity["alike"][1]
+    assert granularity["alike"][0] == "per-tensor"
+    assert ("sampled channels" if sampled else "per-channel codebooks gained") in granularity["alike"][1]
