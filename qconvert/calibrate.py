@@ -58,7 +58,7 @@ def _min_max(model: onnx.ModelProto, tensors: list[str], feeds: Feeds) -> dict[s
              for t, (lo, hi) in reduced.items()}
     first_outputs = {n.output[0] for n in probe.graph.node if n.output}
     add_after(probe.graph, {t: (None, n) for t, n in nodes.items() if t in first_outputs})
-    probe.graph.node.extend(n for t, pair in nodes.items() if t not in first_outputs for n in pair)  # graph inputs ...
+    probe.graph.node.extend(n for t, pair in nodes.items() if t not in first_outputs for n in pair)  # graph inputs, second outputs
     names = [name for pair in reduced.values() for name in pair]
     probe.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in names)
     sess = session(probe.SerializeToString(), "model for calibration", probe=True)
