@@ -51,7 +51,13 @@ def convert(mode: str, model: Path, output: Path, calibration: Path) -> None:
         return
     if mode.startswith("quantize_"):
         import onnx
-        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            QuantFormat,
+            QuantType,
+            quantize_dynamic,
+            quantize_static,
+        )
 
         if mode == "quantize_dynamic":
             quantize_dynamic(str(model), str(output), per_channel=True, weight_type=QuantType.QInt8)
@@ -151,13 +157,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=ROOT / "build" / "bench" / "perf.json")
     parser.add_argument("--modes", default=",".join(MODES))
     args = parser.parse_args()
+    import onnx
+
     if not args.model.exists():
         import cnn_shapes
-        import onnx
 
         args.model.parent.mkdir(parents=True, exist_ok=True)
         onnx.save(cnn_shapes.resnet(), str(args.model))
-    import onnx
 
     graph_input = onnx.load(str(args.model), load_external_data=False).graph.input[0]
     shape = [d.dim_value or 1 for d in graph_input.type.tensor_type.shape.dim]
@@ -202,6 +208,7 @@ def main() -> None:
 
 def job(mode: str, model: str, output: str, calibration: str) -> None:
     import onnxruntime.quantization  # noqa: F401  imports are not conversion time
+
     import qconvert.pipeline  # noqa: F401
 
     start = time.perf_counter()

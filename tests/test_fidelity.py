@@ -198,9 +198,9 @@ def test_auto_granularity_goes_per_channel_only_where_it_pays(tmp_path: Path, mo
     """Both palettes are computed and compared; a large weight first estimates per-channel's gain on a
     sample of channels and skips the per-channel k-means when it cannot pay (`sampled` makes every
     weight large)."""
-    from conftest import conv_model, save
-
     from qconvert.methods import kmeans
+
+    from conftest import conv_model, save
 
     if sampled:
         monkeypatch.setattr(kmeans, "ESTIMATE_MIN_ELEMENTS", 0)
