@@ -14,6 +14,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+from perf import tree_pss  # noqa: E402  the bench's measure of peak memory: the process and its workers
+
 pytestmark = pytest.mark.slow
 
 LAYERS, WIDTH = 34, 4096  # 34 MatMuls of 4096 x 4096 float32: 2.28 GB of weights
@@ -40,20 +45,6 @@ def build(path: Path) -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     path.write_bytes(model.SerializeToString())
-
-
-def tree_pss(pid: int) -> int:
-    total, pending = 0, [pid]
-    while pending:
-        p = pending.pop()
-        try:
-            with open(f"/proc/{p}/smaps_rollup") as f:
-                total += 1024 * next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
-            for task in Path(f"/proc/{p}/task").iterdir():
-                pending += [int(c) for c in (task / "children").read_text().split()]
-        except (OSError, StopIteration):
-            continue
-    return total
 
 
 def test_a_model_over_2gb_converts_validates_and_is_written_with_external_data(tmp_path: Path) -> None:
