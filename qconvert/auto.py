@@ -91,7 +91,7 @@ def profile(model: onnx.ModelProto, plan: AutoPlan, validation: ValidationPlan, 
     singles = [{k: v[i : i + 1] for k, v in batch.items()} for batch in feeds.batches for i in range(len(next(iter(batch.values()))))]
     samples = validate.Feeds(singles[:count], len(singles[:count]), feeds.source)
     layers = fidelity.find_layers(model, weights)
-    moments, _ = fidelity.input_moments(model, layers, samples) if layers else ({}, [])
+    moments = fidelity.input_moments(model, layers, samples).moments if layers else {}
     layers = {n: layer for n, layer in layers.items() if n in moments}
     estimates = {n: _noise_estimate(w, layers[n], moments[n]) for w in weights if (n := w.name) in layers}
     progress(f"measuring the sensitivity of {len(layers)} layers on {count} samples")

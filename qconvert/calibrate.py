@@ -52,21 +52,37 @@ def _min_max(model: onnx.ModelProto, tensors: list[str], feeds: Feeds) -> dict[s
     back, and onnxruntime frees every activation as usual (fetching them took 7 GB on ResNet-50)."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    fresh = NameSource(probe)
-    reduced = {t: (fresh(f"{t}_qc_min"), fresh(f"{t}_qc_max")) for t in dict.fromkeys(tensors)}
-    nodes = {t: [helper.make_node("ReduceMin", [t], [lo], keepdims=0), helper.make_node("ReduceMax", [t], [hi], keepdims=0)]
-             for t, (lo, hi) in reduced.items()}
-    first_outputs = {n.output[0] for n in probe.graph.node if n.output}
-    add_after(probe.graph, {t: (None, n) for t, n in nodes.items() if t in first_outputs})
-    probe.graph.node.extend(n for t, pair in nodes.items() if t not in first_outputs for n in pair)  # graph inputs, second outputs
-    names = [name for pair in reduced.values() for name in pair]
-    probe.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in names)
+    reduced = add_extremes(probe.graph, tensors, NameSource(probe))
     sess = session(probe.SerializeToString(), "model for calibration", probe=True)
     del probe
-    lo = {t: np.inf for t in reduced}
-    hi = {t: -np.inf for t in reduced}
+    names = [name for pair in reduced.values() for name in pair]
+    ranges = Extremes(reduced)
     for batch in run_batches(sess, feeds, "model for calibration", output_names=names):
-        values = dict(zip(names, batch))
-        for t, (low, high) in reduced.items():
-            lo[t], hi[t] = min(lo[t], float(values[low])), max(hi[t], float(values[high]))
-    return {t: (lo[t], hi[t]) for t in reduced if np.isfinite(lo[t])}
+        ranges.add(dict(zip(names, batch)))
+    return ranges.ranges()
+
+
+def add_extremes(graph: onnx.GraphProto, tensors: list[str], fresh: NameSource) -> dict[str, tuple[str, str]]:
+    """ReduceMin and ReduceMax of each tensor as new graph outputs, right after its producer; returns
+    tensor -> (min, max) output names."""
+    reduced = {t: (fresh(f"{t}_qc_min"), fresh(f"{t}_qc_max")) for t in dict.fromkeys(tensors)}
+    add_after(graph, {t: (None, [helper.make_node("ReduceMin", [t], [lo], keepdims=0), helper.make_node("ReduceMax", [t], [hi], keepdims=0)])
+                      for t, (lo, hi) in reduced.items()})
+    graph.output.extend(helper.make_empty_tensor_value_info(name) for pair in reduced.values() for name in pair)
+    return reduced
+
+
+class Extremes:
+    """Running min and max of tensors over batches, from the outputs `add_extremes` named."""
+
+    def __init__(self, reduced: dict[str, tuple[str, str]]) -> None:
+        self.reduced = reduced
+        self.lo = {t: np.inf for t in reduced}
+        self.hi = {t: -np.inf for t in reduced}
+
+    def add(self, outputs: dict[str, np.ndarray]) -> None:
+        for t, (low, high) in self.reduced.items():
+            self.lo[t], self.hi[t] = min(self.lo[t], float(outputs[low])), max(self.hi[t], float(outputs[high]))
+
+    def ranges(self) -> dict[str, tuple[float, float]]:
+        return {t: (self.lo[t], self.hi[t]) for t in self.reduced if np.isfinite(self.lo[t])}

@@ -9,8 +9,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from qconvert.calibrate import Extremes, add_extremes
 from qconvert.opset import default_opset
-from qconvert.rewrite import NameSource, add_after, set_nodes, use_counts
+from qconvert.rewrite import NameSource, add_after, use_counts
 from qconvert.select import MAIN_GRAPH, Weight, constant_value
 from qconvert.validate import Feeds, run_batches, session
 
@@ -89,23 +90,33 @@ def check_feeds(feeds: Feeds) -> Feeds:
     return Feeds(feeds.batches[:count], min(samples, feeds.samples), feeds.source)
 
 
-def input_moments(model: onnx.ModelProto, layers: dict[str, Layer], feeds: Feeds) -> tuple[dict[str, Moments], list[np.ndarray]]:
-    """E[x] and E[x²] per input channel of each layer, in one onnxruntime pass; and the model's
-    outputs on `check_feeds(feeds)`, the reference of the whole-model check.
+@dataclass(frozen=True)
+class Statistics:
+    """What one onnxruntime pass over the calibration data gives."""
 
-    The sums are reduced in the graph (ReduceSum, ReduceSumSquare, Size), so only [Cin] vectors come
-    back and onnxruntime frees every activation as usual.
+    moments: dict[str, Moments]  # per layer
+    reference: list[np.ndarray]  # the model's outputs on check_feeds, the reference of the whole-model check
+    ranges: dict[str, tuple[float, float]]  # min and max of the tensors asked for
+
+
+def input_moments(model: onnx.ModelProto, layers: dict[str, Layer], feeds: Feeds, extremes: list[str] | None = None) -> Statistics:
+    """E[x] and E[x²] per input channel of each layer, in one onnxruntime pass; the model's outputs on
+    `check_feeds(feeds)`; and the min and max of the `extremes` tensors (activation ranges).
+
+    Everything is reduced in the graph right after the tensor's producer (ReduceSum, ReduceSumSquare,
+    Size, ReduceMin, ReduceMax), so only vectors come back and onnxruntime frees every activation as usual.
     """
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     graph, opset, fresh = probe.graph, default_opset(model), NameSource(probe)
     keys: dict[tuple[str, int, int], tuple[str, str, str]] = {}  # (x, channel axis, Cin) -> sum, sum of squares, size
-    nodes = list(graph.node)
+    after: dict[str, list[onnx.NodeProto]] = {}
     for layer in layers.values():
         x, channels = layer.node.input[0], layer.in_channels
         key = (x, layer.x_axis, channels)
         if key in keys:
             continue
+        nodes = after.setdefault(x, [])
         if layer.op_type == "Conv":
             axes = [0, *range(2, len(layer.weight_shape))]
         elif layer.op_type == "Gemm":
@@ -126,27 +137,32 @@ def input_moments(model: onnx.ModelProto, layers: dict[str, Layer], feeds: Feeds
                 nodes.append(helper.make_node(op, [x], [out], axes=axes, keepdims=0))
         nodes.append(helper.make_node("Size", [x], [outputs[2]]))
         keys[key] = outputs
-    set_nodes(graph, nodes)
+    add_after(graph, {x: (None, nodes) for x, nodes in after.items()})
     model_outputs = [o.name for o in graph.output]
     wanted = [name for outputs in keys.values() for name in outputs]
     graph.output.extend(helper.make_empty_tensor_value_info(t) for t in wanted)
+    reduced = add_extremes(graph, extremes or [], fresh)
+    wanted += [name for pair in reduced.values() for name in pair]
     sess = session(probe.SerializeToString(), "model for calibration", probe=True)
     del probe, graph
     totals: dict[str, np.ndarray] = {}
+    ranges = Extremes(reduced)
     checked = len(check_feeds(feeds).batches)
     reference: list[list[np.ndarray]] = []
     for index, batch in enumerate(run_batches(sess, feeds, "model for calibration", output_names=[*model_outputs, *wanted])):
         if index < checked:
             reference.append(batch[: len(model_outputs)])
-        for name, value in zip(wanted, batch[len(model_outputs) :]):
-            totals[name] = totals.get(name, 0) + np.asarray(value, np.float64)
+        values = dict(zip(wanted, batch[len(model_outputs) :]))
+        ranges.add(values)
+        for name in wanted[: 3 * len(keys)]:
+            totals[name] = totals.get(name, 0) + np.asarray(values[name], np.float64)
     moments = {}
     for name, layer in layers.items():
         total, squares, size = (totals[o] for o in keys[layer.node.input[0], layer.x_axis, layer.in_channels])
         count = float(size) / layer.in_channels
         if count > 0 and total.shape == (layer.in_channels,):
             moments[name] = Moments(total / count, squares / count)
-    return moments, [np.concatenate(o).astype(np.float64) for o in zip(*reference)]
+    return Statistics(moments, [np.concatenate(o).astype(np.float64) for o in zip(*reference)], ranges.ranges())
 
 
 def per_weight(layer: Layer, values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:

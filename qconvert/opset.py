@@ -29,7 +29,7 @@ def raise_opset(model: onnx.ModelProto, target: int, *, keep_input: bool = True)
     weights. Raises UnsupportedModelError when it cannot convert, or when strict shape inference fails
     on the result but not on the input (seen: Reshape rank in a CRNN at 12 -> 21).
     """
-    skeleton = _skeleton(model)
+    skeleton = without_weights(model)
     try:
         converted = version_converter.convert_version(skeleton, target)
         converted.ir_version = max(model.ir_version, helper.find_min_ir_version_for(list(converted.opset_import)))
@@ -44,8 +44,9 @@ def raise_opset(model: onnx.ModelProto, target: int, *, keep_input: bool = True)
     return model
 
 
-def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` whose large main-graph initializers carry no data (marked external)."""
+def without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose large main-graph initializers carry no data (marked external): what the
+    version converter and shape inference need, without a copy of the weights."""
     skeleton = onnx.ModelProto()
     _copy_fields(model, skeleton, skip="graph")
     _copy_fields(model.graph, skeleton.graph, skip="initializer")

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from qconvert.opset import without_weights
 from qconvert.quant.layout import from_rows, to_rows
 from qconvert.quant.linear import Grid, clipped_grid, dequantize, grid_for, quantize
 from qconvert.rewrite import GraphEdit, NameSource, replace_weights, set_nodes, use_counts
@@ -147,7 +148,7 @@ def activation_tensors(model: onnx.ModelProto, quantized_weights: set[str]) -> l
 def _float_tensors(model: onnx.ModelProto) -> set[str]:
     """Names of the main graph's float32 tensors, by ONNX shape inference (outputs of weighted ops too)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model).graph
+        inferred = onnx.shape_inference.infer_shapes(without_weights(model)).graph
     except Exception:  # inference fails on some exported models; fall back to what is declared
         inferred = model.graph
     values = (*inferred.input, *inferred.value_info, *inferred.output)

@@ -111,16 +111,19 @@ def add_after(graph: onnx.GraphProto, additions: dict[str, tuple[str | None, lis
 
     additions: tensor -> (new name, nodes). With a new name the producer writes that instead and the
     nodes compute the tensor from it (an op spliced in); with None the nodes only read the tensor.
-    Right after the producer, onnxruntime can free what they read as early as before.
+    Right after the producer, onnxruntime can free what they read as early as before. Nodes that only
+    read a tensor no node makes first (a graph input, a second output) go at the end.
     """
-    nodes = []
+    nodes, placed = [], set()
     for node in graph.node:
         nodes.append(node)
-        if node.output and node.output[0] in additions:
-            rename, extra = additions[node.output[0]]
+        if node.output and (tensor := node.output[0]) in additions:
+            rename, extra = additions[tensor]
             if rename is not None:
                 node.output[0] = rename
             nodes += extra
+            placed.add(tensor)
+    nodes += [n for tensor, (rename, extra) in additions.items() if rename is None and tensor not in placed for n in extra]
     set_nodes(graph, nodes)
 
 

@@ -70,7 +70,7 @@ def test_bias_correction_restores_the_mean_output(op: str) -> None:
     model, x = layer_model(op, rng)
     weights = select_weights(model).weights
     layers = fidelity.find_layers(model, weights)
-    moments, _ = fidelity.input_moments(model, layers, feeds(x))
+    moments = fidelity.input_moments(model, layers, feeds(x)).moments
     w = numpy_helper.to_array(model.graph.initializer[-1])
     coarse = np.round(w * 2 + 0.3) / 2  # a biased quantizer: its error has a non-zero mean
     shift = fidelity.bias_shift(layers["w"], moments["w"], w, coarse)
@@ -86,11 +86,30 @@ def test_bias_correction_restores_the_mean_output(op: str) -> None:
         assert [n.op_type for n in quantized.graph.node] == ["MatMul", "Add"]
 
 
+def test_one_pass_gives_the_activation_ranges_too() -> None:
+    """Min and max reduced in the graph over several batches: the graph input and the layer output
+    ranges are numpy's, and equal what the separate calibration pass finds."""
+    from qconvert.calibrate import activation_ranges
+    from qconvert.plan import CalibrationMethod
+
+    rng = np.random.default_rng(2)
+    model, x = layer_model("Conv", rng)
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_param = "n"
+    layers = fidelity.find_layers(model, select_weights(model).weights)
+    batches = Feeds([{"x": x[i : i + 16]} for i in range(0, 64, 16)], 64, "test")
+    stats = fidelity.input_moments(model, layers, batches, extremes=["x", "y"])
+    y = run(model, x)
+    assert stats.ranges == {"x": (float(x.min()), float(x.max())), "y": (float(y.min()), float(y.max()))}
+    assert activation_ranges(model, ["x", "y"], batches, method=CalibrationMethod.MINMAX) == stats.ranges
+    np.testing.assert_allclose(stats.moments["w"].mean, x.astype(np.float64).mean(axis=(0, 2, 3)), rtol=1e-6)
+
+
 def test_importance_follows_conv_groups() -> None:
     rng = np.random.default_rng(1)
     model, x = layer_model("Conv", rng)
     layer = fidelity.find_layers(model, select_weights(model).weights)["w"]
-    moments, _ = fidelity.input_moments(model, {"w": layer}, feeds(x))
+    moments = fidelity.input_moments(model, {"w": layer}, feeds(x)).moments
     np.testing.assert_allclose(moments["w"].square, np.mean(x.astype(np.float64) ** 2, axis=(0, 2, 3)), rtol=1e-6)
     importance = fidelity.importance(layer, moments["w"], (8, 3, 3, 3))
     assert importance is not None and importance.shape == (8, 3, 1, 1)

@@ -23,7 +23,7 @@ from qconvert.methods.common import (
 )
 from qconvert.methods.refine import Quantizer, fold_filter, refiner_for, with_techniques
 from qconvert.opset import default_opset, raise_opset
-from qconvert.plan import Granularity, LinearPlan, layer_setting
+from qconvert.plan import CalibrationMethod, Granularity, LinearPlan, layer_setting
 from qconvert.quant.layout import snr_db
 from qconvert.report import Histogram, OpsetChange, WeightReport
 from qconvert.select import Skipped, Weight
@@ -38,14 +38,18 @@ def linear_step(model: onnx.ModelProto, plan: LinearPlan, progress: Progress, da
     details: dict[str, object] = {}
     warnings: list[str] = []
     selection = select(model, plan)
-    # In a full QDQ graph an Add after a MatMul would sit outside the integer kernel: MatMuls keep no bias.
-    refiner = refiner_for(model, selection.weights, plan, data, progress, matmul_bias=not plan.activations)
+    # Weights-only folds BatchNorm where it costs no accuracy, which the statistics tell. Integer kernels
+    # need every one folded: full QDQ folds first, then gathers the statistics and the activation ranges
+    # in one pass. There an Add after a MatMul would sit outside the integer kernel: MatMuls keep no bias.
+    refiner = None if plan.activations else refiner_for(model, selection.weights, plan, data, progress)
     folded = {}
     if plan.fold_batchnorm:
-        # Integer kernels need every BatchNorm folded; weights-only folds where it costs no accuracy.
         where = None if plan.activations else fold_filter(selection.weights, _quantizer(plan), refiner)
         folded = fold_batchnorm(model, where)
         selection = select(model, plan)
+    if plan.activations:
+        extremes = qdq.activation_tensors(model, {w.name for w in selection.weights})
+        refiner = refiner_for(model, selection.weights, plan, data, progress, matmul_bias=False, extremes=extremes)
     if folded:
         details["folded_batchnorm"] = list(folded)
     skipped = list(selection.skipped)
@@ -108,14 +112,17 @@ def linear_step(model: onnx.ModelProto, plan: LinearPlan, progress: Progress, da
                               "them at every run (slower than float)")
         return Step(model, opset, reports, skipped, warnings, details, histograms)
 
-    progress("calibrating activation ranges")
     names = set(items)
-    tensors = qdq.activation_tensors(model, names)
     assert plan.calibration is not None
     feeds = refiner.feeds if refiner and data == plan.calibration else calibration_feeds(model, plan.calibration, plan.preprocessing)
     if feeds.samples < MIN_CALIBRATION_SAMPLES:
         warnings.append(f"only {feeds.samples} calibration samples; activation ranges may not generalize (use {MIN_CALIBRATION_SAMPLES}+)")
-    ranges = activation_ranges(model, tensors, feeds, method=plan.calibration_method, percentile=plan.percentile)
+    if refiner and feeds is refiner.feeds and plan.calibration_method is CalibrationMethod.MINMAX:
+        ranges = refiner.ranges  # gathered with the statistics
+    else:
+        progress("calibrating activation ranges")
+        ranges = activation_ranges(model, qdq.activation_tensors(model, names), feeds, method=plan.calibration_method,
+                                   percentile=plan.percentile)
     if refiner is not None:
         refiner.apply_shifts(model, decisions)  # after the ranges: those are the float model's
     qdq.insert_weight_dq(model, list(items.values()))

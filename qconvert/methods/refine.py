@@ -48,16 +48,17 @@ class Refiner:
     data_aware: bool
     bias_correction: bool
     matmul_bias: bool = True  # a MatMul's bias shift goes in a new Add node
+    ranges: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)  # min/max of the tensors asked for
     layers: dict[str, Layer] = dataclasses.field(default_factory=dict)
     model_snr_db: dict[str, float | None] = dataclasses.field(default_factory=dict)  # the whole-model check, per variant
     chosen: str = "plain"  # the variant that won it
 
     @staticmethod
     def gather(model: onnx.ModelProto, weights: list[Weight], feeds: Feeds, *, data_aware: bool, bias_correction: bool,
-               matmul_bias: bool = True) -> Refiner:
+               matmul_bias: bool = True, extremes: list[str] | None = None) -> Refiner:
         layers = fidelity.find_layers(model, weights)
-        moments, reference = fidelity.input_moments(model, layers, feeds) if layers else ({}, [])
-        refiner = Refiner(feeds, moments, reference, data_aware, bias_correction, matmul_bias)
+        stats = fidelity.input_moments(model, layers, feeds, extremes) if layers else fidelity.Statistics({}, [], {})
+        refiner = Refiner(feeds, stats.moments, stats.reference, data_aware, bias_correction, matmul_bias, ranges=stats.ranges)
         refiner.bind(model, weights)
         return refiner
 
@@ -161,13 +162,15 @@ class Refiner:
 
 
 def refiner_for(model: onnx.ModelProto, weights: list[Weight], plan: Plan, data: Path | None, progress: Progress,
-                matmul_bias: bool = True) -> Refiner | None:
-    """Statistics for the data-aware techniques the plan enables, or None (no data, nothing to refine)."""
+                matmul_bias: bool = True, extremes: list[str] | None = None) -> Refiner | None:
+    """Statistics for the data-aware techniques the plan enables, or None (no data, nothing to refine);
+    in the same pass, the min and max of the `extremes` tensors (activation ranges)."""
     if data is None or not weights or not (plan.data_aware or plan.bias_correction):
         return None
     progress("gathering input statistics on the calibration data")
     feeds = calibration_feeds(model, data, plan.preprocessing)
-    refiner = Refiner.gather(model, weights, feeds, data_aware=plan.data_aware, bias_correction=plan.bias_correction, matmul_bias=matmul_bias)
+    refiner = Refiner.gather(model, weights, feeds, data_aware=plan.data_aware, bias_correction=plan.bias_correction,
+                             matmul_bias=matmul_bias, extremes=extremes)
     return refiner if refiner.moments else None
 
 
