@@ -139,10 +139,10 @@ def input_moments(model: onnx.ModelProto, layers: dict[str, Layer], feeds: Feeds
         keys[key] = outputs
     add_after(graph, {x: (None, nodes) for x, nodes in after.items()})
     model_outputs = [o.name for o in graph.output]
-    wanted = [name for outputs in keys.values() for name in outputs]
-    graph.output.extend(helper.make_empty_tensor_value_info(t) for t in wanted)
+    sums = [name for outputs in keys.values() for name in outputs]
+    graph.output.extend(helper.make_empty_tensor_value_info(t) for t in sums)
     reduced = add_extremes(graph, extremes or [], fresh)
-    wanted += [name for pair in reduced.values() for name in pair]
+    wanted = [*sums, *(name for pair in reduced.values() for name in pair)]
     sess = session(probe.SerializeToString(), "model for calibration", probe=True)
     del probe, graph
     totals: dict[str, np.ndarray] = {}
@@ -154,7 +154,7 @@ def input_moments(model: onnx.ModelProto, layers: dict[str, Layer], feeds: Feeds
             reference.append(batch[: len(model_outputs)])
         values = dict(zip(wanted, batch[len(model_outputs) :]))
         ranges.add(values)
-        for name in wanted[: 3 * len(keys)]:
+        for name in sums:
             totals[name] = totals.get(name, 0) + np.asarray(values[name], np.float64)
     moments = {}
     for name, layer in layers.items():

@@ -147,14 +147,13 @@ def staged_bytes(staged: Path) -> int:
 
 
 def publish(staged: Path, path: Path) -> None:
-    """Move a staged model and its data file into place (data first: the model never names missing data)."""
+    """Move a staged model and its data file into place (data first: the model never names missing data).
+    The caller `discard`s the staging folder either way."""
     try:
         os.replace(staged.parent / external_name(staged), path.parent / external_name(path))
         os.replace(staged, path)
     except OSError as e:
         raise OutputError(f"{path}: cannot write: {e.strerror or e}") from e
-    finally:
-        discard(staged)
 
 
 def discard(staged: Path) -> None:
