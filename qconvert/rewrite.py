@@ -107,23 +107,31 @@ def set_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
 
 
 def add_after(graph: onnx.GraphProto, additions: dict[str, tuple[str | None, list[onnx.NodeProto]]]) -> None:
-    """Put nodes right after the node producing each tensor, in one rebuild of the node list.
+    """Add nodes that read each tensor, in one rebuild of the node list.
 
     additions: tensor -> (new name, nodes). With a new name the producer writes that instead and the
-    nodes compute the tensor from it (an op spliced in); with None the nodes only read the tensor.
-    Right after the producer, onnxruntime can free what they read as early as before. Nodes that only
-    read a tensor no node makes first (a graph input, a second output) go at the end.
+    nodes, spliced in right after it, compute the tensor from it. With None the nodes only read the
+    tensor (checks and reductions beside the model): they go after every node, latest producer first.
+    onnxruntime's default order visits the graph's dead ends from the last node backwards, each after
+    what it needs, so in that order each check runs as soon as its tensor exists, and the tensor can be
+    freed as before. Placed right after their producers, the checks ran after the whole model instead,
+    and held every activation until then: 2.1 GB instead of 0.7 GB for ResNet-50 at batch 4
+    (pinned by tests/test_graphs.py).
     """
-    nodes, placed = [], set()
+    nodes, readers = [], []
     for node in graph.node:
         nodes.append(node)
         if node.output and (tensor := node.output[0]) in additions:
             rename, extra = additions[tensor]
-            if rename is not None:
+            if rename is None:
+                readers.append(extra)
+            else:
                 node.output[0] = rename
-            nodes += extra
-            placed.add(tensor)
-    nodes += [n for tensor, (rename, extra) in additions.items() if rename is None and tensor not in placed for n in extra]
+                nodes += extra
+    produced = {node.output[0] for node in graph.node if node.output}
+    first = [extra for tensor, (rename, extra) in additions.items() if rename is None and tensor not in produced]
+    for extra in [*reversed(readers), *first]:
+        nodes += extra
     set_nodes(graph, nodes)
 
 

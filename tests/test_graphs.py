@@ -94,3 +94,30 @@ def test_recurrent_weights_are_selected_along_the_gate_axis() -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     weights = {x.name: x.channel_axis for x in select_weights(model).weights}
     assert weights == {"W": 1, "R": 1}
+
+
+def test_checks_beside_the_model_run_as_soon_as_their_tensor_exists(tmp_path: Path) -> None:
+    """add_after places read-only checks so that onnxruntime runs each right after its tensor's
+    producer (and can free the tensor), not after the whole model: measured in onnxruntime's profile."""
+    from qconvert.rewrite import NameSource, add_after
+
+    chain = [helper.make_node("Relu" if i % 2 else "Neg", [f"t{i}"], [f"t{i + 1}"], name=f"main{i}") for i in range(8)]
+    graph = helper.make_graph(chain, "g", [helper.make_tensor_value_info("t0", TensorProto.FLOAT, [64, 64])],
+                              [helper.make_tensor_value_info("t8", TensorProto.FLOAT, [64, 64])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    fresh = NameSource(model)
+    add_after(model.graph, {f"t{i}": (None, [helper.make_node("ReduceMax", [f"t{i}"], [fresh(f"m{i}")], keepdims=0, name=f"check{i}")])
+                            for i in range(8)})
+    model.graph.output.extend(helper.make_tensor_value_info(f"m{i}", TensorProto.FLOAT, []) for i in range(8))
+    onnx.checker.check_model(model)
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "profile")
+    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    sess.run(None, {"t0": np.ones((64, 64), np.float32)})
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    order = [e["name"].removesuffix("_kernel_time") for e in sorted(events, key=lambda e: e["ts"])
+             if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    assert sorted(order) == sorted([*(f"main{i}" for i in range(8)), *(f"check{i}" for i in range(8))])
+    for i in range(1, 7):  # t_i is checked before the node after its reader runs: t_i can be freed on time
+        assert order.index(f"check{i}") < order.index(f"main{i + 1}"), order
