@@ -27,6 +27,7 @@ from onnx import helper, numpy_helper
 from qconvert import fidelity, io, validate
 from qconvert.gates import Gates
 from qconvert.methods.common import Progress, select
+from qconvert.opset import hole, without_weights
 from qconvert.plan import AutoPlan, Granularity, KMeansPlan, LayerOverride, ValidationPlan
 from qconvert.quant.kmeans import nearest, palettize
 from qconvert.quant.layout import from_rows, to_rows
@@ -80,7 +81,7 @@ def profile(model: onnx.ModelProto, plan: AutoPlan, validation: ValidationPlan, 
     """Gains of every layer and the options of every weight, with their predicted output noise."""
     selection = select(model, _base_plan(plan, ()))
     weights = [w for w in selection.weights if np.isfinite(w.array()).all()]
-    reference = validate.session(model.SerializeToString(), "input model")
+    reference = validate.model_session(model, "input model")
     feeds = validate.build_feeds(reference, validation)
     del reference
     # Work grows with model size × samples × probe widths: small models get more of both.
@@ -188,11 +189,12 @@ def noise_gains(model: onnx.ModelProto, layers: dict[str, fidelity.Layer], sampl
     for result in validate.run_with_outputs(model, [*outputs, *ys], samples, "input model"):
         references.append([result[o].astype(np.float64) for o in outputs])
         ranks = {name: result[y].ndim for name, y in zip(names, ys)}
-    probe, masks = _noise_probe(model, layers, deltas, ranks)
+    probe, masks, arrays = _noise_probe(model, layers, deltas, ranks)
+    del deltas
     known = {o.name for o in probe.graph.output}
     probe.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in outputs if name not in known)
-    sess = validate.session(probe.SerializeToString(), "model for the sensitivity probe", probe=True)
-    del probe
+    sess = validate.model_session(model, "model for the sensitivity probe", skeleton=probe, replaced=arrays, probe=True)
+    del probe, arrays
     slots = 1 if _fixed_batch(model) else SLOTS
     units = [list(u) for u in np.array_split(np.array(names, dtype=object), min(groups, len(names)))]
     ratios = {name: 10 ** (-snr / 10) if snr is not None else 0.0 for name, snr in zip(names, own)}
@@ -232,24 +234,26 @@ def scored_outputs(model: onnx.ModelProto) -> list[str]:
 
 
 def _noise_probe(model: onnx.ModelProto, layers: dict[str, fidelity.Layer], deltas: dict[str, np.ndarray],
-                 ranks: dict[str, int]) -> tuple[onnx.ModelProto, dict[str, str]]:
-    """A copy of the model with y + mask·layer(x; W − Ŵ) after each layer, mask a new [batch, 1, ...] input."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+                 ranks: dict[str, int]) -> tuple[onnx.ModelProto, dict[str, str], dict[str, np.ndarray]]:
+    """A skeleton of the model with y + mask·layer(x; W − Ŵ) after each layer, mask a new [batch, 1, ...]
+    input; the masks' names; the arrays of its new initializers."""
+    probe = without_weights(model)
     graph, fresh = probe.graph, NameSource(probe)
     masks: dict[str, str] = {}
+    arrays: dict[str, np.ndarray] = {}
     additions: dict[str, tuple[str | None, list[onnx.NodeProto]]] = {}
     for name, layer in layers.items():
         y = layer.node.output[0]
         delta = fresh(f"{name}_qc_delta")
-        graph.initializer.append(numpy_helper.from_array(deltas[name].astype(np.float32), delta))
+        arrays[delta] = deltas[name].astype(np.float32)
+        graph.initializer.append(hole(delta, arrays[delta]))
         noise, mask, clean, scaled = fresh(f"{y}_qc_noise"), fresh(f"{y}_qc_mask"), fresh(f"{y}_qc_clean"), fresh(f"{y}_qc_scaled")
         graph.input.append(helper.make_tensor_value_info(mask, onnx.TensorProto.FLOAT, ["batch", *([1] * (ranks[name] - 1))]))
         noise_of_weight = fidelity.layer_copy(layer.node, delta, noise, fresh, bias=False)  # the weight's error alone
         additions[y] = (clean, [noise_of_weight, helper.make_node("Mul", [mask, noise], [scaled]), helper.make_node("Add", [clean, scaled], [y])])
         masks[name] = mask
     add_after(graph, additions)
-    return probe, masks
+    return probe, masks, arrays
 
 
 def _fixed_batch(model: onnx.ModelProto) -> bool:

@@ -8,7 +8,8 @@ from onnx import helper
 
 from qconvert.plan import CalibrationMethod
 from qconvert.rewrite import NameSource, add_after
-from qconvert.validate import Feeds, run_batches, run_with_outputs, session
+from qconvert.opset import without_weights
+from qconvert.validate import Feeds, model_session, run_batches, run_with_outputs
 
 SAMPLE_PER_TENSOR = 1 << 16  # values kept per tensor for percentiles
 
@@ -50,10 +51,9 @@ def activation_ranges(
 def _min_max(model: onnx.ModelProto, tensors: list[str], feeds: Feeds) -> dict[str, tuple[float, float]]:
     """Min and max of each tensor, reduced in the graph right after its producer: only scalars come
     back, and onnxruntime frees every activation as usual (fetching them took 7 GB on ResNet-50)."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    probe = without_weights(model)
     reduced = add_extremes(probe.graph, tensors, NameSource(probe))
-    sess = session(probe.SerializeToString(), "model for calibration", probe=True)
+    sess = model_session(model, "model for calibration", skeleton=probe, probe=True)
     del probe
     names = [name for pair in reduced.values() for name in pair]
     ranges = Extremes(reduced)

@@ -10,10 +10,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qconvert.calibrate import Extremes, add_extremes
-from qconvert.opset import default_opset
+from qconvert.opset import default_opset, hole, is_hole, without_weights
 from qconvert.rewrite import NameSource, add_after, use_counts
 from qconvert.select import MAIN_GRAPH, Weight, constant_value
-from qconvert.validate import Feeds, run_batches, session
+from qconvert.validate import Feeds, model_session, run_batches
 
 IMPORTANCE_FLOOR = 1e-6  # dead input channels still count a little: keeps the weighted k-means well posed
 PROBE_BYTES = 64 << 20  # candidate weights added to one probe model of the layer-error pass
@@ -106,8 +106,7 @@ def input_moments(model: onnx.ModelProto, layers: dict[str, Layer], feeds: Feeds
     Everything is reduced in the graph right after the tensor's producer (ReduceSum, ReduceSumSquare,
     Size, ReduceMin, ReduceMax), so only vectors come back and onnxruntime frees every activation as usual.
     """
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    probe = without_weights(model)
     graph, opset, fresh = probe.graph, default_opset(model), NameSource(probe)
     keys: dict[tuple[str, int, int], tuple[str, str, str]] = {}  # (x, channel axis, Cin) -> sum, sum of squares, size
     after: dict[str, list[onnx.NodeProto]] = {}
@@ -143,7 +142,7 @@ def input_moments(model: onnx.ModelProto, layers: dict[str, Layer], feeds: Feeds
     graph.output.extend(helper.make_empty_tensor_value_info(t) for t in sums)
     reduced = add_extremes(graph, extremes or [], fresh)
     wanted = [*sums, *(name for pair in reduced.values() for name in pair)]
-    sess = session(probe.SerializeToString(), "model for calibration", probe=True)
+    sess = model_session(model, "model for calibration", skeleton=probe, probe=True)
     del probe, graph
     totals: dict[str, np.ndarray] = {}
     ranges = Extremes(reduced)
@@ -233,11 +232,11 @@ def layer_snr(model: onnx.ModelProto, candidates: list[Candidate], feeds: Feeds)
 
 
 def _probe(model: onnx.ModelProto, candidates: list[Candidate], feeds: Feeds) -> list[float | None]:
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    probe = without_weights(model)
     graph = probe.graph
     del graph.output[:]
     fresh = NameSource(probe)
+    arrays: dict[str, np.ndarray] = {}
     signals: dict[str, str] = {}
     errors: list[tuple[str, str]] = []
     after: dict[str, tuple[str | None, list[onnx.NodeProto]]] = {}  # layer output -> its checks
@@ -249,7 +248,8 @@ def _probe(model: onnx.ModelProto, candidates: list[Candidate], feeds: Feeds) ->
             signals[y] = fresh(f"{y}_qc_signal")
             checks.append(helper.make_node("ReduceSumSquare", [y], [signals[y]], keepdims=0))
         w = fresh(f"{layer.weight}_qc_candidate")
-        graph.initializer.append(numpy_helper.from_array(candidate.weight, w))
+        arrays[w] = candidate.weight
+        graph.initializer.append(hole(w, candidate.weight))
         out = fresh(f"{y}_qc_candidate")
         checks.append(layer_copy(layer.node, w, out, fresh))
         if candidate.shift is not None:
@@ -264,8 +264,8 @@ def _probe(model: onnx.ModelProto, candidates: list[Candidate], feeds: Feeds) ->
     add_after(graph, after)
     wanted = [*dict.fromkeys(signals.values()), *(e for e, _ in errors)]
     graph.output.extend(helper.make_empty_tensor_value_info(t) for t in wanted)
-    sess = session(probe.SerializeToString(), "model for the layer-error check", probe=True)
-    del probe, graph
+    sess = model_session(model, "model for the layer-error check", skeleton=probe, replaced=arrays, probe=True)
+    del probe, graph, arrays
     totals = dict.fromkeys(wanted, 0.0)
     for outputs in run_batches(sess, feeds, "model for the layer-error check", output_names=wanted):
         for name, value in zip(wanted, outputs):
@@ -308,12 +308,12 @@ def model_snr(model: onnx.ModelProto, variants: list[tuple[dict[str, np.ndarray]
     signal = sum(float(np.sum(r * r)) for r in reference)
     snrs = []
     for arrays, shifts in variants:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
+        copy = without_weights(model)
         graph = copy.graph
+        replaced = {name: array.astype(np.float32, copy=False) for name, array in arrays.items()}
         for tensor in graph.initializer:
-            if tensor.name in arrays:
-                tensor.CopyFrom(numpy_helper.from_array(arrays[tensor.name].astype(np.float32), tensor.name))
+            if tensor.name in replaced and not is_hole(tensor):
+                tensor.CopyFrom(numpy_helper.from_array(replaced[tensor.name], tensor.name))
         for node in graph.node:
             value = constant_value(node)
             if value is not None and node.output[0] in arrays:
@@ -327,8 +327,8 @@ def model_snr(model: onnx.ModelProto, variants: list[tuple[dict[str, np.ndarray]
             product = fresh(f"{y}_qc_unshifted")
             additions[y] = (product, [helper.make_node("Add", [product, bias.name], [y])])
         add_after(graph, additions)
-        sess = session(copy.SerializeToString(), "model for the whole-model check")
-        del copy, graph
+        sess = model_session(model, "model for the whole-model check", skeleton=copy, replaced=replaced)
+        del copy, graph, replaced
         outputs = [np.concatenate(o).astype(np.float64) for o in zip(*run_batches(sess, feeds, "model for the whole-model check"))]
         error = sum(float(np.sum((r - q) ** 2)) for r, q in zip(reference, outputs))
         snrs.append(_snr(signal, error))

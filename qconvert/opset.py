@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 from google.protobuf.message import Message
 from onnx import helper, shape_inference, version_converter
@@ -60,6 +61,14 @@ def without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     return skeleton
 
 
+def hole(name: str, array: np.ndarray) -> onnx.TensorProto:
+    """An initializer without data, like those of `without_weights`, for an array handed over beside it."""
+    tensor = onnx.TensorProto(name=name, dims=array.shape, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
+                              data_location=onnx.TensorProto.EXTERNAL)
+    tensor.external_data.add(key="location", value=_STRIPPED)
+    return tensor
+
+
 def _graft(converted: onnx.ModelProto, model: onnx.ModelProto) -> None:
     """Make `model` the converted skeleton again, keeping its own large tensors where the skeleton had holes."""
     for field in [f for f, _ in model.ListFields() if f.name != "graph"]:
@@ -68,8 +77,8 @@ def _graft(converted: onnx.ModelProto, model: onnx.ModelProto) -> None:
     for field in [f for f, _ in model.graph.ListFields() if f.name != "initializer"]:
         model.graph.ClearField(field.name)
     _copy_fields(converted.graph, model.graph, skip="initializer")
-    holes = {t.name for t in converted.graph.initializer if _is_hole(t)}
-    small = {t.name: t for t in converted.graph.initializer if not _is_hole(t)}
+    holes = {t.name for t in converted.graph.initializer if is_hole(t)}
+    small = {t.name: t for t in converted.graph.initializer if not is_hole(t)}
     initializers = model.graph.initializer
     for i in reversed(range(len(initializers))):  # in place and in order: the weights are never copied
         tensor = initializers[i]
@@ -80,7 +89,8 @@ def _graft(converted: onnx.ModelProto, model: onnx.ModelProto) -> None:
     initializers.extend(small.values())  # tensors the converter added
 
 
-def _is_hole(tensor: onnx.TensorProto) -> bool:
+def is_hole(tensor: onnx.TensorProto) -> bool:
+    """Whether `without_weights` left this tensor without its data."""
     return any(e.value == _STRIPPED for e in tensor.external_data)
 
 

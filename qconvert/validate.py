@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +14,7 @@ import onnx
 import onnxruntime as ort
 
 from qconvert.errors import CannotRunError, InputError, UnsupportedModelError, UsageError, first_line
+from qconvert.opset import is_hole, without_weights
 from qconvert.plan import ValidationPlan
 from qconvert.quant.layout import snr_db
 
@@ -73,7 +74,8 @@ class Feeds:
     padded: int = 0  # samples repeated to fill the last fixed-size batch
 
 
-def session(model: str | bytes, what: str, *, probe: bool = False, optimize: bool = True) -> ort.InferenceSession:
+def session(model: str | bytes, what: str, *, probe: bool = False, optimize: bool = True,
+            initializers: tuple[list[str], list[ort.OrtValue]] | None = None) -> ort.InferenceSession:
     """An onnxruntime CPU session; `model` is a path or serialized bytes.
 
     `probe`: a model with many side branches (checks beside every layer). onnxruntime's memory
@@ -82,16 +84,45 @@ def session(model: str | bytes, what: str, *, probe: bool = False, optimize: boo
     `optimize` False: no graph optimizations, so no constant folding. A palettized model then decodes
     each weight when it is used, instead of all of them at load (for a 2.7 GB model, folding at load
     took more than 24 GB).
+    `initializers`: names and values of the model's initializers that it marks as external.
     """
     options = ort.SessionOptions()
     options.log_severity_level = 4  # fatal only: failures come back as one-line errors instead
     options.enable_mem_pattern = not probe
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if initializers is not None:
+        options.add_external_initializers(*initializers)
     try:
         return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own untyped errors
         raise CannotRunError(f"onnxruntime cannot load the {what}: {first_line(e)}", what) from e
+
+
+def model_session(model: onnx.ModelProto, what: str, *, skeleton: onnx.ModelProto | None = None,
+                  replaced: Mapping[str, np.ndarray] | None = None, probe: bool = False) -> ort.InferenceSession:
+    """A session of an in-memory model whose large weights are handed to onnxruntime as arrays.
+
+    Serializing the model would copy every weight twice more (the bytes, and onnxruntime's parse of
+    them) and fails past protobuf's 2 GB. `skeleton` is what runs: a copy of `model` without its large
+    tensors' data (`opset.without_weights`), maybe with checks added; by default `model` itself. Its
+    holes are filled from `replaced`, else from `model`'s initializers of the same name.
+    """
+    skeleton = skeleton if skeleton is not None else without_weights(model)
+    tensors = {t.name: t for t in model.graph.initializer}
+    names, values = [], []
+    for hole in skeleton.graph.initializer:
+        if not is_hole(hole):
+            continue
+        array = replaced[hole.name] if replaced and hole.name in replaced else onnx.numpy_helper.to_array(tensors[hole.name])
+        if array.dtype.type not in ORT_TYPES.values():  # bfloat16, float8...: onnxruntime takes these only as bytes
+            hole.CopyFrom(onnx.numpy_helper.from_array(array, hole.name) if replaced and hole.name in replaced else tensors[hole.name])
+            continue
+        names.append(hole.name)
+        values.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array)))
+    sess = session(skeleton.SerializeToString(), what, probe=probe, initializers=(names, values))
+    sess.qconvert_arrays = values  # type: ignore[attr-defined]  # onnxruntime reads them in place: they must outlive it
+    return sess
 
 
 def build_feeds(sess: ort.InferenceSession, plan: ValidationPlan) -> Feeds:
@@ -171,11 +202,10 @@ def run_batches(sess: ort.InferenceSession, feeds: Feeds, what: str, output_name
 
 def run_with_outputs(model: onnx.ModelProto, tensors: list[str], feeds: Feeds, what: str) -> Iterator[dict[str, np.ndarray]]:
     """The named intermediate tensors of each batch, exposed as extra outputs of a copy of the model."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    probe = without_weights(model)
     known = {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in dict.fromkeys(tensors) if t not in known)
-    sess = session(probe.SerializeToString(), what)
+    sess = model_session(model, what, skeleton=probe)
     del probe
     wanted = list(dict.fromkeys(tensors))
     for outputs in run_batches(sess, feeds, what, output_names=wanted):

@@ -239,3 +239,29 @@ def test_auto_granularity_goes_per_channel_only_where_it_pays(tmp_path: Path, mo
     assert granularity["skewed"][0] == "per-channel"
     assert granularity["alike"][0] == "per-tensor"
     assert ("sampled channels" if sampled else "per-channel codebooks gained") in granularity["alike"][1]
+
+
+def test_model_session_hands_weights_over_as_arrays() -> None:
+    """model_session runs a skeleton whose large weights come from the model, or from replacements,
+    exactly as a session of the serialized model would; dtypes onnxruntime only takes as bytes too."""
+    import ml_dtypes
+
+    from qconvert.opset import is_hole, without_weights
+    from qconvert.validate import model_session
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 64)).astype(np.float32)
+    h = rng.standard_normal((64, 64)).astype(ml_dtypes.bfloat16)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["a"]), helper.make_node("Cast", ["h"], ["hf"], to=TensorProto.FLOAT),
+         helper.make_node("MatMul", ["a", "hf"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(h, "h")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    skeleton = without_weights(model)
+    assert all(is_hole(t) for t in skeleton.graph.initializer) and skeleton.ByteSize() < 1000
+    x = {"x": rng.standard_normal((2, 64)).astype(np.float32)}
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    np.testing.assert_array_equal(model_session(model, "test").run(None, x)[0], expected)
+    doubled = model_session(model, "test", replaced={"w": 2 * w}).run(None, x)[0]
+    np.testing.assert_allclose(doubled, 2 * expected, rtol=1e-5, atol=1e-5)
