@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from qconvert import fidelity, io, validate
 from qconvert.gates import Gates

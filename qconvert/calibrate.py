@@ -6,9 +6,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from qconvert.opset import without_weights
 from qconvert.plan import CalibrationMethod
 from qconvert.rewrite import NameSource, add_after
-from qconvert.opset import without_weights
 from qconvert.validate import Feeds, model_session, run_batches, run_with_outputs
 
 SAMPLE_PER_TENSOR = 1 << 16  # values kept per tensor for percentiles
