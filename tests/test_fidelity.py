@@ -138,11 +138,11 @@ def test_a_refinement_that_hurts_is_not_kept() -> None:
     refiner = Refiner.gather(model, weights, feeds(x), data_aware=True, bias_correction=False)
     w = weights[0].array()
     plain = np.round(w * 4) / 4
-    decisions = refiner.decide(model, {"w": (w, plain, np.zeros_like(w))})  # a "refined" result that is garbage
+    decisions = refiner.decide(model, {"w": (plain, np.zeros_like(w))}, lambda _: w)  # a "refined" result that is garbage
     assert not decisions["w"].refined and decisions["w"].techniques == ()
     assert decisions["w"].note.startswith("layer output SNR on the calibration data: plain ")
     assert "data-aware" in decisions["w"].note
-    better = refiner.decide(model, {"w": (w, plain, np.round(w * 8) / 8)})  # a finer grid: it wins
+    better = refiner.decide(model, {"w": (plain, np.round(w * 8) / 8)}, lambda _: w)  # a finer grid: it wins
     assert better["w"].refined and better["w"].techniques == ("data-aware",)
     assert better["w"].layer_snr_db > better["w"].plain_layer_snr_db
     assert refiner.chosen != "plain" and refiner.model_snr_db[refiner.chosen] > refiner.model_snr_db["plain"]
@@ -207,7 +207,7 @@ def test_bias_correction_alone_is_an_option() -> None:
     weights = select_weights(model).weights
     refiner = Refiner.gather(model, weights, feeds(x), data_aware=True, bias_correction=True)
     w = weights[0].array()
-    decisions = refiner.decide(model, {"w": (w, np.round(w * 4 + 0.3) / 4, np.zeros_like(w))})
+    decisions = refiner.decide(model, {"w": (np.round(w * 4 + 0.3) / 4, np.zeros_like(w))}, lambda _: w)
     assert decisions["w"].techniques == ("bias-corrected",) and not decisions["w"].refined
     assert decisions["w"].layer_snr_db > decisions["w"].plain_layer_snr_db + 3
 

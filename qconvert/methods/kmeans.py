@@ -106,9 +106,9 @@ def kmeans_step(model: onnx.ModelProto, plan: KMeansPlan, progress: Progress, wo
         for weight, _, _ in pending:
             axis = chosen[weight.name][0]
             better = refined.get((weight.name, axis))
-            results[weight.name] = (weight.array(), _decoded(plain[weight.name, axis], weight.shape, axis),
-                                    _decoded(better, weight.shape, axis) if better else None)
-        decisions = refiner.decide(model, results)
+            results[weight.name] = (_decoded(plain[weight.name, axis], weight.shape, axis), _decoded(better, weight.shape, axis) if better else None)
+        by_name = {w.name: w for w, _, _ in pending}
+        decisions = refiner.decide(model, results, lambda name: by_name[name].array())
         details["calibration"] = refiner.summary(decisions)
         del results
         refiner.apply_shifts(model, decisions)

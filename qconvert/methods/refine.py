@@ -76,8 +76,10 @@ class Refiner:
             return None
         return fidelity.importance(self.layers[weight.name], self.moments[weight.name], weight.shape)
 
-    def decide(self, model: onnx.ModelProto, results: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]) -> dict[str, Decision]:
-        """Per weight: original, plain and data-aware (or None) dequantized arrays -> what to use.
+    def decide(self, model: onnx.ModelProto, results: dict[str, tuple[np.ndarray, np.ndarray | None]],
+               original: Callable[[str], np.ndarray]) -> dict[str, Decision]:
+        """Per weight: plain and data-aware (or None) dequantized arrays -> what to use. `original` gives
+        a weight's float array, asked for one weight at a time (a big model's copies would not fit).
 
         The options (plain; plain with its bias corrected; data-aware, with its bias corrected if that
         is on) run on the calibration data as copies of the layer. Then whole-model variants (plain
@@ -88,14 +90,18 @@ class Refiner:
         options: dict[str, list[tuple[bool, np.ndarray | None]]] = {}  # name -> [(data-aware?, bias shift)]
         candidates: list[Candidate] = []
         for name in names:
-            original, plain, refined = results[name]
+            plain, refined = results[name]
             layer, moments = self.layers[name], self.moments[name]
-            shift = fidelity.bias_shift if self.bias_correction else None
             tried: list[tuple[bool, np.ndarray | None]] = [(False, None)]
-            if shift is not None and (plain_shift := shift(layer, moments, original, plain)) is not None:
-                tried.append((False, plain_shift))
-            if refined is not None:
-                tried.append((True, shift(layer, moments, original, refined) if shift is not None else None))
+            if self.bias_correction:
+                floats = original(name)
+                if (plain_shift := fidelity.bias_shift(layer, moments, floats, plain)) is not None:
+                    tried.append((False, plain_shift))
+                if refined is not None:
+                    tried.append((True, fidelity.bias_shift(layer, moments, floats, refined)))
+                del floats
+            elif refined is not None:
+                tried.append((True, None))
             options[name] = tried
             candidates += [Candidate(layer, refined if use_refined and refined is not None else plain, bias) for use_refined, bias in tried]
         snrs = iter(fidelity.layer_snr(model, candidates, fidelity.check_feeds(self.feeds)))
@@ -112,7 +118,7 @@ class Refiner:
             "plain": dict.fromkeys(names, 0),
             "per layer": best_per_layer,
             "bias correction everywhere": {n: 1 if len(options[n]) > 1 and options[n][1][1] is not None else 0 for n in names},
-            "data-aware everywhere": {n: len(options[n]) - 1 if results[n][2] is not None else best_per_layer[n] for n in names},
+            "data-aware everywhere": {n: len(options[n]) - 1 if results[n][1] is not None else best_per_layer[n] for n in names},
         }
         unique: dict[str, dict[str, int]] = {}
         for label, choice in variants.items():
@@ -124,8 +130,8 @@ class Refiner:
             shifts: dict[str, tuple[Layer, np.ndarray]] = {}
             for name, index in choice.items():
                 use_refined, bias = options[name][index]
-                refined = results[name][2]
-                weights[name] = refined if use_refined and refined is not None else results[name][1]
+                plain, refined = results[name]
+                weights[name] = refined if use_refined and refined is not None else plain
                 if bias is not None:
                     shifts[name] = (self.layers[name], bias)
             arrays.append((weights, shifts))
