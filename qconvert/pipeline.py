@@ -23,6 +23,7 @@ from qconvert.report import OpsetChange, Report
 
 NO_GATES = Gates()
 FOLD_LIMIT = 1 << 30  # input bytes past which the converted model is validated without constant folding
+TECHNIQUES_LIMIT = 1 << 30  # input bytes past which the data-aware techniques are skipped (they hold copies of the weights)
 MIN_OPSET = 7  # Cast takes its type as an int from opset 6 on; onnxruntime supports 7+
 
 
@@ -85,6 +86,11 @@ def convert(
 
     # The data-aware techniques learn from the calibration inputs, else from the validation inputs.
     data = plan.calibration or (validation.data if validation else None)
+    notes = []
+    if data is not None and input_bytes > TECHNIQUES_LIMIT and (plan.data_aware or plan.bias_correction):
+        plan = dataclasses.replace(plan, data_aware=False, bias_correction=False)
+        notes.append(f"data-aware quantization and bias correction skipped: on {input_bytes / 1e9:.1f} GB of weights they "
+                     "would hold several copies of them in memory (a 2.3 GB model passed 14 GB)")
     loaded = [model]
     del model  # the step owns it: a model it converts to another opset must not stay alive beside the result
     if isinstance(plan, KMeansPlan):
@@ -105,7 +111,7 @@ def convert(
     output_data = None
     try:
         output_bytes = io.staged_bytes(staged) if staged else len(converted)
-        warnings = step.warnings + _check(converted, input_path)
+        warnings = notes + step.warnings + _check(converted, input_path)
         lap("check")
 
         result, latency = None, None

@@ -265,3 +265,17 @@ def test_model_session_hands_weights_over_as_arrays() -> None:
     np.testing.assert_array_equal(model_session(model, "test").run(None, x)[0], expected)
     doubled = model_session(model, "test", replaced={"w": 2 * w}).run(None, x)[0]
     np.testing.assert_allclose(doubled, 2 * expected, rtol=1e-5, atol=1e-5)
+
+
+def test_big_models_skip_the_techniques_with_a_warning(tmp_path: Path, digits: Path, digits_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past TECHNIQUES_LIMIT the data only validates: the techniques would hold copies of every weight."""
+    from qconvert import pipeline
+
+    monkeypatch.setattr(pipeline, "TECHNIQUES_LIMIT", digits.stat().st_size - 1)
+    result = CliRunner().invoke(cli, ["kmeans", str(digits), "--bits", "4", "--data", str(digits_data), "-o", str(tmp_path / "q.onnx"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["options"]["data_aware"] is False and report["options"]["bias_correction"] is False
+    assert "calibration" not in report["details"] and all(not w["techniques"] for w in report["per_weight"])
+    assert any(w.startswith("data-aware quantization and bias correction skipped") for w in report["warnings"])
+    assert report["validation"]["source"] == str(digits_data)
