@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from qconvert.rewrite import set_nodes, use_counts
+from qconvert.rewrite import drop_inputs, set_nodes, use_counts
 from qconvert.select import channel_axis, constant_value
 
 FOLDABLE = ("Conv", "ConvTranspose", "Gemm")
@@ -90,4 +90,5 @@ def fold_batchnorm(model: onnx.ModelProto, where: FoldFilter | None = None) -> d
         for i in reversed(range(len(graph.initializer))):
             if graph.initializer[i].name in unused:
                 del graph.initializer[i]
+        drop_inputs(graph, unused)
     return folded

@@ -89,12 +89,19 @@ def replace_weights(model: onnx.ModelProto, jobs: list[tuple[Weight, Callable[[G
         edit.removed.add(weight.name)
         build(edit)
         if weight.is_graph_input:
-            kept = [i for i in model.graph.input if i.name != weight.name]
-            del model.graph.input[:]
-            model.graph.input.extend(kept)
+            drop_inputs(model.graph, {weight.name})
     # Innermost graphs first: rebuilding a graph copies its nodes, subgraph attributes included.
     for edit in sorted(edits.values(), key=lambda e: -e.path.count("/")):
         edit.apply()
+
+
+def drop_inputs(graph: onnx.GraphProto, names: set[str]) -> None:
+    """Remove these graph inputs: old exporters list every initializer as an input too, and one left
+    behind by its initializer becomes an input the model requires (or, rewritten, a second producer)."""
+    kept = [i for i in graph.input if i.name not in names]
+    if len(kept) < len(graph.input):
+        del graph.input[:]
+        graph.input.extend(kept)
 
 
 def set_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
@@ -121,3 +122,24 @@ def test_checks_beside_the_model_run_as_soon_as_their_tensor_exists(tmp_path: Pa
     assert sorted(order) == sorted([*(f"main{i}" for i in range(8)), *(f"check{i}" for i in range(8))])
     for i in range(1, 7):  # t_i is checked before the node after its reader runs: t_i can be freed on time
         assert order.index(f"check{i}") < order.index(f"main{i + 1}"), order
+
+
+@pytest.mark.parametrize("ir_version", [3, 7])
+def test_batchnorm_folds_in_models_that_list_initializers_as_inputs(tmp_path: Path, digits: Path, digits_data: Path, ir_version: int) -> None:
+    """Old exporters (keep_initializers_as_inputs) list every weight as a graph input: a folded BN's
+    parameters must leave the inputs with their initializers, or they become required inputs."""
+    model = onnx.load(str(digits))
+    listed = {i.name for i in model.graph.input}
+    model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in model.graph.initializer if t.name not in listed)
+    model.ir_version = ir_version
+    path = save(model, tmp_path / "old.onnx")
+    for args in (["kmeans", "--bits", "4"], ["kmeans", "--bits", "4", "--data", str(digits_data)],
+                 ["linear", "--calibration", str(digits_data)]):
+        out = tmp_path / "q.onnx"
+        result = CliRunner().invoke(cli, [args[0], str(path), *args[1:], "-o", str(out), "--json"])
+        assert result.exit_code == 0, (args, result.output)
+        assert json.loads(result.stdout)["details"]["folded_batchnorm"]
+        written = onnx.load(str(out))
+        initializers = {t.name for t in written.graph.initializer}
+        assert [i.name for i in written.graph.input if i.name not in initializers] == ["input"]
+        onnx.checker.check_model(written, full_check=True)
