@@ -90,7 +90,7 @@ def convert(
     if data is not None and input_bytes > TECHNIQUES_LIMIT and (plan.data_aware or plan.bias_correction):
         plan = dataclasses.replace(plan, data_aware=False, bias_correction=False)
         notes.append(f"data-aware quantization and bias correction skipped: on {input_bytes / 1e9:.1f} GB of weights they "
-                     "would hold several copies of them in memory (a 2.3 GB model passed 14 GB)")
+                     "would hold several copies of them in memory (on a 2.7 GB model they passed 14 GB)")
     loaded = [model]
     del model  # the step owns it: a model it converts to another opset must not stay alive beside the result
     if isinstance(plan, KMeansPlan):
