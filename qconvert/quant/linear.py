@@ -65,9 +65,21 @@ def clipped_grid(rows: np.ndarray, *, bits: int, symmetric: bool, weights: np.nd
     lo, hi = rows64.min(axis=1), rows64.max(axis=1)
     best_error = np.full(rows.shape[0], np.inf)
     best = grid_for(rows, bits=bits, symmetric=symmetric)
+    steps = np.empty_like(rows64)  # dequantize(quantize(rows)) without its temporaries: q − Z, then S·(q − Z) in float32
     for ratio in CLIP_RATIOS:
         grid = grid_for(rows, bits=bits, symmetric=symmetric, lo=lo * ratio, hi=hi * ratio)
-        error = np.sum(weights * (rows64 - dequantize(quantize(rows, grid), grid)) ** 2, axis=1)
+        zero = grid.zero_point[:, None]
+        np.divide(rows64, grid.scale[:, None].astype(np.float64), out=steps)
+        np.rint(steps, out=steps)
+        steps += zero
+        np.clip(steps, grid.qmin, grid.qmax, out=steps)
+        steps -= zero
+        decoded = steps.astype(np.float32)
+        decoded *= grid.scale[:, None]
+        np.subtract(rows64, decoded, out=steps)
+        np.square(steps, out=steps)
+        steps *= weights
+        error = steps.sum(axis=1)
         better = error < best_error
         best_error = np.where(better, error, best_error)
         best = Grid(np.where(better, grid.scale, best.scale), np.where(better, grid.zero_point, best.zero_point), grid.qmin, grid.qmax)
