@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from qconvert.rewrite import drop_inputs, set_nodes, use_counts
+from qconvert.rewrite import drop_initializers, set_nodes, use_counts
 from qconvert.select import channel_axis, constant_value
 
 FOLDABLE = ("Conv", "ConvTranspose", "Gemm")
@@ -87,8 +87,5 @@ def fold_batchnorm(model: onnx.ModelProto, where: FoldFilter | None = None) -> d
     dropped |= {i for i, n in enumerate(graph.node) if n.op_type == "Constant" and n.output and n.output[0] in unused}
     if dropped:
         set_nodes(graph, [n for i, n in enumerate(graph.node) if i not in dropped])
-        for i in reversed(range(len(graph.initializer))):
-            if graph.initializer[i].name in unused:
-                del graph.initializer[i]
-        drop_inputs(graph, unused)
+        drop_initializers(graph, unused)
     return folded

@@ -13,7 +13,7 @@ from onnx import helper, numpy_helper
 from qconvert.opset import without_weights
 from qconvert.quant.layout import from_rows, to_rows
 from qconvert.quant.linear import Grid, clipped_grid, dequantize, grid_for, quantize
-from qconvert.rewrite import GraphEdit, NameSource, drop_inputs, replace_weights, set_nodes, use_counts
+from qconvert.rewrite import GraphEdit, NameSource, drop_initializers, replace_weights, set_nodes, use_counts
 from qconvert.select import Weight, constant_value
 
 # Ops whose float inputs and outputs get Quantize/DequantizeLinear pairs, so that onnxruntime runs them
@@ -200,10 +200,8 @@ def insert_activation_qdq(model: onnx.ModelProto, ranges: dict[str, tuple[float,
         nodes.append(node)
         nodes.extend(after.get(i, []))
     set_nodes(graph, nodes)
-    kept = [t for t in graph.initializer if t.name not in biases]
-    del graph.initializer[:]
-    graph.initializer.extend([*kept, *new_inits])
-    drop_inputs(graph, biases)
+    drop_initializers(graph, biases)
+    graph.initializer.extend(new_inits)
     return len(ranges)
 
 

@@ -95,6 +95,14 @@ def replace_weights(model: onnx.ModelProto, jobs: list[tuple[Weight, Callable[[G
         edit.apply()
 
 
+def drop_initializers(graph: onnx.GraphProto, names: set[str]) -> None:
+    """Remove these initializers, in place and in order, and the graph inputs of the same names."""
+    for i in reversed(range(len(graph.initializer))):
+        if graph.initializer[i].name in names:
+            del graph.initializer[i]
+    drop_inputs(graph, names)
+
+
 def drop_inputs(graph: onnx.GraphProto, names: set[str]) -> None:
     """Remove these graph inputs: old exporters list every initializer as an input too, and one left
     behind by its initializer becomes an input the model requires (or, rewritten, a second producer)."""

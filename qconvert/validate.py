@@ -114,9 +114,10 @@ def model_session(model: onnx.ModelProto, what: str, *, skeleton: onnx.ModelProt
     for hole in skeleton.graph.initializer:
         if not is_hole(hole):
             continue
-        array = replaced[hole.name] if replaced and hole.name in replaced else onnx.numpy_helper.to_array(tensors[hole.name])
+        given = replaced.get(hole.name) if replaced else None
+        array = given if given is not None else onnx.numpy_helper.to_array(tensors[hole.name])
         if array.dtype.type not in ORT_TYPES.values():  # bfloat16, float8...: onnxruntime takes these only as bytes
-            hole.CopyFrom(onnx.numpy_helper.from_array(array, hole.name) if replaced and hole.name in replaced else tensors[hole.name])
+            hole.CopyFrom(tensors[hole.name] if given is None else onnx.numpy_helper.from_array(array, hole.name))
             continue
         names.append(hole.name)
         values.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array)))
