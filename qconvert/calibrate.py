@@ -49,7 +49,7 @@ def activation_ranges(
 
 
 def _min_max(model: onnx.ModelProto, tensors: list[str], feeds: Feeds) -> dict[str, tuple[float, float]]:
-    """Min and max of each tensor, reduced in the graph right after its producer: only scalars come
+    """Min and max of each tensor, reduced in the graph as soon as it exists (`add_after`): only scalars come
     back, and onnxruntime frees every activation as usual (fetching them took 7 GB on ResNet-50)."""
     probe = without_weights(model)
     reduced = add_extremes(probe.graph, tensors, NameSource(probe))
@@ -63,7 +63,7 @@ def _min_max(model: onnx.ModelProto, tensors: list[str], feeds: Feeds) -> dict[s
 
 
 def add_extremes(graph: onnx.GraphProto, tensors: list[str], fresh: NameSource) -> dict[str, tuple[str, str]]:
-    """ReduceMin and ReduceMax of each tensor as new graph outputs, right after its producer; returns
+    """ReduceMin and ReduceMax of each tensor as new graph outputs, run as soon as it exists (`add_after`); returns
     tensor -> (min, max) output names."""
     reduced = {t: (fresh(f"{t}_qc_min"), fresh(f"{t}_qc_max")) for t in dict.fromkeys(tensors)}
     add_after(graph, {t: (None, [helper.make_node("ReduceMin", [t], [lo], keepdims=0), helper.make_node("ReduceMax", [t], [hi], keepdims=0)])

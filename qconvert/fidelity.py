@@ -103,7 +103,7 @@ def input_moments(model: onnx.ModelProto, layers: dict[str, Layer], feeds: Feeds
     """E[x] and E[x²] per input channel of each layer, in one onnxruntime pass; the model's outputs on
     `check_feeds(feeds)`; and the min and max of the `extremes` tensors (activation ranges).
 
-    Everything is reduced in the graph right after the tensor's producer (ReduceSum, ReduceSumSquare,
+    Everything is reduced in the graph as soon as the tensor exists (`add_after`) (ReduceSum, ReduceSumSquare,
     Size, ReduceMin, ReduceMax), so only vectors come back and onnxruntime frees every activation as usual.
     """
     probe = without_weights(model)
