@@ -93,7 +93,7 @@ def convert(mode: str, model: Path, output: Path, calibration: Path) -> None:
 
 def measure(mode: str, model: Path, output: Path, calibration: Path) -> dict[str, float]:
     """Run one conversion in a fresh process: its own time, and peak memory: the larger of the process's
-    VmHWM and the proportional set size of it and its worker processes together, sampled every 20 ms.
+    VmHWM and the proportional set size of it and its child processes together, sampled every 20 ms.
     (Not ru_maxrss: Linux carries the forking parent's size over into it.)"""
     child = subprocess.Popen([sys.executable, __file__, "--job", mode, str(model), str(output), str(calibration)],
                              stdout=subprocess.PIPE, text=True)

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from qconvert import io
 from qconvert.calibrate import Extremes, add_extremes
 from qconvert.opset import default_opset, hole, is_hole, without_weights
 from qconvert.rewrite import NameSource, add_after, use_counts
@@ -361,7 +362,7 @@ def apply_bias_shifts(model: onnx.ModelProto, shifts: dict[str, tuple[Layer, np.
         if current is None:
             value = shift / scale
         else:
-            old = numpy_helper.to_array(constants[current]).astype(np.float64)
+            old = io.tensor_array(constants[current]).astype(np.float64)
             value = old + (shift / scale).reshape((-1,) if old.ndim <= 1 else (1, -1))
         array = value.astype(np.float32)
         if current is not None and uses.get(current) == 1:

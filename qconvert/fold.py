@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from qconvert import io
 from qconvert.rewrite import drop_initializers, set_nodes, use_counts
 from qconvert.select import channel_axis, constant_value
 
@@ -49,16 +50,16 @@ def fold_batchnorm(model: onnx.ModelProto, where: FoldFilter | None = None) -> d
         if bias is not None and (bias not in inits or uses.get(bias) != 1):
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in conv.attribute}
-        w = numpy_helper.to_array(inits[weight])
+        w = io.tensor_array(inits[weight])
         axis = channel_axis(conv, w.ndim)
         if axis is None or (conv.op_type == "ConvTranspose" and attrs.get("group", 1) != 1) or attrs.get("beta", 1.0) == 0:
             continue
         channels = w.shape[axis]
-        b = numpy_helper.to_array(inits[bias]).astype(np.float64) if bias else np.zeros(channels)
+        b = io.tensor_array(inits[bias]).astype(np.float64) if bias else np.zeros(channels)
         if b.shape != (channels,):  # a Gemm C of shape [M, N] or a scalar: leave it
             continue
         epsilon = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
-        gamma, beta, mean, var = (numpy_helper.to_array(inits[p]).astype(np.float64) for p in params)
+        gamma, beta, mean, var = (io.tensor_array(inits[p]).astype(np.float64) for p in params)
         factor = gamma / np.sqrt(var + epsilon)  # [Cout]
         if where is not None and not where(weight, w, factor, axis):
             continue

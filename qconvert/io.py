@@ -2,50 +2,245 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
+import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
+from onnx import helper, numpy_helper
 
 from qconvert.errors import InputError, OutputError, first_line
 
 
 def load_model(path: Path) -> tuple[onnx.ModelProto, int]:
-    """Read a model (and its external data) or raise InputError naming the problem.
+    """Read a model or raise InputError naming the problem.
 
-    Returns the model and its size on disk: the file plus the external data files it names (a model
-    over 2 GB keeps its weights there).
+    Large initializers stay in the file: they come back lazy (`is_lazy`), and `tensor_array` reads
+    one when it is needed, so a conversion holds one weight at a time instead of all of them. So do
+    weights in external data files (models over 2 GB). Returns the model and its size on disk: the
+    file plus the external data files it names.
     """
     if not path.exists():
         raise InputError(f"{path}: no such file")
     if path.is_dir():
         raise InputError(f"{path}: is a directory, expected an .onnx file")
-    try:  # checked before it is loaded: the checker's own copy beside ours would double the peak memory
-        onnx.checker.check_model(str(path))  # by path: works past protobuf's 2 GB and checks external data
-    except Exception as e:  # ValidationError, or a C++ error for odd protobufs
-        _read(path)  # a file that is not a model at all gets that said
-        raise InputError(f"{path}: invalid ONNX model: {first_line(e)}") from e
     model, locations = _read(path)
+    try:
+        onnx.checker.check_model(_checkable(model))
+    except Exception as e:  # ValidationError, or a C++ error for odd protobufs
+        raise InputError(f"{path}: invalid ONNX model: {first_line(e)}") from e
     size = path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in locations)
     return model, size
 
 
+def _checkable(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy for the ONNX checker: lazy tensors point at "#" data, which it takes as held in memory
+    (it checks their fields, not their bytes; a real path it would want relative, beside the model)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for tensor in copy.graph.initializer:
+        if is_lazy(tensor):
+            next(e for e in tensor.external_data if e.key == "location").value = "#lazy"
+    return copy
+
+
+LAZY_BYTES = 1024  # initializers with more raw data than this are read from the file when needed
+_SOURCE = "qconvert_source"  # external_data key of a lazy tensor: the identity of the file it reads
+
+
 def _read(path: Path) -> tuple[onnx.ModelProto, set[str]]:
-    """The model with its external data loaded, and the data files it names."""
+    """The model with its large initializers lazy, and the external data files it names."""
     try:
-        model = onnx.load(str(path), load_external_data=False)
-        locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
-        onnx.load_external_data_for_model(model, str(path.parent))
-    except DecodeError as e:
+        with open(path, "rb") as f:
+            identity = _identity(os.fstat(f.fileno()))
+            if os.fstat(f.fileno()).st_size == 0:
+                raise InputError(f"{path}: not an ONNX model (the file is empty)")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:  # only the pages read are resident
+                skeleton, held = _hollow(data)
+        model = onnx.ModelProto()
+        model.ParseFromString(skeleton)
+    except (DecodeError, IndexError) as e:
         raise InputError(f"{path}: not an ONNX model (protobuf parse failed)") from e
-    except (OSError, ValueError, onnx.checker.ValidationError) as e:  # unreadable, external data missing
-        raise InputError(f"{path}: cannot read model: {first_line(e)}") from e
+    except OSError as e:
+        raise InputError(f"{path}: cannot read model: {e.strerror or e}") from e
     if not model.graph.node:
         raise InputError(f"{path}: not an ONNX model (no graph nodes)")
+    locations = set()
+    for i, tensor in enumerate(model.graph.initializer):
+        if i in held:
+            _make_lazy(tensor, path.resolve(), identity, *held[i])
+        elif tensor.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in tensor.external_data}
+            if Path(info.get("location", "")).is_absolute() or ".." in Path(info.get("location", "..")).parts:
+                raise InputError(f"{path}: the external data of {tensor.name} must be a file in the model's folder")
+            locations.add(info["location"])
+            file = (path.parent / info["location"]).resolve()
+            try:
+                offset = int(info.get("offset", 0))
+                stat = file.stat()
+                length = int(info["length"]) if "length" in info else stat.st_size - offset
+            except (OSError, ValueError) as e:
+                raise InputError(f"{path}: cannot read the external data of {tensor.name}: {e}") from e
+            _make_lazy(tensor, file, _identity(stat), offset, length)
     return model, locations
+
+
+def _make_lazy(tensor: onnx.TensorProto, file: Path, identity: str, offset: int, length: int) -> None:
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type) if tensor.data_type in _PLAIN_TYPES else None
+    if dtype is not None and length != dtype.itemsize * int(np.prod(tensor.dims, dtype=np.int64)):
+        raise InputError(f"{file}: tensor {tensor.name} holds {length} bytes, not the {list(tensor.dims)} {dtype} it declares")
+    tensor.ClearField("external_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", str(file)), ("offset", offset), ("length", length), (_SOURCE, identity)):
+        tensor.external_data.add(key=key, value=str(value))
+
+
+def _identity(stat: os.stat_result) -> str:
+    return f"{stat.st_dev}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def is_lazy(tensor: onnx.TensorProto) -> bool:
+    """Whether the tensor's data is still in the input file (see `load_model`)."""
+    return tensor.data_location == onnx.TensorProto.EXTERNAL and any(e.key == _SOURCE for e in tensor.external_data)
+
+
+def data_bytes(tensor: onnx.TensorProto) -> int:
+    """Bytes of raw data a tensor holds, in memory or (lazy) in its file."""
+    if is_lazy(tensor):
+        return int(next(e.value for e in tensor.external_data if e.key == "length"))
+    return len(tensor.raw_data)
+
+
+def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
+    """The tensor's values, read from its file when it is lazy (`onnx.numpy_helper.to_array` otherwise)."""
+    if not is_lazy(tensor):
+        return numpy_helper.to_array(tensor)
+    data = _lazy_bytes(tensor)
+    if tensor.data_type in _PLAIN_TYPES and sys.byteorder == "little":
+        return np.frombuffer(data, helper.tensor_dtype_to_np_dtype(tensor.data_type)).reshape(tensor.dims)
+    return numpy_helper.to_array(onnx.TensorProto(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type, raw_data=data))
+
+
+def materialize(model: onnx.ModelProto) -> None:
+    """Read every lazy initializer into the model, which then stands alone (to be serialized)."""
+    for tensor in model.graph.initializer:
+        if is_lazy(tensor):
+            data = _lazy_bytes(tensor)
+            tensor.ClearField("external_data")
+            tensor.ClearField("data_location")
+            tensor.raw_data = data
+
+
+def _lazy_bytes(tensor: onnx.TensorProto) -> bytes:
+    info = {e.key: e.value for e in tensor.external_data}
+    file, length = info["location"], int(info["length"])
+    try:
+        with open(file, "rb") as f:
+            if _identity(os.fstat(f.fileno())) != info[_SOURCE]:
+                raise InputError(f"{file}: the model file changed while qconvert was reading it")
+            f.seek(int(info["offset"]))
+            data = f.read(length)
+    except OSError as e:
+        raise InputError(f"{file}: cannot read {tensor.name}: {e.strerror or e}") from e
+    if len(data) != length:
+        raise InputError(f"{file}: cannot read {tensor.name}: the file ends early")
+    return data
+
+
+_PLAIN_TYPES = {  # stored as numpy stores them: raw data -> array with no conversion
+    onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
+    onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32,
+    onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL,
+}
+
+# Protobuf wire format, for `_hollow`: field numbers of ModelProto.graph, GraphProto.initializer and
+# TensorProto.raw_data, and the wire types.
+_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
+_VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
+
+
+def _hollow(data: mmap.mmap) -> tuple[bytes, dict[int, tuple[int, int]]]:
+    """The serialized model without the raw data of its large main-graph initializers, and where that data
+    is: {index among the initializers: (file offset, length)}. Reads only the bytes around the weights."""
+    held: dict[int, tuple[int, int]] = {}
+    count = 0
+
+    def tensor(start: int, end: int) -> bytes:
+        nonlocal count
+        raw = [(s, e) for number, wire, s, e, _ in _fields(data, start, end) if number == _TENSOR_RAW_DATA and wire == _LENGTH_DELIMITED]
+        count += 1
+        if len(raw) != 1 or raw[0][1] - raw[0][0] <= LAZY_BYTES:
+            return data[start:end]
+        held[count - 1] = raw[0][0], raw[0][1] - raw[0][0]
+        return b"".join(data[field:e] for number, wire, _, e, field in _fields(data, start, end) if number != _TENSOR_RAW_DATA)
+
+    def graph(start: int, end: int) -> bytes:
+        return _rebuilt(data, start, end, _GRAPH_INITIALIZER, tensor)
+
+    return _rebuilt(data, 0, len(data), _MODEL_GRAPH, graph), held
+
+
+def _rebuilt(data: mmap.mmap, start: int, end: int, number: int, rebuild: Callable[[int, int], bytes]) -> bytes:
+    """The message in data[start:end] with each length-delimited field `number` replaced by `rebuild(value span)`."""
+    out = bytearray()
+    for field, wire, s, e, at in _fields(data, start, end):
+        if field == number and wire == _LENGTH_DELIMITED:
+            value = rebuild(s, e)
+            out += _varint(number << 3 | _LENGTH_DELIMITED) + _varint(len(value)) + value
+        else:
+            out += data[at:e]
+    return bytes(out)
+
+
+def _fields(data: mmap.mmap, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """(field number, wire type, value start, value end, field start) of each field in data[start:end]."""
+    at = start
+    while at < end:
+        key, s = _read_varint(data, at)
+        wire = key & 7
+        if wire == _VARINT:
+            e = _read_varint(data, s)[1]
+        elif wire == _FIXED64:
+            e = s + 8
+        elif wire == _LENGTH_DELIMITED:
+            length, s = _read_varint(data, s)
+            e = s + length
+        elif wire == _FIXED32:
+            e = s + 4
+        else:
+            raise DecodeError(f"unsupported wire type {wire}")
+        if e > end:
+            raise DecodeError("truncated message")
+        yield key >> 3, wire, s, e, at
+        at = e
+
+
+def _read_varint(data: mmap.mmap, at: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        byte = data[at]
+        value |= (byte & 0x7F) << shift
+        at += 1
+        if byte < 0x80:
+            return value, at
+        shift += 7
+        if shift > 63:
+            raise DecodeError("varint too long")
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def verify_written(path: Path, data: bytes) -> None:

@@ -7,10 +7,11 @@ import onnx
 from google.protobuf.message import Message
 from onnx import helper, shape_inference, version_converter
 
+from qconvert import io
 from qconvert.errors import UnsupportedModelError, first_line
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
-STRIP_BYTES = 1024  # initializers larger than this stay out of the copy that the converter converts
+STRIP_BYTES = io.LAZY_BYTES  # initializers larger than this stay out of the copy that the converter converts
 _STRIPPED = "__qconvert_stripped__"
 
 
@@ -52,7 +53,7 @@ def without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     _copy_fields(model, skeleton, skip="graph")
     _copy_fields(model.graph, skeleton.graph, skip="initializer")
     for tensor in model.graph.initializer:
-        if len(tensor.raw_data) > STRIP_BYTES:
+        if io.data_bytes(tensor) > STRIP_BYTES:
             hollow = skeleton.graph.initializer.add(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type,
                                                     data_location=onnx.TensorProto.EXTERNAL)
             hollow.external_data.add(key="location", value=_STRIPPED)
@@ -84,7 +85,7 @@ def _graft(converted: onnx.ModelProto, model: onnx.ModelProto) -> None:
         tensor = initializers[i]
         if tensor.name in small:
             tensor.CopyFrom(small.pop(tensor.name))
-        elif tensor.name not in holes or len(tensor.raw_data) <= STRIP_BYTES:
+        elif tensor.name not in holes or io.data_bytes(tensor) <= STRIP_BYTES:
             del initializers[i]
     initializers.extend(small.values())  # tensors the converter added
 

@@ -60,7 +60,7 @@ def convert(
     """Quantize the model at `input_path` as `plan` says; write it to `output_path` (None: don't write).
 
     With gates, a model that fails one is not written unless `keep_failed`; the report says which
-    gate, the measured value and the limit. `workers` processes share the k-means of big models.
+    gate, the measured value and the limit. `workers` threads share the k-means of big models.
     """
     if gates.any and validation is None:
         raise UsageError("quality gates need validation: drop --no-validate")
@@ -101,6 +101,7 @@ def convert(
 
     # A model over protobuf's 2 GB, or converted from one with external data, is written the same way:
     # staged as model + data file beside the output, checked and validated there, then moved into place.
+    io.materialize(step.model)  # weights left as they were (skipped ones) come out of the input file
     external = step.model.ByteSize() > io.PROTOBUF_LIMIT or (
         output_path is not None and not io.is_special(output_path) and input_bytes > input_path.stat().st_size)
     if external and (output_path is None or io.is_special(output_path)):

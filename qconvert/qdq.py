@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from qconvert import io
 from qconvert.opset import without_weights
 from qconvert.quant.layout import from_rows, to_rows
 from qconvert.quant.linear import Grid, clipped_grid, dequantize, grid_for, quantize
@@ -217,7 +218,7 @@ def _quantize_biases(graph: onnx.GraphProto, weights: dict[str, LinearWeight], s
         x, w, b = node.input[0], node.input[1], node.input[2]
         if x not in scales or b not in inits or uses.get(b) != 1 or inits[b].data_type != onnx.TensorProto.FLOAT:
             continue
-        bias = numpy_helper.to_array(inits[b]).astype(np.float64)
+        bias = io.tensor_array(inits[b]).astype(np.float64)
         item = weights[w]
         channels = item.weight.shape[item.axis if item.axis is not None else 0]
         if bias.ndim != 1 or bias.size != channels:

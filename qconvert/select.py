@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+
+from qconvert import io
 
 # op type -> indices of its weight inputs
 WEIGHT_INPUTS = {
@@ -77,7 +78,7 @@ class Weight:
         return ",".join(sorted({c.op_type for c in self.consumers}))
 
     def array(self) -> np.ndarray:
-        return numpy_helper.to_array(self.tensor)
+        return io.tensor_array(self.tensor)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from qconvert import io
 from qconvert.errors import CannotRunError, InputError, UnsupportedModelError, UsageError, first_line
 from qconvert.opset import is_hole, without_weights
 from qconvert.plan import ValidationPlan
@@ -115,9 +116,9 @@ def model_session(model: onnx.ModelProto, what: str, *, skeleton: onnx.ModelProt
         if not is_hole(hole):
             continue
         given = replaced.get(hole.name) if replaced else None
-        array = given if given is not None else onnx.numpy_helper.to_array(tensors[hole.name])
+        array = given if given is not None else io.tensor_array(tensors[hole.name])
         if array.dtype.type not in ORT_TYPES.values():  # bfloat16, float8...: onnxruntime takes these only as bytes
-            hole.CopyFrom(tensors[hole.name] if given is None else onnx.numpy_helper.from_array(array, hole.name))
+            hole.CopyFrom(onnx.numpy_helper.from_array(array, hole.name))
             continue
         names.append(hole.name)
         values.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array)))

@@ -1,12 +1,11 @@
-"""The k-means method: palettes per weight (a process per core for big models), decoded in the graph."""
+"""The k-means method: palettes per weight (a thread per core for big models), decoded in the graph."""
 
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,7 @@ from qconvert.quant.layout import from_rows, snr_db, to_rows
 from qconvert.report import Histogram, OpsetChange, WeightReport
 from qconvert.select import Weight
 
-PARALLEL_MIN_ELEMENTS = 1 << 21  # below this, starting processes costs more than it saves
+PARALLEL_MIN_ELEMENTS = 1 << 21  # below this, a second thread gains nothing
 DB_PER_BIT = 6.02  # SNR that one more index bit buys: what per-channel codebooks must beat per bit they cost
 ESTIMATE_MIN_ELEMENTS = 1 << 20  # granularity auto: larger weights first estimate per-channel's gain on a sample
 ESTIMATE_CHANNELS = 32
@@ -259,14 +258,14 @@ Job = tuple[np.ndarray, int, int | None, np.ndarray | None]  # array, bits, code
 
 
 def _palettes(jobs: Iterator[Job], total_elements: int, workers: int) -> Iterator[Palette]:
-    """The palette of each job, in order. Big models use a process per core, with at most a few
-    tensors in flight so memory stays bounded (results do not depend on the number of workers)."""
+    """The palette of each job, in order. Big models use a thread per core (numpy releases the GIL in
+    the heavy parts; threads share the weights instead of copying them into worker processes), with at
+    most a few tensors in flight so memory stays bounded. Results do not depend on the number of workers."""
     if workers < 2 or total_elements < PARALLEL_MIN_ELEMENTS:
         for job in jobs:
             yield palettize_tensor(*job)
         return
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         in_flight: deque[Future[Palette]] = deque()
         for job in jobs:
             in_flight.append(pool.submit(palettize_tensor, *job))

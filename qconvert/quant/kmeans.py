@@ -10,6 +10,7 @@ import numpy as np
 from qconvert.quant.layout import to_rows
 
 MAX_ITERATIONS = 300
+NEAREST_CHUNK = 1 << 18  # values per search in `nearest`
 Side = Literal["left", "right"]
 
 
@@ -53,9 +54,10 @@ def palettize(rows: np.ndarray, *, bits: int, max_points: int | None = None, wei
     if not exact.all():
         rest = ~exact
         budget = max_points or default_max_points(bits, int(np.sum(rest)))
-        every = bool(rest.all())  # then x itself is clustered (and centred in place), not a copy
+        every = bool(rest.all())  # then x itself is clustered (and used up), not a copy
         centroids[rest] = _cluster(x if every else x[rest], w if every or w is None else w[rest], k, budget)
 
+    del x, w
     codebook = np.sort(centroids, axis=1).astype(rows.dtype)  # rounded to what will be stored
     return Palette(codebook=codebook, indices=nearest(rows, codebook))
 
@@ -70,21 +72,23 @@ def palettize_tensor(array: np.ndarray, bits: int, axis: int | None, importance:
 
 
 def _cluster(x: np.ndarray, w: np.ndarray | None, k: int, max_points: int) -> np.ndarray:
-    """Optimal centroids ([C, k]) of sorted rows ([C, n], centred in place) with weights w (None: all
-    1): DP over runs, then Lloyd on every value. Holds about three copies of x: the full running sums
-    are kept for the first moment only."""
+    """Optimal centroids ([C, k]) of sorted rows ([C, n], used up: centred, then overwritten) with
+    weights w (None: all 1): DP over runs, then Lloyd on every value. Holds about two copies of x at a
+    time: the full running sums are kept for the first moment only."""
     x_shift = x.mean(axis=1, keepdims=True)  # centred sums keep the DP's variance terms accurate
     x -= x_shift
-    counts = None if w is None else _prefix(w)  # running weight; None: the position itself
-    prefix = _prefix(x if w is None else x * w)
     cuts = _run_cuts(x, max_points)
-    if cuts.size - 1 <= k:  # no more runs than clusters: each run starts as its own cluster
-        bounds = np.broadcast_to(cuts, (x.shape[0], cuts.size))
-    else:
+    few = cuts.size - 1 <= k  # no more runs than clusters: each run starts as its own cluster
+    if not few:  # each temporary is gone before the next: x and one more copy at a time
         squares = np.square(x) if w is None else np.square(x) * w
         prefix_sq = np.zeros((x.shape[0], cuts.size))  # running sums of squares at the cuts only
         np.cumsum(np.add.reduceat(squares, cuts[:-1], axis=1), axis=1, out=prefix_sq[:, 1:])
         del squares
+    counts = None if w is None else _prefix(w)  # running weight; None: the position itself
+    prefix = _prefix(x if w is None else x * w)
+    if few:
+        bounds = np.broadcast_to(cuts, (x.shape[0], cuts.size))
+    else:
         run_counts = cuts.astype(np.float64) if counts is None else counts[:, cuts]
         bounds = cuts[optimal_bounds(run_counts, prefix[:, cuts], prefix_sq, k)]
     centroids = _lloyd(x, counts, prefix, bounds) + x_shift
@@ -118,7 +122,9 @@ def nearest(rows: np.ndarray, codebook: np.ndarray) -> np.ndarray:
     mids = (cb[:, 1:] + cb[:, :-1]) / 2  # [C, K-1]
     out = np.empty(rows.shape, np.uint8)
     for c in range(rows.shape[0]):
-        out[c] = np.searchsorted(mids[c], rows[c].astype(np.float64), side="left")
+        for start in range(0, rows.shape[1], NEAREST_CHUNK):  # in pieces: no float64 copy of a whole row
+            piece = slice(start, start + NEAREST_CHUNK)
+            out[c, piece] = np.searchsorted(mids[c], rows[c, piece].astype(np.float64), side="left")
     return out
 
 
@@ -219,7 +225,7 @@ def optimal_bounds(weight: np.ndarray, total: np.ndarray, total_sq: np.ndarray, 
 
 
 def _lloyd(x: np.ndarray, counts: np.ndarray | None, prefix: np.ndarray, bounds: np.ndarray) -> np.ndarray:
-    """Lloyd iterations on sorted rows from the given cluster bounds; returns [C, K] centroids.
+    """Lloyd iterations on sorted rows (overwritten) from the given cluster bounds; returns [C, K] centroids.
 
     counts: running weight ([C, n + 1]) of the values, None for unweighted (the count is the position);
     prefix: running weighted sums.
@@ -229,8 +235,8 @@ def _lloyd(x: np.ndarray, counts: np.ndarray | None, prefix: np.ndarray, bounds:
     """
     c_count, n = x.shape
     row = np.arange(c_count)[:, None]
-    bands = _Bands(x[:, 0], x[:, -1])
-    keys = bands.keys(x)
+    bands = _Bands(x[:, 0].copy(), x[:, -1].copy())
+    keys = bands.keys(x, out=x)
     centroids = np.zeros((c_count, bounds.shape[1] - 1))
     for _ in range(MAX_ITERATIONS):
         mass = np.diff(bounds if counts is None else counts[row, bounds], axis=1)
@@ -258,9 +264,10 @@ class _Bands:
         self.span = np.where(hi > lo, hi - lo, 1.0)[:, None]
         self.band = 4.0 * np.arange(lo.shape[0])[:, None]
 
-    def keys(self, values: np.ndarray) -> np.ndarray:
-        """[C, m] values -> [C * m] sorted-compatible keys (values outside [lo, hi] are clamped)."""
-        keys = values - self.lo  # in place from here: one array as large as the values
+    def keys(self, values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """[C, m] values -> [C * m] sorted-compatible keys (values outside [lo, hi] are clamped);
+        `out` may be `values` itself."""
+        keys = np.subtract(values, self.lo, out=out)  # in place from here: one array as large as the values
         keys /= self.span
         np.clip(keys, 0.0, 1.0, out=keys)
         keys += self.band
