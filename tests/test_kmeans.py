@@ -155,6 +155,21 @@ def test_nearest_with_fewer_values_than_centroids() -> None:
     np.testing.assert_array_equal(nearest(rows, palette.codebook), palette.indices)
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("bits", [1, 4, 5, 6])
+def test_nearest_counts_midpoints_below_each_value_ties_going_low(dtype: type, bits: int) -> None:
+    """Both ways of `nearest` (comparisons up to 5 bits, a search past them) agree with an exact search
+    in float64, also for values that sit exactly on a midpoint."""
+    rng = np.random.default_rng(bits)
+    rows = rng.standard_normal((3, 2000)).astype(dtype)
+    codebook = np.sort(rng.choice(rows.ravel(), (3, 1 << bits)), axis=1)
+    wide = codebook.astype(np.float64)
+    mids = (wide[:, 1:] + wide[:, :-1]) / 2
+    rows[:, : mids.shape[1]] = mids.astype(dtype)  # on (or rounded next to) a midpoint
+    want = [np.searchsorted(mids[c], rows[c].astype(np.float64), side="left") for c in range(3)]
+    np.testing.assert_array_equal(nearest(rows, codebook), np.array(want, np.uint8))
+
+
 def test_rejects_bad_bits() -> None:
     with pytest.raises(ValueError):
         palettize(np.zeros((1, 4), np.float32), bits=9)

@@ -11,6 +11,7 @@ from qconvert.quant.layout import to_rows
 
 MAX_ITERATIONS = 300
 NEAREST_CHUNK = 1 << 18  # values per search in `nearest`
+COMPARE_MAX = 31  # `nearest` compares with up to this many midpoints (5 bits), else searches
 Side = Literal["left", "right"]
 
 
@@ -114,12 +115,24 @@ def default_max_points(bits: int, rows: int, budget: int = 1 << 21) -> int:
 
 
 def nearest(rows: np.ndarray, codebook: np.ndarray) -> np.ndarray:
-    """Index of the nearest codebook entry ([C, K], rows sorted) for each value of `rows` ([C, n]).
+    """Index of the nearest codebook entry ([C, K], rows sorted) for each value of `rows` ([C, n]): the
+    number of midpoints between neighbouring entries that lie below the value (a tie goes to the lower).
 
-    One exact search per row: the banded single search loses ties when a row spans ~1e16 of range.
+    Small codebooks count with one comparison per midpoint over all rows, in the values' own float type
+    (each midpoint taken down to the largest value of that type at or below it, which decides alike);
+    larger ones search each row exactly (a banded single search loses ties when a row spans ~1e16).
     """
     cb = codebook.astype(np.float64)
     mids = (cb[:, 1:] + cb[:, :-1]) / 2  # [C, K-1]
+    if mids.shape[1] <= COMPARE_MAX and rows.dtype in (np.float16, np.float32, np.float64):
+        below = mids.astype(rows.dtype)
+        below = np.where(below.astype(np.float64) > mids, np.nextafter(below, rows.dtype.type(-np.inf)), below)
+        count = np.zeros(rows.shape, np.uint8)
+        above = np.empty(rows.shape, bool)
+        for k in range(mids.shape[1]):
+            np.greater(rows, below[:, k : k + 1], out=above)
+            count += above
+        return count
     out = np.empty(rows.shape, np.uint8)
     for c in range(rows.shape[0]):
         for start in range(0, rows.shape[1], NEAREST_CHUNK):  # in pieces: no float64 copy of a whole row
