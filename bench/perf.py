@@ -3,8 +3,9 @@
     python bench/perf.py [--model build/models/resnet50_shaped.onnx] [--json build/bench/perf.json]
 
 Every conversion runs alone in a fresh process, each mode `--rounds` times in turn (the fastest time and
-the largest peak memory count); its time is from loading the model to the written file (no validation;
-imports excluded), its peak memory that of the process and its workers. The peers are
+the largest peak memory count); qconvert's run as its command line does (`--no-validate`). Time is from
+loading the model to the written file (imports excluded), peak memory that of the process and any
+children. The peers are
 what a user would run instead: onnxruntime's `quantize_static` (QDQ, int8 per channel, 8 or 32
 calibration samples) and `quantize_dynamic` (int8 per channel). Every result is then scored on 8 other
 seeded inputs: output SNR vs the float model and onnxruntime latency (batch 1, median of 30 rounds, all
@@ -77,18 +78,17 @@ def convert(mode: str, model: Path, output: Path, calibration: Path) -> None:
         quantize_static(str(model), str(output), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         return
-    from qconvert.pipeline import convert as qconvert
-    from qconvert.plan import Granularity, KMeansPlan, LinearPlan
+    from qconvert.cli import cli
 
-    plans = {
-        "kmeans4-per-tensor": KMeansPlan(bits=4, granularity=Granularity.PER_TENSOR),
-        "kmeans4-per-channel": KMeansPlan(bits=4, granularity=Granularity.PER_CHANNEL),
-        "kmeans4": KMeansPlan(bits=4),
-        "int8-weights": LinearPlan(bits=8),
-        "int8-qdq-32": LinearPlan(bits=8, calibration=calibration),
-        "int8-qdq-32-minmax": LinearPlan(bits=8, calibration=calibration, data_aware=False, bias_correction=False),
-    }
-    qconvert(model, output, plans[mode], None)
+    command = {
+        "kmeans4-per-tensor": ["kmeans", "--bits", "4", "--per-tensor"],
+        "kmeans4-per-channel": ["kmeans", "--bits", "4", "--per-channel"],
+        "kmeans4": ["kmeans", "--bits", "4"],
+        "int8-weights": ["linear"],
+        "int8-qdq-32": ["linear", "--calibration", str(calibration)],
+        "int8-qdq-32-minmax": ["linear", "--calibration", str(calibration), "--no-data-aware", "--no-bias-correction"],
+    }[mode]
+    cli.main([command[0], str(model), *command[1:], "--no-validate", "-q", "-o", str(output)], standalone_mode=False)
 
 
 def measure(mode: str, model: Path, output: Path, calibration: Path) -> dict[str, float]:
@@ -215,7 +215,7 @@ def main() -> None:
 def job(mode: str, model: str, output: str, calibration: str) -> None:
     import onnxruntime.quantization  # noqa: F401  imports are not conversion time
 
-    import qconvert.pipeline  # noqa: F401
+    import qconvert.cli  # noqa: F401
 
     start = time.perf_counter()
     convert(mode, Path(model), Path(output), Path(calibration))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import sys
 import tempfile
@@ -109,6 +110,23 @@ def cli(debug: bool) -> None:
       qconvert inspect model.onnx
       qconvert compare model.onnx model.kmeans4.onnx --data val.npz --min-snr 20
     """
+    give_back_big_buffers()
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter: buffers from this size on get a mapping of their own
+BIG_BUFFER = 4 << 20  # bytes
+
+
+def give_back_big_buffers() -> None:
+    """Have glibc's malloc map each buffer over 4 MB on its own, so that freeing it returns the memory.
+
+    By default that threshold grows to 32 MB as big buffers are freed, and each thread keeps its own
+    heap: the k-means threads' float64 copies of big weights then stay reserved in two heaps, unused.
+    Measured on ResNet-50-shaped, k-means 4-bit: peak 275 -> 205 MB, about 1 s slower (fresh pages).
+    Elsewhere (no glibc) nothing changes.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, BIG_BUFFER)
 
 
 def validation_options(command: Callable[..., Any]) -> Callable[..., Any]:

@@ -58,8 +58,8 @@ def _read(path: Path) -> tuple[onnx.ModelProto, set[str]]:
     """The model with its large initializers lazy, and the external data files it names."""
     try:
         with open(path, "rb") as f:
-            identity = _identity(os.fstat(f.fileno()))
-            if os.fstat(f.fileno()).st_size == 0:
+            stat = os.fstat(f.fileno())
+            if stat.st_size == 0:
                 raise InputError(f"{path}: not an ONNX model (the file is empty)")
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:  # only the pages read are resident
                 skeleton, held = _hollow(data)
@@ -74,13 +74,14 @@ def _read(path: Path) -> tuple[onnx.ModelProto, set[str]]:
     locations = set()
     for i, tensor in enumerate(model.graph.initializer):
         if i in held:
-            _make_lazy(tensor, path.resolve(), identity, *held[i])
+            _make_lazy(tensor, path.resolve(), _identity(stat), *held[i])
         elif tensor.data_location == onnx.TensorProto.EXTERNAL:
             info = {e.key: e.value for e in tensor.external_data}
-            if Path(info.get("location", "")).is_absolute() or ".." in Path(info.get("location", "..")).parts:
+            location = info.get("location", "")
+            if not location or Path(location).is_absolute() or ".." in Path(location).parts:
                 raise InputError(f"{path}: the external data of {tensor.name} must be a file in the model's folder")
-            locations.add(info["location"])
-            file = (path.parent / info["location"]).resolve()
+            locations.add(location)
+            file = (path.parent / location).resolve()
             try:
                 offset = int(info.get("offset", 0))
                 stat = file.stat()

@@ -269,7 +269,7 @@ def _palettes(jobs: Iterator[Job], total_elements: int, workers: int) -> Iterato
         in_flight: deque[Future[Palette]] = deque()
         for job in jobs:
             in_flight.append(pool.submit(palettize_tensor, *job))
-            if len(in_flight) > workers:
+            if len(in_flight) >= workers:
                 yield in_flight.popleft().result()
         while in_flight:
             yield in_flight.popleft().result()
