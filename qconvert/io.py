@@ -9,6 +9,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from stat import S_ISREG
 
 import numpy as np
 import onnx
@@ -59,6 +60,8 @@ def _read(path: Path) -> tuple[onnx.ModelProto, set[str]]:
     try:
         with open(path, "rb") as f:
             stat = os.fstat(f.fileno())
+            if not S_ISREG(stat.st_mode):  # read more than once (validation reads it again): a pipe would be empty then
+                raise InputError(f"{path}: not a regular file; to read a model from a pipe, give - (standard input)")
             if stat.st_size == 0:
                 raise InputError(f"{path}: not an ONNX model (the file is empty)")
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:  # only the pages read are resident

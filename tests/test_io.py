@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +105,17 @@ def test_weights_left_as_they_were_are_written_from_the_input(tmp_path: Path, di
     written = {t.name: t for t in onnx.load(str(out)).graph.initializer}
     original = {t.name: t for t in onnx.load(str(digits)).graph.initializer}
     assert written["fc1.weight"] == original["fc1.weight"]  # its data, not a reference to the input file
+
+
+def test_a_pipe_is_refused_with_a_pointer_to_standard_input(tmp_path: Path) -> None:
+    fifo = tmp_path / "m.onnx"
+    os.mkfifo(fifo)
+    def write() -> None:  # opening a FIFO to read waits for a writer; the reader may be gone before it writes
+        with contextlib.suppress(BrokenPipeError):
+            fifo.write_bytes(b"x")
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    with pytest.raises(InputError, match="not a regular file; .* give -"):
+        io.load_model(fifo)
+    writer.join()
