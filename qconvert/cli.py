@@ -110,14 +110,14 @@ def cli(debug: bool) -> None:
       qconvert inspect model.onnx
       qconvert compare model.onnx model.kmeans4.onnx --data val.npz --min-snr 20
     """
-    give_back_big_buffers()
+    _give_back_big_buffers()
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter: buffers from this size on get a mapping of their own
 BIG_BUFFER = 4 << 20  # bytes
 
 
-def give_back_big_buffers() -> None:
+def _give_back_big_buffers() -> None:
     """Have glibc's malloc map each buffer over 4 MB on its own, so that freeing it returns the memory.
 
     By default that threshold grows to 32 MB as big buffers are freed, and each thread keeps its own

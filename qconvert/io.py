@@ -177,12 +177,13 @@ def _hollow(data: mmap.mmap) -> tuple[bytes, dict[int, tuple[int, int]]]:
 
     def tensor(start: int, end: int) -> bytes:
         nonlocal count
-        raw = [(s, e) for number, wire, s, e, _ in _fields(data, start, end) if number == _TENSOR_RAW_DATA and wire == _LENGTH_DELIMITED]
-        count += 1
+        index, count = count, count + 1
+        fields = list(_fields(data, start, end))
+        raw = [(s, e) for number, wire, s, e, _ in fields if number == _TENSOR_RAW_DATA and wire == _LENGTH_DELIMITED]
         if len(raw) != 1 or raw[0][1] - raw[0][0] <= LAZY_BYTES:
             return data[start:end]
-        held[count - 1] = raw[0][0], raw[0][1] - raw[0][0]
-        return b"".join(data[field:e] for number, wire, _, e, field in _fields(data, start, end) if number != _TENSOR_RAW_DATA)
+        held[index] = raw[0][0], raw[0][1] - raw[0][0]
+        return b"".join(data[at:e] for number, _, _, e, at in fields if number != _TENSOR_RAW_DATA)
 
     def graph(start: int, end: int) -> bytes:
         return _rebuilt(data, start, end, _GRAPH_INITIALIZER, tensor)
