@@ -189,7 +189,7 @@ def noise_gains(model: onnx.ModelProto, layers: dict[str, fidelity.Layer], sampl
     for result in validate.run_with_outputs(model, [*outputs, *ys], samples, "input model"):
         references.append([result[o].astype(np.float64) for o in outputs])
         ranks = {name: result[y].ndim for name, y in zip(names, ys)}
-    probe, masks, arrays = _noise_probe(model, layers, deltas, ranks)
+    probe, masks, picks, arrays = _noise_probe(model, layers, deltas, ranks)
     del deltas
     known = {o.name for o in probe.graph.output}
     probe.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in outputs if name not in known)
@@ -206,9 +206,11 @@ def noise_gains(model: onnx.ModelProto, layers: dict[str, fidelity.Layer], sampl
             run = {k: np.repeat(v, len(chunk), axis=0) for k, v in feed.items()}
             for name in names:
                 run[masks[name]] = np.zeros((len(chunk), *([1] * (ranks[name] - 1))), np.float32)
+                run[picks[name]] = np.zeros(1, np.int64)
             for slot, unit in enumerate(chunk):
                 for name in unit:
                     run[masks[name]][slot] = 1.0
+                    run[picks[name]][0] = slot
             noisy = sess.run(outputs, run)
             for slot in range(len(chunk)):
                 error = sum(float(np.sum((n[slot : slot + 1].astype(np.float64) - r) ** 2)) for n, r in zip(noisy, reference))
@@ -234,12 +236,14 @@ def scored_outputs(model: onnx.ModelProto) -> list[str]:
 
 
 def _noise_probe(model: onnx.ModelProto, layers: dict[str, fidelity.Layer], deltas: dict[str, np.ndarray],
-                 ranks: dict[str, int]) -> tuple[onnx.ModelProto, dict[str, str], dict[str, np.ndarray]]:
-    """A skeleton of the model with y + mask·layer(x; W − Ŵ) after each layer, mask a new [batch, 1, ...]
-    input; the masks' names; the arrays of its new initializers."""
+                 ranks: dict[str, int]) -> tuple[onnx.ModelProto, dict[str, str], dict[str, str], dict[str, np.ndarray]]:
+    """A skeleton of the model with y + mask·layer(x[slot]; W − Ŵ) after each layer, mask a new
+    [batch, 1, ...] input and slot a new [1] input (the batch slot the layer's noise goes to: its error
+    is computed for that sample alone); the masks' and slots' names; the arrays of its new initializers."""
     probe = without_weights(model)
     graph, fresh = probe.graph, NameSource(probe)
     masks: dict[str, str] = {}
+    picks: dict[str, str] = {}
     arrays: dict[str, np.ndarray] = {}
     additions: dict[str, tuple[str | None, list[onnx.NodeProto]]] = {}
     for name, layer in layers.items():
@@ -247,13 +251,19 @@ def _noise_probe(model: onnx.ModelProto, layers: dict[str, fidelity.Layer], delt
         delta = fresh(f"{name}_qc_delta")
         arrays[delta] = deltas[name].astype(np.float32)
         graph.initializer.append(hole(delta, arrays[delta]))
-        noise, mask, clean, scaled = fresh(f"{y}_qc_noise"), fresh(f"{y}_qc_mask"), fresh(f"{y}_qc_clean"), fresh(f"{y}_qc_scaled")
+        names = [fresh(f"{y}_qc_{part}") for part in ("noise", "mask", "slot", "sample", "clean", "scaled")]
+        noise, mask, slot, sample, clean, scaled = names
         graph.input.append(helper.make_tensor_value_info(mask, onnx.TensorProto.FLOAT, ["batch", *([1] * (ranks[name] - 1))]))
+        graph.input.append(helper.make_tensor_value_info(slot, onnx.TensorProto.INT64, [1]))
+        batch_axis = 1 if layer.op_type == "Gemm" and layer.x_axis == 0 else 0  # Gemm's transA: x is [K, batch]
+        pick = helper.make_node("Gather", [layer.node.input[0], slot], [sample], axis=batch_axis)
         noise_of_weight = fidelity.layer_copy(layer.node, delta, noise, fresh, bias=False)  # the weight's error alone
-        additions[y] = (clean, [noise_of_weight, helper.make_node("Mul", [mask, noise], [scaled]), helper.make_node("Add", [clean, scaled], [y])])
-        masks[name] = mask
+        noise_of_weight.input[0] = sample
+        additions[y] = (clean, [pick, noise_of_weight, helper.make_node("Mul", [mask, noise], [scaled]),
+                                helper.make_node("Add", [clean, scaled], [y])])
+        masks[name], picks[name] = mask, slot
     add_after(graph, additions)
-    return probe, masks, arrays
+    return probe, masks, picks, arrays
 
 
 def _fixed_batch(model: onnx.ModelProto) -> bool:

@@ -87,6 +87,36 @@ def test_noise_gain_of_the_last_linear_layer_is_one(softmax: bool) -> None:
     assert gains["w1"][1] > 0
 
 
+def test_noise_gains_match_the_perturbed_model_layer_by_layer() -> None:
+    """Each layer's noise (measured for its batch slot alone) times its gain is the output error of the
+    model with that layer's weight moved by W − Ŵ: through ReLUs, pooling and a Gemm with transA."""
+    rng = np.random.default_rng(1)
+    shapes = {"c1": (8, 3, 3, 3), "c2": (8, 8, 3, 3), "fc": (8, 5)}
+    weights = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+    nodes = [helper.make_node("Conv", ["x", "c1"], ["a"], pads=[1] * 4), helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Conv", ["r", "c2"], ["b"]), helper.make_node("GlobalAveragePool", ["b"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]), helper.make_node("Transpose", ["f"], ["t"], perm=[1, 0]),
+             helper.make_node("Gemm", ["t", "fc"], ["y"], transA=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5])],
+                              [numpy_helper.from_array(w, n) for n, w in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    layers = fidelity.find_layers(model, select_weights(model).weights)
+    assert set(layers) == set(shapes)
+    samples = validate.Feeds([{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(3)], 3, "test")
+    perturbed = {n: auto._kmeans(w, 2, rng) for n, w in weights.items()}
+    gains = auto.noise_gains(model, layers, samples, perturbed, groups=3)
+    for name, weight in weights.items():
+        moved = onnx.ModelProto()
+        moved.CopyFrom(model)
+        next(t for t in moved.graph.initializer if t.name == name).CopyFrom(numpy_helper.from_array(2 * weight - perturbed[name], name))
+        clean, noisy = (validate.run_with_outputs(m, ["y"], samples, "test") for m in (model, moved))
+        pairs = [(c["y"].astype(np.float64), n["y"]) for c, n in zip(clean, noisy)]
+        expected = sum(float(np.sum((n - c) ** 2)) for c, n in pairs) / sum(float(np.sum(c * c)) for c, _ in pairs)
+        ratio, gain = gains[name]
+        assert ratio * gain == pytest.approx(expected, rel=1e-3), name
+
+
 def test_allocation_meets_the_budget_at_the_smallest_size() -> None:
     def option(method: str, bits: int, size: int, noise: float) -> auto.Option:
         return auto.Option(method, bits, Granularity.PER_TENSOR, size, noise)
