@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 PROBE_BITS = (4, 2)  # the gains are measured with each layer's error at these k-means widths
 GAIN_SAMPLES = 32  # samples the gains are averaged over, at most
-GAIN_BUDGET = 1 << 24  # weights × samples × widths of the sensitivity probes (ResNet-50: 1 sample, 1 width)
+GAIN_BUDGET = 1 << 24  # weights × samples × widths of the sensitivity probes (ResNet-50: 1 sample)
 SLOTS = 16  # layers probed per batched run
 FIT_VALUES = 1 << 14  # per tensor: values the k-means codebooks of the estimates are fitted on
 ROW_VALUES = 4096  # per channel: values per row
@@ -86,8 +86,7 @@ def profile(model: onnx.ModelProto, plan: AutoPlan, validation: ValidationPlan, 
     del reference
     # Work grows with model size × samples × probe widths: small models get more of both.
     elements = max(sum(w.elements for w in weights), 1)
-    widths = PROBE_BITS if elements * len(PROBE_BITS) <= GAIN_BUDGET else PROBE_BITS[:1]
-    count = int(np.clip(GAIN_BUDGET // (elements * len(widths)), 1, GAIN_SAMPLES))
+    count = int(np.clip(GAIN_BUDGET // (elements * len(PROBE_BITS)), 1, GAIN_SAMPLES))
     groups = SLOTS * int(np.clip(GAIN_BUDGET // elements, 1, 4))  # batched runs of SLOTS slots: 1 for ResNet-50
     singles = [{k: v[i : i + 1] for k, v in batch.items()} for batch in feeds.batches for i in range(len(next(iter(batch.values()))))]
     samples = validate.Feeds(singles[:count], len(singles[:count]), feeds.source)
@@ -99,7 +98,7 @@ def profile(model: onnx.ModelProto, plan: AutoPlan, validation: ValidationPlan, 
     rng = np.random.default_rng(0)
     points: dict[str, list[tuple[float, float]]] = {name: [] for name in layers}
     calibration: dict[str, float] = {}  # measured / estimated layer noise, at the first width
-    for bits in widths:  # noise grows faster than linearly through a network once it is large
+    for bits in PROBE_BITS:  # noise grows faster than linearly through a network once it is large
         arrays = {w.name: w.array() for w in weights if w.name in layers}
         perturbed = {name: _kmeans(array, bits, rng) for name, array in arrays.items()}  # Ŵ
         for name, point in noise_gains(model, layers, samples, perturbed, groups).items():
@@ -409,10 +408,13 @@ def search(input_path: Path, plan: AutoPlan, validation: ValidationPlan, progres
                 best = conversion, choice
             met, direction = min(met, aim), -1.0
             slack = measured - plan.target_snr if by_snr else TOP1_STEP_DB  # type: ignore[operator]
-            if slack <= 2 * STEP_DB and (big or not np.isinf(missed)):
-                break
-            if slack <= 2 * STEP_DB:  # a small model: on to the next smaller plan while none missed
-                continue
+            if big:  # few conversions to spend: stop close to the target, else aim lower by the whole margin
+                if slack <= STEP_DB / 2:
+                    break
+            elif slack <= 2 * STEP_DB:
+                if np.isfinite(missed):
+                    break
+                continue  # on to the next smaller plan while none missed
         else:
             missed, direction = max(missed, aim), 1.0
             if all(o.method == "float" for o in choice.values()):
@@ -422,7 +424,7 @@ def search(input_path: Path, plan: AutoPlan, validation: ValidationPlan, progres
                 break
             aim = (missed + met) / 2
         elif report.passed:
-            aim -= slack - STEP_DB / 2  # the prediction was this much too strict
+            aim -= slack if big else slack - STEP_DB / 2  # the prediction was this much too strict
         else:
             aim += (plan.target_snr - measured + STEP_DB) if by_snr else TOP1_STEP_DB  # type: ignore[operator]
     conversion, choice = best if best is not None else (conversion, choice)

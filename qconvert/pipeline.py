@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
@@ -15,7 +15,7 @@ from qconvert.errors import CannotRunError, QConvertError, UnsupportedModelError
 from qconvert.gates import Gates
 from qconvert.gates import evaluate as evaluate_gates
 from qconvert.methods.common import Progress
-from qconvert.methods.kmeans import kmeans_step
+from qconvert.methods.kmeans import PaletteMemo, kmeans_step
 from qconvert.methods.linear import linear_step
 from qconvert.opset import default_opset
 from qconvert.plan import AutoPlan, Granularity, KMeansPlan, Plan, ValidationPlan
@@ -33,6 +33,15 @@ class Conversion:
 
     report: Report
     model_bytes: bytes | None
+
+
+@dataclass
+class Trials:
+    """What conversions of one model under different plans (auto's search) share: the float model's
+    side of validation, and the palettes computed so far."""
+
+    reference: validate.Reference | None = None
+    palettes: PaletteMemo = field(default_factory=dict)
 
 
 def default_output(input_path: Path, plan: Plan | AutoPlan) -> Path:
@@ -56,11 +65,13 @@ def convert(
     gates: Gates = NO_GATES,
     keep_failed: bool = False,
     workers: int = 2,
+    trials: Trials | None = None,
 ) -> Conversion:
     """Quantize the model at `input_path` as `plan` says; write it to `output_path` (None: don't write).
 
     With gates, a model that fails one is not written unless `keep_failed`; the report says which
     gate, the measured value and the limit. `workers` threads share the k-means of big models.
+    `trials` keeps what the next conversion of the same model can reuse.
     """
     if gates.any and validation is None:
         raise UsageError("quality gates need validation: drop --no-validate")
@@ -94,7 +105,7 @@ def convert(
     loaded = [model]
     del model  # the step owns it: a model it converts to another opset must not stay alive beside the result
     if isinstance(plan, KMeansPlan):
-        step = kmeans_step(loaded.pop(), plan, progress, workers, data)
+        step = kmeans_step(loaded.pop(), plan, progress, workers, data, trials.palettes if trials else None)
     else:
         step = linear_step(loaded.pop(), plan, progress, data)
     lap("quantize")
@@ -123,7 +134,10 @@ def convert(
                 if not fold:
                     warnings.append(f"validated without onnxruntime's graph optimizations: decoding {input_bytes / 1e9:.1f} GB of weights "
                                     "at load would not fit in memory; latency not measured")
-                result, latency = validate.compare(str(input_path), converted, validation, fold)
+                if trials is not None and trials.reference is None:
+                    trials.reference = validate.reference(str(input_path), validation)
+                float_side = trials.reference if trials is not None else str(input_path)
+                result, latency = validate.compare(float_side, converted, validation, fold)
             except CannotRunError as e:
                 if not (validation.allow_unrunnable and e.which == "input model"):
                     raise
@@ -183,8 +197,9 @@ def auto_convert(input_path: Path, output_path: Path | None, plan: AutoPlan, val
     validation = dataclasses.replace(validation, latency_runs=0)  # every trial is validated: time none of them
     target = auto.target_gates(plan)
     merged = Gates(*(a if a is not None else b for a, b in zip(dataclasses.astuple(target), dataclasses.astuple(gates))))
+    trials = Trials()
     return auto.search(input_path, plan, validation, progress,
-                       lambda kmeans_plan: convert(input_path, output_path, kmeans_plan, validation, progress, merged, keep_failed, workers))
+                       lambda kmeans_plan: convert(input_path, output_path, kmeans_plan, validation, progress, merged, keep_failed, workers, trials))
 
 
 def compare_models(float_path: Path, converted_path: Path, validation: ValidationPlan, gates: Gates = NO_GATES) -> Report:

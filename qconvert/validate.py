@@ -155,36 +155,51 @@ def build_feeds(sess: ort.InferenceSession, plan: ValidationPlan) -> Feeds:
     return Feeds(batches, plan.samples, f"random (seed {plan.seed})")
 
 
-def compare(float_model: str | bytes, quantized_model: str | bytes, plan: ValidationPlan,
+@dataclass(frozen=True)
+class Reference:
+    """The float model's side of a comparison: the feeds, its outputs on them, and its latency."""
+
+    feeds: Feeds
+    names: list[str]
+    outputs: list[np.ndarray]
+    latency_ms: float
+
+
+def reference(float_model: str | bytes, plan: ValidationPlan) -> Reference:
+    """Run the float model on the plan's feeds (and time it when the plan says so)."""
+    sess = session(float_model, "input model")
+    feeds = build_feeds(sess, plan)
+    return Reference(feeds, [o.name for o in sess.get_outputs()], _run_all(sess, feeds, "input model"),
+                     _median_ms(sess, feeds.batches[0], plan.latency_runs))
+
+
+def compare(float_model: str | bytes | Reference, quantized_model: str | bytes, plan: ValidationPlan,
             fold: bool = True) -> tuple[ValidationResult, dict[str, float] | None]:
     """Run both models on the same feeds: per-output drift (and accuracy with labels), and latency.
+    The float model may come as its `Reference`, run once for several comparisons.
 
     One model lives in onnxruntime at a time: a big model and its folded copy would not fit together.
     `fold` False runs the converted model without graph optimizations (see `session`) and without
     timing it: its latency would not be the deployed one.
     """
-    reference = session(float_model, "input model")
-    feeds = build_feeds(reference, plan)
-    names = [o.name for o in reference.get_outputs()]
-    ref_out = _run_all(reference, feeds, "input model")
-    ref_ms = _median_ms(reference, feeds.batches[0], plan.latency_runs)
-    del reference
+    ref = float_model if isinstance(float_model, Reference) else reference(float_model, plan)
+    feeds = ref.feeds
     candidate = session(quantized_model, "converted model", optimize=fold)
     new_out = _run_all(candidate, feeds, "converted model")
     new_ms = _median_ms(candidate, feeds.batches[0], plan.latency_runs if fold else 0)
     del candidate
-    outputs = [_metrics(name, r, q) for name, r, q in zip(names, ref_out, new_out)]
+    outputs = [_metrics(name, r, q) for name, r, q in zip(ref.names, ref.outputs, new_out)]
     accuracy = None
     if feeds.labels is not None:
         scores = next((i for i, m in enumerate(outputs) if m.top1_agreement is not None), None)
         if scores is not None:
             labels = feeds.labels.reshape(-1)
             accuracy = Accuracy(
-                names[scores],
-                float(np.mean(_top1(ref_out[scores]) == labels)),
+                ref.names[scores],
+                float(np.mean(_top1(ref.outputs[scores]) == labels)),
                 float(np.mean(_top1(new_out[scores]) == labels)),
             )
-    latency = {"float": ref_ms, "converted": new_ms, "runs": float(plan.latency_runs)} if plan.latency_runs and fold else None
+    latency = {"float": ref.latency_ms, "converted": new_ms, "runs": float(plan.latency_runs)} if plan.latency_runs and fold else None
     return ValidationResult(feeds.source, feeds.samples, outputs, accuracy), latency
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,10 +12,10 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from qconvert import auto, fidelity, validate
+from qconvert import auto, fidelity, pipeline, validate
 from qconvert.cli import cli
 from qconvert.errors import ExitCode
-from qconvert.plan import Granularity
+from qconvert.plan import Granularity, KMeansPlan, LayerOverride, ValidationPlan
 from qconvert.select import select_weights
 
 
@@ -115,6 +116,19 @@ def test_noise_gains_match_the_perturbed_model_layer_by_layer() -> None:
         expected = sum(float(np.sum((n - c) ** 2)) for c, n in pairs) / sum(float(np.sum(c * c)) for c, _ in pairs)
         ratio, gain = gains[name]
         assert ratio * gain == pytest.approx(expected, rel=1e-3), name
+
+
+def test_trial_conversions_reuse_palettes_and_the_float_outputs_with_identical_results(digits: Path) -> None:
+    trials, validation = pipeline.Trials(), ValidationPlan()
+    base = KMeansPlan(bits=4, granularity=Granularity.PER_CHANNEL)
+    first = pipeline.convert(digits, None, base, validation, trials=trials).report
+    assert trials.reference is not None and len(trials.palettes) == len(first.weights)
+    changed = dataclasses.replace(base, overrides=(LayerOverride(first.weights[0].name, bits=3),))
+    again = pipeline.convert(digits, None, changed, validation, trials=trials)
+    assert len(trials.palettes) == len(first.weights) + 1  # only the changed weight was palettized again
+    fresh = pipeline.convert(digits, None, changed, validation)
+    assert again.model_bytes == fresh.model_bytes
+    assert again.report.validation == fresh.report.validation
 
 
 def test_allocation_meets_the_budget_at_the_smallest_size() -> None:

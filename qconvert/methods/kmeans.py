@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,12 +39,16 @@ DB_PER_BIT = 6.02  # SNR that one more index bit buys: what per-channel codebook
 ESTIMATE_MIN_ELEMENTS = 1 << 20  # granularity auto: larger weights first estimate per-channel's gain on a sample
 ESTIMATE_CHANNELS = 32
 
+PaletteMemo = dict[tuple[bytes, int, int | None], Palette]  # (digest of the values and error weights, bits, axis) -> palette
 
-def kmeans_step(model: onnx.ModelProto, plan: KMeansPlan, progress: Progress, workers: int, data: Path | None = None) -> Step:
+
+def kmeans_step(model: onnx.ModelProto, plan: KMeansPlan, progress: Progress, workers: int, data: Path | None = None,
+                memo: PaletteMemo | None = None) -> Step:
     """Palettize the weights; layers that an override switches to linear get DequantizeLinear instead.
 
     With `data` (calibration inputs), palettes minimise each layer's output error and biases absorb
-    the mean error, wherever that measurably beats plain k-means on the layer's output.
+    the mean error, wherever that measurably beats plain k-means on the layer's output. A `memo`
+    shared by conversions of one model (auto's trials) gives back palettes already computed.
     """
     details: dict[str, object] = {}
     selection = select(model, plan)
@@ -86,7 +91,7 @@ def kmeans_step(model: onnx.ModelProto, plan: KMeansPlan, progress: Progress, wo
             itemsize = onnx.helper.tensor_dtype_to_np_dtype(weight.tensor.data_type).itemsize
             pending.append((weight, *_codebook_axes(weight, itemsize, plan, setting.bits, setting.granularity)))
     progress(f"palettizing {len(pending)} weights")
-    arriving = _run([(w, axis, None) for w, axes, _ in pending for axis in axes], settings, workers)
+    arriving = _run([(w, axis, None) for w, axes, _ in pending for axis in axes], settings, workers, memo)
     plain: dict[tuple[str, int | None], Palette] = {}
     chosen: dict[str, tuple[int | None, str | None]] = {}
     for weight, axes, note in pending:  # decided as each weight's palettes arrive: only the chosen ones stay
@@ -99,7 +104,8 @@ def kmeans_step(model: onnx.ModelProto, plan: KMeansPlan, progress: Progress, wo
     if refiner is not None:
         importance = {w.name: refiner.importance(w) for w, _, _ in pending}
         progress("palettizing for the layer outputs")
-        refined = dict(_run([(w, chosen[w.name][0], importance[w.name]) for w, _, _ in pending if importance[w.name] is not None], settings, workers))
+        refined = dict(_run([(w, chosen[w.name][0], importance[w.name]) for w, _, _ in pending if importance[w.name] is not None],
+                            settings, workers, memo))
         progress("checking each layer's output on the calibration data")
         results = {}
         for weight, _, _ in pending:
@@ -247,32 +253,49 @@ def _gain(snrs: list[float | None]) -> str:
 
 
 def _run(jobs: list[tuple[Weight, int | None, np.ndarray | None]], settings: dict[str, LayerSetting],
-         workers: int) -> Iterator[tuple[tuple[str, int | None], Palette]]:
+         workers: int, memo: PaletteMemo | None = None) -> Iterator[tuple[tuple[str, int | None], Palette]]:
     """Palettes of (weight, codebook axis, error weights) jobs, in order, keyed by weight name and axis."""
     arrays = ((w.array(), settings[w.name].bits, axis, importance) for w, axis, importance in jobs)  # one array at a time
-    results = _palettes(arrays, sum(w.elements for w, _, _ in jobs), workers)
+    results = _palettes(arrays, sum(w.elements for w, _, _ in jobs), workers, palettize_tensor if memo is None else _memoized(memo))
     return (((w.name, axis), palette) for (w, axis, _), palette in zip(jobs, results))
 
 
 Job = tuple[np.ndarray, int, int | None, np.ndarray | None]  # array, bits, codebook axis, error weights
 
 
-def _palettes(jobs: Iterator[Job], total_elements: int, workers: int) -> Iterator[Palette]:
+def _palettes(jobs: Iterator[Job], total_elements: int, workers: int, compute: Callable[..., Palette] = palettize_tensor) -> Iterator[Palette]:
     """The palette of each job, in order. Big models use a thread per core (numpy releases the GIL in
     the heavy parts; threads share the weights instead of copying them into worker processes), with at
     most a few tensors in flight so memory stays bounded. Results do not depend on the number of workers."""
     if workers < 2 or total_elements < PARALLEL_MIN_ELEMENTS:
         for job in jobs:
-            yield palettize_tensor(*job)
+            yield compute(*job)
         return
     with ThreadPoolExecutor(max_workers=workers) as pool:
         in_flight: deque[Future[Palette]] = deque()
         for job in jobs:
-            in_flight.append(pool.submit(palettize_tensor, *job))
+            in_flight.append(pool.submit(compute, *job))
             if len(in_flight) >= workers:
                 yield in_flight.popleft().result()
         while in_flight:
             yield in_flight.popleft().result()
+
+
+def _memoized(memo: PaletteMemo) -> Callable[..., Palette]:
+    """palettize_tensor, looked up in `memo` by the values' digest first (palettes are deterministic)."""
+
+    def compute(array: np.ndarray, bits: int, axis: int | None, importance: np.ndarray | None) -> Palette:
+        digest = hashlib.sha256(np.ascontiguousarray(array))
+        digest.update(array.dtype.str.encode() + str(array.shape).encode())
+        if importance is not None:
+            digest.update(np.ascontiguousarray(importance, np.float64))
+            digest.update(str(np.shape(importance)).encode())
+        key = digest.digest(), bits, axis
+        if key not in memo:
+            memo[key] = palettize_tensor(array, bits, axis, importance)
+        return memo[key]
+
+    return compute
 
 
 def _palette_report(weight: Weight, array: np.ndarray, item: EncodedWeight, note: str | None) -> WeightReport:
