@@ -134,9 +134,11 @@ def convert(
                 if not fold:
                     warnings.append(f"validated without onnxruntime's graph optimizations: decoding {input_bytes / 1e9:.1f} GB of weights "
                                     "at load would not fit in memory; latency not measured")
-                if trials is not None and trials.reference is None:
-                    trials.reference = validate.reference(str(input_path), validation)
-                float_side = trials.reference if trials is not None else str(input_path)
+                float_side: str | validate.Reference = str(input_path)
+                if trials is not None:
+                    if trials.reference is None:
+                        trials.reference = validate.reference(float_side, validation)
+                    float_side = trials.reference
                 result, latency = validate.compare(float_side, converted, validation, fold)
             except CannotRunError as e:
                 if not (validation.allow_unrunnable and e.which == "input model"):

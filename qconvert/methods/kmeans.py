@@ -285,11 +285,11 @@ def _memoized(memo: PaletteMemo) -> Callable[..., Palette]:
     """palettize_tensor, looked up in `memo` by the values' digest first (palettes are deterministic)."""
 
     def compute(array: np.ndarray, bits: int, axis: int | None, importance: np.ndarray | None) -> Palette:
-        digest = hashlib.sha256(np.ascontiguousarray(array))
-        digest.update(array.dtype.str.encode() + str(array.shape).encode())
+        digest = hashlib.sha256(np.ascontiguousarray(array).data)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
         if importance is not None:
-            digest.update(np.ascontiguousarray(importance, np.float64))
-            digest.update(str(np.shape(importance)).encode())
+            digest.update(np.ascontiguousarray(importance, np.float64).data)
+            digest.update(f"{np.shape(importance)}".encode())
         key = digest.digest(), bits, axis
         if key not in memo:
             memo[key] = palettize_tensor(array, bits, axis, importance)
