@@ -137,7 +137,7 @@ def convert(
                 float_side: str | validate.Reference = str(input_path)
                 if trials is not None:
                     if trials.reference is None:
-                        trials.reference = validate.reference(float_side, validation)
+                        trials.reference = validate.reference(str(input_path), validation)
                     float_side = trials.reference
                 result, latency = validate.compare(float_side, converted, validation, fold)
             except CannotRunError as e:
