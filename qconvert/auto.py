@@ -22,18 +22,19 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
-from qconvert import fidelity, io, validate
+from qconvert import fidelity, io, qdq, validate
+from qconvert.encode import EncodedWeight, encode_palettes, index_bytes, min_opset, preferred_storage
 from qconvert.gates import Gates
 from qconvert.methods.common import Progress, select
-from qconvert.opset import hole, without_weights
+from qconvert.opset import default_opset, hole, without_weights
 from qconvert.plan import AutoPlan, Granularity, KMeansPlan, LayerOverride, ValidationPlan
-from qconvert.quant.kmeans import nearest, palettize
+from qconvert.quant.kmeans import Palette, nearest, palettize
 from qconvert.quant.layout import from_rows, to_rows
 from qconvert.quant.linear import dequantize, grid_for, quantize
 from qconvert.rewrite import NameSource, add_after
-from qconvert.select import Weight, select_weights
+from qconvert.select import MAIN_GRAPH, Weight, select_weights
 
 if TYPE_CHECKING:
     from qconvert.pipeline import Conversion
@@ -94,6 +95,10 @@ def profile(model: onnx.ModelProto, plan: AutoPlan, validation: ValidationPlan, 
     moments = fidelity.input_moments(model, layers, samples).moments if layers else {}
     layers = {n: layer for n, layer in layers.items() if n in moments}
     estimates = {n: _noise_estimate(w, layers[n], moments[n]) for w in weights if (n := w.name) in layers}
+    # The conversions correct biases wherever that measures better: the probes and the predictions then
+    # leave out the mean error (its gain differs from the rest's: ReLUs and normalizations see it differently).
+    corrected = {n: plan.bias_correction and (plan.calibration or validation.data) is not None and layer.bias_editable
+                 for n, layer in layers.items()}
     progress(f"measuring the sensitivity of {len(layers)} layers on {count} samples")
     rng = np.random.default_rng(0)
     points: dict[str, list[tuple[float, float]]] = {name: [] for name in layers}
@@ -101,15 +106,15 @@ def profile(model: onnx.ModelProto, plan: AutoPlan, validation: ValidationPlan, 
     for bits in PROBE_BITS:  # noise grows faster than linearly through a network once it is large
         arrays = {w.name: w.array() for w in weights if w.name in layers}
         perturbed = {name: _kmeans(array, bits, rng) for name, array in arrays.items()}  # Ŵ
-        for name, point in noise_gains(model, layers, samples, perturbed, groups).items():
+        shifts = {name: shift for name in layers if corrected[name] and
+                  (shift := fidelity.bias_shift(layers[name], moments[name], arrays[name], perturbed[name])) is not None}
+        for name, point in noise_gains(model, layers, samples, perturbed, groups, shifts).items():
             points[name].append(point)
             if name not in calibration:
-                estimate = estimates[name](arrays[name], perturbed[name])
+                estimate = estimates[name](arrays[name], perturbed[name], None, name in shifts)
                 calibration[name] = point[0] / estimate if estimate > 0 else 0.0
         del arrays, perturbed
     gains = {name: _gain_curve(p) for name, p in points.items()}
-    # The conversions correct biases wherever that measures better: predict their noise without the mean error.
-    corrected = plan.bias_correction and (plan.calibration or validation.data) is not None
     worst_gain = max((max(g for _, g in p) for p in points.values()), default=1.0)
     options: dict[str, list[Option]] = {}
     for i, weight in enumerate(weights):
@@ -121,9 +126,9 @@ def profile(model: onnx.ModelProto, plan: AutoPlan, validation: ValidationPlan, 
         if axis is not None and weight.shape[axis] > EVAL_CHANNELS:  # a seeded subset of output channels stands for all
             channels = np.sort(rng.choice(weight.shape[axis], EVAL_CHANNELS, replace=False))
         part = array if channels is None else np.take(array, channels, axis)
-        for option, approx in _options(weight, array, plan, rng, channels):
+        for option, approx in _options(weight, array, plan, rng, channels, default_opset(model)):
             if weight.name in layers:  # the layer's noise ratio, estimated and calibrated, times its gain there
-                ratio = calibration[weight.name] * estimates[weight.name](part, approx, channels, corrected and layers[weight.name].bias_editable)
+                ratio = calibration[weight.name] * estimates[weight.name](part, approx, channels, corrected[weight.name])
                 noise = gains[weight.name](ratio) * ratio
             else:  # no layer to measure (subgraphs, RNNs, shared weights): the weight's own error ratio, worst gain
                 error = float(np.sum((part.astype(np.float64) - approx) ** 2))
@@ -165,13 +170,15 @@ def _gain_curve(points: list[tuple[float, float]]) -> Callable[[float], float]:
 
 
 def noise_gains(model: onnx.ModelProto, layers: dict[str, fidelity.Layer], samples: validate.Feeds,
-                perturbed: dict[str, np.ndarray], groups: int) -> dict[str, tuple[float, float]]:
+                perturbed: dict[str, np.ndarray], groups: int,
+                shifts: dict[str, np.ndarray] | None = None) -> dict[str, tuple[float, float]]:
     """Per layer: the layer's own noise-to-signal ratio with the weights of `perturbed` (a quantized
-    version of each layer's weight), and the gain (the model output's ratio over the layer's), on
-    `samples` (one sample per batch). With fewer `groups` than layers, consecutive layers share a slot
-    and a gain (their noise together over their noise ratios summed).
+    version of each layer's weight) and its bias shift from `shifts` if any (bias correction), and the
+    gain (the model output's ratio over the layer's), on `samples` (one sample per batch). With fewer
+    `groups` than layers, consecutive layers share a slot and a gain (their noise together over their
+    noise ratios summed).
 
-    The perturbation's own output conv(x, W − Ŵ) is added after the layer, masked to one batch slot
+    The perturbation's own output conv(x, Ŵ − W) (+ shift) is added after the layer, masked to one batch slot
     per layer, so one batched run measures SLOTS layers. Quantization noise, unlike white noise, has
     the same pattern at every position of the layer's output, so it survives pooling: the gain must be
     measured with noise of that kind.
@@ -179,16 +186,17 @@ def noise_gains(model: onnx.ModelProto, layers: dict[str, fidelity.Layer], sampl
     names = list(layers)
     if not names:
         return {}
-    own = fidelity.layer_snr(model, [fidelity.Candidate(layers[n], perturbed[n]) for n in names], samples)
+    shifts = shifts or {}
+    own = fidelity.layer_snr(model, [fidelity.Candidate(layers[n], perturbed[n], shifts.get(n)) for n in names], samples)
     weights = {w.name: w for w in select_weights(model).weights}
-    deltas = {n: weights[n].array() - perturbed[n] for n in names}  # W − Ŵ
+    deltas = {n: perturbed[n] - weights[n].array() for n in names}  # Ŵ − W: the error the quantized layer adds
     outputs = scored_outputs(model)
     ys = [layers[n].node.output[0] for n in names]
     references, ranks = [], {}
     for result in validate.run_with_outputs(model, [*outputs, *ys], samples, "input model"):
         references.append([result[o].astype(np.float64) for o in outputs])
         ranks = {name: result[y].ndim for name, y in zip(names, ys)}
-    probe, masks, picks, arrays = _noise_probe(model, layers, deltas, ranks)
+    probe, masks, picks, arrays = _noise_probe(model, layers, deltas, shifts, ranks)
     del deltas
     known = {o.name for o in probe.graph.output}
     probe.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in outputs if name not in known)
@@ -234,9 +242,9 @@ def scored_outputs(model: onnx.ModelProto) -> list[str]:
     return scored
 
 
-def _noise_probe(model: onnx.ModelProto, layers: dict[str, fidelity.Layer], deltas: dict[str, np.ndarray],
+def _noise_probe(model: onnx.ModelProto, layers: dict[str, fidelity.Layer], deltas: dict[str, np.ndarray], shifts: dict[str, np.ndarray],
                  ranks: dict[str, int]) -> tuple[onnx.ModelProto, dict[str, str], dict[str, str], dict[str, np.ndarray]]:
-    """A skeleton of the model with y + mask·layer(x[slot]; W − Ŵ) after each layer, mask a new
+    """A skeleton of the model with y + mask·(layer(x[slot]; Ŵ − W) + shift) after each layer, mask a new
     [batch, 1, ...] input and slot a new [1] input (the batch slot the layer's noise goes to: its error
     is computed for that sample alone); the masks' and slots' names; the arrays of its new initializers."""
     probe = without_weights(model)
@@ -256,10 +264,15 @@ def _noise_probe(model: onnx.ModelProto, layers: dict[str, fidelity.Layer], delt
         graph.input.append(helper.make_tensor_value_info(slot, onnx.TensorProto.INT64, [1]))
         batch_axis = 1 if layer.op_type == "Gemm" and layer.x_axis == 0 else 0  # Gemm's transA: x is [K, batch]
         pick = helper.make_node("Gather", [layer.node.input[0], slot], [sample], axis=batch_axis)
-        noise_of_weight = fidelity.layer_copy(layer.node, delta, noise, fresh, bias=False)  # the weight's error alone
-        noise_of_weight.input[0] = sample
-        additions[y] = (clean, [pick, noise_of_weight, helper.make_node("Mul", [mask, noise], [scaled]),
-                                helper.make_node("Add", [clean, scaled], [y])])
+        nodes = [pick, fidelity.layer_copy(layer.node, delta, noise, fresh, bias=False)]  # the weight's error alone
+        nodes[1].input[0] = sample
+        if name in shifts:  # its mean removed, as bias correction does
+            shift, error = fresh(f"{name}_qc_shift"), noise
+            arrays[shift] = fidelity.output_layout(layer, shifts[name]).astype(np.float32)
+            graph.initializer.append(numpy_helper.from_array(arrays[shift], shift))
+            noise = fresh(f"{y}_qc_corrected")
+            nodes.append(helper.make_node("Add", [error, shift], [noise]))
+        additions[y] = (clean, [*nodes, helper.make_node("Mul", [mask, noise], [scaled]), helper.make_node("Add", [clean, scaled], [y])])
         masks[name], picks[name] = mask, slot
     add_after(graph, additions)
     return probe, masks, picks, arrays
@@ -276,7 +289,7 @@ def _fixed_batch(model: onnx.ModelProto) -> bool:
 
 
 def _options(weight: Weight, array: np.ndarray, plan: AutoPlan, rng: np.random.Generator,
-             channels: np.ndarray | None) -> list[tuple[Option, np.ndarray]]:
+             channels: np.ndarray | None, opset: int) -> list[tuple[Option, np.ndarray]]:
     """Every quantized way to store the weight, with its size, and what the output `channels` (None:
     all) decode to. K-means codebooks are fitted on a sample of the tensor or of each channel."""
     itemsize = array.dtype.itemsize
@@ -294,7 +307,7 @@ def _options(weight: Weight, array: np.ndarray, plan: AutoPlan, rng: np.random.G
             groups = weight.shape[row_axis] if row_axis is not None else 1
             if groups > 1 and (groups - 1) * (1 << bits) * itemsize * 8 / array.size > plan.max_codebook_overhead:
                 continue
-            size = -(-array.size * bits // 8) + groups * (1 << bits) * itemsize
+            size = _file_bytes(weight, "kmeans", bits, row_axis, opset)
             codebook = _codebook(fitted[:, fit], bits)
             approx = np.take_along_axis(codebook, nearest(rows, codebook).astype(np.intp), axis=1)
             found.append((Option("kmeans", bits, granularity, size, 0.0), from_rows(approx, part.shape, row_axis)))
@@ -305,8 +318,36 @@ def _options(weight: Weight, array: np.ndarray, plan: AutoPlan, rng: np.random.G
             grid = grid_for(rows, bits=bits, symmetric=True)
             approx = from_rows(dequantize(quantize(rows, grid), grid), part.shape, axis)
             granularity = Granularity.PER_CHANNEL if axis is not None else Granularity.PER_TENSOR
-            found.append((Option("linear", bits, granularity, -(-array.size * bits // 8) + 4 * scales, 0.0), approx))
+            found.append((Option("linear", bits, granularity, _file_bytes(weight, "linear", bits, axis, opset), 0.0), approx))
     return found
+
+
+def _file_bytes(weight: Weight, method: str, bits: int, axis: int | None, opset: int) -> int:
+    """Bytes the weight takes in the file stored this way: its data, plus what its encoding adds (decode
+    nodes, small constants, tensor headers: about 1 KB for packed indices, which decides on small
+    models). That part is measured by encoding a stand-in with one value per channel, same name."""
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(weight.tensor.data_type)
+    channels = weight.shape[axis] if axis is not None else 1
+    shape = [channels if a == axis else 1 for a in range(len(weight.shape))]
+    tensor = numpy_helper.from_array(np.zeros(shape, dtype), weight.name)
+    model = helper.make_model(helper.make_graph([], "g", [], []), opset_imports=[helper.make_opsetid("", opset)])
+    empty = model.ByteSize()
+    model.graph.initializer.append(tensor)
+    stand_in = Weight(weight.name, model.graph, MAIN_GRAPH, "initializer", model.graph.initializer[0])
+    if method == "kmeans":
+        storage = preferred_storage(bits)
+        model.opset_import[0].version = max(opset, min_opset(storage))
+        palette = Palette(np.zeros((channels, 1 << bits), dtype), np.zeros((channels, 1), np.uint8))
+        encode_palettes(model, [EncodedWeight(stand_in, palette, axis, bits, storage)])
+
+        def data(count: int) -> int:
+            return index_bytes(count, storage, bits) + channels * (1 << bits) * dtype.itemsize
+    else:
+        qdq.insert_weight_dq(model, [qdq.quantize_weight(stand_in, np.zeros(shape, dtype), bits=bits, symmetric=True, axis=axis)])
+
+        def data(count: int) -> int:
+            return -(-count * bits // 8) + channels * 4 + -(-channels * bits // 8)  # values, scales, zero points
+    return model.ByteSize() - empty + data(weight.elements) - data(channels)
 
 
 def _kmeans(array: np.ndarray, bits: int, rng: np.random.Generator) -> np.ndarray:
@@ -344,7 +385,27 @@ def allocate(options: dict[str, list[Option]], budget: float) -> dict[str, Optio
     for _ in range(30):
         mid = float(np.sqrt(low * high))
         low, high = (low, mid) if fits(mid) else (mid, high)
-    return pick(high)
+    return _fill(pick(high), options, budget)
+
+
+def _fill(choice: dict[str, Option], options: dict[str, list[Option]], budget: float) -> dict[str, Option]:
+    """Spend what the budget has left: the Lagrangian only reaches plans on the convex hull of size
+    against noise, so move single weights to smaller options while the total noise still fits, the
+    most bytes saved per noise added first."""
+    choice = dict(choice)
+    noise = sum(o.noise for o in choice.values())
+    while True:
+        moves = [(name, o) for name, current in choice.items() for o in options[name]
+                 if o.size < current.size and noise - current.noise + o.noise <= budget]
+        if not moves:
+            return choice
+        name, option = max(moves, key=lambda m: ((choice[m[0]].size - m[1].size) / max(m[1].noise - choice[m[0]].noise, 1e-30), m[0]))
+        noise += option.noise - choice[name].noise
+        choice[name] = option
+
+
+def _size(choice: dict[str, Option]) -> int:
+    return sum(o.size for o in choice.values())
 
 
 def plan_for(choice: dict[str, Option], plan: AutoPlan) -> KMeansPlan:
@@ -393,6 +454,8 @@ def search(input_path: Path, plan: AutoPlan, validation: ValidationPlan, progres
             aim += direction * STEP_DB / 2
             choice = allocate(found.options, 10 ** (-aim / 10))
         if choice in tried:  # the same plan again: nothing new to learn
+            break
+        if best is not None and _size(choice) >= _size(best[1]):  # aimed lower, yet no smaller than a plan that passed
             break
         tried.append(choice)
         predicted = -10 * float(np.log10(max(sum(o.noise for o in choice.values()), 1e-30)))

@@ -73,10 +73,13 @@ class EncodedWeight:
 
 def stored_bytes(palette: Palette, storage: IndexStorage, bits: int) -> int:
     """Bytes the palette takes in the file: codebook plus indices (constants of a few bytes excluded)."""
-    count = palette.indices.size
+    return palette.codebook.nbytes + index_bytes(palette.indices.size, storage, bits)
+
+
+def index_bytes(count: int, storage: IndexStorage, bits: int) -> int:
+    """Bytes that `count` indices of `bits` bits take stored this way."""
     index_bits = storage.bits or bits
-    index_bytes = -(-count // 8) * index_bits if storage is IndexStorage.PACKED else -(-count * index_bits // 8)
-    return palette.codebook.nbytes + index_bytes
+    return -(-count // 8) * index_bits if storage is IndexStorage.PACKED else -(-count * index_bits // 8)
 
 
 def pack_indices(indices: np.ndarray, bits: int) -> np.ndarray:

@@ -255,7 +255,7 @@ def _probe(model: onnx.ModelProto, candidates: list[Candidate], feeds: Feeds) ->
         checks.append(layer_copy(layer.node, w, out, fresh))
         if candidate.shift is not None:
             shift = fresh(f"{layer.weight}_qc_shift")
-            graph.initializer.append(numpy_helper.from_array(_output_layout(layer, candidate.shift).astype(np.float32), shift))
+            graph.initializer.append(numpy_helper.from_array(output_layout(layer, candidate.shift).astype(np.float32), shift))
             shifted = fresh(f"{out}_shifted")
             checks.append(helper.make_node("Add", [out, shift], [shifted]))
             out = shifted
@@ -287,7 +287,7 @@ def layer_copy(node: onnx.NodeProto, weight: str, output: str, fresh: NameSource
     return copy
 
 
-def _output_layout(layer: Layer, shift: np.ndarray) -> np.ndarray:
+def output_layout(layer: Layer, shift: np.ndarray) -> np.ndarray:
     """A per-output-channel shift shaped to add to the layer's output: [Cout, 1, 1] against [N, Cout, H, W]."""
     return shift.reshape(-1, *([1] * (len(layer.weight_shape) - 2))) if layer.op_type == "Conv" else shift
 
@@ -323,7 +323,7 @@ def model_snr(model: onnx.ModelProto, variants: list[tuple[dict[str, np.ndarray]
         additions: dict[str, tuple[str | None, list[onnx.NodeProto]]] = {}
         for layer, shift in shifts.values():
             y = layer.node.output[0]
-            bias = numpy_helper.from_array(_output_layout(layer, shift).astype(np.float32), fresh(f"{layer.weight}_qc_shift"))
+            bias = numpy_helper.from_array(output_layout(layer, shift).astype(np.float32), fresh(f"{layer.weight}_qc_shift"))
             graph.initializer.append(bias)
             product = fresh(f"{y}_qc_unshifted")
             additions[y] = (product, [helper.make_node("Add", [product, bias.name], [y])])

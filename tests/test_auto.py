@@ -12,10 +12,10 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from qconvert import auto, fidelity, pipeline, validate
+from qconvert import auto, fidelity, io, pipeline, validate
 from qconvert.cli import cli
 from qconvert.errors import ExitCode
-from qconvert.plan import Granularity, KMeansPlan, LayerOverride, ValidationPlan
+from qconvert.plan import AutoPlan, Granularity, KMeansPlan, LayerOverride, ValidationPlan
 from qconvert.select import select_weights
 
 
@@ -88,9 +88,11 @@ def test_noise_gain_of_the_last_linear_layer_is_one(softmax: bool) -> None:
     assert gains["w1"][1] > 0
 
 
-def test_noise_gains_match_the_perturbed_model_layer_by_layer() -> None:
+@pytest.mark.parametrize("corrected", [False, True])
+def test_noise_gains_match_the_quantized_model_layer_by_layer(corrected: bool) -> None:
     """Each layer's noise (measured for its batch slot alone) times its gain is the output error of the
-    model with that layer's weight moved by W − Ŵ: through ReLUs, pooling and a Gemm with transA."""
+    model with that one weight quantized (and its bias corrected): through ReLUs, pooling and a Gemm
+    with transA."""
     rng = np.random.default_rng(1)
     shapes = {"c1": (8, 3, 3, 3), "c2": (8, 8, 3, 3), "fc": (8, 5)}
     weights = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
@@ -106,14 +108,18 @@ def test_noise_gains_match_the_perturbed_model_layer_by_layer() -> None:
     assert set(layers) == set(shapes)
     samples = validate.Feeds([{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(3)], 3, "test")
     perturbed = {n: auto._kmeans(w, 2, rng) for n, w in weights.items()}
-    gains = auto.noise_gains(model, layers, samples, perturbed, groups=3)
-    for name, weight in weights.items():
-        moved = onnx.ModelProto()
-        moved.CopyFrom(model)
-        next(t for t in moved.graph.initializer if t.name == name).CopyFrom(numpy_helper.from_array(2 * weight - perturbed[name], name))
-        clean, noisy = (validate.run_with_outputs(m, ["y"], samples, "test") for m in (model, moved))
-        pairs = [(c["y"].astype(np.float64), n["y"]) for c, n in zip(clean, noisy)]
-        expected = sum(float(np.sum((n - c) ** 2)) for c, n in pairs) / sum(float(np.sum(c * c)) for c, _ in pairs)
+    moments = fidelity.input_moments(model, layers, samples).moments
+    shifts = {n: fidelity.bias_shift(layers[n], moments[n], w, perturbed[n]) for n, w in weights.items()} if corrected else {}
+    gains = auto.noise_gains(model, layers, samples, perturbed, 3, shifts)  # type: ignore[arg-type]
+    clean = [r["y"].astype(np.float64) for r in validate.run_with_outputs(model, ["y"], samples, "test")]
+    for name in weights:
+        quantized = onnx.ModelProto()
+        quantized.CopyFrom(model)
+        next(t for t in quantized.graph.initializer if t.name == name).CopyFrom(numpy_helper.from_array(perturbed[name], name))
+        if corrected:
+            fidelity.apply_bias_shifts(quantized, {name: (fidelity.find_layers(quantized, select_weights(quantized).weights)[name], shifts[name])})
+        noisy = [r["y"] for r in validate.run_with_outputs(quantized, ["y"], samples, "test")]
+        expected = sum(float(np.sum((n - c) ** 2)) for c, n in zip(clean, noisy)) / sum(float(np.sum(c * c)) for c in clean)
         ratio, gain = gains[name]
         assert ratio * gain == pytest.approx(expected, rel=1e-3), name
 
@@ -142,6 +148,33 @@ def test_allocation_meets_the_budget_at_the_smallest_size() -> None:
     choice = auto.allocate(options, 2.5e-3)  # a at 4 bits + b at 2 bits fits, at 75 bytes
     assert (choice["a"].bits, choice["b"].bits) == (4, 2)
     assert all(o.method == "float" for o in auto.allocate(options, 0.0).values())
+
+
+def test_allocation_spends_what_the_convex_hull_leaves() -> None:
+    """a's middle option is off the hull of size against noise (no λ picks it), yet it fits the budget."""
+    def option(size: int, noise: float) -> auto.Option:
+        return auto.Option("kmeans", 4, Granularity.PER_TENSOR, size, noise)
+
+    options = {"a": [option(400, 0.0), option(100, 1.0), option(90, 1.5), option(50, 3.0)], "b": [option(400, 0.0), option(100, 0.5)]}
+    choice = auto.allocate(options, 2.0)
+    assert (choice["a"].size, choice["b"].size) == (90, 100)
+
+
+def test_predicted_sizes_match_the_written_files(tmp_path: Path, digits: Path) -> None:
+    """Option sizes include what each encoding adds to the graph: packed indices' decode nodes cost
+    about 1 KB, which decides between bit widths on small models."""
+    model, _ = io.load_model(digits)
+    options = auto.profile(model, AutoPlan(target_snr=20), ValidationPlan(), lambda _: None).options
+    base = {name: next(o for o in opts if o.label == "kmeans 4-bit pt") for name, opts in options.items()}
+
+    def written(choice: dict[str, auto.Option]) -> int:
+        return pipeline.convert(digits, None, auto.plan_for(choice, AutoPlan(target_snr=20)), None).report.output_bytes
+
+    reference = written(base)
+    for label in ("kmeans 3-bit pt", "kmeans 6-bit pt", "linear 8-bit pc"):
+        changed = next(o for o in options["fc1.weight"] if o.label == label)
+        difference = written({**base, "fc1.weight": changed}) - reference
+        assert abs(difference - (changed.size - base["fc1.weight"].size)) <= 16, label
 
 
 def test_auto_with_an_accuracy_target(tmp_path: Path, digits: Path, digits_data: Path) -> None:
