@@ -8,8 +8,9 @@
    the weight error weighted by the energy of the input each weight multiplies (on samples of the
    weight, so that all widths cost seconds).
 3. Allocation: a Lagrangian knapsack picks per weight the candidate minimising size + λ·noise, with λ
-   bisected until the predicted output SNR meets the target; then the plan is converted and validated,
-   and tightened while the measured result misses the target.
+   bisected until the predicted output SNR meets the target, and single weights then take smaller
+   candidates while the prediction still fits; then the plan is converted and validated, and the aim
+   moved while the measured result misses the target or beats it by a wide margin.
 """
 
 from __future__ import annotations
