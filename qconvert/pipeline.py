@@ -145,6 +145,12 @@ def convert(
                     raise
                 warnings.append(f"not validated: {e}")
             lap("validate")
+            changed = any(w.snr_db is not None for w in step.weights)  # some weight is not stored exactly
+            if result is not None and changed and all(o.snr_db is None for o in result.outputs):
+                vacuous = f"the outputs did not change at all on the validation inputs ({result.source}): they do not exercise the model"
+                if gates.any:
+                    raise UsageError(f"{vacuous}, so the quality gates cannot be judged; give --data, or real sizes with --input-shape")
+                warnings.append(f"{vacuous}; give --data, or real sizes with --input-shape")
 
         checks = evaluate_gates(gates, result) if gates.any and result is not None else []
         passed = all(c.passed for c in checks)

@@ -145,14 +145,13 @@ def build_feeds(sess: ort.InferenceSession, plan: ValidationPlan) -> Feeds:
     if plan.labels is not None:
         raise UsageError("--labels go with --data (the samples they label)")
     rng = np.random.default_rng(plan.seed)
-    batches = []
-    for _ in range(plan.samples):
-        feed = {}
-        for i in inputs:
-            shape = plan.input_shapes.get(i.name) or tuple(d if isinstance(d, int) and d > 0 else 1 for d in i.shape)
-            feed[i.name] = _random(rng, _dtype(i), shape)
-        batches.append(feed)
-    return Feeds(batches, plan.samples, f"random (seed {plan.seed})")
+    shapes = {i.name: plan.input_shapes.get(i.name) or tuple(d if isinstance(d, int) and d > 0 else 1 for d in i.shape) for i in inputs}
+    batches = [{i.name: _random(rng, _dtype(i), shapes[i.name]) for i in inputs} for _ in range(plan.samples)]
+    # A symbolic size past the batch set to 1 (an image's height and width) may not exercise the model at all.
+    guessed = [f"{i.name} {'x'.join(map(str, shapes[i.name]))}" for i in inputs
+               if i.name not in plan.input_shapes and any(not (isinstance(d, int) and d > 0) for d in i.shape[1:])]
+    note = f"; symbolic sizes set to 1: {', '.join(guessed)}" if guessed else ""
+    return Feeds(batches, plan.samples, f"random (seed {plan.seed}{note})")
 
 
 @dataclass(frozen=True)

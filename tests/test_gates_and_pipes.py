@@ -243,3 +243,24 @@ def test_hybrid_kmeans_with_linear_layers(tmp_path: Path, digits: Path, digits_d
     ops = [n.op_type for n in onnx.load(str(out)).graph.node]
     assert ops.count("DequantizeLinear") == 1 and ops.count("Gather") == 2
     assert report["validation"]["accuracy"]["quantized_top1"] > 0.95
+
+
+def test_inputs_that_do_not_exercise_the_model_fail_gates_and_warn_otherwise(tmp_path: Path) -> None:
+    """Symbolic image sizes default to 1; here every output is 0 whatever the weights: validation
+    measures nothing, so gates (and auto's target) cannot pass on it."""
+    model = conv_model()
+    next(t for t in model.graph.initializer if t.name == "b").CopyFrom(onnx.numpy_helper.from_array(np.full(16, -100, np.float32), "b"))
+    for value in (*model.graph.input, *model.graph.output):
+        for dim, name in zip(value.type.tensor_type.shape.dim[2:], ("h", "w")):
+            dim.dim_param = name
+    path = save(model, tmp_path / "m.onnx")
+    out = tmp_path / "q.onnx"
+    result = invoke("kmeans", path, "--bits", "4", "--min-snr", "30", "-o", out, "-q")
+    assert result.exit_code == ExitCode.USAGE, result.output
+    assert "symbolic sizes set to 1: x 1x8x1x1" in result.stderr and "--input-shape" in result.stderr
+    assert not out.exists()
+    result = invoke("kmeans", path, "--bits", "4", "-o", out, "--json")
+    assert result.exit_code == ExitCode.OK, result.output
+    assert any("do not exercise the model" in w for w in json.loads(result.stdout)["warnings"])
+    result = invoke("kmeans", path, "--bits", "4", "--input-shape", "x=1x8x8x8", "-o", out, "--json")
+    assert json.loads(result.stdout)["validation"]["source"] == "random (seed 0)"
