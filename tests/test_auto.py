@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qconvert import auto, fidelity, io, pipeline, validate
 from qconvert.cli import cli
-from qconvert.errors import ExitCode
+from qconvert.errors import ExitCode, QConvertError
 from qconvert.plan import AutoPlan, Granularity, KMeansPlan, LayerOverride, ValidationPlan
 from qconvert.select import select_weights
 
@@ -175,6 +175,26 @@ def test_predicted_sizes_match_the_written_files(tmp_path: Path, digits: Path) -
         changed = next(o for o in options["fc1.weight"] if o.label == label)
         difference = written({**base, "fc1.weight": changed}) - reference
         assert abs(difference - (changed.size - base["fc1.weight"].size)) <= 16, label
+
+
+def test_options_are_what_the_model_can_be_converted_to(digits: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the version converter cannot take the model to opset 21, int4 DequantizeLinear is no option
+    and 4-bit indices are sized as packed (as the conversion will store them)."""
+    model, _ = io.load_model(digits)
+
+    def labels() -> dict[str, int]:
+        options = auto.profile(model, AutoPlan(target_snr=20), ValidationPlan(), lambda _: None).options["fc1.weight"]
+        return {o.label: o.size for o in options}
+
+    free = labels()
+
+    def converter(model: onnx.ModelProto, target: int, **kwargs: bool) -> onnx.ModelProto:
+        raise QConvertError(f"cannot convert the model to opset {target}: (as a test)")
+
+    monkeypatch.setattr(auto, "raise_opset", converter)
+    stuck = labels()
+    assert "linear 4-bit pc" in free and "linear 4-bit pc" not in stuck and "linear 8-bit pc" in stuck
+    assert stuck["kmeans 4-bit pt"] > free["kmeans 4-bit pt"]  # packed: more decode nodes than uint4
 
 
 def test_auto_with_an_accuracy_target(tmp_path: Path, digits: Path, digits_data: Path) -> None:

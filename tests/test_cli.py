@@ -102,6 +102,37 @@ def test_old_opset_is_raised_or_kept(tmp_path: Path, source: int, flags: list[st
     assert written.opset_import[0].version == opset
 
 
+def test_linear_layers_get_their_opset_when_the_indices_cannot_have_theirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The version converter fails on some models at 21 (uint4 indices) but not at 13 (per-channel
+    DequantizeLinear; seen: a CRNN at 12). The indices then fall back to packed, and the opset goes to 13."""
+    from qconvert.errors import UnsupportedModelError
+    from qconvert.methods import kmeans as method
+
+    real = method.raise_opset
+
+    def converter(model: onnx.ModelProto, target: int, **kwargs: bool) -> onnx.ModelProto:
+        if target >= 21:
+            raise UnsupportedModelError("the model converted to opset 21 fails the ONNX checker: (as a test)")
+        return real(model, target, **kwargs)
+
+    monkeypatch.setattr(method, "raise_opset", converter)
+    model = conv_model(cin=16, cout=32, opset=12)
+    w2 = np.random.default_rng(1).standard_normal((32, 32, 3, 3)).astype(np.float32) * 0.1
+    model.graph.initializer.append(numpy_helper.from_array(w2, "w2"))
+    model.graph.node.append(helper.make_node("Conv", ["y", "w2"], ["z"], pads=[1] * 4))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 32, 8, 8]))
+    path = save(model, tmp_path / "m.onnx")
+    config = tmp_path / "plan.toml"
+    config.write_text('bits = 4\n[[layer]]\nmatch = "w2"\nmethod = "linear"\nbits = 8\ngranularity = "per-channel"\n')
+    result = run("kmeans", path, "--config", config, "-o", tmp_path / "q.onnx", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["opset"]["before"], report["opset"]["after"]) == (12, 13)
+    assert report["opset"]["storage"] == "int8, packed" and "fails the ONNX checker" in report["opset"]["note"]
+    assert report["validation"]["outputs"][0]["snr_db"] > 15
+
+
 def test_fp16_model_stays_fp16(tmp_path: Path) -> None:
     model = save(conv_model(cin=16, cout=32, dtype=np.float16), tmp_path / "m.onnx")
     out = tmp_path / "q.onnx"

@@ -182,14 +182,16 @@ def _prepare_opset(model: onnx.ModelProto, plan: KMeansPlan, bits_used: set[int]
             note = f"opset raised from {before} to {needed} for {wanted} indices"
             return converted, OpsetChange(before, needed, described(storages), note), storages
         except QConvertError as e:
-            if before < linear_needs:
-                raise
             reason = str(e)
     else:
         reason = "--keep-opset"
-    fallback = {bits: s if min_opset(s) <= before else fallback_storage(bits, before) for bits, s in storages.items()}
+    after = max(before, linear_needs)  # the linear layers cannot do without it; the indices can
+    fallback = {bits: s if min_opset(s) <= after else fallback_storage(bits, after) for bits, s in storages.items()}
     note = f"{wanted} indices need opset {needed} ({reason}); stored as {described(fallback)} instead"
-    return model, OpsetChange(before, before, described(fallback), note), fallback
+    if after > before:
+        model = raise_opset(model, after, keep_input=False)
+        note += f"; opset raised from {before} to {after} for the linear layers"
+    return model, OpsetChange(before, after, described(fallback), note), fallback
 
 
 def _codebook_axes(weight: Weight, itemsize: int, plan: KMeansPlan, bits: int, granularity: Granularity) -> tuple[list[int | None], str | None]:
