@@ -133,6 +133,21 @@ def test_linear_layers_get_their_opset_when_the_indices_cannot_have_theirs(tmp_p
     assert report["validation"]["outputs"][0]["snr_db"] > 15
 
 
+def test_int4_linear_says_what_to_do_when_the_opset_cannot_be_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qconvert.errors import UnsupportedModelError
+    from qconvert.methods import linear as method
+
+    def converter(model: onnx.ModelProto, target: int, **kwargs: bool) -> onnx.ModelProto:
+        raise UnsupportedModelError(f"the model converted to opset {target} fails the ONNX checker: (as a test)")
+
+    monkeypatch.setattr(method, "raise_opset", converter)
+    path = save(conv_model(cin=16, cout=32, opset=12), tmp_path / "m.onnx")
+    result = run("linear", path, "--bits", "4", "-o", tmp_path / "q.onnx")
+    assert result.exit_code == ExitCode.UNSUPPORTED
+    assert result.stderr.startswith("qconvert: error: int4 DequantizeLinear needs opset 21: the model converted to opset 21 fails")
+    assert "qconvert kmeans --bits 4" in result.stderr and not (tmp_path / "q.onnx").exists()
+
+
 def test_fp16_model_stays_fp16(tmp_path: Path) -> None:
     model = save(conv_model(cin=16, cout=32, dtype=np.float16), tmp_path / "m.onnx")
     out = tmp_path / "q.onnx"

@@ -10,6 +10,7 @@ import onnx
 
 from qconvert import qdq
 from qconvert.calibrate import activation_ranges
+from qconvert.errors import UnsupportedModelError
 from qconvert.fold import fold_batchnorm
 from qconvert.methods.common import (
     Progress,
@@ -68,7 +69,11 @@ def linear_step(model: onnx.ModelProto, plan: LinearPlan, progress: Progress, da
     needed = linear_opset(weights, axes, set(bits_of.values()))
     note = None
     if before < needed:
-        model = raise_opset(model, needed, keep_input=False)  # an UnsupportedModelError says why it cannot
+        try:
+            model = raise_opset(model, needed, keep_input=False)
+        except UnsupportedModelError as e:
+            hint = "; --bits 8 needs a lower one, and qconvert kmeans --bits 4 falls back to packed indices" if int4 else ""
+            raise UnsupportedModelError(f"{'int4' if int4 else 'per-channel'} DequantizeLinear needs opset {needed}: {e}{hint}") from e
         note = f"opset raised from {before} to {needed} for {'int4' if int4 else 'per-channel'} DequantizeLinear"
         selection = select(model, plan)
         weights = [w for w in selection.weights if w.name in axes]
