@@ -274,8 +274,7 @@ def _noise_probe(model: onnx.ModelProto, layers: dict[str, fidelity.Layer], delt
         delta = fresh(f"{name}_qc_delta")
         arrays[delta] = deltas[name].astype(np.float32)
         graph.initializer.append(hole(delta, arrays[delta]))
-        names = [fresh(f"{y}_qc_{part}") for part in ("noise", "mask", "slot", "sample", "clean", "scaled")]
-        noise, mask, slot, sample, clean, scaled = names
+        noise, mask, slot, sample, clean, scaled = (fresh(f"{y}_qc_{part}") for part in ("noise", "mask", "slot", "sample", "clean", "scaled"))
         graph.input.append(helper.make_tensor_value_info(mask, onnx.TensorProto.FLOAT, ["batch", *([1] * (ranks[name] - 1))]))
         graph.input.append(helper.make_tensor_value_info(slot, onnx.TensorProto.INT64, [1]))
         batch_axis = 1 if layer.op_type == "Gemm" and layer.x_axis == 0 else 0  # Gemm's transA: x is [K, batch]

@@ -17,7 +17,7 @@ from qconvert.report import Histogram, OpsetChange, WeightReport
 from qconvert.select import Selection, Skipped, Weight, select_weights
 
 Progress = Callable[[str], None]
-CALIBRATION_BATCH = 4  # samples per calibration run: activations of a whole batch are held at once
+CALIBRATION_BATCH = 1  # samples per calibration run: a CNN runs as fast one at a time, and holds one sample's activations
 
 
 @dataclass
