@@ -3,6 +3,7 @@ weights (importance), bias correction, and a measured check of each layer's outp
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -202,13 +203,25 @@ def bias_shift(layer: Layer, moments: Moments, original: np.ndarray, quantized: 
     return shift
 
 
+Lazy = np.ndarray | Callable[[], np.ndarray]  # an array, or what makes it when it is needed
+
+
+def array_of(value: Lazy) -> np.ndarray:
+    return value() if callable(value) else value
+
+
 @dataclass(frozen=True)
 class Candidate:
-    """A quantized version of a layer's weight (and the bias shift that goes with it) to measure."""
+    """A quantized version of a layer's weight (and the bias shift that goes with it) to measure. The
+    weight may come as what decodes it: a big model's candidates are then made a group at a time."""
 
     layer: Layer
-    weight: np.ndarray
+    weight: Lazy
     shift: np.ndarray | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes if isinstance(self.weight, np.ndarray) else 4 * int(np.prod(self.layer.weight_shape))  # float32
 
 
 def layer_snr(model: onnx.ModelProto, candidates: list[Candidate], feeds: Feeds) -> list[float | None]:
@@ -222,11 +235,11 @@ def layer_snr(model: onnx.ModelProto, candidates: list[Candidate], feeds: Feeds)
     group: list[Candidate] = []
     size = 0
     for candidate in candidates:
-        if group and size + candidate.weight.nbytes > PROBE_BYTES:
+        if group and size + candidate.nbytes > PROBE_BYTES:
             snrs += _probe(model, group, feeds)
             group, size = [], 0
         group.append(candidate)
-        size += candidate.weight.nbytes
+        size += candidate.nbytes
     if group:
         snrs += _probe(model, group, feeds)
     return snrs
@@ -249,8 +262,8 @@ def _probe(model: onnx.ModelProto, candidates: list[Candidate], feeds: Feeds) ->
             signals[y] = fresh(f"{y}_qc_signal")
             checks.append(helper.make_node("ReduceSumSquare", [y], [signals[y]], keepdims=0))
         w = fresh(f"{layer.weight}_qc_candidate")
-        arrays[w] = candidate.weight
-        graph.initializer.append(hole(w, candidate.weight))
+        arrays[w] = array_of(candidate.weight)
+        graph.initializer.append(hole(w, arrays[w]))
         out = fresh(f"{y}_qc_candidate")
         checks.append(layer_copy(layer.node, w, out, fresh))
         if candidate.shift is not None:
@@ -298,27 +311,28 @@ def _snr(signal: float, error: float) -> float | None:
     return 10.0 * float(np.log10(signal / error)) if signal > 0 else float("-inf")
 
 
-def model_snr(model: onnx.ModelProto, variants: list[tuple[dict[str, np.ndarray], dict[str, tuple[Layer, np.ndarray]]]],
+def model_snr(model: onnx.ModelProto, variants: list[tuple[dict[str, Lazy], dict[str, tuple[Layer, np.ndarray]]]],
               feeds: Feeds, reference: list[np.ndarray]) -> list[float | None]:
     """SNR (dB) of the model's outputs, all outputs together, for each variant against the float
     model's `reference` outputs on the same feeds.
 
-    A variant replaces weights by float arrays (their dequantized values) and adds bias shifts after
-    their layers, in a copy of the model: the quantized model's arithmetic without encoding it.
+    A variant replaces weights by float arrays (their dequantized values, made one variant at a time)
+    and adds bias shifts after their layers, in a copy of the model: the quantized model's arithmetic
+    without encoding it.
     """
     signal = sum(float(np.sum(r * r)) for r in reference)
     snrs = []
     for arrays, shifts in variants:
         copy = without_weights(model)
         graph = copy.graph
-        replaced = {name: array.astype(np.float32, copy=False) for name, array in arrays.items()}
+        replaced = {name: array_of(array).astype(np.float32, copy=False) for name, array in arrays.items()}
         for tensor in graph.initializer:
             if tensor.name in replaced and not is_hole(tensor):
                 tensor.CopyFrom(numpy_helper.from_array(replaced[tensor.name], tensor.name))
         for node in graph.node:
             value = constant_value(node)
-            if value is not None and node.output[0] in arrays:
-                value.CopyFrom(numpy_helper.from_array(arrays[node.output[0]].astype(np.float32), value.name))
+            if value is not None and node.output[0] in replaced:
+                value.CopyFrom(numpy_helper.from_array(replaced[node.output[0]], value.name))
         fresh = NameSource(copy)
         additions: dict[str, tuple[str | None, list[onnx.NodeProto]]] = {}
         for layer, shift in shifts.values():

@@ -7,6 +7,7 @@ import hashlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from qconvert.encode import (
     stored_bytes,
 )
 from qconvert.errors import QConvertError, UnsupportedModelError
+from qconvert.fidelity import Lazy
 from qconvert.fold import fold_batchnorm
 from qconvert.methods.common import Progress, Step, finite, join, readers_note, require_weights, select
 from qconvert.methods.linear import linear_axis, linear_histogram, linear_opset, linear_report
@@ -107,11 +109,12 @@ def kmeans_step(model: onnx.ModelProto, plan: KMeansPlan, progress: Progress, wo
         refined = dict(_run([(w, chosen[w.name][0], importance[w.name]) for w, _, _ in pending if importance[w.name] is not None],
                             settings, workers, memo))
         progress("checking each layer's output on the calibration data")
-        results = {}
+        results: dict[str, tuple[Lazy, Lazy | None]] = {}
         for weight, _, _ in pending:
             axis = chosen[weight.name][0]
             better = refined.get((weight.name, axis))
-            results[weight.name] = (_decoded(plain[weight.name, axis], weight.shape, axis), _decoded(better, weight.shape, axis) if better else None)
+            results[weight.name] = (partial(_decoded, plain[weight.name, axis], weight.shape, axis),
+                                    partial(_decoded, better, weight.shape, axis) if better else None)
         by_name = {w.name: w for w, _, _ in pending}
         decisions = refiner.decide(model, results, lambda name: by_name[name].array())
         details["calibration"] = refiner.summary(decisions)

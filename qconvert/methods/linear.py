@@ -93,7 +93,7 @@ def linear_step(model: onnx.ModelProto, plan: LinearPlan, progress: Progress, da
     if refiner is not None:
         progress("checking each layer's output on the calibration data")
         by_name = {w.name: w for w in weights}
-        decisions = refiner.decide(model, {w.name: (plain[w.name].dequantized(), refined[w.name].dequantized() if w.name in refined else None)
+        decisions = refiner.decide(model, {w.name: (plain[w.name].dequantized, refined[w.name].dequantized if w.name in refined else None)
                                            for w in weights}, lambda name: by_name[name].array())
         details["calibration"] = refiner.summary(decisions)
     items = {}

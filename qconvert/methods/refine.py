@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from qconvert import fidelity
-from qconvert.fidelity import Candidate, Layer, Moments
+from qconvert.fidelity import Candidate, Layer, Lazy, Moments, array_of
 from qconvert.fold import FoldFilter
 from qconvert.methods.common import Progress, calibration_feeds, fold_pays
 from qconvert.plan import Plan
@@ -76,10 +76,11 @@ class Refiner:
             return None
         return fidelity.importance(self.layers[weight.name], self.moments[weight.name], weight.shape)
 
-    def decide(self, model: onnx.ModelProto, results: dict[str, tuple[np.ndarray, np.ndarray | None]],
+    def decide(self, model: onnx.ModelProto, results: dict[str, tuple[Lazy, Lazy | None]],
                original: Callable[[str], np.ndarray]) -> dict[str, Decision]:
-        """Per weight: plain and data-aware (or None) dequantized arrays -> what to use. `original` gives
-        a weight's float array, asked for one weight at a time (a big model's copies would not fit).
+        """Per weight: plain and data-aware (or None) dequantized arrays, or what decodes them -> what to
+        use. `original` gives a weight's float array; both are asked for when needed, so that a big
+        model's copies are never all held at once.
 
         The options (plain; plain with its bias corrected; data-aware, with its bias corrected if that
         is on) run on the calibration data as copies of the layer. Then whole-model variants (plain
@@ -95,10 +96,10 @@ class Refiner:
             tried: list[tuple[bool, np.ndarray | None]] = [(False, None)]
             if self.bias_correction:
                 floats = original(name)
-                if (plain_shift := fidelity.bias_shift(layer, moments, floats, plain)) is not None:
+                if (plain_shift := fidelity.bias_shift(layer, moments, floats, array_of(plain))) is not None:
                     tried.append((False, plain_shift))
                 if refined is not None:
-                    tried.append((True, fidelity.bias_shift(layer, moments, floats, refined)))
+                    tried.append((True, fidelity.bias_shift(layer, moments, floats, array_of(refined))))
                 del floats
             elif refined is not None:
                 tried.append((True, None))
@@ -126,7 +127,7 @@ class Refiner:
                 unique[label] = choice
         arrays = []
         for choice in unique.values():
-            weights: dict[str, np.ndarray] = {}
+            weights: dict[str, Lazy] = {}
             shifts: dict[str, tuple[Layer, np.ndarray]] = {}
             for name, index in choice.items():
                 use_refined, bias = options[name][index]
