@@ -203,10 +203,10 @@ def bias_shift(layer: Layer, moments: Moments, original: np.ndarray, quantized: 
     return shift
 
 
-Lazy = np.ndarray | Callable[[], np.ndarray]  # an array, or what makes it when it is needed
+Deferred = np.ndarray | Callable[[], np.ndarray]  # an array, or what makes it when it is needed
 
 
-def array_of(value: Lazy) -> np.ndarray:
+def array_of(value: Deferred) -> np.ndarray:
     return value() if callable(value) else value
 
 
@@ -216,7 +216,7 @@ class Candidate:
     weight may come as what decodes it: a big model's candidates are then made a group at a time."""
 
     layer: Layer
-    weight: Lazy
+    weight: Deferred
     shift: np.ndarray | None = None
 
     @property
@@ -311,7 +311,7 @@ def _snr(signal: float, error: float) -> float | None:
     return 10.0 * float(np.log10(signal / error)) if signal > 0 else float("-inf")
 
 
-def model_snr(model: onnx.ModelProto, variants: list[tuple[dict[str, Lazy], dict[str, tuple[Layer, np.ndarray]]]],
+def model_snr(model: onnx.ModelProto, variants: list[tuple[dict[str, Deferred], dict[str, tuple[Layer, np.ndarray]]]],
               feeds: Feeds, reference: list[np.ndarray]) -> list[float | None]:
     """SNR (dB) of the model's outputs, all outputs together, for each variant against the float
     model's `reference` outputs on the same feeds.

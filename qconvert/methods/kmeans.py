@@ -24,7 +24,7 @@ from qconvert.encode import (
     stored_bytes,
 )
 from qconvert.errors import QConvertError, UnsupportedModelError
-from qconvert.fidelity import Lazy
+from qconvert.fidelity import Deferred
 from qconvert.fold import fold_batchnorm
 from qconvert.methods.common import Progress, Step, finite, join, readers_note, require_weights, select
 from qconvert.methods.linear import linear_axis, linear_histogram, linear_opset, linear_report
@@ -109,7 +109,7 @@ def kmeans_step(model: onnx.ModelProto, plan: KMeansPlan, progress: Progress, wo
         refined = dict(_run([(w, chosen[w.name][0], importance[w.name]) for w, _, _ in pending if importance[w.name] is not None],
                             settings, workers, memo))
         progress("checking each layer's output on the calibration data")
-        results: dict[str, tuple[Lazy, Lazy | None]] = {}
+        results: dict[str, tuple[Deferred, Deferred | None]] = {}
         for weight, _, _ in pending:
             axis = chosen[weight.name][0]
             better = refined.get((weight.name, axis))

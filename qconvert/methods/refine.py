@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from qconvert import fidelity
-from qconvert.fidelity import Candidate, Layer, Lazy, Moments, array_of
+from qconvert.fidelity import Candidate, Deferred, Layer, Moments, array_of
 from qconvert.fold import FoldFilter
 from qconvert.methods.common import Progress, calibration_feeds, fold_pays
 from qconvert.plan import Plan
@@ -76,7 +76,7 @@ class Refiner:
             return None
         return fidelity.importance(self.layers[weight.name], self.moments[weight.name], weight.shape)
 
-    def decide(self, model: onnx.ModelProto, results: dict[str, tuple[Lazy, Lazy | None]],
+    def decide(self, model: onnx.ModelProto, results: dict[str, tuple[Deferred, Deferred | None]],
                original: Callable[[str], np.ndarray]) -> dict[str, Decision]:
         """Per weight: plain and data-aware (or None) dequantized arrays, or what decodes them -> what to
         use. `original` gives a weight's float array; both are asked for when needed, so that a big
@@ -127,7 +127,7 @@ class Refiner:
                 unique[label] = choice
         arrays = []
         for choice in unique.values():
-            weights: dict[str, Lazy] = {}
+            weights: dict[str, Deferred] = {}
             shifts: dict[str, tuple[Layer, np.ndarray]] = {}
             for name, index in choice.items():
                 use_refined, bias = options[name][index]
