@@ -254,6 +254,7 @@ def _probe(model: onnx.ModelProto, candidates: list[Candidate], feeds: Feeds) ->
     signals: dict[str, str] = {}
     errors: list[tuple[str, str]] = []
     after: dict[str, tuple[str | None, list[onnx.NodeProto]]] = {}  # layer output -> its checks
+    made: dict[int, str] = {}  # candidates that share a weight (with and without a bias shift) share its initializer
     for candidate in candidates:
         layer = candidate.layer
         y = layer.node.output[0]
@@ -261,9 +262,11 @@ def _probe(model: onnx.ModelProto, candidates: list[Candidate], feeds: Feeds) ->
         if y not in signals:
             signals[y] = fresh(f"{y}_qc_signal")
             checks.append(helper.make_node("ReduceSumSquare", [y], [signals[y]], keepdims=0))
-        w = fresh(f"{layer.weight}_qc_candidate")
-        arrays[w] = array_of(candidate.weight)
-        graph.initializer.append(hole(w, arrays[w]))
+        w = made.get(id(candidate.weight), "")
+        if not w:
+            w = made[id(candidate.weight)] = fresh(f"{layer.weight}_qc_candidate")
+            arrays[w] = array_of(candidate.weight)
+            graph.initializer.append(hole(w, arrays[w]))
         out = fresh(f"{y}_qc_candidate")
         checks.append(layer_copy(layer.node, w, out, fresh))
         if candidate.shift is not None:
