@@ -94,9 +94,7 @@ def profile(model: onnx.ModelProto, plan: AutoPlan, validation: ValidationPlan, 
     """Gains of every layer and the options of every weight, with their predicted output noise."""
     selection = select(model, _base_plan(plan, ()))
     weights = [w for w in selection.weights if np.isfinite(w.array()).all()]
-    reference = validate.model_session(model, "input model")
-    feeds = validate.build_feeds(reference, validation)
-    del reference
+    feeds = validate.build_feeds(validate.signature(model), validation)
     # Work grows with model size × samples × probe widths: small models get more of both.
     elements = max(sum(w.elements for w in weights), 1)
     widths = PROBE_BITS if elements * len(PROBE_BITS) <= GAIN_BUDGET else PROBE_BITS[:1]

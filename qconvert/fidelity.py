@@ -348,6 +348,7 @@ def model_snr(model: onnx.ModelProto, variants: list[tuple[dict[str, Deferred], 
         sess = model_session(model, "model for the whole-model check", skeleton=copy, replaced=replaced)
         del copy, graph, replaced
         outputs = [np.concatenate(o).astype(np.float64) for o in zip(*run_batches(sess, feeds, "model for the whole-model check"))]
+        del sess  # before the next variant's
         error = sum(float(np.sum((r - q) ** 2)) for r, q in zip(reference, outputs))
         snrs.append(_snr(signal, error))
     return snrs

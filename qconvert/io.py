@@ -141,6 +141,30 @@ def materialize(model: onnx.ModelProto) -> None:
             tensor.raw_data = data
 
 
+def read_in_place(pairs: list[tuple[onnx.TensorProto, onnx.TensorProto]]) -> Path | None:
+    """Point each (data-less tensor, lazy tensor) pair's first at the second's bytes in the input files, as
+    external data relative to the folder returned (None: no pairs), so that onnxruntime reads the weights
+    itself: it then holds one copy, not ours and the one it optimizes."""
+    if not pairs:
+        return None
+    sources = [{e.key: e.value for e in lazy.external_data} for _, lazy in pairs]
+    for file, identity in {info["location"]: info[_SOURCE] for info in sources}.items():
+        try:
+            same = _identity(os.stat(file)) == identity
+        except OSError as e:
+            raise InputError(f"{file}: cannot read: {e.strerror or e}") from e
+        if not same:
+            raise InputError(f"{file}: the model file changed while qconvert was reading it")
+    folder = Path(os.path.commonpath([os.path.dirname(info["location"]) for info in sources]))
+    for (tensor, _), info in zip(pairs, sources):
+        tensor.ClearField("external_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key in ("offset", "length"):
+            tensor.external_data.add(key=key, value=info[key])
+        tensor.external_data.add(key="location", value=os.path.relpath(info["location"], folder))
+    return folder
+
+
 def _lazy_bytes(tensor: onnx.TensorProto) -> bytes:
     info = {e.key: e.value for e in tensor.external_data}
     file, length = info["location"], int(info["length"])

@@ -260,3 +260,20 @@ def test_batchnorm_folds_into_conv_transpose_and_gemm(op: str) -> None:
     assert [n.op_type for n in model.graph.node] == [layer.op_type]
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("ir_version", [3, 8])
+def test_calibration_reads_the_input_signature_without_loading_the_model(digits: Path, ir_version: int) -> None:
+    """`signature` (inputs passed through) gives what a session of the whole model gives, also when
+    initializers are listed as graph inputs (required before IR 4), and symbolic sizes stay symbolic."""
+    from qconvert.validate import model_session, signature
+
+    model = onnx.load(str(digits))
+    model.ir_version = ir_version
+    model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in model.graph.initializer)
+    model.graph.input.append(helper.make_tensor_value_info("ids", TensorProto.INT64, ["n", 3]))
+    model.graph.node.append(helper.make_node("Identity", ["ids"], ["ids_out"]))
+    model.graph.output.append(helper.make_tensor_value_info("ids_out", TensorProto.INT64, ["n", 3]))
+    described = [(i.name, i.type, i.shape) for i in signature(model).get_inputs()]
+    assert described == [(i.name, i.type, i.shape) for i in model_session(model, "model").get_inputs()]
+    assert described == [("input", "tensor(float)", ["batch", 1, 8, 8]), ("ids", "tensor(int64)", ["n", 3])]

@@ -75,7 +75,7 @@ def join(*notes: str | None) -> str | None:
 
 def calibration_feeds(model: onnx.ModelProto, path: Path, preprocessing: Preprocessing) -> validate.Feeds:
     """Batches from a calibration .npz, or from a folder of images for a single-input model."""
-    sess = validate.model_session(model, "input model")
+    sess = validate.signature(model)
     if not path.is_dir():
         return validate.load_feeds(sess, path, batch_size=CALIBRATION_BATCH)
     inputs = sess.get_inputs()
