@@ -119,6 +119,8 @@ def model_session(model: onnx.ModelProto, what: str, *, skeleton: onnx.ModelProt
     tensors = {t.name: t for t in model.graph.initializer}
     names, values, in_file = [], [], []
     for hole in skeleton.graph.initializer:
+        if io.is_lazy(hole):  # small, kept in the skeleton
+            in_file.append((hole, hole))
         if not is_hole(hole):
             continue
         given = replaced.get(hole.name) if replaced else None
