@@ -11,7 +11,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qconvert import io
-from qconvert.calibrate import Extremes, add_extremes
+from qconvert.calibrate import Extremes, extreme_nodes
 from qconvert.opset import default_opset, hole, is_hole, without_weights
 from qconvert.rewrite import NameSource, add_after, use_counts
 from qconvert.select import MAIN_GRAPH, Weight, constant_value
@@ -138,12 +138,14 @@ def input_moments(model: onnx.ModelProto, layers: dict[str, Layer], feeds: Feeds
                 nodes.append(helper.make_node(op, [x], [out], axes=axes, keepdims=0))
         nodes.append(helper.make_node("Size", [x], [outputs[2]]))
         keys[key] = outputs
-    add_after(graph, {x: (None, nodes) for x, nodes in after.items()})
+    reduced, extreme_readers = extreme_nodes(extremes or [], fresh)
+    for t, (_, nodes) in extreme_readers.items():
+        after.setdefault(t, []).extend(nodes)
+    add_after(graph, {x: (None, nodes) for x, nodes in after.items()})  # all readers in one call
     model_outputs = [o.name for o in graph.output]
     sums = [name for outputs in keys.values() for name in outputs]
-    graph.output.extend(helper.make_empty_tensor_value_info(t) for t in sums)
-    reduced = add_extremes(graph, extremes or [], fresh)
     wanted = [*sums, *(name for pair in reduced.values() for name in pair)]
+    graph.output.extend(helper.make_empty_tensor_value_info(t) for t in wanted)
     sess = model_session(model, "model for calibration", skeleton=probe, probe=True)
     del probe, graph
     totals: dict[str, np.ndarray] = {}
