@@ -13,7 +13,7 @@ from onnx import helper, numpy_helper
 from qconvert import io
 from qconvert.calibrate import Extremes, extreme_nodes
 from qconvert.opset import default_opset, hole, is_hole, without_weights
-from qconvert.rewrite import NameSource, add_after, use_counts
+from qconvert.rewrite import NameSource, add_after, set_nodes, use_counts
 from qconvert.select import MAIN_GRAPH, Weight, constant_value
 from qconvert.validate import Feeds, model_session, run_batches
 
@@ -229,67 +229,148 @@ class Candidate:
 def layer_snr(model: onnx.ModelProto, candidates: list[Candidate], feeds: Feeds) -> list[float | None]:
     """Output SNR (dB) of each candidate's layer against the float layer on the calibration data.
 
-    Each candidate runs as a copy of its layer beside the float model, reading the float input;
-    the squared error and the signal are reduced in the graph, so only scalars come back. Candidates
-    go in groups of at most PROBE_BYTES of weights, one onnxruntime pass per group.
+    Each candidate weight runs as a copy of its layer beside the float model, reading the float input;
+    the error per output channel (its sum and sum of squares) and the signal are reduced in the graph,
+    so only vectors come back, and any bias shift's error follows from them: Σ(d + s)² = Σd² + 2sΣd + ns².
+    Candidate weights go in groups of at most PROBE_BYTES, one onnxruntime pass per group, in the
+    model's order: each pass runs only the part of the model up to its last layer, from where the
+    previous one stopped (`_Chain`).
     """
-    snrs: list[float | None] = []
-    group: list[Candidate] = []
-    size = 0
+    position = {node.output[0]: i for i, node in enumerate(model.graph.node) if node.output}
+    measured: dict[tuple[str, int], Candidate] = {}  # one run per weight: candidates differ by their shift
     for candidate in candidates:
-        if group and size + candidate.nbytes > PROBE_BYTES:
-            snrs += _probe(model, group, feeds)
-            group, size = [], 0
-        group.append(candidate)
+        measured.setdefault((candidate.layer.weight, id(candidate.weight)), candidate)
+    order = sorted(measured.values(), key=lambda c: position[c.layer.node.output[0]])
+    groups: list[list[Candidate]] = []
+    size = 0
+    for candidate in order:  # a layer's candidates stay together: a pass measures the layers it runs
+        if not groups or (size + candidate.nbytes > PROBE_BYTES and candidate.layer.weight != groups[-1][-1].layer.weight):
+            groups.append([])
+            size = 0
+        groups[-1].append(candidate)
         size += candidate.nbytes
-    if group:
-        snrs += _probe(model, group, feeds)
+    chain = _Chain(model, feeds)
+    sums: dict[tuple[str, int], tuple[float, np.ndarray, np.ndarray, float]] = {}
+    for index, group in enumerate(groups):
+        sums.update(chain.run(group, last=index == len(groups) - 1))
+    snrs = []
+    for candidate in candidates:
+        signal, error, total, count = sums[candidate.layer.weight, id(candidate.weight)]
+        squares = float(error.sum())
+        if candidate.shift is not None:
+            shift = candidate.shift.astype(np.float64)
+            squares += float(2 * shift @ total + count * (shift @ shift))
+        snrs.append(_snr(signal, max(squares, 0.0)))
     return snrs
 
 
-def _probe(model: onnx.ModelProto, candidates: list[Candidate], feeds: Feeds) -> list[float | None]:
-    probe = without_weights(model)
-    graph = probe.graph
-    del graph.output[:]
-    fresh = NameSource(probe)
-    arrays: dict[str, np.ndarray] = {}
-    signals: dict[str, str] = {}
-    errors: list[tuple[str, str]] = []
-    after: dict[str, tuple[str | None, list[onnx.NodeProto]]] = {}  # layer output -> its checks
-    made: dict[int, str] = {}  # candidates that share a weight (with and without a bias shift) share its initializer
-    for candidate in candidates:
-        layer = candidate.layer
-        y = layer.node.output[0]
-        _, checks = after.setdefault(y, (None, []))
-        if y not in signals:
-            signals[y] = fresh(f"{y}_qc_signal")
-            checks.append(helper.make_node("ReduceSumSquare", [y], [signals[y]], keepdims=0))
-        w = made.get(id(candidate.weight), "")
-        if not w:
-            w = made[id(candidate.weight)] = fresh(f"{layer.weight}_qc_candidate")
+CARRY_BYTES = 64 << 20  # activations kept between the passes of `layer_snr`, all samples together
+
+
+class _Chain:
+    """The layer-error passes in the model's order. A pass runs nodes [start, end) of the graph with its
+    checks beside them and hands on, per sample, the tensors that later nodes read; the next pass starts
+    there. Where those would exceed CARRY_BYTES, the next pass starts from the model's inputs again."""
+
+    def __init__(self, model: onnx.ModelProto, feeds: Feeds) -> None:
+        self.model, self.feeds = model, feeds
+        self.position = {node.output[0]: i for i, node in enumerate(model.graph.node) if node.output}
+        self.reads = [_reads(node) for node in model.graph.node]
+        self.start = 0
+        self.carried = [dict(batch) for batch in feeds.batches]
+
+    def run(self, group: list[Candidate], *, last: bool) -> dict[tuple[str, int], tuple[float, np.ndarray, np.ndarray, float]]:
+        """Per candidate weight: the layer's signal, and the error's sum of squares and sum per output
+        channel, and the values per channel."""
+        end = max(self.position[c.layer.node.output[0]] for c in group) + 1
+        probe = without_weights(self.model)
+        graph, fresh, opset = probe.graph, NameSource(probe), default_opset(self.model)
+        set_nodes(graph, list(graph.node[self.start : end]))
+        produced = {out for node in graph.node for out in node.output}
+        later = set().union(*self.reads[end:]) if not last else set()
+        handed = [t for t in dict.fromkeys(out for node in graph.node for out in node.output) if t in later]
+        kept = [t for t in self.carried[0] if t in later and t not in produced]
+        arrays: dict[str, np.ndarray] = {}
+        after: dict[str, tuple[str | None, list[onnx.NodeProto]]] = {}
+        names: dict[tuple[str, int], tuple[str, str, str, str]] = {}  # signal, size, error sum of squares, error sum
+        signals: dict[str, tuple[str, str]] = {}
+        for candidate in group:
+            layer = candidate.layer
+            y = layer.node.output[0]
+            _, checks = after.setdefault(y, (None, []))
+            if y not in signals:
+                signals[y] = (fresh(f"{y}_qc_signal"), fresh(f"{y}_qc_size"))
+                checks += [helper.make_node("ReduceSumSquare", [y], [signals[y][0]], keepdims=0), helper.make_node("Size", [y], [signals[y][1]])]
+            w = fresh(f"{layer.weight}_qc_candidate")
             arrays[w] = array_of(candidate.weight)
             graph.initializer.append(hole(w, arrays[w]))
-        out = fresh(f"{y}_qc_candidate")
-        checks.append(layer_copy(layer.node, w, out, fresh))
-        if candidate.shift is not None:
-            shift = fresh(f"{layer.weight}_qc_shift")
-            graph.initializer.append(numpy_helper.from_array(output_layout(layer, candidate.shift).astype(np.float32), shift))
-            shifted = fresh(f"{out}_shifted")
-            checks.append(helper.make_node("Add", [out, shift], [shifted]))
-            out = shifted
-        diff, error = fresh(f"{out}_diff"), fresh(f"{out}_error")
-        checks += [helper.make_node("Sub", [out, y], [diff]), helper.make_node("ReduceSumSquare", [diff], [error], keepdims=0)]
-        errors.append((error, signals[y]))
-    add_after(graph, after)
-    wanted = [*dict.fromkeys(signals.values()), *(e for e, _ in errors)]
-    graph.output.extend(helper.make_empty_tensor_value_info(t) for t in wanted)
-    sess = model_session(model, "model for the layer-error check", skeleton=probe, replaced=arrays, probe=True)
-    del probe, graph, arrays
-    totals = dict.fromkeys(wanted, 0.0)
-    for outputs in run_batches(sess, feeds, "model for the layer-error check", output_names=wanted):
-        for name, value in zip(wanted, outputs):
-            totals[name] += float(value)
-    return [_snr(totals[signal], totals[error]) for error, signal in errors]
+            out, diff = fresh(f"{y}_qc_candidate"), fresh(f"{y}_qc_diff")
+            checks += [layer_copy(layer.node, w, out, fresh), helper.make_node("Sub", [out, y], [diff])]
+            axes = [0, *range(2, len(layer.weight_shape))] if layer.op_type == "Conv" else [0]
+            if layer.op_type == "MatMul":  # [..., C] -> [rows, C]
+                shape, rows = fresh(f"{y}_qc_rows_shape"), fresh(f"{y}_qc_rows")
+                graph.initializer.append(numpy_helper.from_array(np.array([-1, layer.weight_shape[layer.out_axis]], np.int64), shape))
+                checks.append(helper.make_node("Reshape", [diff, shape], [rows]))
+                diff = rows
+            squares, total = fresh(f"{y}_qc_error"), fresh(f"{y}_qc_error_sum")
+            checks += [*_reduce("ReduceSumSquare", diff, axes, squares, graph, fresh, opset), *_reduce("ReduceSum", diff, axes, total, graph, fresh, opset)]
+            names[layer.weight, id(candidate.weight)] = (*signals[y], squares, total)
+        copies = [fresh(f"{t}_qc_handed") for t in handed]  # read beside the model like the checks: see add_after
+        for t, copy in zip(handed, copies):
+            after.setdefault(t, (None, []))[1].append(helper.make_node("Identity", [t], [copy]))
+        add_after(graph, after)
+        read = set().union(*(_reads(node) for node in graph.node))
+        produced |= {out for node in graph.node for out in node.output}
+        initializers = [t for t in graph.initializer if t.name in read]
+        del graph.initializer[:]
+        graph.initializer.extend(initializers)
+        constant = {t.name for t in initializers}
+        if self.start == 0:
+            declared = [i for i in graph.input if i.name in read]
+        else:  # the tensors handed on, by type
+            sample = self.carried[0]
+            declared = [helper.make_tensor_value_info(t, helper.np_dtype_to_tensor_dtype(sample[t].dtype), None)
+                        for t in sorted(read - produced - constant)]
+        del graph.input[:], graph.output[:]
+        graph.input.extend(declared)
+        wanted = list(dict.fromkeys(name for four in names.values() for name in four))
+        graph.output.extend(helper.make_empty_tensor_value_info(t) for t in [*wanted, *copies])
+        sess = model_session(self.model, "model for the layer-error check", skeleton=probe, replaced=arrays, probe=True)
+        del probe, graph, arrays
+        inputs = [i.name for i in sess.get_inputs()]
+        totals: dict[str, np.ndarray] = {}
+        carried: list[dict[str, np.ndarray]] | None = [] if handed else None
+        for feed in self.carried:
+            values = next(run_batches(sess, Feeds([{t: feed[t] for t in inputs}], 1, ""), "model for the layer-error check",
+                                      output_names=wanted + copies if carried is not None else wanted))
+            for name, value in zip(wanted, values):
+                totals[name] = totals.get(name, 0) + np.asarray(value, np.float64)
+            if carried is not None:  # copies: an output held on would keep the session's whole arena alive
+                carried.append({**{t: feed[t] for t in kept}, **{t: np.array(v) for t, v in zip(handed, values[len(wanted) :])}})
+                if sum(a.nbytes for a in carried[0].values()) * len(self.carried) > CARRY_BYTES:
+                    carried = None
+        self.start, self.carried = (end, carried) if carried else (0, [dict(batch) for batch in self.feeds.batches])
+        return {key: (float(totals[signal]), totals[squares], totals[total], float(totals[size]) / max(totals[total].size, 1))
+                for key, (signal, size, squares, total) in names.items()}
+
+
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """Tensors a node reads, with those its subgraphs read from the outer scope."""
+    names = {n for n in node.input if n}
+    for attribute in node.attribute:
+        for graph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs):
+            inner = set().union(*(_reads(n) for n in graph.node)) if graph.node else set()
+            names |= inner - {out for n in graph.node for out in n.output} - {t.name for t in graph.initializer} - {i.name for i in graph.input}
+    return names
+
+
+def _reduce(op: str, x: str, axes: list[int], out: str, graph: onnx.GraphProto, fresh: NameSource, opset: int) -> list[onnx.NodeProto]:
+    """A ReduceSum / ReduceSumSquare over `axes` (keepdims 0), with axes as an input from the opset that moved them there."""
+    if opset >= {"ReduceSum": 13, "ReduceSumSquare": 18}[op]:
+        axes_name = fresh(f"{out}_axes")
+        graph.initializer.append(numpy_helper.from_array(np.array(axes, np.int64), axes_name))
+        return [helper.make_node(op, [x, axes_name], [out], keepdims=0)]
+    return [helper.make_node(op, [x], [out], axes=axes, keepdims=0)]
 
 
 def layer_copy(node: onnx.NodeProto, weight: str, output: str, fresh: NameSource, *, bias: bool = True) -> onnx.NodeProto:

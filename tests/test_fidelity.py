@@ -118,17 +118,62 @@ def test_importance_follows_conv_groups() -> None:
     np.testing.assert_allclose(importance[5, :, 0, 0], moments["w"].square[3:])
 
 
-def test_layer_snr_is_measured_on_the_layer_output() -> None:
+@pytest.mark.parametrize("op", ["Conv", "Gemm", "MatMul"])
+def test_layer_snr_is_measured_on_the_layer_output(op: str) -> None:
+    """With and without a bias shift (whose error follows from the error's sums per channel)."""
     rng = np.random.default_rng(2)
-    model, x = layer_model("Gemm", rng)
+    model, x = layer_model(op, rng)
     layer = fidelity.find_layers(model, select_weights(model).weights)["w"]
     w = numpy_helper.to_array(model.graph.initializer[-1])
     noisy = w + rng.standard_normal(w.shape).astype(np.float32) * 0.1
-    shift = rng.standard_normal(10).astype(np.float32)
+    shift = rng.standard_normal(w.shape[layer.out_axis]).astype(np.float32)
     snrs = fidelity.layer_snr(model, [Candidate(layer, noisy), Candidate(layer, noisy, shift)], feeds(x))
     want, got = run(model, x).astype(np.float64), run(with_weight(model, noisy), x).astype(np.float64)
-    for value, out in zip(snrs, (got, got + shift)):
+    for value, out in zip(snrs, (got, got + fidelity.output_layout(layer, shift))):
         assert value == pytest.approx(10 * np.log10(np.sum(want**2) / np.sum((want - out) ** 2)), abs=1e-3)
+
+
+def test_layer_checks_in_several_passes_measure_what_one_pass_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Passes in the model's order hand on the tensors later nodes read (a skip connection, an input read
+    late) and start there; with no room to hand them on, each pass starts from the inputs."""
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in [
+        ("w1", rng.standard_normal((8, 4, 3, 3)) * 0.3), ("w2", rng.standard_normal((8, 8, 3, 3)) * 0.2),
+        ("w3", rng.standard_normal((10, 8)) * 0.5), ("b3", rng.standard_normal(10)), ("w4", rng.standard_normal((10, 6)))]]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]), helper.make_node("Add", ["c2", "r1"], ["s"]),
+        helper.make_node("GlobalAveragePool", ["s"], ["p"]), helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "w3", "b3"], ["g"], transB=1), helper.make_node("Mul", ["g", "scale"], ["m"]),
+        helper.make_node("MatMul", ["m", "w4"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6]),
+                                           helper.make_tensor_value_info("scale", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    weights = select_weights(model, min_elements=1).weights
+    layers = fidelity.find_layers(model, weights)
+    assert set(layers) == {"w1", "w2", "w3", "w4"}
+    candidates = []
+    for name, layer in layers.items():
+        w = numpy_helper.to_array(next(t for t in inits if t.name == name))
+        noisy = w + rng.standard_normal(w.shape).astype(np.float32) * 0.05
+        candidates += [Candidate(layer, noisy), Candidate(layer, noisy, rng.standard_normal(w.shape[layer.out_axis]).astype(np.float32) * 0.1)]
+    samples = Feeds([{"x": rng.standard_normal((1, 4, 6, 6)).astype(np.float32), "scale": np.array([s], np.float32)} for s in (0.5, 2.0)], 2, "test")
+    starts: list[list[str]] = []
+    real = fidelity.model_session
+    monkeypatch.setattr(fidelity, "model_session", lambda m, what, skeleton, **kw: starts.append([i.name for i in skeleton.graph.input]) or real(m, what, skeleton=skeleton, **kw))
+    one_pass = fidelity.layer_snr(model, candidates, samples)
+    monkeypatch.setattr(fidelity, "PROBE_BYTES", 1)  # a pass per layer
+    chained = fidelity.layer_snr(model, candidates, samples)
+    monkeypatch.setattr(fidelity, "CARRY_BYTES", 0)
+    restarted = fidelity.layer_snr(model, candidates, samples)
+    assert starts[0] == ["x", "scale"] and len(starts) == 1 + 4 + 4
+    assert starts[1:5] == [["x"], ["c1"], ["c2", "r1"], ["g", "scale"]]  # where the previous pass stopped; "scale", read late, kept
+    assert starts[5:] == [["x"], ["x"], ["x"], ["x", "scale"]]
+    assert all(np.isfinite(one_pass)) and one_pass[0] != one_pass[1]
+    np.testing.assert_allclose(chained, one_pass, rtol=1e-5)
+    np.testing.assert_allclose(restarted, one_pass, rtol=1e-5)
 
 
 def test_a_refinement_that_hurts_is_not_kept() -> None:
