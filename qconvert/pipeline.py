@@ -70,7 +70,8 @@ def convert(
     """Quantize the model at `input_path` as `plan` says; write it to `output_path` (None: don't write).
 
     With gates, a model that fails one is not written unless `keep_failed`; the report says which
-    gate, the measured value and the limit. `workers` threads share the k-means of big models.
+    gate, the measured value and the limit. `workers` threads share the k-means (or linear
+    quantization) of big models.
     `trials` keeps what the next conversion of the same model can reuse.
     """
     if gates.any and validation is None:
@@ -107,7 +108,7 @@ def convert(
     if isinstance(plan, KMeansPlan):
         step = kmeans_step(loaded.pop(), plan, progress, workers, data, trials.palettes if trials else None)
     else:
-        step = linear_step(loaded.pop(), plan, progress, data)
+        step = linear_step(loaded.pop(), plan, progress, data, workers)
     lap("quantize")
 
     # A model over protobuf's 2 GB, or converted from one with external data, is written the same way:

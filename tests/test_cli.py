@@ -245,16 +245,24 @@ def test_written_model_runs_like_the_report_says(tmp_path: Path, digits: Path, d
     assert accuracy == pytest.approx(report["validation"]["accuracy"]["quantized_top1"])
 
 
-def test_parallel_palettization_gives_the_same_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import qconvert.methods.kmeans as kmeans_method
+@pytest.mark.parametrize("method", ["kmeans", "linear"])
+def test_parallel_quantization_gives_the_same_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    import qconvert.methods.common as common
     import qconvert.pipeline as pipeline
-    from qconvert.plan import Granularity, KMeansPlan
+    from qconvert.plan import Granularity, KMeansPlan, LinearPlan
 
     from cnn_shapes import resnet
 
     model = save(resnet(width=8, blocks=(1, 1, 1, 1), classes=10, size=32), tmp_path / "m.onnx")
-    monkeypatch.setattr(kmeans_method, "PARALLEL_MIN_ELEMENTS", 0)  # use the pool even for this small model
-    plan = KMeansPlan(bits=3, granularity=Granularity.PER_CHANNEL, min_elements=256)
-    serial = pipeline.convert(model, tmp_path / "a.onnx", plan, None, workers=1).model_bytes
-    parallel = pipeline.convert(model, tmp_path / "b.onnx", plan, None, workers=2).model_bytes
-    assert serial == parallel
+    monkeypatch.setattr(common, "PARALLEL_MIN_ELEMENTS", 0)  # use the pool even for this small model
+    if method == "kmeans":
+        plan: KMeansPlan | LinearPlan = KMeansPlan(bits=3, granularity=Granularity.PER_CHANNEL, min_elements=256)
+    else:  # clipping searches and bias corrections from calibration data, activations too
+        data = tmp_path / "cal.npz"
+        np.savez(data, input=np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32))
+        plan = LinearPlan(min_elements=256, calibration=data)
+    serial = pipeline.convert(model, tmp_path / "a.onnx", plan, None, workers=1)
+    parallel = pipeline.convert(model, tmp_path / "b.onnx", plan, None, workers=2)
+    assert serial.model_bytes == parallel.model_bytes
+    if method == "linear":
+        assert parallel.report.details["calibration"]["layers_refined"] > 0

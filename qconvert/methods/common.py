@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,27 @@ from qconvert.select import Selection, Skipped, Weight, select_weights
 
 Progress = Callable[[str], None]
 CALIBRATION_BATCH = 1  # samples per calibration run: a CNN runs as fast one at a time, and holds one sample's activations
+PARALLEL_MIN_ELEMENTS = 1 << 21  # weights below which a second thread gains nothing
+Result = TypeVar("Result")
+
+
+def in_order(compute: Callable[..., Result], jobs: Iterable[tuple[object, ...]], workers: int, elements: int) -> Iterator[Result]:
+    """compute(*job) for each job, in order. Over `elements` ≥ PARALLEL_MIN_ELEMENTS weights, a thread per
+    worker (numpy releases the GIL in the heavy parts; threads share the weights instead of copying them
+    into processes), with at most `workers` jobs in flight so memory stays bounded. The results do not
+    depend on the number of workers."""
+    if workers < 2 or elements < PARALLEL_MIN_ELEMENTS:
+        for job in jobs:
+            yield compute(*job)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        in_flight: deque[Future[Result]] = deque()
+        for job in jobs:
+            in_flight.append(pool.submit(compute, *job))
+            if len(in_flight) >= workers:
+                yield in_flight.popleft().result()
+        while in_flight:
+            yield in_flight.popleft().result()
 
 
 @dataclass

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from qconvert.encode import (
 from qconvert.errors import QConvertError, UnsupportedModelError
 from qconvert.fidelity import Deferred
 from qconvert.fold import fold_batchnorm
-from qconvert.methods.common import Progress, Step, finite, join, readers_note, require_weights, select
+from qconvert.methods.common import Progress, Step, finite, in_order, join, readers_note, require_weights, select
 from qconvert.methods.linear import linear_axis, linear_histogram, linear_opset, linear_report
 from qconvert.methods.refine import Quantizer, fold_filter, refiner_for, with_techniques
 from qconvert.opset import default_opset, raise_opset
@@ -36,7 +34,6 @@ from qconvert.quant.layout import from_rows, snr_db, to_rows
 from qconvert.report import Histogram, OpsetChange, WeightReport
 from qconvert.select import Weight
 
-PARALLEL_MIN_ELEMENTS = 1 << 21  # below this, a second thread gains nothing
 DB_PER_BIT = 6.02  # SNR that one more index bit buys: what per-channel codebooks must beat per bit they cost
 ESTIMATE_MIN_ELEMENTS = 1 << 20  # granularity auto: larger weights first estimate per-channel's gain on a sample
 ESTIMATE_CHANNELS = 32
@@ -261,29 +258,8 @@ def _run(jobs: list[tuple[Weight, int | None, np.ndarray | None]], settings: dic
          workers: int, memo: PaletteMemo | None = None) -> Iterator[tuple[tuple[str, int | None], Palette]]:
     """Palettes of (weight, codebook axis, error weights) jobs, in order, keyed by weight name and axis."""
     arrays = ((w.array(), settings[w.name].bits, axis, importance) for w, axis, importance in jobs)  # one array at a time
-    results = _palettes(arrays, sum(w.elements for w, _, _ in jobs), workers, palettize_tensor if memo is None else _memoized(memo))
+    results = in_order(palettize_tensor if memo is None else _memoized(memo), arrays, workers, sum(w.elements for w, _, _ in jobs))
     return (((w.name, axis), palette) for (w, axis, _), palette in zip(jobs, results))
-
-
-Job = tuple[np.ndarray, int, int | None, np.ndarray | None]  # array, bits, codebook axis, error weights
-
-
-def _palettes(jobs: Iterator[Job], total_elements: int, workers: int, compute: Callable[..., Palette] = palettize_tensor) -> Iterator[Palette]:
-    """The palette of each job, in order. Big models use a thread per core (numpy releases the GIL in
-    the heavy parts; threads share the weights instead of copying them into worker processes), with at
-    most a few tensors in flight so memory stays bounded. Results do not depend on the number of workers."""
-    if workers < 2 or total_elements < PARALLEL_MIN_ELEMENTS:
-        for job in jobs:
-            yield compute(*job)
-        return
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        in_flight: deque[Future[Palette]] = deque()
-        for job in jobs:
-            in_flight.append(pool.submit(compute, *job))
-            if len(in_flight) >= workers:
-                yield in_flight.popleft().result()
-        while in_flight:
-            yield in_flight.popleft().result()
 
 
 def _memoized(memo: PaletteMemo) -> Callable[..., Palette]:

@@ -17,6 +17,7 @@ from qconvert.methods.common import (
     Step,
     calibration_feeds,
     finite,
+    in_order,
     join,
     readers_note,
     require_weights,
@@ -32,10 +33,10 @@ from qconvert.select import Skipped, Weight
 MIN_CALIBRATION_SAMPLES = 16
 
 
-def linear_step(model: onnx.ModelProto, plan: LinearPlan, progress: Progress, data: Path | None = None) -> Step:
+def linear_step(model: onnx.ModelProto, plan: LinearPlan, progress: Progress, data: Path | None = None, workers: int = 1) -> Step:
     """Integer weights (and activations with --calibration). With `data` (calibration inputs), clipping
     ranges minimise each layer's output error and biases absorb the mean error, where that measurably
-    beats min/max grids on the layer's output."""
+    beats min/max grids on the layer's output. `workers` threads share the quantization of big models."""
     details: dict[str, object] = {}
     warnings: list[str] = []
     selection = select(model, plan)
@@ -80,15 +81,20 @@ def linear_step(model: onnx.ModelProto, plan: LinearPlan, progress: Progress, da
 
     if refiner is not None:
         refiner.bind(model, weights)
-    plain, refined = {}, {}
-    for i, weight in enumerate(weights):
-        progress(f"quantizing {i + 1}/{len(weights)}: {weight.name}")
+    def quantized(weight: Weight) -> tuple[qdq.LinearWeight, qdq.LinearWeight | None]:
         array = weight.array()
         settings = {"bits": bits_of[weight.name], "symmetric": plan.symmetric, "axis": axes[weight.name][0]}
-        plain[weight.name] = qdq.quantize_weight(weight, array, **settings)  # type: ignore[arg-type]
         importance = refiner.importance(weight) if refiner else None
-        if importance is not None:
-            refined[weight.name] = qdq.quantize_weight(weight, array, **settings, importance=importance)  # type: ignore[arg-type]
+        return (qdq.quantize_weight(weight, array, **settings),  # type: ignore[arg-type]
+                None if importance is None else qdq.quantize_weight(weight, array, **settings, importance=importance))  # type: ignore[arg-type]
+
+    plain, refined = {}, {}
+    results = in_order(quantized, [(w,) for w in weights], workers, sum(w.elements for w in weights))
+    for i, (weight, (plain_item, refined_item)) in enumerate(zip(weights, results)):
+        progress(f"quantized {i + 1}/{len(weights)}: {weight.name}")
+        plain[weight.name] = plain_item
+        if refined_item is not None:
+            refined[weight.name] = refined_item
     decisions = {}
     if refiner is not None:
         progress("checking each layer's output on the calibration data")

@@ -61,25 +61,25 @@ def clipped_grid(rows: np.ndarray, *, bits: int, symmetric: bool, weights: np.nd
     how much each value's error costs (e.g. the energy of the input it multiplies). Ratio 1 is the
     plain min/max grid, so the result is never worse than `grid_for` on this error.
     """
-    rows64 = rows.astype(np.float64)
-    lo, hi = rows64.min(axis=1), rows64.max(axis=1)
+    values = rows.astype(np.float32)  # float32 throughout (half the memory traffic of float64): on ResNet-50 it picked the same grids
+    lo, hi = values.min(axis=1).astype(np.float64), values.max(axis=1).astype(np.float64)
+    costs = np.asarray(weights, np.float32)
     best_error = np.full(rows.shape[0], np.inf)
     best = grid_for(rows, bits=bits, symmetric=symmetric)
-    steps = np.empty_like(rows64)  # dequantize(quantize(rows)) without its temporaries: q − Z, then S·(q − Z) in float32
+    steps = np.empty_like(values)  # dequantize(quantize(rows)) without its temporaries: q − Z, then S·(q − Z)
     for ratio in CLIP_RATIOS:
         grid = grid_for(rows, bits=bits, symmetric=symmetric, lo=lo * ratio, hi=hi * ratio)
-        zero = grid.zero_point[:, None]
-        np.divide(rows64, grid.scale[:, None].astype(np.float64), out=steps)
+        zero = grid.zero_point[:, None].astype(np.float32)
+        np.divide(values, grid.scale[:, None], out=steps)
         np.rint(steps, out=steps)
         steps += zero
         np.clip(steps, grid.qmin, grid.qmax, out=steps)
         steps -= zero
-        decoded = steps.astype(np.float32)
-        decoded *= grid.scale[:, None]
-        np.subtract(rows64, decoded, out=steps)
+        steps *= grid.scale[:, None]
+        np.subtract(values, steps, out=steps)
         np.square(steps, out=steps)
-        steps *= weights
-        error = steps.sum(axis=1)
+        steps *= costs
+        error = steps.sum(axis=1, dtype=np.float64)
         better = error < best_error
         best_error = np.where(better, error, best_error)
         best = Grid(np.where(better, grid.scale, best.scale), np.where(better, grid.zero_point, best.zero_point), grid.qmin, grid.qmax)
