@@ -19,7 +19,9 @@ from qconvert.validate import Feeds, model_session, run_batches
 
 IMPORTANCE_FLOOR = 1e-6  # dead input channels still count a little: keeps the weighted k-means well posed
 PROBE_BYTES = 64 << 20  # candidate weights added to one probe model of the layer-error pass
-CHECK_SAMPLES = 8  # calibration samples that the layer and whole-model checks run on (statistics use all)
+CHECK_SAMPLES = 8  # calibration samples that the layer and whole-model checks run on (statistics use all) ...
+CHECK_BUDGET = 32 << 20  # ... or fewer, down to MIN_CHECK_SAMPLES, to keep weights × samples within this
+MIN_CHECK_SAMPLES = 4
 
 
 @dataclass(frozen=True)
@@ -83,10 +85,15 @@ def find_layers(model: onnx.ModelProto, weights: list[Weight]) -> dict[str, Laye
     return layers
 
 
-def check_feeds(feeds: Feeds) -> Feeds:
-    """The first batches of the calibration feeds, CHECK_SAMPLES samples or more: what the checks run on."""
+def check_feeds(feeds: Feeds, layers: dict[str, Layer]) -> Feeds:
+    """The first batches of the calibration feeds, what the checks of these layers run on: CHECK_SAMPLES
+    samples, or down to MIN_CHECK_SAMPLES for big models (ResNet-50: 4). Every check costs a model run
+    per sample, and on a big model the samples agree: the whole-model variants of ResNet-50-, MobileNetV2-
+    shaped and digits models ranked the same on either half of 8 samples."""
+    elements = sum(int(np.prod(layer.weight_shape)) for layer in layers.values())
+    wanted = int(np.clip(CHECK_BUDGET // max(elements, 1), MIN_CHECK_SAMPLES, CHECK_SAMPLES))
     count, samples = 0, 0
-    while count < len(feeds.batches) and samples < CHECK_SAMPLES:
+    while count < len(feeds.batches) and samples < wanted:
         samples += len(next(iter(feeds.batches[count].values())))
         count += 1
     return Feeds(feeds.batches[:count], min(samples, feeds.samples), feeds.source)
@@ -97,13 +104,14 @@ class Statistics:
     """What one onnxruntime pass over the calibration data gives."""
 
     moments: dict[str, Moments]  # per layer
-    reference: list[np.ndarray]  # the model's outputs on check_feeds, the reference of the whole-model check
+    reference: list[np.ndarray]  # the model's outputs on `checks`, the reference of the whole-model check
     ranges: dict[str, tuple[float, float]]  # min and max of the tensors asked for
+    checks: Feeds  # what the layer and whole-model checks run on (`check_feeds`)
 
 
 def input_moments(model: onnx.ModelProto, layers: dict[str, Layer], feeds: Feeds, extremes: list[str] | None = None) -> Statistics:
     """E[x] and E[x²] per input channel of each layer, in one onnxruntime pass; the model's outputs on
-    `check_feeds(feeds)`; and the min and max of the `extremes` tensors (activation ranges).
+    `check_feeds(feeds, layers)`; and the min and max of the `extremes` tensors (activation ranges).
 
     Everything is reduced in the graph as soon as the tensor exists (`add_after`) (ReduceSum, ReduceSumSquare,
     Size, ReduceMin, ReduceMax), so only vectors come back and onnxruntime frees every activation as usual.
@@ -150,7 +158,8 @@ def input_moments(model: onnx.ModelProto, layers: dict[str, Layer], feeds: Feeds
     del probe, graph
     totals: dict[str, np.ndarray] = {}
     ranges = Extremes(reduced)
-    checked = len(check_feeds(feeds).batches)
+    checks = check_feeds(feeds, layers)
+    checked = len(checks.batches)
     reference: list[list[np.ndarray]] = []
     for index, batch in enumerate(run_batches(sess, feeds, "model for calibration", output_names=[*model_outputs, *wanted])):
         if index < checked:
@@ -165,7 +174,7 @@ def input_moments(model: onnx.ModelProto, layers: dict[str, Layer], feeds: Feeds
         count = float(size) / layer.in_channels
         if count > 0 and total.shape == (layer.in_channels,):
             moments[name] = Moments(total / count, squares / count)
-    return Statistics(moments, [np.concatenate(o).astype(np.float64) for o in zip(*reference)], ranges.ranges())
+    return Statistics(moments, [np.concatenate(o).astype(np.float64) for o in zip(*reference)], ranges.ranges(), checks)
 
 
 def per_weight(layer: Layer, values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:

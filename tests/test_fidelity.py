@@ -371,3 +371,16 @@ def test_the_statistics_pass_frees_each_activation_as_the_model_alone_does(tmp_p
             node.name = node.name or f"node{i}"
     assert any(n.op_type == "ReduceMin" for n in probe.graph.node) and any(n.op_type == "ReduceSumSquare" for n in probe.graph.node)
     assert most_alive(probe) <= most_alive(model) + 1
+
+
+def test_big_models_are_checked_on_fewer_samples(digits: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = onnx.load(str(digits))
+    layers = fidelity.find_layers(model, select_weights(model).weights)
+    elements = sum(int(np.prod(layer.weight_shape)) for layer in layers.values())
+    ten = Feeds([{"input": np.zeros((1, 1, 8, 8), np.float32)} for _ in range(10)], 10, "test")
+    assert fidelity.check_feeds(ten, layers).samples == fidelity.CHECK_SAMPLES == 8
+    monkeypatch.setattr(fidelity, "CHECK_BUDGET", 6 * elements)
+    assert fidelity.check_feeds(ten, layers).samples == 6
+    monkeypatch.setattr(fidelity, "CHECK_BUDGET", elements)
+    assert fidelity.check_feeds(ten, layers).samples == fidelity.MIN_CHECK_SAMPLES == 4
+    assert fidelity.check_feeds(Feeds(ten.batches[:3], 3, "test"), layers).samples == 3

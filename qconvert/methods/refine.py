@@ -42,9 +42,10 @@ class Refiner:
     """Input statistics of the layers whose weights are being quantized, gathered once, and the layers
     of the model being edited (`bind` again after the model is replaced or rebuilt)."""
 
-    feeds: Feeds  # the calibration data (the checks run on its first batches)
+    feeds: Feeds  # the calibration data
+    checks: Feeds  # its first batches, which the checks run on
     moments: dict[str, Moments]
-    reference: list[np.ndarray]  # the float model's outputs on `feeds`
+    reference: list[np.ndarray]  # the float model's outputs on `checks`
     data_aware: bool
     bias_correction: bool
     matmul_bias: bool = True  # a MatMul's bias shift goes in a new Add node
@@ -57,8 +58,8 @@ class Refiner:
     def gather(model: onnx.ModelProto, weights: list[Weight], feeds: Feeds, *, data_aware: bool, bias_correction: bool,
                matmul_bias: bool = True, extremes: list[str] | None = None) -> Refiner:
         layers = fidelity.find_layers(model, weights)
-        stats = fidelity.input_moments(model, layers, feeds, extremes) if layers else fidelity.Statistics({}, [], {})
-        refiner = Refiner(feeds, stats.moments, stats.reference, data_aware, bias_correction, matmul_bias, ranges=stats.ranges)
+        stats = fidelity.input_moments(model, layers, feeds, extremes) if layers else fidelity.Statistics({}, [], {}, feeds)
+        refiner = Refiner(feeds, stats.checks, stats.moments, stats.reference, data_aware, bias_correction, matmul_bias, ranges=stats.ranges)
         refiner.bind(model, weights)
         return refiner
 
@@ -105,7 +106,7 @@ class Refiner:
                 tried.append((True, None))
             options[name] = tried
             candidates += [Candidate(layer, refined if use_refined and refined is not None else plain, bias) for use_refined, bias in tried]
-        snrs = iter(fidelity.layer_snr(model, candidates, fidelity.check_feeds(self.feeds)))
+        snrs = iter(fidelity.layer_snr(model, candidates, self.checks))
         measured = {name: [next(snrs) for _ in options[name]] for name in names}
         best_per_layer = {}
         for name in names:
@@ -136,7 +137,7 @@ class Refiner:
                 if bias is not None:
                     shifts[name] = (self.layers[name], bias)
             arrays.append((weights, shifts))
-        model_snrs = fidelity.model_snr(model, arrays, fidelity.check_feeds(self.feeds), self.reference)
+        model_snrs = fidelity.model_snr(model, arrays, self.checks, self.reference)
         self.model_snr_db = dict(zip(unique, model_snrs))
         winner = 0
         for i in range(1, len(model_snrs)):
@@ -157,7 +158,7 @@ class Refiner:
         return {
             "source": self.feeds.source,
             "samples": self.feeds.samples,
-            "checked_on_samples": fidelity.check_feeds(self.feeds).samples,
+            "checked_on_samples": self.checks.samples,
             "layers_checked": len(decisions),
             "layers_refined": sum(bool(d.techniques) for d in decisions.values()),
             "chosen": self.chosen,
