@@ -245,11 +245,11 @@ def layer_snr(model: onnx.ModelProto, candidates: list[Candidate], feeds: Feeds)
     model's order: each pass runs only the part of the model up to its last layer, from where the
     previous one stopped (`_Chain`).
     """
-    position = {node.output[0]: i for i, node in enumerate(model.graph.node) if node.output}
+    chain = _Chain(model, feeds)
     measured: dict[tuple[str, int], Candidate] = {}  # one run per weight: candidates differ by their shift
     for candidate in candidates:
         measured.setdefault((candidate.layer.weight, id(candidate.weight)), candidate)
-    order = sorted(measured.values(), key=lambda c: position[c.layer.node.output[0]])
+    order = sorted(measured.values(), key=lambda c: chain.position[c.layer.node.output[0]])
     groups: list[list[Candidate]] = []
     size = 0
     for candidate in order:  # a layer's candidates stay together: a pass measures the layers it runs
@@ -258,7 +258,6 @@ def layer_snr(model: onnx.ModelProto, candidates: list[Candidate], feeds: Feeds)
             size = 0
         groups[-1].append(candidate)
         size += candidate.nbytes
-    chain = _Chain(model, feeds)
     sums: dict[tuple[str, int], tuple[float, np.ndarray, np.ndarray, float]] = {}
     for index, group in enumerate(groups):
         sums.update(chain.run(group, last=index == len(groups) - 1))
@@ -289,8 +288,8 @@ class _Chain:
         self.carried = [dict(batch) for batch in feeds.batches]
 
     def run(self, group: list[Candidate], *, last: bool) -> dict[tuple[str, int], tuple[float, np.ndarray, np.ndarray, float]]:
-        """Per candidate weight: the layer's signal, and the error's sum of squares and sum per output
-        channel, and the values per channel."""
+        """Per candidate weight: the layer's signal; the error's sum of squares and sum per output channel;
+        and the number of values per channel."""
         end = max(self.position[c.layer.node.output[0]] for c in group) + 1
         probe = without_weights(self.model)
         graph, fresh, opset = probe.graph, NameSource(probe), default_opset(self.model)
