@@ -52,8 +52,8 @@ def _min_max(model: onnx.ModelProto, tensors: list[str], feeds: Feeds) -> dict[s
     """Min and max of each tensor, reduced in the graph as soon as it exists (`add_after`): only scalars come
     back, and onnxruntime frees every activation as usual (fetching them took 7 GB on ResNet-50)."""
     probe = without_weights(model)
-    reduced, after = extreme_nodes(tensors, NameSource(probe))
-    add_after(probe.graph, after)
+    reduced, readers = extreme_nodes(tensors, NameSource(probe))
+    add_after(probe.graph, {t: (None, nodes) for t, nodes in readers.items()})
     probe.graph.output.extend(helper.make_empty_tensor_value_info(name) for pair in reduced.values() for name in pair)
     sess = model_session(model, "model for calibration", skeleton=probe, probe=True)
     del probe
@@ -64,11 +64,11 @@ def _min_max(model: onnx.ModelProto, tensors: list[str], feeds: Feeds) -> dict[s
     return ranges.ranges()
 
 
-def extreme_nodes(tensors: list[str], fresh: NameSource) -> tuple[dict[str, tuple[str, str]], dict[str, tuple[None, list[onnx.NodeProto]]]]:
-    """ReduceMin and ReduceMax of each tensor: tensor -> (min, max) output names, and the nodes for `add_after`
-    (in the same call as any other readers of the graph: see its note on onnxruntime's order)."""
+def extreme_nodes(tensors: list[str], fresh: NameSource) -> tuple[dict[str, tuple[str, str]], dict[str, list[onnx.NodeProto]]]:
+    """ReduceMin and ReduceMax of each tensor: tensor -> (min, max) output names, and tensor -> its readers,
+    for `add_after` (in one call with any other readers of the graph: see its note on onnxruntime's order)."""
     reduced = {t: (fresh(f"{t}_qc_min"), fresh(f"{t}_qc_max")) for t in dict.fromkeys(tensors)}
-    nodes = {t: (None, [helper.make_node("ReduceMin", [t], [lo], keepdims=0), helper.make_node("ReduceMax", [t], [hi], keepdims=0)])
+    nodes = {t: [helper.make_node("ReduceMin", [t], [lo], keepdims=0), helper.make_node("ReduceMax", [t], [hi], keepdims=0)]
              for t, (lo, hi) in reduced.items()}
     return reduced, nodes
 

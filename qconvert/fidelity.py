@@ -147,7 +147,7 @@ def input_moments(model: onnx.ModelProto, layers: dict[str, Layer], feeds: Feeds
         nodes.append(helper.make_node("Size", [x], [outputs[2]]))
         keys[key] = outputs
     reduced, extreme_readers = extreme_nodes(extremes or [], fresh)
-    for t, (_, nodes) in extreme_readers.items():
+    for t, nodes in extreme_readers.items():
         after.setdefault(t, []).extend(nodes)
     add_after(graph, {x: (None, nodes) for x, nodes in after.items()})  # all readers in one call
     model_outputs = [o.name for o in graph.output]
