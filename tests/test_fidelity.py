@@ -384,3 +384,34 @@ def test_big_models_are_checked_on_fewer_samples(digits: Path, monkeypatch: pyte
     monkeypatch.setattr(fidelity, "CHECK_BUDGET", elements)
     assert fidelity.check_feeds(ten, layers).samples == fidelity.MIN_CHECK_SAMPLES == 4
     assert fidelity.check_feeds(Feeds(ten.batches[:3], 3, "test"), layers).samples == 3
+
+
+def test_layer_check_passes_hand_on_what_subgraphs_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tensor read only inside an If branch (from the outer scope) is handed on like any other."""
+    rng = np.random.default_rng(6)
+    weights = {n: (rng.standard_normal((4, 4, 3, 3)) * 0.3).astype(np.float32) for n in ("w1", "w2", "w3")}
+    branch = helper.make_graph([helper.make_node("Add", ["c2", "r1"], ["then_out"])], "then", [],
+                               [helper.make_tensor_value_info("then_out", TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Identity", ["c2"], ["else_out"])], "else", [],
+                              [helper.make_tensor_value_info("else_out", TensorProto.FLOAT, None)])
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("If", ["cond"], ["s"], then_branch=branch, else_branch=other),
+        helper.make_node("Conv", ["s", "w3"], ["y"], pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 5, 5]),
+                                           helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 5, 5])],
+                              [numpy_helper.from_array(w, n) for n, w in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    layers = fidelity.find_layers(model, select_weights(model, min_elements=1).weights)
+    candidates = [Candidate(layers[n], w + 0.05 * rng.standard_normal(w.shape).astype(np.float32)) for n, w in weights.items()]
+    samples = Feeds([{"x": rng.standard_normal((1, 4, 5, 5)).astype(np.float32), "cond": np.array(True)}], 1, "test")
+    one_pass = fidelity.layer_snr(model, candidates, samples)
+    starts: list[list[str]] = []
+    real = fidelity.model_session
+    monkeypatch.setattr(fidelity, "model_session", lambda m, what, skeleton, **kw: starts.append([i.name for i in skeleton.graph.input]) or real(m, what, skeleton=skeleton, **kw))
+    monkeypatch.setattr(fidelity, "PROBE_BYTES", 1)
+    np.testing.assert_allclose(fidelity.layer_snr(model, candidates, samples), one_pass, rtol=1e-5)
+    assert starts == [["x"], ["c1"], ["c2", "cond", "r1"]]
