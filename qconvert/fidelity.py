@@ -277,13 +277,15 @@ CARRY_BYTES = 64 << 20  # activations kept between the passes of `layer_snr`, al
 
 class _Chain:
     """The layer-error passes in the model's order. A pass runs nodes [start, end) of the graph with its
-    checks beside them and hands on, per sample, the tensors that later nodes read; the next pass starts
-    there. Where those would exceed CARRY_BYTES, the next pass starts from the model's inputs again."""
+    checks beside them and hands on, per sample, the tensors that later nodes read (but Constant nodes,
+    where exporters put weights: a pass runs those it needs); the next pass starts there. Where those
+    tensors would exceed CARRY_BYTES, the next pass starts from the model's inputs again."""
 
     def __init__(self, model: onnx.ModelProto, feeds: Feeds) -> None:
         self.model, self.feeds = model, feeds
         self.position = {node.output[0]: i for i, node in enumerate(model.graph.node) if node.output}
         self.reads = [_reads(node) for node in model.graph.node]
+        self.constants = {i for i, node in enumerate(model.graph.node) if node.op_type == "Constant" and node.domain in ("", "ai.onnx")}
         self.start = 0
         self.carried = [dict(batch) for batch in feeds.batches]
 
@@ -293,10 +295,14 @@ class _Chain:
         end = max(self.position[c.layer.node.output[0]] for c in group) + 1
         probe = without_weights(self.model)
         graph, fresh, opset = probe.graph, NameSource(probe), default_opset(self.model)
-        set_nodes(graph, list(graph.node[self.start : end]))
+        reads = set().union(*self.reads[self.start : end])  # Constant nodes before the start run again, not handed on
+        constants = [node for i, node in enumerate(graph.node[: self.start]) if i in self.constants and node.output[0] in reads]
+        section = list(graph.node[self.start : end])
+        set_nodes(graph, constants + section)
         produced = {out for node in graph.node for out in node.output}
         later = set().union(*self.reads[end:]) if not last else set()
-        handed = [t for t in dict.fromkeys(out for node in graph.node for out in node.output) if t in later]
+        handed = [t for t in dict.fromkeys(out for i, node in enumerate(section, self.start) if i not in self.constants for out in node.output)
+                  if t in later]
         kept = [t for t in self.carried[0] if t in later and t not in produced]
         arrays: dict[str, np.ndarray] = {}
         after: dict[str, tuple[str | None, list[onnx.NodeProto]]] = {}

@@ -140,7 +140,9 @@ def test_layer_checks_in_several_passes_measure_what_one_pass_does(monkeypatch: 
     inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in [
         ("w1", rng.standard_normal((8, 4, 3, 3)) * 0.3), ("w2", rng.standard_normal((8, 8, 3, 3)) * 0.2),
         ("w3", rng.standard_normal((10, 8)) * 0.5), ("b3", rng.standard_normal(10)), ("w4", rng.standard_normal((10, 6)))]]
+    w3 = inits.pop(2)  # in a Constant node at the top, as paddle2onnx writes weights: run again by each pass, not handed on
     nodes = [
+        helper.make_node("Constant", [], ["w3"], value=w3),
         helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c1"], ["r1"]),
         helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]), helper.make_node("Add", ["c2", "r1"], ["s"]),
         helper.make_node("GlobalAveragePool", ["s"], ["p"]), helper.make_node("Flatten", ["p"], ["f"]),
@@ -156,7 +158,7 @@ def test_layer_checks_in_several_passes_measure_what_one_pass_does(monkeypatch: 
     assert set(layers) == {"w1", "w2", "w3", "w4"}
     candidates = []
     for name, layer in layers.items():
-        w = numpy_helper.to_array(next(t for t in inits if t.name == name))
+        w = numpy_helper.to_array(next(t for t in [*inits, w3] if t.name == name))
         noisy = w + rng.standard_normal(w.shape).astype(np.float32) * 0.05
         candidates += [Candidate(layer, noisy), Candidate(layer, noisy, rng.standard_normal(w.shape[layer.out_axis]).astype(np.float32) * 0.1)]
     samples = Feeds([{"x": rng.standard_normal((1, 4, 6, 6)).astype(np.float32), "scale": np.array([s], np.float32)} for s in (0.5, 2.0)], 2, "test")
