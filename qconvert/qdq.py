@@ -101,10 +101,27 @@ def absorb_activations(model: onnx.ModelProto, quantized_weights: set[str]) -> i
     zero point 0) clamps exactly as the activation did. Call after calibration (which needs them).
     """
     graph = model.graph
+    absorbed = _absorbable(graph, quantized_weights)
+    for index, source in absorbed.items():
+        source.output[0] = graph.node[index].output[0]
+    if absorbed:
+        set_nodes(graph, [n for i, n in enumerate(graph.node) if i not in absorbed])
+    return len(absorbed)
+
+
+def absorbed_tensors(model: onnx.ModelProto, quantized_weights: set[str]) -> set[str]:
+    """The tensors that `absorb_activations` will remove (the inputs of the activations it absorbs): their
+    ranges are never used, so calibration need not measure them (and onnxruntime can fuse the pair)."""
+    graph = model.graph
+    return {graph.node[index].input[0] for index in _absorbable(graph, quantized_weights)}
+
+
+def _absorbable(graph: onnx.GraphProto, quantized_weights: set[str]) -> dict[int, onnx.NodeProto]:
+    """Index of each absorbable Relu / Clip(min 0) -> the quantized op that produces its input."""
     constants = _constants(graph)
     uses = use_counts(graph)
     producer = {out: node for node in graph.node for out in node.output}
-    removed: set[int] = set()
+    found = {}
     for index, node in enumerate(graph.node):
         if node.op_type not in ("Relu", "Clip") or not node.input or not _clamps_at_zero(node, constants):
             continue
@@ -115,11 +132,8 @@ def absorb_activations(model: onnx.ModelProto, quantized_weights: set[str]) -> i
             continue
         if source.op_type == "Add" and any(i in constants for i in source.input):
             continue
-        source.output[0] = node.output[0]
-        removed.add(index)
-    if removed:
-        set_nodes(graph, [n for i, n in enumerate(graph.node) if i not in removed])
-    return len(removed)
+        found[index] = source
+    return found
 
 
 def activation_tensors(model: onnx.ModelProto, quantized_weights: set[str]) -> list[str]:

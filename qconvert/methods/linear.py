@@ -50,7 +50,7 @@ def linear_step(model: onnx.ModelProto, plan: LinearPlan, progress: Progress, da
         folded = fold_batchnorm(model, where)
         selection = select(model, plan)
     if plan.activations:
-        extremes = qdq.activation_tensors(model, {w.name for w in selection.weights})
+        extremes = _calibrated(model, {w.name for w in selection.weights})
         refiner = refiner_for(model, selection.weights, plan, data, progress, matmul_bias=False, extremes=extremes)
     if folded:
         details["folded_batchnorm"] = list(folded)
@@ -133,8 +133,7 @@ def linear_step(model: onnx.ModelProto, plan: LinearPlan, progress: Progress, da
         ranges = refiner.ranges  # gathered with the statistics
     else:
         progress("calibrating activation ranges")
-        ranges = activation_ranges(model, qdq.activation_tensors(model, names), feeds, method=plan.calibration_method,
-                                   percentile=plan.percentile)
+        ranges = activation_ranges(model, _calibrated(model, names), feeds, method=plan.calibration_method, percentile=plan.percentile)
     if refiner is not None:
         refiner.apply_shifts(model, decisions)  # after the ranges: those are the float model's
     qdq.insert_weight_dq(model, list(items.values()))
@@ -150,6 +149,12 @@ def linear_step(model: onnx.ModelProto, plan: LinearPlan, progress: Progress, da
     if int4:
         warnings.append("int4 weights in a full QDQ graph are not fused into integer kernels by onnxruntime; int8 runs faster")
     return Step(model, opset, reports, skipped, warnings, details, histograms)
+
+
+def _calibrated(model: onnx.ModelProto, quantized: set[str]) -> list[str]:
+    """The activations whose ranges full QDQ will use: all but those absorbed into their producer."""
+    absorbed = qdq.absorbed_tensors(model, quantized)
+    return [t for t in qdq.activation_tensors(model, quantized) if t not in absorbed]
 
 
 def _quantizer(plan: LinearPlan) -> Quantizer:
