@@ -138,12 +138,7 @@ def input_moments(model: onnx.ModelProto, layers: dict[str, Layer], feeds: Feeds
             x, axes = rows, [0]
         outputs = (fresh(f"{x}_qc_sum"), fresh(f"{x}_qc_sum_squares"), fresh(f"{x}_qc_size"))
         for op, out in zip(("ReduceSum", "ReduceSumSquare"), outputs):
-            if opset >= {"ReduceSum": 13, "ReduceSumSquare": 18}[op]:  # axes moved from attribute to input
-                axes_name = fresh(f"{out}_axes")
-                graph.initializer.append(numpy_helper.from_array(np.array(axes, np.int64), axes_name))
-                nodes.append(helper.make_node(op, [x, axes_name], [out], keepdims=0))
-            else:
-                nodes.append(helper.make_node(op, [x], [out], axes=axes, keepdims=0))
+            nodes += _reduce(op, x, axes, out, graph, fresh, opset)
         nodes.append(helper.make_node("Size", [x], [outputs[2]]))
         keys[key] = outputs
     reduced, extreme_readers = extreme_nodes(extremes or [], fresh)
