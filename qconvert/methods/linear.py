@@ -81,6 +81,7 @@ def linear_step(model: onnx.ModelProto, plan: LinearPlan, progress: Progress, da
 
     if refiner is not None:
         refiner.bind(model, weights)
+
     def quantized(weight: Weight) -> tuple[qdq.LinearWeight, qdq.LinearWeight | None]:
         array = weight.array()
         settings = {"bits": bits_of[weight.name], "symmetric": plan.symmetric, "axis": axes[weight.name][0]}
