@@ -119,8 +119,9 @@ def model_session(model: onnx.ModelProto, what: str, *, skeleton: onnx.ModelProt
     tensors = {t.name: t for t in model.graph.initializer}
     names, values, in_file = [], [], []
     for hole in skeleton.graph.initializer:
-        if io.is_lazy(hole):  # small, kept in the skeleton
+        if io.is_lazy(hole):  # not a hole: a small tensor kept in the skeleton, still in the input file
             in_file.append((hole, hole))
+            continue
         if not is_hole(hole):
             continue
         given = replaced.get(hole.name) if replaced else None
