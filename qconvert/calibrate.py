@@ -6,10 +6,10 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from qconvert.opset import without_weights
 from qconvert.plan import CalibrationMethod
-from qconvert.rewrite import NameSource, add_after
-from qconvert.validate import Feeds, model_session, run_batches, run_with_outputs
+from qconvert.rewrite import NameSource
+from qconvert.sections import Section, Sections
+from qconvert.validate import Feeds, run_with_outputs
 
 SAMPLE_PER_TENSOR = 1 << 16  # values kept per tensor for percentiles
 
@@ -50,17 +50,19 @@ def activation_ranges(
 
 def _min_max(model: onnx.ModelProto, tensors: list[str], feeds: Feeds) -> dict[str, tuple[float, float]]:
     """Min and max of each tensor, reduced in the graph as soon as it exists (`add_after`): only scalars come
-    back, and onnxruntime frees every activation as usual (fetching them took 7 GB on ResNet-50)."""
-    probe = without_weights(model)
-    reduced, readers = extreme_nodes(tensors, NameSource(probe))
-    add_after(probe.graph, {t: (None, nodes) for t, nodes in readers.items()})
-    probe.graph.output.extend(helper.make_empty_tensor_value_info(name) for pair in reduced.values() for name in pair)
-    sess = model_session(model, "model for calibration", skeleton=probe, probe=True)
-    del probe
-    names = [name for pair in reduced.values() for name in pair]
+    back, and onnxruntime frees every activation as usual (fetching them took 7 GB on ResNet-50). The
+    pass runs in sections (`Sections`): each session holds a share of the weights."""
+    reduced: dict[str, tuple[str, str]] = {}
+
+    def readers(section: Section) -> None:
+        here, nodes = extreme_nodes([t for t in tensors if t in section.made and t not in reduced], section.fresh)
+        section.after.update({t: (None, ops) for t, ops in nodes.items()})
+        section.wanted += [name for pair in here.values() for name in pair]
+        reduced.update(here)
+
     ranges = Extremes(reduced)
-    for batch in run_batches(sess, feeds, "model for calibration", output_names=names):
-        ranges.add(dict(zip(names, batch)))
+    for values in Sections(model, feeds, "model for calibration").passes(readers):
+        ranges.add(values)
     return ranges.ranges()
 
 
@@ -74,16 +76,19 @@ def extreme_nodes(tensors: list[str], fresh: NameSource) -> tuple[dict[str, tupl
 
 
 class Extremes:
-    """Running min and max of tensors over batches, from the outputs `extreme_nodes` named."""
+    """Running min and max of tensors over batches, from the outputs `extreme_nodes` named (`reduced`,
+    which may grow as a pass's sections name theirs)."""
 
     def __init__(self, reduced: dict[str, tuple[str, str]]) -> None:
         self.reduced = reduced
-        self.lo = {t: np.inf for t in reduced}
-        self.hi = {t: -np.inf for t in reduced}
+        self.lo: dict[str, float] = {}
+        self.hi: dict[str, float] = {}
 
     def add(self, outputs: dict[str, np.ndarray]) -> None:
         for t, (low, high) in self.reduced.items():
-            self.lo[t], self.hi[t] = min(self.lo[t], float(outputs[low])), max(self.hi[t], float(outputs[high]))
+            if low in outputs:
+                self.lo[t] = min(self.lo.get(t, np.inf), float(outputs[low]))
+                self.hi[t] = max(self.hi.get(t, -np.inf), float(outputs[high]))
 
     def ranges(self) -> dict[str, tuple[float, float]]:
-        return {t: (self.lo[t], self.hi[t]) for t in self.reduced if np.isfinite(self.lo[t])}
+        return {t: (self.lo[t], self.hi[t]) for t in self.reduced if t in self.lo and np.isfinite(self.lo[t])}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import onnx
@@ -12,13 +13,13 @@ from onnx import helper, numpy_helper
 
 from qconvert import io
 from qconvert.calibrate import Extremes, extreme_nodes
-from qconvert.opset import default_opset, hole, is_hole, without_weights
-from qconvert.rewrite import NameSource, add_after, set_nodes, use_counts
+from qconvert.opset import hole, is_hole
+from qconvert.rewrite import NameSource, add_after, use_counts
+from qconvert.sections import Section, Sections
 from qconvert.select import MAIN_GRAPH, Weight, constant_value
-from qconvert.validate import Feeds, model_session, run_batches
+from qconvert.validate import Feeds
 
 IMPORTANCE_FLOOR = 1e-6  # dead input channels still count a little: keeps the weighted k-means well posed
-PROBE_BYTES = 64 << 20  # candidate weights added to one probe model of the layer-error pass
 CHECK_SAMPLES = 8  # calibration samples that the layer and whole-model checks run on (statistics use all) ...
 CHECK_BUDGET = 32 << 20  # ... or fewer, down to MIN_CHECK_SAMPLES, to keep weights × samples within this
 MIN_CHECK_SAMPLES = 4
@@ -115,54 +116,56 @@ def input_moments(model: onnx.ModelProto, layers: dict[str, Layer], feeds: Feeds
 
     Everything is reduced in the graph as soon as the tensor exists (`add_after`) (ReduceSum, ReduceSumSquare,
     Size, ReduceMin, ReduceMax), so only vectors come back and onnxruntime frees every activation as usual.
+    The pass runs in sections (`Sections`), each section's readers in one `add_after` call.
     """
-    probe = without_weights(model)
-    graph, opset, fresh = probe.graph, default_opset(model), NameSource(probe)
     keys: dict[tuple[str, int, int], tuple[str, str, str]] = {}  # (x, channel axis, Cin) -> sum, sum of squares, size
-    after: dict[str, list[onnx.NodeProto]] = {}
-    for layer in layers.values():
-        x, channels = layer.node.input[0], layer.in_channels
-        key = (x, layer.x_axis, channels)
-        if key in keys:
-            continue
-        nodes = after.setdefault(x, [])
-        if layer.op_type == "Conv":
-            axes = [0, *range(2, len(layer.weight_shape))]
-        elif layer.op_type == "Gemm":
-            axes = [1 - layer.x_axis]
-        else:  # MatMul: [..., K] -> [rows, K]
-            shape = fresh(f"{x}_qc_rows_shape")
-            graph.initializer.append(numpy_helper.from_array(np.array([-1, channels], np.int64), shape))
-            rows = fresh(f"{x}_qc_rows")
-            nodes.append(helper.make_node("Reshape", [x, shape], [rows]))
-            x, axes = rows, [0]
-        outputs = (fresh(f"{x}_qc_sum"), fresh(f"{x}_qc_sum_squares"), fresh(f"{x}_qc_size"))
-        for op, out in zip(("ReduceSum", "ReduceSumSquare"), outputs):
-            nodes += _reduce(op, x, axes, out, graph, fresh, opset)
-        nodes.append(helper.make_node("Size", [x], [outputs[2]]))
-        keys[key] = outputs
-    reduced, extreme_readers = extreme_nodes(extremes or [], fresh)
-    for t, nodes in extreme_readers.items():
-        after.setdefault(t, []).extend(nodes)
-    add_after(graph, {x: (None, nodes) for x, nodes in after.items()})  # all readers in one call
-    model_outputs = [o.name for o in graph.output]
-    sums = [name for outputs in keys.values() for name in outputs]
-    wanted = [*sums, *(name for pair in reduced.values() for name in pair)]
-    graph.output.extend(helper.make_empty_tensor_value_info(t) for t in wanted)
-    sess = model_session(model, "model for calibration", skeleton=probe, probe=True)
-    del probe, graph
+    reduced: dict[str, tuple[str, str]] = {}  # tensor -> its min and max
+    model_outputs = [o.name for o in model.graph.output]
+
+    def readers(section: Section) -> None:
+        graph, fresh, after = section.graph, section.fresh, section.after
+        for layer in layers.values():
+            x, channels = layer.node.input[0], layer.in_channels
+            key = (x, layer.x_axis, channels)
+            if key in keys or x not in section.made:
+                continue
+            nodes = after.setdefault(x, (None, []))[1]
+            if layer.op_type == "Conv":
+                axes = [0, *range(2, len(layer.weight_shape))]
+            elif layer.op_type == "Gemm":
+                axes = [1 - layer.x_axis]
+            else:  # MatMul: [..., K] -> [rows, K]
+                shape = fresh(f"{x}_qc_rows_shape")
+                graph.initializer.append(numpy_helper.from_array(np.array([-1, channels], np.int64), shape))
+                rows = fresh(f"{x}_qc_rows")
+                nodes.append(helper.make_node("Reshape", [x, shape], [rows]))
+                x, axes = rows, [0]
+            outputs = (fresh(f"{x}_qc_sum"), fresh(f"{x}_qc_sum_squares"), fresh(f"{x}_qc_size"))
+            for op, out in zip(("ReduceSum", "ReduceSumSquare"), outputs):
+                nodes += _reduce(op, x, axes, out, graph, fresh, section.opset)
+            nodes.append(helper.make_node("Size", [x], [outputs[2]]))
+            keys[key] = outputs
+            section.wanted += outputs
+        here, extreme_readers = extreme_nodes([t for t in extremes or [] if t in section.made and t not in reduced], fresh)
+        for t, nodes in extreme_readers.items():
+            after.setdefault(t, (None, []))[1].extend(nodes)
+        reduced.update(here)
+        section.wanted += [name for pair in here.values() for name in pair]
+        if section.complete:
+            section.wanted += model_outputs
+
     totals: dict[str, np.ndarray] = {}
     ranges = Extremes(reduced)
     checks = check_feeds(feeds, layers)
-    checked = len(checks.batches)
     reference: list[list[np.ndarray]] = []
-    for index, batch in enumerate(run_batches(sess, feeds, "model for calibration", output_names=[*model_outputs, *wanted])):
-        if index < checked:
-            reference.append(batch[: len(model_outputs)])
-        values = dict(zip(wanted, batch[len(model_outputs) :]))
+    for values in Sections(model, feeds, "model for calibration").passes(readers):
+        if model_outputs and model_outputs[0] in values:  # the last section: the model's outputs too
+            if len(reference) < len(checks.batches):
+                reference.append([values[o] for o in model_outputs])
+            values = {name: value for name, value in values.items() if name not in model_outputs}
         ranges.add(values)
-        for name in sums:
-            totals[name] = totals.get(name, 0) + np.asarray(values[name], np.float64)
+        for name, value in values.items():
+            totals[name] = totals.get(name, 0) + np.asarray(value, np.float64)
     moments = {}
     for name, layer in layers.items():
         total, squares, size = (totals[o] for o in keys[layer.node.input[0], layer.x_axis, layer.in_channels])
@@ -236,26 +239,33 @@ def layer_snr(model: onnx.ModelProto, candidates: list[Candidate], feeds: Feeds)
     Each candidate weight runs as a copy of its layer beside the float model, reading the float input;
     the error per output channel (its sum and sum of squares) and the signal are reduced in the graph,
     so only vectors come back, and any bias shift's error follows from them: Σ(d + s)² = Σd² + 2sΣd + ns².
-    Candidate weights go in groups of at most PROBE_BYTES, one onnxruntime pass per group, in the
-    model's order: each pass runs only the part of the model up to its last layer, from where the
-    previous one stopped (`_Chain`).
+    Candidate weights go in groups of at most a section's budget of bytes, one onnxruntime pass per
+    group, in the model's order: each pass runs the part of the model up to its last layer, from where
+    the previous one stopped (`Sections`).
     """
-    chain = _Chain(model, feeds)
+    sections = Sections(model, feeds, "model for the layer-error check")
     measured: dict[tuple[str, int], Candidate] = {}  # one run per weight: candidates differ by their shift
     for candidate in candidates:
         measured.setdefault((candidate.layer.weight, id(candidate.weight)), candidate)
-    order = sorted(measured.values(), key=lambda c: chain.position[c.layer.node.output[0]])
+    order = sorted(measured.values(), key=lambda c: sections.position[c.layer.node.output[0]])
     groups: list[list[Candidate]] = []
     size = 0
     for candidate in order:  # a layer's candidates stay together: a pass measures the layers it runs
-        if not groups or (size + candidate.nbytes > PROBE_BYTES and candidate.layer.weight != groups[-1][-1].layer.weight):
+        if not groups or (size + candidate.nbytes > sections.budget and candidate.layer.weight != groups[-1][-1].layer.weight):
             groups.append([])
             size = 0
         groups[-1].append(candidate)
         size += candidate.nbytes
     sums: dict[tuple[str, int], tuple[float, np.ndarray, np.ndarray, float]] = {}
     for index, group in enumerate(groups):
-        sums.update(chain.run(group, last=index == len(groups) - 1))
+        names: dict[tuple[str, int], tuple[str, str, str, str]] = {}  # signal, size, error sum of squares, error sum
+        totals: dict[str, np.ndarray] = {}
+        end = max(sections.position[c.layer.node.output[0]] for c in group) + 1
+        for values in sections.run(end, partial(_layer_checks, group, names), last=index == len(groups) - 1):
+            for name, value in values.items():
+                totals[name] = totals.get(name, 0) + np.asarray(value, np.float64)
+        sums.update({key: (float(totals[signal]), totals[squares], totals[total], float(totals[size]) / max(totals[total].size, 1))
+                     for key, (signal, size, squares, total) in names.items()})
     snrs = []
     for candidate in candidates:
         signal, error, total, count = sums[candidate.layer.weight, id(candidate.weight)]
@@ -267,110 +277,34 @@ def layer_snr(model: onnx.ModelProto, candidates: list[Candidate], feeds: Feeds)
     return snrs
 
 
-CARRY_BYTES = 64 << 20  # activations kept between the passes of `layer_snr`, all samples together
-
-
-class _Chain:
-    """The layer-error passes in the model's order. A pass runs nodes [start, end) of the graph with its
-    checks beside them and hands on, per sample, the tensors that later nodes read (but Constant nodes,
-    where exporters put weights: a pass runs those it needs); the next pass starts there. Where those
-    tensors would exceed CARRY_BYTES, the next pass starts from the model's inputs again."""
-
-    def __init__(self, model: onnx.ModelProto, feeds: Feeds) -> None:
-        self.model, self.feeds = model, feeds
-        self.position = {node.output[0]: i for i, node in enumerate(model.graph.node) if node.output}
-        self.reads = [_reads(node) for node in model.graph.node]
-        self.constants = {i for i, node in enumerate(model.graph.node) if node.op_type == "Constant" and node.domain in ("", "ai.onnx")}
-        self.start = 0
-        self.carried = [dict(batch) for batch in feeds.batches]
-
-    def run(self, group: list[Candidate], *, last: bool) -> dict[tuple[str, int], tuple[float, np.ndarray, np.ndarray, float]]:
-        """Per candidate weight: the layer's signal; the error's sum of squares and sum per output channel;
-        and the number of values per channel."""
-        end = max(self.position[c.layer.node.output[0]] for c in group) + 1
-        probe = without_weights(self.model)
-        graph, fresh, opset = probe.graph, NameSource(probe), default_opset(self.model)
-        reads = set().union(*self.reads[self.start : end])  # Constant nodes before the start run again, not handed on
-        constants = [node for i, node in enumerate(graph.node[: self.start]) if i in self.constants and node.output[0] in reads]
-        section = list(graph.node[self.start : end])
-        set_nodes(graph, constants + section)
-        produced = {out for node in graph.node for out in node.output}
-        later = set().union(*self.reads[end:]) if not last else set()
-        handed = [t for t in dict.fromkeys(out for i, node in enumerate(section, self.start) if i not in self.constants for out in node.output)
-                  if t in later]
-        kept = [t for t in self.carried[0] if t in later and t not in produced]
-        arrays: dict[str, np.ndarray] = {}
-        after: dict[str, tuple[str | None, list[onnx.NodeProto]]] = {}
-        names: dict[tuple[str, int], tuple[str, str, str, str]] = {}  # signal, size, error sum of squares, error sum
-        signals: dict[str, tuple[str, str]] = {}
-        for candidate in group:
-            layer = candidate.layer
-            y = layer.node.output[0]
-            _, checks = after.setdefault(y, (None, []))
-            if y not in signals:
-                signals[y] = (fresh(f"{y}_qc_signal"), fresh(f"{y}_qc_size"))
-                checks += [helper.make_node("ReduceSumSquare", [y], [signals[y][0]], keepdims=0), helper.make_node("Size", [y], [signals[y][1]])]
-            w = fresh(f"{layer.weight}_qc_candidate")
-            arrays[w] = array_of(candidate.weight)
-            graph.initializer.append(hole(w, arrays[w]))
-            out, diff = fresh(f"{y}_qc_candidate"), fresh(f"{y}_qc_diff")
-            checks += [layer_copy(layer.node, w, out, fresh), helper.make_node("Sub", [out, y], [diff])]
-            axes = [0, *range(2, len(layer.weight_shape))] if layer.op_type == "Conv" else [0]
-            if layer.op_type == "MatMul":  # [..., C] -> [rows, C]
-                shape, rows = fresh(f"{y}_qc_rows_shape"), fresh(f"{y}_qc_rows")
-                graph.initializer.append(numpy_helper.from_array(np.array([-1, layer.weight_shape[layer.out_axis]], np.int64), shape))
-                checks.append(helper.make_node("Reshape", [diff, shape], [rows]))
-                diff = rows
-            squares, total = fresh(f"{y}_qc_error"), fresh(f"{y}_qc_error_sum")
-            checks += [*_reduce("ReduceSumSquare", diff, axes, squares, graph, fresh, opset), *_reduce("ReduceSum", diff, axes, total, graph, fresh, opset)]
-            names[layer.weight, id(candidate.weight)] = (*signals[y], squares, total)
-        copies = [fresh(f"{t}_qc_handed") for t in handed]  # read beside the model like the checks: see add_after
-        for t, copy in zip(handed, copies):
-            after.setdefault(t, (None, []))[1].append(helper.make_node("Identity", [t], [copy]))
-        add_after(graph, after)
-        read = set().union(*(_reads(node) for node in graph.node))
-        produced |= {out for node in graph.node for out in node.output}
-        initializers = [t for t in graph.initializer if t.name in read]
-        del graph.initializer[:]
-        graph.initializer.extend(initializers)
-        constant = {t.name for t in initializers}
-        if self.start == 0:
-            declared = [i for i in graph.input if i.name in read]
-        else:  # the tensors handed on, by type
-            sample = self.carried[0]
-            declared = [helper.make_tensor_value_info(t, helper.np_dtype_to_tensor_dtype(sample[t].dtype), None)
-                        for t in sorted(read - produced - constant)]
-        del graph.input[:], graph.output[:]
-        graph.input.extend(declared)
-        wanted = list(dict.fromkeys(name for four in names.values() for name in four))
-        graph.output.extend(helper.make_empty_tensor_value_info(t) for t in [*wanted, *copies])
-        sess = model_session(self.model, "model for the layer-error check", skeleton=probe, replaced=arrays, probe=True)
-        del probe, graph, arrays
-        inputs = [i.name for i in sess.get_inputs()]
-        totals: dict[str, np.ndarray] = {}
-        carried: list[dict[str, np.ndarray]] | None = [] if handed else None
-        for feed in self.carried:
-            values = next(run_batches(sess, Feeds([{t: feed[t] for t in inputs}], 1, ""), "model for the layer-error check",
-                                      output_names=wanted + copies if carried is not None else wanted))
-            for name, value in zip(wanted, values):
-                totals[name] = totals.get(name, 0) + np.asarray(value, np.float64)
-            if carried is not None:  # copies: an output held on would keep the session's whole arena alive
-                carried.append({**{t: feed[t] for t in kept}, **{t: np.array(v) for t, v in zip(handed, values[len(wanted) :])}})
-                if sum(a.nbytes for a in carried[0].values()) * len(self.carried) > CARRY_BYTES:
-                    carried = None
-        self.start, self.carried = (end, carried) if carried else (0, [dict(batch) for batch in self.feeds.batches])
-        return {key: (float(totals[signal]), totals[squares], totals[total], float(totals[size]) / max(totals[total].size, 1))
-                for key, (signal, size, squares, total) in names.items()}
-
-
-def _reads(node: onnx.NodeProto) -> set[str]:
-    """Tensors a node reads, with those its subgraphs read from the outer scope."""
-    names = {n for n in node.input if n}
-    for attribute in node.attribute:
-        for graph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs):
-            inner = set().union(*(_reads(n) for n in graph.node)) if graph.node else set()
-            names |= inner - {out for n in graph.node for out in n.output} - {t.name for t in graph.initializer} - {i.name for i in graph.input}
-    return names
+def _layer_checks(group: list[Candidate], names: dict[tuple[str, int], tuple[str, str, str, str]], section: Section) -> None:
+    """Beside each candidate's layer, a copy with the candidate weight; per candidate weight, `names` gets
+    the outputs: the layer's signal and size, and the error's sum of squares and sum per output channel."""
+    graph, fresh = section.graph, section.fresh
+    signals: dict[str, tuple[str, str]] = {}
+    for candidate in group:
+        layer = candidate.layer
+        y = layer.node.output[0]
+        checks = section.after.setdefault(y, (None, []))[1]
+        if y not in signals:
+            signals[y] = (fresh(f"{y}_qc_signal"), fresh(f"{y}_qc_size"))
+            checks += [helper.make_node("ReduceSumSquare", [y], [signals[y][0]], keepdims=0), helper.make_node("Size", [y], [signals[y][1]])]
+        w = fresh(f"{layer.weight}_qc_candidate")
+        section.replaced[w] = array_of(candidate.weight)
+        graph.initializer.append(hole(w, section.replaced[w]))
+        out, diff = fresh(f"{y}_qc_candidate"), fresh(f"{y}_qc_diff")
+        checks += [layer_copy(layer.node, w, out, fresh), helper.make_node("Sub", [out, y], [diff])]
+        axes = [0, *range(2, len(layer.weight_shape))] if layer.op_type == "Conv" else [0]
+        if layer.op_type == "MatMul":  # [..., C] -> [rows, C]
+            shape, rows = fresh(f"{y}_qc_rows_shape"), fresh(f"{y}_qc_rows")
+            graph.initializer.append(numpy_helper.from_array(np.array([-1, layer.weight_shape[layer.out_axis]], np.int64), shape))
+            checks.append(helper.make_node("Reshape", [diff, shape], [rows]))
+            diff = rows
+        squares, total = fresh(f"{y}_qc_error"), fresh(f"{y}_qc_error_sum")
+        checks += [*_reduce("ReduceSumSquare", diff, axes, squares, graph, fresh, section.opset),
+                   *_reduce("ReduceSum", diff, axes, total, graph, fresh, section.opset)]
+        names[layer.weight, id(candidate.weight)] = (*signals[y], squares, total)
+    section.wanted += list(dict.fromkeys(name for four in names.values() for name in four))
 
 
 def _reduce(op: str, x: str, axes: list[int], out: str, graph: onnx.GraphProto, fresh: NameSource, opset: int) -> list[onnx.NodeProto]:
@@ -411,39 +345,48 @@ def model_snr(model: onnx.ModelProto, variants: list[tuple[dict[str, Deferred], 
     """SNR (dB) of the model's outputs, all outputs together, for each variant against the float
     model's `reference` outputs on the same feeds.
 
-    A variant replaces weights by float arrays (their dequantized values, made one variant at a time)
+    A variant replaces weights by float arrays (their dequantized values, made one section at a time)
     and adds bias shifts after their layers, in a copy of the model: the quantized model's arithmetic
-    without encoding it.
+    without encoding it. Each variant is a pass in sections (`Sections`).
     """
     signal = sum(float(np.sum(r * r)) for r in reference)
+    model_outputs = [o.name for o in model.graph.output]
+    sections = Sections(model, feeds, "model for the whole-model check")
     snrs = []
     for arrays, shifts in variants:
-        copy = without_weights(model)
-        graph = copy.graph
-        replaced = {name: array_of(array).astype(np.float32, copy=False) for name, array in arrays.items()}
-        for tensor in graph.initializer:
-            if tensor.name in replaced and not is_hole(tensor):
-                tensor.CopyFrom(numpy_helper.from_array(replaced[tensor.name], tensor.name))
-        for node in graph.node:
-            value = constant_value(node)
-            if value is not None and node.output[0] in replaced:
-                value.CopyFrom(numpy_helper.from_array(replaced[node.output[0]], value.name))
-        fresh = NameSource(copy)
-        additions: dict[str, tuple[str | None, list[onnx.NodeProto]]] = {}
-        for layer, shift in shifts.values():
-            y = layer.node.output[0]
-            bias = numpy_helper.from_array(output_layout(layer, shift).astype(np.float32), fresh(f"{layer.weight}_qc_shift"))
-            graph.initializer.append(bias)
-            product = fresh(f"{y}_qc_unshifted")
-            additions[y] = (product, [helper.make_node("Add", [product, bias.name], [y])])
-        add_after(graph, additions)
-        sess = model_session(model, "model for the whole-model check", skeleton=copy, replaced=replaced)
-        del copy, graph, replaced
-        outputs = [np.concatenate(o).astype(np.float64) for o in zip(*run_batches(sess, feeds, "model for the whole-model check"))]
-        del sess  # before the next variant's
-        error = sum(float(np.sum((r - q) ** 2)) for r, q in zip(reference, outputs))
+        outputs: list[list[np.ndarray]] = [[] for _ in model_outputs]
+        for values in sections.passes(partial(_variant, arrays, shifts, model_outputs)):
+            for kept, name in zip(outputs, model_outputs):
+                if name in values:
+                    kept.append(np.asarray(values[name], np.float64))
+        error = sum(float(np.sum((r - np.concatenate(q)) ** 2)) for r, q in zip(reference, outputs))
         snrs.append(_snr(signal, error))
     return snrs
+
+
+def _variant(arrays: dict[str, Deferred], shifts: dict[str, tuple[Layer, np.ndarray]], model_outputs: list[str], section: Section) -> None:
+    """A section of a whole-model variant: its weights replaced, bias shifts added after its layers."""
+    graph = section.graph
+    for tensor in graph.initializer:
+        if tensor.name in arrays:
+            array = array_of(arrays[tensor.name]).astype(np.float32, copy=False)
+            if is_hole(tensor):
+                section.replaced[tensor.name] = array
+            else:
+                tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
+    for node in graph.node:
+        value = constant_value(node)
+        if value is not None and node.output[0] in arrays:
+            value.CopyFrom(numpy_helper.from_array(array_of(arrays[node.output[0]]).astype(np.float32, copy=False), value.name))
+    for layer, shift in shifts.values():
+        y = layer.node.output[0]
+        if y in section.made:
+            bias = numpy_helper.from_array(output_layout(layer, shift).astype(np.float32), section.fresh(f"{layer.weight}_qc_shift"))
+            graph.initializer.append(bias)
+            product = section.fresh(f"{y}_qc_unshifted")
+            section.after[y] = (product, [helper.make_node("Add", [product, bias.name], [y])])
+    if section.complete:
+        section.wanted += model_outputs
 
 
 def apply_bias_shifts(model: onnx.ModelProto, shifts: dict[str, tuple[Layer, np.ndarray]]) -> None:

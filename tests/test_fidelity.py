@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from qconvert import fidelity
+from qconvert import fidelity, sections
 from qconvert.cli import cli
 from qconvert.fidelity import Candidate
 from qconvert.methods.common import fold_pays
@@ -133,14 +133,18 @@ def test_layer_snr_is_measured_on_the_layer_output(op: str) -> None:
         assert value == pytest.approx(10 * np.log10(np.sum(want**2) / np.sum((want - out) ** 2)), abs=1e-3)
 
 
-def test_layer_checks_in_several_passes_measure_what_one_pass_does(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Passes in the model's order hand on the tensors later nodes read (a skip connection, an input read
-    late) and start there; with no room to hand them on, each pass starts from the inputs."""
-    rng = np.random.default_rng(5)
+def a_section_per_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sections, "MIN_SECTION_BYTES", 1)
+    monkeypatch.setattr(sections, "SECTIONS", 1 << 30)
+
+
+def chain_model(rng: np.random.Generator) -> tuple[onnx.ModelProto, dict[str, np.ndarray], Feeds]:
+    """Conv, Relu, Conv + skip, pooling, Gemm (its weight in a Constant node at the top, as paddle2onnx
+    writes weights), Mul by an input read late, MatMul; its weights by name; two samples."""
     inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in [
         ("w1", rng.standard_normal((8, 4, 3, 3)) * 0.3), ("w2", rng.standard_normal((8, 8, 3, 3)) * 0.2),
         ("w3", rng.standard_normal((10, 8)) * 0.5), ("b3", rng.standard_normal(10)), ("w4", rng.standard_normal((10, 6)))]]
-    w3 = inits.pop(2)  # in a Constant node at the top, as paddle2onnx writes weights: run again by each pass, not handed on
+    w3 = inits.pop(2)  # in a Constant node: run again by each pass, not handed on
     nodes = [
         helper.make_node("Constant", [], ["w3"], value=w3),
         helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c1"], ["r1"]),
@@ -153,29 +157,83 @@ def test_layer_checks_in_several_passes_measure_what_one_pass_does(monkeypatch: 
                                            helper.make_tensor_value_info("scale", TensorProto.FLOAT, [1])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    weights = select_weights(model, min_elements=1).weights
-    layers = fidelity.find_layers(model, weights)
+    samples = Feeds([{"x": rng.standard_normal((1, 4, 6, 6)).astype(np.float32), "scale": np.array([s], np.float32)} for s in (0.5, 2.0)], 2, "test")
+    return model, {t.name: numpy_helper.to_array(t) for t in [*inits, w3]}, samples
+
+
+def test_layer_checks_in_several_passes_measure_what_one_pass_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Passes in the model's order hand on the tensors later nodes read (a skip connection, an input read
+    late) and start there, from memory or, past CARRY_BYTES, from disk."""
+    rng = np.random.default_rng(5)
+    model, arrays, samples = chain_model(rng)
+    layers = fidelity.find_layers(model, select_weights(model, min_elements=1).weights)
     assert set(layers) == {"w1", "w2", "w3", "w4"}
     candidates = []
     for name, layer in layers.items():
-        w = numpy_helper.to_array(next(t for t in [*inits, w3] if t.name == name))
+        w = arrays[name]
         noisy = w + rng.standard_normal(w.shape).astype(np.float32) * 0.05
         candidates += [Candidate(layer, noisy), Candidate(layer, noisy, rng.standard_normal(w.shape[layer.out_axis]).astype(np.float32) * 0.1)]
-    samples = Feeds([{"x": rng.standard_normal((1, 4, 6, 6)).astype(np.float32), "scale": np.array([s], np.float32)} for s in (0.5, 2.0)], 2, "test")
     starts: list[list[str]] = []
-    real = fidelity.model_session
-    monkeypatch.setattr(fidelity, "model_session", lambda m, what, skeleton, **kw: starts.append([i.name for i in skeleton.graph.input]) or real(m, what, skeleton=skeleton, **kw))
+    real = sections.model_session
+    monkeypatch.setattr(sections, "model_session", lambda m, what, skeleton, **kw: starts.append([i.name for i in skeleton.graph.input]) or real(m, what, skeleton=skeleton, **kw))
     one_pass = fidelity.layer_snr(model, candidates, samples)
-    monkeypatch.setattr(fidelity, "PROBE_BYTES", 1)  # a pass per layer
+    a_section_per_layer(monkeypatch)
     chained = fidelity.layer_snr(model, candidates, samples)
-    monkeypatch.setattr(fidelity, "CARRY_BYTES", 0)
-    restarted = fidelity.layer_snr(model, candidates, samples)
+    monkeypatch.setattr(sections, "CARRY_BYTES", 0)
+    on_disk = fidelity.layer_snr(model, candidates, samples)
     assert starts[0] == ["x", "scale"] and len(starts) == 1 + 4 + 4
     assert starts[1:5] == [["x"], ["c1"], ["c2", "r1"], ["g", "scale"]]  # where the previous pass stopped; "scale", read late, kept
-    assert starts[5:] == [["x"], ["x"], ["x"], ["x", "scale"]]
+    assert starts[5:] == starts[1:5]
     assert all(np.isfinite(one_pass)) and one_pass[0] != one_pass[1]
     np.testing.assert_allclose(chained, one_pass, rtol=1e-5)
-    np.testing.assert_allclose(restarted, one_pass, rtol=1e-5)
+    np.testing.assert_allclose(on_disk, one_pass, rtol=1e-5)
+
+
+def test_whole_model_passes_in_sections_measure_what_one_session_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The statistics pass and the whole-model variants run in sections, each session holding only the
+    weights its nodes read; moments, extremes, the reference outputs and the variants' SNRs come out as
+    from one session, with the tensors handed on in memory or on disk (and the temp folders removed)."""
+    rng = np.random.default_rng(7)
+    model, arrays, samples = chain_model(rng)
+    layers = fidelity.find_layers(model, select_weights(model, min_elements=1).weights)
+    noisy = {n: arrays[n] + 0.05 * rng.standard_normal(arrays[n].shape).astype(np.float32) for n in layers}
+    shifts = {n: (layers[n], 0.1 * rng.standard_normal(layers[n].weight_shape[layers[n].out_axis]).astype(np.float32)) for n in ("w2", "w4")}
+    held: list[list[str]] = []
+    real = sections.model_session
+
+    def holding(m: onnx.ModelProto, what: str, skeleton: onnx.ModelProto, **kw: object) -> object:
+        names = {t.name for t in skeleton.graph.initializer} | {n.output[0] for n in skeleton.graph.node if n.op_type == "Constant"}
+        held.append(sorted(names & arrays.keys()))
+        return real(m, what, skeleton=skeleton, **kw)
+
+    monkeypatch.setattr(sections, "model_session", holding)
+    folders: list[str] = []
+    temporary = sections.tempfile.TemporaryDirectory
+    monkeypatch.setattr(sections.tempfile, "TemporaryDirectory", lambda **kw: (d := temporary(**kw), folders.append(d.name))[0])
+
+    def measure() -> tuple[fidelity.Statistics, list[float | None]]:
+        stats = fidelity.input_moments(model, layers, samples, ["x", "c1", "r1", "s", "g", "m", "y"])
+        return stats, fidelity.model_snr(model, [(noisy, {}), (noisy, shifts)], stats.checks, stats.reference)
+
+    whole = measure()
+    assert held == [["b3", "w1", "w2", "w3", "w4"]] * 3 and not folders
+    held.clear()
+    a_section_per_layer(monkeypatch)
+    in_sections = measure()
+    assert held == [["w1"], ["w2"], ["b3", "w3"], ["w4"]] * 3  # the statistics pass, then each variant
+    monkeypatch.setattr(sections, "CARRY_BYTES", 0)
+    on_disk = measure()
+    assert folders and not any(Path(f).exists() for f in folders)
+    for stats, snrs in (in_sections, on_disk):
+        assert stats.moments.keys() == whole[0].moments.keys() == set(layers)
+        for name, moments in stats.moments.items():
+            np.testing.assert_allclose(moments.mean, whole[0].moments[name].mean, rtol=1e-5)
+            np.testing.assert_allclose(moments.square, whole[0].moments[name].square, rtol=1e-5)
+        assert stats.ranges.keys() == whole[0].ranges.keys() == {"x", "c1", "r1", "s", "g", "m", "y"}
+        np.testing.assert_allclose([stats.ranges[t] for t in stats.ranges], [whole[0].ranges[t] for t in stats.ranges], rtol=1e-5)
+        np.testing.assert_allclose(stats.reference[0], whole[0].reference[0], rtol=1e-5)
+        np.testing.assert_allclose(snrs, whole[1], rtol=1e-5)
+    assert whole[1][0] != whole[1][1]
 
 
 def test_a_refinement_that_hurts_is_not_kept() -> None:
@@ -338,8 +396,8 @@ def test_the_statistics_pass_frees_each_activation_as_the_model_alone_does(tmp_p
     model = onnx.load(str(digits))
     weights = select_weights(model).weights
     probes: list[onnx.ModelProto] = []
-    real = fidelity.model_session
-    monkeypatch.setattr(fidelity, "model_session", lambda model, what, skeleton=None, **kw: probes.append(skeleton) or real(model, what, skeleton=skeleton, **kw))
+    real = sections.model_session
+    monkeypatch.setattr(sections, "model_session", lambda model, what, skeleton=None, **kw: probes.append(skeleton) or real(model, what, skeleton=skeleton, **kw))
     x = np.load(digits_data)["input"][:1]
     tensors = qdq.activation_tensors(model, {w.name for w in weights})
     fidelity.input_moments(model, fidelity.find_layers(model, weights), Feeds([{"input": x}], 1, "test"), tensors)
@@ -412,8 +470,8 @@ def test_layer_check_passes_hand_on_what_subgraphs_read(monkeypatch: pytest.Monk
     samples = Feeds([{"x": rng.standard_normal((1, 4, 5, 5)).astype(np.float32), "cond": np.array(True)}], 1, "test")
     one_pass = fidelity.layer_snr(model, candidates, samples)
     starts: list[list[str]] = []
-    real = fidelity.model_session
-    monkeypatch.setattr(fidelity, "model_session", lambda m, what, skeleton, **kw: starts.append([i.name for i in skeleton.graph.input]) or real(m, what, skeleton=skeleton, **kw))
-    monkeypatch.setattr(fidelity, "PROBE_BYTES", 1)
+    real = sections.model_session
+    monkeypatch.setattr(sections, "model_session", lambda m, what, skeleton, **kw: starts.append([i.name for i in skeleton.graph.input]) or real(m, what, skeleton=skeleton, **kw))
+    a_section_per_layer(monkeypatch)
     np.testing.assert_allclose(fidelity.layer_snr(model, candidates, samples), one_pass, rtol=1e-5)
     assert starts == [["x"], ["c1"], ["c2", "cond", "r1"]]

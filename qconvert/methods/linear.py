@@ -81,6 +81,19 @@ def linear_step(model: onnx.ModelProto, plan: LinearPlan, progress: Progress, da
 
     if refiner is not None:
         refiner.bind(model, weights)
+    if plan.activations:  # before the weights are quantized: the pass then has their memory to itself
+        assert plan.calibration is not None
+        if refiner and data == plan.calibration and plan.calibration_method is CalibrationMethod.MINMAX:
+            ranges, samples = refiner.ranges, refiner.samples  # gathered with the statistics
+        else:
+            feeds = calibration_feeds(model, plan.calibration, plan.preprocessing)
+            progress("calibrating activation ranges")
+            ranges = activation_ranges(model, _calibrated(model, {w.name for w in weights}), feeds,
+                                       method=plan.calibration_method, percentile=plan.percentile)
+            samples = feeds.samples
+            del feeds
+        if samples < MIN_CALIBRATION_SAMPLES:
+            warnings.append(f"only {samples} calibration samples; activation ranges may not generalize (use {MIN_CALIBRATION_SAMPLES}+)")
 
     def quantized(weight: Weight) -> tuple[qdq.LinearWeight, qdq.LinearWeight | None]:
         array = weight.array()
@@ -126,15 +139,6 @@ def linear_step(model: onnx.ModelProto, plan: LinearPlan, progress: Progress, da
         return Step(model, opset, reports, skipped, warnings, details, histograms)
 
     names = set(items)
-    assert plan.calibration is not None
-    feeds = refiner.feeds if refiner and data == plan.calibration else calibration_feeds(model, plan.calibration, plan.preprocessing)
-    if feeds.samples < MIN_CALIBRATION_SAMPLES:
-        warnings.append(f"only {feeds.samples} calibration samples; activation ranges may not generalize (use {MIN_CALIBRATION_SAMPLES}+)")
-    if refiner and feeds is refiner.feeds and plan.calibration_method is CalibrationMethod.MINMAX:
-        ranges = refiner.ranges  # gathered with the statistics
-    else:
-        progress("calibrating activation ranges")
-        ranges = activation_ranges(model, _calibrated(model, names), feeds, method=plan.calibration_method, percentile=plan.percentile)
     if refiner is not None:
         refiner.apply_shifts(model, decisions)  # after the ranges: those are the float model's
     qdq.insert_weight_dq(model, list(items.values()))
@@ -142,7 +146,7 @@ def linear_step(model: onnx.ModelProto, plan: LinearPlan, progress: Progress, da
     tensors = [t for t in qdq.activation_tensors(model, names) if t in ranges]
     count = qdq.insert_activation_qdq(model, {t: ranges[t] for t in tensors}, items)
     details.update(
-        calibration_samples=feeds.samples,
+        calibration_samples=samples,
         activations_quantized=count,
         activations_absorbed=absorbed,
         runtime="full QDQ: onnxruntime fuses DequantizeLinear -> op -> QuantizeLinear into integer kernels (QLinearConv, QGemm ...)",

@@ -42,7 +42,8 @@ class Refiner:
     """Input statistics of the layers whose weights are being quantized, gathered once, and the layers
     of the model being edited (`bind` again after the model is replaced or rebuilt)."""
 
-    feeds: Feeds  # the calibration data
+    source: str  # the calibration data: where it is from, and how many samples
+    samples: int
     checks: Feeds  # its first batches, which the checks run on
     moments: dict[str, Moments]
     reference: list[np.ndarray]  # the float model's outputs on `checks`
@@ -59,7 +60,7 @@ class Refiner:
                matmul_bias: bool = True, extremes: list[str] | None = None) -> Refiner:
         layers = fidelity.find_layers(model, weights)
         stats = fidelity.input_moments(model, layers, feeds, extremes) if layers else fidelity.Statistics({}, [], {}, feeds)
-        refiner = Refiner(feeds, stats.checks, stats.moments, stats.reference, data_aware, bias_correction, matmul_bias, ranges=stats.ranges)
+        refiner = Refiner(feeds.source, feeds.samples, stats.checks, stats.moments, stats.reference, data_aware, bias_correction, matmul_bias, ranges=stats.ranges)
         refiner.bind(model, weights)
         return refiner
 
@@ -156,8 +157,8 @@ class Refiner:
     def summary(self, decisions: dict[str, Decision]) -> dict[str, object]:
         """For the report's details: the data, and the whole-model check on it."""
         return {
-            "source": self.feeds.source,
-            "samples": self.feeds.samples,
+            "source": self.source,
+            "samples": self.samples,
             "checked_on_samples": self.checks.samples,
             "layers_checked": len(decisions),
             "layers_refined": sum(bool(d.techniques) for d in decisions.values()),
