@@ -23,6 +23,7 @@ IMPORTANCE_FLOOR = 1e-6  # dead input channels still count a little: keeps the w
 CHECK_SAMPLES = 8  # calibration samples that the layer and whole-model checks run on (statistics use all) ...
 CHECK_BUDGET = 32 << 20  # ... or fewer, down to MIN_CHECK_SAMPLES, to keep weights × samples within this
 MIN_CHECK_SAMPLES = 4
+CANDIDATE_SHARE = 3  # a layer-check pass adds candidate weights up to this share of a section's: each adds a layer copy and its error
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,8 @@ def check_feeds(feeds: Feeds, layers: dict[str, Layer]) -> Feeds:
     while count < len(feeds.batches) and samples < wanted:
         samples += len(next(iter(feeds.batches[count].values())))
         count += 1
-    return Feeds(feeds.batches[:count], min(samples, feeds.samples), feeds.source)
+    batches = [{name: np.array(array) for name, array in batch.items()} for batch in feeds.batches[:count]]  # not views: the rest can go
+    return Feeds(batches, min(samples, feeds.samples), feeds.source)
 
 
 @dataclass(frozen=True)
@@ -239,7 +241,7 @@ def layer_snr(model: onnx.ModelProto, candidates: list[Candidate], feeds: Feeds)
     Each candidate weight runs as a copy of its layer beside the float model, reading the float input;
     the error per output channel (its sum and sum of squares) and the signal are reduced in the graph,
     so only vectors come back, and any bias shift's error follows from them: Σ(d + s)² = Σd² + 2sΣd + ns².
-    Candidate weights go in groups of at most a section's budget of bytes, one onnxruntime pass per
+    Candidate weights go in groups of a share of a section's budget of bytes, one onnxruntime pass per
     group, in the model's order: each pass runs the part of the model up to its last layer, from where
     the previous one stopped (`Sections`).
     """
@@ -251,7 +253,7 @@ def layer_snr(model: onnx.ModelProto, candidates: list[Candidate], feeds: Feeds)
     groups: list[list[Candidate]] = []
     size = 0
     for candidate in order:  # a layer's candidates stay together: a pass measures the layers it runs
-        if not groups or (size + candidate.nbytes > sections.budget and candidate.layer.weight != groups[-1][-1].layer.weight):
+        if not groups or (size + candidate.nbytes > sections.budget // CANDIDATE_SHARE and candidate.layer.weight != groups[-1][-1].layer.weight):
             groups.append([])
             size = 0
         groups[-1].append(candidate)

@@ -9,7 +9,6 @@ the model's outputs read; the next section starts there, in a session of its own
 
 from __future__ import annotations
 
-import pickle
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from qconvert.rewrite import NameSource, add_after, set_nodes
 from qconvert.select import constant_value
 from qconvert.validate import Feeds, model_session, run_batches
 
-SECTIONS = 8  # a whole-model pass runs in about this many sessions ...
+SECTIONS = 4  # a whole-model pass runs in about this many sessions ...
 MIN_SECTION_BYTES = 16 << 20  # ... each of at least this many bytes of weights (small models run whole)
 CARRY_BYTES = 8 << 20  # tensors handed between sections for all samples, kept in memory; beyond that, on disk
 
@@ -115,15 +114,14 @@ class Sections:
         initializers = [t for t in graph.initializer if t.name in read | set(spec.wanted)]
         del graph.initializer[:]
         graph.initializer.extend(initializers)
-        available = set(self.carried.names)
+        available = set(self.carried.dtypes)
         given = [t for t in spec.wanted if t not in produced and t in available]  # handed on to here: no need to run
         outputs = [t for t in spec.wanted if t not in given] + copies
         constant = {t.name for t in initializers}
         if self.start == 0:  # the model's inputs (not initializers listed as inputs, as IR 3 has them)
             declared = [i for i in graph.input if i.name in read and i.name not in constant]
         else:  # the tensors handed on, by type
-            sample = self.carried.first
-            declared = [helper.make_tensor_value_info(t, helper.np_dtype_to_tensor_dtype(sample[t].dtype), None)
+            declared = [helper.make_tensor_value_info(t, helper.np_dtype_to_tensor_dtype(self.carried.dtypes[t]), None)
                         for t in sorted(read - produced - constant)]
         del graph.input[:], graph.output[:]
         graph.input.extend(declared)
@@ -131,7 +129,7 @@ class Sections:
         sess = model_session(self.model, self.what, skeleton=probe, replaced=spec.replaced, probe=True) if outputs else None
         wanted = spec.wanted
         del probe, graph, spec
-        kept = [t for t in self.carried.names if t in later and t not in produced]
+        kept = [t for t in self.carried.dtypes if t in later and t not in produced]
         carried = _Carried(len(self.carried)) if later else None
         for feed in self.carried:
             values = {}
@@ -141,57 +139,57 @@ class Sections:
             # copies: an output array held on would keep the session's whole arena alive after the session
             yield {t: np.array(values[t]) if t in values else feed[t] for t in wanted}
             if carried is not None:
-                carried.append({**{t: feed[t] for t in kept}, **{t: np.array(values[copy]) for t, copy in zip(handed, copies)}})
+                carried.append({**{t: feed[t] for t in kept}, **{t: values[copy] for t, copy in zip(handed, copies)}})
         self.start, self.carried = (end, carried) if carried is not None else (0, _Carried.of(self.feeds))
 
 
 class _Carried:
     """Per sample, the tensors handed from one section to the next: in memory up to CARRY_BYTES for all
-    samples, past that in a temp folder, read back one sample at a time."""
+    samples, past that in a temp folder (raw bytes, read back one sample at a time into one array each)."""
 
     def __init__(self, count: int) -> None:
         self.count = count
-        self.items: list[dict[str, np.ndarray] | Path] = []
+        self.items: list[dict[str, np.ndarray] | tuple[Path, list[tuple[str, np.dtype, tuple[int, ...]]]]] = []
         self.folder: tempfile.TemporaryDirectory[str] | None = None
-        self.names: list[str] = []
+        self.dtypes: dict[str, np.dtype] = {}
 
     @classmethod
     def of(cls, feeds: Feeds) -> _Carried:
         carried = cls(len(feeds.batches))
         carried.items = list(feeds.batches)
-        carried.names = list(feeds.batches[0]) if feeds.batches else []
+        carried.dtypes = {name: array.dtype for name, array in feeds.batches[0].items()} if feeds.batches else {}
         return carried
 
     def __len__(self) -> int:
         return self.count
 
-    @property
-    def first(self) -> dict[str, np.ndarray]:
-        return next(iter(self))
-
     def append(self, values: dict[str, np.ndarray]) -> None:
+        """Keep one sample's tensors (arrays that onnxruntime returned: kept as copies, see `Sections.run`)."""
         if not self.items:
-            self.names = list(values)
-            if self.count * sum(a.nbytes for a in values.values()) > CARRY_BYTES:
+            self.dtypes = {name: array.dtype for name, array in values.items()}
+            spill = self.count * sum(a.nbytes for a in values.values()) > CARRY_BYTES and all(a.dtype != object for a in values.values())
+            if spill:
                 self.folder = tempfile.TemporaryDirectory(prefix="qconvert-")
         if self.folder is None:
-            self.items.append(values)
+            self.items.append({name: np.array(array) for name, array in values.items()})
             return
-        path = Path(self.folder.name) / f"{len(self.items)}.pickle"
+        path = Path(self.folder.name) / str(len(self.items))
         try:
             with path.open("wb") as f:
-                pickle.dump(values, f, protocol=pickle.HIGHEST_PROTOCOL)
+                for array in values.values():
+                    np.ascontiguousarray(array).tofile(f)
         except OSError as e:
             raise OutputError(f"cannot keep activations between calibration passes in {self.folder.name}: {first_line(e)}") from e
-        self.items.append(path)
+        self.items.append((path, [(name, array.dtype, array.shape) for name, array in values.items()]))
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         for item in self.items:
-            if isinstance(item, Path):
-                with item.open("rb") as f:
-                    yield pickle.load(f)  # our own file, just written
-            else:
+            if isinstance(item, dict):
                 yield item
+                continue
+            path, layout = item
+            with path.open("rb") as f:
+                yield {name: np.fromfile(f, dtype, int(np.prod(shape))).reshape(shape) for name, dtype, shape in layout}
 
 
 def reads(node: onnx.NodeProto) -> set[str]:

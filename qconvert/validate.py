@@ -85,6 +85,9 @@ def session(model: str | bytes, what: str, *, probe: bool = False, optimize: boo
     `optimize` False: no graph optimizations, so no constant folding. A palettized model then decodes
     each weight when it is used, instead of all of them at load (for a 2.7 GB model, folding at load
     took more than 24 GB).
+    A probe given weights as arrays does without onnxruntime's NCHWc layout, which would keep a
+    reordered copy of each beside the array (full-QDQ calibration of ResNet-50: 40 MB less peak
+    memory, 10 % more time).
     `initializers`: names and values of the model's initializers that it marks as external.
     `folder`: where the external data of serialized `model` bytes is.
     """
@@ -93,6 +96,8 @@ def session(model: str | bytes, what: str, *, probe: bool = False, optimize: boo
     options.enable_mem_pattern = not probe
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    elif probe and initializers is not None and initializers[0]:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     if initializers is not None:
         options.add_external_initializers(*initializers)
     if folder is not None:

@@ -95,4 +95,7 @@ def quantize(rows: np.ndarray, grid: Grid) -> np.ndarray:
 
 def dequantize(q: np.ndarray, grid: Grid) -> np.ndarray:
     """r = S·(q − Z) per row, in float32 as DequantizeLinear computes it."""
-    return ((q - grid.zero_point[:, None]).astype(np.float32) * grid.scale[:, None]).astype(np.float32)
+    r = q.astype(np.float32)  # small integers: exact, as are their differences
+    r -= grid.zero_point[:, None]
+    r *= grid.scale[:, None]
+    return r
