@@ -45,7 +45,7 @@ Exit codes:
   3    input error: model or data file missing, unreadable, not ONNX / npz
   4    unsupported model: nothing to quantize, or onnxruntime cannot run it
   5    a quality gate failed (--min-snr ...): the model is not written
-  6    output error: the model or report could not be written
+  6    output error: the model or report (or calibration's temp files) could not be written
   130  interrupted (Ctrl-C)"""
 
 

@@ -165,21 +165,21 @@ class _Carried:
 
     def append(self, values: dict[str, np.ndarray]) -> None:
         """Keep one sample's tensors (arrays that onnxruntime returned: kept as copies, see `Sections.run`)."""
-        if not self.items:
-            self.dtypes = {name: array.dtype for name, array in values.items()}
-            spill = self.count * sum(a.nbytes for a in values.values()) > CARRY_BYTES and all(a.dtype != object for a in values.values())
-            if spill:
-                self.folder = tempfile.TemporaryDirectory(prefix="qconvert-")
-        if self.folder is None:
-            self.items.append({name: np.array(array) for name, array in values.items()})
-            return
-        path = Path(self.folder.name) / str(len(self.items))
         try:
+            if not self.items:
+                self.dtypes = {name: array.dtype for name, array in values.items()}
+                if self.count * sum(a.nbytes for a in values.values()) > CARRY_BYTES and all(a.dtype != object for a in values.values()):
+                    self.folder = tempfile.TemporaryDirectory(prefix="qconvert-")
+            if self.folder is None:
+                self.items.append({name: np.array(array) for name, array in values.items()})
+                return
+            path = Path(self.folder.name) / str(len(self.items))
             with path.open("wb") as f:
                 for array in values.values():
                     np.ascontiguousarray(array).tofile(f)
         except OSError as e:
-            raise OutputError(f"cannot keep activations between calibration passes in {self.folder.name}: {first_line(e)}") from e
+            raise OutputError(f"cannot keep activations between calibration passes in the temp folder ({tempfile.gettempdir()}): "
+                              f"{first_line(e)}") from e
         self.items.append((path, [(name, array.dtype, array.shape) for name, array in values.items()]))
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qconvert import fidelity, sections
 from qconvert.cli import cli
+from qconvert.errors import OutputError
 from qconvert.fidelity import Candidate
 from qconvert.methods.common import fold_pays
 from qconvert.methods.refine import Refiner
@@ -234,6 +235,17 @@ def test_whole_model_passes_in_sections_measure_what_one_session_does(monkeypatc
         np.testing.assert_allclose(stats.reference[0], whole[0].reference[0], rtol=1e-5)
         np.testing.assert_allclose(snrs, whole[1], rtol=1e-5)
     assert whole[1][0] != whole[1][1]
+
+
+def test_a_temp_folder_that_cannot_be_written_is_a_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, _, samples = chain_model(np.random.default_rng(8))
+    layers = fidelity.find_layers(model, select_weights(model, min_elements=1).weights)
+    a_section_per_layer(monkeypatch)
+    monkeypatch.setattr(sections, "CARRY_BYTES", 0)
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(sections.tempfile, "tempdir", str(tmp_path / "file"))  # not a folder
+    with pytest.raises(OutputError, match=r"^cannot keep activations between calibration passes in the temp folder \("):
+        fidelity.input_moments(model, layers, samples)
 
 
 def test_a_refinement_that_hurts_is_not_kept() -> None:
