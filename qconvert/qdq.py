@@ -36,8 +36,15 @@ class LinearWeight:
     weight: Weight
     grid: Grid
     axis: int | None
-    q: np.ndarray  # integers in the weight's layout
     bits: int
+    integers: np.ndarray | None = None  # q; None: quantized again from the weight's array when asked
+
+    @property
+    def q(self) -> np.ndarray:
+        """The integers, in the weight's layout."""
+        if self.integers is not None:
+            return self.integers
+        return from_rows(quantize(to_rows(self.weight.array(), self.axis), self.grid), self.weight.shape, self.axis)
 
     def dequantized(self) -> np.ndarray:
         rows = dequantize(to_rows(self.q, self.axis), self.grid)
@@ -51,20 +58,22 @@ class LinearWeight:
 
 
 def quantize_weight(weight: Weight, array: np.ndarray, *, bits: int, symmetric: bool, axis: int | None,
-                    importance: np.ndarray | None = None) -> LinearWeight:
+                    importance: np.ndarray | None = None, keep: bool = True) -> LinearWeight:
     """Min/max grids, or with `importance` (error weights broadcastable to the array) the clipped
-    ranges that minimise the weighted error."""
+    ranges that minimise the weighted error. `keep` False keeps the grid only, for a result that may
+    be dropped: its integers are quantized again from `weight.array()` (which `array` must be) when
+    asked, instead of taking memory meanwhile (full QDQ of ResNet-50 holds two results per weight)."""
     rows = to_rows(array, axis)
     if importance is None:
         grid = grid_for(rows, bits=bits, symmetric=symmetric)
     else:
         grid = clipped_grid(rows, bits=bits, symmetric=symmetric, weights=to_rows(np.broadcast_to(importance, array.shape), axis))
-    return LinearWeight(weight, grid, axis, from_rows(quantize(rows, grid), weight.shape, axis), bits)
+    return LinearWeight(weight, grid, axis, bits, from_rows(quantize(rows, grid), weight.shape, axis) if keep else None)
 
 
 def stored_bytes(item: LinearWeight) -> int:
     """Integers, scales and zero points as stored in the file."""
-    return ((item.q.size + item.grid.zero_point.size) * item.bits + 7) // 8 + item.grid.scale.nbytes
+    return ((item.weight.elements + item.grid.zero_point.size) * item.bits + 7) // 8 + item.grid.scale.nbytes
 
 
 def insert_weight_dq(model: onnx.ModelProto, items: list[LinearWeight]) -> None:

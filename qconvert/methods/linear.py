@@ -100,7 +100,7 @@ def linear_step(model: onnx.ModelProto, plan: LinearPlan, progress: Progress, da
         settings = {"bits": bits_of[weight.name], "symmetric": plan.symmetric, "axis": axes[weight.name][0]}
         importance = refiner.importance(weight) if refiner else None
         return (qdq.quantize_weight(weight, array, **settings),  # type: ignore[arg-type]
-                None if importance is None else qdq.quantize_weight(weight, array, **settings, importance=importance))  # type: ignore[arg-type]
+                None if importance is None else qdq.quantize_weight(weight, array, **settings, importance=importance, keep=False))  # type: ignore[arg-type]
 
     plain, refined = {}, {}
     results = in_order(quantized, [(w,) for w in weights], workers, sum(w.elements for w in weights))

@@ -89,8 +89,12 @@ def clipped_grid(rows: np.ndarray, *, bits: int, symmetric: bool, weights: np.nd
 def quantize(rows: np.ndarray, grid: Grid) -> np.ndarray:
     """q = clip(round(r / S) + Z) per row ([C, n] -> [C, n] int8, or uint8 for an unsigned grid);
     rounds half to even like ONNX."""
-    q = np.rint(rows.astype(np.float64) / grid.scale[:, None].astype(np.float64)) + grid.zero_point[:, None]
-    return np.clip(q, grid.qmin, grid.qmax).astype(np.int8 if grid.qmin < 0 else np.uint8)
+    q = rows.astype(np.float64)  # in place from here: one temporary, not four
+    q /= grid.scale[:, None].astype(np.float64)
+    np.rint(q, out=q)
+    q += grid.zero_point[:, None]
+    np.clip(q, grid.qmin, grid.qmax, out=q)
+    return q.astype(np.int8 if grid.qmin < 0 else np.uint8)
 
 
 def dequantize(q: np.ndarray, grid: Grid) -> np.ndarray:
