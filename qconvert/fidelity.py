@@ -164,10 +164,11 @@ def input_moments(model: onnx.ModelProto, layers: dict[str, Layer], feeds: Feeds
         if model_outputs and model_outputs[0] in values:  # the last section: the model's outputs too
             if len(reference) < len(checks.batches):
                 reference.append([values[o] for o in model_outputs])
-            values = {name: value for name, value in values.items() if name not in model_outputs}
         ranges.add(values)
-        for name, value in values.items():
-            totals[name] = totals.get(name, 0) + np.asarray(value, np.float64)
+        for outputs in keys.values():
+            for name in outputs:
+                if name in values:
+                    totals[name] = totals.get(name, 0) + np.asarray(values[name], np.float64)
     moments = {}
     for name, layer in layers.items():
         total, squares, size = (totals[o] for o in keys[layer.node.input[0], layer.x_axis, layer.in_channels])
