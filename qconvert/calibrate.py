@@ -9,7 +9,7 @@ from onnx import helper
 from qconvert.plan import CalibrationMethod
 from qconvert.rewrite import NameSource
 from qconvert.sections import Section, Sections
-from qconvert.validate import Feeds, run_with_outputs
+from qconvert.validate import Feeds
 
 SAMPLE_PER_TENSOR = 1 << 16  # values kept per tensor for percentiles
 
@@ -25,20 +25,28 @@ def activation_ranges(
 ) -> dict[str, tuple[float, float]]:
     """Range [lo, hi] of each named float tensor over the calibration feeds (its min/max, or percentiles).
 
-    Min/max are reduced in the graph. For percentiles the tensors are exposed as extra graph outputs of
-    a copy of the model, and each batch adds a bounded random sample of its values.
+    Min/max are reduced in the graph. For percentiles the tensors are fetched, a section of the model
+    at a time (`Sections`), and each batch adds a bounded random sample of its values.
     """
     if method is CalibrationMethod.MINMAX:
         return _min_max(model, tensors, feeds)
-    samples: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
-    rng = np.random.default_rng(seed)
-    for outputs in run_with_outputs(model, tensors, feeds, "model for calibration"):
+    wanted = list(dict.fromkeys(tensors))
+    samples: dict[str, list[np.ndarray]] = {t: [] for t in wanted}
+    rngs = {t: np.random.default_rng([seed, index]) for index, t in enumerate(wanted)}  # the same draws in any pass order
+    fetched: set[str] = set()
+
+    def fetch(section: Section) -> None:
+        here = [t for t in wanted if t in section.made and t not in fetched]
+        section.wanted += here
+        fetched.update(here)
+
+    for outputs in Sections(model, feeds, "model for calibration").passes(fetch):
         for name, values in outputs.items():
             flat = np.asarray(values, np.float32).reshape(-1)
             if flat.size == 0:
                 continue
             take = min(flat.size, SAMPLE_PER_TENSOR // max(1, len(feeds.batches)))
-            samples[name].append(rng.choice(flat, size=take, replace=False) if take < flat.size else flat.copy())
+            samples[name].append(rngs[name].choice(flat, size=take, replace=False) if take < flat.size else flat.copy())
     ranges = {}
     for name, sample in samples.items():
         if not sample:
