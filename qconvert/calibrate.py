@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import onnx
 from onnx import helper
 
 from qconvert.plan import CalibrationMethod
-from qconvert.rewrite import NameSource
 from qconvert.sections import Section, Sections
 from qconvert.validate import Feeds
 
@@ -61,30 +62,26 @@ def _min_max(model: onnx.ModelProto, tensors: list[str], feeds: Feeds) -> dict[s
     back, and onnxruntime frees every activation as usual (fetching them took 7 GB on ResNet-50). The
     pass runs in sections (`Sections`): each session holds a share of the weights."""
     reduced: dict[str, tuple[str, str]] = {}
-
-    def readers(section: Section) -> None:
-        here, nodes = extreme_nodes([t for t in tensors if t in section.made and t not in reduced], section.fresh)
-        section.after.update({t: (None, ops) for t, ops in nodes.items()})
-        section.wanted += [name for pair in here.values() for name in pair]
-        reduced.update(here)
-
     ranges = Extremes(reduced)
-    for values in Sections(model, feeds, "model for calibration").passes(readers):
+    for values in Sections(model, feeds, "model for calibration").passes(partial(read_extremes, tensors, reduced)):
         ranges.add(values)
     return ranges.ranges()
 
 
-def extreme_nodes(tensors: list[str], fresh: NameSource) -> tuple[dict[str, tuple[str, str]], dict[str, list[onnx.NodeProto]]]:
-    """ReduceMin and ReduceMax of each tensor: tensor -> (min, max) output names, and tensor -> its readers,
-    for `add_after` (in one call with any other readers of the graph: see its note on onnxruntime's order)."""
-    reduced = {t: (fresh(f"{t}_qc_min"), fresh(f"{t}_qc_max")) for t in dict.fromkeys(tensors)}
-    nodes = {t: [helper.make_node("ReduceMin", [t], [lo], keepdims=0), helper.make_node("ReduceMax", [t], [hi], keepdims=0)]
-             for t, (lo, hi) in reduced.items()}
-    return reduced, nodes
+def read_extremes(tensors: list[str], reduced: dict[str, tuple[str, str]], section: Section) -> None:
+    """ReduceMin and ReduceMax of those `tensors` the section makes first and `reduced` (tensor -> min and
+    max output names) lacks, as readers of the section (`Section.after`: placed in one `add_after` call
+    with its other readers, see its note on onnxruntime's order) and outputs it wants."""
+    for t in dict.fromkeys(tensors):
+        if t in section.made and t not in reduced:
+            lo, hi = reduced[t] = (section.fresh(f"{t}_qc_min"), section.fresh(f"{t}_qc_max"))
+            section.after.setdefault(t, (None, []))[1].extend(
+                [helper.make_node("ReduceMin", [t], [lo], keepdims=0), helper.make_node("ReduceMax", [t], [hi], keepdims=0)])
+            section.wanted += [lo, hi]
 
 
 class Extremes:
-    """Running min and max of tensors over batches, from the outputs `extreme_nodes` named (`reduced`,
+    """Running min and max of tensors over batches, from the outputs `read_extremes` named (`reduced`,
     which may grow as a pass's sections name theirs)."""
 
     def __init__(self, reduced: dict[str, tuple[str, str]]) -> None:

@@ -12,7 +12,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qconvert import io
-from qconvert.calibrate import Extremes, extreme_nodes
+from qconvert.calibrate import Extremes, read_extremes
 from qconvert.opset import hole, is_hole
 from qconvert.rewrite import NameSource, add_after, use_counts
 from qconvert.sections import Section, Sections
@@ -148,11 +148,7 @@ def input_moments(model: onnx.ModelProto, layers: dict[str, Layer], feeds: Feeds
             nodes.append(helper.make_node("Size", [x], [outputs[2]]))
             keys[key] = outputs
             section.wanted += outputs
-        here, extreme_readers = extreme_nodes([t for t in extremes or [] if t in section.made and t not in reduced], fresh)
-        for t, nodes in extreme_readers.items():
-            after.setdefault(t, (None, []))[1].extend(nodes)
-        reduced.update(here)
-        section.wanted += [name for pair in here.values() for name in pair]
+        read_extremes(extremes or [], reduced, section)
         if section.complete:
             section.wanted += model_outputs
 

@@ -42,9 +42,7 @@ class LinearWeight:
     @property
     def q(self) -> np.ndarray:
         """The integers, in the weight's layout."""
-        if self.integers is not None:
-            return self.integers
-        return from_rows(quantize(to_rows(self.weight.array(), self.axis), self.grid), self.weight.shape, self.axis)
+        return self.integers if self.integers is not None else _on_grid(self.weight.array(), self.grid, self.axis)
 
     def dequantized(self) -> np.ndarray:
         rows = dequantize(to_rows(self.q, self.axis), self.grid)
@@ -68,7 +66,12 @@ def quantize_weight(weight: Weight, array: np.ndarray, *, bits: int, symmetric: 
         grid = grid_for(rows, bits=bits, symmetric=symmetric)
     else:
         grid = clipped_grid(rows, bits=bits, symmetric=symmetric, weights=to_rows(np.broadcast_to(importance, array.shape), axis))
-    return LinearWeight(weight, grid, axis, bits, from_rows(quantize(rows, grid), weight.shape, axis) if keep else None)
+    return LinearWeight(weight, grid, axis, bits, _on_grid(array, grid, axis) if keep else None)
+
+
+def _on_grid(array: np.ndarray, grid: Grid, axis: int | None) -> np.ndarray:
+    """The array's integers on the grid, in its layout."""
+    return from_rows(quantize(to_rows(array, axis), grid), array.shape, axis)
 
 
 def stored_bytes(item: LinearWeight) -> int:

@@ -52,7 +52,7 @@ class Sections:
         self.model, self.feeds, self.what = model, feeds, what
         nodes = model.graph.node
         self.position = {out: i for i, node in enumerate(nodes) for out in node.output}
-        self.reads = [reads(node) for node in nodes]
+        self.reads = [_reads(node) for node in nodes]
         self.constants = {i for i, node in enumerate(nodes) if node.op_type == "Constant" and node.domain in ("", "ai.onnx")}
         self.outputs = {o.name for o in model.graph.output}
         sizes = {t.name: io.data_bytes(t) for t in model.graph.initializer}
@@ -97,7 +97,7 @@ class Sections:
         made = {out for node in graph.node for out in node.output}
         if self.start == 0:
             made |= {i.name for i in graph.input} | {t.name for t in graph.initializer}
-        read = set().union(*(reads(node) for node in graph.node)) | self.outputs
+        read = set().union(*(_reads(node) for node in graph.node)) | self.outputs
         initializers = [t for t in graph.initializer if t.name in read]  # a pass's `build` sees the section's own
         del graph.initializer[:]
         graph.initializer.extend(initializers)
@@ -110,7 +110,7 @@ class Sections:
             spec.after.setdefault(t, (None, []))[1].append(helper.make_node("Identity", [t], [copy]))
         add_after(graph, spec.after)
         produced = {out for node in graph.node for out in node.output}
-        read = set().union(*(reads(node) for node in graph.node))
+        read = set().union(*(_reads(node) for node in graph.node))
         initializers = [t for t in graph.initializer if t.name in read | set(spec.wanted)]
         del graph.initializer[:]
         graph.initializer.extend(initializers)
@@ -192,11 +192,11 @@ class _Carried:
                 yield {name: np.fromfile(f, dtype, int(np.prod(shape))).reshape(shape) for name, dtype, shape in layout}
 
 
-def reads(node: onnx.NodeProto) -> set[str]:
+def _reads(node: onnx.NodeProto) -> set[str]:
     """Tensors a node reads, with those its subgraphs read from the outer scope."""
     names = {n for n in node.input if n}
     for attribute in node.attribute:
         for graph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs):
-            inner = set().union(*(reads(n) for n in graph.node)) if graph.node else set()
+            inner = set().union(*(_reads(n) for n in graph.node)) if graph.node else set()
             names |= inner - {out for n in graph.node for out in n.output} - {t.name for t in graph.initializer} - {i.name for i in graph.input}
     return names
