@@ -196,7 +196,6 @@ def gate_options(command: Callable[..., Any]) -> Callable[..., Any]:
             click.option("--min-top1", type=click.FloatRange(0, 1), metavar="FRACTION", help="Gate: top-1 agreement with float at least this, per class-score output."),
             click.option("--max-accuracy-drop", type=float, metavar="POINTS", help="Gate: top-1 accuracy on labels may drop at most this many percentage points."),
             click.option("--labels", type=click.Path(path_type=Path, dir_okay=False), help="Labels (.npy, one per sample of --data) for accuracy."),
-            click.option("--keep-failed", is_flag=True, help="Write the model even when a gate fails (the exit code is still 5)."),
         ]
     ):
         command = option(command)
@@ -207,14 +206,16 @@ def output_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Where the model and the report go, and how much is printed."""
     for option in reversed(
         [
-            click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False, allow_dash=True),
-                         help="Output model path, - for stdout [default: MODEL.<method><bits>.onnx beside the input]."),
+            click.option("-o", "--output", type=click.Path(path_type=Path, allow_dash=True),
+                         help="Output model path, a folder to write it in, or - for stdout "
+                              "[default: MODEL.<method><bits>.onnx beside the input]."),
             click.option("--report", "report_path", type=click.Path(path_type=Path, dir_okay=False), help="JSON report path [default: the output path with .report.json]."),
             click.option("--report-md", type=click.Path(path_type=Path, dir_okay=False), help="Also write a Markdown summary (fits a CI job summary)."),
             click.option("--report-html", type=click.Path(path_type=Path, dir_okay=False),
                          help="Also write a self-contained HTML report with pictures (weight histograms and levels, per-layer error, sizes)."),
             click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout instead of the summary on stderr."),
             click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors."),
+            click.option("--keep-failed", is_flag=True, help="Write the model even when a gate fails (the exit code is still 5)."),
         ]
     ):
         command = option(command)
@@ -357,7 +358,6 @@ def linear(models: tuple[Path, ...], bits: str, per_channel: bool, symmetric: bo
               help="Inputs (.npz or a folder of images) for data-aware k-means and bias correction in the final model.")
 @click.option("--plan-out", type=click.Path(path_type=Path, dir_okay=False),
               help="Save the chosen plan as TOML: `qconvert kmeans MODEL --config PLAN` redoes it without searching.")
-@click.option("--keep-failed", is_flag=True, help="Write the last plan's model even if it misses the target (exit code 5).")
 @calibration_options
 @validation_options
 @output_options
@@ -415,7 +415,7 @@ def inspect(model: Path, min_elements: int, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(info, indent=2))
     else:
-        Console(stderr=True).print(inspection(info))
+        _console(False).print(inspection(info))
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
@@ -429,7 +429,7 @@ def inspect(model: Path, min_elements: int, as_json: bool) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 def compare(float_model: Path, converted_model: Path, *, validate: bool, data: Path | None, input_shapes: tuple[str, ...],
             samples: int, seed: int, allow_unvalidated: bool, min_snr: float | None, max_abs_error: float | None,
-            min_top1: float | None, max_accuracy_drop: float | None, labels: Path | None, keep_failed: bool,
+            min_top1: float | None, max_accuracy_drop: float | None, labels: Path | None,
             report_path: Path | None, report_md: Path | None, as_json: bool, quiet: bool) -> None:
     """Validation only: compare a converted model with its float original (same metrics and gates).
 
@@ -444,7 +444,19 @@ def compare(float_model: Path, converted_model: Path, *, validate: bool, data: P
                                   allow_unvalidated=allow_unvalidated, labels=labels)
     report = compare_models(float_model, converted_model, validation, Gates(min_snr, max_abs_error, min_top1, max_accuracy_drop))
     _emit_reports(report, report_path, report_md)
-    _finish(report, Console(stderr=True, quiet=quiet), as_json)
+    _finish(report, _console(quiet), as_json)
+
+
+LOG_WIDTH = 200  # columns at least, when stderr is not a terminal (a CI log): tables keep their names whole
+
+
+def _console(quiet: bool) -> Console:
+    """Progress and summaries go to stderr; into a log (not a terminal) at least LOG_WIDTH columns wide, as
+    rich would otherwise assume 80 and cut weight names."""
+    console = Console(stderr=True, quiet=quiet)
+    if not console.is_terminal:
+        console.width = max(console.width, LOG_WIDTH)
+    return console
 
 
 def _granularity(per_channel: bool | None, default: Granularity) -> Granularity:
@@ -487,11 +499,13 @@ def _run_batch(models: tuple[Path, ...], plan: Plan, *, output: Path | None, as_
     if output is None or str(output) == "-" or report_path or report_md or report_html or any(str(m) == "-" for m in models):
         raise click.UsageError("several models (or a directory) need -o DIR; reports go beside each model, no -, --report or --report-md")
     paths = batch.expand(models)
+    if output.exists() and not output.is_dir():
+        raise click.UsageError(f"{output}: several models need -o to be a folder, and this is a file")
     output.mkdir(parents=True, exist_ok=True)
     validation = _validation_plan(**common) if common["validate"] else None
     gates = Gates(common["min_snr"], common["max_abs_error"], common["min_top1"], common["max_accuracy_drop"])
     jobs = [batch.Job(p, batch.output_for(p, output, plan), plan, validation, gates, common["keep_failed"]) for p in paths]
-    console = Console(stderr=True, quiet=quiet)
+    console = _console(quiet)
     with console.status(f"converting {len(jobs)} models", spinner="dots") if console.is_terminal else contextlib.nullcontext():
         outcomes = batch.run_all(jobs)
     if as_json:
@@ -546,10 +560,14 @@ def _run(
         validation = _validation_plan(data=data, input_shapes=input_shapes, samples=samples, seed=seed,
                                       allow_unvalidated=allow_unvalidated, labels=labels)
     gates = Gates(min_snr, max_abs_error, min_top1, max_accuracy_drop)
+    if output is not None and output.is_dir():
+        if from_stdin:
+            raise click.UsageError("a model from stdin (-) has no name to write into a folder: give -o PATH")
+        output = output / default_output(model, plan).name
     target = None if to_stdout else (output or default_output(model, plan))
     if report_path is None and target is not None and not io.is_special(target):
         report_path = target.with_suffix(".report.json")
-    console = Console(stderr=True, quiet=quiet)
+    console = _console(quiet)
     with _model_file(model) as path, (console.status("converting", spinner="dots") if console.is_terminal else contextlib.nullcontext()) as status:
         def progress(message: str) -> None:
             if status is not None:

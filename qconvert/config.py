@@ -23,11 +23,11 @@ Options given on the command line override the file.
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import click
-import tomllib
 
 from qconvert.errors import InputError, UsageError
 from qconvert.plan import Granularity, LayerOverride

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from functools import partial
 
 import ml_dtypes
@@ -17,7 +17,7 @@ from qconvert.rewrite import GraphEdit, replace_weights
 from qconvert.select import Weight
 
 
-class IndexStorage(str, Enum):
+class IndexStorage(StrEnum):
     """How palette indices are stored in the file."""
 
     UINT8 = "uint8"  # one byte per index; any opset

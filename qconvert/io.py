@@ -85,6 +85,8 @@ def _read(path: Path) -> tuple[onnx.ModelProto, set[str]]:
                 raise InputError(f"{path}: the external data of {tensor.name} must be a file in the model's folder")
             locations.add(location)
             file = (path.parent / location).resolve()
+            if not file.is_relative_to(path.parent.resolve()):  # a symbolic link out of the folder: refused, as onnxruntime does
+                raise InputError(f"{path}: the external data of {tensor.name} leads outside the model's folder ({location})")
             try:
                 offset = int(info.get("offset", 0))
                 stat = file.stat()
@@ -351,6 +353,7 @@ def stage_external(model: onnx.ModelProto, path: Path) -> Path:
         onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=external_name(path), size_threshold=EXTERNAL_THRESHOLD)
         for file in (staged, stage / external_name(path)):
+            os.chmod(file, 0o666 & ~_umask())  # onnx creates the data file 0600: both get the usual permissions
             with open(file, "rb+") as f:
                 os.fsync(f.fileno())
     except BaseException as e:

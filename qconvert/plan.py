@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 from qconvert.errors import UsageError
@@ -13,7 +13,7 @@ from qconvert.images import Preprocessing
 DEFAULT_MIN_ELEMENTS = 1024
 
 
-class Granularity(str, Enum):
+class Granularity(StrEnum):
     PER_TENSOR = "per-tensor"
     PER_CHANNEL = "per-channel"
     AUTO = "auto"  # k-means: per channel where that beats spending the codebooks' bits on index bits
@@ -92,7 +92,7 @@ class KMeansPlan:
         return "kmeans"
 
 
-class CalibrationMethod(str, Enum):
+class CalibrationMethod(StrEnum):
     MINMAX = "minmax"
     PERCENTILE = "percentile"
 

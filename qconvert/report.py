@@ -197,7 +197,7 @@ def summary(report: Report) -> Group:
     if validation:
         table = Table(title=f"Outputs vs float ({validation.samples} samples, {validation.source})", title_justify="left")
         for column in ("output", "SNR dB", "cosine", "max |err|", "mean |err|", "top-1 agree"):
-            table.add_column(column, justify="left" if column == "output" else "right")
+            table.add_column(column, justify="left" if column == "output" else "right", overflow="fold")
         for o in validation.outputs:
             table.add_row(
                 o.name,
@@ -231,7 +231,7 @@ def summary(report: Report) -> Group:
         table = Table(title=f"Weights with the lowest {'layer output' if measured else ''} SNR".replace("  ", " "), title_justify="left")
         columns = ("weight", "op", "shape", "weight SNR dB", *(("layer SNR dB", "techniques") if measured else ()), "bytes")
         for column in columns:
-            table.add_column(column, justify="left" if column in ("weight", "op", "techniques") else "right")
+            table.add_column(column, justify="left" if column in ("weight", "op", "techniques") else "right", overflow="fold")
         for w in worst:
             extra = (_db(w.layer_snr_db), "+".join(SHORT_TECHNIQUE.get(t, t) for t in w.techniques) or "-") if measured else ()
             table.add_row(w.name, ",".join(w.consumers), "x".join(map(str, w.shape)), _db(w.snr_db), *extra, f"{w.float_bytes} -> {w.stored_bytes}")
@@ -239,7 +239,7 @@ def summary(report: Report) -> Group:
     if report.gates:
         table = Table(title=f"Quality gates: {'passed' if report.passed else 'FAILED'}", title_justify="left")
         for column in ("gate", "measured on", "value", "limit", "result"):
-            table.add_column(column)
+            table.add_column(column, overflow="fold")
         for g in report.gates:
             value = "-" if g.value is None else f"{g.value:.4g}"
             table.add_row(g.gate, g.subject, value, f"{g.limit:g}", "pass" if g.passed else Text("FAIL", style="bold red"))
@@ -253,7 +253,7 @@ def _auto_table(details: dict[str, Any], weights: dict[str, WeightReport]) -> Ta
     """qconvert auto: the plan per weight, and how the search went."""
     table = Table(title=f"auto plan ({_auto_steps(details)})", title_justify="left")
     for column in ("weight", "choice", "gain dB", "predicted noise dB", "weight SNR dB", "bytes"):
-        table.add_column(column, justify="left" if column in ("weight", "choice") else "right")
+        table.add_column(column, justify="left" if column in ("weight", "choice") else "right", overflow="fold")
     for row in details["plan"]:
         weight = weights.get(row["weight"])
         gain = "-" if not row["gain"] else f"{10 * math.log10(row['gain']):.1f}"
@@ -315,7 +315,7 @@ def inspection(info: dict[str, Any]) -> Group:
         parts.append(Text(f"{kind}: {shown}"))
     table = Table(title=f"{len(info['weights'])} weights ({_size(info['weight_bytes'])})", title_justify="left")
     for column in ("weight", "op", "shape", "dtype", "where"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for w in info["weights"]:
         table.add_row(w["name"], ",".join(w["consumers"]), "x".join(map(str, w["shape"])), w["dtype"], w["location"])
     parts.append(table)
@@ -324,7 +324,7 @@ def inspection(info: dict[str, Any]) -> Group:
                           + (" ..." if len(info["skipped"]) > 8 else "")))
     sizes = Table(title="Estimated file size", title_justify="left")
     for column in ("method", "bits", "granularity", "size", "% of now"):
-        sizes.add_column(column, justify="left" if column in ("method", "granularity") else "right")
+        sizes.add_column(column, justify="left" if column in ("method", "granularity") else "right", overflow="fold")
     for e in info["estimates"]:
         sizes.add_row(e["method"], str(e["bits"]), e["granularity"], _size(e["bytes"]), f"{100 * e['ratio']:.1f}")
     parts.append(sizes)
@@ -377,7 +377,7 @@ def batch_summary(outcomes: list[Any]) -> Table:
     """One row per model of a batch run (outcomes from qconvert.batch)."""
     table = Table(title=f"{len(outcomes)} models", title_justify="left")
     for column in ("model", "result", "size", "worst output SNR dB"):
-        table.add_column(column, justify="left" if column in ("model", "result") else "right")
+        table.add_column(column, justify="left" if column in ("model", "result") else "right", overflow="fold")
     for o in outcomes:
         result = Text("ok", style="green") if o.exit_code == 0 else Text(f"exit {o.exit_code}: {o.message}", style="red")
         size = f"{_size(o.input_bytes)} -> {_size(o.output_bytes)}" if o.report_json else "-"

@@ -153,6 +153,35 @@ def test_batch_converts_a_directory_with_the_worst_exit_code(tmp_path: Path, dig
     # the same bytes as converting one model alone, in this process
     assert invoke("kmeans", models / "a.onnx", "--bits", "4", "-o", tmp_path / "alone.onnx", "-q").exit_code == 0
     assert (tmp_path / "alone.onnx").read_bytes() == (out / "a.kmeans4.onnx").read_bytes()
+    # A build that runs twice: the output folder exists now, and the same outputs come again.
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".onnx"}
+    assert invoke("kmeans", models / "a.onnx", models / "b.onnx", "--bits", "4", "-o", out, "-q").exit_code == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".onnx"} == before
+
+
+def test_one_model_into_an_existing_folder(tmp_path: Path, digits: Path) -> None:
+    result = invoke("kmeans", digits, "--bits", "4", "-o", tmp_path, "-q")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits_cnn.kmeans4.onnx", "digits_cnn.kmeans4.report.json"]
+    result = invoke("kmeans", digits, digits, "--bits", "4", "-o", tmp_path / "digits_cnn.kmeans4.onnx")
+    assert result.exit_code == ExitCode.USAGE and "is a file" in result.stderr
+
+
+def test_compare_takes_no_keep_failed(tmp_path: Path, digits: Path) -> None:
+    """compare writes no model, so --keep-failed would be accepted and ignored: it is not an option there."""
+    result = invoke("compare", digits, digits, "--keep-failed")
+    assert result.exit_code == ExitCode.USAGE and "--keep-failed" in result.stderr
+
+
+def test_logs_get_whole_weight_names(tmp_path: Path) -> None:
+    """stderr that is not a terminal (a CI log): tables are not cut at 80 columns, names are never shortened."""
+    name = "backbone.stage4.block17.depthwise_separable.pointwise_convolution.weight_with_a_long_exported_name"
+    model = conv_model(cin=64, cout=64)
+    model.graph.initializer[1].name = model.graph.node[0].input[1] = name
+    save(model, tmp_path / "m.onnx")
+    result = invoke("kmeans", tmp_path / "m.onnx", "--bits", "2", "-o", tmp_path / "q.onnx")
+    assert result.exit_code == 0, result.output
+    assert name in result.stderr
 
 
 def test_batch_needs_an_output_directory(tmp_path: Path, digits: Path) -> None:

@@ -69,6 +69,39 @@ def test_external_data_file_missing(tmp_path: Path) -> None:
     check_contract(invoke("kmeans", tmp_path / "m.onnx", "--bits", "4"), ExitCode.INPUT, "m.onnx", tmp_path, before)
 
 
+def test_external_data_linked_from_outside_the_folder_is_refused(tmp_path: Path) -> None:
+    """An untrusted model must not read files outside its folder, even with --no-validate (onnxruntime would
+    refuse it, but qconvert reads weights itself): a symbolic link that leaves the folder is an input error."""
+    model_dir, secret = tmp_path / "model", tmp_path / "secret"
+    model_dir.mkdir()
+    secret.mkdir()
+    onnx.save(conv_model(cin=64, cout=64), str(secret / "m.onnx"), save_as_external_data=True, location="m.data",
+              size_threshold=0)
+    (secret / "m.onnx").rename(model_dir / "m.onnx")
+    (model_dir / "m.data").symlink_to(secret / "m.data")
+    before = files(model_dir)
+    result = invoke("kmeans", model_dir / "m.onnx", "--bits", "4", "--no-validate", "-o", model_dir / "q.onnx")
+    check_contract(result, ExitCode.INPUT, "outside the model's folder", model_dir, before)
+    # A link that stays inside the folder is followed, as onnxruntime follows it.
+    (model_dir / "m.data").unlink()
+    (secret / "m.data").rename(model_dir / "real.data")
+    (model_dir / "m.data").symlink_to(model_dir / "real.data")
+    assert invoke("kmeans", model_dir / "m.onnx", "--bits", "4", "-o", model_dir / "q.onnx").exit_code == 0
+
+
+def test_model_and_external_data_get_the_same_usual_permissions(tmp_path: Path) -> None:
+    onnx.save(conv_model(cin=64, cout=64), str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.data",
+              size_threshold=0)
+    old = os.umask(0o022)
+    try:
+        result = invoke("kmeans", tmp_path / "m.onnx", "--bits", "4", "-o", tmp_path / "q.onnx")
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0, result.output
+    modes = {name: (tmp_path / name).stat().st_mode & 0o777 for name in ("q.onnx", "q.onnx.data", "q.report.json")}
+    assert modes == dict.fromkeys(modes, 0o644)
+
+
 def test_opset_older_than_supported(tmp_path: Path) -> None:
     save(conv_model(cin=16, cout=32, opset=5), tmp_path / "m.onnx")
     before = files(tmp_path)
