@@ -19,7 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "samples"))
 
-from qconvert.pipeline import auto_convert, convert  # noqa: E402
+from qconvert.api import convert_auto  # noqa: E402
+from qconvert.pipeline import convert  # noqa: E402
 from qconvert.plan import AutoPlan, Granularity, KMeansPlan, ValidationPlan  # noqa: E402
 
 BUILDERS = {"mobilenetv2_shaped": "mobilenet", "resnet50_shaped": "resnet"}  # in samples/cnn_shapes.py
@@ -64,7 +65,7 @@ def main() -> None:
                 snrs[bits] = row(name, f"uniform k-means {bits}-bit per channel", report, time.perf_counter() - start)
             target = round(snrs[4], 2)
             start = time.perf_counter()
-            report = auto_convert(path, Path(folder) / "a.onnx", AutoPlan(target_snr=target), validation).report
+            report = convert_auto(path, Path(folder) / "a.onnx", AutoPlan(target_snr=target), validation).report
             row(name, f"auto --target-snr {target}", report, time.perf_counter() - start)
 
 

@@ -15,14 +15,14 @@ from typing import Any, NoReturn
 import click
 from rich.console import Console
 
-from qconvert import __version__, batch, io
-from qconvert.auto import plan_toml
+from qconvert import __version__, api, batch, io
 from qconvert.config import layer_overrides, load_config
-from qconvert.errors import ExitCode, GateFailed, QConvertError
+from qconvert.describe import inspect_model
+from qconvert.errors import ExitCode, GateFailed, QConvertError, UsageError
 from qconvert.gates import GateResult, Gates
 from qconvert.images import Preprocessing
-from qconvert.inspect import inspect_model
-from qconvert.pipeline import auto_convert, compare_models, convert, default_output
+from qconvert.mixed import plan_toml
+from qconvert.pipeline import TOO_BIG_FOR_A_STREAM, compare_models, default_output
 from qconvert.plan import (
     DEFAULT_MIN_ELEMENTS,
     AutoPlan,
@@ -34,8 +34,7 @@ from qconvert.plan import (
     ValidationPlan,
     parse_input_shape,
 )
-from qconvert.report import Report, batch_summary, inspection, markdown, summary
-from qconvert.report_html import render as report_html_page
+from qconvert.report import Report, batch_summary, inspection, summary
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -573,10 +572,10 @@ def _run(
             if status is not None:
                 status.update(message)
 
-        if isinstance(plan, AutoPlan):
-            conversion = auto_convert(path, target, plan, validation, progress, gates, keep_failed)
-        else:
-            conversion = convert(path, target, plan, validation, progress, gates, keep_failed)
+        conversion = api.run(plan, path, validation, gates, output=target, keep_failed=keep_failed, progress=progress)
+    if to_stdout and conversion.staged:
+        conversion.discard()
+        raise UsageError(TOO_BIG_FOR_A_STREAM)
     report = conversion.report
     if from_stdin:
         report.input_path = "-"
@@ -596,9 +595,9 @@ def _emit_reports(report: Report, report_path: Path | None, report_md: Path | No
     if report_path is not None:
         io.write_atomically(report_path, report.to_json().encode())
     if report_md is not None:
-        io.write_atomically(report_md, markdown(report).encode())
+        io.write_atomically(report_md, report.to_markdown().encode())
     if report_html is not None:
-        io.write_atomically(report_html, report_html_page(report).encode())
+        io.write_atomically(report_html, report.to_html().encode())
 
 
 def _finish(report: Report, console: Console, as_json: bool) -> None:

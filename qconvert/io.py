@@ -14,7 +14,7 @@ from stat import S_ISREG
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import helper, numpy_helper
+from onnx import external_data_helper, helper, numpy_helper
 
 from qconvert.errors import InputError, OutputError, first_line
 
@@ -352,16 +352,44 @@ def stage_external(model: onnx.ModelProto, path: Path) -> Path:
     try:
         onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=external_name(path), size_threshold=EXTERNAL_THRESHOLD)
-        for file in (staged, stage / external_name(path)):
-            os.chmod(file, 0o666 & ~_umask())  # onnx creates the data file 0600: both get the usual permissions
-            with open(file, "rb+") as f:
-                os.fsync(f.fileno())
+        _settle(staged, stage / external_name(path))
     except BaseException as e:
         shutil.rmtree(stage, ignore_errors=True)
         if isinstance(e, OSError):
             raise OutputError(f"{path}: cannot write: {e.strerror or e}") from e
         raise
     return staged
+
+
+def stage_copy(staged: Path, path: Path) -> Path:
+    """A staged model and its data file copied into a fresh stage beside `path`, named after it (the model's
+    tensors then name the new data file). Returns the new staged model file."""
+    model = onnx.load(str(staged), load_external_data=False)
+    for tensor in external_data_helper._get_all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            next(e for e in tensor.external_data if e.key == "location").value = external_name(path)
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write: {e.strerror or e}") from e
+    try:
+        shutil.copyfile(staged.parent / external_name(staged), stage / external_name(path))
+        (stage / path.name).write_bytes(model.SerializeToString())
+        _settle(stage / path.name, stage / external_name(path))
+    except BaseException as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise OutputError(f"{path}: cannot write: {e.strerror or e}") from e
+        raise
+    return stage / path.name
+
+
+def _settle(*files: Path) -> None:
+    """Usual permissions (onnx creates data files 0600) and on disk."""
+    for file in files:
+        os.chmod(file, 0o666 & ~_umask())
+        with open(file, "rb+") as f:
+            os.fsync(f.fileno())
 
 
 def external_name(path: Path) -> str:

@@ -1,20 +1,23 @@
-"""convert(): load -> quantize (a method step) -> check -> validate -> gates -> write, as one report."""
+"""One conversion as stages over a small state: load, quantize (the method's step), serialize, check,
+validate, judge the gates; then `Conversion.save` publishes the result."""
 
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
 import onnx
 
-from qconvert import auto, io, validate
+from qconvert import io, validate
 from qconvert.errors import CannotRunError, QConvertError, UnsupportedModelError, UsageError, first_line
-from qconvert.gates import Gates
+from qconvert.gates import GateResult, Gates
 from qconvert.gates import evaluate as evaluate_gates
-from qconvert.methods.common import Progress
+from qconvert.methods.common import Progress, Step
 from qconvert.methods.kmeans import PaletteMemo, kmeans_step
 from qconvert.methods.linear import linear_step
 from qconvert.opset import default_opset
@@ -23,16 +26,59 @@ from qconvert.report import OpsetChange, Report
 
 NO_GATES = Gates()
 FOLD_LIMIT = 1 << 30  # input bytes past which the converted model is validated without constant folding
-TECHNIQUES_LIMIT = 1 << 30  # input bytes past which the data-aware techniques are skipped (they hold copies of the weights)
+TECHNIQUES_LIMIT = 1 << 30  # input bytes past which the data-aware techniques are skipped (they copy the weights)
 MIN_OPSET = 7  # Cast takes its type as an int from opset 6 on; onnxruntime supports 7+
+NOT_WRITTEN = "model not written: a quality gate failed (--keep-failed writes it anyway)"
+TOO_BIG_FOR_A_STREAM = "the converted model is over 2 GB: it is written with external data, so it needs an output file (-o)"
 
 
-@dataclass(frozen=True)
+@dataclass
 class Conversion:
-    """What convert() produced: the report, and the model bytes (None when written with external data)."""
+    """A converted model and its report. Until `save`, the model is its serialized bytes, or (a model
+    written with external data: over 2 GB, or from such an input) a file staged with its data file."""
 
     report: Report
     model_bytes: bytes | None
+    staged: Path | None = None
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        if self.model_bytes is not None:
+            return onnx.load_model_from_string(self.model_bytes)
+        assert self.staged is not None, "the conversion was saved or discarded"
+        return onnx.load(str(self.staged))
+
+    def save(self, path: Path) -> Path:
+        """Write the model to `path` atomically (with `path.name + '.data'` beside it when it has external
+        data), read it back, and note it in the report."""
+        clock = time.perf_counter()
+        if self.staged is not None:
+            if io.is_special(path):
+                self.discard()
+                raise UsageError(TOO_BIG_FOR_A_STREAM)
+            if (self.staged.name, self.staged.parent.parent.resolve()) != (path.name, path.parent.resolve()):
+                moved = io.stage_copy(self.staged, path)  # staged elsewhere: copied beside `path` first
+                io.discard(self.staged)
+                self.staged = moved
+            try:
+                io.publish(self.staged, path)
+            finally:
+                io.discard(self.staged)
+                self.staged = None
+            self.report.output_data = str(path.parent / io.external_name(path))
+        else:
+            assert self.model_bytes is not None, "the conversion was discarded"
+            io.save_model(self.model_bytes, path)
+            io.verify_written(path, self.model_bytes)
+        self.report.output_path = str(path)
+        _lap(self.report.timings, "write", clock)
+        return path
+
+    def discard(self) -> None:
+        """Remove what is staged (nothing is left behind by a conversion that is not saved)."""
+        if self.staged is not None:
+            io.discard(self.staged)
+            self.staged = None
 
 
 @dataclass
@@ -42,6 +88,41 @@ class Trials:
 
     reference: validate.Reference | None = None
     palettes: PaletteMemo = field(default_factory=dict)
+
+
+@dataclass
+class _State:
+    """What the stages of one conversion hand on."""
+
+    source: Path
+    plan: Plan
+    validation: ValidationPlan | None
+    gates: Gates
+    progress: Progress
+    workers: int
+    trials: Trials | None
+    stage_beside: Path | None  # the output path, where a model with external data is staged; None: a temp folder
+    timings: dict[str, float] = field(default_factory=dict)
+    clock: float = field(default_factory=time.perf_counter)
+    warnings: list[str] = field(default_factory=list)
+    input_bytes: int = 0
+    model: onnx.ModelProto | None = None
+    step: Step | None = None
+    converted: bytes | Path = b""  # serialized, or the staged model file
+    output_bytes: int = 0
+    result: validate.ValidationResult | None = None
+    latency: dict[str, float] | None = None
+    checks: list[GateResult] = field(default_factory=list)
+
+    def lap(self, name: str) -> None:
+        self.clock = _lap(self.timings, name, self.clock)
+
+
+def _lap(timings: dict[str, float], name: str, since: float) -> float:
+    now = time.perf_counter()
+    timings[name] = round(now - since, 4)
+    timings["total"] = round(sum(v for k, v in timings.items() if k != "total"), 4)
+    return now
 
 
 def default_output(input_path: Path, plan: Plan | AutoPlan) -> Path:
@@ -67,148 +148,182 @@ def convert(
     workers: int = 2,
     trials: Trials | None = None,
 ) -> Conversion:
-    """Quantize the model at `input_path` as `plan` says; write it to `output_path` (None: don't write).
+    """Quantize the model at `input_path` as `plan` says, and write it to `output_path` (None: keep it in
+    the returned Conversion, to `save` later).
 
     With gates, a model that fails one is not written unless `keep_failed`; the report says which
     gate, the measured value and the limit. `workers` threads share the k-means (or linear
-    quantization) of big models.
-    `trials` keeps what the next conversion of the same model can reuse.
+    quantization) of big models. `trials` keeps what the next conversion of the same model can reuse.
     """
-    if gates.any and validation is None:
-        raise UsageError("quality gates need validation: drop --no-validate")
     if output_path is not None and output_path.resolve() == input_path.resolve():
         raise UsageError(f"{output_path}: the output would overwrite the input model; choose another -o")
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
+    conversion = prepare(input_path, plan, validation, progress, gates, workers, trials, stage_beside=output_path)
+    if output_path is not None:
+        write(conversion, output_path, keep_failed, progress)
+    return conversion
 
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[name] = round(now - clock, 4)
-        clock = now
 
-    progress("loading")
-    model, input_bytes = io.load_model(input_path)
-    if default_opset(model) < MIN_OPSET:
-        raise UnsupportedModelError(
-            f"{input_path}: opset {default_opset(model)} is older than {MIN_OPSET}, the oldest qconvert supports; "
-            "convert it first (onnx.version_converter)"
-        )
-    lap("load")
-
-    # The data-aware techniques learn from the calibration inputs, else from the validation inputs.
-    data = plan.calibration or (validation.data if validation else None)
-    notes = []
-    if data is not None and input_bytes > TECHNIQUES_LIMIT and (plan.data_aware or plan.bias_correction):
-        plan = dataclasses.replace(plan, data_aware=False, bias_correction=False)
-        notes.append(f"data-aware quantization and bias correction skipped: on {input_bytes / 1e9:.1f} GB of weights they "
-                     "would hold several copies of them in memory (on a 2.7 GB model they passed 14 GB)")
-    loaded = [model]
-    del model  # the step owns it: a model it converts to another opset must not stay alive beside the result
-    if isinstance(plan, KMeansPlan):
-        step = kmeans_step(loaded.pop(), plan, progress, workers, data, trials.palettes if trials else None)
-    else:
-        step = linear_step(loaded.pop(), plan, progress, data, workers)
-    lap("quantize")
-
-    # A model over protobuf's 2 GB, or converted from one with external data, is written the same way:
-    # staged as model + data file beside the output, checked and validated there, then moved into place.
-    io.materialize(step.model)  # weights left as they were (skipped ones) come out of the input file
-    external = step.model.ByteSize() > io.PROTOBUF_LIMIT or (
-        output_path is not None and not io.is_special(output_path) and input_bytes > input_path.stat().st_size)
-    if external and (output_path is None or io.is_special(output_path)):
-        raise UsageError("the converted model is over 2 GB: it is written with external data, so it needs an output file (-o)")
-    staged = io.stage_external(step.model, output_path) if external and output_path else None
-    converted: str | bytes = str(staged) if staged else step.model.SerializeToString()
-    del step.model  # only the bytes (or files) from here on: a big model must not sit beside onnxruntime's copies
-    output_data = None
+def prepare(input_path: Path, plan: Plan, validation: ValidationPlan | None, progress: Progress = lambda _: None,
+            gates: Gates = NO_GATES, workers: int = 2, trials: Trials | None = None,
+            stage_beside: Path | None = None) -> Conversion:
+    """Every stage but writing: the converted model, checked, validated and judged by the gates."""
+    if gates.any and validation is None:
+        raise UsageError("quality gates need validation: drop --no-validate")
+    state = _State(input_path, plan, validation, gates, progress, workers, trials, stage_beside)
+    _load(state)
+    _quantize(state)
+    _serialize(state)
     try:
-        output_bytes = io.staged_bytes(staged) if staged else len(converted)
-        warnings = notes + step.warnings + _check(converted, input_path)
-        lap("check")
+        _check(state)
+        _validate(state)
+        _judge(state)
+    except BaseException:
+        if isinstance(state.converted, Path):
+            io.discard(state.converted)
+        raise
+    staged = state.converted if isinstance(state.converted, Path) else None
+    return Conversion(_report(state), None if staged else bytes(state.converted), staged)
 
-        result, latency = None, None
-        if validation is not None:
-            progress("validating under onnxruntime")
-            try:
-                fold = input_bytes <= FOLD_LIMIT
-                if not fold:
-                    warnings.append(f"validated without onnxruntime's graph optimizations: decoding {input_bytes / 1e9:.1f} GB of weights "
-                                    "at load would not fit in memory; latency not measured")
-                float_side: str | validate.Reference = str(input_path)
-                if trials is not None:
-                    if trials.reference is None:
-                        trials.reference = validate.reference(str(input_path), validation)
-                    float_side = trials.reference
-                result, latency = validate.compare(float_side, converted, validation, fold)
-            except CannotRunError as e:
-                if not (validation.allow_unrunnable and e.which == "input model"):
-                    raise
-                warnings.append(f"not validated: {e}")
-            lap("validate")
-            changed = any(w.snr_db is not None for w in step.weights)  # some weight is not stored exactly
-            if result is not None and changed and all(o.snr_db is None for o in result.outputs):
-                vacuous = f"the outputs did not change at all on the validation inputs ({result.source}): they do not exercise the model"
-                if gates.any:
-                    raise UsageError(f"{vacuous}, so the quality gates cannot be judged; give --data, or real sizes with --input-shape")
-                warnings.append(f"{vacuous}; give --data, or real sizes with --input-shape")
 
-        checks = evaluate_gates(gates, result) if gates.any and result is not None else []
-        passed = all(c.passed for c in checks)
-        if not passed and output_path is not None and not keep_failed:
-            warnings.append("model not written: a quality gate failed (--keep-failed writes it anyway)")
-            output_path = None
-        if output_path is not None:
-            progress("writing")
-            if staged:
-                io.publish(staged, output_path)
-                output_data = str(output_path.parent / io.external_name(output_path))
-            else:
-                assert isinstance(converted, bytes)
-                io.save_model(converted, output_path)
-                io.verify_written(output_path, converted)
-            lap("write")
-    finally:
-        if staged:
-            io.discard(staged)
-    timings["total"] = round(sum(timings.values()), 4)
-    report = Report(
-        method=plan.method,
-        options=_options(plan, validation),
-        input_path=str(input_path),
-        input_bytes=input_bytes,
-        output_path=str(output_path) if output_path else None,
-        output_bytes=output_bytes,
+def write(conversion: Conversion, output_path: Path, keep_failed: bool = False, progress: Progress = lambda _: None) -> None:
+    """Save the conversion unless a gate failed (and `keep_failed` is off); then it is discarded."""
+    if not conversion.report.passed and not keep_failed:
+        conversion.report.warnings.append(NOT_WRITTEN)
+        conversion.discard()
+        return
+    progress("writing")
+    conversion.save(output_path)
+
+
+def _load(state: _State) -> None:
+    state.progress("loading")
+    state.model, state.input_bytes = io.load_model(state.source)
+    if default_opset(state.model) < MIN_OPSET:
+        raise UnsupportedModelError(
+            f"{state.source}: opset {default_opset(state.model)} is older than {MIN_OPSET}, the oldest qconvert "
+            "supports; convert it first (onnx.version_converter)"
+        )
+    plan = state.plan
+    if _data(state) is not None and state.input_bytes > TECHNIQUES_LIMIT and (plan.data_aware or plan.bias_correction):
+        state.plan = dataclasses.replace(plan, data_aware=False, bias_correction=False)
+        state.warnings.append(
+            f"data-aware quantization and bias correction skipped: on {state.input_bytes / 1e9:.1f} GB of weights "
+            "they would hold several copies of them in memory (on a 2.7 GB model they passed 14 GB)")
+    state.lap("load")
+
+
+def _data(state: _State) -> Path | None:
+    """The data-aware techniques learn from the calibration inputs, else from the validation inputs."""
+    return state.plan.calibration or (state.validation.data if state.validation else None)
+
+
+def _quantize(state: _State) -> None:
+    model, state.model = state.model, None  # the step owns it: a model it converts to another opset must not stay
+    assert model is not None
+    plan = state.plan
+    if isinstance(plan, KMeansPlan):
+        palettes = state.trials.palettes if state.trials else None
+        state.step = kmeans_step(model, plan, state.progress, state.workers, _data(state), palettes)
+    else:
+        state.step = linear_step(model, plan, state.progress, _data(state), state.workers)
+    state.warnings += state.step.warnings
+    state.lap("quantize")
+
+
+def _serialize(state: _State) -> None:
+    """Bytes, or (a model over protobuf's 2 GB, or from an input with external data written to a file) the
+    model and its data file staged beside the output, where it is checked and validated, then moved."""
+    step = state.step
+    assert step is not None
+    io.materialize(step.model)  # weights left as they were (skipped ones) come out of the input file
+    beside = state.stage_beside
+    to_file = beside is not None and not io.is_special(beside)
+    external = step.model.ByteSize() > io.PROTOBUF_LIMIT or (to_file and state.input_bytes > state.source.stat().st_size)
+    if external:
+        where = beside if to_file and beside is not None else Path(tempfile.gettempdir()) / "qconvert.onnx"
+        state.converted = io.stage_external(step.model, where)
+        state.output_bytes = io.staged_bytes(state.converted)
+    else:
+        serialized = step.model.SerializeToString()
+        state.converted, state.output_bytes = serialized, len(serialized)
+    step.model = onnx.ModelProto()  # only the bytes (or files) from here on: not beside onnxruntime's copies
+
+
+def _check(state: _State) -> None:
+    """Full ONNX check of the new model; a failure is ours unless the input fails it too."""
+    converted = str(state.converted) if isinstance(state.converted, Path) else state.converted
+    try:
+        onnx.checker.check_model(converted, full_check=True)
+    except Exception as e:
+        try:
+            onnx.checker.check_model(str(state.source), full_check=True)
+        except Exception as original:
+            state.warnings.append(f"the input model fails the ONNX checker ({first_line(original)}); so does the output")
+        else:
+            raise QConvertError(f"the converted model fails the ONNX checker: {first_line(e)}") from e
+    state.lap("check")
+
+
+def _validate(state: _State) -> None:
+    validation = state.validation
+    if validation is None:
+        return
+    state.progress("validating under onnxruntime")
+    try:
+        fold = state.input_bytes <= FOLD_LIMIT
+        if not fold:
+            state.warnings.append(
+                f"validated without onnxruntime's graph optimizations: decoding {state.input_bytes / 1e9:.1f} GB of "
+                "weights at load would not fit in memory; latency not measured")
+        float_side: str | validate.Reference = str(state.source)
+        if state.trials is not None:
+            if state.trials.reference is None:
+                state.trials.reference = validate.reference(str(state.source), validation)
+            float_side = state.trials.reference
+        converted = str(state.converted) if isinstance(state.converted, Path) else state.converted
+        state.result, state.latency = validate.compare(float_side, converted, validation, fold)
+    except CannotRunError as e:
+        if not (validation.allow_unrunnable and e.which == "input model"):
+            raise
+        state.warnings.append(f"not validated: {e}")
+    state.lap("validate")
+    assert state.step is not None
+    changed = any(w.snr_db is not None for w in state.step.weights)  # some weight is not stored exactly
+    if state.result is not None and changed and all(o.snr_db is None for o in state.result.outputs):
+        vacuous = (f"the outputs did not change at all on the validation inputs ({state.result.source}): "
+                   "they do not exercise the model")
+        if state.gates.any:
+            raise UsageError(f"{vacuous}, so the quality gates cannot be judged; "
+                             "give --data, or real sizes with --input-shape")
+        state.warnings.append(f"{vacuous}; give --data, or real sizes with --input-shape")
+
+
+def _judge(state: _State) -> None:
+    if state.gates.any and state.result is not None:
+        state.checks = evaluate_gates(state.gates, state.result)
+
+
+def _report(state: _State) -> Report:
+    step = state.step
+    assert step is not None
+    return Report(
+        method=state.plan.method,
+        options=_options(state.plan, state.validation),
+        input_path=str(state.source),
+        input_bytes=state.input_bytes,
+        output_path=None,
+        output_bytes=state.output_bytes,
         opset=step.opset,
         weights=step.weights,
         skipped=step.skipped,
-        validation=result,
-        latency_ms=latency,
-        gates=checks,
+        validation=state.result,
+        latency_ms=state.latency,
+        gates=state.checks,
         histograms=step.histograms,
         details=step.details,
-        timings=timings,
-        warnings=warnings,
-        output_data=output_data,
+        timings=state.timings,
+        warnings=state.warnings,
     )
-    return Conversion(report, converted if isinstance(converted, bytes) else None)
-
-
-def auto_convert(input_path: Path, output_path: Path | None, plan: AutoPlan, validation: ValidationPlan | None,
-                 progress: Progress = lambda _: None, gates: Gates = NO_GATES, keep_failed: bool = False, workers: int = 2) -> Conversion:
-    """qconvert auto: search a per-weight plan that meets the plan's target, convert and write it.
-
-    The target is a gate of every trial conversion, so only a model that meets it is written (unless
-    `keep_failed`); `gates` may add more.
-    """
-    if validation is None:
-        raise UsageError("qconvert auto measures its plans: drop --no-validate")
-    validation = dataclasses.replace(validation, latency_runs=0)  # every trial is validated: time none of them
-    target = auto.target_gates(plan)
-    merged = Gates(*(a if a is not None else b for a, b in zip(dataclasses.astuple(target), dataclasses.astuple(gates))))
-    trials = Trials()
-    return auto.search(input_path, plan, validation, progress,
-                       lambda kmeans_plan: convert(input_path, output_path, kmeans_plan, validation, progress, merged, keep_failed, workers, trials))
 
 
 def compare_models(float_path: Path, converted_path: Path, validation: ValidationPlan, gates: Gates = NO_GATES) -> Report:
@@ -232,19 +347,6 @@ def compare_models(float_path: Path, converted_path: Path, validation: Validatio
         gates=checks,
         timings={"total": round(time.perf_counter() - start, 4)},
     )
-
-
-def _check(model: str | bytes, input_path: Path) -> list[str]:
-    """Full ONNX check of the new model (bytes, or a path); a failure is ours unless the input fails it too."""
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except Exception as e:
-        try:
-            onnx.checker.check_model(str(input_path), full_check=True)
-        except Exception as original:
-            return [f"the input model fails the ONNX checker ({first_line(original)}); so does the output"]
-        raise QConvertError(f"the converted model fails the ONNX checker: {first_line(e)}") from e
-    return []
 
 
 def _plain(value: object) -> object:
@@ -271,3 +373,6 @@ def _options(plan: Plan | None, validation: ValidationPlan | None) -> dict[str, 
             seed=validation.seed,
         )
     return options
+
+
+Converter = Callable[[KMeansPlan], Conversion]

@@ -143,6 +143,16 @@ class Report:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
+    def to_markdown(self) -> str:
+        """A Markdown summary that fits a CI job summary."""
+        return markdown(self)
+
+    def to_html(self) -> str:
+        """One self-contained HTML page with pictures (inline SVG, no scripts)."""
+        from qconvert.report_html import render  # the page imports this module
+
+        return render(self)
+
 
 def versions() -> dict[str, str]:
     return {

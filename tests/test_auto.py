@@ -12,7 +12,8 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from qconvert import auto, fidelity, io, pipeline, validate
+from qconvert import fidelity, io, pipeline, validate
+from qconvert import mixed as auto
 from qconvert.cli import cli
 from qconvert.errors import ExitCode, QConvertError
 from qconvert.plan import AutoPlan, Granularity, KMeansPlan, LayerOverride, ValidationPlan

@@ -19,7 +19,6 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -40,15 +39,13 @@ from qconvert.gates import Gates
 from qconvert.methods.common import Progress, select
 from qconvert.methods.linear import linear_opset
 from qconvert.opset import default_opset, hole, raise_opset, without_weights
+from qconvert.pipeline import Conversion
 from qconvert.plan import AutoPlan, Granularity, KMeansPlan, LayerOverride, ValidationPlan
 from qconvert.quant.kmeans import Palette, nearest, palettize
 from qconvert.quant.layout import from_rows, to_rows
 from qconvert.quant.linear import dequantize, grid_for, quantize
 from qconvert.rewrite import NameSource, add_after
 from qconvert.select import MAIN_GRAPH, Weight, select_weights
-
-if TYPE_CHECKING:
-    from qconvert.pipeline import Conversion
 
 PROBE_BITS = (4, 2)  # the gains are measured with each layer's error at these k-means widths
 GAIN_SAMPLES = 32  # samples the gains are averaged over, at most
@@ -475,9 +472,9 @@ def target_gates(plan: AutoPlan) -> Gates:
 
 def search(input_path: Path, plan: AutoPlan, validation: ValidationPlan, progress: Progress,
            convert: Callable[[KMeansPlan], Conversion]) -> Conversion:
-    """Plans of decreasing predicted noise, each converted by `convert` (which writes the model when it
-    meets the target), until one meets it or MAX_ITERATIONS are spent. The last conversion's report
-    gets the plan and the search in details["auto"]."""
+    """Plans of decreasing predicted noise, each converted by `convert` (not written), until one meets it
+    or MAX_ITERATIONS are spent. Returns the smallest conversion that met the target, else the last one;
+    its report gets the plan and the search in details["auto"]. The others are discarded."""
     model, _ = io.load_model(input_path)
     found = profile(model, plan, validation, progress)
     del model
@@ -488,6 +485,7 @@ def search(input_path: Path, plan: AutoPlan, validation: ValidationPlan, progres
     missed, met = -np.inf, np.inf  # the highest aim whose plan missed the target, the lowest that met it
     direction = 1.0  # where the aim moves when it allocates a plan already tried: up after a miss, down after a pass
     tried: list[dict[str, Option]] = []
+    conversion: Conversion | None = None
     for iteration in range(MAX_ITERATIONS - 2 if big else MAX_ITERATIONS):
         choice = allocate(found.options, 10 ** (-aim / 10))
         for _ in range(40):  # options are discrete: a small move of the aim may not change the plan
@@ -502,14 +500,18 @@ def search(input_path: Path, plan: AutoPlan, validation: ValidationPlan, progres
         tried.append(choice)
         predicted = -10 * float(np.log10(max(sum(o.noise for o in choice.values()), 1e-30)))
         progress(f"converting plan {iteration + 1} (aiming at {aim:.1f} dB output SNR)")
+        if conversion is not None and (best is None or conversion is not best[0]):
+            conversion.discard()
         conversion = convert(plan_for(choice, plan))
         report = conversion.report
         measured = min((o.snr_db for o in report.validation.outputs if o.snr_db is not None), default=None) if report.validation else None
         iterations.append({"aimed_snr_db": round(aim, 2), "predicted_snr_db": round(predicted, 2), "measured_snr_db": measured,
                            "output_bytes": report.output_bytes, "passed": report.passed})
         by_snr = plan.target_snr is not None and measured is not None
-        if report.passed:  # written (over any earlier, larger one)
+        if report.passed:
             if best is None or report.output_bytes < best[0].report.output_bytes:
+                if best is not None:
+                    best[0].discard()
                 best = conversion, choice
             met, direction = min(met, aim), -1.0
             slack = measured - plan.target_snr if by_snr else TOP1_STEP_DB  # type: ignore[operator]
@@ -532,6 +534,9 @@ def search(input_path: Path, plan: AutoPlan, validation: ValidationPlan, progres
             aim -= slack if big else slack - STEP_DB / 2  # the prediction was this much too strict
         else:
             aim += (plan.target_snr - measured + STEP_DB) if by_snr else TOP1_STEP_DB  # type: ignore[operator]
+    assert conversion is not None, "the first plan is always converted"
+    if best is not None and conversion is not best[0]:
+        conversion.discard()
     conversion, choice = best if best is not None else (conversion, choice)
     report = conversion.report
     report.details["auto"] = {
