@@ -8,11 +8,14 @@ from typing import Any
 import onnx
 
 from qconvert import io
-from qconvert.opset import default_opset
-from qconvert.select import select_weights
+from qconvert.methods import METHODS
+from qconvert.methods.base import Context, file_bytes, opset_for
+from qconvert.opset import Reach, default_opset
+from qconvert.plan import Granularity, LayerSetting
+from qconvert.select import Weight, select_weights
 
-KMEANS_BITS = (8, 6, 4, 3, 2, 1)
-LINEAR_BITS = (8, 4)
+ROWS = [(METHODS["kmeans"], bits, Granularity.PER_TENSOR) for bits in (8, 6, 4, 3, 2, 1)] + [
+    (METHODS["linear"], bits, granularity) for bits in (8, 4) for granularity in (Granularity.PER_TENSOR, Granularity.PER_CHANNEL)]
 
 
 def inspect_model(path: Path, *, min_elements: int) -> dict[str, Any]:
@@ -34,20 +37,7 @@ def inspect_model(path: Path, *, min_elements: int) -> dict[str, Any]:
     ]
     itemsize = {w.name: onnx.helper.tensor_dtype_to_np_dtype(w.tensor.data_type).itemsize for w in selection.weights}
     float_bytes = sum(w.elements * itemsize[w.name] for w in selection.weights)
-    estimates: list[dict[str, Any]] = []
-    for bits in KMEANS_BITS:
-        stored = sum(-(-w.elements * bits // 8) + (1 << bits) * itemsize[w.name] for w in selection.weights)
-        estimates.append({"method": "kmeans", "bits": bits, "granularity": "per-tensor", "bytes": size - float_bytes + stored})
-    for bits in LINEAR_BITS:
-        for per_channel in (False, True):
-            stored = sum(
-                -(-w.elements * bits // 8) + (w.shape[w.channel_axis] if per_channel and w.channel_axis is not None else 1) * 5
-                for w in selection.weights
-            )
-            estimates.append({"method": "linear", "bits": bits, "granularity": "per-channel" if per_channel else "per-tensor",
-                              "bytes": size - float_bytes + stored})
-    for estimate in estimates:
-        estimate["ratio"] = estimate["bytes"] / size
+    estimates = _estimates(model, selection.weights, size, float_bytes)
     return {
         "path": str(path),
         "bytes": size,
@@ -69,3 +59,23 @@ def _value(value: onnx.ValueInfoProto) -> dict[str, Any]:
     dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim]
     dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name if tensor.elem_type else "?"
     return {"name": value.name, "dtype": dtype, "shape": dims}
+
+
+def _estimates(model: onnx.ModelProto, weights: list[Weight], size: int, float_bytes: int) -> list[dict[str, Any]]:
+    """The file size per method, bits and granularity: the size model of the conversions themselves
+    (`methods.base.file_bytes`: data plus decode nodes, at the opset the model can reach), plus the rest."""
+    reach = Reach(model)
+    context = Context(opset=reach.current)
+    estimates = []
+    for method, bits, granularity in ROWS:
+        total, highest = size - float_bytes, reach.current
+        for weight in weights:
+            setting = LayerSetting(method.name, bits, granularity, False)
+            axis = method.axes(weight, setting, context)[0][-1]
+            opset = opset_for(reach, method.need(weight, setting, axis))
+            total += file_bytes(method, weight, bits, axis, opset) if opset is not None else weight.array().nbytes
+            highest = max(highest, opset or highest)
+        total += reach.growth(highest) or 0  # what converting the rest of the graph to that opset adds
+        estimates.append({"method": method.name, "bits": bits, "granularity": granularity.value, "bytes": total,
+                          "ratio": total / size})
+    return estimates

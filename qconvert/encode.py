@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from qconvert.opset import default_opset
-from qconvert.quant.kmeans import Palette
+from qconvert.quant.kmeans import Palette, reconstruct
 from qconvert.quant.layout import from_rows
 from qconvert.rewrite import GraphEdit, replace_weights
 from qconvert.select import Weight
@@ -70,10 +70,8 @@ class EncodedWeight:
     bits: int
     storage: IndexStorage
 
-
-def stored_bytes(palette: Palette, storage: IndexStorage, bits: int) -> int:
-    """Bytes the palette takes in the file: codebook plus indices (constants of a few bytes excluded)."""
-    return palette.codebook.nbytes + index_bytes(palette.indices.size, storage, bits)
+    def dequantized(self) -> np.ndarray:
+        return from_rows(reconstruct(self.palette), self.weight.shape, self.axis)
 
 
 def index_bytes(count: int, storage: IndexStorage, bits: int) -> int:

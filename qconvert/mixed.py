@@ -24,28 +24,19 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from qconvert import fidelity, io, qdq, validate
-from qconvert.encode import (
-    EncodedWeight,
-    IndexStorage,
-    encode_palettes,
-    fallback_storage,
-    index_bytes,
-    min_opset,
-    preferred_storage,
-)
-from qconvert.errors import QConvertError
+from qconvert import fidelity, io, validate
 from qconvert.gates import Gates
+from qconvert.methods import METHODS
+from qconvert.methods.base import file_bytes, opset_for
 from qconvert.methods.common import Progress, select
-from qconvert.methods.linear import linear_opset
-from qconvert.opset import default_opset, hole, raise_opset, without_weights
+from qconvert.opset import Reach, hole, without_weights
 from qconvert.pipeline import Conversion
-from qconvert.plan import AutoPlan, Granularity, KMeansPlan, LayerOverride, ValidationPlan
-from qconvert.quant.kmeans import Palette, nearest, palettize
+from qconvert.plan import AutoPlan, Granularity, KMeansPlan, LayerOverride, LayerSetting, ValidationPlan
+from qconvert.quant.kmeans import nearest, palettize
 from qconvert.quant.layout import from_rows, to_rows
 from qconvert.quant.linear import dequantize, grid_for, quantize
 from qconvert.rewrite import NameSource, add_after
-from qconvert.select import MAIN_GRAPH, Weight, select_weights
+from qconvert.select import Weight, select_weights
 
 PROBE_BITS = (4, 2)  # the gains are measured with each layer's error at these k-means widths
 GAIN_SAMPLES = 32  # samples the gains are averaged over, at most
@@ -127,7 +118,7 @@ def profile(model: onnx.ModelProto, plan: AutoPlan, validation: ValidationPlan, 
     gains = {name: _gain_curve(p) for name, p in points.items()}
     worst_gain = max((max(g for _, g in p) for p in points.values()), default=1.0)
     options: dict[str, list[Option]] = {}
-    opsets = Opsets(model)
+    reach = Reach(model)
     for i, weight in enumerate(weights):
         progress(f"estimating options {i + 1}/{len(weights)}: {weight.name}")
         array = weight.array()
@@ -137,7 +128,7 @@ def profile(model: onnx.ModelProto, plan: AutoPlan, validation: ValidationPlan, 
         if axis is not None and weight.shape[axis] > EVAL_CHANNELS:  # a seeded subset of output channels stands for all
             channels = np.sort(rng.choice(weight.shape[axis], EVAL_CHANNELS, replace=False))
         part = array if channels is None else np.take(array, channels, axis)
-        for option, approx in _options(weight, array, plan, rng, channels, opsets):
+        for option, approx in _options(weight, array, plan, rng, channels, reach):
             if weight.name in layers:  # the layer's noise ratio, estimated and calibrated, times its gain there
                 ratio = calibration[weight.name] * estimates[weight.name](part, approx, channels, corrected[weight.name])
                 noise = gains[weight.name](ratio) * ratio
@@ -299,7 +290,7 @@ def _fixed_batch(model: onnx.ModelProto) -> bool:
 
 
 def _options(weight: Weight, array: np.ndarray, plan: AutoPlan, rng: np.random.Generator,
-             channels: np.ndarray | None, opsets: Opsets) -> list[tuple[Option, np.ndarray]]:
+             channels: np.ndarray | None, reach: Reach) -> list[tuple[Option, np.ndarray]]:
     """Every quantized way to store the weight that the model's opset allows, with its size, and what
     the output `channels` (None: all) decode to. K-means codebooks are fitted on a sample of the
     tensor or of each channel."""
@@ -318,75 +309,25 @@ def _options(weight: Weight, array: np.ndarray, plan: AutoPlan, rng: np.random.G
             groups = weight.shape[row_axis] if row_axis is not None else 1
             if groups > 1 and (groups - 1) * (1 << bits) * itemsize * 8 / array.size > plan.max_codebook_overhead:
                 continue
-            size = _file_bytes(weight, "kmeans", bits, row_axis, opsets)
+            setting = LayerSetting("kmeans", bits, granularity, False)
+            opset = opset_for(reach, METHODS["kmeans"].need(weight, setting, row_axis))
+            assert opset is not None  # indices can always be stored as uint8
+            size = file_bytes(METHODS["kmeans"], weight, bits, row_axis, opset)
             codebook = _codebook(fitted[:, fit], bits)
             approx = np.take_along_axis(codebook, nearest(rows, codebook).astype(np.intp), axis=1)
             found.append((Option("kmeans", bits, granularity, size, 0.0), from_rows(approx, part.shape, row_axis)))
     if "linear" in plan.methods and weight.tensor.data_type != onnx.TensorProto.DOUBLE:
         rows = to_rows(part, axis)
+        granularity = Granularity.PER_CHANNEL if axis is not None else Granularity.PER_TENSOR
         for bits in (4, 8):
-            if not opsets.reachable(linear_opset([weight], {weight.name: (axis, None)}, {bits})):
+            opset = opset_for(reach, METHODS["linear"].need(weight, LayerSetting("linear", bits, granularity, False), axis))
+            if opset is None:
                 continue
             grid = grid_for(rows, bits=bits, symmetric=True)
             approx = from_rows(dequantize(quantize(rows, grid), grid), part.shape, axis)
-            granularity = Granularity.PER_CHANNEL if axis is not None else Granularity.PER_TENSOR
-            found.append((Option("linear", bits, granularity, _file_bytes(weight, "linear", bits, axis, opsets), 0.0), approx))
+            size = file_bytes(METHODS["linear"], weight, bits, axis, opset)
+            found.append((Option("linear", bits, granularity, size, 0.0), approx))
     return found
-
-
-class Opsets:
-    """Whether the model's opset is, or can be raised to, a target: the version converter fails on some
-    models (a CRNN's Reshape at 12 -> 21), and the conversion then stores indices another way, or
-    cannot store linear layers at all."""
-
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self.current = default_opset(model)
-        self._skeleton = without_weights(model)
-        self._known: dict[int, bool] = {}
-
-    def reachable(self, target: int) -> bool:
-        if target <= self.current:
-            return True
-        if target not in self._known:
-            try:
-                raise_opset(self._skeleton, target)
-                self._known[target] = True
-            except QConvertError:
-                self._known[target] = False
-        return self._known[target]
-
-    def storage(self, bits: int) -> IndexStorage:
-        """How the conversion will store `bits`-bit indices (see methods.kmeans._prepare_opset)."""
-        preferred = preferred_storage(bits)
-        return preferred if self.reachable(min_opset(preferred)) else fallback_storage(bits, self.current)
-
-
-def _file_bytes(weight: Weight, method: str, bits: int, axis: int | None, opsets: Opsets) -> int:
-    """Bytes the weight takes in the file stored this way: its data, plus what its encoding adds (decode
-    nodes, small constants, tensor headers: about 1 KB for packed indices, which decides on small
-    models). That part is measured by encoding a stand-in with one value per channel, same name."""
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(weight.tensor.data_type)
-    channels = weight.shape[axis] if axis is not None else 1
-    shape = [channels if a == axis else 1 for a in range(len(weight.shape))]
-    tensor = numpy_helper.from_array(np.zeros(shape, dtype), weight.name)
-    model = helper.make_model(helper.make_graph([], "g", [], []), opset_imports=[helper.make_opsetid("", opsets.current)])
-    empty = model.ByteSize()
-    model.graph.initializer.append(tensor)
-    stand_in = Weight(weight.name, model.graph, MAIN_GRAPH, "initializer", model.graph.initializer[0])
-    if method == "kmeans":
-        storage = opsets.storage(bits)
-        model.opset_import[0].version = max(opsets.current, min_opset(storage))
-        palette = Palette(np.zeros((channels, 1 << bits), dtype), np.zeros((channels, 1), np.uint8))
-        encode_palettes(model, [EncodedWeight(stand_in, palette, axis, bits, storage)])
-
-        def data(count: int) -> int:
-            return index_bytes(count, storage, bits) + channels * (1 << bits) * dtype.itemsize
-    else:
-        qdq.insert_weight_dq(model, [qdq.quantize_weight(stand_in, np.zeros(shape, dtype), bits=bits, symmetric=True, axis=axis)])
-
-        def data(count: int) -> int:
-            return -(-count * bits // 8) + channels * 4 + -(-channels * bits // 8)  # values, scales, zero points
-    return model.ByteSize() - empty + data(weight.elements) - data(channels)
 
 
 def _kmeans(array: np.ndarray, bits: int, rng: np.random.Generator) -> np.ndarray:

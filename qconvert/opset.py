@@ -8,7 +8,7 @@ from google.protobuf.message import Message
 from onnx import helper, shape_inference, version_converter
 
 from qconvert import io
-from qconvert.errors import UnsupportedModelError, first_line
+from qconvert.errors import QConvertError, UnsupportedModelError, first_line
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 STRIP_BYTES = io.LAZY_BYTES  # initializers larger than this stay out of the copy that the converter converts
@@ -119,3 +119,28 @@ def _inference_error(model: onnx.ModelProto) -> str | None:
     except Exception as e:
         return first_line(e)
     return None
+
+
+class Reach:
+    """Whether the model's opset is, or can be raised to, a target: the version converter fails on some
+    models (a CRNN's Reshape at 12 -> 21), and a conversion then stores indices another way, or cannot
+    store linear layers at all. Each target is tried once, on a copy without the weights."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.current = default_opset(model)
+        self._skeleton = without_weights(model)
+        self._growth: dict[int, int | None] = {}  # target -> bytes the conversion adds to the graph (None: fails)
+
+    def reachable(self, target: int) -> bool:
+        return self.growth(target) is not None
+
+    def growth(self, target: int) -> int | None:
+        """Bytes the model's graph gains when converted to `target` (None: it cannot be)."""
+        if target <= self.current:
+            return 0
+        if target not in self._growth:
+            try:
+                self._growth[target] = raise_opset(self._skeleton, target).ByteSize() - self._skeleton.ByteSize()
+            except QConvertError:
+                self._growth[target] = None
+        return self._growth[target]

@@ -18,8 +18,7 @@ from qconvert.errors import CannotRunError, QConvertError, UnsupportedModelError
 from qconvert.gates import GateResult, Gates
 from qconvert.gates import evaluate as evaluate_gates
 from qconvert.methods.common import Progress, Step
-from qconvert.methods.kmeans import PaletteMemo, kmeans_step
-from qconvert.methods.linear import linear_step
+from qconvert.methods.driver import quantize_model
 from qconvert.opset import default_opset
 from qconvert.plan import AutoPlan, Granularity, KMeansPlan, Plan, ValidationPlan
 from qconvert.report import OpsetChange, Report
@@ -87,7 +86,7 @@ class Trials:
     side of validation, and the palettes computed so far."""
 
     reference: validate.Reference | None = None
-    palettes: PaletteMemo = field(default_factory=dict)
+    palettes: dict[tuple[object, ...], object] = field(default_factory=dict)
 
 
 @dataclass
@@ -220,12 +219,8 @@ def _data(state: _State) -> Path | None:
 def _quantize(state: _State) -> None:
     model, state.model = state.model, None  # the step owns it: a model it converts to another opset must not stay
     assert model is not None
-    plan = state.plan
-    if isinstance(plan, KMeansPlan):
-        palettes = state.trials.palettes if state.trials else None
-        state.step = kmeans_step(model, plan, state.progress, state.workers, _data(state), palettes)
-    else:
-        state.step = linear_step(model, plan, state.progress, _data(state), state.workers)
+    palettes = state.trials.palettes if state.trials else None
+    state.step = quantize_model(model, state.plan, state.progress, state.workers, _data(state), palettes)
     state.warnings += state.step.warnings
     state.lap("quantize")
 

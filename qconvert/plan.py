@@ -27,7 +27,7 @@ class LayerOverride:
     bits: int | None = None
     granularity: Granularity | None = None
     skip: bool = False
-    method: str | None = None  # "linear" inside a kmeans plan: int8/int4 DequantizeLinear for these weights
+    method: str | None = None  # another method for these weights ("linear" in a kmeans plan: int8/int4 DequantizeLinear)
 
     def applies_to(self, name: str) -> bool:
         return name == self.match or fnmatch.fnmatchcase(name, self.match)
@@ -39,6 +39,7 @@ class LayerSetting:
     bits: int
     granularity: Granularity
     skip: bool
+    symmetric: bool = True  # linear: signed with Z = 0 (else unsigned with a zero point)
 
 
 def layer_setting(plan: KMeansPlan | LinearPlan, name: str) -> LayerSetting:
@@ -46,12 +47,13 @@ def layer_setting(plan: KMeansPlan | LinearPlan, name: str) -> LayerSetting:
 
     An override that switches a kmeans plan's layer to linear without giving bits means int8.
     """
-    setting = LayerSetting(plan.method, plan.bits, plan.granularity, False)
+    symmetric = plan.symmetric if isinstance(plan, LinearPlan) else True
+    setting = LayerSetting(plan.method, plan.bits, plan.granularity, False, symmetric)
     for o in plan.overrides:
         if o.applies_to(name):
             method = o.method or setting.method
             bits = o.bits if o.bits is not None else (8 if method != setting.method and method == "linear" else setting.bits)
-            setting = LayerSetting(method, bits, o.granularity or setting.granularity, setting.skip or o.skip)
+            setting = LayerSetting(method, bits, o.granularity or setting.granularity, setting.skip or o.skip, symmetric)
     return setting
 
 
@@ -74,9 +76,7 @@ class KMeansPlan:
     bias_correction: bool = True  # with calibration data: keep each layer's mean output
 
     def __post_init__(self) -> None:
-        for o in self.overrides:
-            if o.method not in (None, "kmeans", "linear"):
-                raise UsageError(f"[[layer]] {o.match!r}: method must be kmeans or linear, got {o.method!r}")
+        for o in self.overrides:  # the driver checks that a method of that name is registered
             if o.method == "linear" and o.bits not in (None, 4, 8):
                 raise UsageError(f"[[layer]] {o.match!r}: linear layers take bits 8 or 4, got {o.bits}")
         for bits in (self.bits, *(o.bits for o in self.overrides if o.bits is not None and o.method != "linear")):

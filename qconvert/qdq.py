@@ -74,11 +74,6 @@ def _on_grid(array: np.ndarray, grid: Grid, axis: int | None) -> np.ndarray:
     return from_rows(quantize(to_rows(array, axis), grid), array.shape, axis)
 
 
-def stored_bytes(item: LinearWeight) -> int:
-    """Integers, scales and zero points as stored in the file."""
-    return ((item.weight.elements + item.grid.zero_point.size) * item.bits + 7) // 8 + item.grid.scale.nbytes
-
-
 def insert_weight_dq(model: onnx.ModelProto, items: list[LinearWeight]) -> None:
     """Each weight becomes integer q + DequantizeLinear(q, S, Z, axis) under the weight's name, in place."""
     replace_weights(model, [(item.weight, partial(_weight_dq, item=item)) for item in items])

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from qconvert import fidelity, io, pipeline, validate
+from qconvert import fidelity, io, opset, pipeline, validate
 from qconvert import mixed as auto
 from qconvert.cli import cli
 from qconvert.errors import ExitCode, QConvertError
@@ -192,7 +192,7 @@ def test_options_are_what_the_model_can_be_converted_to(digits: Path, monkeypatc
     def converter(model: onnx.ModelProto, target: int, **kwargs: bool) -> onnx.ModelProto:
         raise QConvertError(f"cannot convert the model to opset {target}: (as a test)")
 
-    monkeypatch.setattr(auto, "raise_opset", converter)
+    monkeypatch.setattr(opset, "raise_opset", converter)
     stuck = labels()
     assert "linear 4-bit pc" in free and "linear 4-bit pc" not in stuck and "linear 8-bit pc" in stuck
     assert stuck["kmeans 4-bit pt"] > free["kmeans 4-bit pt"]  # packed: more decode nodes than uint4

@@ -106,7 +106,7 @@ def test_linear_layers_get_their_opset_when_the_indices_cannot_have_theirs(tmp_p
     """The version converter fails on some models at 21 (uint4 indices) but not at 13 (per-channel
     DequantizeLinear; seen: a CRNN at 12). The indices then fall back to packed, and the opset goes to 13."""
     from qconvert.errors import UnsupportedModelError
-    from qconvert.methods import kmeans as method
+    from qconvert.methods import driver as method
 
     real = method.raise_opset
 
@@ -135,7 +135,7 @@ def test_linear_layers_get_their_opset_when_the_indices_cannot_have_theirs(tmp_p
 
 def test_int4_linear_says_what_to_do_when_the_opset_cannot_be_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from qconvert.errors import UnsupportedModelError
-    from qconvert.methods import linear as method
+    from qconvert.methods import driver as method
 
     def converter(model: onnx.ModelProto, target: int, **kwargs: bool) -> onnx.ModelProto:
         raise UnsupportedModelError(f"the model converted to opset {target} fails the ONNX checker: (as a test)")

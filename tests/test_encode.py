@@ -10,7 +10,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qconvert.encode import EncodedWeight, IndexStorage, encode_palettes, pack_indices, stored_bytes
+from qconvert.encode import EncodedWeight, IndexStorage, encode_palettes, pack_indices
+from qconvert.methods import METHODS
 from qconvert.quant.kmeans import palettize, reconstruct
 from qconvert.quant.layout import from_rows, to_rows
 from qconvert.select import select_weights
@@ -112,8 +113,9 @@ def test_native_uint4_is_stored_at_half_a_byte() -> None:
 def test_stored_bytes_counts_codebook_and_indices() -> None:
     rows = np.random.default_rng(0).standard_normal((4, 100)).astype(np.float32)
     palette = palettize(rows, bits=3)
-    assert stored_bytes(palette, IndexStorage.PACKED, 3) == 4 * 8 * 4 + 50 * 3
-    assert stored_bytes(palette, IndexStorage.UINT8, 3) == 4 * 8 * 4 + 400
+    kmeans = METHODS["kmeans"]
+    assert kmeans.data_bytes(palette.indices.size, 4, 4, 3, IndexStorage.PACKED) == 4 * 8 * 4 + 50 * 3
+    assert kmeans.data_bytes(palette.indices.size, 4, 4, 3, IndexStorage.UINT8) == 4 * 8 * 4 + 400
 
 
 def test_onnxruntime_folds_the_decoding_at_load(tmp_path: Path) -> None:

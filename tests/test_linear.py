@@ -17,7 +17,8 @@ from onnx import TensorProto, helper, numpy_helper
 from qconvert.cli import cli
 from qconvert.errors import ExitCode
 from qconvert.fold import fold_batchnorm
-from qconvert.qdq import insert_weight_dq, quantize_weight, stored_bytes
+from qconvert.methods import METHODS
+from qconvert.qdq import insert_weight_dq, quantize_weight
 from qconvert.select import select_weights
 
 from conftest import conv_model, save
@@ -59,7 +60,8 @@ def test_dequantize_linear_matches_numpy_and_onnx_reference(case: str, per_chann
     grid_only = quantize_weight(weight, weight.array(), bits=bits, symmetric=symmetric, axis=axis if per_channel else None, keep=False)
     assert grid_only.integers is None and item.integers is not None
     np.testing.assert_array_equal(grid_only.q, item.q)  # quantized again from the weight, the same
-    assert stored_bytes(grid_only) == stored_bytes(item)
+    linear = METHODS["linear"]
+    assert linear.report(weight, weight.array(), grid_only, None) == linear.report(weight, weight.array(), item, None)
     insert_weight_dq(model, [grid_only if bits == 4 else item])
     onnx.checker.check_model(model, full_check=True)
     x = np.zeros([d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim], np.float32)

@@ -1,4 +1,4 @@
-"""What the method steps share: the Step they return, and how they pick and vet weights."""
+"""What the driver and the techniques share: the Step it returns, how weights are picked and vetted, threads."""
 
 from __future__ import annotations
 
@@ -85,16 +85,6 @@ def require_weights(items: Sequence[object], skipped: list[Skipped]) -> None:
     if not items:
         reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:3]) or "no Conv, ConvTranspose, Gemm, MatMul or RNN reads a constant weight"
         raise UnsupportedModelError(f"nothing to quantize ({reasons})")
-
-
-def readers_note(weight: Weight) -> str | None:
-    if not weight.other_readers:
-        return None
-    return f"also read by {', '.join(sorted(set(weight.other_readers)))}, which sees the quantized values"
-
-
-def join(*notes: str | None) -> str | None:
-    return "; ".join(n for n in notes if n) or None
 
 
 def calibration_feeds(model: onnx.ModelProto, path: Path, preprocessing: Preprocessing) -> validate.Feeds:

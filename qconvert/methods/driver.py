@@ -1,0 +1,246 @@
+"""One driver for every method: select, fold, prepare the opset, quantize, refine, report, encode.
+
+Each weight gets the method its layer setting names (a hybrid plan is per-weight methods on this same
+driver). The order matters where the comments say so; the methods themselves are in `methods.METHODS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from qconvert import activations
+from qconvert.errors import QConvertError, UnsupportedModelError, UsageError
+from qconvert.fold import fold_batchnorm
+from qconvert.methods import METHODS
+from qconvert.methods.base import Context, Method, Progress, Quantized, join
+from qconvert.methods.common import Step, finite, in_order, require_weights, select
+from qconvert.methods.refine import Decision, Refiner, fold_filter, refiner_for, with_techniques
+from qconvert.opset import default_opset, raise_opset
+from qconvert.plan import KMeansPlan, LayerSetting, LinearPlan, Plan, layer_setting
+from qconvert.report import OpsetChange
+from qconvert.select import Skipped, Weight
+
+FALLBACK = "\0"  # in an opset note: where the storage its weights fell back to goes, once they are quantized
+
+
+@dataclass
+class _Job:
+    """A model being quantized: its weights, and what each of them gets."""
+
+    model: onnx.ModelProto
+    plan: Plan
+    progress: Progress
+    workers: int
+    context: Context
+    weights: list[Weight] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    settings: dict[str, LayerSetting] = field(default_factory=dict)
+    axes: dict[str, tuple[list[int | None], str | None]] = field(default_factory=dict)
+    details: dict[str, object] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    fell_back: set[str] = field(default_factory=set)  # methods whose storage fell back to a lower opset
+
+    def method(self, weight: Weight) -> Method:
+        return METHODS[self.settings[weight.name].method]
+
+    def refined(self, weight: Weight) -> bool:
+        """The data-aware techniques serve the plan's own method; a layer override's other method runs plain."""
+        return self.settings[weight.name].method == self.plan.method
+
+    def select(self) -> None:
+        selection = select(self.model, self.plan)
+        self.weights, self.skipped = selection.weights, list(selection.skipped)
+        self.settings = {w.name: layer_setting(self.plan, w.name) for w in self.weights}
+
+
+def quantize_model(model: onnx.ModelProto, plan: Plan, progress: Progress, workers: int, data: Path | None = None,
+                   memo: dict[tuple[object, ...], object] | None = None) -> Step:
+    """The plan's methods applied to the model's weights (in place, or on a copy converted to another opset:
+    `Step.model`). With `data` (calibration inputs), the data-aware techniques refine each layer where that
+    measurably beats the plain result on the layer's output. `memo`: results shared by conversions of one model."""
+    unknown = [o for o in plan.overrides if o.method is not None and o.method not in METHODS]
+    if unknown:
+        raise UsageError(f"[[layer]] {unknown[0].match!r}: method must be one of {', '.join(METHODS)}, "
+                         f"got {unknown[0].method!r}")
+    overhead = plan.max_codebook_overhead if isinstance(plan, KMeansPlan) else 1.0
+    job = _Job(model, plan, progress, workers, Context(opset=default_opset(model), max_codebook_overhead=overhead,
+                                                        memo=memo))
+    full_qdq = plan if isinstance(plan, LinearPlan) and plan.activations else None  # activations quantized too
+    job.select()
+    # Folding BatchNorm where it costs no accuracy needs the statistics; integer kernels need every one folded,
+    # so full QDQ folds first and then gathers the statistics and the activation ranges in one pass.
+    refiner = None if full_qdq else refiner_for(model, [w for w in job.weights if job.refined(w)], plan, data, progress)
+    folded = _fold(job, refiner, everything=full_qdq is not None)
+    if full_qdq:
+        refiner = activations.statistics(job.model, job.weights, full_qdq, data, progress)
+    _vet(job)
+    opset = _prepare_opset(job)
+    if refiner is not None:
+        refiner.bind(job.model, job.weights)
+    ranges = activations.ranges(job.model, job.weights, full_qdq, data, refiner, progress, job.warnings) if full_qdq else None
+    items, decisions, chosen = _quantize(job, refiner)
+    reports, histograms = [], []
+    for weight in job.weights:
+        item, decision = items[weight.name], decisions.get(weight.name)
+        method, array = job.method(weight), weight.array()
+        overridden = f"{method.name} by a layer override" if not job.refined(weight) else None
+        note = join(overridden, job.axes[weight.name][1], chosen[weight.name], decision.note if decision else None)
+        report = method.report(weight, array, item, note)
+        reports.append(with_techniques(report, weight.name in folded.values(), decision))
+        histograms.append(method.histogram(weight.name, array, item))
+    opset = _described(job, opset, items)
+    if refiner is not None:  # after the ranges: those are the float model's
+        refiner.apply_shifts(job.model, decisions)
+    progress("encoding")
+    for method in METHODS.values():
+        if encoded := [items[w.name] for w in job.weights if job.method(w) is method]:
+            method.encode(job.model, encoded)
+    if full_qdq:
+        assert ranges is not None
+        job.details.update(activations.insert(job.model, {w.name: items[w.name] for w in job.weights}, ranges))  # type: ignore[misc]
+        if any(s.bits == 4 for s in job.settings.values()):
+            job.warnings.append("int4 weights in a full QDQ graph are not fused into integer kernels by onnxruntime; "
+                                "int8 runs faster")
+    elif (note := METHODS[plan.method].runtime_note) is not None:
+        job.details["runtime"] = note
+    return Step(job.model, opset, reports, job.skipped, job.warnings, job.details, histograms)
+
+
+def _fold(job: _Job, refiner: Refiner | None, *, everything: bool) -> dict[str, str]:
+    """Fold BatchNorm into the layer before it (where that costs no accuracy once quantized, unless
+    `everything`), then select again: folding rebuilt the graph."""
+    if not job.plan.fold_batchnorm:
+        return {}
+
+    unshared = dataclasses.replace(job.context, memo=None)  # results for arrays that may not be kept
+
+    def quantizer(weight: Weight, importance: np.ndarray | None) -> tuple[int | None, Callable[[np.ndarray], np.ndarray]]:
+        method, setting = job.method(weight), job.settings[weight.name]
+        axis = method.axes(weight, setting, job.context)[0][-1]  # granularity auto: as if per channel
+        return axis, lambda values: method.quantize(weight, values, setting, axis, importance, unshared).dequantized()
+
+    folded = fold_batchnorm(job.model, None if everything else fold_filter(job.weights, quantizer, refiner))
+    job.select()
+    if folded:
+        job.details["folded_batchnorm"] = list(folded)
+    return folded
+
+
+def _vet(job: _Job) -> None:
+    """Weights without NaN/Inf that their method can store; the others join the skipped."""
+    kept = []
+    for weight in finite(job.weights, job.skipped):
+        reason = job.method(weight).unsupported(weight)
+        if reason is None:
+            kept.append(weight)
+        else:
+            job.skipped.append(Skipped(weight.name, weight.op_types, reason, weight.shape))
+    require_weights(kept, job.skipped)
+    job.weights = kept
+    job.axes = {w.name: job.method(w).axes(w, job.settings[w.name], job.context) for w in job.weights}
+
+
+def _prepare_opset(job: _Job) -> OpsetChange:
+    """Raise the opset to what every weight's tightest encoding wants, if the plan allows; where the version
+    converter cannot, to what they require (each method then stores its weights as that opset allows)."""
+    before = default_opset(job.model)
+    needs = {w.name: job.method(w).need(w, job.settings[w.name], job.axes[w.name][0][-1]) for w in job.weights}
+    wanted, required = max(n.wanted for n in needs.values()), max(n.required for n in needs.values())
+    if before >= wanted:
+        return OpsetChange(before, before, "-")
+
+    def above(level: int) -> dict[str, list[LayerSetting]]:
+        """Per method, the settings of the weights that want an opset above `level`."""
+        found: dict[str, list[LayerSetting]] = {}
+        for weight in job.weights:
+            if needs[weight.name].wanted > level:
+                found.setdefault(job.method(weight).name, []).append(job.settings[weight.name])
+        return found
+
+    reasons = _reasons(above(before), before)
+    allowed = getattr(job.plan, "raise_opset", True)
+    if not allowed and required > before:
+        raise UnsupportedModelError(f"linear layers need opset {required}, and --keep-opset forbids raising it from {before}")
+    reason = "--keep-opset"
+    if allowed:
+        try:
+            _convert(job, wanted)
+            return OpsetChange(before, wanted, "-", f"opset raised from {before} to {wanted} for {reasons}")
+        except QConvertError as e:
+            if required == wanted:  # nothing to fall back to
+                hints = "".join(getattr(METHODS[n], "opset_hint", lambda _: "")(s) for n, s in above(before).items())
+                raise UnsupportedModelError(f"{reasons} needs opset {wanted}: {e}{hints}") from e
+            reason = str(e)
+    after = max(before, required)  # what the weights cannot do without; their storage can
+    missing = above(after)
+    job.fell_back = set(missing)
+    note = f"{_reasons(missing, before)} need opset {wanted} ({reason}); stored as {FALLBACK} instead"
+    if after > before:
+        _convert(job, after)
+        note += f"; opset raised from {before} to {after} for the linear layers"
+    return OpsetChange(before, after, "-", note)
+
+
+def _reasons(by_method: dict[str, list[LayerSetting]], before: int) -> str:
+    """What needs an opset above `before`, per method, in a few words."""
+    return ", ".join(r for name, settings in by_method.items() if settings and (r := METHODS[name].opset_reason(settings, before)))
+
+
+def _convert(job: _Job, target: int) -> None:
+    """The model converted to `target` (in place of the input), its weights selected again there."""
+    names = {w.name for w in job.weights}
+    job.model = raise_opset(job.model, target, keep_input=False)
+    job.context.opset = target
+    skipped = job.skipped
+    job.select()  # the converted model holds other proto objects
+    job.weights = [w for w in job.weights if w.name in names]
+    job.skipped = skipped
+
+
+def _quantize(job: _Job, refiner: Refiner | None) -> tuple[dict[str, Quantized], dict[str, Decision], dict[str, str | None]]:
+    """Per weight: its method's result on each axis to try (the method chooses), then with the layer's
+    input statistics the data-aware result on the chosen axis, and the check that keeps the better."""
+    weights, settings, context = job.weights, job.settings, job.context
+
+    def compute(weight: Weight, axis: int | None, importance: np.ndarray | None) -> Quantized:
+        return job.method(weight).quantize(weight, weight.array(), settings[weight.name], axis, importance, context)
+
+    job.progress(f"quantizing {len(weights)} weights")
+    jobs: list[tuple[Weight, int | None, np.ndarray | None]] = [(w, axis, None) for w in weights for axis in job.axes[w.name][0]]
+    arriving = in_order(compute, jobs, job.workers, sum(w.elements for w, _, _ in jobs))
+    plain: dict[str, Quantized] = {}
+    chosen: dict[str, str | None] = {}
+    for weight in weights:  # decided as each weight's results arrive: only the chosen ones stay
+        tried = {axis: next(arriving) for axis in job.axes[weight.name][0]}
+        axis, note = job.method(weight).choose(weight, tried, settings[weight.name])
+        plain[weight.name], chosen[weight.name] = tried[axis], note
+    if refiner is None:
+        return plain, {}, chosen
+    importance = {w.name: refiner.importance(w) for w in weights if job.refined(w)}
+    job.progress("quantizing for the layer outputs")
+    jobs = [(w, plain[w.name].axis, importance[w.name]) for w in weights if importance.get(w.name) is not None]
+    refined = dict(zip((w.name for w, _, _ in jobs), in_order(compute, jobs, job.workers, sum(w.elements for w, _, _ in jobs))))
+    job.progress("checking each layer's output on the calibration data")
+    by_name = {w.name: w for w in weights}
+    results = {name: (plain[name].dequantized, refined[name].dequantized if name in refined else None) for name in importance}
+    decisions = refiner.decide(job.model, results, lambda name: by_name[name].array())  # type: ignore[arg-type]
+    job.details["calibration"] = refiner.summary(decisions)
+    items = {name: refined[name] if (d := decisions.get(name)) and d.refined else item for name, item in plain.items()}
+    return items, decisions, chosen
+
+
+def _described(job: _Job, opset: OpsetChange, items: dict[str, Quantized]) -> OpsetChange:
+    """The opset change with how the weights are stored, and in its note how those that fell back are."""
+    storage = ", ".join(sorted({job.method(w).storage(items[w.name]) for w in job.weights})) or "-"
+    note = opset.note
+    if note is not None and FALLBACK in note:
+        fell_back = ", ".join(sorted({job.method(w).storage(items[w.name]) for w in job.weights
+                                      if job.method(w).name in job.fell_back}))
+        note = note.replace(FALLBACK, fell_back)
+    return dataclasses.replace(opset, storage=storage, note=note)
