@@ -14,9 +14,9 @@ import onnx
 from qconvert import qdq
 from qconvert.calibrate import activation_ranges
 from qconvert.methods.base import Progress
-from qconvert.methods.common import calibration_feeds
 from qconvert.methods.refine import Refiner, refiner_for
 from qconvert.plan import CalibrationMethod, LinearPlan
+from qconvert.runtime import calibration_feeds
 from qconvert.select import Weight
 
 MIN_CALIBRATION_SAMPLES = 16

@@ -9,8 +9,8 @@ import onnx
 from onnx import helper
 
 from qconvert.plan import CalibrationMethod
+from qconvert.runtime import Feeds
 from qconvert.sections import Section, Sections
-from qconvert.validate import Feeds
 
 SAMPLE_PER_TENSOR = 1 << 16  # values kept per tensor for percentiles
 

@@ -15,9 +15,9 @@ from qconvert import io
 from qconvert.calibrate import Extremes, read_extremes
 from qconvert.opset import hole, is_hole
 from qconvert.rewrite import NameSource, add_after, use_counts
+from qconvert.runtime import Feeds
 from qconvert.sections import Section, Sections
 from qconvert.select import MAIN_GRAPH, Weight, constant_value
-from qconvert.validate import Feeds
 
 IMPORTANCE_FLOOR = 1e-6  # dead input channels still count a little: keeps the weighted k-means well posed
 CHECK_SAMPLES = 8  # calibration samples that the layer and whole-model checks run on (statistics use all) ...

@@ -24,11 +24,12 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from qconvert import fidelity, io, validate
+from qconvert import fidelity, io, runtime
 from qconvert.gates import Gates
 from qconvert.methods import METHODS
 from qconvert.methods.base import file_bytes, opset_for
 from qconvert.methods.common import Progress, select
+from qconvert.methods.kmeans import overhead_bits
 from qconvert.opset import Reach, hole, without_weights
 from qconvert.pipeline import Conversion
 from qconvert.plan import AutoPlan, Granularity, KMeansPlan, LayerOverride, LayerSetting, ValidationPlan
@@ -82,13 +83,13 @@ def profile(model: onnx.ModelProto, plan: AutoPlan, validation: ValidationPlan, 
     """Gains of every layer and the options of every weight, with their predicted output noise."""
     selection = select(model, _base_plan(plan, ()))
     weights = [w for w in selection.weights if np.isfinite(w.array()).all()]
-    feeds = validate.build_feeds(validate.signature(model), validation)
+    feeds = runtime.build_feeds(runtime.signature(model), validation)
     # Work grows with model size × samples × probe widths: small models get more of both.
     elements = max(sum(w.elements for w in weights), 1)
     widths = PROBE_BITS if elements * len(PROBE_BITS) <= GAIN_BUDGET else PROBE_BITS[:1]
     count = int(np.clip(GAIN_BUDGET // (elements * len(widths)), 1, GAIN_SAMPLES))
     singles = [{k: v[i : i + 1] for k, v in batch.items()} for batch in feeds.batches for i in range(len(next(iter(batch.values()))))]
-    samples = validate.Feeds(singles[:count], len(singles[:count]), feeds.source)
+    samples = runtime.Feeds(singles[:count], len(singles[:count]), feeds.source)
     layers = fidelity.find_layers(model, weights)
     moments = fidelity.input_moments(model, layers, samples).moments if layers else {}
     layers = {n: layer for n, layer in layers.items() if n in moments}
@@ -171,7 +172,7 @@ def _gain_curve(points: list[tuple[float, float]]) -> Callable[[float], float]:
     return lambda ratio: float(np.exp(np.interp(np.log(max(ratio, 1e-30)), ratios, gains)))
 
 
-def noise_gains(model: onnx.ModelProto, layers: dict[str, fidelity.Layer], samples: validate.Feeds,
+def noise_gains(model: onnx.ModelProto, layers: dict[str, fidelity.Layer], samples: runtime.Feeds,
                 perturbed: dict[str, np.ndarray], groups: int,
                 shifts: dict[str, np.ndarray] | None = None) -> dict[str, tuple[float, float]]:
     """Per layer: the layer's own noise-to-signal ratio with the weights of `perturbed` (a quantized
@@ -195,14 +196,14 @@ def noise_gains(model: onnx.ModelProto, layers: dict[str, fidelity.Layer], sampl
     outputs = scored_outputs(model)
     ys = [layers[n].node.output[0] for n in names]
     references, ranks = [], {}
-    for result in validate.run_with_outputs(model, [*outputs, *ys], samples, "input model"):
+    for result in runtime.run_with_outputs(model, [*outputs, *ys], samples, "input model"):
         references.append([result[o].astype(np.float64) for o in outputs])
         ranks = {name: result[y].ndim for name, y in zip(names, ys)}
     probe, masks, picks, arrays = _noise_probe(model, layers, deltas, shifts, ranks)
     del deltas
     known = {o.name for o in probe.graph.output}
     probe.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in outputs if name not in known)
-    sess = validate.model_session(model, "model for the sensitivity probe", skeleton=probe, replaced=arrays, probe=True)
+    sess = runtime.model_session(model, "model for the sensitivity probe", skeleton=probe, replaced=arrays, probe=True)
     del probe, arrays
     slots = 1 if _fixed_batch(model) else SLOTS
     units = [list(u) for u in np.array_split(np.array(names, dtype=object), min(groups, len(names)))]
@@ -294,7 +295,6 @@ def _options(weight: Weight, array: np.ndarray, plan: AutoPlan, rng: np.random.G
     """Every quantized way to store the weight that the model's opset allows, with its size, and what
     the output `channels` (None: all) decode to. K-means codebooks are fitted on a sample of the
     tensor or of each channel."""
-    itemsize = array.dtype.itemsize
     axis = weight.channel_axis
     part = array if channels is None else np.take(array, channels, axis)
     found = []
@@ -306,8 +306,7 @@ def _options(weight: Weight, array: np.ndarray, plan: AutoPlan, rng: np.random.G
         fit = _sample(fitted.shape[1], FIT_VALUES if row_axis is None else ROW_VALUES, rng)
         rows = to_rows(part, row_axis)
         for bits in plan.bits:
-            groups = weight.shape[row_axis] if row_axis is not None else 1
-            if groups > 1 and (groups - 1) * (1 << bits) * itemsize * 8 / array.size > plan.max_codebook_overhead:
+            if row_axis is not None and overhead_bits(weight, bits, row_axis) > plan.max_codebook_overhead:
                 continue
             setting = LayerSetting("kmeans", bits, granularity, False)
             opset = opset_for(reach, METHODS["kmeans"].need(weight, setting, row_axis))

@@ -22,8 +22,8 @@ from qconvert import io
 from qconvert.errors import OutputError, first_line
 from qconvert.opset import default_opset, without_weights
 from qconvert.rewrite import NameSource, add_after, set_nodes
+from qconvert.runtime import Feeds, model_session, run_batches
 from qconvert.select import constant_value
-from qconvert.validate import Feeds, model_session, run_batches
 
 SECTIONS = 4  # a whole-model pass runs in about this many sessions ...
 MIN_SECTION_BYTES = 16 << 20  # ... each of at least this many bytes of weights (small models run whole)

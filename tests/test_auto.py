@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from qconvert import fidelity, io, opset, pipeline, validate
+from qconvert import fidelity, io, opset, pipeline, runtime
 from qconvert import mixed as auto
 from qconvert.cli import cli
 from qconvert.errors import ExitCode, QConvertError
@@ -80,7 +80,7 @@ def test_noise_gain_of_the_last_linear_layer_is_one(softmax: bool) -> None:
     model = chain(rng, softmax)
     assert auto.scored_outputs(model) == ["y"]
     layers = fidelity.find_layers(model, select_weights(model).weights)
-    samples = validate.Feeds([{"x": rng.standard_normal((1, 16)).astype(np.float32)} for _ in range(4)], 4, "test")
+    samples = runtime.Feeds([{"x": rng.standard_normal((1, 16)).astype(np.float32)} for _ in range(4)], 4, "test")
     perturbed = {name: auto._kmeans(numpy_helper.to_array(t), 2, rng) for name, t in
                  ((t.name, t) for t in model.graph.initializer)}
     gains = auto.noise_gains(model, layers, samples, perturbed, groups=16)
@@ -107,19 +107,19 @@ def test_noise_gains_match_the_quantized_model_layer_by_layer(corrected: bool) -
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     layers = fidelity.find_layers(model, select_weights(model).weights)
     assert set(layers) == set(shapes)
-    samples = validate.Feeds([{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(3)], 3, "test")
+    samples = runtime.Feeds([{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(3)], 3, "test")
     perturbed = {n: auto._kmeans(w, 2, rng) for n, w in weights.items()}
     moments = fidelity.input_moments(model, layers, samples).moments
     shifts = {n: fidelity.bias_shift(layers[n], moments[n], w, perturbed[n]) for n, w in weights.items()} if corrected else {}
     gains = auto.noise_gains(model, layers, samples, perturbed, 3, shifts)  # type: ignore[arg-type]
-    clean = [r["y"].astype(np.float64) for r in validate.run_with_outputs(model, ["y"], samples, "test")]
+    clean = [r["y"].astype(np.float64) for r in runtime.run_with_outputs(model, ["y"], samples, "test")]
     for name in weights:
         quantized = onnx.ModelProto()
         quantized.CopyFrom(model)
         next(t for t in quantized.graph.initializer if t.name == name).CopyFrom(numpy_helper.from_array(perturbed[name], name))
         if corrected:
             fidelity.apply_bias_shifts(quantized, {name: (fidelity.find_layers(quantized, select_weights(quantized).weights)[name], shifts[name])})
-        noisy = [r["y"] for r in validate.run_with_outputs(quantized, ["y"], samples, "test")]
+        noisy = [r["y"] for r in runtime.run_with_outputs(quantized, ["y"], samples, "test")]
         expected = sum(float(np.sum((n - c) ** 2)) for c, n in zip(clean, noisy)) / sum(float(np.sum(c * c)) for c in clean)
         ratio, gain = gains[name]
         assert ratio * gain == pytest.approx(expected, rel=1e-3), name

@@ -18,8 +18,8 @@ from qconvert.errors import OutputError
 from qconvert.fidelity import Candidate
 from qconvert.methods.common import fold_pays
 from qconvert.methods.refine import Refiner
+from qconvert.runtime import Feeds
 from qconvert.select import select_weights
-from qconvert.validate import Feeds
 
 
 def layer_model(op: str, rng: np.random.Generator) -> tuple[onnx.ModelProto, np.ndarray]:
@@ -364,7 +364,7 @@ def test_model_session_hands_weights_over_as_arrays() -> None:
     import ml_dtypes
 
     from qconvert.opset import is_hole, without_weights
-    from qconvert.validate import model_session
+    from qconvert.runtime import model_session
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((64, 64)).astype(np.float32)

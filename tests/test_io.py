@@ -16,7 +16,7 @@ from qconvert.errors import InputError
 from qconvert.opset import without_weights
 from qconvert.pipeline import convert
 from qconvert.plan import KMeansPlan
-from qconvert.validate import model_session
+from qconvert.runtime import model_session
 
 from conftest import conv_model, save
 

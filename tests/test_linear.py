@@ -204,7 +204,7 @@ def test_unreadable_image_is_named(tmp_path: Path, digits: Path, digits_data: Pa
 def test_percentile_ranges_are_inside_minmax_ranges(digits: Path, digits_data: Path) -> None:
     from qconvert.calibrate import activation_ranges
     from qconvert.plan import CalibrationMethod
-    from qconvert.validate import load_feeds, session
+    from qconvert.runtime import load_feeds, session
 
     model = onnx.load(str(digits))
     feeds = load_feeds(session(str(digits), "model"), digits_data, batch_size=16)
@@ -272,7 +272,7 @@ def test_batchnorm_folds_into_conv_transpose_and_gemm(op: str) -> None:
 def test_calibration_reads_the_input_signature_without_loading_the_model(digits: Path, ir_version: int) -> None:
     """`signature` (inputs passed through) gives what a session of the whole model gives, also when
     initializers are listed as graph inputs (required before IR 4), and symbolic sizes stay symbolic."""
-    from qconvert.validate import model_session, signature
+    from qconvert.runtime import model_session, signature
 
     model = onnx.load(str(digits))
     model.ir_version = ir_version

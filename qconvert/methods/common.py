@@ -6,21 +6,17 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 import onnx
 
-from qconvert import validate
-from qconvert.errors import UnsupportedModelError, UsageError
-from qconvert.images import Preprocessing, load_images
+from qconvert.errors import UnsupportedModelError
 from qconvert.plan import Plan, layer_setting
 from qconvert.report import Histogram, OpsetChange, WeightReport
 from qconvert.select import Selection, Skipped, Weight, select_weights
 
 Progress = Callable[[str], None]
-CALIBRATION_BATCH = 1  # samples per calibration run: a CNN runs as fast one at a time, and holds one sample's activations
 PARALLEL_MIN_ELEMENTS = 1 << 21  # weights below which a second thread gains nothing
 Result = TypeVar("Result")
 
@@ -85,18 +81,6 @@ def require_weights(items: Sequence[object], skipped: list[Skipped]) -> None:
     if not items:
         reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:3]) or "no Conv, ConvTranspose, Gemm, MatMul or RNN reads a constant weight"
         raise UnsupportedModelError(f"nothing to quantize ({reasons})")
-
-
-def calibration_feeds(model: onnx.ModelProto, path: Path, preprocessing: Preprocessing) -> validate.Feeds:
-    """Batches from a calibration .npz, or from a folder of images for a single-input model."""
-    sess = validate.signature(model)
-    if not path.is_dir():
-        return validate.load_feeds(sess, path, batch_size=CALIBRATION_BATCH)
-    inputs = sess.get_inputs()
-    if len(inputs) != 1:
-        raise UsageError(f"a folder of images calibrates single-input models; this one has {len(inputs)} (use an .npz)")
-    images = load_images(path, list(inputs[0].shape), preprocessing)
-    return validate.feeds_from_arrays(sess, {inputs[0].name: images}, path, batch_size=CALIBRATION_BATCH)
 
 
 def fold_pays(array: np.ndarray, factor: np.ndarray, axis: int, quantize: Callable[[np.ndarray], np.ndarray],

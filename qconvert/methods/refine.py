@@ -14,11 +14,11 @@ import onnx
 from qconvert import fidelity
 from qconvert.fidelity import Candidate, Deferred, Layer, Moments, array_of
 from qconvert.fold import FoldFilter
-from qconvert.methods.common import Progress, calibration_feeds, fold_pays
+from qconvert.methods.common import Progress, fold_pays
 from qconvert.plan import Plan
 from qconvert.report import WeightReport
+from qconvert.runtime import Feeds, calibration_feeds
 from qconvert.select import Weight
-from qconvert.validate import Feeds
 
 DATA_AWARE = "data-aware"
 BIAS_CORRECTED = "bias-corrected"
