@@ -24,7 +24,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from qconvert import fidelity, io, runtime
+from qconvert import io, runtime
+from qconvert.fidelity import bias, checks, statistics
 from qconvert.gates import Gates
 from qconvert.methods import METHODS
 from qconvert.methods.base import file_bytes, opset_for
@@ -90,8 +91,8 @@ def profile(model: onnx.ModelProto, plan: AutoPlan, validation: ValidationPlan, 
     count = int(np.clip(GAIN_BUDGET // (elements * len(widths)), 1, GAIN_SAMPLES))
     singles = [{k: v[i : i + 1] for k, v in batch.items()} for batch in feeds.batches for i in range(len(next(iter(batch.values()))))]
     samples = runtime.Feeds(singles[:count], len(singles[:count]), feeds.source)
-    layers = fidelity.find_layers(model, weights)
-    moments = fidelity.input_moments(model, layers, samples).moments if layers else {}
+    layers = statistics.find_layers(model, weights)
+    moments = statistics.input_moments(model, layers, samples).moments if layers else {}
     layers = {n: layer for n, layer in layers.items() if n in moments}
     # Layers that share a slot share a gain: one blended over a few layers misleads the allocation (on
     # ResNet-50 per-layer predictions were off by up to 10× with 16 slots), so resolution comes first.
@@ -109,7 +110,7 @@ def profile(model: onnx.ModelProto, plan: AutoPlan, validation: ValidationPlan, 
         arrays = {w.name: w.array() for w in weights if w.name in layers}
         perturbed = {name: _kmeans(array, bits, rng) for name, array in arrays.items()}  # Ŵ
         shifts = {name: shift for name in layers if corrected[name] and
-                  (shift := fidelity.bias_shift(layers[name], moments[name], arrays[name], perturbed[name])) is not None}
+                  (shift := bias.bias_shift(layers[name], moments[name], arrays[name], perturbed[name])) is not None}
         for name, point in noise_gains(model, layers, samples, perturbed, groups, shifts).items():
             points[name].append(point)
             if name not in calibration:
@@ -140,14 +141,14 @@ def profile(model: onnx.ModelProto, plan: AutoPlan, validation: ValidationPlan, 
     return Profile(options, {name: max(g for _, g in p) for name, p in points.items()}, {w.name: w.elements for w in weights})
 
 
-def _noise_estimate(weight: Weight, layer: fidelity.Layer, moments: fidelity.Moments) -> Callable[..., float]:
+def _noise_estimate(weight: Weight, layer: statistics.Layer, moments: statistics.Moments) -> Callable[..., float]:
     """(original, quantized[, output channels they hold][, corrected]) -> a number proportional to the
     layer's output noise: Σ Var[x]·ΔW² plus the squared mean error (Σ E[x]·ΔW)² per output channel,
     which bias correction (`corrected`) removes. The constant (the output's power, input correlations)
     is calibrated against one measured perturbation per layer; a subset of output channels stands for
     all of them."""
-    spread = fidelity.per_weight(layer, np.maximum(moments.square - moments.mean**2, 0.0), weight.shape)
-    centre = fidelity.per_weight(layer, moments.mean, weight.shape)
+    spread = statistics.per_weight(layer, np.maximum(moments.square - moments.mean**2, 0.0), weight.shape)
+    centre = statistics.per_weight(layer, moments.mean, weight.shape)
     variance = np.broadcast_to(1.0 if spread is None else spread, weight.shape)  # unknown layout: plain weight error
     mean = np.broadcast_to(0.0 if centre is None else centre, weight.shape)
     alpha = next((a.f for a in layer.node.attribute if a.name == "alpha"), 1.0) if layer.op_type == "Gemm" else 1.0
@@ -172,7 +173,7 @@ def _gain_curve(points: list[tuple[float, float]]) -> Callable[[float], float]:
     return lambda ratio: float(np.exp(np.interp(np.log(max(ratio, 1e-30)), ratios, gains)))
 
 
-def noise_gains(model: onnx.ModelProto, layers: dict[str, fidelity.Layer], samples: runtime.Feeds,
+def noise_gains(model: onnx.ModelProto, layers: dict[str, statistics.Layer], samples: runtime.Feeds,
                 perturbed: dict[str, np.ndarray], groups: int,
                 shifts: dict[str, np.ndarray] | None = None) -> dict[str, tuple[float, float]]:
     """Per layer: the layer's own noise-to-signal ratio with the weights of `perturbed` (a quantized
@@ -190,7 +191,7 @@ def noise_gains(model: onnx.ModelProto, layers: dict[str, fidelity.Layer], sampl
     if not names:
         return {}
     shifts = shifts or {}
-    own = fidelity.layer_snr(model, [fidelity.Candidate(layers[n], perturbed[n], shifts.get(n)) for n in names], samples)
+    own = checks.layer_snr(model, [checks.Candidate(layers[n], perturbed[n], shifts.get(n)) for n in names], samples)
     weights = {w.name: w for w in select_weights(model).weights}
     deltas = {n: perturbed[n] - weights[n].array() for n in names}  # Ŵ − W: the error the quantized layer adds
     outputs = scored_outputs(model)
@@ -245,7 +246,7 @@ def scored_outputs(model: onnx.ModelProto) -> list[str]:
     return scored
 
 
-def _noise_probe(model: onnx.ModelProto, layers: dict[str, fidelity.Layer], deltas: dict[str, np.ndarray], shifts: dict[str, np.ndarray],
+def _noise_probe(model: onnx.ModelProto, layers: dict[str, statistics.Layer], deltas: dict[str, np.ndarray], shifts: dict[str, np.ndarray],
                  ranks: dict[str, int]) -> tuple[onnx.ModelProto, dict[str, str], dict[str, str], dict[str, np.ndarray]]:
     """A skeleton of the model with y + mask·(layer(x[slot]; Ŵ − W) + shift) after each layer, mask a new
     [batch, 1, ...] input and slot a new [1] input (the batch slot the layer's noise goes to: its error
@@ -266,11 +267,11 @@ def _noise_probe(model: onnx.ModelProto, layers: dict[str, fidelity.Layer], delt
         graph.input.append(helper.make_tensor_value_info(slot, onnx.TensorProto.INT64, [1]))
         batch_axis = 1 if layer.op_type == "Gemm" and layer.x_axis == 0 else 0  # Gemm's transA: x is [K, batch]
         pick = helper.make_node("Gather", [layer.node.input[0], slot], [sample], axis=batch_axis)
-        nodes = [pick, fidelity.layer_copy(layer.node, delta, noise, fresh, bias=False)]  # the weight's error alone
+        nodes = [pick, checks.layer_copy(layer.node, delta, noise, fresh, bias=False)]  # the weight's error alone
         nodes[1].input[0] = sample
         if name in shifts:  # its mean removed, as bias correction does
             shift, error = fresh(f"{name}_qc_shift"), noise
-            arrays[shift] = fidelity.output_layout(layer, shifts[name]).astype(np.float32)
+            arrays[shift] = bias.output_layout(layer, shifts[name]).astype(np.float32)
             graph.initializer.append(numpy_helper.from_array(arrays[shift], shift))
             noise = fresh(f"{y}_qc_corrected")
             nodes.append(helper.make_node("Add", [error, shift], [noise]))

@@ -12,10 +12,11 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from qconvert import fidelity, io, opset, pipeline, runtime
+from qconvert import io, opset, pipeline, runtime
 from qconvert import mixed as auto
 from qconvert.cli import cli
 from qconvert.errors import ExitCode, QConvertError
+from qconvert.fidelity import bias, statistics
 from qconvert.plan import AutoPlan, Granularity, KMeansPlan, LayerOverride, ValidationPlan
 from qconvert.select import select_weights
 
@@ -79,7 +80,7 @@ def test_noise_gain_of_the_last_linear_layer_is_one(softmax: bool) -> None:
     rng = np.random.default_rng(0)
     model = chain(rng, softmax)
     assert auto.scored_outputs(model) == ["y"]
-    layers = fidelity.find_layers(model, select_weights(model).weights)
+    layers = statistics.find_layers(model, select_weights(model).weights)
     samples = runtime.Feeds([{"x": rng.standard_normal((1, 16)).astype(np.float32)} for _ in range(4)], 4, "test")
     perturbed = {name: auto._kmeans(numpy_helper.to_array(t), 2, rng) for name, t in
                  ((t.name, t) for t in model.graph.initializer)}
@@ -105,12 +106,12 @@ def test_noise_gains_match_the_quantized_model_layer_by_layer(corrected: bool) -
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5])],
                               [numpy_helper.from_array(w, n) for n, w in weights.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    layers = fidelity.find_layers(model, select_weights(model).weights)
+    layers = statistics.find_layers(model, select_weights(model).weights)
     assert set(layers) == set(shapes)
     samples = runtime.Feeds([{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(3)], 3, "test")
     perturbed = {n: auto._kmeans(w, 2, rng) for n, w in weights.items()}
-    moments = fidelity.input_moments(model, layers, samples).moments
-    shifts = {n: fidelity.bias_shift(layers[n], moments[n], w, perturbed[n]) for n, w in weights.items()} if corrected else {}
+    moments = statistics.input_moments(model, layers, samples).moments
+    shifts = {n: bias.bias_shift(layers[n], moments[n], w, perturbed[n]) for n, w in weights.items()} if corrected else {}
     gains = auto.noise_gains(model, layers, samples, perturbed, 3, shifts)  # type: ignore[arg-type]
     clean = [r["y"].astype(np.float64) for r in runtime.run_with_outputs(model, ["y"], samples, "test")]
     for name in weights:
@@ -118,7 +119,7 @@ def test_noise_gains_match_the_quantized_model_layer_by_layer(corrected: bool) -
         quantized.CopyFrom(model)
         next(t for t in quantized.graph.initializer if t.name == name).CopyFrom(numpy_helper.from_array(perturbed[name], name))
         if corrected:
-            fidelity.apply_bias_shifts(quantized, {name: (fidelity.find_layers(quantized, select_weights(quantized).weights)[name], shifts[name])})
+            bias.apply_bias_shifts(quantized, {name: (statistics.find_layers(quantized, select_weights(quantized).weights)[name], shifts[name])})
         noisy = [r["y"] for r in runtime.run_with_outputs(quantized, ["y"], samples, "test")]
         expected = sum(float(np.sum((n - c) ** 2)) for c, n in zip(clean, noisy)) / sum(float(np.sum(c * c)) for c in clean)
         ratio, gain = gains[name]

@@ -12,10 +12,11 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from qconvert import fidelity, sections
+from qconvert import sections
 from qconvert.cli import cli
 from qconvert.errors import OutputError
-from qconvert.fidelity import Candidate
+from qconvert.fidelity import bias, checks, statistics
+from qconvert.fidelity.checks import Candidate
 from qconvert.methods.common import fold_pays
 from qconvert.methods.refine import Refiner
 from qconvert.runtime import Feeds
@@ -70,15 +71,15 @@ def test_bias_correction_restores_the_mean_output(op: str) -> None:
     rng = np.random.default_rng(0)
     model, x = layer_model(op, rng)
     weights = select_weights(model).weights
-    layers = fidelity.find_layers(model, weights)
-    moments = fidelity.input_moments(model, layers, feeds(x)).moments
+    layers = statistics.find_layers(model, weights)
+    moments = statistics.input_moments(model, layers, feeds(x)).moments
     w = numpy_helper.to_array(model.graph.initializer[-1])
     coarse = np.round(w * 2 + 0.3) / 2  # a biased quantizer: its error has a non-zero mean
-    shift = fidelity.bias_shift(layers["w"], moments["w"], w, coarse)
+    shift = bias.bias_shift(layers["w"], moments["w"], w, coarse)
     quantized = with_weight(model, coarse)
     mean_axis = tuple(a for a in range(x.ndim) if a != (1 if op == "Conv" else x.ndim - 1))
     before = np.abs((run(model, x) - run(quantized, x)).mean(axis=mean_axis)).max()
-    fidelity.apply_bias_shifts(quantized, {"w": (fidelity.find_layers(quantized, select_weights(quantized).weights)["w"], shift)})
+    bias.apply_bias_shifts(quantized, {"w": (statistics.find_layers(quantized, select_weights(quantized).weights)["w"], shift)})
     onnx.checker.check_model(quantized, full_check=True)
     after = np.abs((run(model, x) - run(quantized, x)).mean(axis=mean_axis)).max()
     # exact for Gemm and MatMul; a Conv's windows see the channel mean only on average over the data
@@ -97,9 +98,9 @@ def test_one_pass_gives_the_activation_ranges_too() -> None:
     model, x = layer_model("Conv", rng)
     for value in (*model.graph.input, *model.graph.output):
         value.type.tensor_type.shape.dim[0].dim_param = "n"
-    layers = fidelity.find_layers(model, select_weights(model).weights)
+    layers = statistics.find_layers(model, select_weights(model).weights)
     batches = Feeds([{"x": x[i : i + 16]} for i in range(0, 64, 16)], 64, "test")
-    stats = fidelity.input_moments(model, layers, batches, extremes=["x", "y"])
+    stats = statistics.input_moments(model, layers, batches, extremes=["x", "y"])
     y = run(model, x)
     assert stats.ranges == {"x": (float(x.min()), float(x.max())), "y": (float(y.min()), float(y.max()))}
     assert activation_ranges(model, ["x", "y"], batches, method=CalibrationMethod.MINMAX) == stats.ranges
@@ -109,10 +110,10 @@ def test_one_pass_gives_the_activation_ranges_too() -> None:
 def test_importance_follows_conv_groups() -> None:
     rng = np.random.default_rng(1)
     model, x = layer_model("Conv", rng)
-    layer = fidelity.find_layers(model, select_weights(model).weights)["w"]
-    moments = fidelity.input_moments(model, {"w": layer}, feeds(x)).moments
+    layer = statistics.find_layers(model, select_weights(model).weights)["w"]
+    moments = statistics.input_moments(model, {"w": layer}, feeds(x)).moments
     np.testing.assert_allclose(moments["w"].square, np.mean(x.astype(np.float64) ** 2, axis=(0, 2, 3)), rtol=1e-6)
-    importance = fidelity.importance(layer, moments["w"], (8, 3, 3, 3))
+    importance = statistics.importance(layer, moments["w"], (8, 3, 3, 3))
     assert importance is not None and importance.shape == (8, 3, 1, 1)
     # output channels 0-3 read input channels 0-2 (group 0), channels 4-7 read 3-5 (group 1)
     np.testing.assert_allclose(importance[0, :, 0, 0], moments["w"].square[:3])
@@ -124,13 +125,13 @@ def test_layer_snr_is_measured_on_the_layer_output(op: str) -> None:
     """With and without a bias shift (whose error follows from the error's sums per channel)."""
     rng = np.random.default_rng(2)
     model, x = layer_model(op, rng)
-    layer = fidelity.find_layers(model, select_weights(model).weights)["w"]
+    layer = statistics.find_layers(model, select_weights(model).weights)["w"]
     w = numpy_helper.to_array(model.graph.initializer[-1])
     noisy = w + rng.standard_normal(w.shape).astype(np.float32) * 0.1
     shift = rng.standard_normal(w.shape[layer.out_axis]).astype(np.float32)
-    snrs = fidelity.layer_snr(model, [Candidate(layer, noisy), Candidate(layer, noisy, shift)], feeds(x))
+    snrs = checks.layer_snr(model, [Candidate(layer, noisy), Candidate(layer, noisy, shift)], feeds(x))
     want, got = run(model, x).astype(np.float64), run(with_weight(model, noisy), x).astype(np.float64)
-    for value, out in zip(snrs, (got, got + fidelity.output_layout(layer, shift))):
+    for value, out in zip(snrs, (got, got + bias.output_layout(layer, shift))):
         assert value == pytest.approx(10 * np.log10(np.sum(want**2) / np.sum((want - out) ** 2)), abs=1e-3)
 
 
@@ -167,7 +168,7 @@ def test_layer_checks_in_several_passes_measure_what_one_pass_does(monkeypatch: 
     late) and start there, from memory or, past CARRY_BYTES, from disk."""
     rng = np.random.default_rng(5)
     model, arrays, samples = chain_model(rng)
-    layers = fidelity.find_layers(model, select_weights(model, min_elements=1).weights)
+    layers = statistics.find_layers(model, select_weights(model, min_elements=1).weights)
     assert set(layers) == {"w1", "w2", "w3", "w4"}
     candidates = []
     for name, layer in layers.items():
@@ -177,11 +178,11 @@ def test_layer_checks_in_several_passes_measure_what_one_pass_does(monkeypatch: 
     starts: list[list[str]] = []
     real = sections.model_session
     monkeypatch.setattr(sections, "model_session", lambda m, what, skeleton, **kw: starts.append([i.name for i in skeleton.graph.input]) or real(m, what, skeleton=skeleton, **kw))
-    one_pass = fidelity.layer_snr(model, candidates, samples)
+    one_pass = checks.layer_snr(model, candidates, samples)
     a_section_per_layer(monkeypatch)
-    chained = fidelity.layer_snr(model, candidates, samples)
+    chained = checks.layer_snr(model, candidates, samples)
     monkeypatch.setattr(sections, "CARRY_BYTES", 0)
-    on_disk = fidelity.layer_snr(model, candidates, samples)
+    on_disk = checks.layer_snr(model, candidates, samples)
     assert starts[0] == ["x", "scale"] and len(starts) == 1 + 4 + 4
     assert starts[1:5] == [["x"], ["c1"], ["c2", "r1"], ["g", "scale"]]  # where the previous pass stopped; "scale", read late, kept
     assert starts[5:] == starts[1:5]
@@ -196,7 +197,7 @@ def test_whole_model_passes_in_sections_measure_what_one_session_does(monkeypatc
     from one session, with the tensors handed on in memory or on disk (and the temp folders removed)."""
     rng = np.random.default_rng(7)
     model, arrays, samples = chain_model(rng)
-    layers = fidelity.find_layers(model, select_weights(model, min_elements=1).weights)
+    layers = statistics.find_layers(model, select_weights(model, min_elements=1).weights)
     noisy = {n: arrays[n] + 0.05 * rng.standard_normal(arrays[n].shape).astype(np.float32) for n in layers}
     shifts = {n: (layers[n], 0.1 * rng.standard_normal(layers[n].weight_shape[layers[n].out_axis]).astype(np.float32)) for n in ("w2", "w4")}
     held: list[list[str]] = []
@@ -212,9 +213,9 @@ def test_whole_model_passes_in_sections_measure_what_one_session_does(monkeypatc
     temporary = sections.tempfile.TemporaryDirectory
     monkeypatch.setattr(sections.tempfile, "TemporaryDirectory", lambda **kw: (d := temporary(**kw), folders.append(d.name))[0])
 
-    def measure() -> tuple[fidelity.Statistics, list[float | None]]:
-        stats = fidelity.input_moments(model, layers, samples, ["x", "c1", "r1", "s", "g", "m", "y"])
-        return stats, fidelity.model_snr(model, [(noisy, {}), (noisy, shifts)], stats.checks, stats.reference)
+    def measure() -> tuple[statistics.Statistics, list[float | None]]:
+        stats = statistics.input_moments(model, layers, samples, ["x", "c1", "r1", "s", "g", "m", "y"])
+        return stats, checks.model_snr(model, [(noisy, {}), (noisy, shifts)], stats.checks, stats.reference)
 
     whole = measure()
     assert held == [["b3", "w1", "w2", "w3", "w4"]] * 3 and not folders
@@ -239,13 +240,13 @@ def test_whole_model_passes_in_sections_measure_what_one_session_does(monkeypatc
 
 def test_a_temp_folder_that_cannot_be_written_is_a_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model, _, samples = chain_model(np.random.default_rng(8))
-    layers = fidelity.find_layers(model, select_weights(model, min_elements=1).weights)
+    layers = statistics.find_layers(model, select_weights(model, min_elements=1).weights)
     a_section_per_layer(monkeypatch)
     monkeypatch.setattr(sections, "CARRY_BYTES", 0)
     (tmp_path / "file").write_text("")
     monkeypatch.setattr(sections.tempfile, "tempdir", str(tmp_path / "file"))  # not a folder
     with pytest.raises(OutputError, match=r"^cannot keep activations between calibration passes in the temp folder \("):
-        fidelity.input_moments(model, layers, samples)
+        statistics.input_moments(model, layers, samples)
 
 
 def test_a_refinement_that_hurts_is_not_kept() -> None:
@@ -412,7 +413,7 @@ def test_the_statistics_pass_frees_each_activation_as_the_model_alone_does(tmp_p
     monkeypatch.setattr(sections, "model_session", lambda model, what, skeleton=None, **kw: probes.append(skeleton) or real(model, what, skeleton=skeleton, **kw))
     x = np.load(digits_data)["input"][:1]
     tensors = qdq.activation_tensors(model, {w.name for w in weights})
-    fidelity.input_moments(model, fidelity.find_layers(model, weights), Feeds([{"input": x}], 1, "test"), tensors)
+    statistics.input_moments(model, statistics.find_layers(model, weights), Feeds([{"input": x}], 1, "test"), tensors)
     probe = probes[0]
     held = {t.name: t for t in model.graph.initializer}
     for i, tensor in enumerate(probe.graph.initializer):
@@ -447,15 +448,15 @@ def test_the_statistics_pass_frees_each_activation_as_the_model_alone_does(tmp_p
 
 def test_big_models_are_checked_on_fewer_samples(digits: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = onnx.load(str(digits))
-    layers = fidelity.find_layers(model, select_weights(model).weights)
+    layers = statistics.find_layers(model, select_weights(model).weights)
     elements = sum(int(np.prod(layer.weight_shape)) for layer in layers.values())
     ten = Feeds([{"input": np.zeros((1, 1, 8, 8), np.float32)} for _ in range(10)], 10, "test")
-    assert fidelity.check_feeds(ten, layers).samples == fidelity.CHECK_SAMPLES == 8
-    monkeypatch.setattr(fidelity, "CHECK_BUDGET", 6 * elements)
-    assert fidelity.check_feeds(ten, layers).samples == 6
-    monkeypatch.setattr(fidelity, "CHECK_BUDGET", elements)
-    assert fidelity.check_feeds(ten, layers).samples == fidelity.MIN_CHECK_SAMPLES == 4
-    assert fidelity.check_feeds(Feeds(ten.batches[:3], 3, "test"), layers).samples == 3
+    assert statistics.check_feeds(ten, layers).samples == statistics.CHECK_SAMPLES == 8
+    monkeypatch.setattr(statistics, "CHECK_BUDGET", 6 * elements)
+    assert statistics.check_feeds(ten, layers).samples == 6
+    monkeypatch.setattr(statistics, "CHECK_BUDGET", elements)
+    assert statistics.check_feeds(ten, layers).samples == statistics.MIN_CHECK_SAMPLES == 4
+    assert statistics.check_feeds(Feeds(ten.batches[:3], 3, "test"), layers).samples == 3
 
 
 def test_layer_check_passes_hand_on_what_subgraphs_read(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -477,13 +478,13 @@ def test_layer_check_passes_hand_on_what_subgraphs_read(monkeypatch: pytest.Monk
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 5, 5])],
                               [numpy_helper.from_array(w, n) for n, w in weights.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    layers = fidelity.find_layers(model, select_weights(model, min_elements=1).weights)
+    layers = statistics.find_layers(model, select_weights(model, min_elements=1).weights)
     candidates = [Candidate(layers[n], w + 0.05 * rng.standard_normal(w.shape).astype(np.float32)) for n, w in weights.items()]
     samples = Feeds([{"x": rng.standard_normal((1, 4, 5, 5)).astype(np.float32), "cond": np.array(True)}], 1, "test")
-    one_pass = fidelity.layer_snr(model, candidates, samples)
+    one_pass = checks.layer_snr(model, candidates, samples)
     starts: list[list[str]] = []
     real = sections.model_session
     monkeypatch.setattr(sections, "model_session", lambda m, what, skeleton, **kw: starts.append([i.name for i in skeleton.graph.input]) or real(m, what, skeleton=skeleton, **kw))
     a_section_per_layer(monkeypatch)
-    np.testing.assert_allclose(fidelity.layer_snr(model, candidates, samples), one_pass, rtol=1e-5)
+    np.testing.assert_allclose(checks.layer_snr(model, candidates, samples), one_pass, rtol=1e-5)
     assert starts == [["x"], ["c1"], ["c2", "cond", "r1"]]

@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from qconvert import fidelity
-from qconvert.fidelity import Candidate, Deferred, Layer, Moments, array_of
+from qconvert.fidelity import checks, statistics
+from qconvert.fidelity.bias import apply_bias_shifts, bias_shift
+from qconvert.fidelity.checks import Candidate, Deferred, array_of
+from qconvert.fidelity.statistics import Layer, Moments
 from qconvert.fold import FoldFilter
 from qconvert.methods.common import Progress, fold_pays
 from qconvert.plan import Plan
@@ -58,8 +60,8 @@ class Refiner:
     @staticmethod
     def gather(model: onnx.ModelProto, weights: list[Weight], feeds: Feeds, *, data_aware: bool, bias_correction: bool,
                matmul_bias: bool = True, extremes: list[str] | None = None) -> Refiner:
-        layers = fidelity.find_layers(model, weights)
-        stats = fidelity.input_moments(model, layers, feeds, extremes) if layers else fidelity.Statistics({}, [], {}, feeds)
+        layers = statistics.find_layers(model, weights)
+        stats = statistics.input_moments(model, layers, feeds, extremes) if layers else statistics.Statistics({}, [], {}, feeds)
         refiner = Refiner(feeds.source, feeds.samples, stats.checks, stats.moments, stats.reference, data_aware, bias_correction, matmul_bias, ranges=stats.ranges)
         refiner.bind(model, weights)
         return refiner
@@ -67,7 +69,7 @@ class Refiner:
     def bind(self, model: onnx.ModelProto, weights: list[Weight]) -> None:
         """Find the layers in `model` (the input of a layer is the same tensor before and after BN
         folding or an opset change, so its statistics still hold)."""
-        layers = fidelity.find_layers(model, [w for w in weights if w.name in self.moments])
+        layers = statistics.find_layers(model, [w for w in weights if w.name in self.moments])
         if not self.matmul_bias:
             layers = {n: dataclasses.replace(x, bias_editable=False) if x.op_type == "MatMul" else x for n, x in layers.items()}
         self.layers = layers
@@ -76,7 +78,7 @@ class Refiner:
         """The error weights for a data-aware quantization of this weight (None: quantize it plainly)."""
         if not self.data_aware or weight.name not in self.layers:
             return None
-        return fidelity.importance(self.layers[weight.name], self.moments[weight.name], weight.shape)
+        return statistics.importance(self.layers[weight.name], self.moments[weight.name], weight.shape)
 
     def decide(self, model: onnx.ModelProto, results: dict[str, tuple[Deferred, Deferred | None]],
                original: Callable[[str], np.ndarray]) -> dict[str, Decision]:
@@ -98,16 +100,16 @@ class Refiner:
             tried: list[tuple[bool, np.ndarray | None]] = [(False, None)]
             if self.bias_correction:
                 floats = original(name)
-                if (plain_shift := fidelity.bias_shift(layer, moments, floats, array_of(plain))) is not None:
+                if (plain_shift := bias_shift(layer, moments, floats, array_of(plain))) is not None:
                     tried.append((False, plain_shift))
                 if refined is not None:
-                    tried.append((True, fidelity.bias_shift(layer, moments, floats, array_of(refined))))
+                    tried.append((True, bias_shift(layer, moments, floats, array_of(refined))))
                 del floats
             elif refined is not None:
                 tried.append((True, None))
             options[name] = tried
             candidates += [Candidate(layer, refined if use_refined and refined is not None else plain, bias) for use_refined, bias in tried]
-        snrs = iter(fidelity.layer_snr(model, candidates, self.checks))
+        snrs = iter(checks.layer_snr(model, candidates, self.checks))
         measured = {name: [next(snrs) for _ in options[name]] for name in names}
         best_per_layer = {}
         for name in names:
@@ -138,7 +140,7 @@ class Refiner:
                 if bias is not None:
                     shifts[name] = (self.layers[name], bias)
             arrays.append((weights, shifts))
-        model_snrs = fidelity.model_snr(model, arrays, self.checks, self.reference)
+        model_snrs = checks.model_snr(model, arrays, self.checks, self.reference)
         self.model_snr_db = dict(zip(unique, model_snrs))
         winner = 0
         for i in range(1, len(model_snrs)):
@@ -167,7 +169,7 @@ class Refiner:
         }
 
     def apply_shifts(self, model: onnx.ModelProto, decisions: dict[str, Decision]) -> None:
-        fidelity.apply_bias_shifts(model, {n: (self.layers[n], d.shift) for n, d in decisions.items() if d.shift is not None})
+        apply_bias_shifts(model, {n: (self.layers[n], d.shift) for n, d in decisions.items() if d.shift is not None})
 
 
 def refiner_for(model: onnx.ModelProto, weights: list[Weight], plan: Plan, data: Path | None, progress: Progress,
