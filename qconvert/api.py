@@ -19,11 +19,11 @@ import numpy as np
 import onnx
 
 from qconvert import io
-from qconvert import mixed as auto_search
 from qconvert.describe import inspect_model
 from qconvert.errors import InputError, UsageError
 from qconvert.gates import Gates
 from qconvert.methods.common import Progress
+from qconvert.mixed import search as auto_search
 from qconvert.pipeline import NO_GATES, Conversion, Trials, compare_models, prepare, write
 from qconvert.pipeline import convert as run_plan
 from qconvert.plan import AutoPlan, Granularity, KMeansPlan, LinearPlan, Plan, ValidationPlan

@@ -21,7 +21,7 @@ from qconvert.describe import inspect_model
 from qconvert.errors import ExitCode, GateFailed, QConvertError, UsageError
 from qconvert.gates import GateResult, Gates
 from qconvert.images import Preprocessing
-from qconvert.mixed import plan_toml
+from qconvert.mixed.search import plan_toml
 from qconvert.pipeline import TOO_BIG_FOR_A_STREAM, compare_models, default_output
 from qconvert.plan import (
     DEFAULT_MIN_ELEMENTS,

@@ -13,10 +13,11 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from qconvert import io, opset, pipeline, runtime
-from qconvert import mixed as auto
 from qconvert.cli import cli
 from qconvert.errors import ExitCode, QConvertError
 from qconvert.fidelity import bias, statistics
+from qconvert.mixed import allocation, search, sensitivity
+from qconvert.mixed import options as option_kinds
 from qconvert.plan import AutoPlan, Granularity, KMeansPlan, LayerOverride, ValidationPlan
 from qconvert.select import select_weights
 
@@ -79,12 +80,12 @@ def test_noise_gain_of_the_last_linear_layer_is_one(softmax: bool) -> None:
     """Measured at the scores: a final Softmax, whose saturation would hide the noise, is looked through."""
     rng = np.random.default_rng(0)
     model = chain(rng, softmax)
-    assert auto.scored_outputs(model) == ["y"]
+    assert sensitivity.scored_outputs(model) == ["y"]
     layers = statistics.find_layers(model, select_weights(model).weights)
     samples = runtime.Feeds([{"x": rng.standard_normal((1, 16)).astype(np.float32)} for _ in range(4)], 4, "test")
-    perturbed = {name: auto._kmeans(numpy_helper.to_array(t), 2, rng) for name, t in
+    perturbed = {name: option_kinds.sampled_kmeans(numpy_helper.to_array(t), 2, rng) for name, t in
                  ((t.name, t) for t in model.graph.initializer)}
-    gains = auto.noise_gains(model, layers, samples, perturbed, groups=16)
+    gains = sensitivity.noise_gains(model, layers, samples, perturbed, groups=16)
     ratio, gain = gains["w2"]
     assert ratio > 1e-3 and gain == pytest.approx(1.0, rel=1e-3)
     assert gains["w1"][1] > 0
@@ -109,10 +110,10 @@ def test_noise_gains_match_the_quantized_model_layer_by_layer(corrected: bool) -
     layers = statistics.find_layers(model, select_weights(model).weights)
     assert set(layers) == set(shapes)
     samples = runtime.Feeds([{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(3)], 3, "test")
-    perturbed = {n: auto._kmeans(w, 2, rng) for n, w in weights.items()}
+    perturbed = {n: option_kinds.sampled_kmeans(w, 2, rng) for n, w in weights.items()}
     moments = statistics.input_moments(model, layers, samples).moments
     shifts = {n: bias.bias_shift(layers[n], moments[n], w, perturbed[n]) for n, w in weights.items()} if corrected else {}
-    gains = auto.noise_gains(model, layers, samples, perturbed, 3, shifts)  # type: ignore[arg-type]
+    gains = sensitivity.noise_gains(model, layers, samples, perturbed, 3, shifts)  # type: ignore[arg-type]
     clean = [r["y"].astype(np.float64) for r in runtime.run_with_outputs(model, ["y"], samples, "test")]
     for name in weights:
         quantized = onnx.ModelProto()
@@ -140,25 +141,25 @@ def test_trial_conversions_reuse_palettes_and_the_float_outputs_with_identical_r
 
 
 def test_allocation_meets_the_budget_at_the_smallest_size() -> None:
-    def option(method: str, bits: int, size: int, noise: float) -> auto.Option:
-        return auto.Option(method, bits, Granularity.PER_TENSOR, size, noise)
+    def option(method: str, bits: int, size: int, noise: float) -> option_kinds.Option:
+        return option_kinds.Option(method, bits, Granularity.PER_TENSOR, size, noise)
 
     options = {
         "a": [option("float", 32, 400, 0.0), option("kmeans", 4, 50, 1e-3), option("kmeans", 2, 25, 1e-2)],
         "b": [option("float", 32, 400, 0.0), option("kmeans", 4, 50, 1e-4), option("kmeans", 2, 25, 1e-3)],
     }
-    choice = auto.allocate(options, 2.5e-3)  # a at 4 bits + b at 2 bits fits, at 75 bytes
+    choice = allocation.allocate(options, 2.5e-3)  # a at 4 bits + b at 2 bits fits, at 75 bytes
     assert (choice["a"].bits, choice["b"].bits) == (4, 2)
-    assert all(o.method == "float" for o in auto.allocate(options, 0.0).values())
+    assert all(o.method == "float" for o in allocation.allocate(options, 0.0).values())
 
 
 def test_allocation_spends_what_the_convex_hull_leaves() -> None:
     """a's middle option is off the hull of size against noise (no λ picks it), yet it fits the budget."""
-    def option(size: int, noise: float) -> auto.Option:
-        return auto.Option("kmeans", 4, Granularity.PER_TENSOR, size, noise)
+    def option(size: int, noise: float) -> option_kinds.Option:
+        return option_kinds.Option("kmeans", 4, Granularity.PER_TENSOR, size, noise)
 
     options = {"a": [option(400, 0.0), option(100, 1.0), option(90, 1.5), option(50, 3.0)], "b": [option(400, 0.0), option(100, 0.5)]}
-    choice = auto.allocate(options, 2.0)
+    choice = allocation.allocate(options, 2.0)
     assert (choice["a"].size, choice["b"].size) == (90, 100)
 
 
@@ -166,11 +167,11 @@ def test_predicted_sizes_match_the_written_files(tmp_path: Path, digits: Path) -
     """Option sizes include what each encoding adds to the graph: packed indices' decode nodes cost
     about 1 KB, which decides between bit widths on small models."""
     model, _ = io.load_model(digits)
-    options = auto.profile(model, AutoPlan(target_snr=20), ValidationPlan(), lambda _: None).options
+    options = search.profile(model, AutoPlan(target_snr=20), ValidationPlan(), lambda _: None).options
     base = {name: next(o for o in opts if o.label == "kmeans 4-bit pt") for name, opts in options.items()}
 
-    def written(choice: dict[str, auto.Option]) -> int:
-        return pipeline.convert(digits, None, auto.plan_for(choice, AutoPlan(target_snr=20)), None).report.output_bytes
+    def written(choice: dict[str, option_kinds.Option]) -> int:
+        return pipeline.convert(digits, None, search.plan_for(choice, AutoPlan(target_snr=20)), None).report.output_bytes
 
     reference = written(base)
     for label in ("kmeans 3-bit pt", "kmeans 6-bit pt", "linear 8-bit pc"):
@@ -185,7 +186,7 @@ def test_options_are_what_the_model_can_be_converted_to(digits: Path, monkeypatc
     model, _ = io.load_model(digits)
 
     def labels() -> dict[str, int]:
-        options = auto.profile(model, AutoPlan(target_snr=20), ValidationPlan(), lambda _: None).options["fc1.weight"]
+        options = search.profile(model, AutoPlan(target_snr=20), ValidationPlan(), lambda _: None).options["fc1.weight"]
         return {o.label: o.size for o in options}
 
     free = labels()

@@ -1,0 +1,243 @@
+"""qconvert auto: per-layer sensitivity, then the smallest mix of methods and bit widths that meets a target.
+
+1. Sensitivity: one onnxruntime probe adds seeded noise of known power after each layer, a different
+   layer per batch slot, so a single batched run measures how much of a layer's output noise reaches
+   the model's outputs (its gain).
+2. Candidates per weight (k-means at each bit width, per tensor and per channel; linear int4/int8;
+   float): file size, and output noise predicted as gain × the layer's noise, which is estimated from
+   the weight error weighted by the energy of the input each weight multiplies (on samples of the
+   weight, so that all widths cost seconds).
+3. Allocation: a Lagrangian knapsack picks per weight the candidate minimising size + λ·noise, with λ
+   bisected until the predicted output SNR meets the target, and single weights then take smaller
+   candidates while the prediction still fits; then the plan is converted and validated, and the aim
+   moved while the measured result misses the target or beats it by a wide margin.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from qconvert import io, runtime
+from qconvert.fidelity import bias, statistics
+from qconvert.gates import Gates
+from qconvert.methods.common import Progress, select
+from qconvert.mixed.allocation import allocate, total_size
+from qconvert.mixed.options import EVAL_CHANNELS, Option, options_for, sampled_kmeans
+from qconvert.mixed.sensitivity import (
+    GAIN_BUDGET,
+    GAIN_SAMPLES,
+    PROBE_BITS,
+    SLOT_BUDGET,
+    SLOTS,
+    gain_curve,
+    noise_estimate,
+    noise_gains,
+)
+from qconvert.opset import Reach
+from qconvert.pipeline import Conversion
+from qconvert.plan import AutoPlan, Granularity, KMeansPlan, LayerOverride, ValidationPlan
+
+MAX_ITERATIONS = 5  # conversions a search may try (two fewer past GAIN_BUDGET weights: ResNet-50 stays under a minute)
+STEP_DB = 0.5  # the resolution of the search: predictions are good to about this much at 4-8 bits
+TOP1_START_DB = 20.0  # accuracy targets: the SNR aimed at first ...
+TOP1_STEP_DB = 4.0  # ... and each step up
+
+
+@dataclass
+class Profile:
+    """Per weight, the options to choose from, and the measured gain of its layer."""
+
+    options: dict[str, list[Option]]
+    gains: dict[str, float]  # the larger of the measured gains
+    elements: dict[str, int]  # weights per tensor
+
+
+def profile(model: onnx.ModelProto, plan: AutoPlan, validation: ValidationPlan, progress: Progress) -> Profile:
+    """Gains of every layer and the options of every weight, with their predicted output noise."""
+    selection = select(model, _base_plan(plan, ()))
+    weights = [w for w in selection.weights if np.isfinite(w.array()).all()]
+    feeds = runtime.build_feeds(runtime.signature(model), validation)
+    # Work grows with model size × samples × probe widths: small models get more of both.
+    elements = max(sum(w.elements for w in weights), 1)
+    widths = PROBE_BITS if elements * len(PROBE_BITS) <= GAIN_BUDGET else PROBE_BITS[:1]
+    count = int(np.clip(GAIN_BUDGET // (elements * len(widths)), 1, GAIN_SAMPLES))
+    singles = [{k: v[i : i + 1] for k, v in batch.items()} for batch in feeds.batches for i in range(len(next(iter(batch.values()))))]
+    samples = runtime.Feeds(singles[:count], len(singles[:count]), feeds.source)
+    layers = statistics.find_layers(model, weights)
+    moments = statistics.input_moments(model, layers, samples).moments if layers else {}
+    layers = {n: layer for n, layer in layers.items() if n in moments}
+    # Layers that share a slot share a gain: one blended over a few layers misleads the allocation (on
+    # ResNet-50 per-layer predictions were off by up to 10× with 16 slots), so resolution comes first.
+    groups = max(min(SLOT_BUDGET // elements, len(layers)), SLOTS)
+    estimates = {n: noise_estimate(w, layers[n], moments[n]) for w in weights if (n := w.name) in layers}
+    # The conversions correct biases wherever that measures better: the probes and the predictions then
+    # leave out the mean error (its gain differs from the rest's: ReLUs and normalizations see it differently).
+    corrected = {n: plan.bias_correction and (plan.calibration or validation.data) is not None and layer.bias_editable
+                 for n, layer in layers.items()}
+    progress(f"measuring the sensitivity of {len(layers)} layers on {count} samples")
+    rng = np.random.default_rng(0)
+    points: dict[str, list[tuple[float, float]]] = {name: [] for name in layers}
+    calibration: dict[str, float] = {}  # measured / estimated layer noise, at the first width
+    for bits in widths:  # noise grows faster than linearly through a network once it is large
+        arrays = {w.name: w.array() for w in weights if w.name in layers}
+        perturbed = {name: sampled_kmeans(array, bits, rng) for name, array in arrays.items()}  # Ŵ
+        shifts = {name: shift for name in layers if corrected[name] and
+                  (shift := bias.bias_shift(layers[name], moments[name], arrays[name], perturbed[name])) is not None}
+        for name, point in noise_gains(model, layers, samples, perturbed, groups, shifts).items():
+            points[name].append(point)
+            if name not in calibration:
+                estimate = estimates[name](arrays[name], perturbed[name], None, name in shifts)
+                calibration[name] = point[0] / estimate if estimate > 0 else 0.0
+        del arrays, perturbed
+    gains = {name: gain_curve(p) for name, p in points.items()}
+    worst_gain = max((max(g for _, g in p) for p in points.values()), default=1.0)
+    options: dict[str, list[Option]] = {}
+    reach = Reach(model)
+    for i, weight in enumerate(weights):
+        progress(f"estimating options {i + 1}/{len(weights)}: {weight.name}")
+        array = weight.array()
+        options[weight.name] = [Option("float", 32, Granularity.PER_TENSOR, array.nbytes, 0.0)]
+        axis = weight.channel_axis
+        channels = None
+        if axis is not None and weight.shape[axis] > EVAL_CHANNELS:  # a seeded subset of output channels stands for all
+            channels = np.sort(rng.choice(weight.shape[axis], EVAL_CHANNELS, replace=False))
+        part = array if channels is None else np.take(array, channels, axis)
+        for option, approx in options_for(weight, array, plan, rng, channels, reach):
+            if weight.name in layers:  # the layer's noise ratio, estimated and calibrated, times its gain there
+                ratio = calibration[weight.name] * estimates[weight.name](part, approx, channels, corrected[weight.name])
+                noise = gains[weight.name](ratio) * ratio
+            else:  # no layer to measure (subgraphs, RNNs, shared weights): the weight's own error ratio, worst gain
+                error = float(np.sum((part.astype(np.float64) - approx) ** 2))
+                noise = worst_gain * error / max(float(np.sum(part.astype(np.float64) ** 2)), 1e-30)
+            options[weight.name].append(dataclasses.replace(option, noise=noise))
+    return Profile(options, {name: max(g for _, g in p) for name, p in points.items()}, {w.name: w.elements for w in weights})
+
+
+def plan_for(choice: dict[str, Option], plan: AutoPlan) -> KMeansPlan:
+    """The chosen options as a kmeans plan with one [[layer]] override per weight."""
+    kmeans_bits = [o.bits for o in choice.values() if o.method == "kmeans"]
+    base = max(set(kmeans_bits), key=kmeans_bits.count) if kmeans_bits else max(plan.bits)
+    overrides = tuple(
+        LayerOverride(name, skip=True) if o.method == "float"
+        else LayerOverride(name, bits=o.bits, granularity=o.granularity, method=o.method)
+        for name, o in sorted(choice.items())
+    )
+    return _base_plan(plan, overrides, base)
+
+
+def _base_plan(plan: AutoPlan, overrides: tuple[LayerOverride, ...], bits: int = 8) -> KMeansPlan:
+    return KMeansPlan(bits=bits, granularity=Granularity.PER_TENSOR, min_elements=plan.min_elements, exclude=plan.exclude,
+                      max_codebook_overhead=plan.max_codebook_overhead, overrides=overrides, calibration=plan.calibration,
+                      preprocessing=plan.preprocessing, fold_batchnorm=plan.fold_batchnorm,
+                      data_aware=plan.data_aware, bias_correction=plan.bias_correction)  # with data, as kmeans does
+
+
+def target_gates(plan: AutoPlan) -> Gates:
+    return Gates(min_snr_db=plan.target_snr, min_top1=plan.min_top1, max_accuracy_drop=plan.max_accuracy_drop)
+
+
+def search(input_path: Path, plan: AutoPlan, validation: ValidationPlan, progress: Progress,
+           convert: Callable[[KMeansPlan], Conversion]) -> Conversion:
+    """Plans of decreasing predicted noise, each converted by `convert` (not written), until one meets it
+    or MAX_ITERATIONS are spent. Returns the smallest conversion that met the target, else the last one;
+    its report gets the plan and the search in details["auto"]. The others are discarded."""
+    model, _ = io.load_model(input_path)
+    found = profile(model, plan, validation, progress)
+    del model
+    iterations: list[dict[str, object]] = []
+    big = sum(found.elements.values()) > GAIN_BUDGET  # fewer conversions to spend (ResNet-50 in under a minute)
+    aim = plan.target_snr if plan.target_snr is not None else TOP1_START_DB
+    best: tuple[Conversion, dict[str, Option]] | None = None
+    missed, met = -np.inf, np.inf  # the highest aim whose plan missed the target, the lowest that met it
+    direction = 1.0  # where the aim moves when it allocates a plan already tried: up after a miss, down after a pass
+    tried: list[dict[str, Option]] = []
+    conversion: Conversion | None = None
+    for iteration in range(MAX_ITERATIONS - 2 if big else MAX_ITERATIONS):
+        choice = allocate(found.options, 10 ** (-aim / 10))
+        for _ in range(40):  # options are discrete: a small move of the aim may not change the plan
+            if choice not in tried or (np.isfinite(missed) and np.isfinite(met)):
+                break
+            aim += direction * STEP_DB / 2
+            choice = allocate(found.options, 10 ** (-aim / 10))
+        if choice in tried:  # the same plan again: nothing new to learn
+            break
+        if best is not None and total_size(choice) >= total_size(best[1]):  # aimed lower, yet no smaller than a plan that passed
+            break
+        tried.append(choice)
+        predicted = -10 * float(np.log10(max(sum(o.noise for o in choice.values()), 1e-30)))
+        progress(f"converting plan {iteration + 1} (aiming at {aim:.1f} dB output SNR)")
+        if conversion is not None and (best is None or conversion is not best[0]):
+            conversion.discard()
+        conversion = convert(plan_for(choice, plan))
+        report = conversion.report
+        measured = min((o.snr_db for o in report.validation.outputs if o.snr_db is not None), default=None) if report.validation else None
+        iterations.append({"aimed_snr_db": round(aim, 2), "predicted_snr_db": round(predicted, 2), "measured_snr_db": measured,
+                           "output_bytes": report.output_bytes, "passed": report.passed})
+        by_snr = plan.target_snr is not None and measured is not None
+        if report.passed:
+            if best is None or report.output_bytes < best[0].report.output_bytes:
+                if best is not None:
+                    best[0].discard()
+                best = conversion, choice
+            met, direction = min(met, aim), -1.0
+            slack = measured - plan.target_snr if by_snr else TOP1_STEP_DB  # type: ignore[operator]
+            if big:  # few conversions to spend: stop close to the target, else aim lower by the whole margin
+                if slack <= STEP_DB / 2:
+                    break
+            elif slack <= 2 * STEP_DB:
+                if np.isfinite(missed):
+                    break
+                continue  # on to the next smaller plan while none missed
+        else:
+            missed, direction = max(missed, aim), 1.0
+            if all(o.method == "float" for o in choice.values()):
+                break
+        if np.isfinite(missed) and np.isfinite(met):  # bracketed: halve it
+            if met - missed < STEP_DB:
+                break
+            aim = (missed + met) / 2
+        elif report.passed:
+            aim -= slack if big else slack - STEP_DB / 2  # the prediction was this much too strict
+        else:
+            aim += (plan.target_snr - measured + STEP_DB) if by_snr else TOP1_STEP_DB  # type: ignore[operator]
+    assert conversion is not None, "the first plan is always converted"
+    if best is not None and conversion is not best[0]:
+        conversion.discard()
+    conversion, choice = best if best is not None else (conversion, choice)
+    report = conversion.report
+    report.details["auto"] = {
+        "calibrated": plan.calibration is not None or validation.data is not None,
+        "target": {k: v for k, v in (("snr_db", plan.target_snr), ("top1", plan.min_top1), ("accuracy_drop", plan.max_accuracy_drop)) if v is not None},
+        "iterations": iterations,
+        "plan": [{"weight": name, "choice": o.label, "method": o.method, "bits": o.bits, "granularity": o.granularity.value,
+                  "bytes": o.size, "gain": found.gains.get(name), "predicted_noise": o.noise} for name, o in sorted(choice.items())],
+    }
+    return conversion
+
+
+def plan_toml(details: dict[str, object], model: str) -> str:
+    """The chosen plan in the --config format: `qconvert kmeans MODEL --config plan.toml` redoes it."""
+    rows = details["plan"]
+    assert isinstance(rows, list)
+    kmeans_bits = [r["bits"] for r in rows if r["method"] == "kmeans"]
+    lines = [f"# qconvert auto plan for {model}; reuse: qconvert kmeans {model} --config THIS_FILE",
+             f"bits = {max(set(kmeans_bits), key=kmeans_bits.count) if kmeans_bits else 8}",
+             *([] if details.get("calibrated") else ["no_data_aware = true", "no_bias_correction = true"]), ""]
+    for r in rows:
+        lines += ["[[layer]]", f"match = {_toml_string(r['weight'])}"]
+        if r["method"] == "float":
+            lines.append("skip = true")
+        else:
+            lines += [f'method = "{r["method"]}"', f"bits = {r['bits']}", f'granularity = "{r["granularity"]}"']
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
