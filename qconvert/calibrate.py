@@ -9,6 +9,7 @@ import onnx
 from onnx import helper
 
 from qconvert.plan import CalibrationMethod
+from qconvert.rewrite import After
 from qconvert.runtime import Feeds
 from qconvert.sections import Section, Sections
 
@@ -75,7 +76,7 @@ def read_extremes(tensors: list[str], reduced: dict[str, tuple[str, str]], secti
     for t in dict.fromkeys(tensors):
         if t in section.made and t not in reduced:
             lo, hi = reduced[t] = (section.fresh(f"{t}_qc_min"), section.fresh(f"{t}_qc_max"))
-            section.after.setdefault(t, (None, []))[1].extend(
+            section.after.setdefault(t, After()).nodes.extend(
                 [helper.make_node("ReduceMin", [t], [lo], keepdims=0), helper.make_node("ReduceMax", [t], [hi], keepdims=0)])
             section.wanted += [lo, hi]
 

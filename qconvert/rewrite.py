@@ -121,30 +121,41 @@ def set_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
     graph.node.extend(copies)
 
 
-def add_after(graph: onnx.GraphProto, additions: dict[str, tuple[str | None, list[onnx.NodeProto]]]) -> None:
-    """Add nodes that read each tensor, in one rebuild of the node list.
+@dataclass
+class After:
+    """Nodes to add right after a tensor is made. With `rename`, the producer writes that instead and the
+    nodes remake the tensor from it (an Add after a layer, noise in a probe); without, they only read it
+    (checks and reductions beside the model)."""
 
-    additions: tensor -> (new name, nodes). With a new name the producer writes that instead and the
-    nodes, spliced in right after it, compute the tensor from it. With None the nodes only read the
-    tensor (checks and reductions beside the model): they go after every node, latest producer first.
-    onnxruntime's default order visits the graph's dead ends from the last node backwards, each after
-    what it needs, so in that order each check runs as soon as its tensor exists, and the tensor can be
-    freed as before. Placed right after their producers, the checks ran after the whole model instead,
-    and held every activation until then: 2.1 GB instead of 0.7 GB for ResNet-50 at batch 4
-    (pinned by tests/test_graphs.py).
+    nodes: list[onnx.NodeProto] = field(default_factory=list)
+    rename: str | None = None
+
+
+Additions = dict[str, After]  # tensor -> what to add after it
+
+
+def add_after(graph: onnx.GraphProto, additions: Additions) -> None:
+    """Add the nodes of each tensor's `After`, in one rebuild of the node list.
+
+    Renamed tensors get their nodes spliced in right after the producer. Readers go after every node,
+    latest producer first: onnxruntime's default order visits the graph's dead ends from the last node
+    backwards, each after what it needs, so in that order each check runs as soon as its tensor exists,
+    and the tensor can be freed as before. Placed right after their producers, the checks ran after the
+    whole model instead, and held every activation until then: 2.1 GB instead of 0.7 GB for ResNet-50 at
+    batch 4 (pinned by tests/test_graphs.py).
     """
     nodes, readers = [], []
     for node in graph.node:
         nodes.append(node)
         if node.output and (tensor := node.output[0]) in additions:
-            rename, extra = additions[tensor]
-            if rename is None:
-                readers.append(extra)
+            after = additions[tensor]
+            if after.rename is None:
+                readers.append(after.nodes)
             else:
-                node.output[0] = rename
-                nodes += extra
+                node.output[0] = after.rename
+                nodes += after.nodes
     produced = {node.output[0] for node in graph.node if node.output}
-    first = [extra for tensor, (rename, extra) in additions.items() if rename is None and tensor not in produced]
+    first = [after.nodes for tensor, after in additions.items() if after.rename is None and tensor not in produced]
     for extra in [*reversed(readers), *first]:
         nodes += extra
     set_nodes(graph, nodes)

@@ -21,7 +21,7 @@ from onnx import helper
 from qconvert import io
 from qconvert.errors import OutputError, first_line
 from qconvert.opset import default_opset, without_weights
-from qconvert.rewrite import NameSource, add_after, set_nodes
+from qconvert.rewrite import Additions, After, NameSource, add_after, set_nodes
 from qconvert.runtime import Feeds, model_session, run_batches
 from qconvert.select import constant_value
 
@@ -39,7 +39,7 @@ class Section:
     opset: int
     made: set[str]  # tensors first available here, whose readers belong here (the first section also has the inputs and initializers)
     complete: bool  # the model's outputs are available
-    after: dict[str, tuple[str | None, list[onnx.NodeProto]]] = field(default_factory=dict)  # checks to add (`add_after`)
+    after: Additions = field(default_factory=dict)  # checks to add (`add_after`)
     wanted: list[str] = field(default_factory=list)  # what each sample's run returns
     replaced: dict[str, np.ndarray] = field(default_factory=dict)  # initializers given as arrays
 
@@ -107,7 +107,7 @@ class Sections:
         handed = [t for t in dict.fromkeys(out for node in section for out in node.output) if t in later]
         copies = [spec.fresh(f"{t}_qc_handed") for t in handed]  # read beside the model like the checks: see add_after
         for t, copy in zip(handed, copies):
-            spec.after.setdefault(t, (None, []))[1].append(helper.make_node("Identity", [t], [copy]))
+            spec.after.setdefault(t, After()).nodes.append(helper.make_node("Identity", [t], [copy]))
         add_after(graph, spec.after)
         produced = {out for node in graph.node for out in node.output}
         read = set().union(*(_reads(node) for node in graph.node))

@@ -100,15 +100,15 @@ def test_recurrent_weights_are_selected_along_the_gate_axis() -> None:
 def test_checks_beside_the_model_run_as_soon_as_their_tensor_exists(tmp_path: Path) -> None:
     """add_after places read-only checks so that onnxruntime runs each right after its tensor's
     producer (and can free the tensor), not after the whole model: measured in onnxruntime's profile."""
-    from qconvert.rewrite import NameSource, add_after
+    from qconvert.rewrite import After, NameSource, add_after
 
     chain = [helper.make_node("Relu" if i % 2 else "Neg", [f"t{i}"], [f"t{i + 1}"], name=f"main{i}") for i in range(8)]
     graph = helper.make_graph(chain, "g", [helper.make_tensor_value_info("t0", TensorProto.FLOAT, [64, 64])],
                               [helper.make_tensor_value_info("t8", TensorProto.FLOAT, [64, 64])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     fresh = NameSource(model)
-    add_after(model.graph, {f"t{i}": (None, [helper.make_node("ReduceMax", [f"t{i}"], [fresh(f"m{i}")], keepdims=0, name=f"check{i}")])
-                            for i in range(8)})
+    add_after(model.graph, {f"t{i}": After([helper.make_node("ReduceMax", [f"t{i}"], [fresh(f"m{i}")], keepdims=0,
+                                                              name=f"check{i}")]) for i in range(8)})
     model.graph.output.extend(helper.make_tensor_value_info(f"m{i}", TensorProto.FLOAT, []) for i in range(8))
     onnx.checker.check_model(model)
     options = ort.SessionOptions()

@@ -8,7 +8,7 @@ from onnx import helper, numpy_helper
 
 from qconvert import io
 from qconvert.fidelity.statistics import Layer, Moments, per_weight
-from qconvert.rewrite import NameSource, add_after, use_counts
+from qconvert.rewrite import Additions, After, NameSource, add_after, use_counts
 from qconvert.select import constant_value
 
 IMPORTANCE_FLOOR = 1e-6  # dead input channels still count a little: keeps the weighted k-means well posed
@@ -42,14 +42,14 @@ def apply_bias_shifts(model: onnx.ModelProto, shifts: dict[str, tuple[Layer, np.
     constants = {t.name: t for t in graph.initializer}
     constants.update({node.output[0]: tensor for node in graph.node if (tensor := constant_value(node)) is not None})
     uses = use_counts(graph)
-    after: dict[str, tuple[str | None, list[onnx.NodeProto]]] = {}  # MatMul output -> the Add that makes it
+    after: Additions = {}  # MatMul output -> the Add that makes it
     for layer, shift in shifts.values():
         node = layer.node
         if layer.op_type == "MatMul":
             bias = numpy_helper.from_array(shift.astype(np.float32), fresh(f"{layer.weight}_qc_bias"))
             graph.initializer.append(bias)
             y, product = node.output[0], fresh(f"{node.output[0]}_qc_product")
-            after[y] = (product, [helper.make_node("Add", [product, bias.name], [y], name=fresh(f"{product}_bias"))])
+            after[y] = After([helper.make_node("Add", [product, bias.name], [y], name=fresh(f"{product}_bias"))], product)
             continue
         scale = 1.0
         if layer.op_type == "Gemm":

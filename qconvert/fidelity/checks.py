@@ -14,7 +14,7 @@ from onnx import helper, numpy_helper
 from qconvert.fidelity.bias import output_layout
 from qconvert.fidelity.statistics import Layer, reduction
 from qconvert.opset import hole, is_hole
-from qconvert.rewrite import NameSource
+from qconvert.rewrite import After, NameSource
 from qconvert.runtime import Feeds
 from qconvert.sections import Section, Sections
 from qconvert.select import constant_value
@@ -98,7 +98,7 @@ def _layer_checks(group: list[Candidate], names: dict[tuple[str, int], tuple[str
     for candidate in group:
         layer = candidate.layer
         y = layer.node.output[0]
-        checks = section.after.setdefault(y, (None, []))[1]
+        checks = section.after.setdefault(y, After()).nodes
         if y not in signals:
             signals[y] = (fresh(f"{y}_qc_signal"), fresh(f"{y}_qc_size"))
             checks += [helper.make_node("ReduceSumSquare", [y], [signals[y][0]], keepdims=0), helper.make_node("Size", [y], [signals[y][1]])]
@@ -183,6 +183,6 @@ def _variant(arrays: dict[str, Deferred], shifts: dict[str, tuple[Layer, np.ndar
             bias = numpy_helper.from_array(output_layout(layer, shift).astype(np.float32), section.fresh(f"{layer.weight}_qc_shift"))
             graph.initializer.append(bias)
             product = section.fresh(f"{y}_qc_unshifted")
-            section.after[y] = (product, [helper.make_node("Add", [product, bias.name], [y])])
+            section.after[y] = After([helper.make_node("Add", [product, bias.name], [y])], product)
     if section.complete:
         section.wanted += model_outputs

@@ -10,7 +10,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qconvert.calibrate import Extremes, read_extremes
-from qconvert.rewrite import NameSource
+from qconvert.rewrite import After, NameSource
 from qconvert.runtime import Feeds
 from qconvert.sections import Section, Sections
 from qconvert.select import MAIN_GRAPH, Weight, constant_value
@@ -126,7 +126,7 @@ def input_moments(model: onnx.ModelProto, layers: dict[str, Layer], feeds: Feeds
             key = (x, layer.x_axis, channels)
             if key in keys or x not in section.made:
                 continue
-            nodes = after.setdefault(x, (None, []))[1]
+            nodes = after.setdefault(x, After()).nodes
             if layer.op_type == "Conv":
                 axes = [0, *range(2, len(layer.weight_shape))]
             elif layer.op_type == "Gemm":

@@ -12,7 +12,7 @@ from onnx import helper, numpy_helper
 from qconvert import runtime
 from qconvert.fidelity import bias, checks, statistics
 from qconvert.opset import hole, without_weights
-from qconvert.rewrite import NameSource, add_after
+from qconvert.rewrite import Additions, After, NameSource, add_after
 from qconvert.select import Weight, select_weights
 
 PROBE_BITS = (4, 2)  # the gains are measured with each layer's error at these k-means widths
@@ -145,7 +145,7 @@ def _noise_probe(model: onnx.ModelProto, layers: dict[str, statistics.Layer], de
     masks: dict[str, str] = {}
     picks: dict[str, str] = {}
     arrays: dict[str, np.ndarray] = {}
-    additions: dict[str, tuple[str | None, list[onnx.NodeProto]]] = {}
+    additions: Additions = {}
     for name, layer in layers.items():
         y = layer.node.output[0]
         delta = fresh(f"{name}_qc_delta")
@@ -164,7 +164,7 @@ def _noise_probe(model: onnx.ModelProto, layers: dict[str, statistics.Layer], de
             graph.initializer.append(numpy_helper.from_array(arrays[shift], shift))
             noise = fresh(f"{y}_qc_corrected")
             nodes.append(helper.make_node("Add", [error, shift], [noise]))
-        additions[y] = (clean, [*nodes, helper.make_node("Mul", [mask, noise], [scaled]), helper.make_node("Add", [clean, scaled], [y])])
+        additions[y] = After([*nodes, helper.make_node("Mul", [mask, noise], [scaled]), helper.make_node("Add", [clean, scaled], [y])], clean)
         masks[name], picks[name] = mask, slot
     add_after(graph, additions)
     return probe, masks, picks, arrays
