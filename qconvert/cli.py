@@ -34,7 +34,8 @@ from qconvert.plan import (
     ValidationPlan,
     parse_input_shape,
 )
-from qconvert.report import Report, batch_summary, inspection, summary
+from qconvert.render.terminal import batch_summary, inspection, summary
+from qconvert.report import Report
 
 EXIT_CODES_HELP = """\b
 Exit codes:

@@ -1,10 +1,11 @@
-"""The HTML report: one self-contained file (inline SVG, no scripts) with the pictures people look at."""
+"""The HTML report: one self-contained page (inline SVG, no scripts) with the pictures people look at."""
 
 from __future__ import annotations
 
 import html
 import math
 
+from qconvert.render import sections
 from qconvert.report import Histogram, Report, WeightReport
 
 SHOWN = 3  # largest and worst layers drawn
@@ -122,24 +123,24 @@ def _size_bars(report: Report, width: int = 620) -> str:
 
 def _outputs_table(report: Report) -> str:
     assert report.validation is not None
-    v = report.validation
-    rows = "".join(
-        f"<tr><td>{html.escape(o.name)}</td><td>{_db(o.snr_db)}</td><td>{o.cosine_similarity:.5f}</td><td>{o.max_abs_error:.3g}</td>"
-        f"<td>{'-' if o.top1_agreement is None else f'{100 * o.top1_agreement:.1f} %'}</td></tr>"
-        for o in v.outputs
-    )
-    accuracy = ""
-    if v.accuracy:
-        a = v.accuracy
-        accuracy = f"<p>Accuracy on labels: float {100 * a.float_top1:.2f} %, converted {100 * a.quantized_top1:.2f} %</p>"
-    gates = "".join(
-        f"<tr><td>{html.escape(g.gate)}</td><td>{html.escape(g.subject)}</td><td>{'-' if g.value is None else f'{g.value:.4g}'}</td>"
-        f"<td>{g.limit:g}</td><td class='{'pass' if g.passed else 'fail'}'>{'pass' if g.passed else 'FAIL'}</td></tr>"
-        for g in report.gates
-    )
-    gate_table = f"<table><tr><th>gate</th><th>on</th><th>value</th><th>limit</th><th></th></tr>{gates}</table>" if gates else ""
-    return (f"<div class='muted'>{v.samples} samples, {html.escape(v.source)}</div><table><tr><th>output</th><th>SNR dB</th>"
-            f"<th>cosine</th><th>max |err|</th><th>top-1 agreement</th></tr>{rows}</table>{accuracy}{gate_table}")
+    outputs = sections.outputs(report)
+    assert outputs is not None
+    parts = [f"<div class='muted'>{html.escape(outputs.title)}</div>", table(outputs)]
+    parts += [f"<p>{html.escape(line)}</p>" for line in sections.notes(report)[:1] if line.startswith("accuracy")]
+    gates = sections.gates(report)
+    return "".join(parts) + (table(gates) if gates else "")
+
+
+def table(data: sections.Table) -> str:
+    """A section's table; rows of checks end in pass / FAIL."""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in data.columns) + ("<th></th>" if data.passed is not None else "")
+    rows = []
+    for i, row in enumerate(data.rows):
+        cells = "".join(f"<td>{html.escape(cell)}</td>" for cell in row)
+        if data.passed is not None:
+            cells += f"<td class='{'pass' if data.passed[i] else 'fail'}'>{'pass' if data.passed[i] else 'FAIL'}</td>"
+        rows.append(f"<tr>{cells}</tr>")
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
 def _db(value: float | None) -> str:
