@@ -8,19 +8,18 @@ import json
 import sys
 import tempfile
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
 import click
 from rich.console import Console
 
-from qconvert import __version__, api, batch, io
-from qconvert.config import layer_overrides, load_config
+from qconvert import __version__, api, batch, io, options
+from qconvert.config import layer_overrides
 from qconvert.describe import inspect_model
 from qconvert.errors import ExitCode, GateFailed, QConvertError, UsageError
-from qconvert.gates import GateResult, Gates
-from qconvert.images import Preprocessing
+from qconvert.gates import GateResult
 from qconvert.mixed.search import plan_toml
 from qconvert.pipeline import TOO_BIG_FOR_A_STREAM, compare_models, default_output
 from qconvert.plan import (
@@ -31,8 +30,6 @@ from qconvert.plan import (
     KMeansPlan,
     LinearPlan,
     Plan,
-    ValidationPlan,
-    parse_input_shape,
 )
 from qconvert.render.terminal import batch_summary, inspection, summary
 from qconvert.report import Report
@@ -129,122 +126,22 @@ def _give_back_big_buffers() -> None:
         ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, BIG_BUFFER)
 
 
-def validation_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Options shared by every command that validates a converted model."""
-    for option in reversed(
-        [
-            click.option("--validate/--no-validate", default=True, show_default=True, help="Compare the new model with the float one under onnxruntime."),
-            click.option("--data", type=click.Path(path_type=Path, dir_okay=False), help="Validation inputs: .npz with one array per model input (axis 0 = samples) and optionally `labels`."),
-            click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DIMS", help="Shape for an input's symbolic dimensions, e.g. input=1x3x224x224 (repeatable; default 1)."),
-            click.option("--samples", default=8, show_default=True, help="Random validation samples when no --data is given."),
-            click.option("--seed", default=0, show_default=True, help="Seed of the random validation inputs."),
-            click.option("--allow-unvalidated", is_flag=True,
-                         help="If onnxruntime cannot run the input model (custom ops), write the result unvalidated with a warning instead of failing."),
-        ]
-    ):
-        command = option(command)
-    return command
-
-
-def calibration_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Calibration data (and how to read a folder of images), and the techniques that learn from it."""
-    for option in reversed(
-        [
-            click.option("--image-size", metavar="HxW", help="Images: resize to this [default: the model's input size]."),
-            click.option("--layout", type=click.Choice(["nchw", "nhwc"]), help="Images: input layout [default: guessed from the input shape]."),
-            click.option("--channel-order", type=click.Choice(["rgb", "bgr"]), default="rgb", show_default=True, help="Images: channel order."),
-            click.option("--pixel-scale", default=1 / 255, show_default=True, help="Images: pixels (0-255) are multiplied by this first."),
-            click.option("--mean", default="0", show_default=True, metavar="M[,M,M]", help="Images: subtracted per channel after scaling."),
-            click.option("--std", default="1", show_default=True, metavar="S[,S,S]", help="Images: divided per channel after the mean."),
-            click.option("--no-fold-batchnorm", "no_fold", is_flag=True,
-                         help="Keep BatchNormalization after Conv/ConvTranspose/Gemm (by default it is folded in where that costs no accuracy)."),
-            click.option("--no-data-aware", "no_data_aware", is_flag=True,
-                         help="With calibration data: minimise each weight's own error, not the layer's output error."),
-            click.option("--no-bias-correction", "no_bias_correction", is_flag=True,
-                         help="With calibration data: leave biases as they are (by default they absorb the mean output error)."),
-        ]
-    ):
-        command = option(command)
-    return command
-
-
-def _preprocessing(image_size: str | None, layout: str | None, channel_order: str, pixel_scale: float, mean: str, std: str) -> Preprocessing:
-    return Preprocessing(
-        size=_dims(image_size, "--image-size") if image_size else None,
-        layout=layout,
-        channel_order=channel_order,
-        scale=pixel_scale,
-        mean=_floats(mean, "--mean"),
-        std=_floats(std, "--std"),
-    )
-
-
-def config_option(command: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option(
-        "--config", type=click.Path(path_type=Path, dir_okay=False), is_eager=True, expose_value=False, callback=load_config,
-        help="TOML file of options (any long option, without dashes) and [[layer]] overrides (match, bits, granularity, skip); "
-             "the command line wins.",
-    )(command)
-
-
-def gate_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Quality gates: a converted model that fails one exits 5 and is not written (unless --keep-failed)."""
-    for option in reversed(
-        [
-            click.option("--min-snr", type=float, metavar="DB", help="Gate: every output's SNR vs float at least this (dB)."),
-            click.option("--max-abs-error", type=float, metavar="X", help="Gate: every output's largest absolute error at most this."),
-            click.option("--min-top1", type=click.FloatRange(0, 1), metavar="FRACTION", help="Gate: top-1 agreement with float at least this, per class-score output."),
-            click.option("--max-accuracy-drop", type=float, metavar="POINTS", help="Gate: top-1 accuracy on labels may drop at most this many percentage points."),
-            click.option("--labels", type=click.Path(path_type=Path, dir_okay=False), help="Labels (.npy, one per sample of --data) for accuracy."),
-        ]
-    ):
-        command = option(command)
-    return command
-
-
-def output_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Where the model and the report go, and how much is printed."""
-    for option in reversed(
-        [
-            click.option("-o", "--output", type=click.Path(path_type=Path, allow_dash=True),
-                         help="Output model path, a folder to write it in, or - for stdout "
-                              "[default: MODEL.<method><bits>.onnx beside the input]."),
-            click.option("--report", "report_path", type=click.Path(path_type=Path, dir_okay=False), help="JSON report path [default: the output path with .report.json]."),
-            click.option("--report-md", type=click.Path(path_type=Path, dir_okay=False), help="Also write a Markdown summary (fits a CI job summary)."),
-            click.option("--report-html", type=click.Path(path_type=Path, dir_okay=False),
-                         help="Also write a self-contained HTML report with pictures (weight histograms and levels, per-layer error, sizes)."),
-            click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout instead of the summary on stderr."),
-            click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors."),
-            click.option("--keep-failed", is_flag=True, help="Write the model even when a gate fails (the exit code is still 5)."),
-        ]
-    ):
-        command = option(command)
-    return command
-
-
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path, allow_dash=True))
 @click.option("--bits", "-b", type=click.IntRange(1, 8), required=True, help="Index bits: 2**bits centroids per codebook (1-8).")
 @click.option("--per-channel/--per-tensor", default=None,
               help="One codebook per output channel, or one per tensor [default: per channel where that beats spending "
                    "the codebooks' bits on one more index bit, i.e. gains over 6 dB per added bit per weight].")
-@click.option("--max-codebook-overhead", default=1.0, show_default=True, metavar="BITS",
-              help="With --per-channel: a weight whose codebooks would add more bits per weight than this stays per-tensor.")
-@click.option("--min-elements", default=DEFAULT_MIN_ELEMENTS, show_default=True, help="Leave weights with fewer elements as they are.")
-@click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave weights whose name matches (exact or glob; repeatable).")
+@options.CODEBOOK_OVERHEAD
+@options.selection(DEFAULT_MIN_ELEMENTS)
 @click.option("--keep-opset", is_flag=True, help="Never raise the opset: store 4/2-bit indices bit-packed instead of uint4/uint2.")
-@click.option("--calibration", type=click.Path(path_type=Path),
-              help="Inputs for the data-aware palettes and bias correction: an .npz (one array per input, axis 0 = "
-                   "samples) or a folder of images (see --image-size ... --std) [default: --data].")
-@calibration_options
-@validation_options
-@gate_options
-@output_options
-@config_option
-def kmeans(models: tuple[Path, ...], bits: int, per_channel: bool | None, max_codebook_overhead: float, min_elements: int,
-           exclude: tuple[str, ...], keep_opset: bool, calibration: Path | None, image_size: str | None, layout: str | None,
-           channel_order: str, pixel_scale: float, mean: str, std: str, no_fold: bool, no_data_aware: bool,
-           no_bias_correction: bool, **common: Any) -> None:
+@options.techniques("Inputs for the data-aware palettes and bias correction: an .npz (one array per input, axis 0 = "
+                    "samples) or a folder of images (see --image-size ... --std) [default: --data].")
+@options.VALIDATION
+@options.GATES
+@options.OUTPUT
+@options.CONFIG
+def kmeans(models: tuple[Path, ...], **o: Any) -> None:
     """Palettize weights: a codebook of 2**bits centroids (k-means) plus low-bit indices.
 
     Every float weight read by Conv, ConvTranspose, Gemm or MatMul is replaced by a codebook and
@@ -264,21 +161,10 @@ def kmeans(models: tuple[Path, ...], bits: int, per_channel: bool | None, max_co
       qconvert kmeans model.onnx --bits 3 --data val.npz -o model.q3.onnx
       qconvert kmeans model.onnx --bits 8 --input-shape images=1x3x224x224 --json
     """
-    plan = KMeansPlan(
-        bits=bits,
-        granularity=_granularity(per_channel, Granularity.AUTO),
-        min_elements=min_elements,
-        exclude=exclude,
-        raise_opset=not keep_opset,
-        max_codebook_overhead=max_codebook_overhead,
-        overrides=layer_overrides(),
-        calibration=calibration,
-        preprocessing=_preprocessing(image_size, layout, channel_order, pixel_scale, mean, std),
-        fold_batchnorm=not no_fold,
-        data_aware=not no_data_aware,
-        bias_correction=not no_bias_correction,
-    )
-    _dispatch(models, plan, common)
+    plan = KMeansPlan(bits=o["bits"], granularity=options.granularity(o["per_channel"], Granularity.AUTO),
+                      raise_opset=not o["keep_opset"], max_codebook_overhead=o["max_codebook_overhead"],
+                      overrides=layer_overrides(), **options.plan_fields(o))
+    _dispatch(models, plan, o)
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
@@ -288,24 +174,20 @@ def kmeans(models: tuple[Path, ...], bits: int, per_channel: bool | None, max_co
               help="One scale per output channel, or one per tensor (depthwise kernels always get per-channel).")
 @click.option("--symmetric/--asymmetric", default=True, show_default=True,
               help="Weights: signed with zero point 0, or unsigned with a zero point.")
-@click.option("--weights-only", "weights_only", is_flag=True, help="Quantize weights only, also with --calibration (whose data then serves the data-aware techniques only).")
-@click.option("--calibration", type=click.Path(path_type=Path),
-              help="Quantize activations too, with ranges measured on this data: an .npz of inputs (one array per "
-                   "input, axis 0 = samples) or a folder of images (see --image-size ... --std).")
-@click.option("--calibration-method", type=click.Choice([m.value for m in CalibrationMethod]), default="minmax", show_default=True,
-              help="Activation range: the observed min/max, or percentiles (--percentile).")
-@click.option("--percentile", default=99.999, show_default=True, help="With --calibration-method percentile: the kept share of values, in %.")
-@click.option("--min-elements", default=1, show_default=True, help="Leave weights with fewer elements as they are.")
-@click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave weights whose name matches (exact or glob; repeatable).")
-@calibration_options
-@validation_options
-@gate_options
-@output_options
-@config_option
-def linear(models: tuple[Path, ...], bits: str, per_channel: bool, symmetric: bool, weights_only: bool, calibration: Path | None,
-           image_size: str | None, layout: str | None, channel_order: str, pixel_scale: float, mean: str, std: str,
-           calibration_method: str, percentile: float, no_fold: bool, no_data_aware: bool, no_bias_correction: bool,
-           min_elements: int, exclude: tuple[str, ...], **common: Any) -> None:
+@click.option("--weights-only", "weights_only", is_flag=True,
+              help="Quantize weights only, also with --calibration (whose data then serves the data-aware techniques only).")
+@options.techniques("Quantize activations too, with ranges measured on this data: an .npz of inputs (one array per "
+                    "input, axis 0 = samples) or a folder of images (see --image-size ... --std).")
+@click.option("--calibration-method", type=click.Choice([m.value for m in CalibrationMethod]), default="minmax",
+              show_default=True, help="Activation range: the observed min/max, or percentiles (--percentile).")
+@click.option("--percentile", default=99.999, show_default=True,
+              help="With --calibration-method percentile: the kept share of values, in %.")
+@options.selection(1)
+@options.VALIDATION
+@options.GATES
+@options.OUTPUT
+@options.CONFIG
+def linear(models: tuple[Path, ...], **o: Any) -> None:
     """Linear quantization r = S(q - Z): QuantizeLinear/DequantizeLinear (QDQ) form.
 
     Without --calibration, weights become int8/int4 initializers followed by DequantizeLinear: a smaller
@@ -324,48 +206,29 @@ def linear(models: tuple[Path, ...], bits: str, per_channel: bool, symmetric: bo
       qconvert linear model.onnx --per-channel --calibration calib.npz --data val.npz
       qconvert linear model.onnx --per-channel --calibration photos/ --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225
     """
-    plan = LinearPlan(
-        bits=int(bits),
-        granularity=_granularity(per_channel, Granularity.PER_CHANNEL),
-        symmetric=symmetric,
-        calibration=calibration,
-        weights_only=weights_only,
-        preprocessing=_preprocessing(image_size, layout, channel_order, pixel_scale, mean, std),
-        calibration_method=CalibrationMethod(calibration_method),
-        percentile=percentile,
-        fold_batchnorm=not no_fold,
-        min_elements=min_elements,
-        exclude=exclude,
-        overrides=layer_overrides(),
-        data_aware=not no_data_aware,
-        bias_correction=not no_bias_correction,
-    )
-    _dispatch(models, plan, common)
+    plan = LinearPlan(bits=int(o["bits"]), granularity=options.granularity(o["per_channel"], Granularity.PER_CHANNEL),
+                      symmetric=o["symmetric"], weights_only=o["weights_only"],
+                      calibration_method=CalibrationMethod(o["calibration_method"]), percentile=o["percentile"],
+                      overrides=layer_overrides(), **options.plan_fields(o))
+    _dispatch(models, plan, o)
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("model", type=click.Path(path_type=Path, allow_dash=True))
 @click.option("--target-snr", type=float, metavar="DB", help="Target: every output's SNR vs float at least this (dB).")
 @click.option("--min-top1", type=click.FloatRange(0, 1), metavar="FRACTION", help="Target: top-1 agreement with float at least this.")
-@click.option("--max-accuracy-drop", type=float, metavar="POINTS", help="Target: top-1 accuracy on labels drops at most this many points.")
-@click.option("--labels", type=click.Path(path_type=Path, dir_okay=False), help="Labels (.npy, one per sample of --data) for accuracy.")
+@click.option("--max-accuracy-drop", type=float, metavar="POINTS",
+              help="Target: top-1 accuracy on labels drops at most this many points.")
 @click.option("--methods", default="kmeans,linear", show_default=True, help="Methods a weight may get (comma-separated).")
 @click.option("--bits", "bits_list", default="2,3,4,5,6,8", show_default=True, help="K-means widths to consider (linear: 4 and 8).")
-@click.option("--max-codebook-overhead", default=1.0, show_default=True, metavar="BITS", help="Per-channel codebooks adding more bits per weight are not considered.")
-@click.option("--min-elements", default=DEFAULT_MIN_ELEMENTS, show_default=True, help="Leave weights with fewer elements as they are.")
-@click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave weights whose name matches (exact or glob; repeatable).")
-@click.option("--calibration", type=click.Path(path_type=Path),
-              help="Inputs (.npz or a folder of images) for data-aware k-means and bias correction in the final model.")
-@click.option("--plan-out", type=click.Path(path_type=Path, dir_okay=False),
+@options.CODEBOOK_OVERHEAD
+@options.selection(DEFAULT_MIN_ELEMENTS)
+@options.techniques("Inputs (.npz or a folder of images) for data-aware k-means and bias correction in the final model.")
+@click.option("--plan-out", type=options.FILE,
               help="Save the chosen plan as TOML: `qconvert kmeans MODEL --config PLAN` redoes it without searching.")
-@calibration_options
-@validation_options
-@output_options
-def auto(model: Path, target_snr: float | None, min_top1: float | None, max_accuracy_drop: float | None, labels: Path | None,
-         methods: str, bits_list: str, max_codebook_overhead: float, min_elements: int, exclude: tuple[str, ...],
-         calibration: Path | None, plan_out: Path | None, keep_failed: bool, image_size: str | None, layout: str | None,
-         channel_order: str, pixel_scale: float, mean: str, std: str, no_fold: bool, no_data_aware: bool,
-         no_bias_correction: bool, **common: Any) -> None:
+@options.VALIDATION
+@options.OUTPUT
+def auto(model: Path, **o: Any) -> None:
     """Mixed precision: per weight the method and bit width that meet a target at the smallest size.
 
     Measures how much each layer's output noise reaches the model's outputs (one batched onnxruntime
@@ -379,23 +242,11 @@ def auto(model: Path, target_snr: float | None, min_top1: float | None, max_accu
       qconvert auto model.onnx --max-accuracy-drop 0.5 --data val.npz --plan-out plan.toml
       qconvert kmeans model.onnx --config plan.toml      # the same plan again, without the search
     """
-    plan = AutoPlan(
-        target_snr=target_snr,
-        min_top1=min_top1,
-        max_accuracy_drop=max_accuracy_drop,
-        methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
-        bits=_ints(bits_list, "--bits"),
-        calibration=calibration,
-        preprocessing=_preprocessing(image_size, layout, channel_order, pixel_scale, mean, std),
-        min_elements=min_elements,
-        exclude=exclude,
-        max_codebook_overhead=max_codebook_overhead,
-        fold_batchnorm=not no_fold,
-        data_aware=not no_data_aware,
-        bias_correction=not no_bias_correction,
-    )
-    _run(model, plan, min_snr=None, max_abs_error=None, min_top1=None, max_accuracy_drop=None, labels=labels,
-         keep_failed=keep_failed, plan_out=plan_out, **common)
+    plan = AutoPlan(target_snr=o["target_snr"], min_top1=o["min_top1"], max_accuracy_drop=o["max_accuracy_drop"],
+                    methods=tuple(m.strip() for m in o["methods"].split(",") if m.strip()),
+                    bits=options.ints(o["bits_list"], "--bits"), max_codebook_overhead=o["max_codebook_overhead"],
+                    **options.plan_fields(o))
+    _run(model, plan, {**o, "min_top1": None, "max_accuracy_drop": None})  # the targets are the search's own gates
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
@@ -421,16 +272,10 @@ def inspect(model: Path, min_elements: int, as_json: bool) -> None:
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("float_model", type=click.Path(path_type=Path))
 @click.argument("converted_model", type=click.Path(path_type=Path))
-@validation_options
-@gate_options
-@click.option("--report", "report_path", type=click.Path(path_type=Path, dir_okay=False), help="Also write the JSON report here.")
-@click.option("--report-md", type=click.Path(path_type=Path, dir_okay=False), help="Also write a Markdown summary.")
-@click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout instead of the summary on stderr.")
-@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
-def compare(float_model: Path, converted_model: Path, *, validate: bool, data: Path | None, input_shapes: tuple[str, ...],
-            samples: int, seed: int, allow_unvalidated: bool, min_snr: float | None, max_abs_error: float | None,
-            min_top1: float | None, max_accuracy_drop: float | None, labels: Path | None,
-            report_path: Path | None, report_md: Path | None, as_json: bool, quiet: bool) -> None:
+@options.VALIDATION
+@options.GATES
+@options.REPORTS
+def compare(float_model: Path, converted_model: Path, **o: Any) -> None:
     """Validation only: compare a converted model with its float original (same metrics and gates).
 
     \b
@@ -438,13 +283,12 @@ def compare(float_model: Path, converted_model: Path, *, validate: bool, data: P
       qconvert compare model.onnx model.kmeans4.onnx --data val.npz --max-accuracy-drop 1
       qconvert compare model.onnx vendor_int8.onnx --min-snr 25 --json
     """
-    if not validate:
+    validation = options.validation(o)
+    if validation is None:
         raise click.UsageError("compare is validation; --no-validate leaves nothing to do")
-    validation = _validation_plan(data=data, input_shapes=input_shapes, samples=samples, seed=seed,
-                                  allow_unvalidated=allow_unvalidated, labels=labels)
-    report = compare_models(float_model, converted_model, validation, Gates(min_snr, max_abs_error, min_top1, max_accuracy_drop))
-    _emit_reports(report, report_path, report_md)
-    _finish(report, _console(quiet), as_json)
+    report = compare_models(float_model, converted_model, validation, options.gates(o))
+    _emit_reports(report, o["report_path"], o["report_md"], o["report_html"])
+    _finish(report, _console(o["quiet"]), o["as_json"])
 
 
 LOG_WIDTH = 200  # columns at least, when stderr is not a terminal (a CI log): tables keep their names whole
@@ -459,107 +303,49 @@ def _console(quiet: bool) -> Console:
     return console
 
 
-def _granularity(per_channel: bool | None, default: Granularity) -> Granularity:
-    if per_channel is None:
-        return default
-    return Granularity.PER_CHANNEL if per_channel else Granularity.PER_TENSOR
-
-
-def _ints(text: str, option: str) -> tuple[int, ...]:
-    try:
-        return tuple(sorted({int(v) for v in text.split(",") if v.strip()}))
-    except ValueError:
-        raise click.UsageError(f"{option} expects integers separated by commas, got {text!r}") from None
-
-
-def _floats(text: str, option: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise click.UsageError(f"{option} expects numbers separated by commas, got {text!r}") from None
-
-
-def _dims(text: str, option: str) -> tuple[int, int]:
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise click.UsageError(f"{option} expects HxW, e.g. 224x224; got {text!r}")
-    return int(parts[0]), int(parts[1])
-
-
-def _dispatch(models: tuple[Path, ...], plan: Plan, common: dict[str, Any]) -> None:
+def _dispatch(models: tuple[Path, ...], plan: Plan, o: dict[str, Any]) -> None:
     """One model: the full single-model behaviour. Several, or a directory: batch into -o DIR."""
     if len(models) == 1 and not models[0].is_dir():
-        _run(models[0], plan, **common)
+        _run(models[0], plan, o)
     else:
-        _run_batch(models, plan, **common)
+        _run_batch(models, plan, o)
 
 
-def _run_batch(models: tuple[Path, ...], plan: Plan, *, output: Path | None, as_json: bool, quiet: bool,
-               report_path: Path | None, report_md: Path | None, report_html: Path | None, **common: Any) -> None:
-    if output is None or str(output) == "-" or report_path or report_md or report_html or any(str(m) == "-" for m in models):
-        raise click.UsageError("several models (or a directory) need -o DIR; reports go beside each model, no -, --report or --report-md")
+def _run_batch(models: tuple[Path, ...], plan: Plan, o: dict[str, Any]) -> None:
+    output = o["output"]
+    if (output is None or str(output) == "-" or o["report_path"] or o["report_md"] or o["report_html"]
+            or any(str(m) == "-" for m in models)):
+        raise click.UsageError("several models (or a directory) need -o DIR; reports go beside each model, "
+                               "no -, --report or --report-md")
     paths = batch.expand(models)
     if output.exists() and not output.is_dir():
         raise click.UsageError(f"{output}: several models need -o to be a folder, and this is a file")
     output.mkdir(parents=True, exist_ok=True)
-    validation = _validation_plan(**common) if common["validate"] else None
-    gates = Gates(common["min_snr"], common["max_abs_error"], common["min_top1"], common["max_accuracy_drop"])
-    jobs = [batch.Job(p, batch.output_for(p, output, plan), plan, validation, gates, common["keep_failed"]) for p in paths]
-    console = _console(quiet)
+    validation, gates = options.validation(o), options.gates(o)
+    jobs = [batch.Job(p, batch.output_for(p, output, plan), plan, validation, gates, o["keep_failed"]) for p in paths]
+    console = _console(o["quiet"])
     with console.status(f"converting {len(jobs)} models", spinner="dots") if console.is_terminal else contextlib.nullcontext():
         outcomes = batch.run_all(jobs)
-    if as_json:
-        reports = [json.loads(o.report_json) if o.report_json else {"input": {"path": str(o.model)}, "error": o.message, "exit_code": o.exit_code}
-                   for o in outcomes]
-        click.echo(json.dumps(reports, indent=2))
+    if o["as_json"]:
+        click.echo(json.dumps([json.loads(done.report_json) if done.report_json else
+                               {"input": {"path": str(done.model)}, "error": done.message, "exit_code": done.exit_code}
+                               for done in outcomes], indent=2))
     else:
         console.print(batch_summary(outcomes))
     code = batch.worst(outcomes)
     if code:
-        failed = [o for o in outcomes if o.exit_code]
+        failed = [done for done in outcomes if done.exit_code]
         raise CliError(f"{len(failed)} of {len(outcomes)} models failed; first: {failed[0].message}", code)
 
 
-def _validation_plan(*, data: Path | None, input_shapes: tuple[str, ...], samples: int, seed: int, allow_unvalidated: bool,
-                     labels: Path | None, **_: Any) -> ValidationPlan:
-    return ValidationPlan(data=data, input_shapes=dict(map(parse_input_shape, input_shapes)), samples=samples, seed=seed,
-                          allow_unrunnable=allow_unvalidated, labels=labels)
-
-
-def _run(
-    model: Path,
-    plan: Plan | AutoPlan,
-    *,
-    validate: bool,
-    data: Path | None,
-    input_shapes: tuple[str, ...],
-    samples: int,
-    seed: int,
-    allow_unvalidated: bool,
-    min_snr: float | None,
-    max_abs_error: float | None,
-    min_top1: float | None,
-    max_accuracy_drop: float | None,
-    labels: Path | None,
-    keep_failed: bool,
-    output: Path | None,
-    report_path: Path | None,
-    report_md: Path | None,
-    report_html: Path | None,
-    as_json: bool,
-    quiet: bool,
-    plan_out: Path | None = None,
-) -> None:
+def _run(model: Path, plan: Plan | AutoPlan, o: dict[str, Any]) -> None:
+    """One model: convert, write the model and the reports, print the summary (or the JSON)."""
+    output, report_path = o["output"], o["report_path"]
     from_stdin, to_stdout = str(model) == "-", output is not None and str(output) == "-"
-    if to_stdout and as_json:
+    if to_stdout and o["as_json"]:
         raise click.UsageError("-o - writes the model to stdout, so --json cannot; use --report PATH")
     if from_stdin and output is None:
         raise click.UsageError("reading the model from stdin (-) needs -o PATH or -o -")
-    validation = None
-    if validate:
-        validation = _validation_plan(data=data, input_shapes=input_shapes, samples=samples, seed=seed,
-                                      allow_unvalidated=allow_unvalidated, labels=labels)
-    gates = Gates(min_snr, max_abs_error, min_top1, max_accuracy_drop)
     if output is not None and output.is_dir():
         if from_stdin:
             raise click.UsageError("a model from stdin (-) has no name to write into a folder: give -o PATH")
@@ -567,13 +353,15 @@ def _run(
     target = None if to_stdout else (output or default_output(model, plan))
     if report_path is None and target is not None and not io.is_special(target):
         report_path = target.with_suffix(".report.json")
-    console = _console(quiet)
-    with _model_file(model) as path, (console.status("converting", spinner="dots") if console.is_terminal else contextlib.nullcontext()) as status:
+    console = _console(o["quiet"])
+    status = console.status("converting", spinner="dots") if console.is_terminal else contextlib.nullcontext()
+    with _model_file(model) as path, status as spinner:
         def progress(message: str) -> None:
-            if status is not None:
-                status.update(message)
+            if spinner is not None:
+                spinner.update(message)
 
-        conversion = api.run(plan, path, validation, gates, output=target, keep_failed=keep_failed, progress=progress)
+        conversion = api.run(plan, path, options.validation(o), options.gates(o), output=target,
+                             keep_failed=o["keep_failed"], progress=progress)
     if to_stdout and conversion.staged:
         conversion.discard()
         raise UsageError(TOO_BIG_FOR_A_STREAM)
@@ -581,15 +369,15 @@ def _run(
     if from_stdin:
         report.input_path = "-"
     if to_stdout:
-        report.output_path = "-" if report.passed or keep_failed else None
-    _emit_reports(report, report_path, report_md, report_html)
-    if plan_out is not None and isinstance(report.details.get("auto"), dict):
-        io.write_atomically(plan_out, plan_toml(report.details["auto"], str(model)).encode())
+        report.output_path = "-" if report.passed or o["keep_failed"] else None
+    _emit_reports(report, report_path, o["report_md"], o["report_html"])
+    if o.get("plan_out") is not None and isinstance(report.details.get("auto"), dict):
+        io.write_atomically(o["plan_out"], plan_toml(report.details["auto"], str(model)).encode())
     if to_stdout and report.output_path:
         assert conversion.model_bytes is not None  # stdout never gets an external-data model
         sys.stdout.buffer.write(conversion.model_bytes)
         sys.stdout.buffer.flush()
-    _finish(report, console, as_json)
+    _finish(report, console, o["as_json"])
 
 
 def _emit_reports(report: Report, report_path: Path | None, report_md: Path | None, report_html: Path | None = None) -> None:
