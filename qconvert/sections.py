@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import helper
 
 from qconvert import io
@@ -86,61 +87,89 @@ class Sections:
     def run(self, end: int, build: Callable[[Section], None], *, last: bool = False) -> Iterator[dict[str, np.ndarray]]:
         """Run nodes [start, end) with what `build` adds, on every sample in turn: yields the outputs it
         wanted. `last`: no run follows from here, so nothing is handed on. Iterate to the end."""
-        nodes = self.model.graph.node
-        complete = end == len(nodes)
+        step = self._section(end, build, last)
+        carried = _Carried(len(self.carried)) if step.later else None
+        for feed in self.carried:
+            values = {}
+            if step.session is not None:
+                inputs = Feeds([{name: feed[name] for name in step.inputs}], 1, "")
+                values = dict(zip(step.outputs, next(run_batches(step.session, inputs, self.what, output_names=step.outputs))))
+            # copies: an output array held on would keep the session's whole arena alive after the session
+            yield {t: np.array(values[t]) if t in values else feed[t] for t in step.wanted}
+            if carried is not None:
+                carried.append({**{t: feed[t] for t in step.kept}, **{t: values[c] for t, c in zip(step.handed, step.copies)}})
+        self.start, self.carried = (end, carried) if carried is not None else (0, _Carried.of(self.feeds))
+
+    def _section(self, end: int, build: Callable[[Section], None], last: bool) -> _Step:
+        """The session of nodes [start, end) with `build`'s checks, and what goes in and out of it per sample."""
         probe = without_weights(self.model)
         graph = probe.graph
-        needed = set().union(*self.reads[self.start : end])  # Constant nodes (weights) run where read, never handed on
-        constants = [node for i, node in enumerate(graph.node[:end]) if i in self.constants and node.output[0] in needed]
-        section = [node for i, node in enumerate(graph.node[self.start : end], self.start) if i not in self.constants]
-        set_nodes(graph, constants + section)
+        nodes = self._select_nodes(graph, end)
         made = {out for node in graph.node for out in node.output}
         if self.start == 0:
             made |= {i.name for i in graph.input} | {t.name for t in graph.initializer}
-        read = set().union(*(_reads(node) for node in graph.node)) | self.outputs
-        initializers = [t for t in graph.initializer if t.name in read]  # a pass's `build` sees the section's own
-        del graph.initializer[:]
-        graph.initializer.extend(initializers)
-        spec = Section(graph, NameSource(probe), default_opset(self.model), made, complete)
+        _keep_initializers(graph, self.outputs)  # a pass's `build` sees the section's own
+        spec = Section(graph, NameSource(probe), default_opset(self.model), made, end == len(self.model.graph.node))
         build(spec)
-        later = set() if last or complete else set().union(*self.reads[end:], self.outputs)
-        handed = [t for t in dict.fromkeys(out for node in section for out in node.output) if t in later]
+        later = set() if last or spec.complete else set().union(*self.reads[end:], self.outputs)
+        handed = [t for t in dict.fromkeys(out for node in nodes for out in node.output) if t in later]
         copies = [spec.fresh(f"{t}_qc_handed") for t in handed]  # read beside the model like the checks: see add_after
         for t, copy in zip(handed, copies):
             spec.after.setdefault(t, After()).nodes.append(helper.make_node("Identity", [t], [copy]))
         add_after(graph, spec.after)
         produced = {out for node in graph.node for out in node.output}
-        read = set().union(*(_reads(node) for node in graph.node))
-        initializers = [t for t in graph.initializer if t.name in read | set(spec.wanted)]
-        del graph.initializer[:]
-        graph.initializer.extend(initializers)
-        available = set(self.carried.dtypes)
-        given = [t for t in spec.wanted if t not in produced and t in available]  # handed on to here: no need to run
+        read = _keep_initializers(graph, set(spec.wanted))
+        given = [t for t in spec.wanted if t not in produced and t in self.carried.dtypes]  # handed on to here: no need to run
         outputs = [t for t in spec.wanted if t not in given] + copies
-        constant = {t.name for t in initializers}
-        if self.start == 0:  # the model's inputs (not initializers listed as inputs, as IR 3 has them)
-            declared = [i for i in graph.input if i.name in read and i.name not in constant]
-        else:  # the tensors handed on, by type
+        inputs = self._declare_inputs(graph, read - {t.name for t in graph.initializer}, produced)
+        graph.output.extend(helper.make_empty_tensor_value_info(t) for t in outputs)
+        session = model_session(self.model, self.what, skeleton=probe, replaced=spec.replaced, probe=True) if outputs else None
+        kept = [t for t in self.carried.dtypes if t in later and t not in produced]
+        return _Step(session, inputs, outputs, spec.wanted, handed, copies, kept, bool(later))
+
+    def _select_nodes(self, graph: onnx.GraphProto, end: int) -> list[onnx.NodeProto]:
+        """The graph cut to nodes [start, end), after the Constant nodes they read (weights run where they
+        are read, never handed on); returns the section's own nodes."""
+        needed = set().union(*self.reads[self.start : end])
+        constants = [node for i, node in enumerate(graph.node[:end]) if i in self.constants and node.output[0] in needed]
+        section = [node for i, node in enumerate(graph.node[self.start : end], self.start) if i not in self.constants]
+        set_nodes(graph, constants + section)
+        return section
+
+    def _declare_inputs(self, graph: onnx.GraphProto, read: set[str], produced: set[str]) -> list[str]:
+        """The section's inputs among the tensors it `read`s but holds no initializer for: the model's (not
+        initializers listed as inputs, as IR 3 has them) for the first, else those handed on, by type."""
+        if self.start == 0:
+            declared = [i for i in graph.input if i.name in read]
+        else:
             declared = [helper.make_tensor_value_info(t, helper.np_dtype_to_tensor_dtype(self.carried.dtypes[t]), None)
-                        for t in sorted(read - produced - constant)]
+                        for t in sorted(read - produced)]
         del graph.input[:], graph.output[:]
         graph.input.extend(declared)
-        graph.output.extend(helper.make_empty_tensor_value_info(t) for t in outputs)
-        sess = model_session(self.model, self.what, skeleton=probe, replaced=spec.replaced, probe=True) if outputs else None
-        wanted = spec.wanted
-        del probe, graph, spec
-        kept = [t for t in self.carried.dtypes if t in later and t not in produced]
-        carried = _Carried(len(self.carried)) if later else None
-        for feed in self.carried:
-            values = {}
-            if sess is not None:
-                inputs = Feeds([{i.name: feed[i.name] for i in declared}], 1, "")
-                values = dict(zip(outputs, next(run_batches(sess, inputs, self.what, output_names=outputs))))
-            # copies: an output array held on would keep the session's whole arena alive after the session
-            yield {t: np.array(values[t]) if t in values else feed[t] for t in wanted}
-            if carried is not None:
-                carried.append({**{t: feed[t] for t in kept}, **{t: values[copy] for t, copy in zip(handed, copies)}})
-        self.start, self.carried = (end, carried) if carried is not None else (0, _Carried.of(self.feeds))
+        return [i.name for i in declared]
+
+
+@dataclass
+class _Step:
+    """One section's session and what flows through it per sample."""
+
+    session: ort.InferenceSession | None  # None: nothing to run, all it wants was handed on
+    inputs: list[str]
+    outputs: list[str]  # what the session returns: the wanted tensors it makes, and copies of those handed on
+    wanted: list[str]
+    handed: list[str]  # tensors this section makes that later ones read ...
+    copies: list[str]  # ... and the outputs that copy them
+    kept: list[str]  # tensors handed to this section that later ones read too
+    later: bool  # a section follows
+
+
+def _keep_initializers(graph: onnx.GraphProto, also: set[str]) -> set[str]:
+    """Drop the initializers that no node reads (nor `also` names); returns the tensors the nodes read."""
+    read = set().union(*(_reads(node) for node in graph.node))
+    kept = [t for t in graph.initializer if t.name in read | also]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return read
 
 
 class _Carried:

@@ -92,32 +92,12 @@ class Refiner:
         same samples and the best wins, plain on a tie.
         """
         names = [n for n in results if n in self.layers]
-        options: dict[str, list[tuple[bool, np.ndarray | None]]] = {}  # name -> [(data-aware?, bias shift)]
-        candidates: list[Candidate] = []
-        for name in names:
-            plain, refined = results[name]
-            layer, moments = self.layers[name], self.moments[name]
-            tried: list[tuple[bool, np.ndarray | None]] = [(False, None)]
-            if self.bias_correction:
-                floats = original(name)
-                if (plain_shift := bias_shift(layer, moments, floats, array_of(plain))) is not None:
-                    tried.append((False, plain_shift))
-                if refined is not None:
-                    tried.append((True, bias_shift(layer, moments, floats, array_of(refined))))
-                del floats
-            elif refined is not None:
-                tried.append((True, None))
-            options[name] = tried
-            candidates += [Candidate(layer, refined if use_refined and refined is not None else plain, bias) for use_refined, bias in tried]
+        options = {name: self._options(name, *results[name], original) for name in names}
+        candidates = [Candidate(self.layers[name], _pick(results[name], refined), shift)
+                      for name in names for refined, shift in options[name]]
         snrs = iter(checks.layer_snr(model, candidates, self.checks))
         measured = {name: [next(snrs) for _ in options[name]] for name in names}
-        best_per_layer = {}
-        for name in names:
-            best = 0
-            for i in range(1, len(measured[name])):
-                if _better(measured[name][i], measured[name][best]):
-                    best = i
-            best_per_layer[name] = best
+        best_per_layer = {name: _best(measured[name]) for name in names}
         # Layer errors need not add up: whole-model variants decide, plain first (it wins ties).
         variants = {
             "plain": dict.fromkeys(names, 0),
@@ -131,30 +111,28 @@ class Refiner:
                 unique[label] = choice
         arrays = []
         for choice in unique.values():
-            weights: dict[str, Deferred] = {}
-            shifts: dict[str, tuple[Layer, np.ndarray]] = {}
-            for name, index in choice.items():
-                use_refined, bias = options[name][index]
-                plain, refined = results[name]
-                weights[name] = refined if use_refined and refined is not None else plain
-                if bias is not None:
-                    shifts[name] = (self.layers[name], bias)
-            arrays.append((weights, shifts))
+            picked = {name: options[name][index] for name, index in choice.items()}
+            arrays.append(({name: _pick(results[name], refined) for name, (refined, _) in picked.items()},
+                           {name: (self.layers[name], shift) for name, (_, shift) in picked.items() if shift is not None}))
         model_snrs = checks.model_snr(model, arrays, self.checks, self.reference)
         self.model_snr_db = dict(zip(unique, model_snrs))
-        winner = 0
-        for i in range(1, len(model_snrs)):
-            if _better(model_snrs[i], model_snrs[winner]):
-                winner = i
-        self.chosen = list(unique)[winner]
-        decisions: dict[str, Decision] = {}
-        for name, index in unique[self.chosen].items():
-            use_refined, bias = options[name][index]
-            techniques = tuple(t for t, on in ((DATA_AWARE, use_refined), (BIAS_CORRECTED, bias is not None)) if on)
-            shown = ", ".join(f"{_label(*option)} {_db(snr)}" for option, snr in zip(options[name], measured[name]))
-            note = None if index == len(options[name]) - 1 else f"layer output SNR on the calibration data: {shown}"
-            decisions[name] = Decision(use_refined, bias, techniques, measured[name][index], measured[name][0], note)
-        return decisions
+        self.chosen = list(unique)[_best(model_snrs)]
+        return {name: _decision(options[name], measured[name], index) for name, index in unique[self.chosen].items()}
+
+    def _options(self, name: str, plain: Deferred, refined: Deferred | None,
+                 original: Callable[[str], np.ndarray]) -> list[tuple[bool, np.ndarray | None]]:
+        """A layer's options as (data-aware?, bias shift): plain; plain with its bias corrected; data-aware,
+        with its bias corrected if that is on."""
+        tried: list[tuple[bool, np.ndarray | None]] = [(False, None)]
+        if self.bias_correction:
+            layer, moments, floats = self.layers[name], self.moments[name], original(name)
+            if (plain_shift := bias_shift(layer, moments, floats, array_of(plain))) is not None:
+                tried.append((False, plain_shift))
+            if refined is not None:
+                tried.append((True, bias_shift(layer, moments, floats, array_of(refined))))
+        elif refined is not None:
+            tried.append((True, None))
+        return tried
 
     def summary(self, decisions: dict[str, Decision]) -> dict[str, object]:
         """For the report's details: the data, and the whole-model check on it."""
@@ -210,6 +188,28 @@ def with_techniques(report: WeightReport, folded: bool, decision: Decision | Non
     """The weight's report with the techniques applied to it and its measured layer SNR."""
     techniques = [BATCHNORM_FOLDED] * folded + list(decision.techniques if decision else ())
     return dataclasses.replace(report, techniques=techniques, layer_snr_db=decision.layer_snr_db if decision else None)
+
+
+def _pick(result: tuple[Deferred, Deferred | None], refined: bool) -> Deferred:
+    plain, better = result
+    return better if refined and better is not None else plain
+
+
+def _best(snrs: list[float | None]) -> int:
+    """The index of the best SNR, the first on a tie."""
+    best = 0
+    for i in range(1, len(snrs)):
+        if _better(snrs[i], snrs[best]):
+            best = i
+    return best
+
+
+def _decision(options: list[tuple[bool, np.ndarray | None]], measured: list[float | None], index: int) -> Decision:
+    use_refined, shift = options[index]
+    techniques = tuple(t for t, on in ((DATA_AWARE, use_refined), (BIAS_CORRECTED, shift is not None)) if on)
+    shown = ", ".join(f"{_label(*option)} {_db(snr)}" for option, snr in zip(options, measured))
+    note = None if index == len(options) - 1 else f"layer output SNR on the calibration data: {shown}"
+    return Decision(use_refined, shift, techniques, measured[index], measured[0], note)
 
 
 def _label(use_refined: bool, bias: np.ndarray | None) -> str:
