@@ -13,7 +13,7 @@ from qconvert import runtime
 from qconvert.fidelity import bias, checks, statistics
 from qconvert.opset import hole, without_weights
 from qconvert.rewrite import Additions, After, NameSource, add_after
-from qconvert.select import Weight, select_weights
+from qconvert.select import select_weights
 
 PROBE_BITS = (4, 2)  # the gains are measured with each layer's error at these k-means widths
 
@@ -30,24 +30,24 @@ SLOT_BUDGET = 3 << 29  # weights × probe slots: each layer gets a slot of its o
 SLOTS = 16  # layers probed per batched run
 
 
-def noise_estimate(weight: Weight, layer: statistics.Layer, moments: statistics.Moments) -> Callable[..., float]:
+def noise_estimate(shape: tuple[int, ...], layer: statistics.Layer, moments: statistics.Moments) -> Callable[..., float]:
     """(original, quantized[, output channels they hold][, corrected]) -> a number proportional to the
     layer's output noise: Σ Var[x]·ΔW² plus the squared mean error (Σ E[x]·ΔW)² per output channel,
     which bias correction (`corrected`) removes. The constant (the output's power, input correlations)
     is calibrated against one measured perturbation per layer; a subset of output channels stands for
     all of them."""
-    spread = statistics.per_weight(layer, np.maximum(moments.square - moments.mean**2, 0.0), weight.shape)
-    centre = statistics.per_weight(layer, moments.mean, weight.shape)
-    variance = np.broadcast_to(1.0 if spread is None else spread, weight.shape)  # unknown layout: plain weight error
-    mean = np.broadcast_to(0.0 if centre is None else centre, weight.shape)
+    spread = statistics.per_weight(layer, np.maximum(moments.square - moments.mean**2, 0.0), shape)
+    centre = statistics.per_weight(layer, moments.mean, shape)
+    variance = np.broadcast_to(1.0 if spread is None else spread, shape)  # unknown layout: plain weight error
+    mean = np.broadcast_to(0.0 if centre is None else centre, shape)
     alpha = next((a.f for a in layer.node.attribute if a.name == "alpha"), 1.0) if layer.op_type == "Gemm" else 1.0
-    others = tuple(a for a in range(len(weight.shape)) if a != layer.out_axis)
+    others = tuple(a for a in range(len(shape)) if a != layer.out_axis)
 
     def estimate(original: np.ndarray, quantized: np.ndarray, channels: np.ndarray | None = None, corrected: bool = False) -> float:
         delta = original.astype(np.float64) - quantized
         var, mu = (variance, mean) if channels is None else (np.take(variance, channels, layer.out_axis), np.take(mean, channels, layer.out_axis))
         shift = 0.0 if corrected else float(np.sum((alpha * np.sum(delta * mu, axis=others)) ** 2))
-        scale = 1.0 if channels is None else weight.shape[layer.out_axis] / channels.size
+        scale = 1.0 if channels is None else shape[layer.out_axis] / channels.size
         return scale * (float(np.sum(var * delta * delta)) + shift)
 
     return estimate
