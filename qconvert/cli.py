@@ -340,17 +340,11 @@ def _run_batch(models: tuple[Path, ...], plan: Plan, o: dict[str, Any]) -> None:
 
 def _run(model: Path, plan: Plan | AutoPlan, o: dict[str, Any]) -> None:
     """One model: convert, write the model and the reports, print the summary (or the JSON)."""
-    output, report_path = o["output"], o["report_path"]
-    from_stdin, to_stdout = str(model) == "-", output is not None and str(output) == "-"
+    from_stdin, to_stdout = str(model) == "-", o["output"] is not None and str(o["output"]) == "-"
     if to_stdout and o["as_json"]:
         raise click.UsageError("-o - writes the model to stdout, so --json cannot; use --report PATH")
-    if from_stdin and output is None:
-        raise click.UsageError("reading the model from stdin (-) needs -o PATH or -o -")
-    if output is not None and output.is_dir():
-        if from_stdin:
-            raise click.UsageError("a model from stdin (-) has no name to write into a folder: give -o PATH")
-        output = output / default_output(model, plan).name
-    target = None if to_stdout else (output or default_output(model, plan))
+    target = None if to_stdout else _target(model, plan, o["output"])
+    report_path = o["report_path"]
     if report_path is None and target is not None and not io.is_special(target):
         report_path = target.with_suffix(".report.json")
     console = _console(o["quiet"])
@@ -378,6 +372,17 @@ def _run(model: Path, plan: Plan | AutoPlan, o: dict[str, Any]) -> None:
         sys.stdout.buffer.write(conversion.model_bytes)
         sys.stdout.buffer.flush()
     _finish(report, console, o["as_json"])
+
+
+def _target(model: Path, plan: Plan | AutoPlan, output: Path | None) -> Path:
+    """Where the model goes: -o, a file of the default name in -o's folder, or beside the input."""
+    if str(model) == "-" and output is None:
+        raise click.UsageError("reading the model from stdin (-) needs -o PATH or -o -")
+    if output is not None and output.is_dir():
+        if str(model) == "-":
+            raise click.UsageError("a model from stdin (-) has no name to write into a folder: give -o PATH")
+        return output / default_output(model, plan).name
+    return output or default_output(model, plan)
 
 
 def _emit_reports(report: Report, report_path: Path | None, report_md: Path | None, report_html: Path | None = None) -> None:

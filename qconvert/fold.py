@@ -75,10 +75,8 @@ class _Pair:
 def _pair(bn: onnx.NodeProto, producer: dict[str, onnx.NodeProto], uses: dict[str, int],
           inits: dict[str, onnx.TensorProto]) -> _Pair | None:
     """The foldable pair that ends in `bn`, if it is one."""
-    if bn.op_type != "BatchNormalization" or bn.domain not in DOMAINS or len(bn.output) != 1:
-        return None
-    layer = producer.get(bn.input[0])
-    if layer is None or layer.op_type not in FOLDABLE or layer.domain not in DOMAINS or uses.get(bn.input[0]) != 1:
+    layer = _layer_before(bn, producer, uses)
+    if layer is None:
         return None
     params, weight = list(bn.input[1:5]), layer.input[1]
     bias = layer.input[2] if len(layer.input) > 2 and layer.input[2] else None
@@ -97,6 +95,16 @@ def _pair(bn: onnx.NodeProto, producer: dict[str, onnx.NodeProto], uses: dict[st
     gamma, _, _, var = (io.tensor_array(inits[p]).astype(np.float64) for p in params)
     beta = float(attrs.get("beta", 1.0)) if layer.op_type == "Gemm" else 1.0
     return _Pair(bn, layer, params, weight, bias, w, b, axis, gamma / np.sqrt(var + epsilon), beta)
+
+
+def _layer_before(bn: onnx.NodeProto, producer: dict[str, onnx.NodeProto], uses: dict[str, int]) -> onnx.NodeProto | None:
+    """The Conv, ConvTranspose or Gemm whose output only this BatchNormalization reads."""
+    if bn.op_type != "BatchNormalization" or bn.domain not in DOMAINS or len(bn.output) != 1:
+        return None
+    layer = producer.get(bn.input[0])
+    if layer is None or layer.op_type not in FOLDABLE or layer.domain not in DOMAINS or uses.get(bn.input[0]) != 1:
+        return None
+    return layer
 
 
 def _fold(pair: _Pair, graph: onnx.GraphProto, inits: dict[str, onnx.TensorProto]) -> None:

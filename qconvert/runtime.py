@@ -223,29 +223,13 @@ def load_feeds(sess: ort.InferenceSession, path: Path, batch_size: int = DATA_BA
     return feeds_from_arrays(sess, arrays, path, batch_size)
 
 
-def feeds_from_arrays(sess: ort.InferenceSession, arrays: dict[str, np.ndarray], path: Path, batch_size: int = DATA_BATCH) -> Feeds:
+def feeds_from_arrays(sess: ort.InferenceSession, arrays: dict[str, np.ndarray], path: Path,
+                      batch_size: int = DATA_BATCH) -> Feeds:
     """Check arrays against the model's inputs (names, shapes, dtypes) and cut them into batches."""
     inputs = sess.get_inputs()
-    names = [i.name for i in inputs]
-    counts = set()
-    feeds: dict[str, np.ndarray] = {}
-    for i in inputs:
-        if i.name not in arrays:
-            raise InputError(f"{path}: no array named {i.name!r} (model inputs: {', '.join(names)})")
-        array, dtype = arrays[i.name], _dtype(i)
-        expected = [d if isinstance(d, int) and d > 0 else None for d in i.shape]
-        if array.ndim != len(expected) or any(e is not None and e != a for e, a in zip(expected[1:], array.shape[1:])):
-            shown = "x".join(str(d) if d is not None else "?" for d in expected)
-            raise InputError(f"{path}: array {i.name!r} has shape {'x'.join(map(str, array.shape))}, model input expects {shown} (axis 0 holds the samples)")
-        if array.dtype != dtype:
-            if array.dtype.kind != dtype.kind and not (array.dtype.kind in "iu" and dtype.kind in "iu"):
-                raise InputError(f"{path}: array {i.name!r} is {array.dtype}, model input expects {dtype}")
-            array = array.astype(dtype)
-        feeds[i.name] = array
-        counts.add(array.shape[0])
+    feeds = {i.name: _matched(i, arrays, path, [j.name for j in inputs]) for i in inputs}
     labels = arrays.get(LABELS_KEY)
-    if labels is not None:
-        counts.add(labels.shape[0] if labels.ndim else -1)
+    counts = {a.shape[0] for a in feeds.values()} | ({labels.shape[0] if labels.ndim else -1} if labels is not None else set())
     if len(counts) != 1 or min(counts) < 1:
         raise InputError(f"{path}: arrays disagree on the number of samples (axis 0), or hold none")
     samples = counts.pop()
@@ -259,6 +243,23 @@ def feeds_from_arrays(sess: ort.InferenceSession, arrays: dict[str, np.ndarray],
         feeds = {k: np.concatenate([v, np.repeat(v[-1:], padded, axis=0)]) for k, v in feeds.items()}
     batches = [{k: v[s : s + batch] for k, v in feeds.items()} for s in range(0, samples + padded, batch)]
     return Feeds(batches, samples, str(path), labels, padded)
+
+
+def _matched(node_arg: ort.NodeArg, arrays: dict[str, np.ndarray], path: Path, names: list[str]) -> np.ndarray:
+    """The array for a model input, checked against its shape and converted to its type."""
+    if node_arg.name not in arrays:
+        raise InputError(f"{path}: no array named {node_arg.name!r} (model inputs: {', '.join(names)})")
+    array, dtype = arrays[node_arg.name], _dtype(node_arg)
+    expected = [d if isinstance(d, int) and d > 0 else None for d in node_arg.shape]
+    if array.ndim != len(expected) or any(e is not None and e != a for e, a in zip(expected[1:], array.shape[1:])):
+        shown = "x".join(str(d) if d is not None else "?" for d in expected)
+        raise InputError(f"{path}: array {node_arg.name!r} has shape {'x'.join(map(str, array.shape))}, model input "
+                         f"expects {shown} (axis 0 holds the samples)")
+    if array.dtype != dtype:
+        if array.dtype.kind != dtype.kind and not (array.dtype.kind in "iu" and dtype.kind in "iu"):
+            raise InputError(f"{path}: array {node_arg.name!r} is {array.dtype}, model input expects {dtype}")
+        array = array.astype(dtype)
+    return array
 
 
 CALIBRATION_BATCH = 1  # samples per calibration run: a CNN runs as fast one at a time, and holds one sample's activations

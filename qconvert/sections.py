@@ -112,10 +112,7 @@ class Sections:
         spec = Section(graph, NameSource(probe), default_opset(self.model), made, end == len(self.model.graph.node))
         build(spec)
         later = set() if last or spec.complete else set().union(*self.reads[end:], self.outputs)
-        handed = [t for t in dict.fromkeys(out for node in nodes for out in node.output) if t in later]
-        copies = [spec.fresh(f"{t}_qc_handed") for t in handed]  # read beside the model like the checks: see add_after
-        for t, copy in zip(handed, copies):
-            spec.after.setdefault(t, After()).nodes.append(helper.make_node("Identity", [t], [copy]))
+        handed, copies = _hand_on(spec, nodes, later)
         add_after(graph, spec.after)
         produced = {out for node in graph.node for out in node.output}
         read = _keep_initializers(graph, set(spec.wanted))
@@ -161,6 +158,16 @@ class _Step:
     copies: list[str]  # ... and the outputs that copy them
     kept: list[str]  # tensors handed to this section that later ones read too
     later: bool  # a section follows
+
+
+def _hand_on(spec: Section, nodes: list[onnx.NodeProto], later: set[str]) -> tuple[list[str], list[str]]:
+    """The tensors the section's nodes make that `later` sections read, and the names of the copies that
+    hand them on (Identity readers beside the model, like the checks: see add_after)."""
+    handed = [t for t in dict.fromkeys(out for node in nodes for out in node.output) if t in later]
+    copies = [spec.fresh(f"{t}_qc_handed") for t in handed]
+    for t, copy in zip(handed, copies):
+        spec.after.setdefault(t, After()).nodes.append(helper.make_node("Identity", [t], [copy]))
+    return handed, copies
 
 
 def _keep_initializers(graph: onnx.GraphProto, also: set[str]) -> set[str]:

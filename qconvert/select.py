@@ -128,73 +128,92 @@ def select_weights(
     A tensor shared by several consumers appears once with all of them. Tensors below `min_elements`,
     matching an `exclude` pattern (name or glob), or not float are reported as skipped.
     """
-    found: dict[tuple[int, str], Weight] = {}
-    skipped: dict[str, Skipped] = {}
-    graph_inputs = {i.name for i in model.graph.input}
+    walker = _Walker({i.name for i in model.graph.input})
+    walker.walk(model.graph, MAIN_GRAPH, [])
+    for reader, name, scopes in walker.other_reads:
+        definition = _resolve(name, scopes)
+        weight = walker.found.get((id(definition.graph), name)) if definition else None
+        if weight is not None:
+            weight.other_readers.append(reader)
+    weights = []
+    for weight in walker.found.values():
+        reason = _skip_reason(weight, min_elements, exclude)
+        if reason:
+            walker.skipped.setdefault(weight.name, Skipped(weight.name, weight.op_types, reason, weight.shape))
+        else:
+            weights.append(weight)
+    return Selection(weights=weights, skipped=list(walker.skipped.values()))
 
-    def definitions(graph: onnx.GraphProto, path: str) -> dict[str, Weight]:
-        defs = {
-            t.name: Weight(t.name, graph, path, "initializer", t, is_graph_input=path == MAIN_GRAPH and t.name in graph_inputs)
-            for t in graph.initializer
-        }
+
+Scopes = list[dict[str, "Weight"]]  # the constants each enclosing graph defines, outermost first
+
+
+@dataclass
+class _Walker:
+    """A walk over a graph and its subgraphs: the weights found, the skipped, and every other read."""
+
+    graph_inputs: set[str]
+    found: dict[tuple[int, str], Weight] = field(default_factory=dict)
+    skipped: dict[str, Skipped] = field(default_factory=dict)
+    other_reads: list[tuple[str, str, Scopes]] = field(default_factory=list)  # (reader, tensor, its scopes)
+
+    def walk(self, graph: onnx.GraphProto, path: str, scopes: Scopes) -> None:
+        scopes = [*scopes, self.definitions(graph, path)]
+        producers = {out: node.op_type for node in graph.node for out in node.output}
+        self.other_reads.extend(("graph output", o.name, scopes) for o in graph.output)
+        for index, node in enumerate(graph.node):
+            default_domain = node.domain in ("", "ai.onnx")
+            slots = WEIGHT_INPUTS.get(node.op_type, ()) if default_domain else ()
+            for slot, name in enumerate(node.input):
+                if name and slot in slots:
+                    self.consider(node, index, name, scopes, producers)
+                elif name:
+                    self.other_reads.append((node.op_type, name, scopes))
+            for name in _inputs_at(node, QUANTIZED_INPUTS.get(node.op_type, ()) if default_domain else ()):
+                self.skipped.setdefault(name, Skipped(name, node.op_type, f"already quantized ({node.op_type})"))
+            for label, sub in _subgraphs(node, f"{path}/{node.name or node.op_type + str(index)}"):
+                self.walk(sub, label, scopes)
+
+    def definitions(self, graph: onnx.GraphProto, path: str) -> dict[str, Weight]:
+        defs = {t.name: Weight(t.name, graph, path, "initializer", t, is_graph_input=path == MAIN_GRAPH and t.name in self.graph_inputs)
+                for t in graph.initializer}
         for node in graph.node:
             value = constant_value(node)
             if value is not None:
                 defs[node.output[0]] = Weight(node.output[0], graph, path, "constant", value)
         return defs
 
-    def walk(graph: onnx.GraphProto, path: str, scopes: list[dict[str, Weight]]) -> None:
-        scopes = [*scopes, definitions(graph, path)]
-        producers = {out: node.op_type for node in graph.node for out in node.output}
-        other_reads.extend(("graph output", o.name, scopes) for o in graph.output)
-        for index, node in enumerate(graph.node):
-            default_domain = node.domain in ("", "ai.onnx")
-            slots = WEIGHT_INPUTS.get(node.op_type, ()) if default_domain else ()
-            for slot in slots:
-                if len(node.input) > slot and node.input[slot]:
-                    _consider(node, index, node.input[slot], scopes, producers)
-            for slot, name in enumerate(node.input):
-                if slot not in slots and name:
-                    other_reads.append((node.op_type, name, scopes))
-            for slot in QUANTIZED_INPUTS.get(node.op_type, ()) if default_domain else ():
-                if len(node.input) > slot and node.input[slot]:
-                    skipped.setdefault(node.input[slot], Skipped(node.input[slot], node.op_type, f"already quantized ({node.op_type})"))
-            for attr in node.attribute:
-                label = f"{path}/{node.name or node.op_type + str(index)}.{attr.name}"
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    walk(attr.g, label, scopes)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    for i, sub in enumerate(attr.graphs):
-                        walk(sub, f"{label}[{i}]", scopes)
-
-    def _consider(node: onnx.NodeProto, index: int, name: str, scopes: list[dict[str, Weight]], producers: dict[str, str]) -> None:
-        candidate = next((scope[name] for scope in reversed(scopes) if name in scope), None)
+    def consider(self, node: onnx.NodeProto, index: int, name: str, scopes: Scopes, producers: dict[str, str]) -> None:
+        candidate = _resolve(name, scopes)
         if candidate is None:
             if producers.get(name) == "DequantizeLinear":
-                skipped.setdefault(name, Skipped(name, node.op_type, "already quantized (DequantizeLinear)"))
+                self.skipped.setdefault(name, Skipped(name, node.op_type, "already quantized (DequantizeLinear)"))
             return
-        key = (id(candidate.graph), name)
-        weight = found.setdefault(key, candidate)
+        weight = self.found.setdefault((id(candidate.graph), name), candidate)
         group = next((a.i for a in node.attribute if a.name == "group"), 1)
         depthwise = node.op_type == "Conv" and group > 1 and len(weight.shape) > 1 and weight.shape[1] == 1
-        weight.consumers.append(Consumer(node.op_type, node.name or f"{node.op_type}#{index}", channel_axis(node, len(weight.shape)), depthwise))
+        weight.consumers.append(Consumer(node.op_type, node.name or f"{node.op_type}#{index}",
+                                         channel_axis(node, len(weight.shape)), depthwise))
 
-    other_reads: list[tuple[str, str, list[dict[str, Weight]]]] = []
-    walk(model.graph, MAIN_GRAPH, [])
-    for reader, name, scopes in other_reads:
-        definition = next((scope[name] for scope in reversed(scopes) if name in scope), None)
-        weight = found.get((id(definition.graph), name)) if definition else None
-        if weight is not None:
-            weight.other_readers.append(reader)
 
-    weights = []
-    for weight in found.values():
-        reason = _skip_reason(weight, min_elements, exclude)
-        if reason:
-            skipped.setdefault(weight.name, Skipped(weight.name, weight.op_types, reason, weight.shape))
-        else:
-            weights.append(weight)
-    return Selection(weights=weights, skipped=list(skipped.values()))
+def _resolve(name: str, scopes: Scopes) -> Weight | None:
+    """The constant a name refers to, from the innermost graph out."""
+    return next((scope[name] for scope in reversed(scopes) if name in scope), None)
+
+
+def _inputs_at(node: onnx.NodeProto, slots: tuple[int, ...]) -> list[str]:
+    return [node.input[slot] for slot in slots if len(node.input) > slot and node.input[slot]]
+
+
+def _subgraphs(node: onnx.NodeProto, prefix: str) -> list[tuple[str, onnx.GraphProto]]:
+    """A node's subgraphs (If branches, Loop bodies ...), each with its path."""
+    found = []
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            found.append((f"{prefix}.{attr.name}", attr.g))
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            found += [(f"{prefix}.{attr.name}[{i}]", sub) for i, sub in enumerate(attr.graphs)]
+    return found
 
 
 def _skip_reason(weight: Weight, min_elements: int, exclude: tuple[str, ...]) -> str | None:

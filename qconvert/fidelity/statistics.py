@@ -61,25 +61,36 @@ class Moments:
 def find_layers(model: onnx.ModelProto, weights: list[Weight]) -> dict[str, Layer]:
     """The weights these techniques apply to, by name; the others (subgraphs, shared weights, RNNs,
     weights also read as data, non-float32) are quantized plainly."""
-    wanted = {w.name: w for w in weights if w.graph_path == MAIN_GRAPH and len(w.consumers) == 1 and not w.other_readers
-              and w.tensor.data_type == onnx.TensorProto.FLOAT and w.consumers[0].op_type in ("Conv", "Gemm", "MatMul")}
+    wanted = {w.name: w for w in weights if _plain_layer_weight(w)}
     constants = {t.name for t in model.graph.initializer} | {n.output[0] for n in model.graph.node if constant_value(n) is not None}
     layers = {}
     for node in model.graph.node:
-        if len(node.input) < 2 or node.input[1] not in wanted or node.op_type != wanted[node.input[1]].consumers[0].op_type:
-            continue
-        weight = wanted[node.input[1]]
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        rank = len(weight.shape)
-        editable = len(node.input) < 3 or not node.input[2] or node.input[2] in constants
-        if node.op_type == "Conv" and rank >= 3:
-            layers[weight.name] = Layer(weight.name, node, 1, 1, 0, weight.shape, int(attrs.get("group", 1)), editable)
-        elif node.op_type == "Gemm":
-            trans_b = int(attrs.get("transB", 0))
-            layers[weight.name] = Layer(weight.name, node, 0 if attrs.get("transA", 0) else 1, trans_b, 1 - trans_b, weight.shape, 1, editable)
-        elif node.op_type == "MatMul" and rank == 2:
-            layers[weight.name] = Layer(weight.name, node, -1, 0, 1, weight.shape)
+        weight = wanted.get(node.input[1]) if len(node.input) >= 2 else None
+        if weight is not None and node.op_type == weight.consumers[0].op_type:
+            editable = len(node.input) < 3 or not node.input[2] or node.input[2] in constants
+            if (layer := _layer(node, weight, editable)) is not None:
+                layers[weight.name] = layer
     return layers
+
+
+def _plain_layer_weight(weight: Weight) -> bool:
+    """A float32 weight of the main graph that one Conv, Gemm or MatMul reads, and nothing else."""
+    return (weight.graph_path == MAIN_GRAPH and len(weight.consumers) == 1 and not weight.other_readers
+            and weight.tensor.data_type == onnx.TensorProto.FLOAT and weight.consumers[0].op_type in ("Conv", "Gemm", "MatMul"))
+
+
+def _layer(node: onnx.NodeProto, weight: Weight, editable: bool) -> Layer | None:
+    """The axes of the layer's input and weight (None: a layout these techniques do not handle)."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    rank = len(weight.shape)
+    if node.op_type == "Conv" and rank >= 3:
+        return Layer(weight.name, node, 1, 1, 0, weight.shape, int(attrs.get("group", 1)), editable)
+    if node.op_type == "Gemm":
+        trans_b = int(attrs.get("transB", 0))
+        return Layer(weight.name, node, 0 if attrs.get("transA", 0) else 1, trans_b, 1 - trans_b, weight.shape, 1, editable)
+    if node.op_type == "MatMul" and rank == 2:
+        return Layer(weight.name, node, -1, 0, 1, weight.shape)
+    return None
 
 
 def check_feeds(feeds: Feeds, layers: dict[str, Layer]) -> Feeds:
@@ -120,29 +131,11 @@ def input_moments(model: onnx.ModelProto, layers: dict[str, Layer], feeds: Feeds
     model_outputs = [o.name for o in model.graph.output]
 
     def readers(section: Section) -> None:
-        graph, fresh, after = section.graph, section.fresh, section.after
         for layer in layers.values():
-            x, channels = layer.node.input[0], layer.in_channels
-            key = (x, layer.x_axis, channels)
-            if key in keys or x not in section.made:
-                continue
-            nodes = after.setdefault(x, After()).nodes
-            if layer.op_type == "Conv":
-                axes = [0, *range(2, len(layer.weight_shape))]
-            elif layer.op_type == "Gemm":
-                axes = [1 - layer.x_axis]
-            else:  # MatMul: [..., K] -> [rows, K]
-                shape = fresh(f"{x}_qc_rows_shape")
-                graph.initializer.append(numpy_helper.from_array(np.array([-1, channels], np.int64), shape))
-                rows = fresh(f"{x}_qc_rows")
-                nodes.append(helper.make_node("Reshape", [x, shape], [rows]))
-                x, axes = rows, [0]
-            outputs = (fresh(f"{x}_qc_sum"), fresh(f"{x}_qc_sum_squares"), fresh(f"{x}_qc_size"))
-            for op, out in zip(("ReduceSum", "ReduceSumSquare"), outputs):
-                nodes += reduction(op, x, axes, out, graph, fresh, section.opset)
-            nodes.append(helper.make_node("Size", [x], [outputs[2]]))
-            keys[key] = outputs
-            section.wanted += outputs
+            key = (layer.node.input[0], layer.x_axis, layer.in_channels)
+            if key not in keys and key[0] in section.made:
+                keys[key] = _channel_sums(layer, section)
+                section.wanted += keys[key]
         read_extremes(extremes or [], reduced, section)
         if section.complete:
             section.wanted += model_outputs
@@ -167,6 +160,28 @@ def input_moments(model: onnx.ModelProto, layers: dict[str, Layer], feeds: Feeds
         if count > 0 and total.shape == (layer.in_channels,):
             moments[name] = Moments(total / count, squares / count)
     return Statistics(moments, [np.concatenate(o).astype(np.float64) for o in zip(*reference)], ranges.ranges(), checks)
+
+
+def _channel_sums(layer: Layer, section: Section) -> tuple[str, str, str]:
+    """Readers of the layer's input x that reduce it per input channel: Σx, Σx² and the size of x."""
+    graph, fresh = section.graph, section.fresh
+    x = layer.node.input[0]
+    nodes = section.after.setdefault(x, After()).nodes
+    if layer.op_type == "Conv":
+        axes = [0, *range(2, len(layer.weight_shape))]
+    elif layer.op_type == "Gemm":
+        axes = [1 - layer.x_axis]
+    else:  # MatMul: [..., K] -> [rows, K]
+        shape = fresh(f"{x}_qc_rows_shape")
+        graph.initializer.append(numpy_helper.from_array(np.array([-1, layer.in_channels], np.int64), shape))
+        rows = fresh(f"{x}_qc_rows")
+        nodes.append(helper.make_node("Reshape", [x, shape], [rows]))
+        x, axes = rows, [0]
+    outputs = (fresh(f"{x}_qc_sum"), fresh(f"{x}_qc_sum_squares"), fresh(f"{x}_qc_size"))
+    for op, out in zip(("ReduceSum", "ReduceSumSquare"), outputs):
+        nodes += reduction(op, x, axes, out, graph, fresh, section.opset)
+    nodes.append(helper.make_node("Size", [x], [outputs[2]]))
+    return outputs
 
 
 def per_weight(layer: Layer, values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:

@@ -23,7 +23,7 @@ from qconvert.methods.common import Step, finite, in_order, require_weights, sel
 from qconvert.methods.refine import Decision, Refiner, fold_filter, refiner_for, with_techniques
 from qconvert.opset import default_opset, raise_opset
 from qconvert.plan import KMeansPlan, LayerSetting, LinearPlan, Plan, layer_setting
-from qconvert.report import OpsetChange
+from qconvert.report import Histogram, OpsetChange, WeightReport
 from qconvert.select import Skipped, Weight
 
 FALLBACK = "\0"  # in an opset note: where the storage its weights fell back to goes, once they are quantized
@@ -85,15 +85,7 @@ def quantize_model(model: onnx.ModelProto, plan: Plan, progress: Progress, worke
         refiner.bind(job.model, job.weights)
     ranges = activations.ranges(job.model, job.weights, full_qdq, data, refiner, progress, job.warnings) if full_qdq else None
     items, decisions, chosen = _quantize(job, refiner)
-    reports, histograms = [], []
-    for weight in job.weights:
-        item, decision = items[weight.name], decisions.get(weight.name)
-        method, array = job.method(weight), weight.array()
-        overridden = f"{method.name} by a layer override" if not job.refined(weight) else None
-        note = join(overridden, job.axes[weight.name][1], chosen[weight.name], decision.note if decision else None)
-        report = method.report(weight, array, item, note)
-        reports.append(with_techniques(report, weight.name in folded.values(), decision))
-        histograms.append(method.histogram(weight.name, array, item))
+    reports, histograms = _reports(job, items, decisions, chosen, set(folded.values()))
     opset = _described(job, opset, items)
     if refiner is not None:  # after the ranges: those are the float model's
         refiner.apply_shifts(job.model, decisions)
@@ -103,13 +95,32 @@ def quantize_model(model: onnx.ModelProto, plan: Plan, progress: Progress, worke
             method.encode(job.model, encoded)
     if full_qdq:
         assert ranges is not None
-        job.details.update(activations.insert(job.model, {w.name: items[w.name] for w in job.weights}, ranges))  # type: ignore[misc]
-        if any(s.bits == 4 for s in job.settings.values()):
-            job.warnings.append("int4 weights in a full QDQ graph are not fused into integer kernels by onnxruntime; "
-                                "int8 runs faster")
+        _insert_activations(job, items, ranges)
     elif (note := METHODS[plan.method].runtime_note) is not None:
         job.details["runtime"] = note
     return Step(job.model, opset, reports, job.skipped, job.warnings, job.details, histograms)
+
+
+def _reports(job: _Job, items: dict[str, Quantized], decisions: dict[str, Decision], chosen: dict[str, str | None],
+             folded: set[str]) -> tuple[list[WeightReport], list[Histogram]]:
+    """Each weight's line in the report (its method's, with the techniques applied and why), and its histogram."""
+    reports, histograms = [], []
+    for weight in job.weights:
+        item, decision = items[weight.name], decisions.get(weight.name)
+        method, array = job.method(weight), weight.array()
+        overridden = f"{method.name} by a layer override" if not job.refined(weight) else None
+        note = join(overridden, job.axes[weight.name][1], chosen[weight.name], decision.note if decision else None)
+        reports.append(with_techniques(method.report(weight, array, item, note), weight.name in folded, decision))
+        histograms.append(method.histogram(weight.name, array, item))
+    return reports, histograms
+
+
+def _insert_activations(job: _Job, items: dict[str, Quantized], ranges: activations.Ranges) -> None:
+    """Full QDQ: the activations around the encoded integer weights."""
+    job.details.update(activations.insert(job.model, {w.name: items[w.name] for w in job.weights}, ranges))  # type: ignore[misc]
+    if any(s.bits == 4 for s in job.settings.values()):
+        job.warnings.append("int4 weights in a full QDQ graph are not fused into integer kernels by onnxruntime; "
+                            "int8 runs faster")
 
 
 def _fold(job: _Job, refiner: Refiner | None, *, everything: bool) -> dict[str, str]:

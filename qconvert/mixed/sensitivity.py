@@ -103,15 +103,7 @@ def noise_gains(model: onnx.ModelProto, layers: dict[str, statistics.Layer], sam
         signal += sum(float(np.sum(r * r)) for r in reference)
         for start in range(0, len(units), slots):
             chunk = units[start : start + slots]
-            run = {k: np.repeat(v, len(chunk), axis=0) for k, v in feed.items()}
-            for name in names:
-                run[masks[name]] = np.zeros((len(chunk), *([1] * (ranks[name] - 1))), np.float32)
-                run[picks[name]] = np.zeros(1, np.int64)
-            for slot, unit in enumerate(chunk):
-                for name in unit:
-                    run[masks[name]][slot] = 1.0
-                    run[picks[name]][0] = slot
-            noisy = sess.run(outputs, run)
+            noisy = sess.run(outputs, _slotted(feed, chunk, names, masks, picks, ranks))
             for slot in range(len(chunk)):
                 error = sum(float(np.sum((n[slot : slot + 1].astype(np.float64) - r) ** 2)) for n, r in zip(noisy, reference))
                 output_error[start + slot] += error
@@ -121,6 +113,20 @@ def noise_gains(model: onnx.ModelProto, layers: dict[str, statistics.Layer], sam
         for name in unit:
             measured[name] = ratios[name], error / max(signal, 1e-30) / total if total > 0 else 0.0
     return measured
+
+
+def _slotted(feed: dict[str, np.ndarray], chunk: list[list[str]], names: list[str], masks: dict[str, str],
+             picks: dict[str, str], ranks: dict[str, int]) -> dict[str, np.ndarray]:
+    """One probe run: the sample repeated once per slot, each unit's layers adding their noise in its slot only."""
+    run = {k: np.repeat(v, len(chunk), axis=0) for k, v in feed.items()}
+    for name in names:
+        run[masks[name]] = np.zeros((len(chunk), *([1] * (ranks[name] - 1))), np.float32)
+        run[picks[name]] = np.zeros(1, np.int64)
+    for slot, unit in enumerate(chunk):
+        for name in unit:
+            run[masks[name]][slot] = 1.0
+            run[picks[name]][0] = slot
+    return run
 
 
 def scored_outputs(model: onnx.ModelProto) -> list[str]:
