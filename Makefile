@@ -21,9 +21,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+# 120 columns, complexity 15 (C901), the formatter's layout, mypy; CI runs it too (.ci/run). The tools are
+# pinned: the formatter's layout changes between releases.
 lint: $(STAMP)
-	$(PY) -m pip install --quiet --disable-pip-version-check ruff mypy
+	$(PY) -m pip install --quiet --disable-pip-version-check ruff==0.17.6 mypy==2.4.1
 	$(PY) -m ruff check qconvert tests bench samples
+	$(PY) -m ruff format --check qconvert tests bench samples
 	$(PY) -m mypy qconvert
 
 # Time/memory/size vs onnxruntime's quantizers, the > 2 GB model, tables of size/accuracy/time, data-aware techniques, auto (tens of minutes).

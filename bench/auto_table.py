@@ -61,7 +61,12 @@ def main() -> None:
             snrs = {}
             for bits in (4, 8):
                 start = time.perf_counter()
-                report = convert(path, Path(folder) / "u.onnx", KMeansPlan(bits=bits, granularity=Granularity.PER_CHANNEL), validation).report
+                report = convert(
+                    path,
+                    Path(folder) / "u.onnx",
+                    KMeansPlan(bits=bits, granularity=Granularity.PER_CHANNEL),
+                    validation,
+                ).report
                 snrs[bits] = row(name, f"uniform k-means {bits}-bit per channel", report, time.perf_counter() - start)
             target = round(snrs[4], 2)
             start = time.perf_counter()

@@ -10,8 +10,10 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at which but "
-         "have an they you were her she there had all one word can model page text line").split()
+WORDS = (
+    "the of and to in is that for it as was with be by on not he this are or his from at which but "
+    "have an they you were her she there had all one word can model page text line"
+).split()
 FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
 MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
 STD = np.array([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1)

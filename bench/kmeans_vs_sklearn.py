@@ -43,7 +43,10 @@ def main() -> None:
     shapes = {w.shape: w for w in select_weights(onnx.load(str(path))).weights}  # one weight per shape
     weights = sorted(shapes.values(), key=lambda w: -w.elements)
     k = 1 << args.bits
-    print("| weight | elements | qconvert s | sklearn s | time ratio | MSE ratio (qconvert / sklearn) | MSE / exact optimum (≤ 1.005) |")
+    print(
+        "| weight | elements | qconvert s | sklearn s | time ratio | MSE ratio (qconvert / sklearn) "
+        "| MSE / exact optimum (≤ 1.005) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     totals = [0.0, 0.0]
     for w in weights:
@@ -60,9 +63,18 @@ def main() -> None:
         totals[1] += theirs
         exact = "-"
         if values.size <= args.exact_limit:
-            optimum = float(np.mean((reconstruct(palettize(values, bits=args.bits, max_points=values.size)).astype(np.float64) - values) ** 2))
+            optimum = float(
+                np.mean(
+                    (reconstruct(palettize(values, bits=args.bits, max_points=values.size)).astype(np.float64) - values)
+                    ** 2
+                )
+            )
             exact = f"{ours_mse / optimum:.5f}"
-        print(f"| {w.name} | {w.elements:,} | {ours:.3f} | {theirs:.3f} | {ours / theirs:.3f} | {ours_mse / theirs_mse:.4f} | {exact} |", flush=True)
+        print(
+            f"| {w.name} | {w.elements:,} | {ours:.3f} | {theirs:.3f} | {ours / theirs:.3f} "
+            f"| {ours_mse / theirs_mse:.4f} | {exact} |",
+            flush=True,
+        )
     print(f"| total | | {totals[0]:.2f} | {totals[1]:.2f} | {totals[0] / totals[1]:.3f} | | |")
 
 

@@ -37,8 +37,15 @@ def ort_quantize(src: Path, dst: Path, calibration: np.ndarray, name: str) -> No
         def get_next(self) -> dict | None:
             return next(self.items, None)
 
-    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    quantize_static(
+        str(src),
+        str(dst),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
 
 
 def sessions(*paths: Path) -> list[ort.InferenceSession]:
@@ -48,8 +55,12 @@ def sessions(*paths: Path) -> list[ort.InferenceSession]:
 
 
 def snr(reference: ort.InferenceSession, session: ort.InferenceSession, inputs: np.ndarray, name: str) -> float:
-    want = np.concatenate([reference.run(None, {name: inputs[i : i + 1]})[0] for i in range(len(inputs))]).astype(np.float64)
-    got = np.concatenate([session.run(None, {name: inputs[i : i + 1]})[0] for i in range(len(inputs))]).astype(np.float64)
+    want = np.concatenate([reference.run(None, {name: inputs[i : i + 1]})[0] for i in range(len(inputs))]).astype(
+        np.float64
+    )
+    got = np.concatenate([session.run(None, {name: inputs[i : i + 1]})[0] for i in range(len(inputs))]).astype(
+        np.float64
+    )
     return float(10 * np.log10(np.sum(want**2) / np.sum((want - got) ** 2)))
 
 
@@ -82,8 +93,15 @@ def main() -> None:
             args.models.mkdir(parents=True, exist_ok=True)
             onnx.save(getattr(cnn_shapes, build)(), str(path))
         n = args.calibration_samples
-        cases[name] = (path, rng.standard_normal((n, 3, 224, 224)).astype(np.float32), rng.standard_normal((8, 3, 224, 224)).astype(np.float32))
-    print("| model | tool | convert s | size % of float | output SNR dB | latency ms (float) | time ratio | SNR diff dB | latency ratio |")
+        cases[name] = (
+            path,
+            rng.standard_normal((n, 3, 224, 224)).astype(np.float32),
+            rng.standard_normal((8, 3, 224, 224)).astype(np.float32),
+        )
+    print(
+        "| model | tool | convert s | size % of float | output SNR dB | latency ms (float) | time ratio | SNR diff dB "
+        "| latency ratio |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         for name, (path, calibration, evaluation) in cases.items():
@@ -94,16 +112,27 @@ def main() -> None:
             ort_quantize(path, theirs, calibration, input_name)
             ort_time = time.perf_counter() - start
             start = time.perf_counter()
-            convert(path, ours, LinearPlan(granularity=Granularity.PER_CHANNEL, calibration=Path(tmp) / "calib.npz"), None)
+            convert(
+                path, ours, LinearPlan(granularity=Granularity.PER_CHANNEL, calibration=Path(tmp) / "calib.npz"), None
+            )
             our_time = time.perf_counter() - start
             reference, theirs_session, ours_session = sessions(path, theirs, ours)
             ort_snr = snr(reference, theirs_session, evaluation, input_name)
             our_snr = snr(reference, ours_session, evaluation, input_name)
-            float_ms, ort_ms, our_ms = latencies([reference, theirs_session, ours_session], {input_name: evaluation[:1]})
+            float_ms, ort_ms, our_ms = latencies(
+                [reference, theirs_session, ours_session], {input_name: evaluation[:1]}
+            )
             size = path.stat().st_size
-            print(f"| {name} | quantize_static | {ort_time:.1f} | {100 * theirs.stat().st_size / size:.1f} | {ort_snr:.2f} | {ort_ms:.2f} ({float_ms:.2f}) | | | |")
-            print(f"| {name} | qconvert | {our_time:.1f} | {100 * ours.stat().st_size / size:.1f} | {our_snr:.2f} | {our_ms:.2f} ({float_ms:.2f}) | "
-                  f"{our_time / ort_time:.2f} | {our_snr - ort_snr:+.2f} | {our_ms / ort_ms:.2f} |", flush=True)
+            print(
+                f"| {name} | quantize_static | {ort_time:.1f} | {100 * theirs.stat().st_size / size:.1f} "
+                f"| {ort_snr:.2f} | {ort_ms:.2f} ({float_ms:.2f}) | | | |"
+            )
+            print(
+                f"| {name} | qconvert | {our_time:.1f} | {100 * ours.stat().st_size / size:.1f} | {our_snr:.2f} "
+                f"| {our_ms:.2f} ({float_ms:.2f}) | "
+                f"{our_time / ort_time:.2f} | {our_snr - ort_snr:+.2f} | {our_ms / ort_ms:.2f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -41,8 +41,11 @@ MODES = {
     "kmeans4": ("qconvert kmeans --bits 4 (granularity auto, the default)", "quantize_static-8", 1.2),
     "int8-weights": ("qconvert linear (int8 per channel, weights only)", "quantize_static-8", 0.5),
     "int8-qdq-32": ("qconvert linear --calibration (full QDQ, 32 samples)", "quantize_static-32", 1.5),
-    "int8-qdq-32-minmax": ("the same with --no-data-aware --no-bias-correction (min/max ranges, like quantize_static)",
-                           "quantize_static-32", 1.5),
+    "int8-qdq-32-minmax": (
+        "the same with --no-data-aware --no-bias-correction (min/max ranges, like quantize_static)",
+        "quantize_static-32",
+        1.5,
+    ),
 }
 MEMORY_TARGET = 2.5  # peak resident memory as a multiple of the float model's file size
 
@@ -75,8 +78,15 @@ def convert(mode: str, model: Path, output: Path, calibration: Path) -> None:
             def get_next(self) -> dict | None:
                 return next(self.items, None)
 
-        quantize_static(str(model), str(output), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        quantize_static(
+            str(model),
+            str(output),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
         return
     from qconvert.cli import cli
 
@@ -95,8 +105,11 @@ def measure(mode: str, model: Path, output: Path, calibration: Path) -> dict[str
     """Run one conversion in a fresh process: its own time, and peak memory: the larger of the process's
     VmHWM and the proportional set size of it and its child processes together, sampled every 20 ms.
     (Not ru_maxrss: Linux carries the forking parent's size over into it.)"""
-    child = subprocess.Popen([sys.executable, __file__, "--job", mode, str(model), str(output), str(calibration)],
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, __file__, "--job", mode, str(model), str(output), str(calibration)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     peak, done = [0], threading.Event()
 
     def sample() -> None:
@@ -132,15 +145,21 @@ def tree_pss(pid: int) -> int:
     return total
 
 
-def score(model: Path, outputs: dict[str, Path], evaluation: dict[str, np.ndarray], rounds: int = 30) -> dict[str, dict[str, float]]:
+def score(
+    model: Path, outputs: dict[str, Path], evaluation: dict[str, np.ndarray], rounds: int = 30
+) -> dict[str, dict[str, float]]:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    runs = {name: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            for name, path in {"float": model, **outputs}.items()}
+    runs = {
+        name: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for name, path in {"float": model, **outputs}.items()
+    }
     batches = [{k: v[i : i + 1] for k, v in evaluation.items()} for i in range(len(next(iter(evaluation.values()))))]
-    results = {name: np.concatenate([s.run(None, b)[0] for b in batches]).astype(np.float64) for name, s in runs.items()}
+    results = {
+        name: np.concatenate([s.run(None, b)[0] for b in batches]).astype(np.float64) for name, s in runs.items()
+    }
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(rounds):
         for name, s in runs.items():
@@ -148,8 +167,15 @@ def score(model: Path, outputs: dict[str, Path], evaluation: dict[str, np.ndarra
             s.run(None, batches[0])
             times[name].append(time.perf_counter() - start)
     want = results["float"]
-    return {name: {"snr_db": float(10 * np.log10(np.sum(want**2) / np.sum((want - got) ** 2))) if name != "float" else float("inf"),
-                   "latency_ms": 1000 * float(np.median(times[name]))} for name, got in results.items()}
+    return {
+        name: {
+            "snr_db": float(10 * np.log10(np.sum(want**2) / np.sum((want - got) ** 2)))
+            if name != "float"
+            else float("inf"),
+            "latency_ms": 1000 * float(np.median(times[name])),
+        }
+        for name, got in results.items()
+    }
 
 
 def main() -> None:
@@ -157,7 +183,9 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=ROOT / "build" / "models" / "resnet50_shaped.onnx")
     parser.add_argument("--json", type=Path, default=ROOT / "build" / "bench" / "perf.json")
     parser.add_argument("--modes", default=",".join(MODES))
-    parser.add_argument("--rounds", type=int, default=2, help="conversions per mode; the fastest time and the largest peak count")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="conversions per mode; the fastest time and the largest peak count"
+    )
     args = parser.parse_args()
     import onnx
 
@@ -183,8 +211,15 @@ def main() -> None:
             for mode in modes:
                 print(f"converting ({round_ + 1}/{args.rounds}): {mode}", file=sys.stderr, flush=True)
                 run = measure(mode, args.model, outputs[mode], Path(tmp) / "calibration.npz")
-                row = rows.setdefault(mode, {"what": MODES[mode][0], "seconds": run["seconds"], "peak_bytes": run["peak_bytes"],
-                                             "bytes": outputs[mode].stat().st_size})
+                row = rows.setdefault(
+                    mode,
+                    {
+                        "what": MODES[mode][0],
+                        "seconds": run["seconds"],
+                        "peak_bytes": run["peak_bytes"],
+                        "bytes": outputs[mode].stat().st_size,
+                    },
+                )
                 row["seconds"] = min(row["seconds"], run["seconds"])  # type: ignore[type-var]
                 row["peak_bytes"] = max(row["peak_bytes"], run["peak_bytes"])  # type: ignore[type-var]
         print("scoring", file=sys.stderr, flush=True)
@@ -197,18 +232,42 @@ def main() -> None:
         if peer in rows:
             row["time_ratio"] = row["seconds"] / rows[peer]["seconds"]  # type: ignore[operator]
             row["time_target"] = target
-    print(f"{args.model.name}: {file_bytes / 1e6:.1f} MB, float latency {scores['float']['latency_ms']:.1f} ms; "
-          f"a process that only imports numpy, onnx, onnxruntime and qconvert peaks at {floor / 1e6:.0f} MB\n")
-    print("| mode | convert s | time ratio (target) | peak MB | peak / file (≤ 2.5) | above imports / file | size % | output SNR dB | latency ms |")
+    print(
+        f"{args.model.name}: {file_bytes / 1e6:.1f} MB, float latency {scores['float']['latency_ms']:.1f} ms; "
+        f"a process that only imports numpy, onnx, onnxruntime and qconvert peaks at {floor / 1e6:.0f} MB\n"
+    )
+    print(
+        "| mode | convert s | time ratio (target) | peak MB | peak / file (≤ 2.5) | above imports / file | size % "
+        "| output SNR dB | latency ms |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for mode, row in rows.items():
-        ratio = f"{row['time_ratio']:.2f} (≤ {row['time_target']}) {'met' if row['time_ratio'] <= row['time_target'] else 'MISSED'}" if "time_ratio" in row else ""  # type: ignore[operator]
+        ratio = (
+            f"{row['time_ratio']:.2f} (≤ {row['time_target']}) "
+            f"{'met' if row['time_ratio'] <= row['time_target'] else 'MISSED'}"
+            if "time_ratio" in row
+            else ""
+        )  # type: ignore[operator]
         memory = f"{row['memory_ratio']:.2f} {'met' if row['memory_ratio'] <= MEMORY_TARGET else 'MISSED'}"  # type: ignore[operator]
-        print(f"| {mode} | {row['seconds']:.1f} | {ratio} | {row['peak_bytes'] / 1e6:.0f} | {memory} | {row['memory_ratio_above_imports']:.2f} | "  # type: ignore[operator]
-              f"{100 * row['bytes'] / file_bytes:.1f} | {row['snr_db']:.2f} | {row['latency_ms']:.1f} |")  # type: ignore[operator]
+        print(
+            f"| {mode} | {row['seconds']:.1f} | {ratio} | {row['peak_bytes'] / 1e6:.0f} | {memory} "  # type: ignore[operator]
+            f"| {row['memory_ratio_above_imports']:.2f} | "
+            f"{100 * row['bytes'] / file_bytes:.1f} | {row['snr_db']:.2f} | {row['latency_ms']:.1f} |"
+        )  # type: ignore[operator]
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"model": str(args.model), "file_bytes": file_bytes, "float_latency_ms": scores["float"]["latency_ms"],
-                                     "imports_peak_bytes": floor, "cores": os.cpu_count(), "modes": rows}, indent=2))
+    args.json.write_text(
+        json.dumps(
+            {
+                "model": str(args.model),
+                "file_bytes": file_bytes,
+                "float_latency_ms": scores["float"]["latency_ms"],
+                "imports_peak_bytes": floor,
+                "cores": os.cpu_count(),
+                "modes": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"\nJSON: {args.json}")
 
 

@@ -31,8 +31,12 @@ from qconvert.report import Report
 
 ModelSource = str | os.PathLike[str] | onnx.ModelProto
 Data = str | os.PathLike[str] | Mapping[str, Any] | Iterable[Mapping[str, Any]]
-GATE_OPTIONS = {"min_snr": "min_snr_db", "max_abs_error": "max_abs_error", "min_top1": "min_top1",
-                "max_accuracy_drop": "max_accuracy_drop"}
+GATE_OPTIONS = {
+    "min_snr": "min_snr_db",
+    "max_abs_error": "max_abs_error",
+    "min_top1": "min_top1",
+    "max_accuracy_drop": "max_accuracy_drop",
+}
 VALIDATION_OPTIONS = {"input_shapes", "samples", "seed", "allow_unrunnable"}
 IN_MEMORY = "(in memory)"
 
@@ -41,10 +45,21 @@ def _quiet(_: str) -> None:
     pass
 
 
-def kmeans(model: ModelSource, bits: int, *, granularity: str | Granularity = Granularity.AUTO,
-           calibration: Data | None = None, data: Data | None = None, labels: Data | None = None,
-           output: str | os.PathLike[str] | None = None, validate: bool = True, keep_failed: bool = False,
-           workers: int = 2, progress: Progress | None = None, **options: Any) -> Conversion:
+def kmeans(
+    model: ModelSource,
+    bits: int,
+    *,
+    granularity: str | Granularity = Granularity.AUTO,
+    calibration: Data | None = None,
+    data: Data | None = None,
+    labels: Data | None = None,
+    output: str | os.PathLike[str] | None = None,
+    validate: bool = True,
+    keep_failed: bool = False,
+    workers: int = 2,
+    progress: Progress | None = None,
+    **options: Any,
+) -> Conversion:
     """Palettize the model's weights: 2**bits k-means centroids per tensor or channel plus low-bit indices.
 
     `options`: any other field of `KMeansPlan` (min_elements, exclude, max_codebook_overhead, raise_opset,
@@ -56,17 +71,45 @@ def kmeans(model: ModelSource, bits: int, *, granularity: str | Granularity = Gr
     """
     plan_options, checks = _split(KMeansPlan, options)
     with _scratch() as scratch:
-        plan = _plan(KMeansPlan, bits=bits, granularity=Granularity(granularity),
-                     calibration=scratch.data(calibration, "calibration"), **plan_options)
+        plan = _plan(
+            KMeansPlan,
+            bits=bits,
+            granularity=Granularity(granularity),
+            calibration=scratch.data(calibration, "calibration"),
+            **plan_options,
+        )
         validation = scratch.validation(data, labels, checks) if validate else None
-        return scratch.relabel(run(plan, scratch.model(model), validation, _gates(checks), output=output,
-                                   keep_failed=keep_failed, workers=workers, progress=progress))
+        return scratch.relabel(
+            run(
+                plan,
+                scratch.model(model),
+                validation,
+                _gates(checks),
+                output=output,
+                keep_failed=keep_failed,
+                workers=workers,
+                progress=progress,
+            )
+        )
 
 
-def linear(model: ModelSource, bits: int = 8, *, per_channel: bool = True, symmetric: bool = True,
-           calibration: Data | None = None, weights_only: bool = False, data: Data | None = None,
-           labels: Data | None = None, output: str | os.PathLike[str] | None = None, validate: bool = True,
-           keep_failed: bool = False, workers: int = 2, progress: Progress | None = None, **options: Any) -> Conversion:
+def linear(
+    model: ModelSource,
+    bits: int = 8,
+    *,
+    per_channel: bool = True,
+    symmetric: bool = True,
+    calibration: Data | None = None,
+    weights_only: bool = False,
+    data: Data | None = None,
+    labels: Data | None = None,
+    output: str | os.PathLike[str] | None = None,
+    validate: bool = True,
+    keep_failed: bool = False,
+    workers: int = 2,
+    progress: Progress | None = None,
+    **options: Any,
+) -> Conversion:
     """Linear quantization r = S(q − Z): int8/int4 weights with DequantizeLinear, and with `calibration`
     (unless `weights_only`) activations too, in the QDQ form onnxruntime runs as integer kernels.
 
@@ -78,32 +121,84 @@ def linear(model: ModelSource, bits: int = 8, *, per_channel: bool = True, symme
     plan_options, checks = _split(LinearPlan, options)
     with _scratch() as scratch:
         granularity = Granularity.PER_CHANNEL if per_channel else Granularity.PER_TENSOR
-        plan = _plan(LinearPlan, bits=bits, granularity=granularity, symmetric=symmetric, weights_only=weights_only,
-                     calibration=scratch.data(calibration, "calibration"), **plan_options)
+        plan = _plan(
+            LinearPlan,
+            bits=bits,
+            granularity=granularity,
+            symmetric=symmetric,
+            weights_only=weights_only,
+            calibration=scratch.data(calibration, "calibration"),
+            **plan_options,
+        )
         validation = scratch.validation(data, labels, checks) if validate else None
-        return scratch.relabel(run(plan, scratch.model(model), validation, _gates(checks), output=output,
-                                   keep_failed=keep_failed, workers=workers, progress=progress))
+        return scratch.relabel(
+            run(
+                plan,
+                scratch.model(model),
+                validation,
+                _gates(checks),
+                output=output,
+                keep_failed=keep_failed,
+                workers=workers,
+                progress=progress,
+            )
+        )
 
 
-def auto(model: ModelSource, *, target_snr: float | None = None, min_top1: float | None = None,
-         max_accuracy_drop: float | None = None, calibration: Data | None = None, data: Data | None = None,
-         labels: Data | None = None, output: str | os.PathLike[str] | None = None, keep_failed: bool = False,
-         workers: int = 2, progress: Progress | None = None, **options: Any) -> Conversion:
+def auto(
+    model: ModelSource,
+    *,
+    target_snr: float | None = None,
+    min_top1: float | None = None,
+    max_accuracy_drop: float | None = None,
+    calibration: Data | None = None,
+    data: Data | None = None,
+    labels: Data | None = None,
+    output: str | os.PathLike[str] | None = None,
+    keep_failed: bool = False,
+    workers: int = 2,
+    progress: Progress | None = None,
+    **options: Any,
+) -> Conversion:
     """Mixed precision: per weight the method and width that meet one target (`target_snr` dB, `min_top1`
     agreement, or `max_accuracy_drop` points on labels) at the smallest file. The report's
     `details["auto"]` holds the plan. `options`: any other field of `AutoPlan` or `ValidationPlan`.
     """
     plan_options, checks = _split(AutoPlan, options)
     with _scratch() as scratch:
-        plan = _plan(AutoPlan, target_snr=target_snr, min_top1=min_top1, max_accuracy_drop=max_accuracy_drop,
-                     calibration=scratch.data(calibration, "calibration"), **plan_options)
-        return scratch.relabel(run(plan, scratch.model(model), scratch.validation(data, labels, checks), _gates(checks),
-                                   output=output, keep_failed=keep_failed, workers=workers, progress=progress))
+        plan = _plan(
+            AutoPlan,
+            target_snr=target_snr,
+            min_top1=min_top1,
+            max_accuracy_drop=max_accuracy_drop,
+            calibration=scratch.data(calibration, "calibration"),
+            **plan_options,
+        )
+        return scratch.relabel(
+            run(
+                plan,
+                scratch.model(model),
+                scratch.validation(data, labels, checks),
+                _gates(checks),
+                output=output,
+                keep_failed=keep_failed,
+                workers=workers,
+                progress=progress,
+            )
+        )
 
 
-def run(plan: Plan | AutoPlan, model: Path, validation: ValidationPlan | None, gates: Gates = NO_GATES, *,
-        output: str | os.PathLike[str] | None = None, keep_failed: bool = False, workers: int = 2,
-        progress: Progress | None = None) -> Conversion:
+def run(
+    plan: Plan | AutoPlan,
+    model: Path,
+    validation: ValidationPlan | None,
+    gates: Gates = NO_GATES,
+    *,
+    output: str | os.PathLike[str] | None = None,
+    keep_failed: bool = False,
+    workers: int = 2,
+    progress: Progress | None = None,
+) -> Conversion:
     """Any plan (what `kmeans`, `linear`, `auto` and the command line build) on the model at `model`:
     convert, check, validate, judge, and write to `output` if given and the gates pass (or `keep_failed`)."""
     target = None if output is None else Path(output)
@@ -112,8 +207,14 @@ def run(plan: Plan | AutoPlan, model: Path, validation: ValidationPlan | None, g
     return run_plan(model, target, plan, validation, progress or _quiet, gates, keep_failed, workers)
 
 
-def compare(float_model: ModelSource, converted_model: ModelSource, *, data: Data | None = None,
-            labels: Data | None = None, **options: Any) -> Report:
+def compare(
+    float_model: ModelSource,
+    converted_model: ModelSource,
+    *,
+    data: Data | None = None,
+    labels: Data | None = None,
+    **options: Any,
+) -> Report:
     """Validation only: the metrics, latency and gates of a converted model against its float original.
     `options`: fields of `ValidationPlan` (input_shapes, samples, seed) and gates (min_snr ...)."""
     _, checks = _split(None, options)
@@ -130,9 +231,16 @@ def inspect(model: ModelSource, *, min_elements: int = 1024) -> dict[str, Any]:
         return dict(_replaced(info, scratch.names))
 
 
-def convert_auto(path: Path, output: Path | None, plan: AutoPlan, validation: ValidationPlan | None,
-                 progress: Progress = _quiet, gates: Gates = NO_GATES, keep_failed: bool = False,
-                 workers: int = 2) -> Conversion:
+def convert_auto(
+    path: Path,
+    output: Path | None,
+    plan: AutoPlan,
+    validation: ValidationPlan | None,
+    progress: Progress = _quiet,
+    gates: Gates = NO_GATES,
+    keep_failed: bool = False,
+    workers: int = 2,
+) -> Conversion:
     """qconvert auto: search a per-weight plan that meets the plan's target; write the smallest that does.
 
     The target is a gate of every trial conversion, so only a model that meets it is written (unless
@@ -144,7 +252,9 @@ def convert_auto(path: Path, output: Path | None, plan: AutoPlan, validation: Va
         raise UsageError(f"{output}: the output would overwrite the input model; choose another -o")
     validation = dataclasses.replace(validation, latency_runs=0)  # every trial is validated: time none of them
     target = auto_search.target_gates(plan)
-    merged = Gates(*(a if a is not None else b for a, b in zip(dataclasses.astuple(target), dataclasses.astuple(gates))))
+    merged = Gates(
+        *(a if a is not None else b for a, b in zip(dataclasses.astuple(target), dataclasses.astuple(gates)))
+    )
     trials = Trials()
 
     def trial(kmeans_plan: KMeansPlan) -> Conversion:
@@ -170,7 +280,9 @@ def _split(kind: type[Any] | None, options: dict[str, Any]) -> tuple[dict[str, A
     checks = {k: v for k, v in options.items() if k in GATE_OPTIONS or k in VALIDATION_OPTIONS}
     plan = {k: v for k, v in options.items() if k not in checks}
     if kind is None and plan:
-        raise UsageError(f"unknown option {sorted(plan)[0]!r} (options: {', '.join(sorted([*GATE_OPTIONS, *VALIDATION_OPTIONS]))})")
+        raise UsageError(
+            f"unknown option {sorted(plan)[0]!r} (options: {', '.join(sorted([*GATE_OPTIONS, *VALIDATION_OPTIONS]))})"
+        )
     return plan, checks
 
 
@@ -219,18 +331,22 @@ class _Scratch:
             labels_path = Path(labels)
         fields = {k: v for k, v in checks.items() if k in VALIDATION_OPTIONS}
         if "input_shapes" in fields:
-            fields["input_shapes"] = {name: tuple(int(d) for d in dims) for name, dims in fields["input_shapes"].items()}
+            fields["input_shapes"] = {
+                name: tuple(int(d) for d in dims) for name, dims in fields["input_shapes"].items()
+            }
         return ValidationPlan(data=self.data(data, "data"), labels=labels_path, **fields)
 
     def relabel(self, conversion: Conversion) -> Conversion:
         """The report without the temp paths (which differ per run): what they held, "in memory"."""
         report = conversion.report
         report.input_path, report.options, report.details, report.warnings = _replaced(
-            (report.input_path, report.options, report.details, report.warnings), self.names)
+            (report.input_path, report.options, report.details, report.warnings), self.names
+        )
         report.output_path = _replaced(report.output_path, self.names)
         if report.validation is not None:
-            report.validation = dataclasses.replace(report.validation,
-                                                    source=_replaced(report.validation.source, self.names))
+            report.validation = dataclasses.replace(
+                report.validation, source=_replaced(report.validation.source, self.names)
+            )
         return conversion
 
 
@@ -255,7 +371,9 @@ def _replaced(value: Any, names: list[tuple[str, str]]) -> Any:
 
 def _stacked(feeds: Iterable[Mapping[str, Any]], what: str) -> dict[str, np.ndarray]:
     """Feed dicts (one batch each, axis 0 = samples) joined into one array per input."""
-    if not isinstance(feeds, Iterable) and callable(getattr(feeds, "get_next", None)):  # a reader that only has get_next
+    if not isinstance(feeds, Iterable) and callable(
+        getattr(feeds, "get_next", None)
+    ):  # a reader that only has get_next
         feeds = iter(feeds.get_next, None)
     batches: dict[str, list[np.ndarray]] = {}
     for count, feed in enumerate(feeds):

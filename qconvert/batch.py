@@ -66,16 +66,24 @@ def worst(outcomes: list[Outcome]) -> int:
 def _run(job: Job) -> Outcome:
     try:
         # one process per model already: no nested pool
-        report = convert(job.model, job.output, job.plan, job.validation, gates=job.gates, keep_failed=job.keep_failed, workers=1).report
+        report = convert(
+            job.model, job.output, job.plan, job.validation, gates=job.gates, keep_failed=job.keep_failed, workers=1
+        ).report
     except QConvertError as e:
         return Outcome(job.model, int(e.exit_code), str(e), None)
     except Exception as e:  # a bug in one model's conversion must not sink the others
         return Outcome(job.model, int(ExitCode.INTERNAL), f"internal error: {type(e).__name__}: {e}", None)
     io.write_atomically(job.output.with_suffix(".report.json"), report.to_json().encode())
-    snr = min((o.snr_db for o in report.validation.outputs if o.snr_db is not None), default=None) if report.validation else None
+    snr = (
+        min((o.snr_db for o in report.validation.outputs if o.snr_db is not None), default=None)
+        if report.validation
+        else None
+    )
     code = int(ExitCode.OK if report.passed else ExitCode.GATE)
     message = "" if report.passed else "quality gate failed"
-    return Outcome(job.model, code, message, report.to_json(), report.input_bytes, report.output_bytes, snr, report.passed)
+    return Outcome(
+        job.model, code, message, report.to_json(), report.input_bytes, report.output_bytes, snr, report.passed
+    )
 
 
 def output_for(model: Path, directory: Path, plan: Plan) -> Path:

@@ -34,7 +34,9 @@ def activation_ranges(
         return _min_max(model, tensors, feeds)
     wanted = list(dict.fromkeys(tensors))
     samples: dict[str, list[np.ndarray]] = {t: [] for t in wanted}
-    rngs = {t: np.random.default_rng([seed, index]) for index, t in enumerate(wanted)}  # the same draws in any pass order
+    rngs = {
+        t: np.random.default_rng([seed, index]) for index, t in enumerate(wanted)
+    }  # the same draws in any pass order
     fetched: set[str] = set()
 
     def fetch(section: Section) -> None:
@@ -77,7 +79,11 @@ def read_extremes(tensors: list[str], reduced: dict[str, tuple[str, str]], secti
         if t in section.made and t not in reduced:
             lo, hi = reduced[t] = (section.fresh(f"{t}_qc_min"), section.fresh(f"{t}_qc_max"))
             section.after.setdefault(t, After()).nodes.extend(
-                [helper.make_node("ReduceMin", [t], [lo], keepdims=0), helper.make_node("ReduceMax", [t], [hi], keepdims=0)])
+                [
+                    helper.make_node("ReduceMin", [t], [lo], keepdims=0),
+                    helper.make_node("ReduceMax", [t], [hi], keepdims=0),
+                ]
+            )
             section.wanted += [lo, hi]
 
 

@@ -57,8 +57,14 @@ class CliError(click.ClickException):
 class QConvertGroup(click.Group):
     """Maps library errors to exit codes in one place; every error is one line, no traceback unless --debug."""
 
-    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
-             standalone_mode: bool = True, **extra: Any) -> Any:
+    def main(
+        self,
+        args: Any = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
         try:
             result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.UsageError as e:
@@ -89,7 +95,9 @@ class QConvertGroup(click.Group):
         except Exception as e:
             if ctx.params.get("debug"):
                 traceback.print_exc()
-            raise CliError(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", ExitCode.INTERNAL) from e
+            raise CliError(
+                f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", ExitCode.INTERNAL
+            ) from e
 
 
 @click.group(cls=QConvertGroup, epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]})
@@ -128,15 +136,24 @@ def _give_back_big_buffers() -> None:
 
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path, allow_dash=True))
-@click.option("--bits", "-b", type=click.IntRange(1, 8), required=True, help="Index bits: 2**bits centroids per codebook (1-8).")
-@click.option("--per-channel/--per-tensor", default=None,
-              help="One codebook per output channel, or one per tensor [default: per channel where that beats spending "
-                   "the codebooks' bits on one more index bit, i.e. gains over 6 dB per added bit per weight].")
+@click.option(
+    "--bits", "-b", type=click.IntRange(1, 8), required=True, help="Index bits: 2**bits centroids per codebook (1-8)."
+)
+@click.option(
+    "--per-channel/--per-tensor",
+    default=None,
+    help="One codebook per output channel, or one per tensor [default: per channel where that beats spending "
+    "the codebooks' bits on one more index bit, i.e. gains over 6 dB per added bit per weight].",
+)
 @options.CODEBOOK_OVERHEAD
 @options.selection(DEFAULT_MIN_ELEMENTS)
-@click.option("--keep-opset", is_flag=True, help="Never raise the opset: store 4/2-bit indices bit-packed instead of uint4/uint2.")
-@options.techniques("Inputs for the data-aware palettes and bias correction: an .npz (one array per input, axis 0 = "
-                    "samples) or a folder of images (see --image-size ... --std) [default: --data].")
+@click.option(
+    "--keep-opset", is_flag=True, help="Never raise the opset: store 4/2-bit indices bit-packed instead of uint4/uint2."
+)
+@options.techniques(
+    "Inputs for the data-aware palettes and bias correction: an .npz (one array per input, axis 0 = "
+    "samples) or a folder of images (see --image-size ... --std) [default: --data]."
+)
 @options.VALIDATION
 @options.GATES
 @options.OUTPUT
@@ -161,27 +178,57 @@ def kmeans(models: tuple[Path, ...], **o: Any) -> None:
       qconvert kmeans model.onnx --bits 3 --data val.npz -o model.q3.onnx
       qconvert kmeans model.onnx --bits 8 --input-shape images=1x3x224x224 --json
     """
-    plan = KMeansPlan(bits=o["bits"], granularity=options.granularity(o["per_channel"], Granularity.AUTO),
-                      raise_opset=not o["keep_opset"], max_codebook_overhead=o["max_codebook_overhead"],
-                      overrides=layer_overrides(), **options.plan_fields(o))
+    plan = KMeansPlan(
+        bits=o["bits"],
+        granularity=options.granularity(o["per_channel"], Granularity.AUTO),
+        raise_opset=not o["keep_opset"],
+        max_codebook_overhead=o["max_codebook_overhead"],
+        overrides=layer_overrides(),
+        **options.plan_fields(o),
+    )
     _dispatch(models, plan, o)
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path, allow_dash=True))
-@click.option("--bits", "-b", type=click.Choice(["8", "4"]), default="8", show_default=True, help="Integer width of the weights.")
-@click.option("--per-channel/--per-tensor", default=True, show_default=True,
-              help="One scale per output channel, or one per tensor (depthwise kernels always get per-channel).")
-@click.option("--symmetric/--asymmetric", default=True, show_default=True,
-              help="Weights: signed with zero point 0, or unsigned with a zero point.")
-@click.option("--weights-only", "weights_only", is_flag=True,
-              help="Quantize weights only, also with --calibration (whose data then serves the data-aware techniques only).")
-@options.techniques("Quantize activations too, with ranges measured on this data: an .npz of inputs (one array per "
-                    "input, axis 0 = samples) or a folder of images (see --image-size ... --std).")
-@click.option("--calibration-method", type=click.Choice([m.value for m in CalibrationMethod]), default="minmax",
-              show_default=True, help="Activation range: the observed min/max, or percentiles (--percentile).")
-@click.option("--percentile", default=99.999, show_default=True,
-              help="With --calibration-method percentile: the kept share of values, in %.")
+@click.option(
+    "--bits", "-b", type=click.Choice(["8", "4"]), default="8", show_default=True, help="Integer width of the weights."
+)
+@click.option(
+    "--per-channel/--per-tensor",
+    default=True,
+    show_default=True,
+    help="One scale per output channel, or one per tensor (depthwise kernels always get per-channel).",
+)
+@click.option(
+    "--symmetric/--asymmetric",
+    default=True,
+    show_default=True,
+    help="Weights: signed with zero point 0, or unsigned with a zero point.",
+)
+@click.option(
+    "--weights-only",
+    "weights_only",
+    is_flag=True,
+    help="Quantize weights only, also with --calibration (whose data then serves the data-aware techniques only).",
+)
+@options.techniques(
+    "Quantize activations too, with ranges measured on this data: an .npz of inputs (one array per "
+    "input, axis 0 = samples) or a folder of images (see --image-size ... --std)."
+)
+@click.option(
+    "--calibration-method",
+    type=click.Choice([m.value for m in CalibrationMethod]),
+    default="minmax",
+    show_default=True,
+    help="Activation range: the observed min/max, or percentiles (--percentile).",
+)
+@click.option(
+    "--percentile",
+    default=99.999,
+    show_default=True,
+    help="With --calibration-method percentile: the kept share of values, in %.",
+)
 @options.selection(1)
 @options.VALIDATION
 @options.GATES
@@ -206,26 +253,54 @@ def linear(models: tuple[Path, ...], **o: Any) -> None:
       qconvert linear model.onnx --per-channel --calibration calib.npz --data val.npz
       qconvert linear model.onnx --per-channel --calibration photos/ --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225
     """
-    plan = LinearPlan(bits=int(o["bits"]), granularity=options.granularity(o["per_channel"], Granularity.PER_CHANNEL),
-                      symmetric=o["symmetric"], weights_only=o["weights_only"],
-                      calibration_method=CalibrationMethod(o["calibration_method"]), percentile=o["percentile"],
-                      overrides=layer_overrides(), **options.plan_fields(o))
+    plan = LinearPlan(
+        bits=int(o["bits"]),
+        granularity=options.granularity(o["per_channel"], Granularity.PER_CHANNEL),
+        symmetric=o["symmetric"],
+        weights_only=o["weights_only"],
+        calibration_method=CalibrationMethod(o["calibration_method"]),
+        percentile=o["percentile"],
+        overrides=layer_overrides(),
+        **options.plan_fields(o),
+    )
     _dispatch(models, plan, o)
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("model", type=click.Path(path_type=Path, allow_dash=True))
 @click.option("--target-snr", type=float, metavar="DB", help="Target: every output's SNR vs float at least this (dB).")
-@click.option("--min-top1", type=click.FloatRange(0, 1), metavar="FRACTION", help="Target: top-1 agreement with float at least this.")
-@click.option("--max-accuracy-drop", type=float, metavar="POINTS",
-              help="Target: top-1 accuracy on labels drops at most this many points.")
-@click.option("--methods", default="kmeans,linear", show_default=True, help="Methods a weight may get (comma-separated).")
-@click.option("--bits", "bits_list", default="2,3,4,5,6,8", show_default=True, help="K-means widths to consider (linear: 4 and 8).")
+@click.option(
+    "--min-top1",
+    type=click.FloatRange(0, 1),
+    metavar="FRACTION",
+    help="Target: top-1 agreement with float at least this.",
+)
+@click.option(
+    "--max-accuracy-drop",
+    type=float,
+    metavar="POINTS",
+    help="Target: top-1 accuracy on labels drops at most this many points.",
+)
+@click.option(
+    "--methods", default="kmeans,linear", show_default=True, help="Methods a weight may get (comma-separated)."
+)
+@click.option(
+    "--bits",
+    "bits_list",
+    default="2,3,4,5,6,8",
+    show_default=True,
+    help="K-means widths to consider (linear: 4 and 8).",
+)
 @options.CODEBOOK_OVERHEAD
 @options.selection(DEFAULT_MIN_ELEMENTS)
-@options.techniques("Inputs (.npz or a folder of images) for data-aware k-means and bias correction in the final model.")
-@click.option("--plan-out", type=options.FILE,
-              help="Save the chosen plan as TOML: `qconvert kmeans MODEL --config PLAN` redoes it without searching.")
+@options.techniques(
+    "Inputs (.npz or a folder of images) for data-aware k-means and bias correction in the final model."
+)
+@click.option(
+    "--plan-out",
+    type=options.FILE,
+    help="Save the chosen plan as TOML: `qconvert kmeans MODEL --config PLAN` redoes it without searching.",
+)
 @options.VALIDATION
 @options.OUTPUT
 def auto(model: Path, **o: Any) -> None:
@@ -242,16 +317,26 @@ def auto(model: Path, **o: Any) -> None:
       qconvert auto model.onnx --max-accuracy-drop 0.5 --data val.npz --plan-out plan.toml
       qconvert kmeans model.onnx --config plan.toml      # the same plan again, without the search
     """
-    plan = AutoPlan(target_snr=o["target_snr"], min_top1=o["min_top1"], max_accuracy_drop=o["max_accuracy_drop"],
-                    methods=tuple(m.strip() for m in o["methods"].split(",") if m.strip()),
-                    bits=options.ints(o["bits_list"], "--bits"), max_codebook_overhead=o["max_codebook_overhead"],
-                    **options.plan_fields(o))
+    plan = AutoPlan(
+        target_snr=o["target_snr"],
+        min_top1=o["min_top1"],
+        max_accuracy_drop=o["max_accuracy_drop"],
+        methods=tuple(m.strip() for m in o["methods"].split(",") if m.strip()),
+        bits=options.ints(o["bits_list"], "--bits"),
+        max_codebook_overhead=o["max_codebook_overhead"],
+        **options.plan_fields(o),
+    )
     _run(model, plan, {**o, "min_top1": None, "max_accuracy_drop": None})  # the targets are the search's own gates
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--min-elements", default=DEFAULT_MIN_ELEMENTS, show_default=True, help="Weights with fewer elements are listed as left alone.")
+@click.option(
+    "--min-elements",
+    default=DEFAULT_MIN_ELEMENTS,
+    show_default=True,
+    help="Weights with fewer elements are listed as left alone.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON on stdout.")
 def inspect(model: Path, min_elements: int, as_json: bool) -> None:
     """Describe a model: opset, inputs/outputs, its weights and where they live, and the file size each
@@ -313,10 +398,17 @@ def _dispatch(models: tuple[Path, ...], plan: Plan, o: dict[str, Any]) -> None:
 
 def _run_batch(models: tuple[Path, ...], plan: Plan, o: dict[str, Any]) -> None:
     output = o["output"]
-    if (output is None or str(output) == "-" or o["report_path"] or o["report_md"] or o["report_html"]
-            or any(str(m) == "-" for m in models)):
-        raise click.UsageError("several models (or a directory) need -o DIR; reports go beside each model, "
-                               "no -, --report or --report-md")
+    if (
+        output is None
+        or str(output) == "-"
+        or o["report_path"]
+        or o["report_md"]
+        or o["report_html"]
+        or any(str(m) == "-" for m in models)
+    ):
+        raise click.UsageError(
+            "several models (or a directory) need -o DIR; reports go beside each model, no -, --report or --report-md"
+        )
     paths = batch.expand(models)
     if output.exists() and not output.is_dir():
         raise click.UsageError(f"{output}: several models need -o to be a folder, and this is a file")
@@ -324,12 +416,24 @@ def _run_batch(models: tuple[Path, ...], plan: Plan, o: dict[str, Any]) -> None:
     validation, gates = options.validation(o), options.gates(o)
     jobs = [batch.Job(p, batch.output_for(p, output, plan), plan, validation, gates, o["keep_failed"]) for p in paths]
     console = _console(o["quiet"])
-    with console.status(f"converting {len(jobs)} models", spinner="dots") if console.is_terminal else contextlib.nullcontext():
+    with (
+        console.status(f"converting {len(jobs)} models", spinner="dots")
+        if console.is_terminal
+        else contextlib.nullcontext()
+    ):
         outcomes = batch.run_all(jobs)
     if o["as_json"]:
-        click.echo(json.dumps([json.loads(done.report_json) if done.report_json else
-                               {"input": {"path": str(done.model)}, "error": done.message, "exit_code": done.exit_code}
-                               for done in outcomes], indent=2))
+        click.echo(
+            json.dumps(
+                [
+                    json.loads(done.report_json)
+                    if done.report_json
+                    else {"input": {"path": str(done.model)}, "error": done.message, "exit_code": done.exit_code}
+                    for done in outcomes
+                ],
+                indent=2,
+            )
+        )
     else:
         console.print(batch_summary(outcomes))
     code = batch.worst(outcomes)
@@ -350,12 +454,20 @@ def _run(model: Path, plan: Plan | AutoPlan, o: dict[str, Any]) -> None:
     console = _console(o["quiet"])
     status = console.status("converting", spinner="dots") if console.is_terminal else contextlib.nullcontext()
     with _model_file(model) as path, status as spinner:
+
         def progress(message: str) -> None:
             if spinner is not None:
                 spinner.update(message)
 
-        conversion = api.run(plan, path, options.validation(o), options.gates(o), output=target,
-                             keep_failed=o["keep_failed"], progress=progress)
+        conversion = api.run(
+            plan,
+            path,
+            options.validation(o),
+            options.gates(o),
+            output=target,
+            keep_failed=o["keep_failed"],
+            progress=progress,
+        )
     if to_stdout and conversion.staged:
         conversion.discard()
         raise UsageError(TOO_BIG_FOR_A_STREAM)
@@ -385,7 +497,9 @@ def _target(model: Path, plan: Plan | AutoPlan, output: Path | None) -> Path:
     return output or default_output(model, plan)
 
 
-def _emit_reports(report: Report, report_path: Path | None, report_md: Path | None, report_html: Path | None = None) -> None:
+def _emit_reports(
+    report: Report, report_path: Path | None, report_md: Path | None, report_html: Path | None = None
+) -> None:
     if report_path is not None:
         io.write_atomically(report_path, report.to_json().encode())
     if report_md is not None:

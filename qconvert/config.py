@@ -72,10 +72,12 @@ def _option(command: click.Command, key: str, value: Any, path: Path) -> tuple[s
 
 def _layer(entry: Any, path: Path) -> LayerOverride:
     if not isinstance(entry, dict) or "match" not in entry:
-        raise UsageError(f"{path}: each [[layer]] needs match = \"NAME or GLOB\"")
+        raise UsageError(f'{path}: each [[layer]] needs match = "NAME or GLOB"')
     unknown = set(entry) - LAYER_KEYS
     if unknown:
-        raise UsageError(f"{path}: [[layer]] {entry['match']!r} has unknown keys {sorted(unknown)} (allowed: {sorted(LAYER_KEYS)})")
+        raise UsageError(
+            f"{path}: [[layer]] {entry['match']!r} has unknown keys {sorted(unknown)} (allowed: {sorted(LAYER_KEYS)})"
+        )
     granularity = entry.get("granularity")
     if granularity is not None and granularity not in {g.value for g in Granularity}:
         raise UsageError(f"{path}: [[layer]] {entry['match']!r}: granularity must be per-tensor or per-channel")

@@ -15,7 +15,10 @@ from qconvert.plan import Granularity, LayerSetting
 from qconvert.select import Weight, select_weights
 
 ROWS = [(METHODS["kmeans"], bits, Granularity.PER_TENSOR) for bits in (8, 6, 4, 3, 2, 1)] + [
-    (METHODS["linear"], bits, granularity) for bits in (8, 4) for granularity in (Granularity.PER_TENSOR, Granularity.PER_CHANNEL)]
+    (METHODS["linear"], bits, granularity)
+    for bits in (8, 4)
+    for granularity in (Granularity.PER_TENSOR, Granularity.PER_CHANNEL)
+]
 
 
 def inspect_model(path: Path, *, min_elements: int) -> dict[str, Any]:
@@ -76,6 +79,13 @@ def _estimates(model: onnx.ModelProto, weights: list[Weight], size: int, float_b
             total += file_bytes(method, weight, bits, axis, opset) if opset is not None else weight.array().nbytes
             highest = max(highest, opset or highest)
         total += reach.growth(highest) or 0  # what converting the rest of the graph to that opset adds
-        estimates.append({"method": method.name, "bits": bits, "granularity": granularity.value, "bytes": total,
-                          "ratio": total / size})
+        estimates.append(
+            {
+                "method": method.name,
+                "bits": bits,
+                "granularity": granularity.value,
+                "bytes": total,
+                "ratio": total / size,
+            }
+        )
     return estimates

@@ -113,7 +113,13 @@ def _decode(edit: GraphEdit, *, item: EncodedWeight, opset: int) -> None:
     if storage is IndexStorage.PACKED:
         offset_dtype = np.int64
         shared = f"pack{bits}"
-        wide = edit.node(base, "Cast", [edit.constant(base, "packed_indices", pack_indices(indices, bits))], "packed_i64", to=onnx.TensorProto.INT64)
+        wide = edit.node(
+            base,
+            "Cast",
+            [edit.constant(base, "packed_indices", pack_indices(indices, bits))],
+            "packed_i64",
+            to=onnx.TensorProto.INT64,
+        )
         byte_scale = edit.constant(base, f"{shared}_byte_scale", (256 ** np.arange(bits)).astype(np.int64), share=True)
         scaled = edit.node(base, "Mul", [wide, byte_scale], "bytes_scaled")
         if opset >= 13:
@@ -121,15 +127,24 @@ def _decode(edit: GraphEdit, *, item: EncodedWeight, opset: int) -> None:
             words = edit.node(base, "ReduceSum", [scaled, axis_one], "words", keepdims=1)
         else:
             words = edit.node(base, "ReduceSum", [scaled], "words", axes=[1], keepdims=1)
-        field_scale = edit.constant(base, f"{shared}_field_scale", (2 ** (bits * np.arange(8))).astype(np.int64), share=True)
+        field_scale = edit.constant(
+            base, f"{shared}_field_scale", (2 ** (bits * np.arange(8))).astype(np.int64), share=True
+        )
         fields = edit.node(base, "Div", [words, field_scale], "fields")
         modulus = edit.constant(base, f"{shared}_modulus", np.array(1 << bits, np.int64), share=True)
         padded = edit.node(base, "Mod", [fields, modulus], "indices_padded")
-        flat = edit.node(base, "Reshape", [padded, edit.constant(base, "flat_shape", np.array([-1], np.int64), share=True)], "indices_flat")
+        flat = edit.node(
+            base,
+            "Reshape",
+            [padded, edit.constant(base, "flat_shape", np.array([-1], np.int64), share=True)],
+            "indices_flat",
+        )
         start = edit.constant(base, "zero", np.array([0], np.int64), share=True)
         stop = edit.constant(base, "count", np.array([indices.size], np.int64), share=True)
         trimmed = edit.node(base, "Slice", [flat, start, stop], "indices_trimmed")
-        index = edit.node(base, "Reshape", [trimmed, edit.constant(base, "shape", np.array(shape, np.int64), share=True)], "indices")
+        index = edit.node(
+            base, "Reshape", [trimmed, edit.constant(base, "shape", np.array(shape, np.int64), share=True)], "indices"
+        )
     else:
         offset_dtype = np.int32
         stored = edit.constant(base, "indices", indices.astype(NATIVE_DTYPE[storage]))
@@ -138,6 +153,8 @@ def _decode(edit: GraphEdit, *, item: EncodedWeight, opset: int) -> None:
         offsets_shape = [1] * len(shape)
         offsets_shape[axis if axis is not None else 0] = channels
         offsets = (np.arange(channels, dtype=offset_dtype) * k).reshape(offsets_shape)
-        index = edit.node(base, "Add", [index, edit.constant(base, "channel_offsets", offsets, share=True)], "indices_global")
+        index = edit.node(
+            base, "Add", [index, edit.constant(base, "channel_offsets", offsets, share=True)], "indices_global"
+        )
     codebook = edit.constant(base, "codebook", palette.codebook.reshape(-1))
     edit.node(base, "Gather", [codebook, index], "decode", output=base, axis=0)

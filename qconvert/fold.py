@@ -72,8 +72,9 @@ class _Pair:
     beta: float  # Gemm's β (Y = αAB + βC), else 1
 
 
-def _pair(bn: onnx.NodeProto, producer: dict[str, onnx.NodeProto], uses: dict[str, int],
-          inits: dict[str, onnx.TensorProto]) -> _Pair | None:
+def _pair(
+    bn: onnx.NodeProto, producer: dict[str, onnx.NodeProto], uses: dict[str, int], inits: dict[str, onnx.TensorProto]
+) -> _Pair | None:
     """The foldable pair that ends in `bn`, if it is one."""
     layer = _layer_before(bn, producer, uses)
     if layer is None:
@@ -97,7 +98,9 @@ def _pair(bn: onnx.NodeProto, producer: dict[str, onnx.NodeProto], uses: dict[st
     return _Pair(bn, layer, params, weight, bias, w, b, axis, gamma / np.sqrt(var + epsilon), beta)
 
 
-def _layer_before(bn: onnx.NodeProto, producer: dict[str, onnx.NodeProto], uses: dict[str, int]) -> onnx.NodeProto | None:
+def _layer_before(
+    bn: onnx.NodeProto, producer: dict[str, onnx.NodeProto], uses: dict[str, int]
+) -> onnx.NodeProto | None:
     """The Conv, ConvTranspose or Gemm whose output only this BatchNormalization reads."""
     if bn.op_type != "BatchNormalization" or bn.domain not in DOMAINS or len(bn.output) != 1:
         return None

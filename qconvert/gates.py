@@ -44,16 +44,32 @@ def evaluate(gates: Gates, result: ValidationResult) -> list[GateResult]:
             checks.append(GateResult("--min-snr", output.name, _finite(snr), gates.min_snr_db, snr >= gates.min_snr_db))
         if gates.max_abs_error is not None:
             err = output.max_abs_error
-            checks.append(GateResult("--max-abs-error", output.name, _finite(err), gates.max_abs_error, err <= gates.max_abs_error))
+            checks.append(
+                GateResult(
+                    "--max-abs-error", output.name, _finite(err), gates.max_abs_error, err <= gates.max_abs_error
+                )
+            )
         if gates.min_top1 is not None and output.top1_agreement is not None:
-            checks.append(GateResult("--min-top1", output.name, output.top1_agreement, gates.min_top1, output.top1_agreement >= gates.min_top1))
+            checks.append(
+                GateResult(
+                    "--min-top1",
+                    output.name,
+                    output.top1_agreement,
+                    gates.min_top1,
+                    output.top1_agreement >= gates.min_top1,
+                )
+            )
     if gates.min_top1 is not None and not any(c.gate == "--min-top1" for c in checks):
         raise UsageError("--min-top1: no output holds class scores ([N, C] floats) to compare")
     if gates.max_accuracy_drop is not None:
         if result.accuracy is None:
             raise UsageError("--max-accuracy-drop needs labels: a `labels` array in --data, or --labels FILE")
         drop = result.accuracy.drop_points
-        checks.append(GateResult("--max-accuracy-drop", "accuracy", drop, gates.max_accuracy_drop, drop <= gates.max_accuracy_drop))
+        checks.append(
+            GateResult(
+                "--max-accuracy-drop", "accuracy", drop, gates.max_accuracy_drop, drop <= gates.max_accuracy_drop
+            )
+        )
     return checks
 
 

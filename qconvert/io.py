@@ -85,8 +85,12 @@ def _read(path: Path) -> tuple[onnx.ModelProto, set[str]]:
                 raise InputError(f"{path}: the external data of {tensor.name} must be a file in the model's folder")
             locations.add(location)
             file = (path.parent / location).resolve()
-            if not file.is_relative_to(path.parent.resolve()):  # a symbolic link out of the folder: refused, as onnxruntime does
-                raise InputError(f"{path}: the external data of {tensor.name} leads outside the model's folder ({location})")
+            if not file.is_relative_to(
+                path.parent.resolve()
+            ):  # a symbolic link out of the folder: refused, as onnxruntime does
+                raise InputError(
+                    f"{path}: the external data of {tensor.name} leads outside the model's folder ({location})"
+                )
             try:
                 offset = int(info.get("offset", 0))
                 stat = file.stat()
@@ -100,7 +104,9 @@ def _read(path: Path) -> tuple[onnx.ModelProto, set[str]]:
 def _make_lazy(tensor: onnx.TensorProto, file: Path, identity: str, offset: int, length: int) -> None:
     dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type) if tensor.data_type in _PLAIN_TYPES else None
     if dtype is not None and length != dtype.itemsize * int(np.prod(tensor.dims, dtype=np.int64)):
-        raise InputError(f"{file}: tensor {tensor.name} holds {length} bytes, not the {list(tensor.dims)} {dtype} it declares")
+        raise InputError(
+            f"{file}: tensor {tensor.name} holds {length} bytes, not the {list(tensor.dims)} {dtype} it declares"
+        )
     tensor.ClearField("external_data")
     tensor.data_location = onnx.TensorProto.EXTERNAL
     for key, value in (("location", str(file)), ("offset", offset), ("length", length), (_SOURCE, identity)):
@@ -130,7 +136,9 @@ def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
     data = _lazy_bytes(tensor)
     if tensor.data_type in _PLAIN_TYPES and sys.byteorder == "little":
         return np.frombuffer(data, helper.tensor_dtype_to_np_dtype(tensor.data_type)).reshape(tensor.dims)
-    return numpy_helper.to_array(onnx.TensorProto(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type, raw_data=data))
+    return numpy_helper.to_array(
+        onnx.TensorProto(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type, raw_data=data)
+    )
 
 
 def materialize(model: onnx.ModelProto) -> None:
@@ -184,9 +192,18 @@ def _lazy_bytes(tensor: onnx.TensorProto) -> bytes:
 
 
 _PLAIN_TYPES = {  # stored as numpy stores them: raw data -> array with no conversion
-    onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
-    onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32,
-    onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL,
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.INT8,
+    onnx.TensorProto.UINT8,
+    onnx.TensorProto.INT16,
+    onnx.TensorProto.UINT16,
+    onnx.TensorProto.INT32,
+    onnx.TensorProto.UINT32,
+    onnx.TensorProto.INT64,
+    onnx.TensorProto.UINT64,
+    onnx.TensorProto.BOOL,
 }
 
 # Protobuf wire format, for `_hollow`: field numbers of ModelProto.graph, GraphProto.initializer and
@@ -350,8 +367,14 @@ def stage_external(model: onnx.ModelProto, path: Path) -> Path:
         raise OutputError(f"{path}: cannot write: {e.strerror or e}") from e
     staged = stage / path.name
     try:
-        onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=external_name(path), size_threshold=EXTERNAL_THRESHOLD)
+        onnx.save_model(
+            model,
+            str(staged),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=external_name(path),
+            size_threshold=EXTERNAL_THRESHOLD,
+        )
         _settle(staged, stage / external_name(path))
     except BaseException as e:
         shutil.rmtree(stage, ignore_errors=True)

@@ -54,8 +54,9 @@ def without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     _copy_fields(model.graph, skeleton.graph, skip="initializer")
     for tensor in model.graph.initializer:
         if io.data_bytes(tensor) > STRIP_BYTES:
-            hollow = skeleton.graph.initializer.add(name=tensor.name, dims=tensor.dims, data_type=tensor.data_type,
-                                                    data_location=onnx.TensorProto.EXTERNAL)
+            hollow = skeleton.graph.initializer.add(
+                name=tensor.name, dims=tensor.dims, data_type=tensor.data_type, data_location=onnx.TensorProto.EXTERNAL
+            )
             hollow.external_data.add(key="location", value=_STRIPPED)
         else:
             skeleton.graph.initializer.append(tensor)
@@ -64,8 +65,12 @@ def without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def hole(name: str, array: np.ndarray) -> onnx.TensorProto:
     """An initializer without data, like those of `without_weights`, for an array handed over beside it."""
-    tensor = onnx.TensorProto(name=name, dims=array.shape, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
-                              data_location=onnx.TensorProto.EXTERNAL)
+    tensor = onnx.TensorProto(
+        name=name,
+        dims=array.shape,
+        data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
+        data_location=onnx.TensorProto.EXTERNAL,
+    )
     tensor.external_data.add(key="location", value=_STRIPPED)
     return tensor
 

@@ -30,55 +30,115 @@ def bundle(*options: Decorator) -> Decorator:
 
 
 VALIDATION = bundle(
-    click.option("--validate/--no-validate", default=True, show_default=True,
-                 help="Compare the new model with the float one under onnxruntime."),
-    click.option("--data", type=FILE,
-                 help="Validation inputs: .npz with one array per model input (axis 0 = samples) and optionally `labels`."),
+    click.option(
+        "--validate/--no-validate",
+        default=True,
+        show_default=True,
+        help="Compare the new model with the float one under onnxruntime.",
+    ),
+    click.option(
+        "--data",
+        type=FILE,
+        help="Validation inputs: .npz with one array per model input (axis 0 = samples) and optionally `labels`.",
+    ),
     click.option("--labels", type=FILE, help="Labels (.npy, one per sample of --data) for accuracy."),
-    click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=DIMS",
-                 help="Shape for an input's symbolic dimensions, e.g. input=1x3x224x224 (repeatable; default 1)."),
+    click.option(
+        "--input-shape",
+        "input_shapes",
+        multiple=True,
+        metavar="NAME=DIMS",
+        help="Shape for an input's symbolic dimensions, e.g. input=1x3x224x224 (repeatable; default 1).",
+    ),
     click.option("--samples", default=8, show_default=True, help="Random validation samples when no --data is given."),
     click.option("--seed", default=0, show_default=True, help="Seed of the random validation inputs."),
-    click.option("--allow-unvalidated", is_flag=True,
-                 help="If onnxruntime cannot run the input model (custom ops), write the result unvalidated with a "
-                      "warning instead of failing."),
+    click.option(
+        "--allow-unvalidated",
+        is_flag=True,
+        help="If onnxruntime cannot run the input model (custom ops), write the result unvalidated with a "
+        "warning instead of failing.",
+    ),
 )
 
 GATES = bundle(
     click.option("--min-snr", type=float, metavar="DB", help="Gate: every output's SNR vs float at least this (dB)."),
-    click.option("--max-abs-error", type=float, metavar="X", help="Gate: every output's largest absolute error at most this."),
-    click.option("--min-top1", type=click.FloatRange(0, 1), metavar="FRACTION",
-                 help="Gate: top-1 agreement with float at least this, per class-score output."),
-    click.option("--max-accuracy-drop", type=float, metavar="POINTS",
-                 help="Gate: top-1 accuracy on labels may drop at most this many percentage points."),
+    click.option(
+        "--max-abs-error", type=float, metavar="X", help="Gate: every output's largest absolute error at most this."
+    ),
+    click.option(
+        "--min-top1",
+        type=click.FloatRange(0, 1),
+        metavar="FRACTION",
+        help="Gate: top-1 agreement with float at least this, per class-score output.",
+    ),
+    click.option(
+        "--max-accuracy-drop",
+        type=float,
+        metavar="POINTS",
+        help="Gate: top-1 accuracy on labels may drop at most this many percentage points.",
+    ),
 )
 
 REPORTS = bundle(
-    click.option("--report", "report_path", type=FILE,
-                 help="JSON report path [default for a conversion: the output path with .report.json]."),
+    click.option(
+        "--report",
+        "report_path",
+        type=FILE,
+        help="JSON report path [default for a conversion: the output path with .report.json].",
+    ),
     click.option("--report-md", type=FILE, help="Also write a Markdown summary (fits a CI job summary)."),
-    click.option("--report-html", type=FILE,
-                 help="Also write a self-contained HTML report with pictures (weight histograms and levels, "
-                      "per-layer error, sizes)."),
-    click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout instead of the summary on stderr."),
+    click.option(
+        "--report-html",
+        type=FILE,
+        help="Also write a self-contained HTML report with pictures (weight histograms and levels, "
+        "per-layer error, sizes).",
+    ),
+    click.option(
+        "--json", "as_json", is_flag=True, help="Print the JSON report on stdout instead of the summary on stderr."
+    ),
     click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors."),
 )
 
 OUTPUT = bundle(
-    click.option("-o", "--output", type=click.Path(path_type=Path, allow_dash=True),
-                 help="Output model path, a folder to write it in, or - for stdout "
-                      "[default: MODEL.<method><bits>.onnx beside the input]."),
+    click.option(
+        "-o",
+        "--output",
+        type=click.Path(path_type=Path, allow_dash=True),
+        help="Output model path, a folder to write it in, or - for stdout "
+        "[default: MODEL.<method><bits>.onnx beside the input].",
+    ),
     REPORTS,
-    click.option("--keep-failed", is_flag=True, help="Write the model even when a gate fails (the exit code is still 5)."),
+    click.option(
+        "--keep-failed", is_flag=True, help="Write the model even when a gate fails (the exit code is still 5)."
+    ),
 )
 
 IMAGES = bundle(
     click.option("--image-size", metavar="HxW", help="Images: resize to this [default: the model's input size]."),
-    click.option("--layout", type=click.Choice(["nchw", "nhwc"]), help="Images: input layout [default: guessed from the input shape]."),
-    click.option("--channel-order", type=click.Choice(["rgb", "bgr"]), default="rgb", show_default=True, help="Images: channel order."),
-    click.option("--pixel-scale", default=1 / 255, show_default=True, help="Images: pixels (0-255) are multiplied by this first."),
-    click.option("--mean", default="0", show_default=True, metavar="M[,M,M]", help="Images: subtracted per channel after scaling."),
-    click.option("--std", default="1", show_default=True, metavar="S[,S,S]", help="Images: divided per channel after the mean."),
+    click.option(
+        "--layout",
+        type=click.Choice(["nchw", "nhwc"]),
+        help="Images: input layout [default: guessed from the input shape].",
+    ),
+    click.option(
+        "--channel-order",
+        type=click.Choice(["rgb", "bgr"]),
+        default="rgb",
+        show_default=True,
+        help="Images: channel order.",
+    ),
+    click.option(
+        "--pixel-scale", default=1 / 255, show_default=True, help="Images: pixels (0-255) are multiplied by this first."
+    ),
+    click.option(
+        "--mean",
+        default="0",
+        show_default=True,
+        metavar="M[,M,M]",
+        help="Images: subtracted per channel after scaling.",
+    ),
+    click.option(
+        "--std", default="1", show_default=True, metavar="S[,S,S]", help="Images: divided per channel after the mean."
+    ),
 )
 
 
@@ -87,39 +147,75 @@ def techniques(calibration_help: str) -> Decorator:
     return bundle(
         click.option("--calibration", type=click.Path(path_type=Path), help=calibration_help),
         IMAGES,
-        click.option("--no-fold-batchnorm", "no_fold", is_flag=True,
-                     help="Keep BatchNormalization after Conv/ConvTranspose/Gemm (by default it is folded in where that "
-                          "costs no accuracy)."),
-        click.option("--no-data-aware", "no_data_aware", is_flag=True,
-                     help="With calibration data: minimise each weight's own error, not the layer's output error."),
-        click.option("--no-bias-correction", "no_bias_correction", is_flag=True,
-                     help="With calibration data: leave biases as they are (by default they absorb the mean output error)."),
+        click.option(
+            "--no-fold-batchnorm",
+            "no_fold",
+            is_flag=True,
+            help="Keep BatchNormalization after Conv/ConvTranspose/Gemm (by default it is folded in where that "
+            "costs no accuracy).",
+        ),
+        click.option(
+            "--no-data-aware",
+            "no_data_aware",
+            is_flag=True,
+            help="With calibration data: minimise each weight's own error, not the layer's output error.",
+        ),
+        click.option(
+            "--no-bias-correction",
+            "no_bias_correction",
+            is_flag=True,
+            help="With calibration data: leave biases as they are (by default they absorb the mean output error).",
+        ),
     )
 
 
 def selection(min_elements: int) -> Decorator:
     """Which weights are quantized."""
     return bundle(
-        click.option("--min-elements", default=min_elements, show_default=True, help="Leave weights with fewer elements as they are."),
-        click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave weights whose name matches (exact or glob; repeatable)."),
+        click.option(
+            "--min-elements",
+            default=min_elements,
+            show_default=True,
+            help="Leave weights with fewer elements as they are.",
+        ),
+        click.option(
+            "--exclude",
+            multiple=True,
+            metavar="PATTERN",
+            help="Leave weights whose name matches (exact or glob; repeatable).",
+        ),
     )
 
 
 CODEBOOK_OVERHEAD = click.option(
-    "--max-codebook-overhead", default=1.0, show_default=True, metavar="BITS",
-    help="Per-channel codebooks that would add more bits per weight than this are not used (the weight stays per-tensor).")
+    "--max-codebook-overhead",
+    default=1.0,
+    show_default=True,
+    metavar="BITS",
+    help="Per-channel codebooks that would add more bits per weight than this are not used "
+    "(the weight stays per-tensor).",
+)
 
 CONFIG = click.option(
-    "--config", type=FILE, is_eager=True, expose_value=False, callback=load_config,
+    "--config",
+    type=FILE,
+    is_eager=True,
+    expose_value=False,
+    callback=load_config,
     help="TOML file of options (any long option, without dashes) and [[layer]] overrides (match, bits, granularity, "
-         "skip, method); the command line wins.")
+    "skip, method); the command line wins.",
+)
 
 
 def plan_fields(o: dict[str, Any]) -> dict[str, Any]:
     """The plan fields that the selection and technique options give."""
     return {
-        "min_elements": o["min_elements"], "exclude": o["exclude"], "calibration": o["calibration"],
-        "preprocessing": preprocessing(o), "fold_batchnorm": not o["no_fold"], "data_aware": not o["no_data_aware"],
+        "min_elements": o["min_elements"],
+        "exclude": o["exclude"],
+        "calibration": o["calibration"],
+        "preprocessing": preprocessing(o),
+        "fold_batchnorm": not o["no_fold"],
+        "data_aware": not o["no_data_aware"],
         "bias_correction": not o["no_bias_correction"],
     }
 
@@ -138,8 +234,14 @@ def preprocessing(o: dict[str, Any]) -> Preprocessing:
 def validation(o: dict[str, Any]) -> ValidationPlan | None:
     if not o["validate"]:
         return None
-    return ValidationPlan(data=o["data"], input_shapes=dict(map(parse_input_shape, o["input_shapes"])), samples=o["samples"],
-                          seed=o["seed"], allow_unrunnable=o["allow_unvalidated"], labels=o["labels"])
+    return ValidationPlan(
+        data=o["data"],
+        input_shapes=dict(map(parse_input_shape, o["input_shapes"])),
+        samples=o["samples"],
+        seed=o["seed"],
+        allow_unrunnable=o["allow_unvalidated"],
+        labels=o["labels"],
+    )
 
 
 def gates(o: dict[str, Any]) -> Gates:

@@ -28,7 +28,9 @@ FOLD_LIMIT = 1 << 30  # input bytes past which the converted model is validated 
 TECHNIQUES_LIMIT = 1 << 30  # input bytes past which the data-aware techniques are skipped (they copy the weights)
 MIN_OPSET = 7  # Cast takes its type as an int from opset 6 on; onnxruntime supports 7+
 NOT_WRITTEN = "model not written: a quality gate failed (--keep-failed writes it anyway)"
-TOO_BIG_FOR_A_STREAM = "the converted model is over 2 GB: it is written with external data, so it needs an output file (-o)"
+TOO_BIG_FOR_A_STREAM = (
+    "the converted model is over 2 GB: it is written with external data, so it needs an output file (-o)"
+)
 
 
 @dataclass
@@ -162,9 +164,16 @@ def convert(
     return conversion
 
 
-def prepare(input_path: Path, plan: Plan, validation: ValidationPlan | None, progress: Progress = lambda _: None,
-            gates: Gates = NO_GATES, workers: int = 2, trials: Trials | None = None,
-            stage_beside: Path | None = None) -> Conversion:
+def prepare(
+    input_path: Path,
+    plan: Plan,
+    validation: ValidationPlan | None,
+    progress: Progress = lambda _: None,
+    gates: Gates = NO_GATES,
+    workers: int = 2,
+    trials: Trials | None = None,
+    stage_beside: Path | None = None,
+) -> Conversion:
     """Every stage but writing: the converted model, checked, validated and judged by the gates."""
     if gates.any and validation is None:
         raise UsageError("quality gates need validation: drop --no-validate")
@@ -184,7 +193,9 @@ def prepare(input_path: Path, plan: Plan, validation: ValidationPlan | None, pro
     return Conversion(_report(state), None if staged else bytes(state.converted), staged)
 
 
-def write(conversion: Conversion, output_path: Path, keep_failed: bool = False, progress: Progress = lambda _: None) -> None:
+def write(
+    conversion: Conversion, output_path: Path, keep_failed: bool = False, progress: Progress = lambda _: None
+) -> None:
     """Save the conversion unless a gate failed (and `keep_failed` is off); then it is discarded."""
     if not conversion.report.passed and not keep_failed:
         conversion.report.warnings.append(NOT_WRITTEN)
@@ -207,7 +218,8 @@ def _load(state: _State) -> None:
         state.plan = dataclasses.replace(plan, data_aware=False, bias_correction=False)
         state.warnings.append(
             f"data-aware quantization and bias correction skipped: on {state.input_bytes / 1e9:.1f} GB of weights "
-            "they would hold several copies of them in memory (on a 2.7 GB model they passed 14 GB)")
+            "they would hold several copies of them in memory (on a 2.7 GB model they passed 14 GB)"
+        )
     state.lap("load")
 
 
@@ -233,7 +245,9 @@ def _serialize(state: _State) -> None:
     io.materialize(step.model)  # weights left as they were (skipped ones) come out of the input file
     beside = state.stage_beside
     to_file = beside is not None and not io.is_special(beside)
-    external = step.model.ByteSize() > io.PROTOBUF_LIMIT or (to_file and state.input_bytes > state.source.stat().st_size)
+    external = step.model.ByteSize() > io.PROTOBUF_LIMIT or (
+        to_file and state.input_bytes > state.source.stat().st_size
+    )
     if external:
         where = beside if to_file and beside is not None else Path(tempfile.gettempdir()) / "qconvert.onnx"
         state.converted = io.stage_external(step.model, where)
@@ -253,7 +267,9 @@ def _check(state: _State) -> None:
         try:
             onnx.checker.check_model(str(state.source), full_check=True)
         except Exception as original:
-            state.warnings.append(f"the input model fails the ONNX checker ({first_line(original)}); so does the output")
+            state.warnings.append(
+                f"the input model fails the ONNX checker ({first_line(original)}); so does the output"
+            )
         else:
             raise QConvertError(f"the converted model fails the ONNX checker: {first_line(e)}") from e
     state.lap("check")
@@ -269,7 +285,8 @@ def _validate(state: _State) -> None:
         if not fold:
             state.warnings.append(
                 f"validated without onnxruntime's graph optimizations: decoding {state.input_bytes / 1e9:.1f} GB of "
-                "weights at load would not fit in memory; latency not measured")
+                "weights at load would not fit in memory; latency not measured"
+            )
         float_side: str | validate.Reference = str(state.source)
         if state.trials is not None:
             if state.trials.reference is None:
@@ -285,11 +302,14 @@ def _validate(state: _State) -> None:
     assert state.step is not None
     changed = any(w.snr_db is not None for w in state.step.weights)  # some weight is not stored exactly
     if state.result is not None and changed and all(o.snr_db is None for o in state.result.outputs):
-        vacuous = (f"the outputs did not change at all on the validation inputs ({state.result.source}): "
-                   "they do not exercise the model")
+        vacuous = (
+            f"the outputs did not change at all on the validation inputs ({state.result.source}): "
+            "they do not exercise the model"
+        )
         if state.gates.any:
-            raise UsageError(f"{vacuous}, so the quality gates cannot be judged; "
-                             "give --data, or real sizes with --input-shape")
+            raise UsageError(
+                f"{vacuous}, so the quality gates cannot be judged; give --data, or real sizes with --input-shape"
+            )
         state.warnings.append(f"{vacuous}; give --data, or real sizes with --input-shape")
 
 
@@ -321,7 +341,9 @@ def _report(state: _State) -> Report:
     )
 
 
-def compare_models(float_path: Path, converted_path: Path, validation: ValidationPlan, gates: Gates = NO_GATES) -> Report:
+def compare_models(
+    float_path: Path, converted_path: Path, validation: ValidationPlan, gates: Gates = NO_GATES
+) -> Report:
     """Validation only: the same metrics, latency and gates for two existing models."""
     start = time.perf_counter()
     (reference, float_bytes), (converted, converted_bytes) = io.load_model(float_path), io.load_model(converted_path)

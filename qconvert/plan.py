@@ -27,7 +27,9 @@ class LayerOverride:
     bits: int | None = None
     granularity: Granularity | None = None
     skip: bool = False
-    method: str | None = None  # another method for these weights ("linear" in a kmeans plan: int8/int4 DequantizeLinear)
+    method: str | None = (
+        None  # another method for these weights ("linear" in a kmeans plan: int8/int4 DequantizeLinear)
+    )
 
     def applies_to(self, name: str) -> bool:
         return name == self.match or fnmatch.fnmatchcase(name, self.match)
@@ -52,8 +54,14 @@ def layer_setting(plan: KMeansPlan | LinearPlan, name: str) -> LayerSetting:
     for o in plan.overrides:
         if o.applies_to(name):
             method = o.method or setting.method
-            bits = o.bits if o.bits is not None else (8 if method != setting.method and method == "linear" else setting.bits)
-            setting = LayerSetting(method, bits, o.granularity or setting.granularity, setting.skip or o.skip, symmetric)
+            bits = (
+                o.bits
+                if o.bits is not None
+                else (8 if method != setting.method and method == "linear" else setting.bits)
+            )
+            setting = LayerSetting(
+                method, bits, o.granularity or setting.granularity, setting.skip or o.skip, symmetric
+            )
     return setting
 
 
@@ -118,7 +126,9 @@ class LinearPlan:
 
     def __post_init__(self) -> None:
         if any(o.method == "kmeans" for o in self.overrides):
-            raise UsageError("[[layer]] method = 'kmeans' works in qconvert kmeans (with linear layers), not in qconvert linear")
+            raise UsageError(
+                "[[layer]] method = 'kmeans' works in qconvert kmeans (with linear layers), not in qconvert linear"
+            )
         for bits in (self.bits, *(o.bits for o in self.overrides if o.bits is not None)):
             if bits not in (4, 8):
                 raise UsageError(f"--bits must be 8 or 4 for linear quantization, got {bits}")

@@ -21,8 +21,24 @@ from qconvert.select import Weight, constant_value
 # (or drops them, for data movement) as integer kernels. Relu and Clip(0, ...) after a quantized op are
 # absorbed into its output range.
 QDQ_OPS = {
-    "Conv", "Gemm", "MatMul", "Add", "Mul", "MaxPool", "AveragePool", "GlobalAveragePool", "Concat",
-    "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Resize", "Sigmoid", "Relu", "Clip",
+    "Conv",
+    "Gemm",
+    "MatMul",
+    "Add",
+    "Mul",
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "Concat",
+    "Flatten",
+    "Reshape",
+    "Transpose",
+    "Squeeze",
+    "Unsqueeze",
+    "Resize",
+    "Sigmoid",
+    "Relu",
+    "Clip",
 }
 WEIGHTED_OPS = {"Conv", "Gemm", "MatMul"}
 DATA_INPUTS = {"Conv": 1, "Gemm": 1, "MatMul": 1, "Reshape": 1, "Resize": 1, "Clip": 1, "Squeeze": 1, "Unsqueeze": 1}
@@ -55,8 +71,16 @@ class LinearWeight:
         return np.int8 if self.grid.signed else np.uint8
 
 
-def quantize_weight(weight: Weight, array: np.ndarray, *, bits: int, symmetric: bool, axis: int | None,
-                    importance: np.ndarray | None = None, keep: bool = True) -> LinearWeight:
+def quantize_weight(
+    weight: Weight,
+    array: np.ndarray,
+    *,
+    bits: int,
+    symmetric: bool,
+    axis: int | None,
+    importance: np.ndarray | None = None,
+    keep: bool = True,
+) -> LinearWeight:
     """Min/max grids, or with `importance` (error weights broadcastable to the array) the clipped
     ranges that minimise the weighted error. `keep` False keeps the grid only, for a result that may
     be dropped: its integers are quantized again from `weight.array()` (which `array` must be) when
@@ -65,7 +89,9 @@ def quantize_weight(weight: Weight, array: np.ndarray, *, bits: int, symmetric: 
     if importance is None:
         grid = grid_for(rows, bits=bits, symmetric=symmetric)
     else:
-        grid = clipped_grid(rows, bits=bits, symmetric=symmetric, weights=to_rows(np.broadcast_to(importance, array.shape), axis))
+        grid = clipped_grid(
+            rows, bits=bits, symmetric=symmetric, weights=to_rows(np.broadcast_to(importance, array.shape), axis)
+        )
     return LinearWeight(weight, grid, axis, bits, _on_grid(array, grid, axis) if keep else None)
 
 
@@ -179,7 +205,9 @@ def _float_tensors(model: onnx.ModelProto) -> set[str]:
     return floats
 
 
-def insert_activation_qdq(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], weights: dict[str, LinearWeight]) -> int:
+def insert_activation_qdq(
+    model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], weights: dict[str, LinearWeight]
+) -> int:
     """Quantize/DequantizeLinear (uint8, asymmetric) on each activation with a range, int32 biases; in place.
 
     A produced tensor T becomes P -> T_float -> Q -> DQ -> T, so consumers are untouched; a graph
@@ -227,8 +255,14 @@ def insert_activation_qdq(model: onnx.ModelProto, ranges: dict[str, tuple[float,
     return len(ranges)
 
 
-def _quantize_biases(graph: onnx.GraphProto, weights: dict[str, LinearWeight], scales: dict[str, float], fresh: NameSource,
-                     new_inits: list[onnx.TensorProto], front: list[onnx.NodeProto]) -> set[str]:
+def _quantize_biases(
+    graph: onnx.GraphProto,
+    weights: dict[str, LinearWeight],
+    scales: dict[str, float],
+    fresh: NameSource,
+    new_inits: list[onnx.TensorProto],
+    front: list[onnx.NodeProto],
+) -> set[str]:
     """Conv/Gemm biases -> int32 with scale S_x·S_w and DequantizeLinear, as integer kernels expect them."""
     inits = {t.name: t for t in graph.initializer}
     uses = use_counts(graph)
@@ -251,7 +285,8 @@ def _quantize_biases(graph: onnx.GraphProto, weights: dict[str, LinearWeight], s
         s_init = numpy_helper.from_array(scale if per_axis else scale.reshape(()), fresh(f"{b}_qc_scale"))
         new_inits += [q_init, s_init]
         attrs = {"axis": 0} if per_axis else {}
-        front.append(helper.make_node("DequantizeLinear", [q_init.name, s_init.name], [b], name=fresh(f"{b}_qc_dequantize"), **attrs))  # type: ignore[arg-type]
+        name = fresh(f"{b}_qc_dequantize")
+        front.append(helper.make_node("DequantizeLinear", [q_init.name, s_init.name], [b], name=name, **attrs))  # type: ignore[arg-type]
         done.add(b)
     return done
 

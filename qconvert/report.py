@@ -41,7 +41,9 @@ class WeightReport:
     snr_db: float | None  # None: represented exactly
     note: str | None = None
     techniques: list[str] = field(default_factory=list)  # batchnorm-folded, data-aware, bias-corrected
-    layer_snr_db: float | None = None  # the layer's output vs float on the calibration data (None: not measured or exact)
+    layer_snr_db: float | None = (
+        None  # the layer's output vs float on the calibration data (None: not measured or exact)
+    )
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,9 @@ class Histogram:
         per_row = np.asarray(levels, np.float64).reshape(rows, -1)
         widest = int(np.argmax(per_row.max(axis=1) - per_row.min(axis=1)))
         shown = np.unique(per_row[widest])
-        return Histogram(name, counts.tolist(), edges.tolist(), shown.tolist(), f"channel {widest}, the widest" if rows > 1 else "")
+        return Histogram(
+            name, counts.tolist(), edges.tolist(), shown.tolist(), f"channel {widest}, the widest" if rows > 1 else ""
+        )
 
 
 @dataclass(frozen=True)

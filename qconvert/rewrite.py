@@ -59,9 +59,12 @@ class GraphEdit:
             self.shared[key] = name
         return name
 
-    def node(self, base: str, op: str, inputs: list[str], suffix: str, output: str | None = None, **attrs: object) -> str:
+    def node(
+        self, base: str, op: str, inputs: list[str], suffix: str, output: str | None = None, **attrs: object
+    ) -> str:
         out = output or self.fresh(f"{base}_qc_{suffix}")
-        self.front.append(helper.make_node(op, inputs, [out], name=self.fresh(f"{out}_node") if output else out, **attrs))  # type: ignore[arg-type]
+        name = self.fresh(f"{out}_node") if output else out
+        self.front.append(helper.make_node(op, inputs, [out], name=name, **attrs))  # type: ignore[arg-type]
         return out
 
     def apply(self) -> None:
@@ -85,7 +88,9 @@ def replace_weights(model: onnx.ModelProto, jobs: list[tuple[Weight, Callable[[G
     fresh = NameSource(model)
     edits: dict[int, GraphEdit] = {}
     for weight, build in jobs:
-        edit = edits.get(id(weight.graph)) or edits.setdefault(id(weight.graph), GraphEdit(weight.graph, weight.graph_path, fresh))
+        edit = edits.get(id(weight.graph)) or edits.setdefault(
+            id(weight.graph), GraphEdit(weight.graph, weight.graph_path, fresh)
+        )
         edit.removed.add(weight.name)
         build(edit)
         if weight.is_graph_input:

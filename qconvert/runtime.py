@@ -46,8 +46,15 @@ class Feeds:
     padded: int = 0  # samples repeated to fill the last fixed-size batch
 
 
-def session(model: str | bytes, what: str, *, probe: bool = False, optimize: bool = True,
-            initializers: tuple[list[str], list[ort.OrtValue]] | None = None, folder: Path | None = None) -> ort.InferenceSession:
+def session(
+    model: str | bytes,
+    what: str,
+    *,
+    probe: bool = False,
+    optimize: bool = True,
+    initializers: tuple[list[str], list[ort.OrtValue]] | None = None,
+    folder: Path | None = None,
+) -> ort.InferenceSession:
     """An onnxruntime CPU session; `model` is a path or serialized bytes.
 
     `probe`: a model with many side branches (checks beside every layer). onnxruntime's memory
@@ -79,8 +86,14 @@ def session(model: str | bytes, what: str, *, probe: bool = False, optimize: boo
         raise CannotRunError(f"onnxruntime cannot load the {what}: {first_line(e)}", what) from e
 
 
-def model_session(model: onnx.ModelProto, what: str, *, skeleton: onnx.ModelProto | None = None,
-                  replaced: Mapping[str, np.ndarray] | None = None, probe: bool = False) -> ort.InferenceSession:
+def model_session(
+    model: onnx.ModelProto,
+    what: str,
+    *,
+    skeleton: onnx.ModelProto | None = None,
+    replaced: Mapping[str, np.ndarray] | None = None,
+    probe: bool = False,
+) -> ort.InferenceSession:
     """A session of an in-memory model whose large weights onnxruntime reads from the input file, or
     takes as arrays.
 
@@ -122,8 +135,12 @@ def signature(model: onnx.ModelProto) -> ort.InferenceSession:
     constants = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in constants]
     outputs = [f"qc_signature_{k}" for k in range(len(inputs))]
-    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", [i.name], [o]) for i, o in zip(inputs, outputs)], "signature",
-                                   inputs, [onnx.helper.make_empty_tensor_value_info(o) for o in outputs])
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", [i.name], [o]) for i, o in zip(inputs, outputs)],
+        "signature",
+        inputs,
+        [onnx.helper.make_empty_tensor_value_info(o) for o in outputs],
+    )
     interface = onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
     return session(interface.SerializeToString(), "input model")
 
@@ -146,16 +163,24 @@ def build_feeds(sess: ort.InferenceSession, plan: ValidationPlan) -> Feeds:
     if plan.labels is not None:
         raise UsageError("--labels go with --data (the samples they label)")
     rng = np.random.default_rng(plan.seed)
-    shapes = {i.name: plan.input_shapes.get(i.name) or tuple(d if isinstance(d, int) and d > 0 else 1 for d in i.shape) for i in inputs}
+    shapes = {
+        i.name: plan.input_shapes.get(i.name) or tuple(d if isinstance(d, int) and d > 0 else 1 for d in i.shape)
+        for i in inputs
+    }
     batches = [{i.name: _random(rng, _dtype(i), shapes[i.name]) for i in inputs} for _ in range(plan.samples)]
     # A symbolic size past the batch set to 1 (an image's height and width) may not exercise the model at all.
-    guessed = [f"{i.name} {'x'.join(map(str, shapes[i.name]))}" for i in inputs
-               if i.name not in plan.input_shapes and any(not (isinstance(d, int) and d > 0) for d in i.shape[1:])]
+    guessed = [
+        f"{i.name} {'x'.join(map(str, shapes[i.name]))}"
+        for i in inputs
+        if i.name not in plan.input_shapes and any(not (isinstance(d, int) and d > 0) for d in i.shape[1:])
+    ]
     note = f"; symbolic sizes set to 1: {', '.join(guessed)}" if guessed else ""
     return Feeds(batches, plan.samples, f"random (seed {plan.seed}{note})")
 
 
-def run_batches(sess: ort.InferenceSession, feeds: Feeds, what: str, output_names: list[str] | None = None) -> Iterator[list[np.ndarray]]:
+def run_batches(
+    sess: ort.InferenceSession, feeds: Feeds, what: str, output_names: list[str] | None = None
+) -> Iterator[list[np.ndarray]]:
     """Each batch's outputs, one batch at a time; a failing run becomes a one-line error."""
     for feed in feeds.batches:
         try:
@@ -169,11 +194,15 @@ def run_batches(sess: ort.InferenceSession, feeds: Feeds, what: str, output_name
             ) from e
 
 
-def run_with_outputs(model: onnx.ModelProto, tensors: list[str], feeds: Feeds, what: str) -> Iterator[dict[str, np.ndarray]]:
+def run_with_outputs(
+    model: onnx.ModelProto, tensors: list[str], feeds: Feeds, what: str
+) -> Iterator[dict[str, np.ndarray]]:
     """The named intermediate tensors of each batch, exposed as extra outputs of a copy of the model."""
     probe = without_weights(model)
     known = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in dict.fromkeys(tensors) if t not in known)
+    probe.graph.output.extend(
+        onnx.helper.make_empty_tensor_value_info(t) for t in dict.fromkeys(tensors) if t not in known
+    )
     sess = model_session(model, what, skeleton=probe)
     del probe
     wanted = list(dict.fromkeys(tensors))
@@ -185,7 +214,9 @@ def _dtype(node_arg: ort.NodeArg) -> np.dtype:
     try:
         return np.dtype(ORT_TYPES[node_arg.type])
     except KeyError:
-        raise UnsupportedModelError(f"input {node_arg.name!r} has type {node_arg.type}, which validation cannot feed") from None
+        raise UnsupportedModelError(
+            f"input {node_arg.name!r} has type {node_arg.type}, which validation cannot feed"
+        ) from None
 
 
 def _load_labels(path: Path) -> np.ndarray:
@@ -223,13 +254,16 @@ def load_feeds(sess: ort.InferenceSession, path: Path, batch_size: int = DATA_BA
     return feeds_from_arrays(sess, arrays, path, batch_size)
 
 
-def feeds_from_arrays(sess: ort.InferenceSession, arrays: dict[str, np.ndarray], path: Path,
-                      batch_size: int = DATA_BATCH) -> Feeds:
+def feeds_from_arrays(
+    sess: ort.InferenceSession, arrays: dict[str, np.ndarray], path: Path, batch_size: int = DATA_BATCH
+) -> Feeds:
     """Check arrays against the model's inputs (names, shapes, dtypes) and cut them into batches."""
     inputs = sess.get_inputs()
     feeds = {i.name: _matched(i, arrays, path, [j.name for j in inputs]) for i in inputs}
     labels = arrays.get(LABELS_KEY)
-    counts = {a.shape[0] for a in feeds.values()} | ({labels.shape[0] if labels.ndim else -1} if labels is not None else set())
+    counts = {a.shape[0] for a in feeds.values()} | (
+        {labels.shape[0] if labels.ndim else -1} if labels is not None else set()
+    )
     if len(counts) != 1 or min(counts) < 1:
         raise InputError(f"{path}: arrays disagree on the number of samples (axis 0), or hold none")
     samples = counts.pop()
@@ -253,8 +287,10 @@ def _matched(node_arg: ort.NodeArg, arrays: dict[str, np.ndarray], path: Path, n
     expected = [d if isinstance(d, int) and d > 0 else None for d in node_arg.shape]
     if array.ndim != len(expected) or any(e is not None and e != a for e, a in zip(expected[1:], array.shape[1:])):
         shown = "x".join(str(d) if d is not None else "?" for d in expected)
-        raise InputError(f"{path}: array {node_arg.name!r} has shape {'x'.join(map(str, array.shape))}, model input "
-                         f"expects {shown} (axis 0 holds the samples)")
+        raise InputError(
+            f"{path}: array {node_arg.name!r} has shape {'x'.join(map(str, array.shape))}, model input "
+            f"expects {shown} (axis 0 holds the samples)"
+        )
     if array.dtype != dtype:
         if array.dtype.kind != dtype.kind and not (array.dtype.kind in "iu" and dtype.kind in "iu"):
             raise InputError(f"{path}: array {node_arg.name!r} is {array.dtype}, model input expects {dtype}")
@@ -262,7 +298,9 @@ def _matched(node_arg: ort.NodeArg, arrays: dict[str, np.ndarray], path: Path, n
     return array
 
 
-CALIBRATION_BATCH = 1  # samples per calibration run: a CNN runs as fast one at a time, and holds one sample's activations
+CALIBRATION_BATCH = (
+    1  # samples per calibration run: a CNN runs as fast one at a time, and holds one sample's activations
+)
 
 
 def calibration_feeds(model: onnx.ModelProto, path: Path, preprocessing: Preprocessing) -> Feeds:

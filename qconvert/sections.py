@@ -35,10 +35,12 @@ CARRY_BYTES = 8 << 20  # tensors handed between sections for all samples, kept i
 class Section:
     """One section's graph, for a pass to add its checks to (`Sections.run`)."""
 
-    graph: onnx.GraphProto  # the section's nodes, after any Constant nodes they read; the initializers they read (big ones as holes)
+    # the section's nodes, after any Constant nodes they read; the initializers they read (big ones as holes)
+    graph: onnx.GraphProto
     fresh: NameSource
     opset: int
-    made: set[str]  # tensors first available here, whose readers belong here (the first section also has the inputs and initializers)
+    # tensors first available here, whose readers belong here (the first section also has the inputs and initializers)
+    made: set[str]
     complete: bool  # the model's outputs are available
     after: Additions = field(default_factory=dict)  # checks to add (`add_after`)
     wanted: list[str] = field(default_factory=list)  # what each sample's run returns
@@ -54,7 +56,9 @@ class Sections:
         nodes = model.graph.node
         self.position = {out: i for i, node in enumerate(nodes) for out in node.output}
         self.reads = [_reads(node) for node in nodes]
-        self.constants = {i for i, node in enumerate(nodes) if node.op_type == "Constant" and node.domain in ("", "ai.onnx")}
+        self.constants = {
+            i for i, node in enumerate(nodes) if node.op_type == "Constant" and node.domain in ("", "ai.onnx")
+        }
         self.outputs = {o.name for o in model.graph.output}
         sizes = {t.name: io.data_bytes(t) for t in model.graph.initializer}
         sizes |= {node.output[0]: io.data_bytes(value) for node in nodes if (value := constant_value(node)) is not None}
@@ -93,11 +97,15 @@ class Sections:
             values = {}
             if step.session is not None:
                 inputs = Feeds([{name: feed[name] for name in step.inputs}], 1, "")
-                values = dict(zip(step.outputs, next(run_batches(step.session, inputs, self.what, output_names=step.outputs))))
+                values = dict(
+                    zip(step.outputs, next(run_batches(step.session, inputs, self.what, output_names=step.outputs)))
+                )
             # copies: an output array held on would keep the session's whole arena alive after the session
             yield {t: np.array(values[t]) if t in values else feed[t] for t in step.wanted}
             if carried is not None:
-                carried.append({**{t: feed[t] for t in step.kept}, **{t: values[c] for t, c in zip(step.handed, step.copies)}})
+                carried.append(
+                    {**{t: feed[t] for t in step.kept}, **{t: values[c] for t, c in zip(step.handed, step.copies)}}
+                )
         self.start, self.carried = (end, carried) if carried is not None else (0, _Carried.of(self.feeds))
 
     def _section(self, end: int, build: Callable[[Section], None], last: bool) -> _Step:
@@ -116,11 +124,16 @@ class Sections:
         add_after(graph, spec.after)
         produced = {out for node in graph.node for out in node.output}
         read = _keep_initializers(graph, set(spec.wanted))
-        given = [t for t in spec.wanted if t not in produced and t in self.carried.dtypes]  # handed on to here: no need to run
+        # handed on to here: no need to run
+        given = [t for t in spec.wanted if t not in produced and t in self.carried.dtypes]
         outputs = [t for t in spec.wanted if t not in given] + copies
         inputs = self._declare_inputs(graph, read - {t.name for t in graph.initializer}, produced)
         graph.output.extend(helper.make_empty_tensor_value_info(t) for t in outputs)
-        session = model_session(self.model, self.what, skeleton=probe, replaced=spec.replaced, probe=True) if outputs else None
+        session = (
+            model_session(self.model, self.what, skeleton=probe, replaced=spec.replaced, probe=True)
+            if outputs
+            else None
+        )
         kept = [t for t in self.carried.dtypes if t in later and t not in produced]
         return _Step(session, inputs, outputs, spec.wanted, handed, copies, kept, bool(later))
 
@@ -128,7 +141,9 @@ class Sections:
         """The graph cut to nodes [start, end), after the Constant nodes they read (weights run where they
         are read, never handed on); returns the section's own nodes."""
         needed = set().union(*self.reads[self.start : end])
-        constants = [node for i, node in enumerate(graph.node[:end]) if i in self.constants and node.output[0] in needed]
+        constants = [
+            node for i, node in enumerate(graph.node[:end]) if i in self.constants and node.output[0] in needed
+        ]
         section = [node for i, node in enumerate(graph.node[self.start : end], self.start) if i not in self.constants]
         set_nodes(graph, constants + section)
         return section
@@ -139,8 +154,10 @@ class Sections:
         if self.start == 0:
             declared = [i for i in graph.input if i.name in read]
         else:
-            declared = [helper.make_tensor_value_info(t, helper.np_dtype_to_tensor_dtype(self.carried.dtypes[t]), None)
-                        for t in sorted(read - produced)]
+            declared = [
+                helper.make_tensor_value_info(t, helper.np_dtype_to_tensor_dtype(self.carried.dtypes[t]), None)
+                for t in sorted(read - produced)
+            ]
         del graph.input[:], graph.output[:]
         graph.input.extend(declared)
         return [i.name for i in declared]
@@ -204,7 +221,9 @@ class _Carried:
         try:
             if not self.items:
                 self.dtypes = {name: array.dtype for name, array in values.items()}
-                if self.count * sum(a.nbytes for a in values.values()) > CARRY_BYTES and all(a.dtype != object for a in values.values()):
+                if self.count * sum(a.nbytes for a in values.values()) > CARRY_BYTES and all(
+                    a.dtype != object for a in values.values()
+                ):
                     self.folder = tempfile.TemporaryDirectory(prefix="qconvert-")
             if self.folder is None:
                 self.items.append({name: np.array(array) for name, array in values.items()})
@@ -214,8 +233,10 @@ class _Carried:
                 for array in values.values():
                     np.ascontiguousarray(array).tofile(f)
         except OSError as e:
-            raise OutputError(f"cannot keep activations between calibration passes in the temp folder ({tempfile.gettempdir()}): "
-                              f"{first_line(e)}") from e
+            raise OutputError(
+                f"cannot keep activations between calibration passes in the temp folder ({tempfile.gettempdir()}): "
+                f"{first_line(e)}"
+            ) from e
         self.items.append((path, [(name, array.dtype, array.shape) for name, array in values.items()]))
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
@@ -234,5 +255,10 @@ def _reads(node: onnx.NodeProto) -> set[str]:
     for attribute in node.attribute:
         for graph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs):
             inner = set().union(*(_reads(n) for n in graph.node)) if graph.node else set()
-            names |= inner - {out for n in graph.node for out in n.output} - {t.name for t in graph.initializer} - {i.name for i in graph.input}
+            names |= (
+                inner
+                - {out for n in graph.node for out in n.output}
+                - {t.name for t in graph.initializer}
+                - {i.name for i in graph.input}
+            )
     return names

@@ -120,9 +120,7 @@ def channel_axis(node: onnx.NodeProto, weight_rank: int) -> int | None:
     return None
 
 
-def select_weights(
-    model: onnx.ModelProto, *, min_elements: int = 1, exclude: tuple[str, ...] = ()
-) -> Selection:
+def select_weights(model: onnx.ModelProto, *, min_elements: int = 1, exclude: tuple[str, ...] = ()) -> Selection:
     """Find every weight, wherever it lives (initializers, Constant nodes, If/Loop subgraphs).
 
     A tensor shared by several consumers appears once with all of them. Tensors below `min_elements`,
@@ -175,8 +173,12 @@ class _Walker:
                 self.walk(sub, label, scopes)
 
     def definitions(self, graph: onnx.GraphProto, path: str) -> dict[str, Weight]:
-        defs = {t.name: Weight(t.name, graph, path, "initializer", t, is_graph_input=path == MAIN_GRAPH and t.name in self.graph_inputs)
-                for t in graph.initializer}
+        defs = {
+            t.name: Weight(
+                t.name, graph, path, "initializer", t, is_graph_input=path == MAIN_GRAPH and t.name in self.graph_inputs
+            )
+            for t in graph.initializer
+        }
         for node in graph.node:
             value = constant_value(node)
             if value is not None:
@@ -192,8 +194,11 @@ class _Walker:
         weight = self.found.setdefault((id(candidate.graph), name), candidate)
         group = next((a.i for a in node.attribute if a.name == "group"), 1)
         depthwise = node.op_type == "Conv" and group > 1 and len(weight.shape) > 1 and weight.shape[1] == 1
-        weight.consumers.append(Consumer(node.op_type, node.name or f"{node.op_type}#{index}",
-                                         channel_axis(node, len(weight.shape)), depthwise))
+        weight.consumers.append(
+            Consumer(
+                node.op_type, node.name or f"{node.op_type}#{index}", channel_axis(node, len(weight.shape)), depthwise
+            )
+        )
 
 
 def _resolve(name: str, scopes: Scopes) -> Weight | None:

@@ -59,12 +59,17 @@ def reference(float_model: str | bytes, plan: ValidationPlan) -> Reference:
     """Run the float model on the plan's feeds (and time it when the plan says so)."""
     sess = session(float_model, "input model")
     feeds = build_feeds(sess, plan)
-    return Reference(feeds, [o.name for o in sess.get_outputs()], _run_all(sess, feeds, "input model"),
-                     _median_ms(sess, feeds.batches[0], plan.latency_runs))
+    return Reference(
+        feeds,
+        [o.name for o in sess.get_outputs()],
+        _run_all(sess, feeds, "input model"),
+        _median_ms(sess, feeds.batches[0], plan.latency_runs),
+    )
 
 
-def compare(float_model: str | bytes | Reference, quantized_model: str | bytes, plan: ValidationPlan,
-            fold: bool = True) -> tuple[ValidationResult, dict[str, float] | None]:
+def compare(
+    float_model: str | bytes | Reference, quantized_model: str | bytes, plan: ValidationPlan, fold: bool = True
+) -> tuple[ValidationResult, dict[str, float] | None]:
     """Run both models on the same feeds: per-output drift (and accuracy with labels), and latency.
     The float model may come as its `Reference`, run once for several comparisons.
 
@@ -89,7 +94,11 @@ def compare(float_model: str | bytes | Reference, quantized_model: str | bytes, 
                 float(np.mean(_top1(ref.outputs[scores]) == labels)),
                 float(np.mean(_top1(new_out[scores]) == labels)),
             )
-    latency = {"float": ref.latency_ms, "converted": new_ms, "runs": float(plan.latency_runs)} if plan.latency_runs and fold else None
+    latency = (
+        {"float": ref.latency_ms, "converted": new_ms, "runs": float(plan.latency_runs)}
+        if plan.latency_runs and fold
+        else None
+    )
     return ValidationResult(feeds.source, feeds.samples, outputs, accuracy), latency
 
 

@@ -36,8 +36,16 @@ class _Builder:
         b = (self.rng.standard_normal(cout) * 0.01).astype(np.float32)
         self.inits += [numpy_helper.from_array(w, f"{n}.weight"), numpy_helper.from_array(b, f"{n}.bias")]
         self.nodes.append(
-            helper.make_node("Conv", [x, f"{n}.weight", f"{n}.bias"], [f"{n}.out"], name=n, kernel_shape=[k, k],
-                             strides=[stride, stride], pads=[k // 2] * 4, group=group)
+            helper.make_node(
+                "Conv",
+                [x, f"{n}.weight", f"{n}.bias"],
+                [f"{n}.out"],
+                name=n,
+                kernel_shape=[k, k],
+                strides=[stride, stride],
+                pads=[k // 2] * 4,
+                group=group,
+            )
         )
         out = f"{n}.out"
         if relu:
@@ -59,23 +67,33 @@ class _Builder:
             helper.make_node("Flatten", ["pooled"], ["features"], name="flatten"),
         ]
         w = (self.rng.standard_normal((classes, cin)) * np.sqrt(1.0 / cin)).astype(np.float32)
-        self.inits += [numpy_helper.from_array(w, "fc.weight"), numpy_helper.from_array(np.zeros(classes, np.float32), "fc.bias")]
-        self.nodes.append(helper.make_node("Gemm", ["features", "fc.weight", "fc.bias"], ["logits"], name="fc", transB=1))
+        self.inits += [
+            numpy_helper.from_array(w, "fc.weight"),
+            numpy_helper.from_array(np.zeros(classes, np.float32), "fc.bias"),
+        ]
+        self.nodes.append(
+            helper.make_node("Gemm", ["features", "fc.weight", "fc.bias"], ["logits"], name="fc", transB=1)
+        )
         return "logits"
 
     def model(self, name: str, size: int, classes: int) -> onnx.ModelProto:
         graph = helper.make_graph(
-            self.nodes, name,
+            self.nodes,
+            name,
             [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
             [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
             self.inits,
         )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="qconvert-samples")
+        model = helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="qconvert-samples"
+        )
         model.ir_version = 7
         return model
 
 
-def resnet(width: int = 64, blocks: tuple[int, ...] = (3, 4, 6, 3), classes: int = 1000, size: int = 224, seed: int = 0) -> onnx.ModelProto:
+def resnet(
+    width: int = 64, blocks: tuple[int, ...] = (3, 4, 6, 3), classes: int = 1000, size: int = 224, seed: int = 0
+) -> onnx.ModelProto:
     """ResNet-50 layout (bottleneck blocks, expansion 4); width 64 gives 25.5M weights."""
     b = _Builder(seed)
     x = b.conv("input", 3, width, 7, stride=2)
@@ -104,7 +122,15 @@ def mobilenet(width: float = 1.0, classes: int = 1000, size: int = 224, seed: in
 
     x = b.conv("input", 3, ch(32), 3, stride=2)
     cin = ch(32)
-    settings = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+    settings = [
+        (1, 16, 1, 1),
+        (6, 24, 2, 2),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    ]
     for expand, c, repeat, first_stride in settings:
         cout = ch(c)
         for i in range(repeat):
@@ -128,8 +154,10 @@ def main() -> None:
     args = parser.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     if args.small:
-        models = {"resnet_small.onnx": resnet(width=8, blocks=(1, 1, 1, 1), classes=10, size=32),
-                  "mobilenet_small.onnx": mobilenet(width=0.25, classes=10, size=32)}
+        models = {
+            "resnet_small.onnx": resnet(width=8, blocks=(1, 1, 1, 1), classes=10, size=32),
+            "mobilenet_small.onnx": mobilenet(width=0.25, classes=10, size=32),
+        }
     else:
         models = {"resnet50_shaped.onnx": resnet(), "mobilenetv2_shaped.onnx": mobilenet()}
     for name, model in models.items():

@@ -44,7 +44,9 @@ def train() -> tuple[DigitsCNN, np.ndarray, np.ndarray]:
     torch.manual_seed(SEED)
     digits = load_digits()
     x = (digits.images / 16.0).astype(np.float32)[:, None]
-    x_train, x_test, y_train, y_test = train_test_split(x, digits.target, test_size=0.2, random_state=SEED, stratify=digits.target)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, digits.target, test_size=0.2, random_state=SEED, stratify=digits.target
+    )
     model = DigitsCNN()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     xs, ys = torch.from_numpy(x_train), torch.from_numpy(y_train)
@@ -63,21 +65,32 @@ def train() -> tuple[DigitsCNN, np.ndarray, np.ndarray]:
 
 def to_onnx(model: DigitsCNN) -> onnx.ModelProto:
     """Write the graph by hand: deterministic bytes, no exporter version drift."""
-    state = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items() if v.dtype.is_floating_point}
+    state = {
+        k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items() if v.dtype.is_floating_point
+    }
     inits = [numpy_helper.from_array(v, k) for k, v in state.items()]
     nodes = []
     x = "input"
     for i in (1, 2, 3):
         c, b = f"conv{i}", f"bn{i}"
         nodes += [
-            helper.make_node("Conv", [x, f"{c}.weight", f"{c}.bias"], [f"{c}.out"], name=c, kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
-            helper.make_node("BatchNormalization", [f"{c}.out", f"{b}.weight", f"{b}.bias", f"{b}.running_mean", f"{b}.running_var"],
-                             [f"{b}.out"], name=b, epsilon=1e-5),
+            helper.make_node(
+                "Conv", [x, f"{c}.weight", f"{c}.bias"], [f"{c}.out"], name=c, kernel_shape=[3, 3], pads=[1, 1, 1, 1]
+            ),
+            helper.make_node(
+                "BatchNormalization",
+                [f"{c}.out", f"{b}.weight", f"{b}.bias", f"{b}.running_mean", f"{b}.running_var"],
+                [f"{b}.out"],
+                name=b,
+                epsilon=1e-5,
+            ),
             helper.make_node("Relu", [f"{b}.out"], [f"relu{i}"], name=f"relu{i}"),
         ]
         x = f"relu{i}"
         if i > 1:
-            nodes.append(helper.make_node("MaxPool", [x], [f"pool{i}"], name=f"pool{i}", kernel_shape=[2, 2], strides=[2, 2]))
+            nodes.append(
+                helper.make_node("MaxPool", [x], [f"pool{i}"], name=f"pool{i}", kernel_shape=[2, 2], strides=[2, 2])
+            )
             x = f"pool{i}"
     nodes += [
         helper.make_node("Flatten", [x], ["flat"], name="flatten"),
@@ -86,7 +99,8 @@ def to_onnx(model: DigitsCNN) -> onnx.ModelProto:
         helper.make_node("Gemm", ["relu4", "fc2.weight", "fc2.bias"], ["logits"], name="fc2", transB=1),
     ]
     graph = helper.make_graph(
-        nodes, "digits_cnn",
+        nodes,
+        "digits_cnn",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 8, 8])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
         inits,

@@ -40,7 +40,8 @@ def conv_model(
     else:
         inits.append(numpy_helper.from_array(w, "w"))
     graph = helper.make_graph(
-        nodes, "conv",
+        nodes,
+        "conv",
         [helper.make_tensor_value_info("x", elem, [1, cin, 8, 8])],
         [helper.make_tensor_value_info("y", elem, [1, cout, 8, 8])],
         inits,

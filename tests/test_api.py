@@ -26,8 +26,12 @@ def test_kmeans_from_a_path_matches_the_command_line(tmp_path: Path, digits: Pat
     written = result.save(tmp_path / "api.onnx")
     assert written == tmp_path / "api.onnx" and result.report.output_path == str(written)
     cli_out = tmp_path / "cli.onnx"
-    assert CliRunner().invoke(cli, ["kmeans", str(digits), "--bits", "4", "--data", str(digits_data), "-o", str(cli_out),
-                                    "-q"]).exit_code == 0
+    assert (
+        CliRunner()
+        .invoke(cli, ["kmeans", str(digits), "--bits", "4", "--data", str(digits_data), "-o", str(cli_out), "-q"])
+        .exit_code
+        == 0
+    )
     assert written.read_bytes() == cli_out.read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["api.onnx", "cli.onnx", "cli.report.json"]  # no temp files
 
@@ -43,14 +47,16 @@ class Reader:
         return None if batch is None else {"input": batch}
 
 
-def test_model_protos_dicts_and_readers_give_the_same_model_as_files(tmp_path: Path, digits: Path,
-                                                                     digits_data: Path) -> None:
+def test_model_protos_dicts_and_readers_give_the_same_model_as_files(
+    tmp_path: Path, digits: Path, digits_data: Path
+) -> None:
     """Full QDQ from an in-memory model and a reader of calibration feeds: the same bytes as from the files."""
     with np.load(digits_data) as npz:
         inputs, labels = npz["input"], npz["labels"]
     from_files = qconvert.linear(digits, calibration=digits_data, data=digits_data)
-    from_memory = qconvert.linear(onnx.load(str(digits)), calibration=Reader(inputs),
-                                  data={"input": inputs}, labels=labels)
+    from_memory = qconvert.linear(
+        onnx.load(str(digits)), calibration=Reader(inputs), data={"input": inputs}, labels=labels
+    )
     assert from_memory.model_bytes == from_files.model_bytes
     assert from_memory.report.input_path == "(in memory)"
     assert from_memory.report.validation is not None and from_files.report.validation is not None
@@ -58,7 +64,9 @@ def test_model_protos_dicts_and_readers_give_the_same_model_as_files(tmp_path: P
     assert from_memory.report.validation.outputs == from_files.report.validation.outputs
     assert from_memory.report.validation.accuracy == from_files.report.validation.accuracy
     assert "qconvert-" not in from_memory.report.to_json()
-    by_iterable = qconvert.linear(digits, calibration=[{"input": inputs[:100]}, {"input": inputs[100:]}], validate=False)
+    by_iterable = qconvert.linear(
+        digits, calibration=[{"input": inputs[:100]}, {"input": inputs[100:]}], validate=False
+    )
     assert by_iterable.model_bytes == qconvert.linear(digits, calibration=digits_data, validate=False).model_bytes
 
 
@@ -106,10 +114,14 @@ def test_compare_inspect_auto_and_the_renderings(tmp_path: Path, digits: Path, d
     assert report.passed and report.input_path == report.output_path == "(in memory)"
     assert report.validation == converted.report.validation
     info = qconvert.inspect(digits, min_elements=1)
-    assert info["path"] == str(digits) and {w["name"] for w in info["weights"]} >= {w.name for w in converted.report.weights}
+    assert info["path"] == str(digits) and {w["name"] for w in info["weights"]} >= {
+        w.name for w in converted.report.weights
+    }
     chosen = qconvert.auto(digits, target_snr=20, data=digits_data)
     assert chosen.report.passed and chosen.report.details["auto"]["plan"]
     markdown, page = chosen.report.to_markdown(), chosen.report.to_html()
     assert "### qconvert kmeans: passed" in markdown and "<svg" in page
-    assert hashlib.sha256(chosen.model_bytes or b"").hexdigest() == hashlib.sha256(
-        qconvert.auto(digits, target_snr=20, data=digits_data).model_bytes or b"").hexdigest()  # deterministic
+    assert (
+        hashlib.sha256(chosen.model_bytes or b"").hexdigest()
+        == hashlib.sha256(qconvert.auto(digits, target_snr=20, data=digits_data).model_bytes or b"").hexdigest()
+    )  # deterministic

@@ -27,9 +27,13 @@ def run(*args: object) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
-def test_auto_meets_the_target_writes_the_model_and_a_reusable_plan(tmp_path: Path, digits: Path, digits_data: Path) -> None:
+def test_auto_meets_the_target_writes_the_model_and_a_reusable_plan(
+    tmp_path: Path, digits: Path, digits_data: Path
+) -> None:
     out, plan = tmp_path / "a.onnx", tmp_path / "plan.toml"
-    code, output = run("auto", digits, "--target-snr", 25, "--data", digits_data, "-o", out, "--plan-out", plan, "--json")
+    code, output = run(
+        "auto", digits, "--target-snr", 25, "--data", digits_data, "-o", out, "--plan-out", plan, "--json"
+    )
     assert code == 0, output
     report = json.loads(output)
     assert report["gates"]["passed"] and report["validation"]["outputs"][0]["snr_db"] >= 25
@@ -45,18 +49,30 @@ def test_auto_meets_the_target_writes_the_model_and_a_reusable_plan(tmp_path: Pa
     assert again.read_bytes() == out.read_bytes()
 
 
-def test_auto_is_deterministic_and_a_lower_target_gives_a_smaller_model(tmp_path: Path, digits: Path, digits_data: Path) -> None:
+def test_auto_is_deterministic_and_a_lower_target_gives_a_smaller_model(
+    tmp_path: Path, digits: Path, digits_data: Path
+) -> None:
     sizes = []
     for name, target in (("a", 30), ("b", 30), ("c", 15)):
-        code, output = run("auto", digits, "--target-snr", target, "--data", digits_data, "-o", tmp_path / f"{name}.onnx", "-q")
+        code, output = run(
+            "auto", digits, "--target-snr", target, "--data", digits_data, "-o", tmp_path / f"{name}.onnx", "-q"
+        )
         assert code == 0, output
         sizes.append((tmp_path / f"{name}.onnx").stat().st_size)
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
     assert sizes[2] < sizes[0]
 
 
-@pytest.mark.parametrize("args", [[], ["--target-snr", "20", "--min-top1", "0.9"], ["--target-snr", "20", "--methods", "zip"],
-                                  ["--target-snr", "20", "--bits", "9"], ["--target-snr", "20", "--no-validate"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["--target-snr", "20", "--min-top1", "0.9"],
+        ["--target-snr", "20", "--methods", "zip"],
+        ["--target-snr", "20", "--bits", "9"],
+        ["--target-snr", "20", "--no-validate"],
+    ],
+)
 def test_auto_usage_errors(tmp_path: Path, digits: Path, args: list[str]) -> None:
     code, output = run("auto", digits, *args, "-o", tmp_path / "a.onnx")
     assert code == ExitCode.USAGE, output
@@ -66,12 +82,20 @@ def test_auto_usage_errors(tmp_path: Path, digits: Path, args: list[str]) -> Non
 def chain(rng: np.random.Generator, softmax: bool = False) -> onnx.ModelProto:
     """x -> Gemm(w1) -> Gemm(w2) -> y [-> Softmax -> p]: linear up to y, so the last layer's noise reaches
     y unchanged."""
-    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in (("w1", (16, 32)), ("w2", (32, 8)))]
+    inits = [
+        numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+        for n, s in (("w1", (16, 32)), ("w2", (32, 8)))
+    ]
     nodes = [helper.make_node("Gemm", ["x", "w1"], ["h"]), helper.make_node("Gemm", ["h", "w2"], ["y"])]
     if softmax:
         nodes.append(helper.make_node("Softmax", ["y"], ["p"], axis=-1))
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
-                              [helper.make_tensor_value_info("p" if softmax else "y", TensorProto.FLOAT, ["n", 8])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+        [helper.make_tensor_value_info("p" if softmax else "y", TensorProto.FLOAT, ["n", 8])],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
@@ -83,8 +107,10 @@ def test_noise_gain_of_the_last_linear_layer_is_one(softmax: bool) -> None:
     assert sensitivity.scored_outputs(model) == ["y"]
     layers = statistics.find_layers(model, select_weights(model).weights)
     samples = runtime.Feeds([{"x": rng.standard_normal((1, 16)).astype(np.float32)} for _ in range(4)], 4, "test")
-    perturbed = {name: option_kinds.sampled_kmeans(numpy_helper.to_array(t), 2, rng) for name, t in
-                 ((t.name, t) for t in model.graph.initializer)}
+    perturbed = {
+        name: option_kinds.sampled_kmeans(numpy_helper.to_array(t), 2, rng)
+        for name, t in ((t.name, t) for t in model.graph.initializer)
+    }
     gains = sensitivity.noise_gains(model, layers, samples, perturbed, groups=16)
     ratio, gain = gains["w2"]
     assert ratio > 1e-3 and gain == pytest.approx(1.0, rel=1e-3)
@@ -99,30 +125,48 @@ def test_noise_gains_match_the_quantized_model_layer_by_layer(corrected: bool) -
     rng = np.random.default_rng(1)
     shapes = {"c1": (8, 3, 3, 3), "c2": (8, 8, 3, 3), "fc": (8, 5)}
     weights = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
-    nodes = [helper.make_node("Conv", ["x", "c1"], ["a"], pads=[1] * 4), helper.make_node("Relu", ["a"], ["r"]),
-             helper.make_node("Conv", ["r", "c2"], ["b"]), helper.make_node("GlobalAveragePool", ["b"], ["p"]),
-             helper.make_node("Flatten", ["p"], ["f"]), helper.make_node("Transpose", ["f"], ["t"], perm=[1, 0]),
-             helper.make_node("Gemm", ["t", "fc"], ["y"], transA=1)]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5])],
-                              [numpy_helper.from_array(w, n) for n, w in weights.items()])
+    nodes = [
+        helper.make_node("Conv", ["x", "c1"], ["a"], pads=[1] * 4),
+        helper.make_node("Relu", ["a"], ["r"]),
+        helper.make_node("Conv", ["r", "c2"], ["b"]),
+        helper.make_node("GlobalAveragePool", ["b"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Transpose", ["f"], ["t"], perm=[1, 0]),
+        helper.make_node("Gemm", ["t", "fc"], ["y"], transA=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5])],
+        [numpy_helper.from_array(w, n) for n, w in weights.items()],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     layers = statistics.find_layers(model, select_weights(model).weights)
     assert set(layers) == set(shapes)
     samples = runtime.Feeds([{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(3)], 3, "test")
     perturbed = {n: option_kinds.sampled_kmeans(w, 2, rng) for n, w in weights.items()}
     moments = statistics.input_moments(model, layers, samples).moments
-    shifts = {n: bias.bias_shift(layers[n], moments[n], w, perturbed[n]) for n, w in weights.items()} if corrected else {}
+    shifts = (
+        {n: bias.bias_shift(layers[n], moments[n], w, perturbed[n]) for n, w in weights.items()} if corrected else {}
+    )
     gains = sensitivity.noise_gains(model, layers, samples, perturbed, 3, shifts)  # type: ignore[arg-type]
     clean = [r["y"].astype(np.float64) for r in runtime.run_with_outputs(model, ["y"], samples, "test")]
     for name in weights:
         quantized = onnx.ModelProto()
         quantized.CopyFrom(model)
-        next(t for t in quantized.graph.initializer if t.name == name).CopyFrom(numpy_helper.from_array(perturbed[name], name))
+        next(t for t in quantized.graph.initializer if t.name == name).CopyFrom(
+            numpy_helper.from_array(perturbed[name], name)
+        )
         if corrected:
-            bias.apply_bias_shifts(quantized, {name: (statistics.find_layers(quantized, select_weights(quantized).weights)[name], shifts[name])})
+            bias.apply_bias_shifts(
+                quantized,
+                {name: (statistics.find_layers(quantized, select_weights(quantized).weights)[name], shifts[name])},
+            )
         noisy = [r["y"] for r in runtime.run_with_outputs(quantized, ["y"], samples, "test")]
-        expected = sum(float(np.sum((n - c) ** 2)) for c, n in zip(clean, noisy)) / sum(float(np.sum(c * c)) for c in clean)
+        expected = sum(float(np.sum((n - c) ** 2)) for c, n in zip(clean, noisy)) / sum(
+            float(np.sum(c * c)) for c in clean
+        )
         ratio, gain = gains[name]
         assert ratio * gain == pytest.approx(expected, rel=1e-3), name
 
@@ -155,10 +199,14 @@ def test_allocation_meets_the_budget_at_the_smallest_size() -> None:
 
 def test_allocation_spends_what_the_convex_hull_leaves() -> None:
     """a's middle option is off the hull of size against noise (no λ picks it), yet it fits the budget."""
+
     def option(size: int, noise: float) -> option_kinds.Option:
         return option_kinds.Option("kmeans", 4, Granularity.PER_TENSOR, size, noise)
 
-    options = {"a": [option(400, 0.0), option(100, 1.0), option(90, 1.5), option(50, 3.0)], "b": [option(400, 0.0), option(100, 0.5)]}
+    options = {
+        "a": [option(400, 0.0), option(100, 1.0), option(90, 1.5), option(50, 3.0)],
+        "b": [option(400, 0.0), option(100, 0.5)],
+    }
     choice = allocation.allocate(options, 2.0)
     assert (choice["a"].size, choice["b"].size) == (90, 100)
 
@@ -171,7 +219,9 @@ def test_predicted_sizes_match_the_written_files(tmp_path: Path, digits: Path) -
     base = {name: next(o for o in opts if o.label == "kmeans 4-bit pt") for name, opts in options.items()}
 
     def written(choice: dict[str, option_kinds.Option]) -> int:
-        return pipeline.convert(digits, None, search.plan_for(choice, AutoPlan(target_snr=20)), None).report.output_bytes
+        return pipeline.convert(
+            digits, None, search.plan_for(choice, AutoPlan(target_snr=20)), None
+        ).report.output_bytes
 
     reference = written(base)
     for label in ("kmeans 3-bit pt", "kmeans 6-bit pt", "linear 8-bit pc"):
@@ -201,7 +251,9 @@ def test_options_are_what_the_model_can_be_converted_to(digits: Path, monkeypatc
 
 
 def test_auto_with_an_accuracy_target(tmp_path: Path, digits: Path, digits_data: Path) -> None:
-    code, output = run("auto", digits, "--max-accuracy-drop", 0.5, "--data", digits_data, "-o", tmp_path / "a.onnx", "--json")
+    code, output = run(
+        "auto", digits, "--max-accuracy-drop", 0.5, "--data", digits_data, "-o", tmp_path / "a.onnx", "--json"
+    )
     assert code == 0, output
     report = json.loads(output)
     accuracy = report["validation"]["accuracy"]

@@ -42,7 +42,12 @@ def test_digits_4bit_end_to_end(tmp_path: Path, digits: Path, digits_data: Path)
     assert report["schema_version"] == SCHEMA_VERSION and report["method"] == "kmeans"
     assert report["output"]["bytes"] == out.stat().st_size
     assert report["size_ratio"] < 0.2
-    assert report["opset"] == {"before": 13, "after": 21, "storage": "uint4", "note": "opset raised from 13 to 21 for uint4 indices"}
+    assert report["opset"] == {
+        "before": 13,
+        "after": 21,
+        "storage": "uint4",
+        "note": "opset raised from 13 to 21 for uint4 indices",
+    }
     accuracy = report["validation"]["accuracy"]
     assert accuracy["float_top1"] > 0.97 and accuracy["float_top1"] - accuracy["quantized_top1"] < 0.02
     assert {w["name"] for w in report["per_weight"]} == {"conv2.weight", "conv3.weight", "fc1.weight"}
@@ -102,7 +107,9 @@ def test_old_opset_is_raised_or_kept(tmp_path: Path, source: int, flags: list[st
     assert written.opset_import[0].version == opset
 
 
-def test_linear_layers_get_their_opset_when_the_indices_cannot_have_theirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_linear_layers_get_their_opset_when_the_indices_cannot_have_theirs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The version converter fails on some models at 21 (uint4 indices) but not at 13 (per-channel
     DequantizeLinear; seen: a CRNN at 12). The indices then fall back to packed, and the opset goes to 13."""
     from qconvert.errors import UnsupportedModelError
@@ -133,7 +140,9 @@ def test_linear_layers_get_their_opset_when_the_indices_cannot_have_theirs(tmp_p
     assert report["validation"]["outputs"][0]["snr_db"] > 15
 
 
-def test_int4_linear_says_what_to_do_when_the_opset_cannot_be_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_int4_linear_says_what_to_do_when_the_opset_cannot_be_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from qconvert.errors import UnsupportedModelError
     from qconvert.methods import driver as method
 
@@ -144,7 +153,9 @@ def test_int4_linear_says_what_to_do_when_the_opset_cannot_be_raised(tmp_path: P
     path = save(conv_model(cin=16, cout=32, opset=12), tmp_path / "m.onnx")
     result = run("linear", path, "--bits", "4", "-o", tmp_path / "q.onnx")
     assert result.exit_code == ExitCode.UNSUPPORTED
-    assert result.stderr.startswith("qconvert: error: int4 DequantizeLinear needs opset 21: the model converted to opset 21 fails")
+    assert result.stderr.startswith(
+        "qconvert: error: int4 DequantizeLinear needs opset 21: the model converted to opset 21 fails"
+    )
     assert "qconvert kmeans --bits 4" in result.stderr and not (tmp_path / "q.onnx").exists()
 
 
@@ -161,7 +172,19 @@ def test_depthwise_per_channel_falls_back_to_per_tensor(tmp_path: Path) -> None:
     from cnn_shapes import mobilenet
 
     model = save(mobilenet(width=0.5, classes=10, size=32), tmp_path / "m.onnx")
-    result = run("kmeans", model, "--bits", "4", "--per-channel", "--min-elements", "256", "-o", tmp_path / "q.onnx", "--json", "--no-validate")
+    result = run(
+        "kmeans",
+        model,
+        "--bits",
+        "4",
+        "--per-channel",
+        "--min-elements",
+        "256",
+        "-o",
+        tmp_path / "q.onnx",
+        "--json",
+        "--no-validate",
+    )
     assert result.exit_code == 0, result.output
     weights = json.loads(result.stdout)["per_weight"]
     depthwise = [w for w in weights if w["shape"][1] == 1 and w["shape"][2] == 3]
@@ -173,7 +196,8 @@ def test_symbolic_dimension_that_cannot_be_one(tmp_path: Path) -> None:
     w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Reshape", ["h", "shape"], ["y"])],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64])],
         [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([2, 64], np.int64), "shape")],
     )
@@ -208,9 +232,12 @@ def test_bad_input_gets_one_line_and_its_exit_code(tmp_path: Path, case: str) ->
     model = save(conv_model(cin=16, cout=32), tmp_path / "m.onnx")
     (tmp_path / "junk.onnx").write_bytes(np.random.default_rng(0).bytes(300))
     (tmp_path / "empty.onnx").write_bytes(b"")
-    relu = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
-                             [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                             [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    relu = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
     save(helper.make_model(relu), tmp_path / "relu.onnx")
     np.savez(tmp_path / "wrong.npz", other=np.zeros((2, 8, 8, 8), np.float32))
     template, code, words = BAD_INPUTS[case]
@@ -240,13 +267,17 @@ def test_written_model_runs_like_the_report_says(tmp_path: Path, digits: Path, d
     assert run("kmeans", digits, "--bits", "2", "--per-channel", "--data", digits_data, "-o", out).exit_code == 0
     report = json.loads(out.with_suffix(".report.json").read_text())
     with np.load(digits_data) as data:
-        logits = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"input": data["input"]})[0]
+        logits = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"input": data["input"]})[
+            0
+        ]
         accuracy = float(np.mean(logits.argmax(1) == data["labels"]))
     assert accuracy == pytest.approx(report["validation"]["accuracy"]["quantized_top1"])
 
 
 @pytest.mark.parametrize("method", ["kmeans", "linear"])
-def test_parallel_quantization_gives_the_same_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+def test_parallel_quantization_gives_the_same_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
     import qconvert.methods.common as common
     import qconvert.pipeline as pipeline
     from qconvert.plan import Granularity, KMeansPlan, LinearPlan

@@ -17,7 +17,9 @@ from qconvert.quant.layout import from_rows, to_rows
 from qconvert.select import select_weights
 
 
-def weight_model(op: str, shape: tuple[int, ...], opset: int, *, constant: bool = False, dtype: type = np.float32) -> onnx.ModelProto:
+def weight_model(
+    op: str, shape: tuple[int, ...], opset: int, *, constant: bool = False, dtype: type = np.float32
+) -> onnx.ModelProto:
     """x -> op(x, w) -> y, plus w -> Identity -> w_out so the decoded weight can be read back."""
     w = np.random.default_rng(0).standard_normal(shape).astype(dtype)
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
@@ -31,15 +33,23 @@ def weight_model(op: str, shape: tuple[int, ...], opset: int, *, constant: bool 
     else:
         inits.append(numpy_helper.from_array(w, "w"))
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", elem, [1, cin, 5, 5])],
-        [helper.make_tensor_value_info("y", elem, [1, cout, out_hw, out_hw]), helper.make_tensor_value_info("w_out", elem, list(shape))], inits,
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", elem, [1, cin, 5, 5])],
+        [
+            helper.make_tensor_value_info("y", elem, [1, cout, out_hw, out_hw]),
+            helper.make_tensor_value_info("w_out", elem, list(shape)),
+        ],
+        inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = helper.find_min_ir_version_for(list(model.opset_import))
     return model
 
 
-def run_round_trip(model: onnx.ModelProto, bits: int, per_channel: bool, storage: IndexStorage) -> tuple[np.ndarray, np.ndarray, onnx.ModelProto]:
+def run_round_trip(
+    model: onnx.ModelProto, bits: int, per_channel: bool, storage: IndexStorage
+) -> tuple[np.ndarray, np.ndarray, onnx.ModelProto]:
     (weight,) = select_weights(model).weights
     array = weight.array()
     axis = weight.channel_axis if per_channel else None
@@ -65,7 +75,9 @@ CASES = [(b, IndexStorage.PACKED, 13) for b in (1, 2, 3, 4, 5, 6)] + [
 
 @pytest.mark.parametrize("per_channel", [False, True], ids=["per-tensor", "per-channel"])
 @pytest.mark.parametrize(("bits", "storage", "opset"), CASES, ids=[f"{b}bit-{s.value}-op{o}" for b, s, o in CASES])
-def test_onnxruntime_decodes_the_numpy_reconstruction(bits: int, storage: IndexStorage, opset: int, per_channel: bool) -> None:
+def test_onnxruntime_decodes_the_numpy_reconstruction(
+    bits: int, storage: IndexStorage, opset: int, per_channel: bool
+) -> None:
     decoded, expected, _ = run_round_trip(weight_model("Conv", (6, 4, 3, 3), opset), bits, per_channel, storage)
     np.testing.assert_array_equal(decoded, expected)
 
@@ -80,13 +92,17 @@ def test_conv_transpose_per_channel_uses_axis_one(storage: IndexStorage) -> None
 
 
 def test_constant_node_weight_is_replaced() -> None:
-    decoded, expected, model = run_round_trip(weight_model("Conv", (6, 4, 3, 3), 13, constant=True), 3, False, IndexStorage.PACKED)
+    decoded, expected, model = run_round_trip(
+        weight_model("Conv", (6, 4, 3, 3), 13, constant=True), 3, False, IndexStorage.PACKED
+    )
     np.testing.assert_array_equal(decoded, expected)
     assert not any(n.op_type == "Constant" and n.output[0] == "w" for n in model.graph.node)
 
 
 def test_fp16_weight_keeps_fp16_codebook() -> None:
-    decoded, expected, model = run_round_trip(weight_model("Conv", (6, 4, 3, 3), 21, dtype=np.float16), 4, True, IndexStorage.UINT4)
+    decoded, expected, model = run_round_trip(
+        weight_model("Conv", (6, 4, 3, 3), 21, dtype=np.float16), 4, True, IndexStorage.UINT4
+    )
     assert decoded.dtype == np.float16
     np.testing.assert_array_equal(decoded, expected)
     codebook = next(t for t in model.graph.initializer if t.name.endswith("codebook"))

@@ -40,8 +40,13 @@ def layer_model(op: str, rng: np.random.Generator) -> tuple[onnx.ModelProto, np.
         w = rng.standard_normal((12, 10))
         node = helper.make_node("MatMul", ["x", "w"], ["y"])
     inits.append(numpy_helper.from_array(w.astype(np.float32), "w"))
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)], inits)
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     # Inputs with a mean far from zero, different per channel: the case bias correction is for.
     axis = -1 if op == "MatMul" else 1
@@ -79,7 +84,9 @@ def test_bias_correction_restores_the_mean_output(op: str) -> None:
     quantized = with_weight(model, coarse)
     mean_axis = tuple(a for a in range(x.ndim) if a != (1 if op == "Conv" else x.ndim - 1))
     before = np.abs((run(model, x) - run(quantized, x)).mean(axis=mean_axis)).max()
-    bias.apply_bias_shifts(quantized, {"w": (statistics.find_layers(quantized, select_weights(quantized).weights)["w"], shift)})
+    bias.apply_bias_shifts(
+        quantized, {"w": (statistics.find_layers(quantized, select_weights(quantized).weights)["w"], shift)}
+    )
     onnx.checker.check_model(quantized, full_check=True)
     after = np.abs((run(model, x) - run(quantized, x)).mean(axis=mean_axis)).max()
     # exact for Gemm and MatMul; a Conv's windows see the channel mean only on average over the data
@@ -143,23 +150,48 @@ def a_section_per_layer(monkeypatch: pytest.MonkeyPatch) -> None:
 def chain_model(rng: np.random.Generator) -> tuple[onnx.ModelProto, dict[str, np.ndarray], Feeds]:
     """Conv, Relu, Conv + skip, pooling, Gemm (its weight in a Constant node at the top, as paddle2onnx
     writes weights), Mul by an input read late, MatMul; its weights by name; two samples."""
-    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in [
-        ("w1", rng.standard_normal((8, 4, 3, 3)) * 0.3), ("w2", rng.standard_normal((8, 8, 3, 3)) * 0.2),
-        ("w3", rng.standard_normal((10, 8)) * 0.5), ("b3", rng.standard_normal(10)), ("w4", rng.standard_normal((10, 6)))]]
+    inits = [
+        numpy_helper.from_array(a.astype(np.float32), n)
+        for n, a in [
+            ("w1", rng.standard_normal((8, 4, 3, 3)) * 0.3),
+            ("w2", rng.standard_normal((8, 8, 3, 3)) * 0.2),
+            ("w3", rng.standard_normal((10, 8)) * 0.5),
+            ("b3", rng.standard_normal(10)),
+            ("w4", rng.standard_normal((10, 6))),
+        ]
+    ]
     w3 = inits.pop(2)  # in a Constant node: run again by each pass, not handed on
     nodes = [
         helper.make_node("Constant", [], ["w3"], value=w3),
-        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c1"], ["r1"]),
-        helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]), helper.make_node("Add", ["c2", "r1"], ["s"]),
-        helper.make_node("GlobalAveragePool", ["s"], ["p"]), helper.make_node("Flatten", ["p"], ["f"]),
-        helper.make_node("Gemm", ["f", "w3", "b3"], ["g"], transB=1), helper.make_node("Mul", ["g", "scale"], ["m"]),
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c2", "r1"], ["s"]),
+        helper.make_node("GlobalAveragePool", ["s"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "w3", "b3"], ["g"], transB=1),
+        helper.make_node("Mul", ["g", "scale"], ["m"]),
         helper.make_node("MatMul", ["m", "w4"], ["y"]),
     ]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6]),
-                                           helper.make_tensor_value_info("scale", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6]),
+            helper.make_tensor_value_info("scale", TensorProto.FLOAT, [1]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    samples = Feeds([{"x": rng.standard_normal((1, 4, 6, 6)).astype(np.float32), "scale": np.array([s], np.float32)} for s in (0.5, 2.0)], 2, "test")
+    samples = Feeds(
+        [
+            {"x": rng.standard_normal((1, 4, 6, 6)).astype(np.float32), "scale": np.array([s], np.float32)}
+            for s in (0.5, 2.0)
+        ],
+        2,
+        "test",
+    )
     return model, {t.name: numpy_helper.to_array(t) for t in [*inits, w3]}, samples
 
 
@@ -174,17 +206,31 @@ def test_layer_checks_in_several_passes_measure_what_one_pass_does(monkeypatch: 
     for name, layer in layers.items():
         w = arrays[name]
         noisy = w + rng.standard_normal(w.shape).astype(np.float32) * 0.05
-        candidates += [Candidate(layer, noisy), Candidate(layer, noisy, rng.standard_normal(w.shape[layer.out_axis]).astype(np.float32) * 0.1)]
+        candidates += [
+            Candidate(layer, noisy),
+            Candidate(layer, noisy, rng.standard_normal(w.shape[layer.out_axis]).astype(np.float32) * 0.1),
+        ]
     starts: list[list[str]] = []
     real = sections.model_session
-    monkeypatch.setattr(sections, "model_session", lambda m, what, skeleton, **kw: starts.append([i.name for i in skeleton.graph.input]) or real(m, what, skeleton=skeleton, **kw))
+    monkeypatch.setattr(
+        sections,
+        "model_session",
+        lambda m, what, skeleton, **kw: (
+            starts.append([i.name for i in skeleton.graph.input]) or real(m, what, skeleton=skeleton, **kw)
+        ),
+    )
     one_pass = checks.layer_snr(model, candidates, samples)
     a_section_per_layer(monkeypatch)
     chained = checks.layer_snr(model, candidates, samples)
     monkeypatch.setattr(sections, "CARRY_BYTES", 0)
     on_disk = checks.layer_snr(model, candidates, samples)
     assert starts[0] == ["x", "scale"] and len(starts) == 1 + 4 + 4
-    assert starts[1:5] == [["x"], ["c1"], ["c2", "r1"], ["g", "scale"]]  # where the previous pass stopped; "scale", read late, kept
+    assert starts[1:5] == [
+        ["x"],
+        ["c1"],
+        ["c2", "r1"],
+        ["g", "scale"],
+    ]  # where the previous pass stopped; "scale", read late, kept
     assert starts[5:] == starts[1:5]
     assert all(np.isfinite(one_pass)) and one_pass[0] != one_pass[1]
     np.testing.assert_allclose(chained, one_pass, rtol=1e-5)
@@ -199,19 +245,26 @@ def test_whole_model_passes_in_sections_measure_what_one_session_does(monkeypatc
     model, arrays, samples = chain_model(rng)
     layers = statistics.find_layers(model, select_weights(model, min_elements=1).weights)
     noisy = {n: arrays[n] + 0.05 * rng.standard_normal(arrays[n].shape).astype(np.float32) for n in layers}
-    shifts = {n: (layers[n], 0.1 * rng.standard_normal(layers[n].weight_shape[layers[n].out_axis]).astype(np.float32)) for n in ("w2", "w4")}
+    shifts = {
+        n: (layers[n], 0.1 * rng.standard_normal(layers[n].weight_shape[layers[n].out_axis]).astype(np.float32))
+        for n in ("w2", "w4")
+    }
     held: list[list[str]] = []
     real = sections.model_session
 
     def holding(m: onnx.ModelProto, what: str, skeleton: onnx.ModelProto, **kw: object) -> object:
-        names = {t.name for t in skeleton.graph.initializer} | {n.output[0] for n in skeleton.graph.node if n.op_type == "Constant"}
+        names = {t.name for t in skeleton.graph.initializer} | {
+            n.output[0] for n in skeleton.graph.node if n.op_type == "Constant"
+        }
         held.append(sorted(names & arrays.keys()))
         return real(m, what, skeleton=skeleton, **kw)
 
     monkeypatch.setattr(sections, "model_session", holding)
     folders: list[str] = []
     temporary = sections.tempfile.TemporaryDirectory
-    monkeypatch.setattr(sections.tempfile, "TemporaryDirectory", lambda **kw: (d := temporary(**kw), folders.append(d.name))[0])
+    monkeypatch.setattr(
+        sections.tempfile, "TemporaryDirectory", lambda **kw: (d := temporary(**kw), folders.append(d.name))[0]
+    )
 
     def measure() -> tuple[statistics.Statistics, list[float | None]]:
         stats = statistics.input_moments(model, layers, samples, ["x", "c1", "r1", "s", "g", "m", "y"])
@@ -232,13 +285,17 @@ def test_whole_model_passes_in_sections_measure_what_one_session_does(monkeypatc
             np.testing.assert_allclose(moments.mean, whole[0].moments[name].mean, rtol=1e-5)
             np.testing.assert_allclose(moments.square, whole[0].moments[name].square, rtol=1e-5)
         assert stats.ranges.keys() == whole[0].ranges.keys() == {"x", "c1", "r1", "s", "g", "m", "y"}
-        np.testing.assert_allclose([stats.ranges[t] for t in stats.ranges], [whole[0].ranges[t] for t in stats.ranges], rtol=1e-5)
+        np.testing.assert_allclose(
+            [stats.ranges[t] for t in stats.ranges], [whole[0].ranges[t] for t in stats.ranges], rtol=1e-5
+        )
         np.testing.assert_allclose(stats.reference[0], whole[0].reference[0], rtol=1e-5)
         np.testing.assert_allclose(snrs, whole[1], rtol=1e-5)
     assert whole[1][0] != whole[1][1]
 
 
-def test_a_temp_folder_that_cannot_be_written_is_a_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_temp_folder_that_cannot_be_written_is_a_one_line_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model, _, samples = chain_model(np.random.default_rng(8))
     layers = statistics.find_layers(model, select_weights(model, min_elements=1).weights)
     a_section_per_layer(monkeypatch)
@@ -256,7 +313,9 @@ def test_a_refinement_that_hurts_is_not_kept() -> None:
     refiner = Refiner.gather(model, weights, feeds(x), data_aware=True, bias_correction=False)
     w = weights[0].array()
     plain = np.round(w * 4) / 4
-    decisions = refiner.decide(model, {"w": (plain, np.zeros_like(w))}, lambda _: w)  # a "refined" result that is garbage
+    decisions = refiner.decide(
+        model, {"w": (plain, np.zeros_like(w))}, lambda _: w
+    )  # a "refined" result that is garbage
     assert not decisions["w"].refined and decisions["w"].techniques == ()
     assert decisions["w"].note.startswith("layer output SNR on the calibration data: plain ")
     assert "data-aware" in decisions["w"].note
@@ -288,18 +347,42 @@ def split_digits(digits_data: Path, folder: Path) -> tuple[Path, Path]:
     return calibration, validation
 
 
-@pytest.mark.parametrize("args", [
-    ["kmeans", "--bits", "3", "--calibration", "{calibration}", "--data", "{validation}"],
-    ["linear", "--bits", "8", "--per-channel", "--calibration", "{calibration}", "--data", "{validation}"],  # full QDQ
-    ["linear", "--bits", "4", "--per-channel", "--weights-only", "--calibration", "{calibration}", "--data", "{validation}"],
-    ["linear", "--bits", "4", "--per-channel", "--data", "{calibration}"],  # weights-only, learns from --data
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["kmeans", "--bits", "3", "--calibration", "{calibration}", "--data", "{validation}"],
+        [
+            "linear",
+            "--bits",
+            "8",
+            "--per-channel",
+            "--calibration",
+            "{calibration}",
+            "--data",
+            "{validation}",
+        ],  # full QDQ
+        [
+            "linear",
+            "--bits",
+            "4",
+            "--per-channel",
+            "--weights-only",
+            "--calibration",
+            "{calibration}",
+            "--data",
+            "{validation}",
+        ],
+        ["linear", "--bits", "4", "--per-channel", "--data", "{calibration}"],  # weights-only, learns from --data
+    ],
+)
 def test_techniques_beat_plain_on_digits(tmp_path: Path, digits: Path, digits_data: Path, args: list[str]) -> None:
     calibration, validation = split_digits(digits_data, tmp_path)
     args = [a.format(calibration=calibration, validation=validation) for a in args]
 
     def convert(*flags: str) -> dict:
-        result = CliRunner().invoke(cli, [args[0], str(digits), *args[1:], "-o", str(tmp_path / "q.onnx"), "--json", *flags])
+        result = CliRunner().invoke(
+            cli, [args[0], str(digits), *args[1:], "-o", str(tmp_path / "q.onnx"), "--json", *flags]
+        )
         assert result.exit_code == 0, result.output
         return json.loads(result.stdout)
 
@@ -331,7 +414,9 @@ def test_bias_correction_alone_is_an_option() -> None:
 
 
 @pytest.mark.parametrize("sampled", [False, True])
-def test_auto_granularity_goes_per_channel_only_where_it_pays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sampled: bool) -> None:
+def test_auto_granularity_goes_per_channel_only_where_it_pays(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sampled: bool
+) -> None:
     """Both palettes are computed and compared; a large weight first estimates per-channel's gain on a
     sample of channels and skips the per-channel k-means when it cannot pay (`sampled` makes every
     weight large)."""
@@ -349,8 +434,19 @@ def test_auto_granularity_goes_per_channel_only_where_it_pays(tmp_path: Path, mo
     w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * scales, "w"))
     granularity = {}
     for name, model in (("alike", alike), ("skewed", skewed)):
-        result = CliRunner().invoke(cli, ["kmeans", str(save(model, tmp_path / f"{name}.onnx")), "--bits", "3",
-                                          "-o", str(tmp_path / f"{name}.q.onnx"), "--json", "--no-validate"])
+        result = CliRunner().invoke(
+            cli,
+            [
+                "kmeans",
+                str(save(model, tmp_path / f"{name}.onnx")),
+                "--bits",
+                "3",
+                "-o",
+                str(tmp_path / f"{name}.q.onnx"),
+                "--json",
+                "--no-validate",
+            ],
+        )
         assert result.exit_code == 0, result.output
         (weight,) = json.loads(result.stdout)["per_weight"]
         granularity[name] = weight["granularity"], weight["note"]
@@ -371,10 +467,16 @@ def test_model_session_hands_weights_over_as_arrays() -> None:
     w = rng.standard_normal((64, 64)).astype(np.float32)
     h = rng.standard_normal((64, 64)).astype(ml_dtypes.bfloat16)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["a"]), helper.make_node("Cast", ["h"], ["hf"], to=TensorProto.FLOAT),
-         helper.make_node("MatMul", ["a", "hf"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64])],
-        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(h, "h")])
+        [
+            helper.make_node("MatMul", ["x", "w"], ["a"]),
+            helper.make_node("Cast", ["h"], ["hf"], to=TensorProto.FLOAT),
+            helper.make_node("MatMul", ["a", "hf"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(h, "h")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     skeleton = without_weights(model)
     assert all(is_hole(t) for t in skeleton.graph.initializer) and skeleton.ByteSize() < 1000
@@ -385,12 +487,17 @@ def test_model_session_hands_weights_over_as_arrays() -> None:
     np.testing.assert_allclose(doubled, 2 * expected, rtol=1e-5, atol=1e-5)
 
 
-def test_big_models_skip_the_techniques_with_a_warning(tmp_path: Path, digits: Path, digits_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_big_models_skip_the_techniques_with_a_warning(
+    tmp_path: Path, digits: Path, digits_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Past TECHNIQUES_LIMIT the data only validates: the techniques would hold copies of every weight."""
     from qconvert import pipeline
 
     monkeypatch.setattr(pipeline, "TECHNIQUES_LIMIT", digits.stat().st_size - 1)
-    result = CliRunner().invoke(cli, ["kmeans", str(digits), "--bits", "4", "--data", str(digits_data), "-o", str(tmp_path / "q.onnx"), "--json"])
+    result = CliRunner().invoke(
+        cli,
+        ["kmeans", str(digits), "--bits", "4", "--data", str(digits_data), "-o", str(tmp_path / "q.onnx"), "--json"],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["options"]["data_aware"] is False and report["options"]["bias_correction"] is False
@@ -399,8 +506,9 @@ def test_big_models_skip_the_techniques_with_a_warning(tmp_path: Path, digits: P
     assert report["validation"]["source"] == str(digits_data)
 
 
-def test_the_statistics_pass_frees_each_activation_as_the_model_alone_does(tmp_path: Path, digits: Path, digits_data: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_statistics_pass_frees_each_activation_as_the_model_alone_does(
+    tmp_path: Path, digits: Path, digits_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Moments and activation extremes read the same tensors; placed apart, onnxruntime ran some readers
     late and kept activations alive until then (ResNet-50: 262 -> 377 MB). Measured in onnxruntime's
     profile: the most activations alive at once, in the order it ran the nodes."""
@@ -410,7 +518,11 @@ def test_the_statistics_pass_frees_each_activation_as_the_model_alone_does(tmp_p
     weights = select_weights(model).weights
     probes: list[onnx.ModelProto] = []
     real = sections.model_session
-    monkeypatch.setattr(sections, "model_session", lambda model, what, skeleton=None, **kw: probes.append(skeleton) or real(model, what, skeleton=skeleton, **kw))
+    monkeypatch.setattr(
+        sections,
+        "model_session",
+        lambda model, what, skeleton=None, **kw: probes.append(skeleton) or real(model, what, skeleton=skeleton, **kw),
+    )
     x = np.load(digits_data)["input"][:1]
     tensors = qdq.activation_tensors(model, {w.name for w in weights})
     statistics.input_moments(model, statistics.find_layers(model, weights), Feeds([{"input": x}], 1, "test"), tensors)
@@ -428,8 +540,11 @@ def test_the_statistics_pass_frees_each_activation_as_the_model_alone_does(tmp_p
         sess = ort.InferenceSession(graph_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         sess.run(None, {"input": x})
         events = json.loads(Path(sess.end_profiling()).read_text())
-        ran = [e["name"].removesuffix("_kernel_time") for e in sorted(events, key=lambda e: e["ts"])
-               if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+        ran = [
+            e["name"].removesuffix("_kernel_time")
+            for e in sorted(events, key=lambda e: e["ts"])
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+        ]
         nodes = {n.name: n for n in graph_model.graph.node}
         last = {name: step for step, node in enumerate(ran) for name in nodes[node].input}
         alive, most = set(), 0
@@ -442,7 +557,9 @@ def test_the_statistics_pass_frees_each_activation_as_the_model_alone_does(tmp_p
     for graph_model in (model, probe):
         for i, node in enumerate(graph_model.graph.node):
             node.name = node.name or f"node{i}"
-    assert any(n.op_type == "ReduceMin" for n in probe.graph.node) and any(n.op_type == "ReduceSumSquare" for n in probe.graph.node)
+    assert any(n.op_type == "ReduceMin" for n in probe.graph.node) and any(
+        n.op_type == "ReduceSumSquare" for n in probe.graph.node
+    )
     assert most_alive(probe) <= most_alive(model) + 1
 
 
@@ -463,28 +580,51 @@ def test_layer_check_passes_hand_on_what_subgraphs_read(monkeypatch: pytest.Monk
     """A tensor read only inside an If branch (from the outer scope) is handed on like any other."""
     rng = np.random.default_rng(6)
     weights = {n: (rng.standard_normal((4, 4, 3, 3)) * 0.3).astype(np.float32) for n in ("w1", "w2", "w3")}
-    branch = helper.make_graph([helper.make_node("Add", ["c2", "r1"], ["then_out"])], "then", [],
-                               [helper.make_tensor_value_info("then_out", TensorProto.FLOAT, None)])
-    other = helper.make_graph([helper.make_node("Identity", ["c2"], ["else_out"])], "else", [],
-                              [helper.make_tensor_value_info("else_out", TensorProto.FLOAT, None)])
+    branch = helper.make_graph(
+        [helper.make_node("Add", ["c2", "r1"], ["then_out"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("then_out", TensorProto.FLOAT, None)],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["c2"], ["else_out"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("else_out", TensorProto.FLOAT, None)],
+    )
     nodes = [
-        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
         helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
         helper.make_node("If", ["cond"], ["s"], then_branch=branch, else_branch=other),
         helper.make_node("Conv", ["s", "w3"], ["y"], pads=[1, 1, 1, 1]),
     ]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 5, 5]),
-                                           helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 5, 5])],
-                              [numpy_helper.from_array(w, n) for n, w in weights.items()])
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 5, 5]),
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 5, 5])],
+        [numpy_helper.from_array(w, n) for n, w in weights.items()],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     layers = statistics.find_layers(model, select_weights(model, min_elements=1).weights)
-    candidates = [Candidate(layers[n], w + 0.05 * rng.standard_normal(w.shape).astype(np.float32)) for n, w in weights.items()]
+    candidates = [
+        Candidate(layers[n], w + 0.05 * rng.standard_normal(w.shape).astype(np.float32)) for n, w in weights.items()
+    ]
     samples = Feeds([{"x": rng.standard_normal((1, 4, 5, 5)).astype(np.float32), "cond": np.array(True)}], 1, "test")
     one_pass = checks.layer_snr(model, candidates, samples)
     starts: list[list[str]] = []
     real = sections.model_session
-    monkeypatch.setattr(sections, "model_session", lambda m, what, skeleton, **kw: starts.append([i.name for i in skeleton.graph.input]) or real(m, what, skeleton=skeleton, **kw))
+    monkeypatch.setattr(
+        sections,
+        "model_session",
+        lambda m, what, skeleton, **kw: (
+            starts.append([i.name for i in skeleton.graph.input]) or real(m, what, skeleton=skeleton, **kw)
+        ),
+    )
     a_section_per_layer(monkeypatch)
     np.testing.assert_allclose(checks.layer_snr(model, candidates, samples), one_pass, rtol=1e-5)
     assert starts == [["x"], ["c1"], ["c2", "cond", "r1"]]

@@ -24,7 +24,9 @@ def invoke(*args: object) -> click.testing.Result:  # noqa: F821
 
 def test_failed_gate_exits_5_and_writes_no_model(tmp_path: Path, digits: Path, digits_data: Path) -> None:
     out = tmp_path / "q.onnx"
-    result = invoke("kmeans", digits, "--bits", "4", "--data", digits_data, "--min-snr", "60", "--min-top1", "0.9", "-o", out, "-q")
+    result = invoke(
+        "kmeans", digits, "--bits", "4", "--data", digits_data, "--min-snr", "60", "--min-top1", "0.9", "-o", out, "-q"
+    )
     assert result.exit_code == ExitCode.GATE
     assert re.match(r"qconvert: error: quality gate failed: --min-snr on logits: \d+\.\d\d, limit 60$", result.stderr)
     assert result.stderr.strip().count("\n") == 0
@@ -38,23 +40,52 @@ def test_failed_gate_exits_5_and_writes_no_model(tmp_path: Path, digits: Path, d
 
 def test_keep_failed_writes_the_model_but_still_fails(tmp_path: Path, digits: Path, digits_data: Path) -> None:
     out = tmp_path / "q.onnx"
-    result = invoke("kmeans", digits, "--bits", "2", "--data", digits_data, "--max-abs-error", "0.01", "--keep-failed", "-o", out)
+    result = invoke(
+        "kmeans", digits, "--bits", "2", "--data", digits_data, "--max-abs-error", "0.01", "--keep-failed", "-o", out
+    )
     assert result.exit_code == ExitCode.GATE
     assert out.exists()
 
 
 def test_accuracy_gate_with_labels(tmp_path: Path, digits: Path, digits_data: Path) -> None:
     out = tmp_path / "q.onnx"
-    assert invoke("kmeans", digits, "--bits", "4", "--data", digits_data, "--max-accuracy-drop", "1", "-o", out).exit_code == 0
+    assert (
+        invoke("kmeans", digits, "--bits", "4", "--data", digits_data, "--max-accuracy-drop", "1", "-o", out).exit_code
+        == 0
+    )
     with np.load(digits_data) as data:
         np.savez(tmp_path / "inputs.npz", input=data["input"])
         np.save(tmp_path / "labels.npy", data["labels"])
         np.save(tmp_path / "short.npy", data["labels"][:10])
-    result = invoke("kmeans", digits, "--bits", "4", "--data", tmp_path / "inputs.npz", "--labels", tmp_path / "labels.npy",
-                    "--max-accuracy-drop", "1", "-o", out, "--json")
+    result = invoke(
+        "kmeans",
+        digits,
+        "--bits",
+        "4",
+        "--data",
+        tmp_path / "inputs.npz",
+        "--labels",
+        tmp_path / "labels.npy",
+        "--max-accuracy-drop",
+        "1",
+        "-o",
+        out,
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["validation"]["accuracy"]["float_top1"] > 0.97
-    result = invoke("kmeans", digits, "--bits", "4", "--data", tmp_path / "inputs.npz", "--labels", tmp_path / "short.npy", "-o", out)
+    result = invoke(
+        "kmeans",
+        digits,
+        "--bits",
+        "4",
+        "--data",
+        tmp_path / "inputs.npz",
+        "--labels",
+        tmp_path / "short.npy",
+        "-o",
+        out,
+    )
     assert result.exit_code == ExitCode.INPUT and "10 labels for 360 samples" in result.stderr
 
 
@@ -83,8 +114,10 @@ CHECK_STDIN = (
 
 def test_shell_pipeline_through_stdin_and_stdout(tmp_path: Path) -> None:
     model = save(conv_model(cin=16, cout=32), tmp_path / "m.onnx")
-    command = (f"cat {model} | {sys.executable} -m qconvert kmeans - --bits 4 -o - -q --report {tmp_path}/r.json "
-               f'| {sys.executable} -c "{CHECK_STDIN}"')
+    command = (
+        f"cat {model} | {sys.executable} -m qconvert kmeans - --bits 4 -o - -q --report {tmp_path}/r.json "
+        f'| {sys.executable} -c "{CHECK_STDIN}"'
+    )
     done = subprocess.run(command, shell=True, capture_output=True, text=True, cwd=ROOT, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "(1, 32, 8, 8)"  # the piped bytes are a valid, runnable model
@@ -98,15 +131,22 @@ def test_inspect_lists_weights_and_estimates(tmp_path: Path, digits: Path) -> No
     result = invoke("inspect", digits, "--json")
     assert result.exit_code == 0, result.output
     info = json.loads(result.stdout)
-    assert info["opset"] == 13 and info["inputs"][0] == {"name": "input", "dtype": "float32", "shape": ["batch", 1, 8, 8]}
+    assert info["opset"] == 13 and info["inputs"][0] == {
+        "name": "input",
+        "dtype": "float32",
+        "shape": ["batch", 1, 8, 8],
+    }
     assert [w["name"] for w in info["weights"]] == ["conv2.weight", "conv3.weight", "fc1.weight"]
     # The conversions' own size model: within 2 % of what they write, linear per channel included.
-    for method, bits, granularity, flags in (("kmeans", 4, "per-tensor", ["--per-tensor", "--no-fold-batchnorm"]),
-                                             ("kmeans", 2, "per-tensor", ["--per-tensor", "--no-fold-batchnorm"]),
-                                             ("linear", 8, "per-channel", ["--min-elements", "1024", "--no-fold-batchnorm"]),
-                                             ("linear", 4, "per-tensor", ["--per-tensor", "--min-elements", "1024",
-                                                                          "--no-fold-batchnorm"])):
-        estimate = next(e for e in info["estimates"] if (e["method"], e["bits"], e["granularity"]) == (method, bits, granularity))
+    for method, bits, granularity, flags in (
+        ("kmeans", 4, "per-tensor", ["--per-tensor", "--no-fold-batchnorm"]),
+        ("kmeans", 2, "per-tensor", ["--per-tensor", "--no-fold-batchnorm"]),
+        ("linear", 8, "per-channel", ["--min-elements", "1024", "--no-fold-batchnorm"]),
+        ("linear", 4, "per-tensor", ["--per-tensor", "--min-elements", "1024", "--no-fold-batchnorm"]),
+    ):
+        estimate = next(
+            e for e in info["estimates"] if (e["method"], e["bits"], e["granularity"]) == (method, bits, granularity)
+        )
         actual = invoke(method, digits, "--bits", bits, *flags, "--no-validate", "--json", "-o", tmp_path / "q.onnx")
         assert abs(estimate["bytes"] - json.loads(actual.stdout)["output"]["bytes"]) < 0.02 * estimate["bytes"], method
 
@@ -114,7 +154,9 @@ def test_inspect_lists_weights_and_estimates(tmp_path: Path, digits: Path) -> No
 def test_compare_applies_the_same_metrics_and_gates(tmp_path: Path, digits: Path, digits_data: Path) -> None:
     converted = tmp_path / "q.onnx"
     assert invoke("kmeans", digits, "--bits", "2", "-o", converted, "--no-validate").exit_code == 0
-    result = invoke("compare", digits, converted, "--data", digits_data, "--json", "--report-md", tmp_path / "summary.md")
+    result = invoke(
+        "compare", digits, converted, "--data", digits_data, "--json", "--report-md", tmp_path / "summary.md"
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["method"] == "compare" and report["validation"]["accuracy"]["float_top1"] > 0.97
@@ -155,7 +197,12 @@ def test_batch_converts_a_directory_with_the_worst_exit_code(tmp_path: Path, dig
     reports = json.loads(result.stdout)
     assert [r["input"]["path"] for r in reports] == [str(models / n) for n in ("a.onnx", "b.onnx", "c.onnx")]
     assert reports[2]["exit_code"] == ExitCode.INPUT
-    assert sorted(p.name for p in out.iterdir()) == ["a.kmeans4.onnx", "a.kmeans4.report.json", "b.kmeans4.onnx", "b.kmeans4.report.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "a.kmeans4.onnx",
+        "a.kmeans4.report.json",
+        "b.kmeans4.onnx",
+        "b.kmeans4.report.json",
+    ]
     # the same bytes as converting one model alone, in this process
     assert invoke("kmeans", models / "a.onnx", "--bits", "4", "-o", tmp_path / "alone.onnx", "-q").exit_code == 0
     assert (tmp_path / "alone.onnx").read_bytes() == (out / "a.kmeans4.onnx").read_bytes()
@@ -197,8 +244,24 @@ def test_batch_needs_an_output_directory(tmp_path: Path, digits: Path) -> None:
 
 def test_html_report_is_self_contained_with_pictures(tmp_path: Path, digits: Path, digits_data: Path) -> None:
     page = tmp_path / "r.html"
-    result = invoke("kmeans", digits, "--bits", "3", "--per-channel", "--max-codebook-overhead", "inf", "--data", digits_data,
-                    "--min-snr", "10", "-o", tmp_path / "q.onnx", "--report-html", page, "-q")
+    result = invoke(
+        "kmeans",
+        digits,
+        "--bits",
+        "3",
+        "--per-channel",
+        "--max-codebook-overhead",
+        "inf",
+        "--data",
+        digits_data,
+        "--min-snr",
+        "10",
+        "-o",
+        tmp_path / "q.onnx",
+        "--report-html",
+        page,
+        "-q",
+    )
     assert result.exit_code == 0, result.output
     text = page.read_text()
     assert "<script" not in text and "http" not in text  # nothing fetched: it opens offline
@@ -226,29 +289,60 @@ skip = true
 
 def test_config_file_options_and_layer_overrides(tmp_path: Path, digits: Path, digits_data: Path) -> None:
     (tmp_path / "qconvert.toml").write_text(CONFIG)
-    result = invoke("kmeans", digits, "--config", tmp_path / "qconvert.toml", "--data", digits_data, "-o", tmp_path / "q.onnx", "--json")
+    result = invoke(
+        "kmeans",
+        digits,
+        "--config",
+        tmp_path / "qconvert.toml",
+        "--data",
+        digits_data,
+        "-o",
+        tmp_path / "q.onnx",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["options"]["bits"] == 2 and report["options"]["granularity"] == "per-channel"
-    assert [(w["name"], w["bits"], w["granularity"]) for w in report["per_weight"]] == [("conv3.weight", 6, "per-tensor")]
+    assert [(w["name"], w["bits"], w["granularity"]) for w in report["per_weight"]] == [
+        ("conv3.weight", 6, "per-tensor")
+    ]
     reasons = {s["name"]: s["reason"] for s in report["skipped"]}
     assert reasons["conv2.weight"] == "skipped by a layer override" and "exclude" in reasons["fc1.weight"]
     assert report["gates"]["checks"][0]["limit"] == 5
     # the command line wins over the file
-    result = invoke("kmeans", digits, "--config", tmp_path / "qconvert.toml", "--bits", "3", "--per-tensor", "-o", tmp_path / "q.onnx", "--json")
-    assert json.loads(result.stdout)["options"]["bits"] == 3 and json.loads(result.stdout)["options"]["granularity"] == "per-tensor"
+    result = invoke(
+        "kmeans",
+        digits,
+        "--config",
+        tmp_path / "qconvert.toml",
+        "--bits",
+        "3",
+        "--per-tensor",
+        "-o",
+        tmp_path / "q.onnx",
+        "--json",
+    )
+    assert (
+        json.loads(result.stdout)["options"]["bits"] == 3
+        and json.loads(result.stdout)["options"]["granularity"] == "per-tensor"
+    )
 
 
 def test_mixed_bit_widths_store_each_at_its_width(tmp_path: Path, digits: Path) -> None:
-    (tmp_path / "mixed.toml").write_text('bits = 4\n[[layer]]\nmatch = "fc1.weight"\nbits = 2\n[[layer]]\nmatch = "conv2.weight"\nbits = 8\n')
+    (tmp_path / "mixed.toml").write_text(
+        'bits = 4\n[[layer]]\nmatch = "fc1.weight"\nbits = 2\n[[layer]]\nmatch = "conv2.weight"\nbits = 8\n'
+    )
     out = tmp_path / "q.onnx"
     result = invoke("kmeans", digits, "--config", tmp_path / "mixed.toml", "-o", out, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["opset"]["after"] == 25 and report["opset"]["storage"] == "uint2, uint4, uint8"
     types = {t.name: t.data_type for t in onnx.load(str(out)).graph.initializer if t.name.endswith("_indices")}
-    assert types == {"conv2.weight_qc_indices": onnx.TensorProto.UINT8, "conv3.weight_qc_indices": onnx.TensorProto.UINT4,
-                     "fc1.weight_qc_indices": onnx.TensorProto.UINT2}
+    assert types == {
+        "conv2.weight_qc_indices": onnx.TensorProto.UINT8,
+        "conv3.weight_qc_indices": onnx.TensorProto.UINT4,
+        "fc1.weight_qc_indices": onnx.TensorProto.UINT2,
+    }
 
 
 def test_bad_config_files(tmp_path: Path, digits: Path) -> None:
@@ -256,7 +350,10 @@ def test_bad_config_files(tmp_path: Path, digits: Path) -> None:
         "unknown = 1\n": (ExitCode.USAGE, "'unknown' is not an option of qconvert kmeans"),
         "[[layer]]\nbits = 2\n": (ExitCode.USAGE, "needs match"),
         "[[layer]]\nmatch = 'x'\ncolour = 'red'\n": (ExitCode.USAGE, "unknown keys ['colour']"),
-        "[[layer]]\nmatch = 'x'\nmethod = 'magic'\n": (ExitCode.USAGE, "method must be one of kmeans, linear, float, got 'magic'"),
+        "[[layer]]\nmatch = 'x'\nmethod = 'magic'\n": (
+            ExitCode.USAGE,
+            "method must be one of kmeans, linear, float, got 'magic'",
+        ),
         "bits = = 2\n": (ExitCode.INPUT, "not a readable TOML file"),
     }
     for text, (code, words) in cases.items():
@@ -267,7 +364,9 @@ def test_bad_config_files(tmp_path: Path, digits: Path) -> None:
 
 
 def test_hybrid_kmeans_with_linear_layers(tmp_path: Path, digits: Path, digits_data: Path) -> None:
-    (tmp_path / "hybrid.toml").write_text('bits = 3\n[[layer]]\nmatch = "fc1.weight"\nmethod = "linear"\nbits = 4\ngranularity = "per-channel"\n')
+    (tmp_path / "hybrid.toml").write_text(
+        'bits = 3\n[[layer]]\nmatch = "fc1.weight"\nmethod = "linear"\nbits = 4\ngranularity = "per-channel"\n'
+    )
     out = tmp_path / "q.onnx"
     result = invoke("kmeans", digits, "--config", tmp_path / "hybrid.toml", "--data", digits_data, "-o", out, "--json")
     assert result.exit_code == 0, result.output
@@ -284,7 +383,9 @@ def test_inputs_that_do_not_exercise_the_model_fail_gates_and_warn_otherwise(tmp
     """Symbolic image sizes default to 1; here every output is 0 whatever the weights: validation
     measures nothing, so gates (and auto's target) cannot pass on it."""
     model = conv_model()
-    next(t for t in model.graph.initializer if t.name == "b").CopyFrom(onnx.numpy_helper.from_array(np.full(16, -100, np.float32), "b"))
+    next(t for t in model.graph.initializer if t.name == "b").CopyFrom(
+        onnx.numpy_helper.from_array(np.full(16, -100, np.float32), "b")
+    )
     for value in (*model.graph.input, *model.graph.output):
         for dim, name in zip(value.type.tensor_type.shape.dim[2:], ("h", "w")):
             dim.dim_param = name

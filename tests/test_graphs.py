@@ -24,16 +24,30 @@ def if_model() -> onnx.ModelProto:
 
     def branch(name: str, weight: str, inits: list[onnx.TensorProto]) -> onnx.GraphProto:
         return helper.make_graph(
-            [helper.make_node("Conv", ["x", weight], [f"{name}_y"], pads=[1, 1, 1, 1])], name, [],
-            [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, [1, 32, 6, 6])], inits,
+            [helper.make_node("Conv", ["x", weight], [f"{name}_y"], pads=[1, 1, 1, 1])],
+            name,
+            [],
+            [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, [1, 32, 6, 6])],
+            inits,
         )
 
     w_then = numpy_helper.from_array(rng.standard_normal((32, 16, 3, 3)).astype(np.float32), "w_then")
     w_outer = numpy_helper.from_array(rng.standard_normal((32, 16, 3, 3)).astype(np.float32), "w_outer")
     graph = helper.make_graph(
-        [helper.make_node("If", ["cond"], ["y"], then_branch=branch("then", "w_then", [w_then]), else_branch=branch("else", "w_outer", []))],
+        [
+            helper.make_node(
+                "If",
+                ["cond"],
+                ["y"],
+                then_branch=branch("then", "w_then", [w_then]),
+                else_branch=branch("else", "w_outer", []),
+            )
+        ],
         "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 6, 6]), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 6, 6]),
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+        ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 6, 6])],
         [w_outer],
     )
@@ -66,8 +80,12 @@ def test_weights_in_and_around_if_branches(tmp_path: Path) -> None:
 def test_ir3_initializer_inputs_are_dropped_with_their_weight(tmp_path: Path) -> None:
     w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64]), helper.make_tensor_value_info("w", TensorProto.FLOAT, [64, 64])],
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64]),
+            helper.make_tensor_value_info("w", TensorProto.FLOAT, [64, 64]),
+        ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64])],
         [numpy_helper.from_array(w, "w")],
     )
@@ -87,7 +105,8 @@ def test_recurrent_weights_are_selected_along_the_gate_axis() -> None:
     w = rng.standard_normal((1, 4 * 32, 16)).astype(np.float32)
     r = rng.standard_normal((1, 4 * 32, 32)).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("LSTM", ["x", "W", "R"], ["y"], hidden_size=32)], "g",
+        [helper.make_node("LSTM", ["x", "W", "R"], ["y"], hidden_size=32)],
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 1, 16])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 1, 1, 32])],
         [numpy_helper.from_array(w, "W"), numpy_helper.from_array(r, "R")],
@@ -103,12 +122,21 @@ def test_checks_beside_the_model_run_as_soon_as_their_tensor_exists(tmp_path: Pa
     from qconvert.rewrite import After, NameSource, add_after
 
     chain = [helper.make_node("Relu" if i % 2 else "Neg", [f"t{i}"], [f"t{i + 1}"], name=f"main{i}") for i in range(8)]
-    graph = helper.make_graph(chain, "g", [helper.make_tensor_value_info("t0", TensorProto.FLOAT, [64, 64])],
-                              [helper.make_tensor_value_info("t8", TensorProto.FLOAT, [64, 64])])
+    graph = helper.make_graph(
+        chain,
+        "g",
+        [helper.make_tensor_value_info("t0", TensorProto.FLOAT, [64, 64])],
+        [helper.make_tensor_value_info("t8", TensorProto.FLOAT, [64, 64])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     fresh = NameSource(model)
-    add_after(model.graph, {f"t{i}": After([helper.make_node("ReduceMax", [f"t{i}"], [fresh(f"m{i}")], keepdims=0,
-                                                              name=f"check{i}")]) for i in range(8)})
+    add_after(
+        model.graph,
+        {
+            f"t{i}": After([helper.make_node("ReduceMax", [f"t{i}"], [fresh(f"m{i}")], keepdims=0, name=f"check{i}")])
+            for i in range(8)
+        },
+    )
     model.graph.output.extend(helper.make_tensor_value_info(f"m{i}", TensorProto.FLOAT, []) for i in range(8))
     onnx.checker.check_model(model)
     options = ort.SessionOptions()
@@ -117,24 +145,36 @@ def test_checks_beside_the_model_run_as_soon_as_their_tensor_exists(tmp_path: Pa
     sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     sess.run(None, {"t0": np.ones((64, 64), np.float32)})
     events = json.loads(Path(sess.end_profiling()).read_text())
-    order = [e["name"].removesuffix("_kernel_time") for e in sorted(events, key=lambda e: e["ts"])
-             if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    order = [
+        e["name"].removesuffix("_kernel_time")
+        for e in sorted(events, key=lambda e: e["ts"])
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+    ]
     assert sorted(order) == sorted([*(f"main{i}" for i in range(8)), *(f"check{i}" for i in range(8))])
     for i in range(1, 7):  # t_i is checked before the node after its reader runs: t_i can be freed on time
         assert order.index(f"check{i}") < order.index(f"main{i + 1}"), order
 
 
 @pytest.mark.parametrize("ir_version", [3, 7])
-def test_batchnorm_folds_in_models_that_list_initializers_as_inputs(tmp_path: Path, digits: Path, digits_data: Path, ir_version: int) -> None:
+def test_batchnorm_folds_in_models_that_list_initializers_as_inputs(
+    tmp_path: Path, digits: Path, digits_data: Path, ir_version: int
+) -> None:
     """Old exporters (keep_initializers_as_inputs) list every weight as a graph input: a folded BN's
     parameters must leave the inputs with their initializers, or they become required inputs."""
     model = onnx.load(str(digits))
     listed = {i.name for i in model.graph.input}
-    model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in model.graph.initializer if t.name not in listed)
+    model.graph.input.extend(
+        helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+        for t in model.graph.initializer
+        if t.name not in listed
+    )
     model.ir_version = ir_version
     path = save(model, tmp_path / "old.onnx")
-    for args in (["kmeans", "--bits", "4"], ["kmeans", "--bits", "4", "--data", str(digits_data)],
-                 ["linear", "--calibration", str(digits_data)]):
+    for args in (
+        ["kmeans", "--bits", "4"],
+        ["kmeans", "--bits", "4", "--data", str(digits_data)],
+        ["linear", "--calibration", str(digits_data)],
+    ):
         out = tmp_path / "q.onnx"
         result = CliRunner().invoke(cli, [args[0], str(path), *args[1:], "-o", str(out), "--json"])
         assert result.exit_code == 0, (args, result.output)

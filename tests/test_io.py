@@ -43,8 +43,13 @@ def test_large_initializers_load_lazy_and_read_back_exactly(tmp_path: Path) -> N
 
 
 def test_weights_in_external_data_load_lazy(tmp_path: Path) -> None:
-    onnx.save(conv_model(cout=64, cin=64), str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.data",
-              size_threshold=0)
+    onnx.save(
+        conv_model(cout=64, cin=64),
+        str(tmp_path / "m.onnx"),
+        save_as_external_data=True,
+        location="m.data",
+        size_threshold=0,
+    )
     model, size = io.load_model(tmp_path / "m.onnx")
     assert all(io.is_lazy(t) for t in model.graph.initializer)
     assert size == (tmp_path / "m.onnx").stat().st_size + (tmp_path / "m.data").stat().st_size
@@ -84,7 +89,9 @@ def test_a_model_file_changed_during_the_conversion_is_an_input_error(tmp_path: 
         io.tensor_array(lazy)
 
 
-@pytest.mark.parametrize(("location", "message"), [("../m.data", "in the model's folder"), ("m.data", "holds 1000 bytes")])
+@pytest.mark.parametrize(
+    ("location", "message"), [("../m.data", "in the model's folder"), ("m.data", "holds 1000 bytes")]
+)
 def test_bad_external_data_is_a_one_line_input_error(tmp_path: Path, location: str, message: str) -> None:
     model = conv_model(cout=64, cin=64)
     (tmp_path / "m.data").write_bytes(b"\0" * 1000)
@@ -119,6 +126,7 @@ def test_weights_left_as_they_were_are_written_from_the_input(tmp_path: Path, di
 def test_a_pipe_is_refused_with_a_pointer_to_standard_input(tmp_path: Path) -> None:
     fifo = tmp_path / "m.onnx"
     os.mkfifo(fifo)
+
     def write() -> None:  # opening a FIFO to read waits for a writer; the reader may be gone before it writes
         with contextlib.suppress(BrokenPipeError):
             fifo.write_bytes(b"x")

@@ -69,7 +69,10 @@ def test_weighted_binned_rows_near_optimum() -> None:
     palette = palettize(rows, bits=3, weights=weights, max_points=64)
     for c in range(2):
         optimum = exact_kmeans_mse(rows[c], 8, weights[c])
-        assert mse(palette.__class__(palette.codebook[c : c + 1], palette.indices[c : c + 1]), rows[c : c + 1], weights[c]) <= 1.01 * optimum
+        assert (
+            mse(palette.__class__(palette.codebook[c : c + 1], palette.indices[c : c + 1]), rows[c : c + 1], weights[c])
+            <= 1.01 * optimum
+        )
 
 
 def test_equal_weights_change_nothing() -> None:

@@ -37,7 +37,8 @@ def single_op_model(op: str, shape: tuple[int, ...], attrs: dict, opset: int) ->
     w = (np.random.default_rng(0).standard_normal(shape) * spread).astype(np.float32)
     x_shape = [1, 4, 5, 5] if op in ("Conv", "ConvTranspose") else [3, 4]
     graph = helper.make_graph(
-        [helper.make_node(op, ["x", "w"], ["y"], **attrs), helper.make_node("Identity", ["w"], ["w_out"])], "g",
+        [helper.make_node(op, ["x", "w"], ["y"], **attrs), helper.make_node("Identity", ["w"], ["w_out"])],
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
         [helper.make_tensor_value_info("w_out", TensorProto.FLOAT, list(shape))],  # y dangles: only w matters
         [numpy_helper.from_array(w, "w")],
@@ -51,13 +52,17 @@ def single_op_model(op: str, shape: tuple[int, ...], attrs: dict, opset: int) ->
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("per_channel", [True, False], ids=["per-channel", "per-tensor"])
 @pytest.mark.parametrize("case", list(WEIGHT_CASES))
-def test_dequantize_linear_matches_numpy_and_onnx_reference(case: str, per_channel: bool, symmetric: bool, bits: int) -> None:
+def test_dequantize_linear_matches_numpy_and_onnx_reference(
+    case: str, per_channel: bool, symmetric: bool, bits: int
+) -> None:
     op, shape, attrs, axis = WEIGHT_CASES[case]
     model = single_op_model(op, shape, attrs, 21)
     (weight,) = select_weights(model).weights
     assert weight.channel_axis == axis
     item = quantize_weight(weight, weight.array(), bits=bits, symmetric=symmetric, axis=axis if per_channel else None)
-    grid_only = quantize_weight(weight, weight.array(), bits=bits, symmetric=symmetric, axis=axis if per_channel else None, keep=False)
+    grid_only = quantize_weight(
+        weight, weight.array(), bits=bits, symmetric=symmetric, axis=axis if per_channel else None, keep=False
+    )
     assert grid_only.integers is None and item.integers is not None
     np.testing.assert_array_equal(grid_only.q, item.q)  # quantized again from the weight, the same
     linear = METHODS["linear"]
@@ -65,7 +70,9 @@ def test_dequantize_linear_matches_numpy_and_onnx_reference(case: str, per_chann
     insert_weight_dq(model, [grid_only if bits == 4 else item])
     onnx.checker.check_model(model, full_check=True)
     x = np.zeros([d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim], np.float32)
-    (by_ort,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(["w_out"], {"x": x})
+    (by_ort,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        ["w_out"], {"x": x}
+    )
     (by_reference,) = onnx.reference.ReferenceEvaluator(model).run(["w_out"], {"x": x})
     np.testing.assert_array_equal(by_ort, item.dequantized())
     np.testing.assert_array_equal(by_reference, item.dequantized())
@@ -94,8 +101,21 @@ def optimized_op_types(path: Path, tmp_path: Path) -> collections.Counter:
 
 def test_full_qdq_runs_integer_kernels_and_keeps_accuracy(tmp_path: Path, digits: Path, digits_data: Path) -> None:
     out = tmp_path / "q.onnx"
-    result = CliRunner().invoke(cli, ["linear", str(digits), "--per-channel", "--calibration", str(digits_data),
-                                      "--data", str(digits_data), "-o", str(out), "--json"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "linear",
+            str(digits),
+            "--per-channel",
+            "--calibration",
+            str(digits_data),
+            "--data",
+            str(digits_data),
+            "-o",
+            str(out),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["details"]["folded_batchnorm"] == ["bn1", "bn2", "bn3"]
@@ -110,7 +130,10 @@ def test_full_qdq_runs_integer_kernels_and_keeps_accuracy(tmp_path: Path, digits
 
 def test_weights_only_is_small_and_accurate(tmp_path: Path, digits: Path, digits_data: Path) -> None:
     out = tmp_path / "q.onnx"
-    result = CliRunner().invoke(cli, ["linear", str(digits), "--bits", "4", "--per-channel", "--data", str(digits_data), "-o", str(out), "--json"])
+    result = CliRunner().invoke(
+        cli,
+        ["linear", str(digits), "--bits", "4", "--per-channel", "--data", str(digits_data), "-o", str(out), "--json"],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["opset"]["after"] == 21 and report["opset"]["storage"] == "int4"
@@ -141,7 +164,9 @@ def test_depthwise_gets_per_channel_under_per_tensor(tmp_path: Path) -> None:
     from cnn_shapes import mobilenet
 
     model = save(mobilenet(width=0.25, classes=10, size=32), tmp_path / "m.onnx")
-    result = CliRunner().invoke(cli, ["linear", str(model), "--per-tensor", "-o", str(tmp_path / "q.onnx"), "--json", "--no-validate"])
+    result = CliRunner().invoke(
+        cli, ["linear", str(model), "--per-tensor", "-o", str(tmp_path / "q.onnx"), "--json", "--no-validate"]
+    )
     assert result.exit_code == 0, result.output
     weights = json.loads(result.stdout)["per_weight"]
     depthwise = [w for w in weights if w["shape"][1] == 1 and len(w["shape"]) == 4]
@@ -151,7 +176,9 @@ def test_depthwise_gets_per_channel_under_per_tensor(tmp_path: Path) -> None:
 
 def test_calibration_data_must_match_the_inputs(tmp_path: Path, digits: Path) -> None:
     np.savez(tmp_path / "bad.npz", input=np.zeros((4, 1, 9, 9), np.float32))
-    result = CliRunner().invoke(cli, ["linear", str(digits), "--calibration", str(tmp_path / "bad.npz"), "-o", str(tmp_path / "q.onnx")])
+    result = CliRunner().invoke(
+        cli, ["linear", str(digits), "--calibration", str(tmp_path / "bad.npz"), "-o", str(tmp_path / "q.onnx")]
+    )
     assert result.exit_code == ExitCode.INPUT
     assert "'input' has shape 4x1x9x9" in result.stderr
     assert not (tmp_path / "q.onnx").exists()
@@ -160,7 +187,10 @@ def test_calibration_data_must_match_the_inputs(tmp_path: Path, digits: Path) ->
 def test_few_calibration_samples_warn(tmp_path: Path, digits: Path, digits_data: Path) -> None:
     with np.load(digits_data) as data:
         np.savez(tmp_path / "few.npz", input=data["input"][:3])
-    result = CliRunner().invoke(cli, ["linear", str(digits), "--calibration", str(tmp_path / "few.npz"), "-o", str(tmp_path / "q.onnx"), "--json"])
+    result = CliRunner().invoke(
+        cli,
+        ["linear", str(digits), "--calibration", str(tmp_path / "few.npz"), "-o", str(tmp_path / "q.onnx"), "--json"],
+    )
     assert result.exit_code == 0, result.output
     assert any("only 3 calibration samples" in w for w in json.loads(result.stdout)["warnings"])
 
@@ -185,8 +215,21 @@ def test_calibration_from_a_folder_of_images(tmp_path: Path, digits: Path, digit
     nhwc = load_images(tmp_path / "images", ["batch", 8, 8, 1], Preprocessing(mean=(0.5,), std=(0.25,)))
     np.testing.assert_allclose(nhwc[..., 0], (pixels / 255.0 - 0.5) / 0.25, rtol=1e-5, atol=1e-6)
     out = tmp_path / "q.onnx"
-    result = CliRunner().invoke(cli, ["linear", str(digits), "--per-channel", "--calibration", str(tmp_path / "images"),
-                                      "--data", str(digits_data), "-o", str(out), "--json"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "linear",
+            str(digits),
+            "--per-channel",
+            "--calibration",
+            str(tmp_path / "images"),
+            "--data",
+            str(digits_data),
+            "-o",
+            str(out),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["details"]["calibration_samples"] == 40
@@ -196,7 +239,9 @@ def test_calibration_from_a_folder_of_images(tmp_path: Path, digits: Path, digit
 def test_unreadable_image_is_named(tmp_path: Path, digits: Path, digits_data: Path) -> None:
     write_digit_images(tmp_path / "images", digits_data, count=3)
     (tmp_path / "images" / "broken.png").write_bytes(b"not a png")
-    result = CliRunner().invoke(cli, ["linear", str(digits), "--calibration", str(tmp_path / "images"), "-o", str(tmp_path / "q.onnx")])
+    result = CliRunner().invoke(
+        cli, ["linear", str(digits), "--calibration", str(tmp_path / "images"), "-o", str(tmp_path / "q.onnx")]
+    )
     assert result.exit_code == ExitCode.INPUT
     assert "broken.png: cannot read image" in result.stderr
 
@@ -225,13 +270,19 @@ def test_batchnorm_folding_with_constant_node_parameters() -> None:
 
     nodes = [
         constant("w", rng.standard_normal((8, 4, 3, 3))),
-        constant("gamma", rng.uniform(0.5, 2, 8)), constant("beta", rng.standard_normal(8)),
-        constant("mean", rng.standard_normal(8)), constant("var", rng.uniform(0.5, 2, 8)),
+        constant("gamma", rng.uniform(0.5, 2, 8)),
+        constant("beta", rng.standard_normal(8)),
+        constant("mean", rng.standard_normal(8)),
+        constant("var", rng.uniform(0.5, 2, 8)),
         helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
         helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"]),
     ]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 6, 6])])
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 6, 6])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
     x = rng.standard_normal((1, 4, 6, 6)).astype(np.float32)
     want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
@@ -244,8 +295,15 @@ def test_batchnorm_folding_with_constant_node_parameters() -> None:
 @pytest.mark.parametrize("op", ["ConvTranspose", "Gemm", "GemmTransB"])
 def test_batchnorm_folds_into_conv_transpose_and_gemm(op: str) -> None:
     rng = np.random.default_rng(1)
-    bn = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in (
-        ("gamma", rng.uniform(0.5, 2, 6)), ("beta", rng.standard_normal(6)), ("mean", rng.standard_normal(6)), ("var", rng.uniform(0.5, 2, 6)))]
+    bn = [
+        numpy_helper.from_array(a.astype(np.float32), n)
+        for n, a in (
+            ("gamma", rng.uniform(0.5, 2, 6)),
+            ("beta", rng.standard_normal(6)),
+            ("mean", rng.standard_normal(6)),
+            ("var", rng.uniform(0.5, 2, 6)),
+        )
+    ]
     if op == "ConvTranspose":
         shape_in, shape_out = [1, 4, 5, 5], [1, 6, 7, 7]
         w = rng.standard_normal((4, 6, 3, 3))
@@ -256,9 +314,13 @@ def test_batchnorm_folds_into_conv_transpose_and_gemm(op: str) -> None:
         layer = helper.make_node("Gemm", ["x", "w", "b"], ["c"], transB=int(op == "GemmTransB"), alpha=0.5, beta=2.0)
         bn.append(numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "b"))
     nodes = [layer, helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape_in)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape_out)],
-                              [numpy_helper.from_array(w.astype(np.float32), "w"), *bn])
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape_in)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape_out)],
+        [numpy_helper.from_array(w.astype(np.float32), "w"), *bn],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     x = rng.standard_normal(shape_in).astype(np.float32)
     want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
@@ -276,7 +338,9 @@ def test_calibration_reads_the_input_signature_without_loading_the_model(digits:
 
     model = onnx.load(str(digits))
     model.ir_version = ir_version
-    model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in model.graph.initializer)
+    model.graph.input.extend(
+        helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in model.graph.initializer
+    )
     model.graph.input.append(helper.make_tensor_value_info("ids", TensorProto.INT64, ["n", 3]))
     model.graph.node.append(helper.make_node("Identity", ["ids"], ["ids_out"]))
     model.graph.output.append(helper.make_tensor_value_info("ids_out", TensorProto.INT64, ["n", 3]))

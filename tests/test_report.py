@@ -28,8 +28,20 @@ def key_paths(value: object, prefix: str = "") -> set[str]:
 
 def report_args(samples: Path, folder: Path) -> list[str]:
     """A run whose report has every section: validation with labels, gates, calibration, folding."""
-    return ["kmeans", str(samples / "digits_cnn.onnx"), "--bits", "4", "--per-channel", "--data", str(samples / "digits_test.npz"),
-            "--min-snr", "10", "-o", str(folder / "q.onnx"), "--json"]
+    return [
+        "kmeans",
+        str(samples / "digits_cnn.onnx"),
+        "--bits",
+        "4",
+        "--per-channel",
+        "--data",
+        str(samples / "digits_test.npz"),
+        "--min-snr",
+        "10",
+        "-o",
+        str(folder / "q.onnx"),
+        "--json",
+    ]
 
 
 def test_report_keys_match_the_golden_schema(tmp_path: Path, digits: Path) -> None:

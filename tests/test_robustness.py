@@ -50,7 +50,9 @@ def test_truncated_model(tmp_path: Path) -> None:
 def test_protobuf_that_is_not_a_model(tmp_path: Path) -> None:
     (tmp_path / "t.onnx").write_bytes(numpy_helper.from_array(np.ones((4, 4), np.float32), "t").SerializeToString())
     before = files(tmp_path)
-    check_contract(invoke("kmeans", tmp_path / "t.onnx", "--bits", "4"), ExitCode.INPUT, "not an ONNX model", tmp_path, before)
+    check_contract(
+        invoke("kmeans", tmp_path / "t.onnx", "--bits", "4"), ExitCode.INPUT, "not an ONNX model", tmp_path, before
+    )
 
 
 def test_model_failing_the_checker(tmp_path: Path) -> None:
@@ -58,7 +60,9 @@ def test_model_failing_the_checker(tmp_path: Path) -> None:
     model.graph.node[1].input[0] = "dangling"
     save(model, tmp_path / "m.onnx")
     before = files(tmp_path)
-    check_contract(invoke("kmeans", tmp_path / "m.onnx", "--bits", "4"), ExitCode.INPUT, "invalid ONNX model", tmp_path, before)
+    check_contract(
+        invoke("kmeans", tmp_path / "m.onnx", "--bits", "4"), ExitCode.INPUT, "invalid ONNX model", tmp_path, before
+    )
 
 
 def test_external_data_file_missing(tmp_path: Path) -> None:
@@ -75,8 +79,13 @@ def test_external_data_linked_from_outside_the_folder_is_refused(tmp_path: Path)
     model_dir, secret = tmp_path / "model", tmp_path / "secret"
     model_dir.mkdir()
     secret.mkdir()
-    onnx.save(conv_model(cin=64, cout=64), str(secret / "m.onnx"), save_as_external_data=True, location="m.data",
-              size_threshold=0)
+    onnx.save(
+        conv_model(cin=64, cout=64),
+        str(secret / "m.onnx"),
+        save_as_external_data=True,
+        location="m.data",
+        size_threshold=0,
+    )
     (secret / "m.onnx").rename(model_dir / "m.onnx")
     (model_dir / "m.data").symlink_to(secret / "m.data")
     before = files(model_dir)
@@ -90,8 +99,13 @@ def test_external_data_linked_from_outside_the_folder_is_refused(tmp_path: Path)
 
 
 def test_model_and_external_data_get_the_same_usual_permissions(tmp_path: Path) -> None:
-    onnx.save(conv_model(cin=64, cout=64), str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.data",
-              size_threshold=0)
+    onnx.save(
+        conv_model(cin=64, cout=64),
+        str(tmp_path / "m.onnx"),
+        save_as_external_data=True,
+        location="m.data",
+        size_threshold=0,
+    )
     old = os.umask(0o022)
     try:
         result = invoke("kmeans", tmp_path / "m.onnx", "--bits", "4", "-o", tmp_path / "q.onnx")
@@ -105,15 +119,26 @@ def test_model_and_external_data_get_the_same_usual_permissions(tmp_path: Path) 
 def test_opset_older_than_supported(tmp_path: Path) -> None:
     save(conv_model(cin=16, cout=32, opset=5), tmp_path / "m.onnx")
     before = files(tmp_path)
-    check_contract(invoke("kmeans", tmp_path / "m.onnx", "--bits", "4"), ExitCode.UNSUPPORTED, "opset 5 is older than 7", tmp_path, before)
+    check_contract(
+        invoke("kmeans", tmp_path / "m.onnx", "--bits", "4"),
+        ExitCode.UNSUPPORTED,
+        "opset 5 is older than 7",
+        tmp_path,
+        before,
+    )
 
 
 def custom_op_model() -> onnx.ModelProto:
     w = np.random.default_rng(0).standard_normal((32, 32)).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Mystery", ["h"], ["y"], domain="com.example")],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 32])], [numpy_helper.from_array(w, "w")],
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"]),
+            helper.make_node("Mystery", ["h"], ["y"], domain="com.example"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 32])],
+        [numpy_helper.from_array(w, "w")],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.example", 1)])
 
@@ -121,9 +146,16 @@ def custom_op_model() -> onnx.ModelProto:
 def test_custom_domain_ops_fail_validation_unless_allowed(tmp_path: Path) -> None:
     save(custom_op_model(), tmp_path / "m.onnx")
     before = files(tmp_path)
-    check_contract(invoke("kmeans", tmp_path / "m.onnx", "--bits", "4", "-o", tmp_path / "q.onnx"),
-                   ExitCode.UNSUPPORTED, "cannot load the input model", tmp_path, before)
-    result = invoke("kmeans", tmp_path / "m.onnx", "--bits", "4", "-o", tmp_path / "q.onnx", "--allow-unvalidated", "--json")
+    check_contract(
+        invoke("kmeans", tmp_path / "m.onnx", "--bits", "4", "-o", tmp_path / "q.onnx"),
+        ExitCode.UNSUPPORTED,
+        "cannot load the input model",
+        tmp_path,
+        before,
+    )
+    result = invoke(
+        "kmeans", tmp_path / "m.onnx", "--bits", "4", "-o", tmp_path / "q.onnx", "--allow-unvalidated", "--json"
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["validation"] is None and any("not validated" in w for w in report["warnings"])
@@ -144,9 +176,11 @@ def test_nan_weights_are_left_alone_and_reported(tmp_path: Path) -> None:
 def test_bf16_weights_keep_bf16(tmp_path: Path) -> None:
     w = np.random.default_rng(0).standard_normal((64, 64)).astype(ml_dtypes.bfloat16)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [2, 64])],
-        [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [2, 64])], [numpy_helper.from_array(w, "w")],
+        [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [2, 64])],
+        [numpy_helper.from_array(w, "w")],
     )
     save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "m.onnx")
     result = invoke("kmeans", tmp_path / "m.onnx", "--bits", "4", "-o", tmp_path / "q.onnx", "--no-validate", "--json")
@@ -165,13 +199,23 @@ def test_multi_input_multi_output_with_int64_input(tmp_path: Path) -> None:
             helper.make_node("MatMul", ["x", "w"], ["y2"]),
         ],
         "g",
-        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"]), helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 48])],
-        [helper.make_tensor_value_info("y1", TensorProto.FLOAT, ["n", 48]), helper.make_tensor_value_info("y2", TensorProto.FLOAT, ["n", 48])],
-        [numpy_helper.from_array(rng.standard_normal((10, 48)).astype(np.float32), "table"),
-         numpy_helper.from_array(rng.standard_normal((48, 48)).astype(np.float32), "w")],
+        [
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"]),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 48]),
+        ],
+        [
+            helper.make_tensor_value_info("y1", TensorProto.FLOAT, ["n", 48]),
+            helper.make_tensor_value_info("y2", TensorProto.FLOAT, ["n", 48]),
+        ],
+        [
+            numpy_helper.from_array(rng.standard_normal((10, 48)).astype(np.float32), "table"),
+            numpy_helper.from_array(rng.standard_normal((48, 48)).astype(np.float32), "w"),
+        ],
     )
     save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "m.onnx")
-    result = invoke("kmeans", tmp_path / "m.onnx", "--bits", "6", "--input-shape", "ids=3", "--input-shape", "x=3x48", "--json")
+    result = invoke(
+        "kmeans", tmp_path / "m.onnx", "--bits", "6", "--input-shape", "ids=3", "--input-shape", "x=3x48", "--json"
+    )
     assert result.exit_code == 0, result.output
     outputs = json.loads(result.stdout)["validation"]["outputs"]
     assert [o["name"] for o in outputs] == ["y1", "y2"] and all(o["snr_db"] > 25 for o in outputs)
@@ -211,8 +255,21 @@ def test_sigint_exits_130_without_partial_output(tmp_path: Path) -> None:
 
     save(resnet(width=32, blocks=(2, 2, 2, 2), classes=100, size=64), tmp_path / "m.onnx")
     before = files(tmp_path)
-    process = subprocess.Popen([sys.executable, "-m", "qconvert", "kmeans", str(tmp_path / "m.onnx"), "--bits", "8", "-o", str(tmp_path / "q.onnx")],
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "qconvert",
+            "kmeans",
+            str(tmp_path / "m.onnx"),
+            "--bits",
+            "8",
+            "-o",
+            str(tmp_path / "q.onnx"),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(2.0)  # imports done, converting
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
@@ -224,9 +281,13 @@ def test_sigint_exits_130_without_partial_output(tmp_path: Path) -> None:
 def test_weight_also_read_by_a_non_weight_consumer(tmp_path: Path) -> None:
     w = np.random.default_rng(0).standard_normal((32, 32)).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("ReduceSum", ["w"], ["norm"], keepdims=0)], "g",
+        [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("ReduceSum", ["w"], ["norm"], keepdims=0)],
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 32]), helper.make_tensor_value_info("norm", TensorProto.FLOAT, [])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 32]),
+            helper.make_tensor_value_info("norm", TensorProto.FLOAT, []),
+        ],
         [numpy_helper.from_array(w, "w")],
     )
     save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "m.onnx")
@@ -250,7 +311,13 @@ def test_nhwc_input(tmp_path: Path) -> None:
 def test_unwritable_output_location(tmp_path: Path) -> None:
     save(conv_model(cin=16, cout=32), tmp_path / "m.onnx")
     before = files(tmp_path)
-    check_contract(invoke("kmeans", tmp_path / "m.onnx", "--bits", "4", "-o", "/proc/q.onnx"), ExitCode.OUTPUT, "cannot write", tmp_path, before)
+    check_contract(
+        invoke("kmeans", tmp_path / "m.onnx", "--bits", "4", "-o", "/proc/q.onnx"),
+        ExitCode.OUTPUT,
+        "cannot write",
+        tmp_path,
+        before,
+    )
 
 
 def test_raising_the_opset_converts_like_the_version_converter_without_copying_the_weights() -> None:
@@ -285,7 +352,13 @@ def test_raising_the_opset_converts_like_the_version_converter_without_copying_t
 
 
 def test_external_data_model_converts_and_counts_its_data(tmp_path: Path) -> None:
-    onnx.save(conv_model(cin=64, cout=64), str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.data", size_threshold=0)
+    onnx.save(
+        conv_model(cin=64, cout=64),
+        str(tmp_path / "m.onnx"),
+        save_as_external_data=True,
+        location="m.data",
+        size_threshold=0,
+    )
     result = invoke("kmeans", tmp_path / "m.onnx", "--bits", "4", "-o", tmp_path / "q.onnx", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
@@ -306,14 +379,18 @@ def test_external_data_model_converts_and_counts_its_data(tmp_path: Path) -> Non
     assert 10 * np.log10(np.sum(want**2) / np.sum((want - got) ** 2)) > 15
 
 
-def test_models_over_2gb_are_written_with_external_data_and_never_to_stdout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_models_over_2gb_are_written_with_external_data_and_never_to_stdout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The 2 GB protobuf limit, lowered to a few bytes: a single-file input comes out as model + data file;
     a failed gate leaves neither (nor the staging folder); stdout cannot take two files."""
     from qconvert import io
 
     save(conv_model(cin=64, cout=64), tmp_path / "m.onnx")
     monkeypatch.setattr(io, "PROTOBUF_LIMIT", 1000)
-    result = invoke("kmeans", tmp_path / "m.onnx", "--bits", "4", "-o", tmp_path / "q.onnx", "--min-snr", "99", "--json")
+    result = invoke(
+        "kmeans", tmp_path / "m.onnx", "--bits", "4", "-o", tmp_path / "q.onnx", "--min-snr", "99", "--json"
+    )
     assert result.exit_code == ExitCode.GATE
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "q.report.json"]
     result = invoke("kmeans", tmp_path / "m.onnx", "--bits", "4", "-o", tmp_path / "q.onnx", "--json")
@@ -325,8 +402,9 @@ def test_models_over_2gb_are_written_with_external_data_and_never_to_stdout(tmp_
     check_contract(result, ExitCode.USAGE, "needs an output file", tmp_path, before)
 
 
-def test_big_models_are_validated_without_folding_and_the_same_metrics(tmp_path: Path, digits: Path, digits_data: Path,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_big_models_are_validated_without_folding_and_the_same_metrics(
+    tmp_path: Path, digits: Path, digits_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Past FOLD_LIMIT the converted model runs unoptimized (weights decoded at use, not all at load):
     the outputs are the same, only latency is not measured."""
     from qconvert import pipeline

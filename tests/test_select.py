@@ -23,7 +23,8 @@ def test_axis_per_consumer() -> None:
     model = parse(
         """
         <ir_version: 8, opset_import: ["" : 13]>
-        g (float[1, 4, 8, 8] x, float[2, 6] a) => (float[1, 6, 8, 8] y1, float[1, 3, 10, 10] y2, float[2, 5] y3, float[2, 7] y4, float[2, 9] y5) {
+        g (float[1, 4, 8, 8] x, float[2, 6] a)
+            => (float[1, 6, 8, 8] y1, float[1, 3, 10, 10] y2, float[2, 5] y3, float[2, 7] y4, float[2, 9] y5) {
             y1 = Conv <pads = [1, 1, 1, 1]> (x, wconv)
             y2 = ConvTranspose (x, wdeconv)
             y3 = Gemm <transB = 1> (a, wgemm_t)
@@ -51,8 +52,12 @@ def test_biases_bn_statistics_and_shapes_are_not_weights() -> None:
             y = Reshape (n, shape)
         }
         """,
-        w=np.ones((4, 4, 3, 3), np.float32), b=np.ones(4, np.float32), scale=np.ones(4, np.float32),
-        bias=np.ones(4, np.float32), mean=np.ones(4, np.float32), var=np.ones(4, np.float32),
+        w=np.ones((4, 4, 3, 3), np.float32),
+        b=np.ones(4, np.float32),
+        scale=np.ones(4, np.float32),
+        bias=np.ones(4, np.float32),
+        mean=np.ones(4, np.float32),
+        var=np.ones(4, np.float32),
         shape=np.array([1, 64], np.int64),
     )
     assert [w.name for w in select_weights(model).weights] == ["w"]
@@ -100,15 +105,28 @@ def test_weights_inside_if_branches_and_from_outer_scope() -> None:
 
     def branch(name: str, weight: str, with_init: bool) -> onnx.GraphProto:
         return helper.make_graph(
-            [helper.make_node("Conv", ["x", weight], [f"{name}_y"])], name, [],
+            [helper.make_node("Conv", ["x", weight], [f"{name}_y"])],
+            name,
+            [],
             [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, [1, 4, 8, 8])],
             [numpy_helper.from_array(inner, weight)] if with_init else [],
         )
 
     graph = helper.make_graph(
-        [helper.make_node("If", ["cond"], ["y"], then_branch=branch("then", "w_inner", True), else_branch=branch("else", "w_outer", False))],
+        [
+            helper.make_node(
+                "If",
+                ["cond"],
+                ["y"],
+                then_branch=branch("then", "w_inner", True),
+                else_branch=branch("else", "w_outer", False),
+            )
+        ],
         "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8]), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8]),
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+        ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
         [numpy_helper.from_array(outer, "w_outer")],
     )
@@ -129,8 +147,10 @@ def test_skips_small_excluded_and_integer_weights() -> None:
             y4 = MatMul (q, int_w)
         }
         """,
-        big=np.ones((64, 64), np.float32), head_w=np.ones((64, 64), np.float32),
-        small=np.ones((64, 4), np.float32), int_w=np.ones((64, 64), np.int8),
+        big=np.ones((64, 64), np.float32),
+        head_w=np.ones((64, 64), np.float32),
+        small=np.ones((64, 4), np.float32),
+        int_w=np.ones((64, 64), np.int8),
     )
     selection = select_weights(model, min_elements=1024, exclude=("head_*",))
     assert [w.name for w in selection.weights] == ["big"]
@@ -149,7 +169,8 @@ def test_dequantized_weights_are_reported_as_already_quantized() -> None:
             y = MatMul (a, w)
         }
         """,
-        wq=np.ones((64, 64), np.int8), scale=np.array(0.1, np.float32),
+        wq=np.ones((64, 64), np.int8),
+        scale=np.array(0.1, np.float32),
     )
     selection = select_weights(model)
     assert selection.weights == []

@@ -49,7 +49,9 @@ def apply_bias_shifts(model: onnx.ModelProto, shifts: dict[str, tuple[Layer, np.
             bias = numpy_helper.from_array(shift.astype(np.float32), fresh(f"{layer.weight}_qc_bias"))
             graph.initializer.append(bias)
             y, product = node.output[0], fresh(f"{node.output[0]}_qc_product")
-            after[y] = After([helper.make_node("Add", [product, bias.name], [y], name=fresh(f"{product}_bias"))], product)
+            after[y] = After(
+                [helper.make_node("Add", [product, bias.name], [y], name=fresh(f"{product}_bias"))], product
+            )
             continue
         scale = 1.0
         if layer.op_type == "Gemm":

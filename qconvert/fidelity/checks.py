@@ -22,7 +22,9 @@ from qconvert.select import constant_value
 IMPORTANCE_FLOOR = 1e-6  # dead input channels still count a little: keeps the weighted k-means well posed
 
 
-CANDIDATE_SHARE = 3  # a layer-check pass adds candidate weights up to this share of a section's: each adds a layer copy and its error
+CANDIDATE_SHARE = (
+    3  # a layer-check pass adds candidate weights up to this share of a section's: each adds a layer copy and its error
+)
 
 
 Deferred = np.ndarray | Callable[[], np.ndarray]  # an array, or what makes it when it is needed
@@ -43,7 +45,9 @@ class Candidate:
 
     @property
     def nbytes(self) -> int:
-        return self.weight.nbytes if isinstance(self.weight, np.ndarray) else 4 * int(np.prod(self.layer.weight_shape))  # float32
+        if isinstance(self.weight, np.ndarray):
+            return self.weight.nbytes
+        return 4 * int(np.prod(self.layer.weight_shape))  # float32
 
 
 def layer_snr(model: onnx.ModelProto, candidates: list[Candidate], feeds: Feeds) -> list[float | None]:
@@ -64,7 +68,10 @@ def layer_snr(model: onnx.ModelProto, candidates: list[Candidate], feeds: Feeds)
     groups: list[list[Candidate]] = []
     size = 0
     for candidate in order:  # a layer's candidates stay together: a pass measures the layers it runs
-        if not groups or (size + candidate.nbytes > sections.budget // CANDIDATE_SHARE and candidate.layer.weight != groups[-1][-1].layer.weight):
+        if not groups or (
+            size + candidate.nbytes > sections.budget // CANDIDATE_SHARE
+            and candidate.layer.weight != groups[-1][-1].layer.weight
+        ):
             groups.append([])
             size = 0
         groups[-1].append(candidate)
@@ -77,8 +84,17 @@ def layer_snr(model: onnx.ModelProto, candidates: list[Candidate], feeds: Feeds)
         for values in sections.run(end, partial(_layer_checks, group, names), last=index == len(groups) - 1):
             for name, value in values.items():
                 totals[name] = totals.get(name, 0) + np.asarray(value, np.float64)
-        sums.update({key: (float(totals[signal]), totals[squares], totals[total], float(totals[size]) / max(totals[total].size, 1))
-                     for key, (signal, size, squares, total) in names.items()})
+        sums.update(
+            {
+                key: (
+                    float(totals[signal]),
+                    totals[squares],
+                    totals[total],
+                    float(totals[size]) / max(totals[total].size, 1),
+                )
+                for key, (signal, size, squares, total) in names.items()
+            }
+        )
     snrs = []
     for candidate in candidates:
         signal, error, total, count = sums[candidate.layer.weight, id(candidate.weight)]
@@ -90,7 +106,9 @@ def layer_snr(model: onnx.ModelProto, candidates: list[Candidate], feeds: Feeds)
     return snrs
 
 
-def _layer_checks(group: list[Candidate], names: dict[tuple[str, int], tuple[str, str, str, str]], section: Section) -> None:
+def _layer_checks(
+    group: list[Candidate], names: dict[tuple[str, int], tuple[str, str, str, str]], section: Section
+) -> None:
     """Beside each candidate's layer, a copy with the candidate weight; per candidate weight, `names` gets
     the outputs: the layer's signal and size, and the error's sum of squares and sum per output channel."""
     graph, fresh = section.graph, section.fresh
@@ -101,7 +119,10 @@ def _layer_checks(group: list[Candidate], names: dict[tuple[str, int], tuple[str
         checks = section.after.setdefault(y, After()).nodes
         if y not in signals:
             signals[y] = (fresh(f"{y}_qc_signal"), fresh(f"{y}_qc_size"))
-            checks += [helper.make_node("ReduceSumSquare", [y], [signals[y][0]], keepdims=0), helper.make_node("Size", [y], [signals[y][1]])]
+            checks += [
+                helper.make_node("ReduceSumSquare", [y], [signals[y][0]], keepdims=0),
+                helper.make_node("Size", [y], [signals[y][1]]),
+            ]
         w = fresh(f"{layer.weight}_qc_candidate")
         section.replaced[w] = array_of(candidate.weight)
         graph.initializer.append(hole(w, section.replaced[w]))
@@ -110,17 +131,23 @@ def _layer_checks(group: list[Candidate], names: dict[tuple[str, int], tuple[str
         axes = [0, *range(2, len(layer.weight_shape))] if layer.op_type == "Conv" else [0]
         if layer.op_type == "MatMul":  # [..., C] -> [rows, C]
             shape, rows = fresh(f"{y}_qc_rows_shape"), fresh(f"{y}_qc_rows")
-            graph.initializer.append(numpy_helper.from_array(np.array([-1, layer.weight_shape[layer.out_axis]], np.int64), shape))
+            graph.initializer.append(
+                numpy_helper.from_array(np.array([-1, layer.weight_shape[layer.out_axis]], np.int64), shape)
+            )
             checks.append(helper.make_node("Reshape", [diff, shape], [rows]))
             diff = rows
         squares, total = fresh(f"{y}_qc_error"), fresh(f"{y}_qc_error_sum")
-        checks += [*reduction("ReduceSumSquare", diff, axes, squares, graph, fresh, section.opset),
-                   *reduction("ReduceSum", diff, axes, total, graph, fresh, section.opset)]
+        checks += [
+            *reduction("ReduceSumSquare", diff, axes, squares, graph, fresh, section.opset),
+            *reduction("ReduceSum", diff, axes, total, graph, fresh, section.opset),
+        ]
         names[layer.weight, id(candidate.weight)] = (*signals[y], squares, total)
     section.wanted += list(dict.fromkeys(name for four in names.values() for name in four))
 
 
-def layer_copy(node: onnx.NodeProto, weight: str, output: str, fresh: NameSource, *, bias: bool = True) -> onnx.NodeProto:
+def layer_copy(
+    node: onnx.NodeProto, weight: str, output: str, fresh: NameSource, *, bias: bool = True
+) -> onnx.NodeProto:
     """The layer's node reading another weight (and, without `bias`, no bias) into another output."""
     copy = onnx.NodeProto()
     copy.CopyFrom(node)
@@ -139,8 +166,12 @@ def _snr(signal: float, error: float) -> float | None:
     return 10.0 * float(np.log10(signal / error)) if signal > 0 else float("-inf")
 
 
-def model_snr(model: onnx.ModelProto, variants: list[tuple[dict[str, Deferred], dict[str, tuple[Layer, np.ndarray]]]],
-              feeds: Feeds, reference: list[np.ndarray]) -> list[float | None]:
+def model_snr(
+    model: onnx.ModelProto,
+    variants: list[tuple[dict[str, Deferred], dict[str, tuple[Layer, np.ndarray]]]],
+    feeds: Feeds,
+    reference: list[np.ndarray],
+) -> list[float | None]:
     """SNR (dB) of the model's outputs, all outputs together, for each variant against the float
     model's `reference` outputs on the same feeds.
 
@@ -163,7 +194,9 @@ def model_snr(model: onnx.ModelProto, variants: list[tuple[dict[str, Deferred], 
     return snrs
 
 
-def _variant(arrays: dict[str, Deferred], shifts: dict[str, tuple[Layer, np.ndarray]], model_outputs: list[str], section: Section) -> None:
+def _variant(
+    arrays: dict[str, Deferred], shifts: dict[str, tuple[Layer, np.ndarray]], model_outputs: list[str], section: Section
+) -> None:
     """A section of a whole-model variant: its weights replaced, bias shifts added after its layers."""
     graph = section.graph
     for tensor in graph.initializer:
@@ -176,11 +209,15 @@ def _variant(arrays: dict[str, Deferred], shifts: dict[str, tuple[Layer, np.ndar
     for node in graph.node:
         value = constant_value(node)
         if value is not None and node.output[0] in arrays:
-            value.CopyFrom(numpy_helper.from_array(array_of(arrays[node.output[0]]).astype(np.float32, copy=False), value.name))
+            value.CopyFrom(
+                numpy_helper.from_array(array_of(arrays[node.output[0]]).astype(np.float32, copy=False), value.name)
+            )
     for layer, shift in shifts.values():
         y = layer.node.output[0]
         if y in section.made:
-            bias = numpy_helper.from_array(output_layout(layer, shift).astype(np.float32), section.fresh(f"{layer.weight}_qc_shift"))
+            bias = numpy_helper.from_array(
+                output_layout(layer, shift).astype(np.float32), section.fresh(f"{layer.weight}_qc_shift")
+            )
             graph.initializer.append(bias)
             product = section.fresh(f"{y}_qc_unshifted")
             section.after[y] = After([helper.make_node("Add", [product, bias.name], [y])], product)

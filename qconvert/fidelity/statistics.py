@@ -62,7 +62,9 @@ def find_layers(model: onnx.ModelProto, weights: list[Weight]) -> dict[str, Laye
     """The weights these techniques apply to, by name; the others (subgraphs, shared weights, RNNs,
     weights also read as data, non-float32) are quantized plainly."""
     wanted = {w.name: w for w in weights if _plain_layer_weight(w)}
-    constants = {t.name for t in model.graph.initializer} | {n.output[0] for n in model.graph.node if constant_value(n) is not None}
+    constants = {t.name for t in model.graph.initializer} | {
+        n.output[0] for n in model.graph.node if constant_value(n) is not None
+    }
     layers = {}
     for node in model.graph.node:
         weight = wanted.get(node.input[1]) if len(node.input) >= 2 else None
@@ -75,8 +77,13 @@ def find_layers(model: onnx.ModelProto, weights: list[Weight]) -> dict[str, Laye
 
 def _plain_layer_weight(weight: Weight) -> bool:
     """A float32 weight of the main graph that one Conv, Gemm or MatMul reads, and nothing else."""
-    return (weight.graph_path == MAIN_GRAPH and len(weight.consumers) == 1 and not weight.other_readers
-            and weight.tensor.data_type == onnx.TensorProto.FLOAT and weight.consumers[0].op_type in ("Conv", "Gemm", "MatMul"))
+    return (
+        weight.graph_path == MAIN_GRAPH
+        and len(weight.consumers) == 1
+        and not weight.other_readers
+        and weight.tensor.data_type == onnx.TensorProto.FLOAT
+        and weight.consumers[0].op_type in ("Conv", "Gemm", "MatMul")
+    )
 
 
 def _layer(node: onnx.NodeProto, weight: Weight, editable: bool) -> Layer | None:
@@ -87,7 +94,9 @@ def _layer(node: onnx.NodeProto, weight: Weight, editable: bool) -> Layer | None
         return Layer(weight.name, node, 1, 1, 0, weight.shape, int(attrs.get("group", 1)), editable)
     if node.op_type == "Gemm":
         trans_b = int(attrs.get("transB", 0))
-        return Layer(weight.name, node, 0 if attrs.get("transA", 0) else 1, trans_b, 1 - trans_b, weight.shape, 1, editable)
+        return Layer(
+            weight.name, node, 0 if attrs.get("transA", 0) else 1, trans_b, 1 - trans_b, weight.shape, 1, editable
+        )
     if node.op_type == "MatMul" and rank == 2:
         return Layer(weight.name, node, -1, 0, 1, weight.shape)
     return None
@@ -104,7 +113,8 @@ def check_feeds(feeds: Feeds, layers: dict[str, Layer]) -> Feeds:
     while count < len(feeds.batches) and samples < wanted:
         samples += len(next(iter(feeds.batches[count].values())))
         count += 1
-    batches = [{name: np.array(array) for name, array in batch.items()} for batch in feeds.batches[:count]]  # not views: the rest can go
+    # not views: the rest can go
+    batches = [{name: np.array(array) for name, array in batch.items()} for batch in feeds.batches[:count]]
     return Feeds(batches, min(samples, feeds.samples), feeds.source)
 
 
@@ -118,7 +128,9 @@ class Statistics:
     checks: Feeds  # what the layer and whole-model checks run on (`check_feeds`)
 
 
-def input_moments(model: onnx.ModelProto, layers: dict[str, Layer], feeds: Feeds, extremes: list[str] | None = None) -> Statistics:
+def input_moments(
+    model: onnx.ModelProto, layers: dict[str, Layer], feeds: Feeds, extremes: list[str] | None = None
+) -> Statistics:
     """E[x] and E[x²] per input channel of each layer, in one onnxruntime pass; the model's outputs on
     `check_feeds(feeds, layers)`; and the min and max of the `extremes` tensors (activation ranges).
 
@@ -208,8 +220,11 @@ def importance(layer: Layer, moments: Moments, shape: tuple[int, ...]) -> np.nda
     return np.maximum(energy, IMPORTANCE_FLOOR * float(energy.max()))
 
 
-def reduction(op: str, x: str, axes: list[int], out: str, graph: onnx.GraphProto, fresh: NameSource, opset: int) -> list[onnx.NodeProto]:
-    """A ReduceSum / ReduceSumSquare over `axes` (keepdims 0), with axes as an input from the opset that moved them there."""
+def reduction(
+    op: str, x: str, axes: list[int], out: str, graph: onnx.GraphProto, fresh: NameSource, opset: int
+) -> list[onnx.NodeProto]:
+    """A ReduceSum / ReduceSumSquare over `axes` (keepdims 0), with axes as an input from the opset that
+    moved them there."""
     if opset >= {"ReduceSum": 13, "ReduceSumSquare": 18}[op]:
         axes_name = fresh(f"{out}_axes")
         graph.initializer.append(numpy_helper.from_array(np.array(axes, np.int64), axes_name))

@@ -77,12 +77,21 @@ class Method(Protocol):
     def opset_reason(self, settings: list[LayerSetting], before: int) -> str | None:
         """What needs an opset above `before` among these weights, in a few words (None: nothing)."""
 
-    def quantize(self, weight: Weight, array: np.ndarray, setting: LayerSetting, axis: int | None,
-                 importance: np.ndarray | None, context: Context) -> Quantized:
+    def quantize(
+        self,
+        weight: Weight,
+        array: np.ndarray,
+        setting: LayerSetting,
+        axis: int | None,
+        importance: np.ndarray | None,
+        context: Context,
+    ) -> Quantized:
         """The weight's stored form; with `importance` (error weights broadcastable to the array), the one
         that minimises the weighted error. Deterministic."""
 
-    def choose(self, weight: Weight, tried: dict[int | None, Quantized], setting: LayerSetting) -> tuple[int | None, str | None]:
+    def choose(
+        self, weight: Weight, tried: dict[int | None, Quantized], setting: LayerSetting
+    ) -> tuple[int | None, str | None]:
         """Of several axes tried, the one to keep, and why if it is not the last."""
 
     def storage(self, item: Quantized) -> str:
@@ -133,18 +142,41 @@ def file_bytes(method: Method, weight: Weight, bits: int, axis: int | None, opse
     item = method.stand_in(stand_in, bits, axis, opset)
     storage = method.storage(item)
     method.encode(model, [item])
-    return (model.ByteSize() - empty + method.data_bytes(weight.elements, channels, dtype.itemsize, bits, storage)
-            - method.data_bytes(channels, channels, dtype.itemsize, bits, storage))
+    return (
+        model.ByteSize()
+        - empty
+        + method.data_bytes(weight.elements, channels, dtype.itemsize, bits, storage)
+        - method.data_bytes(channels, channels, dtype.itemsize, bits, storage)
+    )
 
 
-def weight_report(weight: Weight, array: np.ndarray, item: Quantized, *, groups: int, stored_bytes: int,
-                  snr_db: float | None, note: str | None) -> WeightReport:
+def weight_report(
+    weight: Weight,
+    array: np.ndarray,
+    item: Quantized,
+    *,
+    groups: int,
+    stored_bytes: int,
+    snr_db: float | None,
+    note: str | None,
+) -> WeightReport:
     """The fields every method reports alike."""
     return WeightReport(
-        name=weight.name, source=weight.source, graph=weight.graph_path, consumers=[c.op_type for c in weight.consumers],
-        shape=list(weight.shape), elements=weight.elements, dtype=str(array.dtype), bits=item.bits,
-        granularity=granularity_of(item.axis), channel_axis=item.axis, groups=groups, float_bytes=array.nbytes,
-        stored_bytes=stored_bytes, snr_db=snr_db, note=join(note, readers_note(weight)),
+        name=weight.name,
+        source=weight.source,
+        graph=weight.graph_path,
+        consumers=[c.op_type for c in weight.consumers],
+        shape=list(weight.shape),
+        elements=weight.elements,
+        dtype=str(array.dtype),
+        bits=item.bits,
+        granularity=granularity_of(item.axis),
+        channel_axis=item.axis,
+        groups=groups,
+        float_bytes=array.nbytes,
+        stored_bytes=stored_bytes,
+        snr_db=snr_db,
+        note=join(note, readers_note(weight)),
     )
 
 

@@ -21,7 +21,9 @@ PARALLEL_MIN_ELEMENTS = 1 << 21  # weights below which a second thread gains not
 Result = TypeVar("Result")
 
 
-def in_order(compute: Callable[..., Result], jobs: Iterable[tuple[object, ...]], workers: int, elements: int) -> Iterator[Result]:
+def in_order(
+    compute: Callable[..., Result], jobs: Iterable[tuple[object, ...]], workers: int, elements: int
+) -> Iterator[Result]:
     """compute(*job) for each job, in order. Over `elements` ≥ PARALLEL_MIN_ELEMENTS weights, a thread per
     worker (numpy releases the GIL in the heavy parts; threads share the weights instead of copying them
     into processes), with at most `workers` jobs in flight so memory stays bounded. The results do not
@@ -79,12 +81,20 @@ def finite(weights: list[Weight], skipped: list[Skipped]) -> list[Weight]:
 
 def require_weights(items: Sequence[object], skipped: list[Skipped]) -> None:
     if not items:
-        reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:3]) or "no Conv, ConvTranspose, Gemm, MatMul or RNN reads a constant weight"
+        reasons = (
+            "; ".join(f"{s.name}: {s.reason}" for s in skipped[:3])
+            or "no Conv, ConvTranspose, Gemm, MatMul or RNN reads a constant weight"
+        )
         raise UnsupportedModelError(f"nothing to quantize ({reasons})")
 
 
-def fold_pays(array: np.ndarray, factor: np.ndarray, axis: int, quantize: Callable[[np.ndarray], np.ndarray],
-              importance: np.ndarray | None) -> bool:
+def fold_pays(
+    array: np.ndarray,
+    factor: np.ndarray,
+    axis: int,
+    quantize: Callable[[np.ndarray], np.ndarray],
+    importance: np.ndarray | None,
+) -> bool:
     """Whether to fold a BatchNorm factor f (per channel along `axis`) into a weight before quantizing it.
 
     Folded, the layer computes Q(f·W); kept, f·Q(W). Folding saves the BN op, but one codebook or

@@ -59,18 +59,26 @@ class _Job:
         self.settings = {w.name: layer_setting(self.plan, w.name) for w in self.weights}
 
 
-def quantize_model(model: onnx.ModelProto, plan: Plan, progress: Progress, workers: int, data: Path | None = None,
-                   memo: dict[tuple[object, ...], object] | None = None) -> Step:
+def quantize_model(
+    model: onnx.ModelProto,
+    plan: Plan,
+    progress: Progress,
+    workers: int,
+    data: Path | None = None,
+    memo: dict[tuple[object, ...], object] | None = None,
+) -> Step:
     """The plan's methods applied to the model's weights (in place, or on a copy converted to another opset:
     `Step.model`). With `data` (calibration inputs), the data-aware techniques refine each layer where that
     measurably beats the plain result on the layer's output. `memo`: results shared by conversions of one model."""
     unknown = [o for o in plan.overrides if o.method is not None and o.method not in METHODS]
     if unknown:
-        raise UsageError(f"[[layer]] {unknown[0].match!r}: method must be one of {', '.join(METHODS)}, "
-                         f"got {unknown[0].method!r}")
+        raise UsageError(
+            f"[[layer]] {unknown[0].match!r}: method must be one of {', '.join(METHODS)}, got {unknown[0].method!r}"
+        )
     overhead = plan.max_codebook_overhead if isinstance(plan, KMeansPlan) else 1.0
-    job = _Job(model, plan, progress, workers, Context(opset=default_opset(model), max_codebook_overhead=overhead,
-                                                        memo=memo))
+    job = _Job(
+        model, plan, progress, workers, Context(opset=default_opset(model), max_codebook_overhead=overhead, memo=memo)
+    )
     full_qdq = plan if isinstance(plan, LinearPlan) and plan.activations else None  # activations quantized too
     job.select()
     # Folding BatchNorm where it costs no accuracy needs the statistics; integer kernels need every one folded,
@@ -83,7 +91,11 @@ def quantize_model(model: onnx.ModelProto, plan: Plan, progress: Progress, worke
     opset = _prepare_opset(job)
     if refiner is not None:
         refiner.bind(job.model, job.weights)
-    ranges = activations.ranges(job.model, job.weights, full_qdq, data, refiner, progress, job.warnings) if full_qdq else None
+    ranges = (
+        activations.ranges(job.model, job.weights, full_qdq, data, refiner, progress, job.warnings)
+        if full_qdq
+        else None
+    )
     items, decisions, chosen = _quantize(job, refiner)
     reports, histograms = _reports(job, items, decisions, chosen, set(folded.values()))
     opset = _described(job, opset, items)
@@ -101,8 +113,13 @@ def quantize_model(model: onnx.ModelProto, plan: Plan, progress: Progress, worke
     return Step(job.model, opset, reports, job.skipped, job.warnings, job.details, histograms)
 
 
-def _reports(job: _Job, items: dict[str, Quantized], decisions: dict[str, Decision], chosen: dict[str, str | None],
-             folded: set[str]) -> tuple[list[WeightReport], list[Histogram]]:
+def _reports(
+    job: _Job,
+    items: dict[str, Quantized],
+    decisions: dict[str, Decision],
+    chosen: dict[str, str | None],
+    folded: set[str],
+) -> tuple[list[WeightReport], list[Histogram]]:
     """Each weight's line in the report (its method's, with the techniques applied and why), and its histogram."""
     reports, histograms = [], []
     for weight in job.weights:
@@ -119,8 +136,9 @@ def _insert_activations(job: _Job, items: dict[str, Quantized], ranges: activati
     """Full QDQ: the activations around the encoded integer weights."""
     job.details.update(activations.insert(job.model, {w.name: items[w.name] for w in job.weights}, ranges))  # type: ignore[misc]
     if any(s.bits == 4 for s in job.settings.values()):
-        job.warnings.append("int4 weights in a full QDQ graph are not fused into integer kernels by onnxruntime; "
-                            "int8 runs faster")
+        job.warnings.append(
+            "int4 weights in a full QDQ graph are not fused into integer kernels by onnxruntime; int8 runs faster"
+        )
 
 
 def _fold(job: _Job, refiner: Refiner | None, *, everything: bool) -> dict[str, str]:
@@ -131,7 +149,9 @@ def _fold(job: _Job, refiner: Refiner | None, *, everything: bool) -> dict[str, 
 
     unshared = dataclasses.replace(job.context, memo=None)  # results for arrays that may not be kept
 
-    def quantizer(weight: Weight, importance: np.ndarray | None) -> tuple[int | None, Callable[[np.ndarray], np.ndarray]]:
+    def quantizer(
+        weight: Weight, importance: np.ndarray | None
+    ) -> tuple[int | None, Callable[[np.ndarray], np.ndarray]]:
         method, setting = job.method(weight), job.settings[weight.name]
         axis = method.axes(weight, setting, job.context)[0][-1]  # granularity auto: as if per channel
         return axis, lambda values: method.quantize(weight, values, setting, axis, importance, unshared).dequantized()
@@ -177,7 +197,9 @@ def _prepare_opset(job: _Job) -> OpsetChange:
     reasons = _reasons(above(before), before)
     allowed = getattr(job.plan, "raise_opset", True)
     if not allowed and required > before:
-        raise UnsupportedModelError(f"linear layers need opset {required}, and --keep-opset forbids raising it from {before}")
+        raise UnsupportedModelError(
+            f"linear layers need opset {required}, and --keep-opset forbids raising it from {before}"
+        )
     reason = "--keep-opset"
     if allowed:
         try:
@@ -200,7 +222,9 @@ def _prepare_opset(job: _Job) -> OpsetChange:
 
 def _reasons(by_method: dict[str, list[LayerSetting]], before: int) -> str:
     """What needs an opset above `before`, per method, in a few words."""
-    return ", ".join(r for name, settings in by_method.items() if settings and (r := METHODS[name].opset_reason(settings, before)))
+    return ", ".join(
+        r for name, settings in by_method.items() if settings and (r := METHODS[name].opset_reason(settings, before))
+    )
 
 
 def _convert(job: _Job, target: int) -> None:
@@ -214,7 +238,9 @@ def _convert(job: _Job, target: int) -> None:
     job.skipped = skipped
 
 
-def _quantize(job: _Job, refiner: Refiner | None) -> tuple[dict[str, Quantized], dict[str, Decision], dict[str, str | None]]:
+def _quantize(
+    job: _Job, refiner: Refiner | None
+) -> tuple[dict[str, Quantized], dict[str, Decision], dict[str, str | None]]:
     """Per weight: its method's result on each axis to try (the method chooses), then with the layer's
     input statistics the data-aware result on the chosen axis, and the check that keeps the better."""
     weights, settings, context = job.weights, job.settings, job.context
@@ -223,7 +249,9 @@ def _quantize(job: _Job, refiner: Refiner | None) -> tuple[dict[str, Quantized],
         return job.method(weight).quantize(weight, weight.array(), settings[weight.name], axis, importance, context)
 
     job.progress(f"quantizing {len(weights)} weights")
-    jobs: list[tuple[Weight, int | None, np.ndarray | None]] = [(w, axis, None) for w in weights for axis in job.axes[w.name][0]]
+    jobs: list[tuple[Weight, int | None, np.ndarray | None]] = [
+        (w, axis, None) for w in weights for axis in job.axes[w.name][0]
+    ]
     arriving = in_order(compute, jobs, job.workers, sum(w.elements for w, _, _ in jobs))
     plain: dict[str, Quantized] = {}
     chosen: dict[str, str | None] = {}
@@ -236,10 +264,14 @@ def _quantize(job: _Job, refiner: Refiner | None) -> tuple[dict[str, Quantized],
     importance = {w.name: refiner.importance(w) for w in weights if job.refined(w)}
     job.progress("quantizing for the layer outputs")
     jobs = [(w, plain[w.name].axis, importance[w.name]) for w in weights if importance.get(w.name) is not None]
-    refined = dict(zip((w.name for w, _, _ in jobs), in_order(compute, jobs, job.workers, sum(w.elements for w, _, _ in jobs))))
+    refined = dict(
+        zip((w.name for w, _, _ in jobs), in_order(compute, jobs, job.workers, sum(w.elements for w, _, _ in jobs)))
+    )
     job.progress("checking each layer's output on the calibration data")
     by_name = {w.name: w for w in weights}
-    results = {name: (plain[name].dequantized, refined[name].dequantized if name in refined else None) for name in importance}
+    results = {
+        name: (plain[name].dequantized, refined[name].dequantized if name in refined else None) for name in importance
+    }
     decisions = refiner.decide(job.model, results, lambda name: by_name[name].array())  # type: ignore[arg-type]
     job.details["calibration"] = refiner.summary(decisions)
     items = {name: refined[name] if (d := decisions.get(name)) and d.refined else item for name, item in plain.items()}
@@ -251,7 +283,8 @@ def _described(job: _Job, opset: OpsetChange, items: dict[str, Quantized]) -> Op
     storage = ", ".join(sorted({job.method(w).storage(items[w.name]) for w in job.weights})) or "-"
     note = opset.note
     if note is not None and FALLBACK in note:
-        fell_back = ", ".join(sorted({job.method(w).storage(items[w.name]) for w in job.weights
-                                      if job.method(w).name in job.fell_back}))
+        fell_back = ", ".join(
+            sorted({job.method(w).storage(items[w.name]) for w in job.weights if job.method(w).name in job.fell_back})
+        )
         note = note.replace(FALLBACK, fell_back)
     return dataclasses.replace(opset, storage=storage, note=note)

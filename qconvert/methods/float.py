@@ -42,12 +42,23 @@ class Float:
     def opset_reason(self, settings: list[LayerSetting], before: int) -> str | None:
         return None
 
-    def quantize(self, weight: Weight, array: np.ndarray, setting: LayerSetting, axis: int | None,
-                 importance: np.ndarray | None, context: Context) -> FloatWeight:
+    def quantize(
+        self,
+        weight: Weight,
+        array: np.ndarray,
+        setting: LayerSetting,
+        axis: int | None,
+        importance: np.ndarray | None,
+        context: Context,
+    ) -> FloatWeight:
         return FloatWeight(weight, array, None, 8 * array.itemsize)
 
-    def choose(self, weight: Weight, tried: dict[int | None, FloatWeight],  # type: ignore[override]
-               setting: LayerSetting) -> tuple[int | None, str | None]:
+    def choose(
+        self,
+        weight: Weight,
+        tried: dict[int | None, FloatWeight],  # type: ignore[override]
+        setting: LayerSetting,
+    ) -> tuple[int | None, str | None]:
         return None, None
 
     def storage(self, item: FloatWeight) -> str:  # type: ignore[override]
@@ -59,8 +70,13 @@ class Float:
     def encode(self, model: onnx.ModelProto, items: list[FloatWeight]) -> None:  # type: ignore[override]
         """Nothing to do: the weight is already in the graph."""
 
-    def report(self, weight: Weight, array: np.ndarray, item: FloatWeight,  # type: ignore[override]
-               note: str | None) -> WeightReport:
+    def report(
+        self,
+        weight: Weight,
+        array: np.ndarray,
+        item: FloatWeight,  # type: ignore[override]
+        note: str | None,
+    ) -> WeightReport:
         return weight_report(weight, array, item, groups=1, stored_bytes=array.nbytes, snr_db=None, note=note)
 
     def histogram(self, name: str, array: np.ndarray, item: FloatWeight) -> Histogram:  # type: ignore[override]

@@ -48,15 +48,19 @@ class KMeans:
             return [None], "per-tensor: its consumers disagree on the channel axis"
         overhead = overhead_bits(weight, setting.bits, axis)
         if overhead > context.max_codebook_overhead:
-            return [None], (f"per-tensor: per-channel codebooks would add {overhead:.2f} bits per weight "
-                            f"(> --max-codebook-overhead {context.max_codebook_overhead:g})")
+            return [None], (
+                f"per-tensor: per-channel codebooks would add {overhead:.2f} bits per weight "
+                f"(> --max-codebook-overhead {context.max_codebook_overhead:g})"
+            )
         if setting.granularity is Granularity.PER_CHANNEL:
             return [axis], None
         if weight.elements >= ESTIMATE_MIN_ELEMENTS:  # skip the full per-channel k-means where it cannot pay
             gain = _sampled_gain(weight, setting.bits, axis)
             if gain is not None and gain < 0.5 * DB_PER_BIT * overhead:
-                return [None], (f"per-tensor: per-channel codebooks would gain about {gain:.1f} dB (on "
-                                f"{ESTIMATE_CHANNELS} sampled channels) for {overhead:.2f} more bits per weight")
+                return [None], (
+                    f"per-tensor: per-channel codebooks would gain about {gain:.1f} dB (on "
+                    f"{ESTIMATE_CHANNELS} sampled channels) for {overhead:.2f} more bits per weight"
+                )
         return [None, axis], None
 
     def need(self, weight: Weight, setting: LayerSetting, axis: int | None) -> Need:
@@ -66,13 +70,24 @@ class KMeans:
         storages = {preferred_storage(s.bits).value for s in settings if min_opset(preferred_storage(s.bits)) > before}
         return f"{', '.join(sorted(storages))} indices" if storages else None
 
-    def quantize(self, weight: Weight, array: np.ndarray, setting: LayerSetting, axis: int | None,
-                 importance: np.ndarray | None, context: Context) -> EncodedWeight:
+    def quantize(
+        self,
+        weight: Weight,
+        array: np.ndarray,
+        setting: LayerSetting,
+        axis: int | None,
+        importance: np.ndarray | None,
+        context: Context,
+    ) -> EncodedWeight:
         palette = _palette(array, setting.bits, axis, importance, context.memo)
         return EncodedWeight(weight, palette, axis, setting.bits, storage_for(setting.bits, context.opset))
 
-    def choose(self, weight: Weight, tried: dict[int | None, EncodedWeight],  # type: ignore[override]
-               setting: LayerSetting) -> tuple[int | None, str | None]:
+    def choose(
+        self,
+        weight: Weight,
+        tried: dict[int | None, EncodedWeight],  # type: ignore[override]
+        setting: LayerSetting,
+    ) -> tuple[int | None, str | None]:
         """Per channel where it pays: it must gain more than the ~6 dB per bit that spending its codebook
         overhead on index bits would buy."""
         axes = list(tried)
@@ -96,13 +111,29 @@ class KMeans:
     def encode(self, model: onnx.ModelProto, items: list[EncodedWeight]) -> None:  # type: ignore[override]
         encode_palettes(model, items)
 
-    def report(self, weight: Weight, array: np.ndarray, item: EncodedWeight,  # type: ignore[override]
-               note: str | None) -> WeightReport:
+    def report(
+        self,
+        weight: Weight,
+        array: np.ndarray,
+        item: EncodedWeight,  # type: ignore[override]
+        note: str | None,
+    ) -> WeightReport:
         palette = item.palette
-        return weight_report(weight, array, item, groups=palette.codebook.shape[0],
-                             stored_bytes=self.data_bytes(palette.indices.size, palette.codebook.shape[0],
-                                                          palette.codebook.dtype.itemsize, item.bits, item.storage),
-                             snr_db=snr_db(to_rows(array, item.axis), reconstruct(palette)), note=note)
+        return weight_report(
+            weight,
+            array,
+            item,
+            groups=palette.codebook.shape[0],
+            stored_bytes=self.data_bytes(
+                palette.indices.size,
+                palette.codebook.shape[0],
+                palette.codebook.dtype.itemsize,
+                item.bits,
+                item.storage,
+            ),
+            snr_db=snr_db(to_rows(array, item.axis), reconstruct(palette)),
+            note=note,
+        )
 
     def histogram(self, name: str, array: np.ndarray, item: EncodedWeight) -> Histogram:  # type: ignore[override]
         return Histogram.of(name, array, item.palette.codebook, rows=item.palette.codebook.shape[0])
@@ -126,8 +157,13 @@ def overhead_bits(weight: Weight, bits: int, axis: int) -> float:
     return (weight.shape[axis] - 1) * (1 << bits) * itemsize * 8 / weight.elements
 
 
-def _palette(array: np.ndarray, bits: int, axis: int | None, importance: np.ndarray | None,
-             memo: dict[tuple[object, ...], object] | None) -> Palette:
+def _palette(
+    array: np.ndarray,
+    bits: int,
+    axis: int | None,
+    importance: np.ndarray | None,
+    memo: dict[tuple[object, ...], object] | None,
+) -> Palette:
     """palettize_tensor, looked up in `memo` by the values' digest first (palettes are deterministic)."""
     if memo is None:
         return palettize_tensor(array, bits, axis, importance)

@@ -23,8 +23,10 @@ class Linear:
     error), signed with Z = 0 (symmetric) or unsigned with a zero point."""
 
     name: ClassVar[str] = "linear"
-    runtime_note: ClassVar[str | None] = ("weights-only: integer weights stay small in memory, but onnxruntime "
-                                          "dequantizes them at every run (slower than float)")
+    runtime_note: ClassVar[str | None] = (
+        "weights-only: integer weights stay small in memory, but onnxruntime "
+        "dequantizes them at every run (slower than float)"
+    )
 
     def unsupported(self, weight: Weight) -> str | None:
         if weight.tensor.data_type == onnx.TensorProto.DOUBLE:
@@ -43,9 +45,12 @@ class Linear:
 
     def need(self, weight: Weight, setting: LayerSetting, axis: int | None) -> Need:
         """Per-axis scales need opset 13, scales of another type than float32 19, int4 21."""
-        needed = max(10, PER_AXIS_OPSET if axis is not None else 10,
-                     TYPED_SCALE_OPSET if weight.tensor.data_type != onnx.TensorProto.FLOAT else 10,
-                     INT4_OPSET if setting.bits == 4 else 10)
+        needed = max(
+            10,
+            PER_AXIS_OPSET if axis is not None else 10,
+            TYPED_SCALE_OPSET if weight.tensor.data_type != onnx.TensorProto.FLOAT else 10,
+            INT4_OPSET if setting.bits == 4 else 10,
+        )
         return Need(wanted=needed, required=needed)
 
     def opset_reason(self, settings: list[LayerSetting], before: int) -> str | None:
@@ -54,15 +59,33 @@ class Linear:
     def opset_hint(self, settings: list[LayerSetting]) -> str:
         return INT4_HINT if any(s.bits == 4 for s in settings) else ""
 
-    def quantize(self, weight: Weight, array: np.ndarray, setting: LayerSetting, axis: int | None,
-                 importance: np.ndarray | None, context: Context) -> qdq.LinearWeight:
+    def quantize(
+        self,
+        weight: Weight,
+        array: np.ndarray,
+        setting: LayerSetting,
+        axis: int | None,
+        importance: np.ndarray | None,
+        context: Context,
+    ) -> qdq.LinearWeight:
         """With `importance`, the clipped ranges; then only the grid is kept (a result that may be dropped):
         its integers are quantized again from the weight when asked."""
-        return qdq.quantize_weight(weight, array, bits=setting.bits, symmetric=setting.symmetric, axis=axis,
-                                   importance=importance, keep=importance is None)
+        return qdq.quantize_weight(
+            weight,
+            array,
+            bits=setting.bits,
+            symmetric=setting.symmetric,
+            axis=axis,
+            importance=importance,
+            keep=importance is None,
+        )
 
-    def choose(self, weight: Weight, tried: dict[int | None, qdq.LinearWeight],  # type: ignore[override]
-               setting: LayerSetting) -> tuple[int | None, str | None]:
+    def choose(
+        self,
+        weight: Weight,
+        tried: dict[int | None, qdq.LinearWeight],  # type: ignore[override]
+        setting: LayerSetting,
+    ) -> tuple[int | None, str | None]:
         return next(iter(tried)), None
 
     def storage(self, item: qdq.LinearWeight) -> str:  # type: ignore[override]
@@ -75,12 +98,23 @@ class Linear:
     def encode(self, model: onnx.ModelProto, items: list[qdq.LinearWeight]) -> None:  # type: ignore[override]
         qdq.insert_weight_dq(model, items)
 
-    def report(self, weight: Weight, array: np.ndarray, item: qdq.LinearWeight,  # type: ignore[override]
-               note: str | None) -> WeightReport:
+    def report(
+        self,
+        weight: Weight,
+        array: np.ndarray,
+        item: qdq.LinearWeight,  # type: ignore[override]
+        note: str | None,
+    ) -> WeightReport:
         channels = item.grid.scale.size
-        return weight_report(weight, array, item, groups=channels,
-                             stored_bytes=self.data_bytes(weight.elements, channels, array.itemsize, item.bits, ""),
-                             snr_db=snr_db(array, item.dequantized()), note=note)
+        return weight_report(
+            weight,
+            array,
+            item,
+            groups=channels,
+            stored_bytes=self.data_bytes(weight.elements, channels, array.itemsize, item.bits, ""),
+            snr_db=snr_db(array, item.dequantized()),
+            note=note,
+        )
 
     def histogram(self, name: str, array: np.ndarray, item: qdq.LinearWeight) -> Histogram:  # type: ignore[override]
         grid = item.grid

@@ -54,15 +54,38 @@ class Refiner:
     matmul_bias: bool = True  # a MatMul's bias shift goes in a new Add node
     ranges: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)  # min/max of the tensors asked for
     layers: dict[str, Layer] = dataclasses.field(default_factory=dict)
-    model_snr_db: dict[str, float | None] = dataclasses.field(default_factory=dict)  # the whole-model check, per variant
+    # the whole-model check, per variant
+    model_snr_db: dict[str, float | None] = dataclasses.field(default_factory=dict)
     chosen: str = "plain"  # the variant that won it
 
     @staticmethod
-    def gather(model: onnx.ModelProto, weights: list[Weight], feeds: Feeds, *, data_aware: bool, bias_correction: bool,
-               matmul_bias: bool = True, extremes: list[str] | None = None) -> Refiner:
+    def gather(
+        model: onnx.ModelProto,
+        weights: list[Weight],
+        feeds: Feeds,
+        *,
+        data_aware: bool,
+        bias_correction: bool,
+        matmul_bias: bool = True,
+        extremes: list[str] | None = None,
+    ) -> Refiner:
         layers = statistics.find_layers(model, weights)
-        stats = statistics.input_moments(model, layers, feeds, extremes) if layers else statistics.Statistics({}, [], {}, feeds)
-        refiner = Refiner(feeds.source, feeds.samples, stats.checks, stats.moments, stats.reference, data_aware, bias_correction, matmul_bias, ranges=stats.ranges)
+        stats = (
+            statistics.input_moments(model, layers, feeds, extremes)
+            if layers
+            else statistics.Statistics({}, [], {}, feeds)
+        )
+        refiner = Refiner(
+            feeds.source,
+            feeds.samples,
+            stats.checks,
+            stats.moments,
+            stats.reference,
+            data_aware,
+            bias_correction,
+            matmul_bias,
+            ranges=stats.ranges,
+        )
         refiner.bind(model, weights)
         return refiner
 
@@ -71,7 +94,10 @@ class Refiner:
         folding or an opset change, so its statistics still hold)."""
         layers = statistics.find_layers(model, [w for w in weights if w.name in self.moments])
         if not self.matmul_bias:
-            layers = {n: dataclasses.replace(x, bias_editable=False) if x.op_type == "MatMul" else x for n, x in layers.items()}
+            layers = {
+                n: dataclasses.replace(x, bias_editable=False) if x.op_type == "MatMul" else x
+                for n, x in layers.items()
+            }
         self.layers = layers
 
     def importance(self, weight: Weight) -> np.ndarray | None:
@@ -80,8 +106,12 @@ class Refiner:
             return None
         return statistics.importance(self.layers[weight.name], self.moments[weight.name], weight.shape)
 
-    def decide(self, model: onnx.ModelProto, results: dict[str, tuple[Deferred, Deferred | None]],
-               original: Callable[[str], np.ndarray]) -> dict[str, Decision]:
+    def decide(
+        self,
+        model: onnx.ModelProto,
+        results: dict[str, tuple[Deferred, Deferred | None]],
+        original: Callable[[str], np.ndarray],
+    ) -> dict[str, Decision]:
         """Per weight: plain and data-aware (or None) dequantized arrays, or what decodes them -> what to
         use. `original` gives a weight's float array; both are asked for when needed, so that a big
         model's copies are never all held at once.
@@ -93,8 +123,11 @@ class Refiner:
         """
         names = [n for n in results if n in self.layers]
         options = {name: self._options(name, *results[name], original) for name in names}
-        candidates = [Candidate(self.layers[name], _pick(results[name], refined), shift)
-                      for name in names for refined, shift in options[name]]
+        candidates = [
+            Candidate(self.layers[name], _pick(results[name], refined), shift)
+            for name in names
+            for refined, shift in options[name]
+        ]
         snrs = iter(checks.layer_snr(model, candidates, self.checks))
         measured = {name: [next(snrs) for _ in options[name]] for name in names}
         best_per_layer = {name: _best(measured[name]) for name in names}
@@ -102,8 +135,12 @@ class Refiner:
         variants = {
             "plain": dict.fromkeys(names, 0),
             "per layer": best_per_layer,
-            "bias correction everywhere": {n: 1 if len(options[n]) > 1 and options[n][1][1] is not None else 0 for n in names},
-            "data-aware everywhere": {n: len(options[n]) - 1 if results[n][1] is not None else best_per_layer[n] for n in names},
+            "bias correction everywhere": {
+                n: 1 if len(options[n]) > 1 and options[n][1][1] is not None else 0 for n in names
+            },
+            "data-aware everywhere": {
+                n: len(options[n]) - 1 if results[n][1] is not None else best_per_layer[n] for n in names
+            },
         }
         unique: dict[str, dict[str, int]] = {}
         for label, choice in variants.items():
@@ -112,15 +149,20 @@ class Refiner:
         arrays = []
         for choice in unique.values():
             picked = {name: options[name][index] for name, index in choice.items()}
-            arrays.append(({name: _pick(results[name], refined) for name, (refined, _) in picked.items()},
-                           {name: (self.layers[name], shift) for name, (_, shift) in picked.items() if shift is not None}))
+            arrays.append(
+                (
+                    {name: _pick(results[name], refined) for name, (refined, _) in picked.items()},
+                    {name: (self.layers[name], shift) for name, (_, shift) in picked.items() if shift is not None},
+                )
+            )
         model_snrs = checks.model_snr(model, arrays, self.checks, self.reference)
         self.model_snr_db = dict(zip(unique, model_snrs))
         self.chosen = list(unique)[_best(model_snrs)]
         return {name: _decision(options[name], measured[name], index) for name, index in unique[self.chosen].items()}
 
-    def _options(self, name: str, plain: Deferred, refined: Deferred | None,
-                 original: Callable[[str], np.ndarray]) -> list[tuple[bool, np.ndarray | None]]:
+    def _options(
+        self, name: str, plain: Deferred, refined: Deferred | None, original: Callable[[str], np.ndarray]
+    ) -> list[tuple[bool, np.ndarray | None]]:
         """A layer's options as (data-aware?, bias shift): plain; plain with its bias corrected; data-aware,
         with its bias corrected if that is on."""
         tried: list[tuple[bool, np.ndarray | None]] = [(False, None)]
@@ -150,16 +192,30 @@ class Refiner:
         apply_bias_shifts(model, {n: (self.layers[n], d.shift) for n, d in decisions.items() if d.shift is not None})
 
 
-def refiner_for(model: onnx.ModelProto, weights: list[Weight], plan: Plan, data: Path | None, progress: Progress,
-                matmul_bias: bool = True, extremes: list[str] | None = None) -> Refiner | None:
+def refiner_for(
+    model: onnx.ModelProto,
+    weights: list[Weight],
+    plan: Plan,
+    data: Path | None,
+    progress: Progress,
+    matmul_bias: bool = True,
+    extremes: list[str] | None = None,
+) -> Refiner | None:
     """Statistics for the data-aware techniques the plan enables, or None (no data, nothing to refine);
     in the same pass, the min and max of the `extremes` tensors (activation ranges)."""
     if data is None or not weights or not (plan.data_aware or plan.bias_correction):
         return None
     progress("gathering input statistics on the calibration data")
     feeds = calibration_feeds(model, data, plan.preprocessing)
-    refiner = Refiner.gather(model, weights, feeds, data_aware=plan.data_aware, bias_correction=plan.bias_correction,
-                             matmul_bias=matmul_bias, extremes=extremes)
+    refiner = Refiner.gather(
+        model,
+        weights,
+        feeds,
+        data_aware=plan.data_aware,
+        bias_correction=plan.bias_correction,
+        matmul_bias=matmul_bias,
+        extremes=extremes,
+    )
     return refiner if refiner.moments else None
 
 

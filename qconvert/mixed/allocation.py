@@ -35,11 +35,17 @@ def _fill(choice: dict[str, Option], options: dict[str, list[Option]], budget: f
     choice = dict(choice)
     noise = sum(o.noise for o in choice.values())
     while True:
-        moves = [(name, o) for name, current in choice.items() for o in options[name]
-                 if o.size < current.size and noise - current.noise + o.noise <= budget]
+        moves = [
+            (name, o)
+            for name, current in choice.items()
+            for o in options[name]
+            if o.size < current.size and noise - current.noise + o.noise <= budget
+        ]
         if not moves:
             return choice
-        name, option = max(moves, key=lambda m: ((choice[m[0]].size - m[1].size) / max(m[1].noise - choice[m[0]].noise, 1e-30), m[0]))
+        name, option = max(
+            moves, key=lambda m: ((choice[m[0]].size - m[1].size) / max(m[1].noise - choice[m[0]].noise, 1e-30), m[0])
+        )
         noise += option.noise - choice[name].noise
         choice[name] = option
 

@@ -45,8 +45,14 @@ class Option:
         return f"{self.method} {self.bits}-bit {short}"
 
 
-def options_for(weight: Weight, array: np.ndarray, plan: AutoPlan, rng: np.random.Generator,
-             channels: np.ndarray | None, reach: Reach) -> list[tuple[Option, np.ndarray]]:
+def options_for(
+    weight: Weight,
+    array: np.ndarray,
+    plan: AutoPlan,
+    rng: np.random.Generator,
+    channels: np.ndarray | None,
+    reach: Reach,
+) -> list[tuple[Option, np.ndarray]]:
     """Every quantized way to store the weight that the model's opset allows, with its size, and what
     the output `channels` (None: all) decode to. K-means codebooks are fitted on a sample of the
     tensor or of each channel."""
@@ -74,7 +80,9 @@ def options_for(weight: Weight, array: np.ndarray, plan: AutoPlan, rng: np.rando
         rows = to_rows(part, axis)
         granularity = Granularity.PER_CHANNEL if axis is not None else Granularity.PER_TENSOR
         for bits in (4, 8):
-            opset = opset_for(reach, METHODS["linear"].need(weight, LayerSetting("linear", bits, granularity, False), axis))
+            opset = opset_for(
+                reach, METHODS["linear"].need(weight, LayerSetting("linear", bits, granularity, False), axis)
+            )
             if opset is None:
                 continue
             grid = grid_for(rows, bits=bits, symmetric=True)

@@ -75,11 +75,15 @@ def profile(model: onnx.ModelProto, plan: AutoPlan, validation: ValidationPlan, 
     layers = {n: layer for n, layer in layers.items() if n in moments}
     # The conversions correct biases wherever that measures better: the probes and the predictions then
     # leave out the mean error (its gain differs from the rest's: ReLUs and normalizations see it differently).
-    corrected = {n: plan.bias_correction and (plan.calibration or validation.data) is not None and layer.bias_editable
-                 for n, layer in layers.items()}
+    corrected = {
+        n: plan.bias_correction and (plan.calibration or validation.data) is not None and layer.bias_editable
+        for n, layer in layers.items()
+    }
     progress(f"measuring the sensitivity of {len(layers)} layers on {count} samples")
     rng = np.random.default_rng(0)
-    probe = _Probe(model, layers, moments, samples, corrected, groups=max(min(SLOT_BUDGET // elements, len(layers)), SLOTS))
+    probe = _Probe(
+        model, layers, moments, samples, corrected, groups=max(min(SLOT_BUDGET // elements, len(layers)), SLOTS)
+    )
     for bits in widths:  # noise grows faster than linearly through a network once it is large
         probe.measure({w.name: w.array() for w in weights if w.name in layers}, bits, rng)
     options: dict[str, list[Option]] = {}
@@ -87,14 +91,18 @@ def profile(model: onnx.ModelProto, plan: AutoPlan, validation: ValidationPlan, 
     for i, weight in enumerate(weights):
         progress(f"estimating options {i + 1}/{len(weights)}: {weight.name}")
         options[weight.name] = probe.options(weight, plan, rng, reach)
-    return Profile(options, {name: max(g for _, g in p) for name, p in probe.points.items()},
-                   {w.name: w.elements for w in weights})
+    return Profile(
+        options, {name: max(g for _, g in p) for name, p in probe.points.items()}, {w.name: w.elements for w in weights}
+    )
 
 
 def _singles(feeds: runtime.Feeds, count: int) -> runtime.Feeds:
     """The first `count` samples, one per batch."""
-    singles = [{k: v[i : i + 1] for k, v in batch.items()} for batch in feeds.batches
-               for i in range(len(next(iter(batch.values()))))]
+    singles = [
+        {k: v[i : i + 1] for k, v in batch.items()}
+        for batch in feeds.batches
+        for i in range(len(next(iter(batch.values()))))
+    ]
     return runtime.Feeds(singles[:count], len(singles[:count]), feeds.source)
 
 
@@ -102,8 +110,15 @@ class _Probe:
     """The layers' measured gains, and each weight's options with their predicted output noise: the layer's
     noise ratio, estimated and calibrated against the measured perturbation, times its gain there."""
 
-    def __init__(self, model: onnx.ModelProto, layers: dict[str, Layer], moments: dict[str, Moments],
-                 samples: runtime.Feeds, corrected: dict[str, bool], groups: int) -> None:
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        layers: dict[str, Layer],
+        moments: dict[str, Moments],
+        samples: runtime.Feeds,
+        corrected: dict[str, bool],
+        groups: int,
+    ) -> None:
         self.model, self.layers, self.moments, self.samples = model, layers, moments, samples
         self.corrected, self.groups = corrected, groups
         self.estimates = {n: noise_estimate(layers[n].weight_shape, layers[n], moments[n]) for n in layers}
@@ -113,8 +128,13 @@ class _Probe:
     def measure(self, arrays: dict[str, np.ndarray], bits: int, rng: np.random.Generator) -> None:
         """The gains with every layer's weight perturbed as `bits`-bit k-means would."""
         perturbed = {name: sampled_kmeans(array, bits, rng) for name, array in arrays.items()}  # Ŵ
-        shifts = {name: shift for name in self.layers if self.corrected[name] and
-                  (shift := bias.bias_shift(self.layers[name], self.moments[name], arrays[name], perturbed[name])) is not None}
+        shifts = {
+            name: shift
+            for name in self.layers
+            if self.corrected[name]
+            and (shift := bias.bias_shift(self.layers[name], self.moments[name], arrays[name], perturbed[name]))
+            is not None
+        }
         for name, point in noise_gains(self.model, self.layers, self.samples, perturbed, self.groups, shifts).items():
             self.points[name].append(point)
             if name not in self.calibration:
@@ -132,8 +152,9 @@ class _Probe:
         gain = gain_curve(self.points[weight.name]) if weight.name in self.layers else None
         for option, approx in options_for(weight, array, plan, rng, channels, reach):
             if gain is not None:
-                ratio = self.calibration[weight.name] * self.estimates[weight.name](part, approx, channels,
-                                                                                    self.corrected[weight.name])
+                ratio = self.calibration[weight.name] * self.estimates[weight.name](
+                    part, approx, channels, self.corrected[weight.name]
+                )
                 noise = gain(ratio) * ratio
             else:  # no layer to measure (subgraphs, RNNs, shared weights): the weight's own error ratio, worst gain
                 error = float(np.sum((part.astype(np.float64) - approx) ** 2))
@@ -147,7 +168,8 @@ def plan_for(choice: dict[str, Option], plan: AutoPlan) -> KMeansPlan:
     kmeans_bits = [o.bits for o in choice.values() if o.method == "kmeans"]
     base = max(set(kmeans_bits), key=kmeans_bits.count) if kmeans_bits else max(plan.bits)
     overrides = tuple(
-        LayerOverride(name, skip=True) if o.method == "float"
+        LayerOverride(name, skip=True)
+        if o.method == "float"
         else LayerOverride(name, bits=o.bits, granularity=o.granularity, method=o.method)
         for name, o in sorted(choice.items())
     )
@@ -155,18 +177,33 @@ def plan_for(choice: dict[str, Option], plan: AutoPlan) -> KMeansPlan:
 
 
 def _base_plan(plan: AutoPlan, overrides: tuple[LayerOverride, ...], bits: int = 8) -> KMeansPlan:
-    return KMeansPlan(bits=bits, granularity=Granularity.PER_TENSOR, min_elements=plan.min_elements, exclude=plan.exclude,
-                      max_codebook_overhead=plan.max_codebook_overhead, overrides=overrides, calibration=plan.calibration,
-                      preprocessing=plan.preprocessing, fold_batchnorm=plan.fold_batchnorm,
-                      data_aware=plan.data_aware, bias_correction=plan.bias_correction)  # with data, as kmeans does
+    """The plan's settings as a kmeans plan; with data, the techniques as qconvert kmeans has them."""
+    return KMeansPlan(
+        bits=bits,
+        granularity=Granularity.PER_TENSOR,
+        min_elements=plan.min_elements,
+        exclude=plan.exclude,
+        max_codebook_overhead=plan.max_codebook_overhead,
+        overrides=overrides,
+        calibration=plan.calibration,
+        preprocessing=plan.preprocessing,
+        fold_batchnorm=plan.fold_batchnorm,
+        data_aware=plan.data_aware,
+        bias_correction=plan.bias_correction,
+    )
 
 
 def target_gates(plan: AutoPlan) -> Gates:
     return Gates(min_snr_db=plan.target_snr, min_top1=plan.min_top1, max_accuracy_drop=plan.max_accuracy_drop)
 
 
-def search(input_path: Path, plan: AutoPlan, validation: ValidationPlan, progress: Progress,
-           convert: Callable[[KMeansPlan], Conversion]) -> Conversion:
+def search(
+    input_path: Path,
+    plan: AutoPlan,
+    validation: ValidationPlan,
+    progress: Progress,
+    convert: Callable[[KMeansPlan], Conversion],
+) -> Conversion:
     """Plans of decreasing predicted noise, each converted by `convert` (not written), until one meets it
     or MAX_ITERATIONS are spent. Returns the smallest conversion that met the target, else the last one;
     its report gets the plan and the search in details["auto"]. The others are discarded."""
@@ -174,7 +211,9 @@ def search(input_path: Path, plan: AutoPlan, validation: ValidationPlan, progres
     found = profile(model, plan, validation, progress)
     del model
     big = sum(found.elements.values()) > GAIN_BUDGET  # fewer conversions to spend (ResNet-50 in under a minute)
-    state = _Search(found.options, plan.target_snr, big, plan.target_snr if plan.target_snr is not None else TOP1_START_DB)
+    state = _Search(
+        found.options, plan.target_snr, big, plan.target_snr if plan.target_snr is not None else TOP1_START_DB
+    )
     iterations: list[dict[str, object]] = []
     conversion: Conversion | None = None
     for iteration in range(MAX_ITERATIONS - 2 if big else MAX_ITERATIONS):
@@ -187,8 +226,15 @@ def search(input_path: Path, plan: AutoPlan, validation: ValidationPlan, progres
         conversion = convert(plan_for(choice, plan))
         report = conversion.report
         measured = _worst_snr(report.validation)
-        iterations.append({"aimed_snr_db": round(state.aim, 2), "predicted_snr_db": round(predicted, 2),
-                           "measured_snr_db": measured, "output_bytes": report.output_bytes, "passed": report.passed})
+        iterations.append(
+            {
+                "aimed_snr_db": round(state.aim, 2),
+                "predicted_snr_db": round(predicted, 2),
+                "measured_snr_db": measured,
+                "output_bytes": report.output_bytes,
+                "passed": report.passed,
+            }
+        )
         if state.learn(conversion, choice, measured):
             break
     assert conversion is not None, "the first plan is always converted"
@@ -196,12 +242,29 @@ def search(input_path: Path, plan: AutoPlan, validation: ValidationPlan, progres
     conversion, choice = state.best if state.best is not None else (conversion, state.tried[-1])
     conversion.report.details["auto"] = {
         "calibrated": plan.calibration is not None or validation.data is not None,
-        "target": {k: v for k, v in (("snr_db", plan.target_snr), ("top1", plan.min_top1),
-                                     ("accuracy_drop", plan.max_accuracy_drop)) if v is not None},
+        "target": {
+            k: v
+            for k, v in (
+                ("snr_db", plan.target_snr),
+                ("top1", plan.min_top1),
+                ("accuracy_drop", plan.max_accuracy_drop),
+            )
+            if v is not None
+        },
         "iterations": iterations,
-        "plan": [{"weight": name, "choice": o.label, "method": o.method, "bits": o.bits, "granularity": o.granularity.value,
-                  "bytes": o.size, "gain": found.gains.get(name), "predicted_noise": o.noise}
-                 for name, o in sorted(choice.items())],
+        "plan": [
+            {
+                "weight": name,
+                "choice": o.label,
+                "method": o.method,
+                "bits": o.bits,
+                "granularity": o.granularity.value,
+                "bytes": o.size,
+                "gain": found.gains.get(name),
+                "predicted_noise": o.noise,
+            }
+            for name, o in sorted(choice.items())
+        ],
     }
     return conversion
 
@@ -216,7 +279,9 @@ class _Search:
     aim: float
     missed: float = -np.inf  # the highest aim whose plan missed the target ...
     met: float = np.inf  # ... and the lowest that met it
-    direction: float = 1.0  # where the aim moves when it allocates a plan already tried: up after a miss, down after a pass
+    direction: float = (
+        1.0  # where the aim moves when it allocates a plan already tried: up after a miss, down after a pass
+    )
     tried: list[dict[str, Option]] = field(default_factory=list)
     best: tuple[Conversion, dict[str, Option]] | None = None  # the smallest conversion that met the target
 
@@ -287,9 +352,12 @@ def plan_toml(details: dict[str, object], model: str) -> str:
     rows = details["plan"]
     assert isinstance(rows, list)
     kmeans_bits = [r["bits"] for r in rows if r["method"] == "kmeans"]
-    lines = [f"# qconvert auto plan for {model}; reuse: qconvert kmeans {model} --config THIS_FILE",
-             f"bits = {max(set(kmeans_bits), key=kmeans_bits.count) if kmeans_bits else 8}",
-             *([] if details.get("calibrated") else ["no_data_aware = true", "no_bias_correction = true"]), ""]
+    lines = [
+        f"# qconvert auto plan for {model}; reuse: qconvert kmeans {model} --config THIS_FILE",
+        f"bits = {max(set(kmeans_bits), key=kmeans_bits.count) if kmeans_bits else 8}",
+        *([] if details.get("calibrated") else ["no_data_aware = true", "no_bias_correction = true"]),
+        "",
+    ]
     for r in rows:
         lines += ["[[layer]]", f"match = {_toml_string(r['weight'])}"]
         if r["method"] == "float":

@@ -30,7 +30,9 @@ SLOT_BUDGET = 3 << 29  # weights × probe slots: each layer gets a slot of its o
 SLOTS = 16  # layers probed per batched run
 
 
-def noise_estimate(shape: tuple[int, ...], layer: statistics.Layer, moments: statistics.Moments) -> Callable[..., float]:
+def noise_estimate(
+    shape: tuple[int, ...], layer: statistics.Layer, moments: statistics.Moments
+) -> Callable[..., float]:
     """(original, quantized[, output channels they hold][, corrected]) -> a number proportional to the
     layer's output noise: Σ Var[x]·ΔW² plus the squared mean error (Σ E[x]·ΔW)² per output channel,
     which bias correction (`corrected`) removes. The constant (the output's power, input correlations)
@@ -43,9 +45,15 @@ def noise_estimate(shape: tuple[int, ...], layer: statistics.Layer, moments: sta
     alpha = next((a.f for a in layer.node.attribute if a.name == "alpha"), 1.0) if layer.op_type == "Gemm" else 1.0
     others = tuple(a for a in range(len(shape)) if a != layer.out_axis)
 
-    def estimate(original: np.ndarray, quantized: np.ndarray, channels: np.ndarray | None = None, corrected: bool = False) -> float:
+    def estimate(
+        original: np.ndarray, quantized: np.ndarray, channels: np.ndarray | None = None, corrected: bool = False
+    ) -> float:
         delta = original.astype(np.float64) - quantized
-        var, mu = (variance, mean) if channels is None else (np.take(variance, channels, layer.out_axis), np.take(mean, channels, layer.out_axis))
+        var, mu = (
+            (variance, mean)
+            if channels is None
+            else (np.take(variance, channels, layer.out_axis), np.take(mean, channels, layer.out_axis))
+        )
         shift = 0.0 if corrected else float(np.sum((alpha * np.sum(delta * mu, axis=others)) ** 2))
         scale = 1.0 if channels is None else shape[layer.out_axis] / channels.size
         return scale * (float(np.sum(var * delta * delta)) + shift)
@@ -62,9 +70,14 @@ def gain_curve(points: list[tuple[float, float]]) -> Callable[[float], float]:
     return lambda ratio: float(np.exp(np.interp(np.log(max(ratio, 1e-30)), ratios, gains)))
 
 
-def noise_gains(model: onnx.ModelProto, layers: dict[str, statistics.Layer], samples: runtime.Feeds,
-                perturbed: dict[str, np.ndarray], groups: int,
-                shifts: dict[str, np.ndarray] | None = None) -> dict[str, tuple[float, float]]:
+def noise_gains(
+    model: onnx.ModelProto,
+    layers: dict[str, statistics.Layer],
+    samples: runtime.Feeds,
+    perturbed: dict[str, np.ndarray],
+    groups: int,
+    shifts: dict[str, np.ndarray] | None = None,
+) -> dict[str, tuple[float, float]]:
     """Per layer: the layer's own noise-to-signal ratio with the weights of `perturbed` (a quantized
     version of each layer's weight) and its bias shift from `shifts` if any (bias correction), and the
     gain (the model output's ratio over the layer's), on `samples` (one sample per batch). With fewer
@@ -105,7 +118,9 @@ def noise_gains(model: onnx.ModelProto, layers: dict[str, statistics.Layer], sam
             chunk = units[start : start + slots]
             noisy = sess.run(outputs, _slotted(feed, chunk, names, masks, picks, ranks))
             for slot in range(len(chunk)):
-                error = sum(float(np.sum((n[slot : slot + 1].astype(np.float64) - r) ** 2)) for n, r in zip(noisy, reference))
+                error = sum(
+                    float(np.sum((n[slot : slot + 1].astype(np.float64) - r) ** 2)) for n, r in zip(noisy, reference)
+                )
                 output_error[start + slot] += error
     measured = {}
     for unit, error in zip(units, output_error):
@@ -115,8 +130,14 @@ def noise_gains(model: onnx.ModelProto, layers: dict[str, statistics.Layer], sam
     return measured
 
 
-def _slotted(feed: dict[str, np.ndarray], chunk: list[list[str]], names: list[str], masks: dict[str, str],
-             picks: dict[str, str], ranks: dict[str, int]) -> dict[str, np.ndarray]:
+def _slotted(
+    feed: dict[str, np.ndarray],
+    chunk: list[list[str]],
+    names: list[str],
+    masks: dict[str, str],
+    picks: dict[str, str],
+    ranks: dict[str, int],
+) -> dict[str, np.ndarray]:
     """One probe run: the sample repeated once per slot, each unit's layers adding their noise in its slot only."""
     run = {k: np.repeat(v, len(chunk), axis=0) for k, v in feed.items()}
     for name in names:
@@ -141,8 +162,13 @@ def scored_outputs(model: onnx.ModelProto) -> list[str]:
     return scored
 
 
-def _noise_probe(model: onnx.ModelProto, layers: dict[str, statistics.Layer], deltas: dict[str, np.ndarray], shifts: dict[str, np.ndarray],
-                 ranks: dict[str, int]) -> tuple[onnx.ModelProto, dict[str, str], dict[str, str], dict[str, np.ndarray]]:
+def _noise_probe(
+    model: onnx.ModelProto,
+    layers: dict[str, statistics.Layer],
+    deltas: dict[str, np.ndarray],
+    shifts: dict[str, np.ndarray],
+    ranks: dict[str, int],
+) -> tuple[onnx.ModelProto, dict[str, str], dict[str, str], dict[str, np.ndarray]]:
     """A skeleton of the model with y + mask·(layer(x[slot]; Ŵ − W) + shift) after each layer, mask a new
     [batch, 1, ...] input and slot a new [1] input (the batch slot the layer's noise goes to: its error
     is computed for that sample alone); the masks' and slots' names; the arrays of its new initializers."""
@@ -157,8 +183,12 @@ def _noise_probe(model: onnx.ModelProto, layers: dict[str, statistics.Layer], de
         delta = fresh(f"{name}_qc_delta")
         arrays[delta] = deltas[name].astype(np.float32)
         graph.initializer.append(hole(delta, arrays[delta]))
-        noise, mask, slot, sample, clean, scaled = (fresh(f"{y}_qc_{part}") for part in ("noise", "mask", "slot", "sample", "clean", "scaled"))
-        graph.input.append(helper.make_tensor_value_info(mask, onnx.TensorProto.FLOAT, ["batch", *([1] * (ranks[name] - 1))]))
+        noise, mask, slot, sample, clean, scaled = (
+            fresh(f"{y}_qc_{part}") for part in ("noise", "mask", "slot", "sample", "clean", "scaled")
+        )
+        graph.input.append(
+            helper.make_tensor_value_info(mask, onnx.TensorProto.FLOAT, ["batch", *([1] * (ranks[name] - 1))])
+        )
         graph.input.append(helper.make_tensor_value_info(slot, onnx.TensorProto.INT64, [1]))
         batch_axis = 1 if layer.op_type == "Gemm" and layer.x_axis == 0 else 0  # Gemm's transA: x is [K, batch]
         pick = helper.make_node("Gather", [layer.node.input[0], slot], [sample], axis=batch_axis)
@@ -170,7 +200,10 @@ def _noise_probe(model: onnx.ModelProto, layers: dict[str, statistics.Layer], de
             graph.initializer.append(numpy_helper.from_array(arrays[shift], shift))
             noise = fresh(f"{y}_qc_corrected")
             nodes.append(helper.make_node("Add", [error, shift], [noise]))
-        additions[y] = After([*nodes, helper.make_node("Mul", [mask, noise], [scaled]), helper.make_node("Add", [clean, scaled], [y])], clean)
+        additions[y] = After(
+            [*nodes, helper.make_node("Mul", [mask, noise], [scaled]), helper.make_node("Add", [clean, scaled], [y])],
+            clean,
+        )
         masks[name], picks[name] = mask, slot
     add_after(graph, additions)
     return probe, masks, picks, arrays

@@ -23,7 +23,9 @@ class Palette:
     indices: np.ndarray  # [C, n] uint8, < K
 
 
-def palettize(rows: np.ndarray, *, bits: int, max_points: int | None = None, weights: np.ndarray | None = None) -> Palette:
+def palettize(
+    rows: np.ndarray, *, bits: int, max_points: int | None = None, weights: np.ndarray | None = None
+) -> Palette:
     """Cluster each row of `rows` ([C, n] float) into 2**bits centroids minimising squared error.
 
     With `weights` ([C, n], > 0) the error of each value counts that many times: Σ w·(x − c)².
@@ -191,7 +193,9 @@ def optimal_bounds(weight: np.ndarray, total: np.ndarray, total_sq: np.ndarray, 
 
     def cost(base: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
         s = flat_total[base + j] - flat_total[base + i]
-        return (flat_total_sq[base + j] - flat_total_sq[base + i]) - s * s / (flat_weight[base + j] - flat_weight[base + i])
+        return (flat_total_sq[base + j] - flat_total_sq[base + i]) - s * s / (
+            flat_weight[base + j] - flat_weight[base + i]
+        )
 
     best = np.full((c_count, m + 1), np.inf)
     best[:, 1:] = total_sq[:, 1:] - total[:, 1:] ** 2 / weight[:, 1:]

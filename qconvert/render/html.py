@@ -15,7 +15,8 @@ h1{font-size:20px;margin:0 0 4px} h2{font-size:16px;margin:28px 0 8px;border-bot
 .muted{color:#666} .pass{color:#16794a;font-weight:600} .fail{color:#b3261e;font-weight:600}
 table{border-collapse:collapse;margin:6px 0} td,th{padding:3px 10px;border-bottom:1px solid #eee;text-align:right}
 td:first-child,th:first-child{text-align:left} .grid{display:flex;flex-wrap:wrap;gap:16px}
-figure{margin:0;border:1px solid #e4e4e4;border-radius:6px;padding:8px;width:300px} figcaption{font-size:12px;color:#444}
+figure{margin:0;border:1px solid #e4e4e4;border-radius:6px;padding:8px;width:300px}
+figcaption{font-size:12px;color:#444}
 """
 
 
@@ -26,7 +27,8 @@ def render(report: Report) -> str:
         f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{STYLE}</style></head><body>",
         f"<h1>{title}</h1>",
         f"<div class='muted'>{html.escape(str(report.output_path or '(not written)'))} &middot; "
-        f"{100 * report.size_ratio:.1f} % of the input size &middot; opset {report.opset.before} &rarr; {report.opset.after}, "
+        f"{100 * report.size_ratio:.1f} % of the input size &middot; "
+        f"opset {report.opset.before} &rarr; {report.opset.after}, "
         f"stored as {html.escape(report.opset.storage)}{' &middot; ' + verdict if report.gates else ''}</div>",
         "<h2>Size</h2>",
         _size_bars(report),
@@ -75,11 +77,15 @@ def _histogram(h: Histogram, caption: str, width: int = 300, height: int = 150) 
         for v in h.levels
         if lo <= v <= hi
     )
-    axis = (f"<text x='0' y='{height + 14}' font-size='10'>{lo:.3g}</text>"
-            f"<text x='{width}' y='{height + 14}' font-size='10' text-anchor='end'>{hi:.3g}</text>")
+    axis = (
+        f"<text x='0' y='{height + 14}' font-size='10'>{lo:.3g}</text>"
+        f"<text x='{width}' y='{height + 14}' font-size='10' text-anchor='end'>{hi:.3g}</text>"
+    )
     levels = f"{len(h.levels)} levels" + (f" of {h.levels_of}" if h.levels_of else "")
-    return (f"<figure><svg width='{width}' height='{height + 18}' role='img' aria-label='{html.escape(h.name)}'>"
-            f"{rects}{lines}{axis}</svg><figcaption>{html.escape(caption)} &middot; {levels}</figcaption></figure>")
+    return (
+        f"<figure><svg width='{width}' height='{height + 18}' role='img' aria-label='{html.escape(h.name)}'>"
+        f"{rects}{lines}{axis}</svg><figcaption>{html.escape(caption)} &middot; {levels}</figcaption></figure>"
+    )
 
 
 def _snr_bars(weights: list[WeightReport], width: int = 620, row: int = 14, limit: int = 40) -> str:
@@ -92,11 +98,16 @@ def _snr_bars(weights: list[WeightReport], width: int = 620, row: int = 14, limi
         value = top if w.snr_db is None else max(w.snr_db, 0.0)
         length = (width - label - 60) * value / top
         rows.append(
-            f"<text x='{label - 6}' y='{i * row + 11}' font-size='11' text-anchor='end'>{html.escape(w.name[-40:])}</text>"
+            f"<text x='{label - 6}' y='{i * row + 11}' font-size='11' text-anchor='end'>"
+            f"{html.escape(w.name[-40:])}</text>"
             f"<rect x='{label}' y='{i * row + 2}' width='{length:.1f}' height='{row - 4}' fill='#e08e45'/>"
             f"<text x='{label + length + 4:.1f}' y='{i * row + 11}' font-size='11'>{_db(w.snr_db)}</text>"
         )
-    more = f"<div class='muted'>{len(weights) - limit} more layers in the JSON report</div>" if len(weights) > limit else ""
+    more = (
+        f"<div class='muted'>{len(weights) - limit} more layers in the JSON report</div>"
+        if len(weights) > limit
+        else ""
+    )
     return f"<svg width='{width}' height='{len(shown) * row + 4}'>{''.join(rows)}</svg>{more}"
 
 
@@ -133,7 +144,9 @@ def _outputs_table(report: Report) -> str:
 
 def table(data: sections.Table) -> str:
     """A section's table; rows of checks end in pass / FAIL."""
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in data.columns) + ("<th></th>" if data.passed is not None else "")
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in data.columns) + (
+        "<th></th>" if data.passed is not None else ""
+    )
     rows = []
     for i, row in enumerate(data.rows):
         cells = "".join(f"<td>{html.escape(cell)}</td>" for cell in row)

@@ -10,8 +10,12 @@ WORST_LISTED = 10
 
 def markdown(report: Report) -> str:
     source, target, sizes = sections.headline(report)
-    lines = [f"### qconvert {report.method}: {'passed' if report.passed else 'FAILED'}", "",
-             f"`{source}` -> `{target}`: **{sizes}**, {sections.storage_line(report)}", ""]
+    lines = [
+        f"### qconvert {report.method}: {'passed' if report.passed else 'FAILED'}",
+        "",
+        f"`{source}` -> `{target}`: **{sizes}**, {sections.storage_line(report)}",
+        "",
+    ]
     if report.opset.note:
         lines += [report.opset.note, ""]
     for data in (sections.outputs(report), sections.gates(report)):
@@ -28,7 +32,10 @@ def table(data: sections.Table | None) -> list[str]:
     if data is None:
         return []
     columns = [*data.columns, *(["result"] if data.passed is not None else [])]
-    rows = [[*row, *([] if data.passed is None else ["pass" if data.passed[i] else "**FAIL**"])] for i, row in enumerate(data.rows)]
+    rows = [
+        [*row, *([] if data.passed is None else ["pass" if data.passed[i] else "**FAIL**"])]
+        for i, row in enumerate(data.rows)
+    ]
     align = ["---:" if c in data.columns and c not in data.text else "---" for c in columns]
     return [f"**{data.title}**", "", _row(columns), "|" + "|".join(align) + "|", *map(_row, rows), ""]
 

@@ -27,7 +27,11 @@ def headline(report: Report) -> tuple[str, str, str]:
     out = report.output_path or "(not written)"
     if report.output_data:
         out += f" + {Path(report.output_data).name}"
-    return report.input_path, out, f"{size(report.input_bytes)} -> {size(report.output_bytes)} ({100 * report.size_ratio:.1f} %)"
+    return (
+        report.input_path,
+        out,
+        f"{size(report.input_bytes)} -> {size(report.output_bytes)} ({100 * report.size_ratio:.1f} %)",
+    )
 
 
 def storage_line(report: Report) -> str:
@@ -37,30 +41,50 @@ def storage_line(report: Report) -> str:
     kinds = Counter(w.granularity for w in report.weights)
     widths = "/".join(str(b) for b in sorted({w.bits for w in report.weights})) or str(report.options.get("bits"))
     verb = "palettized" if report.method == "kmeans" else "quantized"
-    return (f"{len(report.weights)} weights {verb} at {widths} bits ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}), "
-            f"{len(report.skipped)} left as they were; {line}")
+    return (
+        f"{len(report.weights)} weights {verb} at {widths} bits "
+        f"({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}), "
+        f"{len(report.skipped)} left as they were; {line}"
+    )
 
 
 def outputs(report: Report) -> Table | None:
     validation = report.validation
     if validation is None:
         return None
-    rows = [[o.name, db(o.snr_db), f"{o.cosine_similarity:.5f}", f"{o.max_abs_error:.3g}", f"{o.mean_abs_error:.3g}",
-             "-" if o.top1_agreement is None else f"{100 * o.top1_agreement:.1f} %"] for o in validation.outputs]
-    return Table(f"Outputs vs float ({validation.samples} samples, {validation.source})",
-                 ["output", "SNR dB", "cosine", "max |err|", "mean |err|", "top-1 agree"], rows, ("output",))
+    rows = [
+        [
+            o.name,
+            db(o.snr_db),
+            f"{o.cosine_similarity:.5f}",
+            f"{o.max_abs_error:.3g}",
+            f"{o.mean_abs_error:.3g}",
+            "-" if o.top1_agreement is None else f"{100 * o.top1_agreement:.1f} %",
+        ]
+        for o in validation.outputs
+    ]
+    return Table(
+        f"Outputs vs float ({validation.samples} samples, {validation.source})",
+        ["output", "SNR dB", "cosine", "max |err|", "mean |err|", "top-1 agree"],
+        rows,
+        ("output",),
+    )
 
 
 def notes(report: Report) -> list[str]:
     """Accuracy, latency, method facts and the data-aware techniques, a sentence each."""
     lines = []
     if report.validation and (a := report.validation.accuracy):
-        lines.append(f"accuracy on labels: float {100 * a.float_top1:.2f} %, converted {100 * a.quantized_top1:.2f} % "
-                     f"(drop {a.drop_points:.2f} points)")
+        lines.append(
+            f"accuracy on labels: float {100 * a.float_top1:.2f} %, converted {100 * a.quantized_top1:.2f} % "
+            f"(drop {a.drop_points:.2f} points)"
+        )
     if report.latency_ms:
         lat = report.latency_ms
-        lines.append(f"onnxruntime latency: float {lat['float']:.2f} ms, converted {lat['converted']:.2f} ms "
-                     f"({lat['converted'] / lat['float']:.2f}x; median of {int(lat['runs'])} runs)")
+        lines.append(
+            f"onnxruntime latency: float {lat['float']:.2f} ms, converted {lat['converted']:.2f} ms "
+            f"({lat['converted'] / lat['float']:.2f}x; median of {int(lat['runs'])} runs)"
+        )
     lines += [f"{key.replace('_', ' ')}: {value}" for key, value in report.details.items() if isinstance(value, str)]
     return lines + fidelity(report)
 
@@ -74,8 +98,11 @@ def fidelity(report: Report) -> list[str]:
     check = report.details.get("calibration")
     if isinstance(check, dict):
         applied = Counter(t for w in report.weights for t in w.techniques if t != "batchnorm-folded")
-        line = (f"calibration ({check['samples']} samples, {check['source']}): {check['layers_refined']} of "
-                f"{check['layers_checked']} layers refined ({', '.join(f'{n} {t}' for t, n in sorted(applied.items())) or 'none'})")
+        line = (
+            f"calibration ({check['samples']} samples, {check['source']}): {check['layers_refined']} of "
+            f"{check['layers_checked']} layers refined "
+            f"({', '.join(f'{n} {t}' for t, n in sorted(applied.items())) or 'none'})"
+        )
         variants = ", ".join(f"{v['variant']} {db(v['model_snr_db'])}" for v in check.get("variants", []))
         lines.append(line + f"; output SNR dB on that data: {variants}; kept: {check.get('chosen')}")
     return lines
@@ -92,20 +119,30 @@ def auto_plan(report: Report) -> Table | None:
         weight = weights.get(row["weight"])
         gain = "-" if not row["gain"] else f"{10 * math.log10(row['gain']):.1f}"
         noise = "-" if not row["predicted_noise"] else f"{-10 * math.log10(row['predicted_noise']):.1f}"
-        rows.append([row["weight"], row["choice"], gain, noise, db(weight.snr_db) if weight else "-", str(row["bytes"])])
-    return Table(f"auto plan ({auto_steps(details)})",
-                 ["weight", "choice", "gain dB", "predicted noise dB", "weight SNR dB", "bytes"], rows, ("weight", "choice"))
+        rows.append(
+            [row["weight"], row["choice"], gain, noise, db(weight.snr_db) if weight else "-", str(row["bytes"])]
+        )
+    return Table(
+        f"auto plan ({auto_steps(details)})",
+        ["weight", "choice", "gain dB", "predicted noise dB", "weight SNR dB", "bytes"],
+        rows,
+        ("weight", "choice"),
+    )
 
 
 def auto_steps(details: dict[str, object]) -> str:
     iterations = details["iterations"]
     assert isinstance(iterations, list)
-    return "; ".join(f"aimed {i['aimed_snr_db']:.1f} dB, predicted {i['predicted_snr_db']:.1f}, measured "
-                     f"{db(i['measured_snr_db'])}: {'met' if i['passed'] else 'missed'}" for i in iterations)
+    return "; ".join(
+        f"aimed {i['aimed_snr_db']:.1f} dB, predicted {i['predicted_snr_db']:.1f}, measured "
+        f"{db(i['measured_snr_db'])}: {'met' if i['passed'] else 'missed'}"
+        for i in iterations
+    )
 
 
 def worst_weights(report: Report, count: int = WORST_SHOWN) -> Table | None:
     """The weights that hurt most: by measured layer-output SNR where there is one, else by weight SNR."""
+
     def key(w: WeightReport) -> float:
         value = w.layer_snr_db if w.layer_snr_db is not None else w.snr_db
         return math.inf if value is None else value
@@ -114,21 +151,52 @@ def worst_weights(report: Report, count: int = WORST_SHOWN) -> Table | None:
     if not worst:
         return None
     measured = any(w.layer_snr_db is not None for w in report.weights)
-    columns = ["weight", "op", "shape", "bits", "granularity", "weight SNR dB",
-               *(["layer SNR dB", "techniques"] if measured else []), "bytes"]
-    rows = [[w.name, ",".join(w.consumers), "x".join(map(str, w.shape)), str(w.bits), w.granularity, db(w.snr_db),
-             *([db(w.layer_snr_db), "+".join(SHORT_TECHNIQUE.get(t, t) for t in w.techniques) or "-"] if measured else []),
-             f"{w.float_bytes} -> {w.stored_bytes}"] for w in worst]
-    return Table(f"Weights with the lowest {'layer output ' if measured else ''}SNR", columns, rows,
-                 ("weight", "op", "shape", "granularity", "techniques"))
+    columns = [
+        "weight",
+        "op",
+        "shape",
+        "bits",
+        "granularity",
+        "weight SNR dB",
+        *(["layer SNR dB", "techniques"] if measured else []),
+        "bytes",
+    ]
+    rows = [
+        [
+            w.name,
+            ",".join(w.consumers),
+            "x".join(map(str, w.shape)),
+            str(w.bits),
+            w.granularity,
+            db(w.snr_db),
+            *(
+                [db(w.layer_snr_db), "+".join(SHORT_TECHNIQUE.get(t, t) for t in w.techniques) or "-"]
+                if measured
+                else []
+            ),
+            f"{w.float_bytes} -> {w.stored_bytes}",
+        ]
+        for w in worst
+    ]
+    return Table(
+        f"Weights with the lowest {'layer output ' if measured else ''}SNR",
+        columns,
+        rows,
+        ("weight", "op", "shape", "granularity", "techniques"),
+    )
 
 
 def gates(report: Report) -> Table | None:
     if not report.gates:
         return None
     rows = [[g.gate, g.subject, "-" if g.value is None else f"{g.value:.4g}", f"{g.limit:g}"] for g in report.gates]
-    return Table(f"Quality gates: {'passed' if report.passed else 'FAILED'}", ["gate", "measured on", "value", "limit"], rows,
-                 ("gate", "measured on"), passed=[g.passed for g in report.gates])
+    return Table(
+        f"Quality gates: {'passed' if report.passed else 'FAILED'}",
+        ["gate", "measured on", "value", "limit"],
+        rows,
+        ("gate", "measured on"),
+        passed=[g.passed for g in report.gates],
+    )
 
 
 def db(value: float | None) -> str:

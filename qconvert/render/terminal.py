@@ -16,13 +16,17 @@ from qconvert.report import Report
 def summary(report: Report) -> Group:
     """A short human summary: sizes, output drift, the worst layers, gates and warnings."""
     source, target, sizes = sections.headline(report)
-    parts: list[Any] = [Text.assemble((source, "bold"), " -> ", (target, "bold"), ": ", (sizes, "green")),
-                        Text(sections.storage_line(report))]
+    parts: list[Any] = [
+        Text.assemble((source, "bold"), " -> ", (target, "bold"), ": ", (sizes, "green")),
+        Text(sections.storage_line(report)),
+    ]
     if report.opset.note:
         parts.append(Text(report.opset.note, style="yellow"))
     parts += [table(t) for t in (sections.outputs(report),) if t]
     parts += [Text(line) for line in sections.notes(report)]
-    parts += [table(t) for t in (sections.auto_plan(report), sections.worst_weights(report), sections.gates(report)) if t]
+    parts += [
+        table(t) for t in (sections.auto_plan(report), sections.worst_weights(report), sections.gates(report)) if t
+    ]
     parts += [Text(f"warning: {warning}", style="yellow") for warning in report.warnings]
     return Group(*parts)
 
@@ -43,23 +47,51 @@ def table(data: sections.Table) -> Table:
 def inspection(info: dict[str, Any]) -> Group:
     """The view of `qconvert inspect`."""
     parts: list[Any] = [
-        Text(f"{info['path']}: {size(info['bytes'])}, IR {info['ir_version']}, opset {info['opset']}"
-             f"{', ' + info['producer'] if info['producer'] else ''}")
+        Text(
+            f"{info['path']}: {size(info['bytes'])}, IR {info['ir_version']}, opset {info['opset']}"
+            f"{', ' + info['producer'] if info['producer'] else ''}"
+        )
     ]
     for kind in ("inputs", "outputs"):
-        shown = ", ".join(f"{v['name']} {v['dtype']}[{'x'.join(str(d) if d else '?' for d in v['shape'])}]" for v in info[kind])
+        shown = ", ".join(
+            f"{v['name']} {v['dtype']}[{'x'.join(str(d) if d else '?' for d in v['shape'])}]" for v in info[kind]
+        )
         parts.append(Text(f"{kind}: {shown}"))
-    rows = [[w["name"], ",".join(w["consumers"]), "x".join(map(str, w["shape"])), w["dtype"], w["location"]]
-            for w in info["weights"]]
-    parts.append(table(sections.Table(f"{len(info['weights'])} weights ({size(info['weight_bytes'])})",
-                                      ["weight", "op", "shape", "dtype", "where"], rows,
-                                      ("weight", "op", "shape", "dtype", "where"))))
+    rows = [
+        [w["name"], ",".join(w["consumers"]), "x".join(map(str, w["shape"])), w["dtype"], w["location"]]
+        for w in info["weights"]
+    ]
+    parts.append(
+        table(
+            sections.Table(
+                f"{len(info['weights'])} weights ({size(info['weight_bytes'])})",
+                ["weight", "op", "shape", "dtype", "where"],
+                rows,
+                ("weight", "op", "shape", "dtype", "where"),
+            )
+        )
+    )
     if info["skipped"]:
-        parts.append(Text(f"left as they are: {', '.join(s['name'] + ' (' + s['reason'] + ')' for s in info['skipped'][:8])}"
-                          + (" ..." if len(info["skipped"]) > 8 else "")))
-    rows = [[e["method"], str(e["bits"]), e["granularity"], size(e["bytes"]), f"{100 * e['ratio']:.1f}"] for e in info["estimates"]]
-    parts.append(table(sections.Table("Estimated file size", ["method", "bits", "granularity", "size", "% of now"], rows,
-                                      ("method", "granularity"))))
+        parts.append(
+            Text(
+                f"left as they are: {', '.join(s['name'] + ' (' + s['reason'] + ')' for s in info['skipped'][:8])}"
+                + (" ..." if len(info["skipped"]) > 8 else "")
+            )
+        )
+    rows = [
+        [e["method"], str(e["bits"]), e["granularity"], size(e["bytes"]), f"{100 * e['ratio']:.1f}"]
+        for e in info["estimates"]
+    ]
+    parts.append(
+        table(
+            sections.Table(
+                "Estimated file size",
+                ["method", "bits", "granularity", "size", "% of now"],
+                rows,
+                ("method", "granularity"),
+            )
+        )
+    )
     return Group(*parts)
 
 
@@ -69,7 +101,9 @@ def batch_summary(outcomes: list[Any]) -> Table:
     for column in ("model", "result", "size", "worst output SNR dB"):
         view.add_column(column, justify="left" if column in ("model", "result") else "right", overflow="fold")
     for o in outcomes:
-        result = Text("ok", style="green") if o.exit_code == 0 else Text(f"exit {o.exit_code}: {o.message}", style="red")
+        result = (
+            Text("ok", style="green") if o.exit_code == 0 else Text(f"exit {o.exit_code}: {o.message}", style="red")
+        )
         sizes = f"{size(o.input_bytes)} -> {size(o.output_bytes)}" if o.report_json else "-"
         view.add_row(str(o.model), result, sizes, "-" if o.snr_db is None else f"{o.snr_db:.2f}")
     return view

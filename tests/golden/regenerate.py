@@ -1,6 +1,6 @@
 """Rewrite report_keys.json from the report that test_report.py checks (after a deliberate schema change).
 
-    python tests/golden/regenerate.py
+python tests/golden/regenerate.py
 """
 
 from __future__ import annotations
