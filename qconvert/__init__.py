@@ -6,10 +6,8 @@ result.save("model.kmeans4.onnx")
 print(result.report.to_markdown())
 """
 
-__version__ = "0.1.0"
-
-from qconvert.api import Conversion, auto, compare, inspect, kmeans, linear, run  # noqa: E402
-from qconvert.errors import (  # noqa: E402
+from qconvert.api import Conversion, auto, compare, inspect, kmeans, linear, run
+from qconvert.errors import (
     CannotRunError,
     GateFailed,
     InputError,
@@ -18,8 +16,10 @@ from qconvert.errors import (  # noqa: E402
     UnsupportedModelError,
     UsageError,
 )
+from qconvert.version import __version__
 
 __all__ = [
+    "__version__",
     "CannotRunError",
     "Conversion",
     "GateFailed",

@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 import click
 from rich.console import Console
 
-from qconvert import __version__, api, batch, io, options
+from qconvert import api, batch, io, options
 from qconvert.config import layer_overrides
 from qconvert.describe import inspect_model
 from qconvert.errors import ExitCode, GateFailed, QConvertError, UsageError
@@ -33,6 +33,7 @@ from qconvert.plan import (
 )
 from qconvert.render.terminal import batch_summary, inspection, summary
 from qconvert.report import Report
+from qconvert.version import __version__
 
 EXIT_CODES_HELP = """\b
 Exit codes:

@@ -13,10 +13,10 @@ import numpy as np
 import onnx
 import onnxruntime
 
-from qconvert import __version__
 from qconvert.gates import GateResult
 from qconvert.select import Skipped
 from qconvert.validate import ValidationResult
+from qconvert.version import __version__
 
 SCHEMA_VERSION = 2
 WORST_SHOWN = 5

@@ -1,17 +1,6 @@
-"""qconvert auto: per-layer sensitivity, then the smallest mix of methods and bit widths that meets a target.
-
-1. Sensitivity: one onnxruntime probe adds seeded noise of known power after each layer, a different
-   layer per batch slot, so a single batched run measures how much of a layer's output noise reaches
-   the model's outputs (its gain).
-2. Candidates per weight (k-means at each bit width, per tensor and per channel; linear int4/int8;
-   float): file size, and output noise predicted as gain × the layer's noise, which is estimated from
-   the weight error weighted by the energy of the input each weight multiplies (on samples of the
-   weight, so that all widths cost seconds).
-3. Allocation: a Lagrangian knapsack picks per weight the candidate minimising size + λ·noise, with λ
-   bisected until the predicted output SNR meets the target, and single weights then take smaller
-   candidates while the prediction still fits; then the plan is converted and validated, and the aim
-   moved while the measured result misses the target or beats it by a wide margin.
-"""
+"""The search of `qconvert auto`: profile the model (each layer's gain, each weight's options with their
+predicted noise), then convert and validate plans, moving the aim while the measured result misses the
+target or beats it by a wide margin; the smallest plan that meets it wins."""
 
 from __future__ import annotations
 

@@ -1,1 +1,1 @@
-"""Pure numpy quantizers (no onnx imports): k-means palettes and, later, linear grids."""
+"""Pure numpy quantizers (no onnx imports): k-means palettes, linear grids, and the row layout they share."""
