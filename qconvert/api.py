@@ -69,28 +69,10 @@ def kmeans(
         result = qconvert.kmeans("model.onnx", bits=4, data="val.npz", min_snr=20)
         result.save("model.kmeans4.onnx")
     """
-    plan_options, checks = _split(KMeansPlan, options)
-    with _scratch() as scratch:
-        plan = _plan(
-            KMeansPlan,
-            bits=bits,
-            granularity=Granularity(granularity),
-            calibration=scratch.data(calibration, "calibration"),
-            **plan_options,
-        )
-        validation = scratch.validation(data, labels, checks) if validate else None
-        return scratch.relabel(
-            run(
-                plan,
-                scratch.model(model),
-                validation,
-                _gates(checks),
-                output=output,
-                keep_failed=keep_failed,
-                workers=workers,
-                progress=progress,
-            )
-        )
+    fields = {"bits": bits, "granularity": Granularity(granularity)}
+    return _convert(
+        KMeansPlan, model, fields, options, calibration, data, labels, validate, output, keep_failed, workers, progress
+    )
 
 
 def linear(
@@ -118,31 +100,11 @@ def linear(
 
         result = qconvert.linear("model.onnx", calibration=reader, output="model.int8.onnx")
     """
-    plan_options, checks = _split(LinearPlan, options)
-    with _scratch() as scratch:
-        granularity = Granularity.PER_CHANNEL if per_channel else Granularity.PER_TENSOR
-        plan = _plan(
-            LinearPlan,
-            bits=bits,
-            granularity=granularity,
-            symmetric=symmetric,
-            weights_only=weights_only,
-            calibration=scratch.data(calibration, "calibration"),
-            **plan_options,
-        )
-        validation = scratch.validation(data, labels, checks) if validate else None
-        return scratch.relabel(
-            run(
-                plan,
-                scratch.model(model),
-                validation,
-                _gates(checks),
-                output=output,
-                keep_failed=keep_failed,
-                workers=workers,
-                progress=progress,
-            )
-        )
+    granularity = Granularity.PER_CHANNEL if per_channel else Granularity.PER_TENSOR
+    fields = {"bits": bits, "granularity": granularity, "symmetric": symmetric, "weights_only": weights_only}
+    return _convert(
+        LinearPlan, model, fields, options, calibration, data, labels, validate, output, keep_failed, workers, progress
+    )
 
 
 def auto(
@@ -164,28 +126,10 @@ def auto(
     agreement, or `max_accuracy_drop` points on labels) at the smallest file. The report's
     `details["auto"]` holds the plan. `options`: any other field of `AutoPlan` or `ValidationPlan`.
     """
-    plan_options, checks = _split(AutoPlan, options)
-    with _scratch() as scratch:
-        plan = _plan(
-            AutoPlan,
-            target_snr=target_snr,
-            min_top1=min_top1,
-            max_accuracy_drop=max_accuracy_drop,
-            calibration=scratch.data(calibration, "calibration"),
-            **plan_options,
-        )
-        return scratch.relabel(
-            run(
-                plan,
-                scratch.model(model),
-                scratch.validation(data, labels, checks),
-                _gates(checks),
-                output=output,
-                keep_failed=keep_failed,
-                workers=workers,
-                progress=progress,
-            )
-        )
+    fields = {"target_snr": target_snr, "min_top1": min_top1, "max_accuracy_drop": max_accuracy_drop}
+    return _convert(
+        AutoPlan, model, fields, options, calibration, data, labels, True, output, keep_failed, workers, progress
+    )
 
 
 def run(
@@ -264,6 +208,39 @@ def convert_auto(
     if output is not None:
         write(conversion, output, keep_failed, progress)
     return conversion
+
+
+def _convert(
+    kind: type[Any],
+    model: ModelSource,
+    fields: dict[str, Any],
+    options: dict[str, Any],
+    calibration: Data | None,
+    data: Data | None,
+    labels: Data | None,
+    validate: bool,
+    output: str | os.PathLike[str] | None,
+    keep_failed: bool,
+    workers: int,
+    progress: Progress | None,
+) -> Conversion:
+    """A plan of `kind` from the call's arguments, run on the model; what came in memory goes through temp files,
+    named "in memory" in the report."""
+    plan_options, checks = _split(kind, options)
+    with _scratch() as scratch:
+        plan = _plan(kind, calibration=scratch.data(calibration, "calibration"), **fields, **plan_options)
+        validation = scratch.validation(data, labels, checks) if validate else None
+        conversion = run(
+            plan,
+            scratch.model(model),
+            validation,
+            _gates(checks),
+            output=output,
+            keep_failed=keep_failed,
+            workers=workers,
+            progress=progress,
+        )
+        return scratch.relabel(conversion)
 
 
 def _plan(kind: type[Any], **fields: Any) -> Any:
