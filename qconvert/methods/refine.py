@@ -7,6 +7,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -25,6 +26,13 @@ from qconvert.select import Weight
 DATA_AWARE = "data-aware"
 BIAS_CORRECTED = "bias-corrected"
 BATCHNORM_FOLDED = "batchnorm-folded"
+
+
+class LayerOption(NamedTuple):
+    """One way to take a layer's weight: the data-aware result or the plain one, and the bias shift with it."""
+
+    refined: bool
+    shift: np.ndarray | None
 
 
 @dataclass(frozen=True)
@@ -136,7 +144,7 @@ class Refiner:
             "plain": dict.fromkeys(names, 0),
             "per layer": best_per_layer,
             "bias correction everywhere": {
-                n: 1 if len(options[n]) > 1 and options[n][1][1] is not None else 0 for n in names
+                n: 1 if len(options[n]) > 1 and options[n][1].shift is not None else 0 for n in names
             },
             "data-aware everywhere": {
                 n: len(options[n]) - 1 if results[n][1] is not None else best_per_layer[n] for n in names
@@ -162,18 +170,18 @@ class Refiner:
 
     def _options(
         self, name: str, plain: Deferred, refined: Deferred | None, original: Callable[[str], np.ndarray]
-    ) -> list[tuple[bool, np.ndarray | None]]:
+    ) -> list[LayerOption]:
         """A layer's options as (data-aware?, bias shift): plain; plain with its bias corrected; data-aware,
         with its bias corrected if that is on."""
-        tried: list[tuple[bool, np.ndarray | None]] = [(False, None)]
+        tried: list[LayerOption] = [LayerOption(False, None)]
         if self.bias_correction:
             layer, moments, floats = self.layers[name], self.moments[name], original(name)
             if (plain_shift := bias_shift(layer, moments, floats, array_of(plain))) is not None:
-                tried.append((False, plain_shift))
+                tried.append(LayerOption(False, plain_shift))
             if refined is not None:
-                tried.append((True, bias_shift(layer, moments, floats, array_of(refined))))
+                tried.append(LayerOption(True, bias_shift(layer, moments, floats, array_of(refined))))
         elif refined is not None:
-            tried.append((True, None))
+            tried.append(LayerOption(True, None))
         return tried
 
     def summary(self, decisions: dict[str, Decision]) -> dict[str, object]:
@@ -260,7 +268,7 @@ def _best(snrs: list[float | None]) -> int:
     return best
 
 
-def _decision(options: list[tuple[bool, np.ndarray | None]], measured: list[float | None], index: int) -> Decision:
+def _decision(options: list[LayerOption], measured: list[float | None], index: int) -> Decision:
     use_refined, shift = options[index]
     techniques = tuple(t for t, on in ((DATA_AWARE, use_refined), (BIAS_CORRECTED, shift is not None)) if on)
     shown = ", ".join(f"{_label(*option)} {_db(snr)}" for option, snr in zip(options, measured))
