@@ -14,7 +14,7 @@ body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1040px;color
 h1{font-size:20px;margin:0 0 4px} h2{font-size:16px;margin:28px 0 8px;border-bottom:1px solid #ddd}
 .muted{color:#666} .pass{color:#16794a;font-weight:600} .fail{color:#b3261e;font-weight:600}
 table{border-collapse:collapse;margin:6px 0} td,th{padding:3px 10px;border-bottom:1px solid #eee;text-align:right}
-td:first-child,th:first-child{text-align:left} .grid{display:flex;flex-wrap:wrap;gap:16px}
+td:first-child,th:first-child,.l{text-align:left} .grid{display:flex;flex-wrap:wrap;gap:16px}
 figure{margin:0;border:1px solid #e4e4e4;border-radius:6px;padding:8px;width:300px}
 figcaption{font-size:12px;color:#444}
 """
@@ -143,13 +143,17 @@ def _outputs_table(report: Report) -> str:
 
 
 def table(data: sections.Table) -> str:
-    """A section's table; rows of checks end in pass / FAIL."""
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in data.columns) + (
-        "<th></th>" if data.passed is not None else ""
+    """A section's table: text columns left, numbers right; rows of checks end in pass / FAIL."""
+    left = [column in data.text for column in data.columns]
+    head = "".join(
+        f"<th{' class=l' if is_text else ''}>{html.escape(c)}</th>" for c, is_text in zip(data.columns, left)
     )
+    head += "<th></th>" if data.passed is not None else ""
     rows = []
     for i, row in enumerate(data.rows):
-        cells = "".join(f"<td>{html.escape(cell)}</td>" for cell in row)
+        cells = "".join(
+            f"<td{' class=l' if is_text else ''}>{html.escape(cell)}</td>" for cell, is_text in zip(row, left)
+        )
         if data.passed is not None:
             cells += f"<td class='{'pass' if data.passed[i] else 'fail'}'>{'pass' if data.passed[i] else 'FAIL'}</td>"
         rows.append(f"<tr>{cells}</tr>")
