@@ -245,32 +245,54 @@ def _quantize(
     input statistics the data-aware result on the chosen axis, and the check that keeps the better."""
     weights, settings, context = job.weights, job.settings, job.context
 
-    def compute(weight: Weight, axis: int | None, importance: np.ndarray | None) -> Quantized:
-        return job.method(weight).quantize(weight, weight.array(), settings[weight.name], axis, importance, context)
+    def data_aware(weight: Weight, axis: int | None, array: np.ndarray | None = None) -> Quantized | None:
+        """Each job makes its own error weights (as large as the weight's channels) and reads its own array:
+        holding them all took 100 MB more on ResNet-50-shaped full QDQ."""
+        importance = refiner.importance(weight) if refiner is not None else None
+        if importance is None:
+            return None
+        values = weight.array() if array is None else array
+        return job.method(weight).quantize(weight, values, settings[weight.name], axis, importance, context)
+
+    def compute(weight: Weight, axis: int | None, refine: bool) -> tuple[Quantized, Quantized | None]:
+        """The plain result and (`refine`) the data-aware one, from one read of the array."""
+        array = weight.array()
+        plain = job.method(weight).quantize(weight, array, settings[weight.name], axis, None, context)
+        return plain, data_aware(weight, axis, array) if refine else None
+
+    def refinable(weight: Weight) -> bool:
+        return refiner is not None and job.refined(weight)
 
     job.progress(f"quantizing {len(weights)} weights")
-    jobs: list[tuple[Weight, int | None, np.ndarray | None]] = [
-        (w, axis, None) for w in weights for axis in job.axes[w.name][0]
-    ]
-    arriving = in_order(compute, jobs, job.workers, sum(w.elements for w, _, _ in jobs))
+    # A weight with one axis to try gets its data-aware result in the same job; with several, once its
+    # method has chosen one.
+    jobs = [(w, axis, refinable(w) and len(job.axes[w.name][0]) == 1) for w in weights for axis in job.axes[w.name][0]]
+    arriving = in_order(compute, jobs, job.workers, sum(w.elements for w, *_ in jobs))
     plain: dict[str, Quantized] = {}
+    refined: dict[str, Quantized] = {}
     chosen: dict[str, str | None] = {}
     for weight in weights:  # decided as each weight's results arrive: only the chosen ones stay
         tried = {axis: next(arriving) for axis in job.axes[weight.name][0]}
-        axis, note = job.method(weight).choose(weight, tried, settings[weight.name])
-        plain[weight.name], chosen[weight.name] = tried[axis], note
+        options = {axis: result for axis, (result, _) in tried.items()}
+        axis, chosen[weight.name] = job.method(weight).choose(weight, options, settings[weight.name])
+        plain[weight.name] = options[axis]
+        if (better := tried[axis][1]) is not None:
+            refined[weight.name] = better
     if refiner is None:
         return plain, {}, chosen
-    importance = {w.name: refiner.importance(w) for w in weights if job.refined(w)}
     job.progress("quantizing for the layer outputs")
-    jobs = [(w, plain[w.name].axis, importance[w.name]) for w in weights if importance.get(w.name) is not None]
-    refined = dict(
-        zip((w.name for w, _, _ in jobs), in_order(compute, jobs, job.workers, sum(w.elements for w, _, _ in jobs)))
-    )
+    later = [(w, plain[w.name].axis) for w in weights if refinable(w) and len(job.axes[w.name][0]) > 1]
+    for (weight, *_), better in zip(
+        later, in_order(data_aware, later, job.workers, sum(w.elements for w, *_ in later))
+    ):
+        if better is not None:
+            refined[weight.name] = better
     job.progress("checking each layer's output on the calibration data")
     by_name = {w.name: w for w in weights}
     results = {
-        name: (plain[name].dequantized, refined[name].dequantized if name in refined else None) for name in importance
+        w.name: (plain[w.name].dequantized, refined[w.name].dequantized if w.name in refined else None)
+        for w in weights
+        if refinable(w)
     }
     decisions = refiner.decide(job.model, results, lambda name: by_name[name].array())  # type: ignore[arg-type]
     job.details["calibration"] = refiner.summary(decisions)
