@@ -4,6 +4,7 @@ validate, judge the gates; then `Conversion.save` publishes the result."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -49,9 +50,10 @@ class Conversion:
         assert self.staged is not None, "the conversion was saved or discarded"
         return onnx.load(str(self.staged))
 
-    def save(self, path: Path) -> Path:
+    def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the model to `path` atomically (with `path.name + '.data'` beside it when it has external
         data), read it back, and note it in the report."""
+        path = Path(path)
         clock = time.perf_counter()
         if self.staged is not None:
             if io.is_special(path):

@@ -23,7 +23,7 @@ def test_kmeans_from_a_path_matches_the_command_line(tmp_path: Path, digits: Pat
     result = qconvert.kmeans(digits, bits=4, data=digits_data, min_snr=15)
     assert isinstance(result.model, onnx.ModelProto) and result.report.output_path is None
     assert result.report.passed and result.report.validation is not None and result.report.validation.accuracy
-    written = result.save(tmp_path / "api.onnx")
+    written = result.save(str(tmp_path / "api.onnx"))  # a str, as users write it
     assert written == tmp_path / "api.onnx" and result.report.output_path == str(written)
     cli_out = tmp_path / "cli.onnx"
     assert (
