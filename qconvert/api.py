@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -36,8 +37,9 @@ GATE_OPTIONS = {
     "max_abs_error": "max_abs_error",
     "min_top1": "min_top1",
     "max_accuracy_drop": "max_accuracy_drop",
+    "max_metric_drop": "max_metric_drop",
 }
-VALIDATION_OPTIONS = {"input_shapes", "samples", "seed", "allow_unrunnable"}
+VALIDATION_OPTIONS = {"input_shapes", "samples", "seed", "allow_unrunnable", "metric"}
 IN_MEMORY = "(in memory)"
 
 
@@ -52,7 +54,7 @@ def kmeans(
     granularity: str | Granularity = Granularity.AUTO,
     calibration: Data | None = None,
     data: Data | None = None,
-    labels: Data | None = None,
+    labels: Any = None,
     output: str | os.PathLike[str] | None = None,
     validate: bool = True,
     keep_failed: bool = False,
@@ -84,7 +86,7 @@ def linear(
     calibration: Data | None = None,
     weights_only: bool = False,
     data: Data | None = None,
-    labels: Data | None = None,
+    labels: Any = None,
     output: str | os.PathLike[str] | None = None,
     validate: bool = True,
     keep_failed: bool = False,
@@ -113,9 +115,10 @@ def auto(
     target_snr: float | None = None,
     min_top1: float | None = None,
     max_accuracy_drop: float | None = None,
+    max_metric_drop: float | None = None,
     calibration: Data | None = None,
     data: Data | None = None,
-    labels: Data | None = None,
+    labels: Any = None,
     output: str | os.PathLike[str] | None = None,
     keep_failed: bool = False,
     workers: int = 2,
@@ -123,10 +126,16 @@ def auto(
     **options: Any,
 ) -> Conversion:
     """Mixed precision: per weight the method and width that meet one target (`target_snr` dB, `min_top1`
-    agreement, or `max_accuracy_drop` points on labels) at the smallest file. The report's
-    `details["auto"]` holds the plan. `options`: any other field of `AutoPlan` or `ValidationPlan`.
+    agreement, `max_accuracy_drop` points on labels, or `max_metric_drop` of the `metric=`) at the smallest
+    file. The report's `details["auto"]` holds the plan. `options`: any other field of `AutoPlan` or
+    `ValidationPlan`.
     """
-    fields = {"target_snr": target_snr, "min_top1": min_top1, "max_accuracy_drop": max_accuracy_drop}
+    fields = {
+        "target_snr": target_snr,
+        "min_top1": min_top1,
+        "max_accuracy_drop": max_accuracy_drop,
+        "max_metric_drop": max_metric_drop,
+    }
     return _convert(
         AutoPlan, model, fields, options, calibration, data, labels, True, output, keep_failed, workers, progress
     )
@@ -156,7 +165,7 @@ def compare(
     converted_model: ModelSource,
     *,
     data: Data | None = None,
-    labels: Data | None = None,
+    labels: Any = None,
     **options: Any,
 ) -> Report:
     """Validation only: the metrics, latency and gates of a converted model against its float original.
@@ -217,7 +226,7 @@ def _convert(
     options: dict[str, Any],
     calibration: Data | None,
     data: Data | None,
-    labels: Data | None,
+    labels: Any,
     validate: bool,
     output: str | os.PathLike[str] | None,
     keep_failed: bool,
@@ -298,14 +307,19 @@ class _Scratch:
         self.names.append((str(path), f"{what} {IN_MEMORY}"))
         return path
 
-    def validation(self, data: Data | None, labels: Data | None, checks: dict[str, Any]) -> ValidationPlan:
+    def validation(self, data: Data | None, labels: Any, checks: dict[str, Any]) -> ValidationPlan:
+        """The validation plan; labels in memory are written here: an array as .npy, anything else as JSON."""
         labels_path = None
-        if labels is not None and not isinstance(labels, (str, os.PathLike)):
-            labels_path = self.folder / "labels.npy"
-            np.save(labels_path, np.asarray(labels))
-            self.names.append((str(labels_path), f"labels {IN_MEMORY}"))
-        elif labels is not None:
+        if isinstance(labels, (str, os.PathLike)):
             labels_path = Path(labels)
+        elif isinstance(labels, np.ndarray):
+            labels_path = self.folder / "labels.npy"
+            np.save(labels_path, labels)
+        elif labels is not None:
+            labels_path = self.folder / "labels.json"
+            labels_path.write_text(json.dumps(labels if isinstance(labels, list) else list(labels)))
+        if labels_path is not None and labels_path.parent == self.folder:
+            self.names.append((str(labels_path), f"labels {IN_MEMORY}"))
         fields = {k: v for k, v in checks.items() if k in VALIDATION_OPTIONS}
         if "input_shapes" in fields:
             fields["input_shapes"] = {

@@ -39,7 +39,7 @@ EXIT_CODES_HELP = """\b
 Exit codes:
   0    success
   1    internal error (a bug; rerun with --debug for the traceback)
-  2    usage error: bad option or argument
+  2    usage error: bad option or argument, or a --metric that fails
   3    input error: model or data file missing, unreadable, not ONNX / npz
   4    unsupported model: nothing to quantize, or onnxruntime cannot run it
   5    a quality gate failed (--min-snr ...): the model is not written
@@ -283,6 +283,12 @@ def linear(models: tuple[Path, ...], **o: Any) -> None:
     help="Target: top-1 accuracy on labels drops at most this many points.",
 )
 @click.option(
+    "--max-metric-drop",
+    type=float,
+    metavar="POINTS",
+    help="Target: the --metric (on --data and its labels) drops at most this much from float's.",
+)
+@click.option(
     "--methods", default="kmeans,linear", show_default=True, help="Methods a weight may get (comma-separated)."
 )
 @click.option(
@@ -316,18 +322,21 @@ def auto(model: Path, **o: Any) -> None:
     Examples:
       qconvert auto model.onnx --target-snr 30 --data val.npz
       qconvert auto model.onnx --max-accuracy-drop 0.5 --data val.npz --plan-out plan.toml
+      qconvert auto rec.onnx --metric ctc-exact --max-metric-drop 2 --data val.npz --labels strings.json
       qconvert kmeans model.onnx --config plan.toml      # the same plan again, without the search
     """
     plan = AutoPlan(
         target_snr=o["target_snr"],
         min_top1=o["min_top1"],
         max_accuracy_drop=o["max_accuracy_drop"],
+        max_metric_drop=o["max_metric_drop"],
         methods=tuple(m.strip() for m in o["methods"].split(",") if m.strip()),
         bits=options.ints(o["bits_list"], "--bits"),
         max_codebook_overhead=o["max_codebook_overhead"],
         **options.plan_fields(o),
     )
-    _run(model, plan, {**o, "min_top1": None, "max_accuracy_drop": None})  # the targets are the search's own gates
+    targets = {"min_top1": None, "max_accuracy_drop": None, "max_metric_drop": None}  # the search's own gates
+    _run(model, plan, {**o, **targets})
 
 
 @cli.command(epilog=EXIT_CODES_HELP)

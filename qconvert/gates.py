@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from qconvert.errors import UsageError
@@ -16,10 +17,11 @@ class Gates:
     max_abs_error: float | None = None  # every output
     min_top1: float | None = None  # fraction, every class-score output
     max_accuracy_drop: float | None = None  # percentage points, needs labels
+    max_metric_drop: float | None = None  # the task metric's drop from float, in its own units (needs --metric)
 
     @property
     def any(self) -> bool:
-        return any(v is not None for v in (self.min_snr_db, self.max_abs_error, self.min_top1, self.max_accuracy_drop))
+        return any(v is not None for v in dataclasses.astuple(self))
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,15 @@ def evaluate(gates: Gates, result: ValidationResult) -> list[GateResult]:
         checks.append(
             GateResult(
                 "--max-accuracy-drop", "accuracy", drop, gates.max_accuracy_drop, drop <= gates.max_accuracy_drop
+            )
+        )
+    if gates.max_metric_drop is not None:
+        if result.metric is None:
+            raise UsageError("--max-metric-drop needs a task metric: --metric NAME (and its labels)")
+        drop = result.metric.drop
+        checks.append(
+            GateResult(
+                "--max-metric-drop", result.metric.name, drop, gates.max_metric_drop, drop <= gates.max_metric_drop
             )
         )
     return checks

@@ -41,7 +41,17 @@ VALIDATION = bundle(
         type=FILE,
         help="Validation inputs: .npz with one array per model input (axis 0 = samples) and optionally `labels`.",
     ),
-    click.option("--labels", type=FILE, help="Labels (.npy, one per sample of --data) for accuracy."),
+    click.option(
+        "--labels",
+        type=FILE,
+        help="Labels, one per sample of --data: .npy, or .json of any structure (strings for OCR).",
+    ),
+    click.option(
+        "--metric",
+        metavar="NAME",
+        help="Task metric on the labels: top1, top5, ctc-exact, ctc-char, iou@T, or module:function / "
+        "file.py:function (outputs, labels) -> float, higher is better.",
+    ),
     click.option(
         "--input-shape",
         "input_shapes",
@@ -75,6 +85,12 @@ GATES = bundle(
         type=float,
         metavar="POINTS",
         help="Gate: top-1 accuracy on labels may drop at most this many percentage points.",
+    ),
+    click.option(
+        "--max-metric-drop",
+        type=float,
+        metavar="POINTS",
+        help="Gate: the --metric may drop at most this much from float's (built-ins are percentages).",
     ),
 )
 
@@ -241,11 +257,18 @@ def validation(o: dict[str, Any]) -> ValidationPlan | None:
         seed=o["seed"],
         allow_unrunnable=o["allow_unvalidated"],
         labels=o["labels"],
+        metric=o["metric"],
     )
 
 
 def gates(o: dict[str, Any]) -> Gates:
-    return Gates(o.get("min_snr"), o.get("max_abs_error"), o.get("min_top1"), o.get("max_accuracy_drop"))
+    return Gates(
+        o.get("min_snr"),
+        o.get("max_abs_error"),
+        o.get("min_top1"),
+        o.get("max_accuracy_drop"),
+        o.get("max_metric_drop"),
+    )
 
 
 def granularity(per_channel: bool | None, default: Granularity) -> Granularity:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -157,6 +158,7 @@ class AutoPlan:
     target_snr: float | None = None  # dB, every output
     min_top1: float | None = None  # top-1 agreement with float, every class-score output
     max_accuracy_drop: float | None = None  # percentage points on labels
+    max_metric_drop: float | None = None  # the task metric (--metric) from float's, in its units
     methods: tuple[str, ...] = ("kmeans", "linear")
     bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
     calibration: Path | None = None  # inputs for data-aware k-means and bias correction in the final model
@@ -169,9 +171,14 @@ class AutoPlan:
     bias_correction: bool = True
 
     def __post_init__(self) -> None:
-        targets = [t for t in (self.target_snr, self.min_top1, self.max_accuracy_drop) if t is not None]
+        targets = [
+            t for t in (self.target_snr, self.min_top1, self.max_accuracy_drop, self.max_metric_drop) if t is not None
+        ]
         if len(targets) != 1:
-            raise UsageError("qconvert auto needs exactly one target: --target-snr, --min-top1 or --max-accuracy-drop")
+            raise UsageError(
+                "qconvert auto needs exactly one target: --target-snr, --min-top1, --max-accuracy-drop or "
+                "--max-metric-drop"
+            )
         if not self.methods or set(self.methods) - {"kmeans", "linear"}:
             raise UsageError(f"--methods takes kmeans and/or linear, got {','.join(self.methods) or 'nothing'}")
         if not self.bits or any(not 1 <= b <= 8 for b in self.bits):
@@ -190,7 +197,8 @@ class ValidationPlan:
     seed: int = 0
     latency_runs: int = 10  # timed runs of each model (0: don't time)
     allow_unrunnable: bool = False  # onnxruntime cannot run the input (custom ops): warn, don't fail
-    labels: Path | None = None  # .npy of labels for --data (else its `labels` array)
+    labels: Path | None = None  # labels for --data (.npy, or .json of any structure), else its `labels` array
+    metric: str | Callable[..., float] | None = None  # a task metric (qconvert.metrics) measured on the labels
 
     def __post_init__(self) -> None:
         if self.samples < 1:

@@ -18,7 +18,7 @@ from qconvert.select import Skipped
 from qconvert.validate import ValidationResult
 from qconvert.version import __version__
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: validation.metric (the task metric)
 WORST_SHOWN = 5
 SHORT_TECHNIQUE = {"batchnorm-folded": "fold", "data-aware": "data", "bias-corrected": "bias"}  # for narrow terminals
 

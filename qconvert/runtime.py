@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -42,7 +44,7 @@ class Feeds:
     batches: list[dict[str, np.ndarray]]
     samples: int
     source: str
-    labels: np.ndarray | None = None
+    labels: Any = None  # one per sample: an array (class labels ...), or a list (strings ...)
     padded: int = 0  # samples repeated to fill the last fixed-size batch
 
 
@@ -157,8 +159,8 @@ def build_feeds(sess: ort.InferenceSession, plan: ValidationPlan) -> Feeds:
         if plan.labels is None:
             return feeds
         labels = _load_labels(plan.labels)
-        if labels.shape[0] != feeds.samples:
-            raise InputError(f"{plan.labels}: {labels.shape[0]} labels for {feeds.samples} samples in {plan.data}")
+        if len(labels) != feeds.samples:
+            raise InputError(f"{plan.labels}: {len(labels)} labels for {feeds.samples} samples in {plan.data}")
         return dataclasses.replace(feeds, labels=labels)
     if plan.labels is not None:
         raise UsageError("--labels go with --data (the samples they label)")
@@ -219,16 +221,20 @@ def _dtype(node_arg: ort.NodeArg) -> np.dtype:
         ) from None
 
 
-def _load_labels(path: Path) -> np.ndarray:
+def _load_labels(path: Path) -> Any:
+    """One label per sample: an .npy array (axis 0 = samples), or a .json list of anything (strings for OCR)."""
     try:
-        labels = np.load(path, allow_pickle=False)
+        if path.suffix.lower() == ".json":
+            labels = json.loads(path.read_text())
+        else:
+            labels = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: not a readable .npy file: {first_line(e)}") from e
-    if not isinstance(labels, np.ndarray) or labels.ndim != 1:
-        raise InputError(f"{path}: expected a 1-D .npy array of class indices")
-    return labels
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not a readable .npy or .json file of labels: {first_line(e)}") from e
+    if isinstance(labels, np.ndarray) and labels.ndim >= 1 or isinstance(labels, list):
+        return labels
+    raise InputError(f"{path}: expected one label per sample (an array, or a JSON list)")
 
 
 def _random(rng: np.random.Generator, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
+from qconvert.metrics import Metric, MetricResult, resolve
 from qconvert.plan import ValidationPlan
 from qconvert.quant.layout import snr_db
 from qconvert.runtime import Feeds, build_feeds, run_batches, session
@@ -43,6 +44,7 @@ class ValidationResult:
     samples: int
     outputs: list[OutputMetrics]
     accuracy: Accuracy | None
+    metric: MetricResult | None = None  # the task metric (--metric) on float and on the converted model
 
 
 @dataclass(frozen=True)
@@ -53,18 +55,20 @@ class Reference:
     names: list[str]
     outputs: list[np.ndarray]
     latency_ms: float
+    metric: Metric | None = None  # the plan's task metric, and its value on the float model
+    metric_value: float = 0.0
 
 
 def reference(float_model: str | bytes, plan: ValidationPlan) -> Reference:
-    """Run the float model on the plan's feeds (and time it when the plan says so)."""
+    """Run the float model on the plan's feeds (and time it when the plan says so); with a task metric,
+    measure it on the labels (a metric that fails fails here, before any conversion is judged)."""
+    metric = resolve(plan.metric, float_model) if plan.metric is not None else None
     sess = session(float_model, "input model")
     feeds = build_feeds(sess, plan)
-    return Reference(
-        feeds,
-        [o.name for o in sess.get_outputs()],
-        _run_all(sess, feeds, "input model"),
-        _median_ms(sess, feeds.batches[0], plan.latency_runs),
-    )
+    outputs = _run_all(sess, feeds, "input model")
+    latency = _median_ms(sess, feeds.batches[0], plan.latency_runs)
+    value = metric(outputs, feeds.labels, outputs) if metric is not None else 0.0
+    return Reference(feeds, [o.name for o in sess.get_outputs()], outputs, latency, metric, value)
 
 
 def compare(
@@ -85,7 +89,7 @@ def compare(
     del candidate
     outputs = [_metrics(name, r, q) for name, r, q in zip(ref.names, ref.outputs, new_out)]
     accuracy = None
-    if feeds.labels is not None:
+    if isinstance(feeds.labels, np.ndarray) and feeds.labels.dtype.kind in "iu":  # class labels
         scores = next((i for i, m in enumerate(outputs) if m.top1_agreement is not None), None)
         if scores is not None:
             labels = feeds.labels.reshape(-1)
@@ -99,7 +103,10 @@ def compare(
         if plan.latency_runs and fold
         else None
     )
-    return ValidationResult(feeds.source, feeds.samples, outputs, accuracy), latency
+    metric = None
+    if ref.metric is not None:
+        metric = MetricResult(ref.metric.name, ref.metric_value, ref.metric(new_out, feeds.labels, ref.outputs))
+    return ValidationResult(feeds.source, feeds.samples, outputs, accuracy, metric), latency
 
 
 def _run_all(sess: ort.InferenceSession, feeds: Feeds, what: str) -> list[np.ndarray]:

@@ -183,7 +183,12 @@ def _base_plan(plan: AutoPlan, overrides: tuple[LayerOverride, ...], bits: int =
 
 
 def target_gates(plan: AutoPlan) -> Gates:
-    return Gates(min_snr_db=plan.target_snr, min_top1=plan.min_top1, max_accuracy_drop=plan.max_accuracy_drop)
+    return Gates(
+        min_snr_db=plan.target_snr,
+        min_top1=plan.min_top1,
+        max_accuracy_drop=plan.max_accuracy_drop,
+        max_metric_drop=plan.max_metric_drop,
+    )
 
 
 def search(
@@ -237,6 +242,7 @@ def search(
                 ("snr_db", plan.target_snr),
                 ("top1", plan.min_top1),
                 ("accuracy_drop", plan.max_accuracy_drop),
+                ("metric_drop", plan.max_metric_drop),
             )
             if v is not None
         },

@@ -79,6 +79,10 @@ def notes(report: Report) -> list[str]:
             f"accuracy on labels: float {100 * a.float_top1:.2f} %, converted {100 * a.quantized_top1:.2f} % "
             f"(drop {a.drop_points:.2f} points)"
         )
+    if report.validation and (m := report.validation.metric):
+        lines.append(
+            f"task metric {m.name}: float {m.float_value:.2f}, converted {m.converted_value:.2f} (drop {m.drop:.2f})"
+        )
     if report.latency_ms:
         lat = report.latency_ms
         lines.append(
