@@ -6,7 +6,7 @@ result.save("model.kmeans4.onnx")
 print(result.report.to_markdown())
 """
 
-from qconvert.api import Conversion, auto, compare, inspect, kmeans, linear, run
+from qconvert.api import Conversion, auto, compare, debug, inspect, kmeans, linear, run
 from qconvert.errors import (
     CannotRunError,
     GateFailed,
@@ -30,6 +30,7 @@ __all__ = [
     "UsageError",
     "auto",
     "compare",
+    "debug",
     "inspect",
     "kmeans",
     "linear",

@@ -21,6 +21,8 @@ import onnx
 
 from qconvert import io
 from qconvert.describe import inspect_model
+from qconvert.drift import JUMPS, DebugReport
+from qconvert.drift import debug as run_debug
 from qconvert.errors import InputError, UsageError
 from qconvert.gates import Gates
 from qconvert.methods.common import Progress
@@ -182,6 +184,30 @@ def inspect(model: ModelSource, *, min_elements: int = 1024) -> dict[str, Any]:
     with _scratch() as scratch:
         info = inspect_model(scratch.model(model), min_elements=min_elements)
         return dict(_replaced(info, scratch.names))
+
+
+def debug(
+    float_model: ModelSource,
+    converted_model: ModelSource,
+    *,
+    data: Data | None = None,
+    labels: Any = None,
+    validation: ValidationPlan | None = None,
+    jumps: int = JUMPS,
+    **options: Any,
+) -> DebugReport:
+    """Per-tensor drift of a converted model against its float original, in graph order, and for the nodes
+    that add the most noise whether their weight or their input's quantization causes it (`qconvert debug`).
+    `options`: fields of `ValidationPlan` (input_shapes, samples, seed)."""
+    _, checks = _split(None, options)
+    with _scratch() as scratch:
+        paths = scratch.model(float_model, "float.onnx"), scratch.model(converted_model, "converted.onnx")
+        plan = validation if validation is not None else scratch.validation(data, labels, checks)
+        report = run_debug(*paths, plan, jumps)
+        report.float_path, report.converted_path, report.source = (
+            _replaced(x, scratch.names) for x in (report.float_path, report.converted_path, report.source)
+        )
+        return report
 
 
 def convert_auto(
@@ -382,4 +408,15 @@ def _stacked(feeds: Iterable[Mapping[str, Any]], what: str) -> dict[str, np.ndar
         raise InputError(f"{what}: the feeds' arrays do not join along axis 0: {e}") from e
 
 
-__all__: Sequence[str] = ["Conversion", "Data", "ModelSource", "auto", "compare", "inspect", "kmeans", "linear", "run"]
+__all__: Sequence[str] = [
+    "Conversion",
+    "Data",
+    "ModelSource",
+    "auto",
+    "compare",
+    "debug",
+    "inspect",
+    "kmeans",
+    "linear",
+    "run",
+]

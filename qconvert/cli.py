@@ -18,6 +18,8 @@ from rich.console import Console
 from qconvert import api, batch, io, options
 from qconvert.config import layer_overrides
 from qconvert.describe import inspect_model
+from qconvert.drift import JUMPS
+from qconvert.drift import to_dict as debug_dict
 from qconvert.errors import ExitCode, GateFailed, QConvertError, UsageError
 from qconvert.gates import GateResult
 from qconvert.mixed.search import plan_toml
@@ -31,6 +33,8 @@ from qconvert.plan import (
     LinearPlan,
     Plan,
 )
+from qconvert.render.debug import page as debug_page
+from qconvert.render.debug import terminal as debug_view
 from qconvert.render.terminal import batch_summary, inspection, summary
 from qconvert.report import Report
 from qconvert.version import __version__
@@ -384,6 +388,44 @@ def compare(float_model: Path, converted_model: Path, **o: Any) -> None:
     report = compare_models(float_model, converted_model, validation, options.gates(o))
     _emit_reports(report, o["report_path"], o["report_md"], o["report_html"])
     _finish(report, _console(o["quiet"]), o["as_json"])
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("float_model", type=click.Path(path_type=Path))
+@click.argument("converted_model", type=click.Path(path_type=Path))
+@options.VALIDATION
+@click.option("--jumps", default=JUMPS, show_default=True, help="How many of the largest error jumps to explain.")
+@click.option("--report", "report_path", type=options.FILE, help="Also write the JSON here.")
+@click.option("--report-html", type=options.FILE, help="Also write an HTML page: the SNR along the depth, the jumps.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON on stdout instead of the view on stderr.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+def debug(float_model: Path, converted_model: Path, jumps: int, **o: Any) -> None:
+    """Which tensors of a converted model drift from the float one, and why.
+
+    Matches the intermediate tensors of the two models by name (through qconvert's rewrites: folded
+    BatchNorm, QDQ pairs, decoded weights, bias Adds; and onnxruntime's QDQ outputs), runs both on the data
+    with them exposed, and gives each its SNR against float in graph order. The nodes that add the most
+    noise run alone twice, on float's input with the converted weight and on the converted input with
+    float's weight: the lower SNR names the cause (weight or activation quantization).
+
+    \b
+    Examples:
+      qconvert debug rec.onnx rec.int8-qdq.onnx --data lines.npz
+      qconvert debug model.onnx vendor_int8.onnx --data val.npz --json --report-html drift.html
+    """
+    validation = options.validation(o)
+    if validation is None:
+        raise click.UsageError("debug runs both models; --no-validate leaves nothing to do")
+    found = api.debug(float_model, converted_model, validation=validation, jumps=jumps)
+    data = json.dumps(debug_dict(found), indent=2) + "\n"
+    if o["report_path"]:
+        io.write_atomically(o["report_path"], data.encode())
+    if o["report_html"]:
+        io.write_atomically(o["report_html"], debug_page(found).encode())
+    if o["as_json"]:
+        click.echo(data, nl=False)
+    else:
+        _console(o["quiet"]).print(debug_view(found))
 
 
 LOG_WIDTH = 200  # columns at least, when stderr is not a terminal (a CI log): tables keep their names whole
