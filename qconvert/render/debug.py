@@ -47,7 +47,8 @@ def terminal(report: DebugReport) -> Group:
 
 def page(report: DebugReport, width: int = 900, height: int = 260) -> str:
     """SNR along the graph (an SVG line, jumps marked) and the table of jumps."""
-    points = [(t.position, t.snr_db) for t in report.tensors if t.snr_db is not None and t.snr_db > -1e9]
+    # x: the tensor's rank in graph order (node positions would leave room for Constant nodes)
+    points = [(i, t.snr_db) for i, t in enumerate(report.tensors) if t.snr_db is not None and t.snr_db > -1e9]
     top = max((s for _, s in points), default=1.0)
     bottom = min((s for _, s in points), default=0.0)
     span, last = (top - bottom) or 1.0, max((p for p, _ in points), default=1) or 1
@@ -56,7 +57,7 @@ def page(report: DebugReport, width: int = 900, height: int = 260) -> str:
         return f"{position / last * width:.1f},{height - (snr - bottom) / span * height:.1f}"
 
     line = " ".join(xy(p, s) for p, s in points)
-    positions = {t.name: (t.position, t.snr_db) for t in report.tensors if t.snr_db is not None}
+    positions = {t.name: (i, t.snr_db) for i, t in enumerate(report.tensors) if t.snr_db is not None}
     marks = "".join(
         f"<circle cx='{xy(*positions[j.tensor]).split(',')[0]}' cy='{xy(*positions[j.tensor]).split(',')[1]}' "
         "r='4' fill='#d1495b'/>"
