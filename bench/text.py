@@ -100,23 +100,3 @@ def pages(count: int, seed: int, size: int = 480) -> np.ndarray:
             y += line.size[1] + int(rng.integers(4, 30))
         out.append(np.repeat(((np.asarray(page, np.float32) / 255 - 0.5) / 0.5)[None], 3, axis=0))
     return np.stack(out)
-
-
-def ctc_decode(probabilities: np.ndarray, characters: list[str]) -> list[str]:
-    """[N, T, C] softmax outputs -> strings: the best class per step, repeats collapsed, blanks (0) dropped."""
-    best = probabilities.argmax(axis=2)
-    texts = []
-    for row in best:
-        kept = [c for i, c in enumerate(row) if c != 0 and (i == 0 or c != row[i - 1])]
-        texts.append("".join(characters[c] for c in kept))
-    return texts
-
-
-def edit_distance(a: str, b: str) -> int:
-    previous = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        current = [i]
-        for j, cb in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
-        previous = current
-    return previous[-1]
