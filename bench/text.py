@@ -100,3 +100,31 @@ def pages(count: int, seed: int, size: int = 480) -> np.ndarray:
             y += line.size[1] + int(rng.integers(4, 30))
         out.append(np.repeat(((np.asarray(page, np.float32) / 255 - 0.5) / 0.5)[None], 3, axis=0))
     return np.stack(out)
+
+
+CAPTCHA_LETTERS = "abcdefghjkmnpqrstuvwxyz23456789"
+BOLD = "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf"
+
+
+def captchas(count: int, seed: int) -> tuple[np.ndarray, list[str]]:
+    """[count, 1, 64, 160] captchas (4-5 letters or digits in bold, jittered, two stray lines; x / 255, as
+    ddddocr feeds its recognizer) and their strings."""
+    rng = np.random.default_rng(seed)
+    images, strings = [], []
+    for _ in range(count):
+        text = "".join(str(c) for c in rng.choice(list(CAPTCHA_LETTERS), int(rng.integers(4, 6))))
+        image = Image.new("L", (160, 64), int(rng.integers(200, 256)))
+        draw = ImageDraw.Draw(image)
+        x = int(rng.integers(4, 16))
+        for char in text:
+            try:
+                font: ImageFont.FreeTypeFont | ImageFont.ImageFont = ImageFont.truetype(BOLD, int(rng.integers(30, 40)))
+            except OSError:
+                font = ImageFont.load_default()
+            draw.text((x, int(rng.integers(0, 14))), char, fill=int(rng.integers(0, 90)), font=font)
+            x += int(rng.integers(22, 30))
+        for _ in range(2):
+            draw.line([tuple(rng.integers(0, 160, 2)), tuple(rng.integers(0, 64, 2))], fill=int(rng.integers(60, 160)))
+        images.append(np.asarray(image, np.float32)[None] / 255)
+        strings.append(text)
+    return np.stack(images), strings
