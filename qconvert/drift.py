@@ -87,18 +87,23 @@ def debug(float_path: Path, converted_path: Path, validation: ValidationPlan, ju
     )
     report.tensors = [TensorDrift(out, node.op_type, i, _db(*sums[out])) for i, node, out in matched]
     snr = {t.name: t.snr_db for t in report.tensors}
+    for node, out, before in _largest_jumps(reference, [(n, o) for _, n, o in matched], snr, jumps):
+        report.jumps.append(_explain(reference, converted, node, out, before, snr[out], seen, feeds))
+    return report
+
+
+def _largest_jumps(
+    reference: onnx.ModelProto, matched: list[tuple[onnx.NodeProto, str]], snr: dict[str, float | None], count: int
+) -> list[tuple[onnx.NodeProto, str, float | None]]:
+    """The nodes that add the most noise-to-signal (their output's less their inputs'), with their inputs' SNR."""
     producers = {o: n for n in reference.graph.node for o in n.output}
     steps = []
-    for _, node, out in matched:  # ranked by the noise the node adds (noise-to-signal, its output's less its inputs')
+    for node, out in matched:
         inputs = [x for name in node.input for x in _measured(name, snr, producers)]
         before = min(inputs, key=_rank) if inputs else None
         steps.append((_noise(snr[out]) - _noise(before), node, out, before))
     steps.sort(key=lambda s: -s[0])
-    for added, node, out, before in steps[:jumps]:
-        if added <= 0:
-            break
-        report.jumps.append(_explain(reference, converted, node, out, before, snr[out], seen, feeds))
-    return report
+    return [(node, out, before) for added, node, out, before in steps[:count] if added > 0]
 
 
 def _measured(name: str, snr: dict[str, float | None], producers: dict[str, onnx.NodeProto]) -> list[float | None]:
@@ -188,22 +193,12 @@ def _explain(
     if layer is None or len(layer.input) != len(node.input) or not data:
         return Jump(out, node.op_type, before, after, None, None, "unknown")
     float_params = {x: io.tensor_array(float_constants[x]) for x in node.input if x in float_constants}
-    converted_constants = _constants(converted)
-    converted_params = {
-        x: io.tensor_array(converted_constants[y])
-        for x, y in zip(node.input, layer.input)
-        if x in float_params and y in converted_constants
-    }
-    exposed = {x: y for x, y in zip(node.input, layer.input) if x in float_params and y not in converted_constants}
-    float_runs = _runs(reference, [*data, out], feeds, "input model")
-    converted_runs = _runs(converted, [*(seen.get(x, x) for x in data), *exposed.values()], feeds, "converted model")
     if not float_params:  # no parameters: only what reaches the node can be the cause
         return Jump(out, node.op_type, before, after, None, after, "activation")
-    weight_only = [
-        {**{x: run[x] for x in data}, **converted_params, **{x: c[y] for x, y in exposed.items()}}
-        for run, c in zip(float_runs, converted_runs)
-    ]
-    input_only = [{**{x: run[seen.get(x, x)] for x in data}, **float_params} for run in converted_runs]
+    float_runs = _runs(reference, [*data, out], feeds, "input model")
+    converted_inputs, converted_params = _converted_side(converted, node, layer, data, set(float_params), seen, feeds)
+    weight_only = [{**{x: run[x] for x in data}, **params} for run, params in zip(float_runs, converted_params)]
+    input_only = [{**inputs, **float_params} for inputs in converted_inputs]
     truth = [run[out] for run in float_runs]
     weight_snr = _db(*_energy(truth, _single(node, weight_only, reference)))
     input_snr = _db(*_energy(truth, _single(node, input_only, reference)))
@@ -213,6 +208,27 @@ def _explain(
         ratio = min(weight_noise, input_noise) / max(weight_noise, input_noise)
         cause = "both" if ratio > 0.5 else ("weight" if weight_noise > input_noise else "activation")
     return Jump(out, node.op_type, before, after, weight_snr, input_snr, cause)
+
+
+def _converted_side(
+    converted: onnx.ModelProto,
+    node: onnx.NodeProto,
+    layer: onnx.NodeProto,
+    data: list[str],
+    params: set[str],
+    seen: dict[str, str],
+    feeds: Feeds,
+) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+    """Per batch, the node's data inputs as the converted model computes them, and its parameters there
+    (initializers, or what decodes them: palettes, DequantizeLinear), by the float node's input names."""
+    constants = _constants(converted)
+    fixed = {
+        x: io.tensor_array(constants[y]) for x, y in zip(node.input, layer.input) if x in params and y in constants
+    }
+    exposed = {x: y for x, y in zip(node.input, layer.input) if x in params and y not in constants}
+    runs = _runs(converted, [*(seen.get(x, x) for x in data), *exposed.values()], feeds, "converted model")
+    inputs = [{x: run[seen.get(x, x)] for x in data} for run in runs]
+    return inputs, [{**fixed, **{x: run[y] for x, y in exposed.items()}} for run in runs]
 
 
 def _producer(model: onnx.ModelProto, out: str, seen: dict[str, str]) -> onnx.NodeProto | None:
