@@ -40,6 +40,18 @@ def check_contract(result, code: int, words: str, folder: Path, before: dict[str
     assert files(folder) == before  # input untouched, no output, no temp file
 
 
+def with_external_data(folder: Path) -> Path:
+    """A small conv model saved as m.onnx with its weights in m.data beside it."""
+    onnx.save(
+        conv_model(cin=64, cout=64),
+        str(folder / "m.onnx"),
+        save_as_external_data=True,
+        location="m.data",
+        size_threshold=0,
+    )
+    return folder / "m.onnx"
+
+
 def test_truncated_model(tmp_path: Path) -> None:
     data = conv_model(cin=16, cout=32).SerializeToString()
     (tmp_path / "m.onnx").write_bytes(data[: len(data) // 2])
@@ -99,13 +111,7 @@ def test_external_data_linked_from_outside_the_folder_is_refused(tmp_path: Path)
 
 
 def test_model_and_external_data_get_the_same_usual_permissions(tmp_path: Path) -> None:
-    onnx.save(
-        conv_model(cin=64, cout=64),
-        str(tmp_path / "m.onnx"),
-        save_as_external_data=True,
-        location="m.data",
-        size_threshold=0,
-    )
+    with_external_data(tmp_path)
     old = os.umask(0o022)
     try:
         result = invoke("kmeans", tmp_path / "m.onnx", "--bits", "4", "-o", tmp_path / "q.onnx")
@@ -352,13 +358,7 @@ def test_raising_the_opset_converts_like_the_version_converter_without_copying_t
 
 
 def test_external_data_model_converts_and_counts_its_data(tmp_path: Path) -> None:
-    onnx.save(
-        conv_model(cin=64, cout=64),
-        str(tmp_path / "m.onnx"),
-        save_as_external_data=True,
-        location="m.data",
-        size_threshold=0,
-    )
+    with_external_data(tmp_path)
     result = invoke("kmeans", tmp_path / "m.onnx", "--bits", "4", "-o", tmp_path / "q.onnx", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
