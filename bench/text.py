@@ -1,6 +1,6 @@
-"""Synthetic, labelled inputs for the PP-OCR models of the rapidocr-onnxruntime wheel: text lines with known
-strings (recognizer), the same lines upright or upside down (direction classifier), and pages of lines
-(detector), rendered in DejaVu Sans and preprocessed as rapidocr does."""
+"""Synthetic, labelled inputs for the OCR models of the bench: text lines with known strings, the same lines
+upright or upside down, pages of lines (PP-OCR, preprocessed as rapidocr does), captchas of known strings and
+scenes of letters with their boxes (ddddocr, preprocessed as ddddocr does)."""
 
 from __future__ import annotations
 
@@ -128,3 +128,26 @@ def captchas(count: int, seed: int) -> tuple[np.ndarray, list[str]]:
         images.append(np.asarray(image, np.float32)[None] / 255)
         strings.append(text)
     return np.stack(images), strings
+
+
+def scenes(count: int, seed: int, size: int = 416) -> tuple[np.ndarray, list[list[list[float]]]]:
+    """[count, 3, 416, 416] detector inputs (BGR, 0-255, as ddddocr feeds its YOLOX detector): 3-5 capital
+    letters scattered without overlap on a plain background, and each letter's box [x1, y1, x2, y2]."""
+    rng = np.random.default_rng(seed)
+    images, boxes = [], []
+    for _ in range(count):
+        image = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(150, 256, 3)))
+        draw = ImageDraw.Draw(image)
+        placed: list[list[float]] = []
+        for _ in range(int(rng.integers(3, 6))):
+            for _ in range(20):  # a place that overlaps no letter so far
+                font = ImageFont.truetype(BOLD, int(rng.integers(40, 70)))
+                char, x, y = str(rng.choice(list("ABCDEFGHJKLMNPQRSTUVWXYZ"))), *rng.integers(0, size - 70, 2)
+                box = [float(v) for v in draw.textbbox((int(x), int(y)), char, font=font)]
+                if all(box[2] < b[0] or box[0] > b[2] or box[3] < b[1] or box[1] > b[3] for b in placed):
+                    draw.text((int(x), int(y)), char, fill=tuple(int(v) for v in rng.integers(0, 100, 3)), font=font)
+                    placed.append(box)
+                    break
+        images.append(np.asarray(image, np.float32)[:, :, ::-1].transpose(2, 0, 1).copy())
+        boxes.append(placed)
+    return np.stack(images), boxes
