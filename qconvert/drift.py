@@ -79,7 +79,15 @@ def debug(float_path: Path, converted_path: Path, validation: ValidationPlan, ju
     matched = [(i, node, out) for i, node, out in order if seen.get(out, out) in produced]
     if not matched:
         raise UsageError(f"{converted_path}: no intermediate tensor of {float_path} found in it by name")
-    feeds = _first_samples(build_feeds(session(str(float_path), "input model"), validation))
+    signature = session(str(float_path), "input model")
+    batch = signature.get_inputs()[0].shape[0] if signature.get_inputs()[0].shape else None
+    feeds = build_feeds(signature, validation)
+    del signature
+    if isinstance(batch, int) and batch > 1:  # a fixed batch size: whole batches, up to MAX_SAMPLES samples
+        kept = feeds.batches[: max(1, MAX_SAMPLES // batch)]
+        feeds = Feeds(kept, min(feeds.samples, len(kept) * batch), feeds.source, None, feeds.padded)
+    else:  # one sample per run
+        feeds = _first_samples(feeds)
     names = [out for _, _, out in matched]
     sums = _drift(reference, converted, names, seen, feeds)
     report = DebugReport(
@@ -128,15 +136,16 @@ def _as_seen(model: onnx.ModelProto) -> dict[str, str]:
 
 
 def _first_samples(feeds: Feeds) -> Feeds:
-    kept, count = [], 0
-    for batch in feeds.batches:
-        if count >= MAX_SAMPLES:
-            break
-        batch = {k: v[: MAX_SAMPLES - count] for k, v in batch.items()}
-        kept.append(batch)
-        count += len(next(iter(batch.values())))
-    labels = feeds.labels[:count] if feeds.labels is not None else None
-    return Feeds(kept, count, feeds.source, labels)
+    """At most MAX_SAMPLES samples, one per batch: a run holds one sample's tensors of each model at a time
+    (a model of a fixed batch size keeps its batches)."""
+    singles = [
+        {k: v[i : i + 1] for k, v in batch.items()}
+        for batch in feeds.batches
+        for i in range(len(next(iter(batch.values()))))
+    ]
+    kept = singles[: min(MAX_SAMPLES, feeds.samples)]
+    labels = feeds.labels[: len(kept)] if feeds.labels is not None else None
+    return Feeds(kept, len(kept), feeds.source, labels)
 
 
 def _exposed(model: onnx.ModelProto, names: list[str]) -> bytes:
