@@ -85,7 +85,7 @@ def debug(float_path: Path, converted_path: Path, validation: ValidationPlan, ju
     del signature
     if isinstance(batch, int) and batch > 1:  # a fixed batch size: whole batches, up to MAX_SAMPLES samples
         kept = feeds.batches[: max(1, MAX_SAMPLES // batch)]
-        feeds = Feeds(kept, min(feeds.samples, len(kept) * batch), feeds.source, None, feeds.padded)
+        feeds = Feeds(kept, min(feeds.samples, len(kept) * batch), feeds.source)
     else:  # one sample per run
         feeds = _first_samples(feeds)
     names = [out for _, _, out in matched]
