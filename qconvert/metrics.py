@@ -74,11 +74,11 @@ def resolve(spec: str | UserMetric, model: str | bytes | None = None) -> Metric:
         return Metric(name, lambda outputs, labels, _: spec(outputs, labels))
     if spec in ("top1", "top5"):
         k = int(spec[3:])
-        return Metric(spec, lambda outputs, labels, _: _top_k(outputs, labels, k))
+        return Metric(spec, lambda outputs, labels, _: _top_k(outputs, _labelled(spec, labels), k))
     if spec in ("ctc-exact", "ctc-char"):
         characters = _characters(spec, model)
         exact = spec == "ctc-exact"
-        return Metric(spec, lambda outputs, labels, _: _ctc(outputs, labels, characters, exact))
+        return Metric(spec, lambda outputs, labels, _: _ctc(outputs, _labelled(spec, labels), characters, exact))
     if spec.startswith("iou@"):
         try:
             threshold = float(spec[4:])
@@ -87,6 +87,12 @@ def resolve(spec: str | UserMetric, model: str | bytes | None = None) -> Metric:
         return Metric(spec, lambda outputs, labels, reference: _iou(outputs, labels, reference, threshold))
     function = _imported(spec)
     return Metric(spec, lambda outputs, labels, _: function(outputs, labels))
+
+
+def _labelled(spec: str, labels: Any) -> Any:
+    if labels is None:
+        raise MetricError(f"metric {spec}: needs labels (a `labels` array in --data, or --labels FILE)")
+    return labels
 
 
 def _imported(spec: str) -> UserMetric:

@@ -124,6 +124,8 @@ def test_user_metrics_and_their_failures(tmp_path: Path, digits: Path, digits_da
         assert not (tmp_path / "q.onnx").exists()
     result = invoke(*base, "--max-metric-drop", "1")
     assert result.exit_code == ExitCode.USAGE and "needs a task metric" in result.stderr
+    result = invoke("kmeans", digits, "--bits", "4", "--metric", "top1", "-o", tmp_path / "q.onnx")  # random inputs
+    assert result.exit_code == ExitCode.USAGE and "metric top1: needs labels" in result.stderr
 
 
 def test_the_api_takes_callables_and_any_labels(tmp_path: Path) -> None:
