@@ -95,8 +95,8 @@ def debug(float_path: Path, converted_path: Path, validation: ValidationPlan, ju
     )
     report.tensors = [TensorDrift(out, node.op_type, i, _db(*sums[out])) for i, node, out in matched]
     snr = {t.name: t.snr_db for t in report.tensors}
-    for node, out, before in _largest_jumps(reference, [(n, o) for _, n, o in matched], snr, jumps):
-        report.jumps.append(_explain(reference, converted, node, out, before, snr[out], seen, feeds))
+    found = _largest_jumps(reference, [(n, o) for _, n, o in matched], snr, jumps)
+    report.jumps = _explain(reference, converted, found, snr, seen, feeds)
     return report
 
 
@@ -183,66 +183,88 @@ def _drift(
     return sums
 
 
+@dataclass
+class _Attribution:
+    """What running a jump's node alone takes: its data inputs, and its parameters in each model (the
+    converted model's either as initializers, or as tensors its graph makes: decoded, dequantized)."""
+
+    node: onnx.NodeProto
+    data: list[str]
+    float_params: dict[str, np.ndarray]
+    fixed: dict[str, np.ndarray]
+    exposed: dict[str, str]  # float input name -> the converted tensor that computes it
+
+
 def _explain(
     reference: onnx.ModelProto,
     converted: onnx.ModelProto,
-    node: onnx.NodeProto,
+    found: list[tuple[onnx.NodeProto, str, float | None]],
+    snr: dict[str, float | None],
+    seen: dict[str, str],
+    feeds: Feeds,
+) -> list[Jump]:
+    """Each jump's node alone, twice: on float's input with the converted model's parameters (the weight's
+    error), and on the converted model's input with float's parameters (the input's quantization); the one
+    that costs the output more SNR is the cause. One run of each model gives what all the jumps need."""
+    float_constants, converted_constants = _constants(reference), _constants(converted)
+    producers = {o: n for n in converted.graph.node for o in n.output}
+    attributions: dict[str, _Attribution] = {}
+    ready: dict[str, Jump] = {}
+    for node, out, before in found:
+        layer = _producer(producers, out, seen)
+        data = [x for x in node.input if x and x not in float_constants]
+        params = {x: io.tensor_array(float_constants[x]) for x in node.input if x in float_constants}
+        if layer is None or len(layer.input) != len(node.input) or not data:  # fused into another node there
+            ready[out] = Jump(out, node.op_type, before, snr[out], None, None, "unknown")
+        elif not params:  # no parameters: only what reaches the node can be the cause
+            ready[out] = Jump(out, node.op_type, before, snr[out], None, snr[out], "activation")
+        else:
+            pairs = [(x, y) for x, y in zip(node.input, layer.input) if x in params]
+            fixed = {x: io.tensor_array(converted_constants[y]) for x, y in pairs if y in converted_constants}
+            exposed = {x: y for x, y in pairs if y not in converted_constants}
+            attributions[out] = _Attribution(node, data, params, fixed, exposed)
+    float_names = [*{x: None for out, a in attributions.items() for x in (*a.data, out)}]
+    converted_names = [
+        *{x: None for a in attributions.values() for x in (*(seen.get(d, d) for d in a.data), *a.exposed.values())}
+    ]
+    float_runs = _runs(reference, float_names, feeds, "input model") if attributions else []
+    converted_runs = _runs(converted, converted_names, feeds, "converted model") if attributions else []
+    return [
+        ready[out]
+        if out in ready
+        else _attributed(attributions[out], out, before, snr[out], float_runs, converted_runs, seen, reference)
+        for _, out, before in found
+    ]
+
+
+def _attributed(
+    a: _Attribution,
     out: str,
     before: float | None,
     after: float | None,
+    float_runs: list[dict[str, np.ndarray]],
+    converted_runs: list[dict[str, np.ndarray]],
     seen: dict[str, str],
-    feeds: Feeds,
+    reference: onnx.ModelProto,
 ) -> Jump:
-    """The node alone, twice: on float's input with the converted model's parameters (the weight's error),
-    and on the converted model's input with float's parameters (the input's quantization); the one that
-    costs the output more SNR is the cause."""
-    layer = _producer(converted, out, seen)
-    float_constants = _constants(reference)
-    data = [x for x in node.input if x and x not in float_constants]
-    if layer is None or len(layer.input) != len(node.input) or not data:
-        return Jump(out, node.op_type, before, after, None, None, "unknown")
-    float_params = {x: io.tensor_array(float_constants[x]) for x in node.input if x in float_constants}
-    if not float_params:  # no parameters: only what reaches the node can be the cause
-        return Jump(out, node.op_type, before, after, None, after, "activation")
-    float_runs = _runs(reference, [*data, out], feeds, "input model")
-    converted_inputs, converted_params = _converted_side(converted, node, layer, data, set(float_params), seen, feeds)
-    weight_only = [{**{x: run[x] for x in data}, **params} for run, params in zip(float_runs, converted_params)]
-    input_only = [{**inputs, **float_params} for inputs in converted_inputs]
+    weight_only = [
+        {**{x: run[x] for x in a.data}, **a.fixed, **{x: c[y] for x, y in a.exposed.items()}}
+        for run, c in zip(float_runs, converted_runs)
+    ]
+    input_only = [{**{x: c[seen.get(x, x)] for x in a.data}, **a.float_params} for c in converted_runs]
     truth = [run[out] for run in float_runs]
-    weight_snr = _db(*_energy(truth, _single(node, weight_only, reference)))
-    input_snr = _db(*_energy(truth, _single(node, input_only, reference)))
+    weight_snr = _db(*_energy(truth, _single(a.node, weight_only, reference)))
+    input_snr = _db(*_energy(truth, _single(a.node, input_only, reference)))
     weight_noise, input_noise = _noise(weight_snr), _noise(input_snr)
     cause = "unknown"
     if max(weight_noise, input_noise) > 0:
         ratio = min(weight_noise, input_noise) / max(weight_noise, input_noise)
         cause = "both" if ratio > 0.5 else ("weight" if weight_noise > input_noise else "activation")
-    return Jump(out, node.op_type, before, after, weight_snr, input_snr, cause)
+    return Jump(out, a.node.op_type, before, after, weight_snr, input_snr, cause)
 
 
-def _converted_side(
-    converted: onnx.ModelProto,
-    node: onnx.NodeProto,
-    layer: onnx.NodeProto,
-    data: list[str],
-    params: set[str],
-    seen: dict[str, str],
-    feeds: Feeds,
-) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
-    """Per batch, the node's data inputs as the converted model computes them, and its parameters there
-    (initializers, or what decodes them: palettes, DequantizeLinear), by the float node's input names."""
-    constants = _constants(converted)
-    fixed = {
-        x: io.tensor_array(constants[y]) for x, y in zip(node.input, layer.input) if x in params and y in constants
-    }
-    exposed = {x: y for x, y in zip(node.input, layer.input) if x in params and y not in constants}
-    runs = _runs(converted, [*(seen.get(x, x) for x in data), *exposed.values()], feeds, "converted model")
-    inputs = [{x: run[seen.get(x, x)] for x in data} for run in runs]
-    return inputs, [{**fixed, **{x: run[y] for x, y in exposed.items()}} for run in runs]
-
-
-def _producer(model: onnx.ModelProto, out: str, seen: dict[str, str]) -> onnx.NodeProto | None:
+def _producer(producers: dict[str, onnx.NodeProto], out: str, seen: dict[str, str]) -> onnx.NodeProto | None:
     """The converted model's node that computes `out` (before any Quantize/DequantizeLinear after it)."""
-    producers = {o: n for n in model.graph.node for o in n.output}
     node = producers.get(seen.get(out, out))
     while node is not None and node.op_type in ("DequantizeLinear", "QuantizeLinear"):
         node = producers.get(node.input[0])
