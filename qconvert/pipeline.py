@@ -7,7 +7,6 @@ import dataclasses
 import os
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -392,6 +391,3 @@ def _options(plan: Plan | None, validation: ValidationPlan | None) -> dict[str, 
             seed=validation.seed,
         )
     return options
-
-
-Converter = Callable[[KMeansPlan], Conversion]

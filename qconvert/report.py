@@ -19,8 +19,6 @@ from qconvert.validate import ValidationResult
 from qconvert.version import __version__
 
 SCHEMA_VERSION = 3  # 3: validation.metric (the task metric)
-WORST_SHOWN = 5
-SHORT_TECHNIQUE = {"batchnorm-folded": "fold", "data-aware": "data", "bias-corrected": "bias"}  # for narrow terminals
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ from onnx import helper, numpy_helper
 from qconvert.opset import Reach
 from qconvert.plan import Granularity, LayerSetting
 from qconvert.report import Histogram, WeightReport
-from qconvert.rewrite import GraphEdit
 from qconvert.select import MAIN_GRAPH, Weight
 
 Progress = Callable[[str], None]
@@ -190,4 +189,4 @@ def join(*notes: str | None) -> str | None:
     return "; ".join(n for n in notes if n) or None
 
 
-__all__ = ["Context", "GraphEdit", "Method", "Need", "Progress", "Quantized", "file_bytes", "granularity_of", "join"]
+__all__ = ["Context", "Method", "Need", "Progress", "Quantized", "file_bytes", "granularity_of", "join"]

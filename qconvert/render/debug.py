@@ -21,7 +21,7 @@ def jumps(report: DebugReport) -> sections.Table:
         [
             j.tensor,
             j.op_type,
-            *map(_db, (j.input_snr_db, j.snr_db, j.weight_error_snr_db, j.input_error_snr_db)),
+            *(sections.db(v, 1) for v in (j.input_snr_db, j.snr_db, j.weight_error_snr_db, j.input_error_snr_db)),
             j.cause,
         ]
         for j in report.jumps
@@ -40,7 +40,7 @@ def terminal(report: DebugReport) -> Group:
         ),
     ]
     if last is not None:
-        parts.append(Text(f"last tensor {last.name}: {_db(last.snr_db)} dB"))
+        parts.append(Text(f"last tensor {last.name}: {sections.db(last.snr_db, 1)} dB"))
     parts.append(table(jumps(report)))
     return Group(*parts)
 
@@ -74,7 +74,3 @@ def page(report: DebugReport, width: int = 900, height: int = 260) -> str:
         f"<svg width='{width}' height='{height}'><polyline fill='none' stroke='#4c956c' points='{line}'/>{marks}</svg>"
         f"<table><tr>{head}</tr>{rows}</table></body></html>"
     )
-
-
-def _db(value: float | None) -> str:
-    return "exact" if value is None else f"{value:.1f}"

@@ -56,7 +56,9 @@ def _chosen(report: Report) -> list[tuple[Histogram, str]]:
     chosen: list[tuple[Histogram, str]] = []
     for w, why in [*((w, "largest") for w in largest), *((w, "worst SNR") for w in worst)]:
         if w.name in by_name and all(h.name != w.name for h, _ in chosen):
-            chosen.append((by_name[w.name], f"{why}: {w.name} ({'x'.join(map(str, w.shape))}, {_db(w.snr_db)} dB)"))
+            chosen.append(
+                (by_name[w.name], f"{why}: {w.name} ({'x'.join(map(str, w.shape))}, {sections.db(w.snr_db, 1)} dB)")
+            )
     return chosen
 
 
@@ -101,7 +103,7 @@ def _snr_bars(weights: list[WeightReport], width: int = 620, row: int = 14, limi
             f"<text x='{label - 6}' y='{i * row + 11}' font-size='11' text-anchor='end'>"
             f"{html.escape(w.name[-40:])}</text>"
             f"<rect x='{label}' y='{i * row + 2}' width='{length:.1f}' height='{row - 4}' fill='#e08e45'/>"
-            f"<text x='{label + length + 4:.1f}' y='{i * row + 11}' font-size='11'>{_db(w.snr_db)}</text>"
+            f"<text x='{label + length + 4:.1f}' y='{i * row + 11}' font-size='11'>{sections.db(w.snr_db, 1)}</text>"
         )
     more = (
         f"<div class='muted'>{len(weights) - limit} more layers in the JSON report</div>"
@@ -158,10 +160,6 @@ def table(data: sections.Table) -> str:
             cells += f"<td class='{'pass' if data.passed[i] else 'fail'}'>{'pass' if data.passed[i] else 'FAIL'}</td>"
         rows.append(f"<tr>{cells}</tr>")
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
-
-
-def _db(value: float | None) -> str:
-    return "exact" if value is None else f"{value:.1f}"
 
 
 def _bytes(n: int) -> str:

@@ -203,8 +203,8 @@ def gates(report: Report) -> Table | None:
     )
 
 
-def db(value: float | None) -> str:
-    return "exact" if value is None else f"{value:.2f}"
+def db(value: float | None, digits: int = 2) -> str:
+    return "exact" if value is None else f"{value:.{digits}f}"
 
 
 def size(n: float) -> str:
