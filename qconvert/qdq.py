@@ -58,7 +58,7 @@ class LinearWeight:
     @property
     def q(self) -> np.ndarray:
         """The integers, in the weight's layout."""
-        return self.integers if self.integers is not None else _on_grid(self.weight.array(), self.grid, self.axis)
+        return self.integers if self.integers is not None else on_grid(self.weight.array(), self.grid, self.axis)
 
     def dequantized(self) -> np.ndarray:
         rows = dequantize(to_rows(self.q, self.axis), self.grid)
@@ -92,10 +92,10 @@ def quantize_weight(
         grid = clipped_grid(
             rows, bits=bits, symmetric=symmetric, weights=to_rows(np.broadcast_to(importance, array.shape), axis)
         )
-    return LinearWeight(weight, grid, axis, bits, _on_grid(array, grid, axis) if keep else None)
+    return LinearWeight(weight, grid, axis, bits, on_grid(array, grid, axis) if keep else None)
 
 
-def _on_grid(array: np.ndarray, grid: Grid, axis: int | None) -> np.ndarray:
+def on_grid(array: np.ndarray, grid: Grid, axis: int | None) -> np.ndarray:
     """The array's integers on the grid, in its layout."""
     return from_rows(quantize(to_rows(array, axis), grid), array.shape, axis)
 

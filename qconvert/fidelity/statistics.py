@@ -3,6 +3,7 @@ reduced in the graph, and the error weights (importance) they give."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,6 +11,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qconvert.calibrate import Extremes, read_extremes
+from qconvert.fidelity import hessian
 from qconvert.rewrite import After, NameSource
 from qconvert.runtime import Feeds
 from qconvert.sections import Section, Sections
@@ -126,13 +128,20 @@ class Statistics:
     reference: list[np.ndarray]  # the model's outputs on `checks`, the reference of the whole-model check
     ranges: dict[str, tuple[float, float]]  # min and max of the tensors asked for
     checks: Feeds  # what the layer and whole-model checks run on (`check_feeds`)
+    hessians: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # per layer: Σ x xᵀ (`hessian`)
 
 
 def input_moments(
-    model: onnx.ModelProto, layers: dict[str, Layer], feeds: Feeds, extremes: list[str] | None = None
+    model: onnx.ModelProto,
+    layers: dict[str, Layer],
+    feeds: Feeds,
+    extremes: list[str] | None = None,
+    second_moments: bool = False,
 ) -> Statistics:
     """E[x] and E[x²] per input channel of each layer, in one onnxruntime pass; the model's outputs on
-    `check_feeds(feeds, layers)`; and the min and max of the `extremes` tensors (activation ranges).
+    `check_feeds(feeds, layers)`; the min and max of the `extremes` tensors (activation ranges); and with
+    `second_moments`, each layer's H = Σ x xᵀ over its weight's columns (`hessian`; the inputs come back
+    whole, one sample at a time).
 
     Everything is reduced in the graph as soon as the tensor exists (`add_after`) (ReduceSum, ReduceSumSquare,
     Size, ReduceMin, ReduceMax), so only vectors come back and onnxruntime frees every activation as usual.
@@ -141,6 +150,7 @@ def input_moments(
     keys: dict[tuple[str, int, int], tuple[str, str, str]] = {}  # (x, channel axis, Cin) -> sum, sum of squares, size
     reduced: dict[str, tuple[str, str]] = {}  # tensor -> its min and max
     model_outputs = [o.name for o in model.graph.output]
+    hessians = hessian.wanted(layers) if second_moments else {}
 
     def readers(section: Section) -> None:
         for layer in layers.values():
@@ -148,6 +158,9 @@ def input_moments(
             if key not in keys and key[0] in section.made:
                 keys[key] = _channel_sums(layer, section)
                 section.wanted += keys[key]
+        section.wanted += dict.fromkeys(
+            layers[n].node.input[0] for n in hessians if layers[n].node.input[0] in section.made
+        )
         read_extremes(extremes or [], reduced, section)
         if section.complete:
             section.wanted += model_outputs
@@ -161,6 +174,9 @@ def input_moments(
             if len(reference) < len(checks.batches):
                 reference.append([values[o] for o in model_outputs])
         ranges.add(values)
+        for name, into in hessians.items():
+            if (x := values.get(layers[name].node.input[0])) is not None:
+                hessian.accumulate(layers[name], x, into)
         for outputs in keys.values():
             for name in outputs:
                 if name in values:
@@ -171,7 +187,8 @@ def input_moments(
         count = float(size) / layer.in_channels
         if count > 0 and total.shape == (layer.in_channels,):
             moments[name] = Moments(total / count, squares / count)
-    return Statistics(moments, [np.concatenate(o).astype(np.float64) for o in zip(*reference)], ranges.ranges(), checks)
+    joined = [np.concatenate(o).astype(np.float64) for o in zip(*reference)]
+    return Statistics(moments, joined, ranges.ranges(), checks, hessians)
 
 
 def _channel_sums(layer: Layer, section: Section) -> tuple[str, str, str]:

@@ -252,7 +252,9 @@ def _quantize(
         if importance is None:
             return None
         values = weight.array() if array is None else array
-        return job.method(weight).quantize(weight, values, settings[weight.name], axis, importance, context)
+        method = job.method(weight)
+        result = method.quantize(weight, values, settings[weight.name], axis, importance, context)
+        return refiner.compensated_result(method, weight, result, values) if refiner is not None else result
 
     def compute(weight: Weight, axis: int | None, refine: bool) -> tuple[Quantized, Quantized | None]:
         """The plain result and (`refine`) the data-aware one, from one read of the array."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from typing import ClassVar
 
@@ -19,7 +20,7 @@ from qconvert.encode import (
 )
 from qconvert.methods.base import Context, Need, weight_report
 from qconvert.plan import Granularity, LayerSetting
-from qconvert.quant.kmeans import Palette, palettize, palettize_tensor, reconstruct
+from qconvert.quant.kmeans import Palette, nearest, palettize, palettize_tensor, reconstruct
 from qconvert.quant.layout import snr_db, to_rows
 from qconvert.report import Histogram, WeightReport
 from qconvert.select import Weight
@@ -137,6 +138,16 @@ class KMeans:
 
     def histogram(self, name: str, array: np.ndarray, item: EncodedWeight) -> Histogram:  # type: ignore[override]
         return Histogram.of(name, array, item.palette.codebook, rows=item.palette.codebook.shape[0])
+
+    def levels(self, item: EncodedWeight) -> np.ndarray:
+        """Per channel (one row per tensor): its codebook, ascending."""
+        return item.palette.codebook.astype(np.float64)
+
+    def on_values(self, item: EncodedWeight, array: np.ndarray) -> EncodedWeight:
+        """The item holding `array`, whose values are entries of its codebooks."""
+        codebook = item.palette.codebook
+        indices = nearest(to_rows(array.astype(codebook.dtype), item.axis), codebook)
+        return dataclasses.replace(item, palette=Palette(codebook, indices))
 
     def stand_in(self, weight: Weight, bits: int, axis: int | None, opset: int) -> EncodedWeight:
         channels = weight.shape[axis] if axis is not None else 1

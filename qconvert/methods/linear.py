@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import ClassVar
 
 import numpy as np
@@ -117,9 +118,17 @@ class Linear:
         )
 
     def histogram(self, name: str, array: np.ndarray, item: qdq.LinearWeight) -> Histogram:  # type: ignore[override]
+        return Histogram.of(name, array, self.levels(item), rows=item.grid.scale.size)
+
+    def levels(self, item: qdq.LinearWeight) -> np.ndarray:
+        """Per channel (one row per tensor): the values its grid holds, ascending."""
         grid = item.grid
-        levels = (np.arange(grid.qmin, grid.qmax + 1)[None, :] - grid.zero_point[:, None]) * grid.scale[:, None]
-        return Histogram.of(name, array, levels, rows=grid.scale.size)
+        steps = np.arange(grid.qmin, grid.qmax + 1)[None, :] - grid.zero_point[:, None].astype(np.int64)
+        return steps * grid.scale[:, None].astype(np.float64)
+
+    def on_values(self, item: qdq.LinearWeight, array: np.ndarray) -> qdq.LinearWeight:
+        """The item holding `array`, whose values lie on its grid."""
+        return dataclasses.replace(item, integers=qdq.on_grid(array, item.grid, item.axis))
 
     def stand_in(self, weight: Weight, bits: int, axis: int | None, opset: int) -> qdq.LinearWeight:
         return qdq.quantize_weight(weight, weight.array(), bits=bits, symmetric=True, axis=axis)

@@ -12,11 +12,12 @@ from typing import NamedTuple
 import numpy as np
 import onnx
 
-from qconvert.fidelity import checks, statistics
+from qconvert.fidelity import checks, gptq, hessian, statistics
 from qconvert.fidelity.bias import apply_bias_shifts, bias_shift
 from qconvert.fidelity.checks import Candidate, Deferred, array_of
 from qconvert.fidelity.statistics import Layer, Moments
 from qconvert.fold import FoldFilter
+from qconvert.methods.base import Quantized
 from qconvert.methods.common import Progress, fold_pays
 from qconvert.plan import Plan
 from qconvert.report import WeightReport
@@ -65,6 +66,8 @@ class Refiner:
     # the whole-model check, per variant
     model_snr_db: dict[str, float | None] = dataclasses.field(default_factory=dict)
     chosen: str = "plain"  # the variant that won it
+    hessians: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # per layer: Σ x xᵀ (GPTQ)
+    compensated: set[str] = dataclasses.field(default_factory=set)  # weights whose data-aware result is GPTQ's
 
     @staticmethod
     def gather(
@@ -79,7 +82,7 @@ class Refiner:
     ) -> Refiner:
         layers = statistics.find_layers(model, weights)
         stats = (
-            statistics.input_moments(model, layers, feeds, extremes)
+            statistics.input_moments(model, layers, feeds, extremes, second_moments=data_aware)
             if layers
             else statistics.Statistics({}, [], {}, feeds)
         )
@@ -93,6 +96,7 @@ class Refiner:
             bias_correction,
             matmul_bias,
             ranges=stats.ranges,
+            hessians=stats.hessians,
         )
         refiner.bind(model, weights)
         return refiner
@@ -113,6 +117,21 @@ class Refiner:
         if not self.data_aware or weight.name not in self.layers:
             return None
         return statistics.importance(self.layers[weight.name], self.moments[weight.name], weight.shape)
+
+    def compensated_result(self, method: object, weight: Weight, item: Quantized, array: np.ndarray) -> Quantized:
+        """`item` with its values rounded by GPTQ (`fidelity.gptq`) on the same levels, where the layer has
+        its input second moments and the method can say its levels along the layer's output rows."""
+        second, layer = self.hessians.get(weight.name), self.layers.get(weight.name)
+        levels_of, on_values = getattr(method, "levels", None), getattr(method, "on_values", None)
+        if second is None or layer is None or levels_of is None or on_values is None:
+            return item
+        if item.axis not in (None, layer.out_axis):
+            return item
+        levels = levels_of(item)
+        rows = levels.reshape(second.shape[0], -1, levels.shape[-1]) if levels.shape[0] > 1 else levels[None]
+        rounded = gptq.compensate(hessian.matrix(layer, array), second, rows)
+        self.compensated.add(weight.name)
+        return on_values(item, hessian.from_matrix(layer, rounded).astype(array.dtype))  # type: ignore[no-any-return]
 
     def decide(
         self,

@@ -1,0 +1,109 @@
+"""Error-compensating rounding (GPTQ): the input second moments it needs, the rounding itself, and its use."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from qconvert.cli import cli
+from qconvert.fidelity import gptq, hessian, statistics
+from qconvert.fidelity.statistics import Layer
+from qconvert.runtime import Feeds
+from qconvert.select import select_weights
+
+
+def one_node(node: onnx.NodeProto, weight: np.ndarray) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(weight.astype(np.float32), "w")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize(
+    "cin, cout, groups, stride, pads, dilation, dims",
+    [
+        (4, 6, 2, 2, [1, 0, 1, 2], 1, 2),  # grouped, strided, uneven pads
+        (3, 3, 3, 1, [1, 1, 1, 1], 2, 2),  # depthwise, dilated
+        (4, 2, 1, 2, [1, 2], 1, 1),  # 1-D
+    ],
+)
+def test_conv_second_moments_are_those_of_its_patches(cin, cout, groups, stride, pads, dilation, dims):
+    """wᵀ H w is the energy of the output channel that w computes, as onnxruntime computes it."""
+    rng = np.random.default_rng(0)
+    shape = (cout, cin // groups, *[3] * dims)
+    x = rng.standard_normal((2, cin, *[9] * dims)).astype(np.float32)
+    w = rng.standard_normal(shape)
+    node = helper.make_node(
+        "Conv", ["x", "w"], ["y"], group=groups, strides=[stride] * dims, pads=pads, dilations=[dilation] * dims
+    )
+    y = ort.InferenceSession(one_node(node, w).SerializeToString()).run(None, {"x": x})[0].astype(np.float64)
+    layer = Layer("w", node, 1, 1, 0, shape, groups)
+    assert hessian.shape(layer) == (groups, int(np.prod(shape[1:])))
+    h = np.zeros((groups, *[int(np.prod(shape[1:]))] * 2))
+    hessian.accumulate(layer, x, h)
+    rows = hessian.matrix(layer, w)
+    predicted = np.einsum("grc,gcd,grd->gr", rows, h, rows).reshape(-1)
+    np.testing.assert_allclose(predicted, np.sum(y**2, axis=tuple(a for a in range(y.ndim) if a != 1)), rtol=1e-4)
+    np.testing.assert_array_equal(hessian.from_matrix(layer, rows), w)
+
+
+@pytest.mark.parametrize("op", ["Gemm", "MatMul"])
+def test_statistics_pass_gathers_second_moments(op):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((6, 5)).astype(np.float32)
+    w = rng.standard_normal((5, 3))
+    node = helper.make_node(op, ["x", "w"], ["y"])
+    model = one_node(node, w)
+    weights = select_weights(model).weights
+    layers = statistics.find_layers(model, weights)
+    feeds = Feeds([{"x": x[:4]}, {"x": x[4:]}], 6, "test")
+    stats = statistics.input_moments(model, layers, feeds, second_moments=True)
+    np.testing.assert_allclose(stats.hessians["w"][0], x.T.astype(np.float64) @ x, rtol=1e-5)
+    assert not statistics.input_moments(model, layers, feeds).hessians
+
+
+def correlated(rng: np.random.Generator, samples: int, columns: int) -> np.ndarray:
+    mixing = rng.standard_normal((columns, columns)) * 0.3 + np.eye(columns)
+    return rng.standard_normal((samples, columns)) @ mixing
+
+
+@pytest.mark.parametrize("kind", ["grid", "codebook"])
+def test_compensated_rounding_stays_on_the_levels_and_lowers_the_output_error(kind):
+    rng = np.random.default_rng(2)
+    x = correlated(rng, 2000, 48)
+    w = rng.standard_normal((1, 16, 48))
+    if kind == "grid":  # int4 per row
+        scale = np.abs(w).max(axis=2, keepdims=True) / 7
+        levels = np.arange(-8, 8)[None, None, :] * scale
+    else:  # one sorted codebook for all rows
+        levels = np.sort(rng.standard_normal(8))[None, None, :]
+    every = np.broadcast_to(levels, (1, 16, levels.shape[-1]))[:, :, None, :]  # [G, R, 1, L]
+    plain = np.take_along_axis(every, np.abs(w[..., None] - every).argmin(-1)[..., None], -1)[..., 0]
+    rounded = gptq.compensate(w, (x.T @ x)[None], levels)
+    on_levels = np.abs(rounded[..., None] - every).min(axis=-1)
+    assert on_levels.max() < 1e-9
+    error = lambda r: float(np.sum(((w - r)[0] @ x.T) ** 2))  # noqa: E731
+    assert error(rounded) < 0.8 * error(plain)
+
+
+def test_inputs_that_never_vary_take_plain_rounding():
+    """A dead input (H's diagonal 0) pushes nothing onto the others, and is itself rounded to nearest."""
+    rng = np.random.default_rng(3)
+    x = correlated(rng, 500, 6)
+    x[:, 2] = 0
+    w = rng.standard_normal((1, 4, 6))
+    levels = np.linspace(-2, 2, 9)[None, None, :]
+    rounded = gptq.compensate(w, (x.T @ x)[None], levels)
+    nearest = levels[0, 0][np.abs(w[0, :, 2, None] - levels[0, 0]).argmin(-1)]
+    np.testing.assert_array_equal(rounded[0, :, 2], nearest)
