@@ -38,7 +38,9 @@ class WeightReport:
     stored_bytes: int
     snr_db: float | None  # None: represented exactly
     note: str | None = None
-    techniques: list[str] = field(default_factory=list)  # batchnorm-folded, data-aware, bias-corrected
+    techniques: list[str] = field(
+        default_factory=list
+    )  # batchnorm-folded, data-aware, error-compensated, bias-corrected
     layer_snr_db: float | None = (
         None  # the layer's output vs float on the calibration data (None: not measured or exact)
     )

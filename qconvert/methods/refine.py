@@ -25,6 +25,7 @@ from qconvert.runtime import Feeds, calibration_feeds
 from qconvert.select import Weight
 
 DATA_AWARE = "data-aware"
+COMPENSATED = "error-compensated"  # GPTQ rounding, part of the data-aware result where the layer allows it
 BIAS_CORRECTED = "bias-corrected"
 BATCHNORM_FOLDED = "batchnorm-folded"
 
@@ -185,7 +186,10 @@ class Refiner:
         model_snrs = checks.model_snr(model, arrays, self.checks, self.reference)
         self.model_snr_db = dict(zip(unique, model_snrs))
         self.chosen = list(unique)[_best(model_snrs)]
-        return {name: _decision(options[name], measured[name], index) for name, index in unique[self.chosen].items()}
+        return {
+            name: _decision(options[name], measured[name], index, name in self.compensated)
+            for name, index in unique[self.chosen].items()
+        }
 
     def _options(
         self, name: str, plain: Deferred, refined: Deferred | None, original: Callable[[str], np.ndarray]
@@ -287,9 +291,14 @@ def _best(snrs: list[float | None]) -> int:
     return best
 
 
-def _decision(options: list[LayerOption], measured: list[float | None], index: int) -> Decision:
+def _decision(options: list[LayerOption], measured: list[float | None], index: int, compensated: bool) -> Decision:
     use_refined, shift = options[index]
-    techniques = tuple(t for t, on in ((DATA_AWARE, use_refined), (BIAS_CORRECTED, shift is not None)) if on)
+    applied = (
+        (DATA_AWARE, use_refined),
+        (COMPENSATED, use_refined and compensated),
+        (BIAS_CORRECTED, shift is not None),
+    )
+    techniques = tuple(t for t, on in applied if on)
     shown = ", ".join(f"{_label(*option)} {_db(snr)}" for option, snr in zip(options, measured))
     note = None if index == len(options) - 1 else f"layer output SNR on the calibration data: {shown}"
     return Decision(use_refined, shift, techniques, measured[index], measured[0], note)

@@ -10,7 +10,12 @@ from pathlib import Path
 from qconvert.report import Report, WeightReport
 
 WORST_SHOWN = 5
-SHORT_TECHNIQUE = {"batchnorm-folded": "fold", "data-aware": "data", "bias-corrected": "bias"}
+SHORT_TECHNIQUE = {
+    "batchnorm-folded": "fold",
+    "data-aware": "data",
+    "error-compensated": "gptq",
+    "bias-corrected": "bias",
+}
 
 
 @dataclass(frozen=True)
