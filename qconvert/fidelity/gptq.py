@@ -10,24 +10,42 @@ compensation serves every method that can say its levels.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 DAMPING = 0.01  # of H's mean diagonal, added to it: keeps the inverse stable where inputs barely vary
 BLOCK = 128  # columns whose updates are applied together (the same result, fewer passes over the weights)
+REFIT_FLOPS = 4e10  # codebooks are refitted where the least squares cost at most this (about a second)
+REFIT_CHUNK = 1 << 22  # one-hot values made at once
 
 
-def compensate(weights: np.ndarray, hessian: np.ndarray, levels: np.ndarray) -> np.ndarray:
-    """The weights [G, R, C] rounded to `levels` ([G, R, L] or broadcastable, each row sorted) column by
-    column in order of decreasing input energy, the error pushed onto the rest. Inputs that were always
-    zero (H's diagonal 0) take plain rounding and push nothing."""
-    groups, rows, columns = weights.shape
+@dataclass(frozen=True)
+class Factor:
+    """What the rounding needs of H, computed once per layer: the column order and U with UᵀU = H⁻¹."""
+
+    order: np.ndarray  # [G, C]: columns by decreasing input energy
+    upper: np.ndarray  # [G, C, C], in that order
+
+
+def factor(hessian: np.ndarray) -> Factor:
+    """H's columns ordered by decreasing diagonal (inputs that were always zero get 1 there: they push
+    nothing), damped, inverted and factored."""
+    columns = hessian.shape[1]
     h = np.array(hessian, np.float64)
-    diagonal = np.diagonal(h, axis1=1, axis2=2)
-    dead = diagonal <= 0
-    h[:, np.arange(columns), np.arange(columns)] += np.where(dead, 1.0, 0.0)
-    order = np.argsort(-np.diagonal(h, axis1=1, axis2=2), axis=1, kind="stable")  # [G, C]
+    diagonal = h[:, np.arange(columns), np.arange(columns)]
+    h[:, np.arange(columns), np.arange(columns)] = np.where(diagonal <= 0, 1.0, diagonal)
+    order = np.argsort(-h[:, np.arange(columns), np.arange(columns)], axis=1, kind="stable")
     h = np.take_along_axis(np.take_along_axis(h, order[:, :, None], 1), order[:, None, :], 2)
-    upper = _inverse_cholesky(h)  # [G, C, C]: H⁻¹ = UᵀU
+    return Factor(order, _inverse_cholesky(h))
+
+
+def compensate(weights: np.ndarray, hessian: np.ndarray | Factor, levels: np.ndarray) -> np.ndarray:
+    """The weights [G, R, C] rounded to `levels` ([G, R, L] or broadcastable, each row sorted) column by
+    column in order of decreasing input energy, the error pushed onto the rest through H (or its `factor`)."""
+    groups, rows, columns = weights.shape
+    factored = hessian if isinstance(hessian, Factor) else factor(hessian)
+    order, upper = factored.order, factored.upper
     w = np.take_along_axis(np.asarray(weights, np.float64), order[:, None, :], 2)
     rounding = _Rounding(np.broadcast_to(levels, (groups, rows, np.shape(levels)[-1])))
     out = np.empty_like(w)
@@ -46,14 +64,61 @@ def compensate(weights: np.ndarray, hessian: np.ndarray, levels: np.ndarray) -> 
     return result
 
 
+def palette(weights: np.ndarray, hessian: np.ndarray, levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Compensated rounding to a free codebook (`levels` [1, 1, L] shared, or [G, R, L] per row), the codebook
+    refitted to the assignments it gave (`refit`), then compensated rounding again: (levels, values)."""
+    factored = factor(hessian)
+    rounded = compensate(weights, factored, levels)
+    groups, rows, columns = weights.shape
+    if groups * rows * columns**2 * levels.shape[-1] > REFIT_FLOPS:
+        return levels, rounded
+    fitted = np.sort(refit(weights, hessian, levels, rounded), axis=-1)
+    return fitted, compensate(weights, factored, fitted)
+
+
+def refit(weights: np.ndarray, hessian: np.ndarray, levels: np.ndarray, rounded: np.ndarray) -> np.ndarray:
+    """The codebook values that minimise the layer's output error Σ (w − ŵ)ᵀ H (w − ŵ) with every weight
+    keeping its entry: least squares over the entries, M c = b with M = Σ Sᵀ H S and b = Σ Sᵀ H w for each
+    row's one-hot assignment S [C, L]; an entry nothing uses keeps its value."""
+    groups, rows, columns = weights.shape
+    count = levels.shape[-1]
+    shared = levels.shape[0] == 1 and levels.shape[1] == 1
+    index = _Rounding(np.broadcast_to(levels, (groups, rows, count))).index(rounded)  # [G, R, C]
+    system = np.zeros((1 if shared else groups * rows, count, count))
+    target = np.zeros((1 if shared else groups * rows, count))
+    step = max(1, REFIT_CHUNK // (columns * count))
+    for g in range(groups):
+        for start in range(0, rows, step):
+            part = slice(start, start + step)
+            one_hot = (index[g, part].T[:, :, None] == np.arange(count)).astype(np.float64)  # [C, r, L]
+            spread = (hessian[g] @ one_hot.reshape(columns, -1)).reshape(one_hot.shape)  # H S, all rows at once
+            m = np.einsum("crk,crl->rkl", one_hot, spread)  # Sᵀ H S
+            b = np.einsum("crl,rc->rl", spread, weights[g, part])  # Sᵀ H w (H symmetric)
+            if shared:
+                system[0] += m.sum(axis=0)
+                target[0] += b.sum(axis=0)
+            else:
+                at = g * rows + start
+                system[at : at + len(m)], target[at : at + len(m)] = m, b
+    old = np.broadcast_to(levels, (groups, rows, count)).reshape(-1, count)[: len(system)]
+    ridge = 1e-9 * np.maximum(np.trace(system, axis1=1, axis2=2), 1e-30)[:, None] + (
+        np.diagonal(system, axis1=1, axis2=2) == 0
+    )
+    solved = np.linalg.solve(system + ridge[:, :, None] * np.eye(count), (target + ridge * old)[..., None])[..., 0]
+    return solved.reshape(levels.shape if shared else (groups, rows, count))
+
+
 def _inverse_cholesky(h: np.ndarray) -> np.ndarray:
     """Upper U with UᵀU = (H + damping)⁻¹ per group; more damping where H is not positive definite enough."""
     columns = h.shape[1]
-    mean = np.maximum(np.mean(np.diagonal(h, axis1=1, axis2=2), axis=1), 1e-12)[:, None, None]
-    eye = np.eye(columns)[None]
+    diagonal = (np.arange(columns), np.arange(columns))
+    mean = np.maximum(np.mean(h[:, diagonal[0], diagonal[1]], axis=1), 1e-12)[:, None]
+    added = 0.0
     for damping in (DAMPING, 0.1, 1.0):
+        h[:, diagonal[0], diagonal[1]] += (damping - added) * mean
+        added = damping
         try:
-            lower = np.linalg.cholesky(np.linalg.inv(h + damping * mean * eye))
+            lower = np.linalg.cholesky(np.linalg.inv(h))
         except np.linalg.LinAlgError:
             continue
         if np.all(np.isfinite(lower)):
@@ -73,6 +138,12 @@ class _Rounding:
         self.uniform = bool(np.all(np.abs(steps - self.step[..., None]) <= 1e-6 * np.abs(self.step[..., None])))
         self.top = steps.shape[-1]
         self.mids = (self.levels[..., 1:] + self.levels[..., :-1]) / 2
+
+    def index(self, values: np.ndarray) -> np.ndarray:
+        """The index of the level nearest each value ([G, R, ...])."""
+        extra = values.ndim - self.mids.ndim + 1
+        mids = self.mids.reshape(*self.mids.shape[:-1], *[1] * extra, self.mids.shape[-1])
+        return np.sum(values[..., None] > mids, axis=-1)
 
     def __call__(self, values: np.ndarray) -> np.ndarray:
         if self.uniform:

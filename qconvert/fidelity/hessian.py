@@ -57,12 +57,11 @@ def from_matrix(layer: Layer, rows: np.ndarray) -> np.ndarray:
 def accumulate(layer: Layer, x: np.ndarray, into: np.ndarray) -> None:
     """Add one batch of the layer's input to its H ([G, C, C], float64)."""
     if layer.op_type != "Conv":
-        rows = np.moveaxis(x, layer.x_axis, -1).reshape(-1, x.shape[layer.x_axis])
-        into[0] += rows.T.astype(np.float64) @ rows.astype(np.float64)
+        rows = np.moveaxis(x, layer.x_axis, -1).reshape(-1, x.shape[layer.x_axis]).astype(np.float32)
+        into[0] += rows.T @ rows  # float32 products of one batch, summed in float64
         return
-    for patches in _patches(layer, x):  # [M, G, C]
-        per_group = np.ascontiguousarray(patches.transpose(1, 0, 2), np.float64)
-        into += np.swapaxes(per_group, 1, 2) @ per_group
+    for patches in _patches(layer, x):  # [G, M, C]
+        into += np.swapaxes(patches, 1, 2) @ patches
 
 
 def _attributes(layer: Layer) -> dict[str, object]:
@@ -70,7 +69,7 @@ def _attributes(layer: Layer) -> dict[str, object]:
 
 
 def _patches(layer: Layer, x: np.ndarray) -> Iterator[np.ndarray]:
-    """im2col of a 1-D or 2-D convolution's input: [M, G, Cin/G·kh·kw] per chunk of output positions."""
+    """im2col of a 1-D or 2-D convolution's input: [G, M, Cin/G·kh·kw] per chunk of output positions."""
     attributes: dict[str, Any] = _attributes(layer)
     spatial = len(layer.weight_shape) - 2
     lead = [1] * (2 - spatial)  # a 1-D convolution as 2-D of height 1
@@ -88,5 +87,6 @@ def _patches(layer: Layer, x: np.ndarray) -> Iterator[np.ndarray]:
     per_position = channels * kernel[0] * kernel[1]
     step = max(1, CHUNK // max(per_position * width, 1))
     for top in range(0, height, step):
-        part = windows[:, :, top : top + step].transpose(0, 2, 3, 1, 4, 5)  # [N, h, Wo, Cin, kh, kw]
-        yield part.reshape(-1, layer.groups, per_position // layer.groups)
+        part = windows[:, :, top : top + step]  # [N, Cin, h, Wo, kh, kw]
+        part = part.reshape(part.shape[0], layer.groups, -1, *part.shape[2:]).transpose(1, 0, 3, 4, 2, 5, 6)
+        yield np.ascontiguousarray(part.reshape(layer.groups, -1, per_position // layer.groups), np.float32)

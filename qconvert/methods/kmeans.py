@@ -143,6 +143,11 @@ class KMeans:
         """Per channel (one row per tensor): its codebook, ascending."""
         return item.palette.codebook.astype(np.float64)
 
+    def with_levels(self, item: EncodedWeight, levels: np.ndarray) -> EncodedWeight:
+        """The item with other codebooks (sorted rows, as `levels` gives them); its indices follow in `on_values`."""
+        codebook = levels.astype(item.palette.codebook.dtype)
+        return dataclasses.replace(item, palette=Palette(codebook, item.palette.indices))
+
     def on_values(self, item: EncodedWeight, array: np.ndarray) -> EncodedWeight:
         """The item holding `array`, whose values are entries of its codebooks."""
         codebook = item.palette.codebook

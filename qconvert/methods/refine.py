@@ -130,7 +130,12 @@ class Refiner:
             return item
         levels = levels_of(item)
         rows = levels.reshape(second.shape[0], -1, levels.shape[-1]) if levels.shape[0] > 1 else levels[None]
-        rounded = gptq.compensate(hessian.matrix(layer, array), second, rows)
+        with_levels = getattr(method, "with_levels", None)  # free levels (codebooks) are refitted too
+        if with_levels is not None:
+            fitted, rounded = gptq.palette(hessian.matrix(layer, array), second, rows)
+            item = with_levels(item, fitted.reshape(levels.shape))
+        else:
+            rounded = gptq.compensate(hessian.matrix(layer, array), second, rows)
         self.compensated.add(weight.name)
         return on_values(item, hessian.from_matrix(layer, rounded).astype(array.dtype))  # type: ignore[no-any-return]
 
