@@ -7,23 +7,57 @@ memory to itself), `insert` (after the weights are encoded).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import onnx
 
-from qconvert import qdq
-from qconvert.calibrate import activation_ranges
+from qconvert import calibrate, qdq
 from qconvert.methods.base import Progress
 from qconvert.methods.refine import Refiner, refiner_for
 from qconvert.plan import CalibrationMethod, LinearPlan
-from qconvert.runtime import calibration_feeds
+from qconvert.quant.layout import snr_db
+from qconvert.runtime import Feeds, calibration_feeds, model_session, run_batches
 from qconvert.select import Weight
 
 MIN_CALIBRATION_SAMPLES = 16
 RUNTIME = (
     "full QDQ: onnxruntime fuses DequantizeLinear -> op -> QuantizeLinear into integer kernels (QLinearConv, QGemm ...)"
 )
-Ranges = tuple[dict[str, tuple[float, float]], int]  # per tensor (min, max), and the samples they come from
+
+
+class Ranges(NamedTuple):
+    found: dict[str, tuple[float, float]]  # per tensor (min, max)
+    samples: int  # the calibration samples they come from
+    rule: str  # what gave them (minmax, percentile P, or for `auto` the rule its trial chose)
+    trial: Trial | None = None  # `auto`: the rules' ranges are tried on held-out samples once the weights are in
+
+
+@dataclass
+class Trial:
+    """`--calibration-method auto`: ranges by each rule from the even calibration samples, tried in the
+    quantized model on the odd ones (samples they did not come from) against the float model's outputs
+    there; the rule that does best gives the ranges, from all samples."""
+
+    parts: dict[str, list[calibrate.Part]]  # per tensor and sample
+    held: Feeds  # the odd samples
+    reference: list[np.ndarray]  # the float model's outputs on them
+    rules: tuple[str, ...] = ("minmax", "percentile 99.999", "percentile 99.99", calibrate.PER_TENSOR)
+
+    def run(self, model: onnx.ModelProto, weights: dict[str, qdq.LinearWeight]) -> tuple[str, dict[str, float | None]]:
+        """The best rule on the held-out samples (the first on a tie), and each rule's output SNR there."""
+        measured: dict[str, float | None] = {}
+        for rule in self.rules:
+            trial = onnx.ModelProto()
+            trial.CopyFrom(model)
+            qdq.insert_activation_qdq(trial, calibrate.ranges_by(self.parts, rule, slice(0, None, 2)), weights)
+            outputs = [np.concatenate(o) for o in zip(*run_batches(model_session(trial, "trial"), self.held, "trial"))]
+            snrs = [snr_db(r, o) for r, o in zip(self.reference, outputs)]
+            measured[rule] = None if all(v is None for v in snrs) else min(v for v in snrs if v is not None)
+        ranked = sorted(self.rules, key=lambda r: -np.inf if measured[r] is None else -measured[r])  # type: ignore[operator]
+        return ranked[0], measured
 
 
 def statistics(
@@ -45,26 +79,35 @@ def ranges(
     warnings: list[str],
 ) -> Ranges:
     """Activation ranges: those gathered with the statistics when they came from the same data by min/max,
-    else from a pass of their own over the calibration data."""
+    else from a pass of their own over the calibration data (for `auto`, with the float model's outputs
+    on the held-out samples)."""
     assert plan.calibration is not None
-    if refiner and data == plan.calibration and plan.calibration_method is CalibrationMethod.MINMAX:
-        found, samples = refiner.ranges, refiner.samples
-    else:
-        feeds = calibration_feeds(model, plan.calibration, plan.preprocessing)
-        progress("calibrating activation ranges")
-        found = activation_ranges(
-            model,
-            calibrated(model, {w.name for w in weights}),
-            feeds,
-            method=plan.calibration_method,
-            percentile=plan.percentile,
-        )
-        samples = feeds.samples
-    if samples < MIN_CALIBRATION_SAMPLES:
+    method = plan.calibration_method
+    if refiner and data == plan.calibration and method is CalibrationMethod.MINMAX:
+        return _warned(Ranges(refiner.ranges, refiner.samples, "minmax"), warnings)
+    feeds = calibration_feeds(model, plan.calibration, plan.preprocessing)
+    progress("calibrating activation ranges")
+    tensors = calibrated(model, {w.name for w in weights})
+    if method is CalibrationMethod.MINMAX:
+        found = calibrate.activation_ranges(model, tensors, feeds, method=method)
+        return _warned(Ranges(found, feeds.samples, "minmax"), warnings)
+    parts = calibrate.sample_parts(model, tensors, feeds)
+    if method is CalibrationMethod.PERCENTILE or len(feeds.batches) < 2:
+        rule = f"percentile {plan.percentile:g}" if method is CalibrationMethod.PERCENTILE else calibrate.PER_TENSOR
+        return _warned(Ranges(calibrate.ranges_by(parts, rule), feeds.samples, rule), warnings)
+    held = Feeds(feeds.batches[1::2], len(feeds.batches[1::2]), feeds.source)
+    reference = [np.concatenate(o) for o in zip(*run_batches(model_session(model, "float model"), held, "float model"))]
+    trial = Trial(parts, held, reference)
+    return _warned(Ranges({}, feeds.samples, "auto", trial), warnings)
+
+
+def _warned(found: Ranges, warnings: list[str]) -> Ranges:
+    if found.samples < MIN_CALIBRATION_SAMPLES:
         warnings.append(
-            f"only {samples} calibration samples; activation ranges may not generalize (use {MIN_CALIBRATION_SAMPLES}+)"
+            f"only {found.samples} calibration samples; activation ranges may not generalize "
+            f"(use {MIN_CALIBRATION_SAMPLES}+)"
         )
-    return found, samples
+    return found
 
 
 def insert(model: onnx.ModelProto, weights: dict[str, qdq.LinearWeight], found: Ranges) -> dict[str, object]:
@@ -72,13 +115,18 @@ def insert(model: onnx.ModelProto, weights: dict[str, qdq.LinearWeight], found: 
     the activations, int32 biases; returns what the report's details say of it."""
     names = set(weights)
     absorbed = qdq.absorb_activations(model, names)
-    ranges_of, samples = found
+    rule, ranges_of, details = found.rule, found.found, {}
+    if found.trial is not None:
+        rule, measured = found.trial.run(model, weights)
+        ranges_of = calibrate.ranges_by(found.trial.parts, rule)
+        details = {"held_out_samples": found.trial.held.samples, "held_out_snr_db": measured}
     tensors = [t for t in qdq.activation_tensors(model, names) if t in ranges_of]
     count = qdq.insert_activation_qdq(model, {t: ranges_of[t] for t in tensors}, weights)
     return {
-        "calibration_samples": samples,
+        "calibration_samples": found.samples,
         "activations_quantized": count,
         "activations_absorbed": absorbed,
+        "activation_ranges": {"rule": rule, **details},
         "runtime": RUNTIME,
     }
 

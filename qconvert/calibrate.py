@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
+from typing import NamedTuple
 
 import numpy as np
 import onnx
 from onnx import helper
 
 from qconvert.plan import CalibrationMethod
+from qconvert.quant.linear import dequantize, grid_for, quantize
 from qconvert.rewrite import After
 from qconvert.runtime import Feeds
 from qconvert.sections import Section, Sections
@@ -25,15 +28,18 @@ def activation_ranges(
     percentile: float = 99.999,
     seed: int = 0,
 ) -> dict[str, tuple[float, float]]:
-    """Range [lo, hi] of each named float tensor over the calibration feeds (its min/max, or percentiles).
-
-    Min/max are reduced in the graph. For percentiles the tensors are fetched, a section of the model
-    at a time (`Sections`), and each batch adds a bounded random sample of its values.
-    """
+    """Range [lo, hi] of each named float tensor over the calibration feeds: its min/max (reduced in the
+    graph), or percentiles of a sample of its values (`sample_parts`)."""
     if method is CalibrationMethod.MINMAX:
         return _min_max(model, tensors, feeds)
+    return ranges_by(sample_parts(model, tensors, feeds, seed), f"percentile {percentile:g}")
+
+
+def sample_parts(model: onnx.ModelProto, tensors: list[str], feeds: Feeds, seed: int = 0) -> dict[str, list[Part]]:
+    """Per tensor and batch, a bounded random sample of its values and its exact min and max. The tensors
+    are fetched a section of the model at a time (`Sections`)."""
     wanted = list(dict.fromkeys(tensors))
-    samples: dict[str, list[np.ndarray]] = {t: [] for t in wanted}
+    parts: dict[str, list[Part]] = {t: [] for t in wanted}
     rngs = {
         t: np.random.default_rng([seed, index]) for index, t in enumerate(wanted)
     }  # the same draws in any pass order
@@ -50,14 +56,83 @@ def activation_ranges(
             if flat.size == 0:
                 continue
             take = min(flat.size, SAMPLE_PER_TENSOR // max(1, len(feeds.batches)))
-            samples[name].append(rngs[name].choice(flat, size=take, replace=False) if take < flat.size else flat.copy())
-    ranges = {}
-    for name, sample in samples.items():
-        if not sample:
-            continue
-        values = np.concatenate(sample)
-        ranges[name] = (float(np.percentile(values, 100 - percentile)), float(np.percentile(values, percentile)))
-    return ranges
+            sample = rngs[name].choice(flat, size=take, replace=False) if take < flat.size else flat.copy()
+            parts[name].append(Part(sample, float(flat.min()), float(flat.max())))
+    return {name: found for name, found in parts.items() if found}
+
+
+def ranges_by(parts: dict[str, list[Part]], rule: str, batches: slice = slice(None)) -> dict[str, tuple[float, float]]:
+    """Each tensor's range by one of `RULES` (or "percentile P", or "per tensor": `choose`), from `batches`."""
+    if rule == PER_TENSOR:
+        return {name: choose(found[batches])[0] for name, found in parts.items()}
+    if rule.startswith("percentile ") and rule not in RULES:
+        share = float(rule.split()[1])
+        return {name: _percentile(found[batches], share) for name, found in parts.items()}
+    return {name: RULES[rule](found[batches]) for name, found in parts.items()}
+
+
+class Part(NamedTuple):
+    """What one batch gave of a tensor: a sample of its values, and its exact min and max."""
+
+    sample: np.ndarray
+    lo: float
+    hi: float
+
+
+RULES: dict[str, Callable[[list[Part]], tuple[float, float]]] = {  # the rules `choose` tries, in this order
+    "minmax": lambda parts: (min(p.lo for p in parts), max(p.hi for p in parts)),
+    "percentile 99.999": lambda parts: _percentile(parts, 99.999),
+    "percentile 99.99": lambda parts: _percentile(parts, 99.99),
+    "mse": lambda parts: mse_range(np.concatenate([p.sample for p in parts])),
+}
+
+
+PER_TENSOR = "per tensor"  # each tensor by the rule that quantizes its held-out values best
+
+
+def choose(parts: list[Part]) -> tuple[tuple[float, float], str]:
+    """The rule whose range, found on the even batches, quantizes the odd ones (samples it did not see) with
+    the least squared error (the first on a tie; with one batch, judged on it), applied to all batches."""
+    fit, held = (parts[0::2], parts[1::2]) if len(parts) > 1 else (parts, parts)
+    values = np.concatenate([p.sample for p in held])
+    errors = [_error(values, *rule(fit)) for rule in RULES.values()]
+    name = list(RULES)[int(np.argmin(errors))]
+    return RULES[name](parts), name
+
+
+def mse_range(values: np.ndarray, bins: int = 2048) -> tuple[float, float]:
+    """The range whose uint8 grid quantizes `values` with the least squared error: each end shrunk from the
+    min/max towards 0 in turn, errors counted on a histogram of the values."""
+    lo, hi = min(float(values.min()), 0.0), max(float(values.max()), 0.0)
+    if hi - lo <= 0:
+        return lo, hi
+    counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
+    centres = ((edges[1:] + edges[:-1]) / 2)[counts > 0]
+    counts = counts[counts > 0].astype(np.float64)
+    shares = np.geomspace(1.0, 1e-3, 96)
+
+    def best(los: np.ndarray, his: np.ndarray) -> tuple[float, float]:
+        grid = grid_for(np.zeros((len(los), 1)), bits=8, symmetric=False, lo=los, hi=his)
+        rows = np.broadcast_to(centres, (len(los), centres.size))
+        error = ((dequantize(quantize(rows, grid), grid) - rows) ** 2) @ counts
+        at = int(np.argmin(error))
+        return float(los[at]), float(his[at])
+
+    lo, hi = best(lo * shares, hi * shares)  # both ends together, then each alone
+    _, hi = best(np.full(shares.size, lo), np.linspace(hi, max(float(values.max()), 0.0), shares.size))
+    lo, _ = best(np.linspace(lo, min(float(values.min()), 0.0), shares.size), np.full(shares.size, hi))
+    return lo, hi
+
+
+def _error(values: np.ndarray, lo: float, hi: float) -> float:
+    grid = grid_for(np.zeros((1, 1)), bits=8, symmetric=False, lo=np.array([lo]), hi=np.array([hi]))
+    rows = values.reshape(1, -1)
+    return float(np.mean((dequantize(quantize(rows, grid), grid) - rows) ** 2))
+
+
+def _percentile(parts: list[Part], percentile: float) -> tuple[float, float]:
+    values = np.concatenate([p.sample for p in parts])
+    return float(np.percentile(values, 100 - percentile)), float(np.percentile(values, percentile))
 
 
 def _min_max(model: onnx.ModelProto, tensors: list[str], feeds: Feeds) -> dict[str, tuple[float, float]]:

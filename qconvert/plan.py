@@ -104,6 +104,7 @@ class KMeansPlan:
 class CalibrationMethod(StrEnum):
     MINMAX = "minmax"
     PERCENTILE = "percentile"
+    AUTO = "auto"  # per tensor, the rule that quantizes held-out samples best (`calibrate.choose`)
 
 
 @dataclass(frozen=True)

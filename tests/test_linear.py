@@ -364,3 +364,53 @@ def test_calibration_skips_the_tensors_that_absorbed_activations_remove(tmp_path
     remaining = {t for node in model.graph.node for t in node.input}
     assert absorbed == len(predicted) > 0 and predicted <= set(before) and not predicted & remaining
     assert set(qdq.activation_tensors(model, names)) == set(before) - predicted
+
+
+def test_auto_calibration_chooses_ranges_on_held_out_samples(digits: Path, digits_data: Path, tmp_path: Path) -> None:
+    """`auto` tries each rule's ranges (from the even calibration samples) in the quantized model on the odd
+    ones, keeps the best there, and reports what each measured."""
+    data = np.load(digits_data)
+    np.savez(tmp_path / "cal.npz", input=data["input"][:32])
+    np.savez(tmp_path / "eval.npz", input=data["input"][100:164], labels=data["labels"][100:164])
+    reports = {}
+    for method in ("minmax", "auto"):
+        args = ["linear", str(digits), "--calibration", str(tmp_path / "cal.npz"), "--calibration-method", method]
+        args += ["--data", str(tmp_path / "eval.npz"), "-o", str(tmp_path / f"{method}.onnx"), "--json"]
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, result.output
+        reports[method] = json.loads(result.output)
+    assert reports["minmax"]["details"]["activation_ranges"] == {"rule": "minmax"}
+    chosen = reports["auto"]["details"]["activation_ranges"]
+    measured = chosen["held_out_snr_db"]
+    assert chosen["held_out_samples"] == 16 and set(measured) == {
+        "minmax",
+        "percentile 99.999",
+        "percentile 99.99",
+        "per tensor",
+    }
+    assert measured[chosen["rule"]] == max(measured.values())
+    snr = {m: r["validation"]["outputs"][0]["snr_db"] for m, r in reports.items()}
+    assert snr["auto"] > snr["minmax"] - 1.0  # held-out choices carry over to other samples
+
+
+def test_rules_judged_on_samples_they_did_not_come_from() -> None:
+    """A tensor whose even batches hold a far outlier and odd ones do not: min/max from the even ones
+    quantizes the odd ones worst, so `choose` keeps another rule. MSE-optimal ranges never quantize worse
+    than min/max."""
+    from qconvert.calibrate import Part, choose, mse_range
+
+    rng = np.random.default_rng(0)
+    parts = []
+    for i in range(8):
+        values = rng.standard_normal(4096).astype(np.float32)
+        if i % 2 == 0:
+            values[0] = 500.0
+        parts.append(Part(values, float(values.min()), float(values.max())))
+    (lo, hi), rule = choose(parts)
+    assert rule != "minmax" and hi < 500
+    from qconvert.calibrate import _error
+
+    for values in (np.concatenate([p.sample for p in parts]), rng.standard_normal(20000), rng.laplace(size=20000)):
+        lo, hi = mse_range(values)
+        assert values.min() <= lo and hi <= values.max()
+        assert _error(values, lo, hi) <= _error(values, float(values.min()), float(values.max()))
