@@ -18,7 +18,7 @@ from qconvert.select import Skipped
 from qconvert.validate import ValidationResult
 from qconvert.version import __version__
 
-SCHEMA_VERSION = 3  # 3: validation.metric (the task metric)
+SCHEMA_VERSION = 4  # 3: validation.metric (the task metric); 4: held-out calibration checks (in-sample beside)
 
 
 @dataclass(frozen=True)

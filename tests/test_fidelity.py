@@ -97,7 +97,7 @@ def test_bias_correction_restores_the_mean_output(op: str) -> None:
 
 def test_one_pass_gives_the_activation_ranges_too() -> None:
     """Min and max reduced in the graph over several batches: the graph input and the layer output
-    ranges are numpy's, and equal what the separate calibration pass finds."""
+    ranges are numpy's (over all batches), and equal what the separate calibration pass finds."""
     from qconvert.calibrate import activation_ranges
     from qconvert.plan import CalibrationMethod
 
@@ -111,7 +111,10 @@ def test_one_pass_gives_the_activation_ranges_too() -> None:
     y = run(model, x)
     assert stats.ranges == {"x": (float(x.min()), float(x.max())), "y": (float(y.min()), float(y.max()))}
     assert activation_ranges(model, ["x", "y"], batches, method=CalibrationMethod.MINMAX) == stats.ranges
-    np.testing.assert_allclose(stats.moments["w"].mean, x.astype(np.float64).mean(axis=(0, 2, 3)), rtol=1e-6)
+    # the moments come from the batches the checks do not run on: the last one (16 samples >= 8) is held out
+    assert stats.checks.samples == 16 and stats.in_sample is not None and stats.in_sample.samples == 16
+    np.testing.assert_allclose(stats.moments["w"].mean, x[:48].astype(np.float64).mean(axis=(0, 2, 3)), rtol=1e-6)
+    np.testing.assert_allclose(stats.reference[0], y[48:], rtol=1e-6)
 
 
 def test_importance_follows_conv_groups() -> None:
@@ -563,17 +566,21 @@ def test_the_statistics_pass_frees_each_activation_as_the_model_alone_does(
     assert most_alive(probe) <= most_alive(model) + 1
 
 
-def test_big_models_are_checked_on_fewer_samples(digits: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_checks_run_on_held_out_samples_fewer_on_big_models(digits: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = onnx.load(str(digits))
     layers = statistics.find_layers(model, select_weights(model).weights)
     elements = sum(int(np.prod(layer.weight_shape)) for layer in layers.values())
-    ten = Feeds([{"input": np.zeros((1, 1, 8, 8), np.float32)} for _ in range(10)], 10, "test")
-    assert statistics.check_feeds(ten, layers).samples == statistics.CHECK_SAMPLES == 8
+    twenty = Feeds([{"input": np.zeros((1, 1, 8, 8), np.float32)} for _ in range(20)], 20, "test")
+    split = statistics.Split.of(twenty, layers)
+    assert split.held == list(range(12, 20)) and split.in_sample == list(range(8)) and statistics.CHECK_SAMPLES == 8
     monkeypatch.setattr(statistics, "CHECK_BUDGET", 6 * elements)
-    assert statistics.check_feeds(ten, layers).samples == 6
+    assert len(statistics.Split.of(twenty, layers).held) == 6
     monkeypatch.setattr(statistics, "CHECK_BUDGET", elements)
-    assert statistics.check_feeds(ten, layers).samples == statistics.MIN_CHECK_SAMPLES == 4
-    assert statistics.check_feeds(Feeds(ten.batches[:3], 3, "test"), layers).samples == 3
+    assert len(statistics.Split.of(twenty, layers).held) == statistics.MIN_CHECK_SAMPLES == 4
+    # at most half the batches are held out; one batch is checked in-sample, nothing else to do
+    assert statistics.Split.of(Feeds(twenty.batches[:5], 5, "test"), layers).held == [3, 4]
+    one = statistics.Split.of(Feeds(twenty.batches[:1], 1, "test"), layers)
+    assert one.held == one.in_sample == [0] and not one.held_out
 
 
 def test_layer_check_passes_hand_on_what_subgraphs_read(monkeypatch: pytest.MonkeyPatch) -> None:

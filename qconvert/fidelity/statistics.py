@@ -4,6 +4,7 @@ reduced in the graph, and the error weights (importance) they give."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,31 +105,53 @@ def _layer(node: onnx.NodeProto, weight: Weight, editable: bool) -> Layer | None
     return None
 
 
-def check_feeds(feeds: Feeds, layers: dict[str, Layer]) -> Feeds:
-    """The first batches of the calibration feeds, what the checks of these layers run on: CHECK_SAMPLES
-    samples, or down to MIN_CHECK_SAMPLES for big models (ResNet-50: 4). Every check costs a model run
-    per sample, and on a big model the samples agree: the whole-model variants of ResNet-50-, MobileNetV2-
-    shaped and digits models ranked the same on either half of 8 samples."""
-    elements = sum(int(np.prod(layer.weight_shape)) for layer in layers.values())
-    wanted = int(np.clip(CHECK_BUDGET // max(elements, 1), MIN_CHECK_SAMPLES, CHECK_SAMPLES))
-    count, samples = 0, 0
-    while count < len(feeds.batches) and samples < wanted:
-        samples += len(next(iter(feeds.batches[count].values())))
-        count += 1
-    # not views: the rest can go
-    batches = [{name: np.array(array) for name, array in batch.items()} for batch in feeds.batches[:count]]
-    return Feeds(batches, min(samples, feeds.samples), feeds.source)
+@dataclass(frozen=True)
+class Split:
+    """Which calibration batches the checks run on: the last ones, held out from the statistics (when there
+    are two or more batches), and as many of those the statistics came from (in-sample: the same checks
+    there, to report how far the two disagree)."""
+
+    held: list[int]
+    in_sample: list[int]
+
+    @staticmethod
+    def of(feeds: Feeds, layers: dict[str, Layer]) -> Split:
+        """CHECK_SAMPLES held out, or down to MIN_CHECK_SAMPLES for big models (ResNet-50: 4), at most half
+        the batches. Every check costs a model run per sample, and on a big model the samples agree: the
+        whole-model variants of ResNet-50-, MobileNetV2-shaped and digits models ranked the same on either
+        half of 8 samples."""
+        elements = sum(int(np.prod(layer.weight_shape)) for layer in layers.values())
+        wanted = int(np.clip(CHECK_BUDGET // max(elements, 1), MIN_CHECK_SAMPLES, CHECK_SAMPLES))
+        total = len(feeds.batches)
+        count, samples = 0, 0
+        while count < max(total // 2, 1) and samples < wanted:
+            samples += len(next(iter(feeds.batches[total - 1 - count].values())))
+            count += 1
+        held = list(range(total - count, total))
+        return Split(held, list(range(count)) if total > 1 else held)
+
+    @property
+    def held_out(self) -> bool:
+        return self.held != self.in_sample
+
+
+def subset(feeds: Feeds, indices: list[int]) -> Feeds:
+    """Copies of those batches (not views: the rest can go)."""
+    batches = [{name: np.array(array) for name, array in feeds.batches[i].items()} for i in indices]
+    return Feeds(batches, sum(len(next(iter(b.values()))) for b in batches), feeds.source)
 
 
 @dataclass(frozen=True)
 class Statistics:
     """What one onnxruntime pass over the calibration data gives."""
 
-    moments: dict[str, Moments]  # per layer
+    moments: dict[str, Moments]  # per layer, from the batches not held out
     reference: list[np.ndarray]  # the model's outputs on `checks`, the reference of the whole-model check
-    ranges: dict[str, tuple[float, float]]  # min and max of the tensors asked for
-    checks: Feeds  # what the layer and whole-model checks run on (`check_feeds`)
+    ranges: dict[str, tuple[float, float]]  # min and max of the tensors asked for, over all batches
+    checks: Feeds  # what the layer and whole-model checks run on: the held-out batches (`Split`)
     hessians: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # per layer: Σ x xᵀ (`hessian`)
+    in_sample: Feeds | None = None  # as many batches the statistics came from (None: nothing was held out)
+    in_sample_reference: list[np.ndarray] = dataclasses.field(default_factory=list)
 
 
 def input_moments(
@@ -138,10 +161,10 @@ def input_moments(
     extremes: list[str] | None = None,
     second_moments: bool = False,
 ) -> Statistics:
-    """E[x] and E[x²] per input channel of each layer, in one onnxruntime pass; the model's outputs on
-    `check_feeds(feeds, layers)`; the min and max of the `extremes` tensors (activation ranges); and with
-    `second_moments`, each layer's H = Σ x xᵀ over its weight's columns (`hessian`; the inputs come back
-    whole, one sample at a time).
+    """E[x] and E[x²] per input channel of each layer, in one onnxruntime pass, from the batches that the
+    checks do not run on (`Split`); the model's outputs on the checks' batches; the min and max of the
+    `extremes` tensors (activation ranges) over all batches; and with `second_moments`, each layer's
+    H = Σ x xᵀ over its weight's columns (`hessian`; the inputs come back whole, one sample at a time).
 
     Everything is reduced in the graph as soon as the tensor exists (`add_after`) (ReduceSum, ReduceSumSquare,
     Size, ReduceMin, ReduceMax), so only vectors come back and onnxruntime frees every activation as usual.
@@ -167,28 +190,54 @@ def input_moments(
 
     totals: dict[str, np.ndarray] = {}
     ranges = Extremes(reduced)
-    checks = check_feeds(feeds, layers)
-    reference: list[list[np.ndarray]] = []
-    for values in Sections(model, feeds, "model for calibration").passes(readers):
-        if model_outputs and model_outputs[0] in values:  # the last section: the model's outputs too
-            if len(reference) < len(checks.batches):
-                reference.append([values[o] for o in model_outputs])
+    split = Split.of(feeds, layers)
+    learned_from = set(range(len(feeds.batches))) - set(split.held) if split.held_out else set(split.held)
+    outputs: dict[int, list[np.ndarray]] = {}
+    for index, values in zip(
+        itertools.cycle(range(len(feeds.batches))), Sections(model, feeds, "model for calibration").passes(readers)
+    ):
+        if model_outputs and model_outputs[0] in values and index in split.held + split.in_sample:
+            outputs[index] = [values[o] for o in model_outputs]  # the last section: the model's outputs too
         ranges.add(values)
-        for name, into in hessians.items():
-            if (x := values.get(layers[name].node.input[0])) is not None:
-                hessian.accumulate(layers[name], x, into)
-        for outputs in keys.values():
-            for name in outputs:
-                if name in values:
-                    totals[name] = totals.get(name, 0) + np.asarray(values[name], np.float64)
+        if index in learned_from:
+            _accumulate(values, layers, hessians, keys, totals)
     moments = {}
     for name, layer in layers.items():
         total, squares, size = (totals[o] for o in keys[layer.node.input[0], layer.x_axis, layer.in_channels])
         count = float(size) / layer.in_channels
         if count > 0 and total.shape == (layer.in_channels,):
             moments[name] = Moments(total / count, squares / count)
-    joined = [np.concatenate(o).astype(np.float64) for o in zip(*reference)]
-    return Statistics(moments, joined, ranges.ranges(), checks, hessians)
+
+    def joined(indices: list[int]) -> list[np.ndarray]:
+        return [np.concatenate(o).astype(np.float64) for o in zip(*(outputs[i] for i in indices))] if outputs else []
+
+    in_sample = subset(feeds, split.in_sample) if split.held_out else None
+    return Statistics(
+        moments,
+        joined(split.held),
+        ranges.ranges(),
+        subset(feeds, split.held),
+        hessians,
+        in_sample,
+        joined(split.in_sample) if split.held_out else [],
+    )
+
+
+def _accumulate(
+    values: dict[str, np.ndarray],
+    layers: dict[str, Layer],
+    hessians: dict[str, np.ndarray],
+    keys: dict[tuple[str, int, int], tuple[str, str, str]],
+    totals: dict[str, np.ndarray],
+) -> None:
+    """Add one batch's reductions to the running sums, and its layer inputs to their H."""
+    for name, into in hessians.items():
+        if (x := values.get(layers[name].node.input[0])) is not None:
+            hessian.accumulate(layers[name], x, into)
+    for sums in keys.values():
+        for name in sums:
+            if name in values:
+                totals[name] = totals.get(name, 0) + np.asarray(values[name], np.float64)
 
 
 def _channel_sums(layer: Layer, section: Section) -> tuple[str, str, str]:

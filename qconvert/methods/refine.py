@@ -56,7 +56,7 @@ class Refiner:
 
     source: str  # the calibration data: where it is from, and how many samples
     samples: int
-    checks: Feeds  # its first batches, which the checks run on
+    checks: Feeds  # its batches held out from the statistics, which the checks run on
     moments: dict[str, Moments]
     reference: list[np.ndarray]  # the float model's outputs on `checks`
     data_aware: bool
@@ -68,6 +68,9 @@ class Refiner:
     model_snr_db: dict[str, float | None] = dataclasses.field(default_factory=dict)
     chosen: str = "plain"  # the variant that won it
     hessians: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # per layer: Σ x xᵀ (GPTQ)
+    in_sample: Feeds | None = None  # as many batches the statistics came from (None: none were held out)
+    in_sample_reference: list[np.ndarray] = dataclasses.field(default_factory=list)
+    in_sample_snr_db: dict[str, float | None] = dataclasses.field(default_factory=dict)  # the check there, per variant
     compensated: set[str] = dataclasses.field(default_factory=set)  # weights whose data-aware result is GPTQ's
 
     @staticmethod
@@ -98,6 +101,8 @@ class Refiner:
             matmul_bias,
             ranges=stats.ranges,
             hessians=stats.hessians,
+            in_sample=stats.in_sample,
+            in_sample_reference=stats.in_sample_reference,
         )
         refiner.bind(model, weights)
         return refiner
@@ -190,6 +195,10 @@ class Refiner:
             )
         model_snrs = checks.model_snr(model, arrays, self.checks, self.reference)
         self.model_snr_db = dict(zip(unique, model_snrs))
+        if self.in_sample is not None:  # for the report: how the same choice looks on samples it learned from
+            self.in_sample_snr_db = dict(
+                zip(unique, checks.model_snr(model, arrays, self.in_sample, self.in_sample_reference))
+            )
         self.chosen = list(unique)[_best(model_snrs)]
         return {
             name: _decision(options[name], measured[name], index, name in self.compensated)
@@ -218,10 +227,14 @@ class Refiner:
             "source": self.source,
             "samples": self.samples,
             "checked_on_samples": self.checks.samples,
+            "held_out": self.in_sample is not None,
             "layers_checked": len(decisions),
             "layers_refined": sum(bool(d.techniques) for d in decisions.values()),
             "chosen": self.chosen,
-            "variants": [{"variant": label, "model_snr_db": snr} for label, snr in self.model_snr_db.items()],
+            "variants": [
+                {"variant": label, "model_snr_db": snr, **_in_sample(self.in_sample_snr_db, label)}
+                for label, snr in self.model_snr_db.items()
+            ],
         }
 
     def apply_shifts(self, model: onnx.ModelProto, decisions: dict[str, Decision]) -> None:
@@ -280,6 +293,10 @@ def with_techniques(report: WeightReport, folded: bool, decision: Decision | Non
     """The weight's report with the techniques applied to it and its measured layer SNR."""
     techniques = [BATCHNORM_FOLDED] * folded + list(decision.techniques if decision else ())
     return dataclasses.replace(report, techniques=techniques, layer_snr_db=decision.layer_snr_db if decision else None)
+
+
+def _in_sample(measured: dict[str, float | None], label: str) -> dict[str, float | None]:
+    return {"in_sample_snr_db": measured[label]} if label in measured else {}
 
 
 def _pick(result: tuple[Deferred, Deferred | None], refined: bool) -> Deferred:

@@ -63,12 +63,14 @@ def _chosen(report: Report) -> list[tuple[Histogram, str]]:
 
 
 def _histogram(h: Histogram, caption: str, width: int = 300, height: int = 150) -> str:
-    lo, hi = h.edges[0], h.edges[-1]
+    # the axis spans the values and every level (a refitted codebook may put one beyond the values)
+    lo, hi = min(h.edges[0], *h.levels), max(h.edges[-1], *h.levels)
     span = (hi - lo) or 1.0
     top = max(h.counts) or 1
-    bar = width / len(h.counts)
+    bar = (h.edges[-1] - h.edges[0]) / span * width / len(h.counts)
+    start = (h.edges[0] - lo) / span * width
     rects = "".join(
-        f"<rect x='{i * bar:.1f}' y='{height - height * c / top:.1f}' width='{max(bar - 0.5, 0.5):.1f}' "
+        f"<rect x='{start + i * bar:.1f}' y='{height - height * c / top:.1f}' width='{max(bar - 0.5, 0.5):.1f}' "
         f"height='{height * c / top:.1f}' fill='#7aa6d6'/>"
         for i, c in enumerate(h.counts)
     )
@@ -77,7 +79,6 @@ def _histogram(h: Histogram, caption: str, width: int = 300, height: int = 150) 
         f"<line x1='{(v - lo) / span * width:.1f}' x2='{(v - lo) / span * width:.1f}' y1='0' y2='{height}' "
         f"stroke='{'#999' if dense else '#d1495b'}' stroke-width='{0.6 if dense else 1.4}'/>"
         for v in h.levels
-        if lo <= v <= hi
     )
     axis = (
         f"<text x='0' y='{height + 14}' font-size='10'>{lo:.3g}</text>"

@@ -112,8 +112,17 @@ def fidelity(report: Report) -> list[str]:
             f"{check['layers_checked']} layers refined "
             f"({', '.join(f'{n} {t}' for t, n in sorted(applied.items())) or 'none'})"
         )
-        variants = ", ".join(f"{v['variant']} {db(v['model_snr_db'])}" for v in check.get("variants", []))
-        lines.append(line + f"; output SNR dB on that data: {variants}; kept: {check.get('chosen')}")
+        variants = ", ".join(
+            f"{v['variant']} {db(v['model_snr_db'])}"
+            + (f" ({db(v['in_sample_snr_db'])} in-sample)" if "in_sample_snr_db" in v else "")
+            for v in check.get("variants", [])
+        )
+        where = (
+            f"on {check['checked_on_samples']} samples held out from the statistics"
+            if check.get("held_out")
+            else "on that data"
+        )
+        lines.append(line + f"; output SNR dB {where}: {variants}; kept: {check.get('chosen')}")
     return lines
 
 
