@@ -46,13 +46,15 @@ class Trial:
     reference: list[np.ndarray]  # the float model's outputs on them
     rules: tuple[str, ...] = ("minmax", "percentile 99.999", "percentile 99.99", calibrate.PER_TENSOR)
 
-    def run(self, model: onnx.ModelProto, weights: dict[str, qdq.LinearWeight]) -> tuple[str, dict[str, float | None]]:
+    def run(
+        self, model: onnx.ModelProto, weights: dict[str, qdq.LinearWeight], signed: bool
+    ) -> tuple[str, dict[str, float | None]]:
         """The best rule on the held-out samples (the first on a tie), and each rule's output SNR there."""
         measured: dict[str, float | None] = {}
         for rule in self.rules:
             trial = onnx.ModelProto()
             trial.CopyFrom(model)
-            qdq.insert_activation_qdq(trial, calibrate.ranges_by(self.parts, rule, slice(0, None, 2)), weights)
+            qdq.insert_activation_qdq(trial, calibrate.ranges_by(self.parts, rule, slice(0, None, 2)), weights, signed)
             outputs = [np.concatenate(o) for o in zip(*run_batches(model_session(trial, "trial"), self.held, "trial"))]
             snrs = [snr_db(r, o) for r, o in zip(self.reference, outputs)]
             measured[rule] = None if all(v is None for v in snrs) else min(v for v in snrs if v is not None)
@@ -65,7 +67,7 @@ def statistics(
 ) -> Refiner | None:
     """The data-aware techniques' statistics, and in the same pass the ranges of the activations that will
     be quantized. A MatMul keeps no bias here: an Add after it would sit outside the integer kernel."""
-    extremes = calibrated(model, {w.name for w in weights})
+    extremes = calibrated(model, {w.name for w in weights}, plan.activation_type == "int8")
     return refiner_for(model, weights, plan, data, progress, matmul_bias=False, extremes=extremes)
 
 
@@ -87,7 +89,7 @@ def ranges(
         return _warned(Ranges(refiner.ranges, refiner.samples, "minmax"), warnings)
     feeds = calibration_feeds(model, plan.calibration, plan.preprocessing)
     progress("calibrating activation ranges")
-    tensors = calibrated(model, {w.name for w in weights})
+    tensors = calibrated(model, {w.name for w in weights}, plan.activation_type == "int8")
     if method is CalibrationMethod.MINMAX:
         found = calibrate.activation_ranges(model, tensors, feeds, method=method)
         return _warned(Ranges(found, feeds.samples, "minmax"), warnings)
@@ -110,18 +112,20 @@ def _warned(found: Ranges, warnings: list[str]) -> Ranges:
     return found
 
 
-def insert(model: onnx.ModelProto, weights: dict[str, qdq.LinearWeight], found: Ranges) -> dict[str, object]:
+def insert(
+    model: onnx.ModelProto, weights: dict[str, qdq.LinearWeight], found: Ranges, signed: bool = False
+) -> dict[str, object]:
     """Relu/Clip(0, x) absorbed into the range of the op before them, Quantize/DequantizeLinear pairs on
     the activations, int32 biases; returns what the report's details say of it."""
     names = set(weights)
-    absorbed = qdq.absorb_activations(model, names)
+    absorbed = 0 if signed else qdq.absorb_activations(model, names)
     rule, ranges_of, details = found.rule, found.found, {}
     if found.trial is not None:
-        rule, measured = found.trial.run(model, weights)
+        rule, measured = found.trial.run(model, weights, signed)
         ranges_of = calibrate.ranges_by(found.trial.parts, rule)
         details = {"held_out_samples": found.trial.held.samples, "held_out_snr_db": measured}
     tensors = [t for t in qdq.activation_tensors(model, names) if t in ranges_of]
-    count = qdq.insert_activation_qdq(model, {t: ranges_of[t] for t in tensors}, weights)
+    count = qdq.insert_activation_qdq(model, {t: ranges_of[t] for t in tensors}, weights, signed)
     return {
         "calibration_samples": found.samples,
         "activations_quantized": count,
@@ -131,7 +135,8 @@ def insert(model: onnx.ModelProto, weights: dict[str, qdq.LinearWeight], found: 
     }
 
 
-def calibrated(model: onnx.ModelProto, quantized: set[str]) -> list[str]:
-    """The activations whose ranges full QDQ will use: all but those absorbed into their producer."""
-    absorbed = qdq.absorbed_tensors(model, quantized)
+def calibrated(model: onnx.ModelProto, quantized: set[str], signed: bool = False) -> list[str]:
+    """The activations whose ranges full QDQ will use: all but those absorbed into their producer (uint8
+    only: a range from 0 does the Relu's work; a symmetric int8 range keeps the negative values)."""
+    absorbed = set() if signed else qdq.absorbed_tensors(model, quantized)
     return [t for t in qdq.activation_tensors(model, quantized) if t not in absorbed]

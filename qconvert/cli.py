@@ -234,6 +234,13 @@ def kmeans(models: tuple[Path, ...], **o: Any) -> None:
     show_default=True,
     help="With --calibration-method percentile: the kept share of values, in %.",
 )
+@click.option(
+    "--activation-type",
+    type=click.Choice(["uint8", "int8"]),
+    default="uint8",
+    show_default=True,
+    help="Full QDQ activations: uint8 with a zero point (fastest on CPU), or symmetric int8 (GPU and NPU runtimes).",
+)
 @options.selection(1)
 @options.VALIDATION
 @options.GATES
@@ -265,6 +272,7 @@ def linear(models: tuple[Path, ...], **o: Any) -> None:
         weights_only=o["weights_only"],
         calibration_method=CalibrationMethod(o["calibration_method"]),
         percentile=o["percentile"],
+        activation_type=o["activation_type"],
         overrides=layer_overrides(),
         **options.plan_fields(o),
     )

@@ -119,6 +119,7 @@ class LinearPlan:
     preprocessing: Preprocessing = field(default_factory=Preprocessing)  # for a folder of images
     calibration_method: CalibrationMethod = CalibrationMethod.MINMAX
     percentile: float = 99.999
+    activation_type: str = "uint8"  # full QDQ: uint8 asymmetric, or int8 symmetric (zero point 0)
     fold_batchnorm: bool = True
     min_elements: int = 1
     exclude: tuple[str, ...] = ()
@@ -131,6 +132,13 @@ class LinearPlan:
             raise UsageError(
                 "[[layer]] method = 'kmeans' works in qconvert kmeans (with linear layers), not in qconvert linear"
             )
+        try:  # the Python API may name it as a string
+            object.__setattr__(self, "calibration_method", CalibrationMethod(self.calibration_method))
+        except ValueError:
+            choices = ", ".join(m.value for m in CalibrationMethod)
+            raise UsageError(f"calibration method must be one of {choices}, got {self.calibration_method!r}") from None
+        if self.activation_type not in ("uint8", "int8"):
+            raise UsageError(f"activation type must be uint8 or int8, got {self.activation_type!r}")
         for bits in (self.bits, *(o.bits for o in self.overrides if o.bits is not None)):
             if bits not in (4, 8):
                 raise UsageError(f"--bits must be 8 or 4 for linear quantization, got {bits}")

@@ -206,9 +206,13 @@ def _float_tensors(model: onnx.ModelProto) -> set[str]:
 
 
 def insert_activation_qdq(
-    model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], weights: dict[str, LinearWeight]
+    model: onnx.ModelProto,
+    ranges: dict[str, tuple[float, float]],
+    weights: dict[str, LinearWeight],
+    signed: bool = False,
 ) -> int:
-    """Quantize/DequantizeLinear (uint8, asymmetric) on each activation with a range, int32 biases; in place.
+    """Quantize/DequantizeLinear on each activation with a range (uint8 asymmetric, or `signed`: int8 with
+    zero point 0 on max(|lo|, |hi|), what GPU and NPU runtimes want), int32 biases; in place.
 
     A produced tensor T becomes P -> T_float -> Q -> DQ -> T, so consumers are untouched; a graph
     input gets Q -> DQ -> T_dq and its consumers are renamed. Returns how many activations were done.
@@ -222,9 +226,10 @@ def insert_activation_qdq(
     scales: dict[str, float] = {}
     new_inits: list[onnx.TensorProto] = []
     for name, (lo, hi) in ranges.items():
-        grid = grid_for(np.zeros((1, 1), np.float32), bits=8, symmetric=False, lo=np.array([lo]), hi=np.array([hi]))
+        grid = grid_for(np.zeros((1, 1), np.float32), bits=8, symmetric=signed, lo=np.array([lo]), hi=np.array([hi]))
         scale = numpy_helper.from_array(grid.scale.reshape(()), fresh(f"{name}_qc_scale"))
-        zero = numpy_helper.from_array(grid.zero_point.astype(np.uint8).reshape(()), fresh(f"{name}_qc_zero_point"))
+        zero_point = grid.zero_point.astype(np.int8 if signed else np.uint8).reshape(())
+        zero = numpy_helper.from_array(zero_point, fresh(f"{name}_qc_zero_point"))
         new_inits += [scale, zero]
         scales[name] = float(grid.scale[0])
         quantized = fresh(f"{name}_qc_q")

@@ -414,3 +414,27 @@ def test_rules_judged_on_samples_they_did_not_come_from() -> None:
         lo, hi = mse_range(values)
         assert values.min() <= lo and hi <= values.max()
         assert _error(values, lo, hi) <= _error(values, float(values.min()), float(values.max()))
+
+
+def test_int8_activations_are_symmetric_and_run(digits: Path, digits_data: Path, tmp_path: Path) -> None:
+    """--activation-type int8: every activation's zero point is an int8 0, no Relu absorbed (a symmetric
+    range keeps negative values); within a bit of uint8's fidelity. The API takes the options as strings."""
+    import qconvert
+
+    snr = {}
+    for kind in ("uint8", "int8"):
+        converted = qconvert.linear(
+            digits, calibration=digits_data, data=digits_data, activation_type=kind, calibration_method="auto"
+        )
+        zeros = [t for t in converted.model.graph.initializer if t.name.endswith("_qc_zero_point") and t.dims == []]
+        assert zeros and {t.data_type for t in zeros} == {TensorProto.INT8 if kind == "int8" else TensorProto.UINT8}
+        relus = sum(n.op_type == "Relu" for n in converted.model.graph.node)
+        if kind == "int8":
+            assert all(numpy_helper.to_array(t) == 0 for t in zeros)
+            assert relus == sum(n.op_type == "Relu" for n in onnx.load(str(digits)).graph.node) > 0
+        else:
+            assert relus == 0
+        snr[kind] = converted.report.validation.outputs[0].snr_db
+    assert snr["uint8"] - 6.1 < snr["int8"] < snr["uint8"]  # the Relus' outputs lose their sign bit: up to 1 bit
+    with pytest.raises(qconvert.UsageError, match="calibration method"):
+        qconvert.linear(digits, calibration=digits_data, calibration_method="entropy")

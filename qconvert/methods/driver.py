@@ -134,7 +134,10 @@ def _reports(
 
 def _insert_activations(job: _Job, items: dict[str, Quantized], ranges: activations.Ranges) -> None:
     """Full QDQ: the activations around the encoded integer weights."""
-    job.details.update(activations.insert(job.model, {w.name: items[w.name] for w in job.weights}, ranges))  # type: ignore[misc]
+    assert isinstance(job.plan, LinearPlan)
+    weights = {w.name: items[w.name] for w in job.weights}
+    signed = job.plan.activation_type == "int8"
+    job.details.update(activations.insert(job.model, weights, ranges, signed))  # type: ignore[arg-type]
     if any(s.bits == 4 for s in job.settings.values()):
         job.warnings.append(
             "int4 weights in a full QDQ graph are not fused into integer kernels by onnxruntime; int8 runs faster"
