@@ -29,37 +29,79 @@ RUNTIME = (
 
 
 class Ranges(NamedTuple):
-    found: dict[str, tuple[float, float]]  # per tensor (min, max)
+    found: dict[str, tuple[float, float]]  # per tensor (min, max), when nothing is left to the trial
     samples: int  # the calibration samples they come from
-    rule: str  # what gave them (minmax, percentile P, or for `auto` the rule its trial chose)
-    trial: Trial | None = None  # `auto`: the rules' ranges are tried on held-out samples once the weights are in
+    rule: str  # what gave them (minmax, percentile P)
+    trial: Trial | None = None  # choices made once the weights are in (`Trial`)
+
+
+EVEN = slice(0, None, 2)  # the calibration samples trial ranges come from; the odd ones are held out
+FLOAT_COUNTS = (0, 1, 2, 4, 8, 16, 32)  # activations left float that `--float-activations auto` tries
+FLOAT_TOLERANCE_DB = 0.5  # ... keeping the fewest within this much of the best held-out SNR
 
 
 @dataclass
 class Trial:
-    """`--calibration-method auto`: ranges by each rule from the even calibration samples, tried in the
-    quantized model on the odd ones (samples they did not come from) against the float model's outputs
-    there; the rule that does best gives the ranges, from all samples."""
+    """Choices tried in the quantized model on held-out samples (the odd calibration samples) against the
+    float model's outputs there, with ranges from the even ones: the range rule (`--calibration-method
+    auto`: min/max, percentiles, per tensor), then how many activations stay float (`--float-activations`:
+    those whose own quantization loses most, fewest within FLOAT_TOLERANCE_DB of the best). The final
+    ranges come from all samples."""
 
     parts: dict[str, list[calibrate.Part]]  # per tensor and sample
-    held: Feeds  # the odd samples
+    held: Feeds | None  # the odd samples (None: a single sample, nothing to hold out)
     reference: list[np.ndarray]  # the float model's outputs on them
-    rules: tuple[str, ...] = ("minmax", "percentile 99.999", "percentile 99.99", calibrate.PER_TENSOR)
+    rules: tuple[str, ...]  # the candidates (one: fixed)
+    keep_float: int | str  # activations left float: a count, or "auto"
 
-    def run(
-        self, model: onnx.ModelProto, weights: dict[str, qdq.LinearWeight], signed: bool
-    ) -> tuple[str, dict[str, float | None]]:
-        """The best rule on the held-out samples (the first on a tie), and each rule's output SNR there."""
-        measured: dict[str, float | None] = {}
-        for rule in self.rules:
-            trial = onnx.ModelProto()
-            trial.CopyFrom(model)
-            qdq.insert_activation_qdq(trial, calibrate.ranges_by(self.parts, rule, slice(0, None, 2)), weights, signed)
-            outputs = [np.concatenate(o) for o in zip(*run_batches(model_session(trial, "trial"), self.held, "trial"))]
-            snrs = [snr_db(r, o) for r, o in zip(self.reference, outputs)]
-            measured[rule] = None if all(v is None for v in snrs) else min(v for v in snrs if v is not None)
-        ranked = sorted(self.rules, key=lambda r: -np.inf if measured[r] is None else -measured[r])  # type: ignore[operator]
-        return ranked[0], measured
+    def decide(
+        self, model: onnx.ModelProto, weights: dict[str, qdq.LinearWeight], signed: bool, protected: set[str]
+    ) -> tuple[str, dict[str, tuple[float, float]], list[str], dict[str, object]]:
+        """The rule, the ranges of the activations to quantize, those left float, and what was measured.
+        `protected`: tensors that must stay quantized (an absorbed Relu's clamp is their Quantize)."""
+        details: dict[str, object] = {}
+        rule = self.rules[0]
+        if len(self.rules) > 1 and self.held is not None:
+            tried = {r: self._snr(model, weights, signed, calibrate.ranges_by(self.parts, r, EVEN)) for r in self.rules}
+            rule = max(self.rules, key=lambda r: _rank(tried[r]))  # the first of the best
+            details |= {"held_out_samples": self.held.samples, "held_out_snr_db": tried}
+        ranges = calibrate.ranges_by(self.parts, rule)
+        ranked = sorted(
+            (t for t in ranges if t not in protected),
+            key=lambda t: _rank(calibrate.quantization_snr(self.parts[t], *ranges[t], signed)),
+        )
+        count = 0 if self.keep_float == "auto" else int(self.keep_float)
+        if self.keep_float == "auto" and self.held is not None:
+            fit = calibrate.ranges_by(self.parts, rule, EVEN)
+            counts = [k for k in FLOAT_COUNTS if k <= len(ranked)]
+            kept = {
+                k: self._snr(model, weights, signed, {t: fit[t] for t in fit if t not in ranked[:k]}) for k in counts
+            }
+            best = max(_rank(v) for v in kept.values())
+            count = min(k for k in counts if _rank(kept[k]) >= best - FLOAT_TOLERANCE_DB)
+            details |= {"held_out_samples": self.held.samples, "float_activations_snr_db": kept}
+        floated = ranked[:count]
+        return rule, {t: r for t, r in ranges.items() if t not in floated}, floated, details
+
+    def _snr(
+        self,
+        model: onnx.ModelProto,
+        weights: dict[str, qdq.LinearWeight],
+        signed: bool,
+        ranges: dict[str, tuple[float, float]],
+    ) -> float | None:
+        """The worst output SNR on the held-out samples of the model with these activations quantized."""
+        assert self.held is not None
+        trial = onnx.ModelProto()
+        trial.CopyFrom(model)
+        qdq.insert_activation_qdq(trial, ranges, weights, signed)
+        outputs = [np.concatenate(o) for o in zip(*run_batches(model_session(trial, "trial"), self.held, "trial"))]
+        snrs = [snr_db(r, o) for r, o in zip(self.reference, outputs)]
+        return None if all(v is None for v in snrs) else min(v for v in snrs if v is not None)
+
+
+def _rank(snr: float | None) -> float:
+    return np.inf if snr is None else snr
 
 
 def statistics(
@@ -85,22 +127,31 @@ def ranges(
     on the held-out samples)."""
     assert plan.calibration is not None
     method = plan.calibration_method
-    if refiner and data == plan.calibration and method is CalibrationMethod.MINMAX:
+    tried = method is CalibrationMethod.AUTO or plan.float_activations != 0
+    if refiner and data == plan.calibration and method is CalibrationMethod.MINMAX and not tried:
         return _warned(Ranges(refiner.ranges, refiner.samples, "minmax"), warnings)
     feeds = calibration_feeds(model, plan.calibration, plan.preprocessing)
     progress("calibrating activation ranges")
     tensors = calibrated(model, {w.name for w in weights}, plan.activation_type == "int8")
-    if method is CalibrationMethod.MINMAX:
+    if method is CalibrationMethod.MINMAX and not tried:
         found = calibrate.activation_ranges(model, tensors, feeds, method=method)
         return _warned(Ranges(found, feeds.samples, "minmax"), warnings)
     parts = calibrate.sample_parts(model, tensors, feeds)
-    if method is CalibrationMethod.PERCENTILE or len(feeds.batches) < 2:
-        rule = f"percentile {plan.percentile:g}" if method is CalibrationMethod.PERCENTILE else calibrate.PER_TENSOR
-        return _warned(Ranges(calibrate.ranges_by(parts, rule), feeds.samples, rule), warnings)
-    held = Feeds(feeds.batches[1::2], len(feeds.batches[1::2]), feeds.source)
-    reference = [np.concatenate(o) for o in zip(*run_batches(model_session(model, "float model"), held, "float model"))]
-    trial = Trial(parts, held, reference)
-    return _warned(Ranges({}, feeds.samples, "auto", trial), warnings)
+    fixed = "minmax" if method is CalibrationMethod.MINMAX else f"percentile {plan.percentile:g}"
+    if not tried:
+        return _warned(Ranges(calibrate.ranges_by(parts, fixed), feeds.samples, fixed), warnings)
+    held, reference = None, []
+    if len(feeds.batches) > 1:
+        held = Feeds(feeds.batches[1::2], len(feeds.batches[1::2]), feeds.source)
+        run = run_batches(model_session(model, "float model"), held, "float model")
+        reference = [np.concatenate(o) for o in zip(*run)]
+    rules = (fixed,) if method is not CalibrationMethod.AUTO else AUTO_RULES if held else (calibrate.PER_TENSOR,)
+    return _warned(
+        Ranges({}, feeds.samples, "", Trial(parts, held, reference, rules, plan.float_activations)), warnings
+    )
+
+
+AUTO_RULES = ("minmax", "percentile 99.999", "percentile 99.99", calibrate.PER_TENSOR)
 
 
 def _warned(found: Ranges, warnings: list[str]) -> Ranges:
@@ -118,12 +169,13 @@ def insert(
     """Relu/Clip(0, x) absorbed into the range of the op before them, Quantize/DequantizeLinear pairs on
     the activations, int32 biases; returns what the report's details say of it."""
     names = set(weights)
+    protected = set() if signed else qdq.absorbing_outputs(model, names)
     absorbed = 0 if signed else qdq.absorb_activations(model, names)
-    rule, ranges_of, details = found.rule, found.found, {}
+    rule, ranges_of = found.rule, found.found
+    floated: list[str] = []
+    details: dict[str, object] = {}
     if found.trial is not None:
-        rule, measured = found.trial.run(model, weights, signed)
-        ranges_of = calibrate.ranges_by(found.trial.parts, rule)
-        details = {"held_out_samples": found.trial.held.samples, "held_out_snr_db": measured}
+        rule, ranges_of, floated, details = found.trial.decide(model, weights, signed, protected)
     tensors = [t for t in qdq.activation_tensors(model, names) if t in ranges_of]
     count = qdq.insert_activation_qdq(model, {t: ranges_of[t] for t in tensors}, weights, signed)
     return {
@@ -131,6 +183,7 @@ def insert(
         "activations_quantized": count,
         "activations_absorbed": absorbed,
         "activation_ranges": {"rule": rule, **details},
+        "activations_left_float": floated,
         "runtime": RUNTIME,
     }
 

@@ -11,6 +11,7 @@ import onnx
 from onnx import helper
 
 from qconvert.plan import CalibrationMethod
+from qconvert.quant.layout import snr_db
 from qconvert.quant.linear import dequantize, grid_for, quantize
 from qconvert.rewrite import After
 from qconvert.runtime import Feeds
@@ -122,6 +123,13 @@ def mse_range(values: np.ndarray, bins: int = 2048) -> tuple[float, float]:
     _, hi = best(np.full(shares.size, lo), np.linspace(hi, max(float(values.max()), 0.0), shares.size))
     lo, _ = best(np.linspace(lo, min(float(values.min()), 0.0), shares.size), np.full(shares.size, hi))
     return lo, hi
+
+
+def quantization_snr(parts: list[Part], lo: float, hi: float, signed: bool = False) -> float | None:
+    """SNR (dB) of a tensor's sampled values quantized on the 8-bit grid of [lo, hi] (None: exact)."""
+    values = np.concatenate([p.sample for p in parts]).reshape(1, -1).astype(np.float64)
+    grid = grid_for(np.zeros((1, 1)), bits=8, symmetric=signed, lo=np.array([lo]), hi=np.array([hi]))
+    return snr_db(values, dequantize(quantize(values, grid), grid))
 
 
 def _error(values: np.ndarray, lo: float, hi: float) -> float:

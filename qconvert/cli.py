@@ -241,6 +241,14 @@ def kmeans(models: tuple[Path, ...], **o: Any) -> None:
     show_default=True,
     help="Full QDQ activations: uint8 with a zero point (fastest on CPU), or symmetric int8 (GPU and NPU runtimes).",
 )
+@click.option(
+    "--float-activations",
+    default="0",
+    show_default=True,
+    metavar="N|auto",
+    help="Full QDQ: leave float the N activations whose quantization loses most; auto: as many as measurably "
+    "help on held-out calibration samples.",
+)
 @options.selection(1)
 @options.VALIDATION
 @options.GATES
@@ -273,6 +281,7 @@ def linear(models: tuple[Path, ...], **o: Any) -> None:
         calibration_method=CalibrationMethod(o["calibration_method"]),
         percentile=o["percentile"],
         activation_type=o["activation_type"],
+        float_activations=_count_or_auto(o["float_activations"], "--float-activations"),
         overrides=layer_overrides(),
         **options.plan_fields(o),
     )
@@ -446,6 +455,15 @@ def _console(quiet: bool) -> Console:
     if not console.is_terminal:
         console.width = max(console.width, LOG_WIDTH)
     return console
+
+
+def _count_or_auto(value: str, option: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"{option} takes a count or 'auto', got {value!r}") from None
 
 
 def _dispatch(models: tuple[Path, ...], plan: Plan, o: dict[str, Any]) -> None:

@@ -120,6 +120,7 @@ class LinearPlan:
     calibration_method: CalibrationMethod = CalibrationMethod.MINMAX
     percentile: float = 99.999
     activation_type: str = "uint8"  # full QDQ: uint8 asymmetric, or int8 symmetric (zero point 0)
+    float_activations: int | str = 0  # full QDQ: activations left float (those that lose most), or "auto"
     fold_batchnorm: bool = True
     min_elements: int = 1
     exclude: tuple[str, ...] = ()
@@ -137,6 +138,12 @@ class LinearPlan:
         except ValueError:
             choices = ", ".join(m.value for m in CalibrationMethod)
             raise UsageError(f"calibration method must be one of {choices}, got {self.calibration_method!r}") from None
+        if self.float_activations != "auto" and (
+            not isinstance(self.float_activations, int)
+            or isinstance(self.float_activations, bool)
+            or self.float_activations < 0
+        ):
+            raise UsageError(f"float activations must be a count >= 0 or 'auto', got {self.float_activations!r}")
         if self.activation_type not in ("uint8", "int8"):
             raise UsageError(f"activation type must be uint8 or int8, got {self.activation_type!r}")
         for bits in (self.bits, *(o.bits for o in self.overrides if o.bits is not None)):

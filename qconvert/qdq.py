@@ -149,6 +149,13 @@ def absorbed_tensors(model: onnx.ModelProto, quantized_weights: set[str]) -> set
     return {graph.node[index].input[0] for index in _absorbable(graph, quantized_weights)}
 
 
+def absorbing_outputs(model: onnx.ModelProto, quantized_weights: set[str]) -> set[str]:
+    """The outputs of the activations `absorb_activations` will remove: their Quantize does the clamping, so
+    they must stay quantized."""
+    graph = model.graph
+    return {graph.node[index].output[0] for index in _absorbable(graph, quantized_weights)}
+
+
 def _absorbable(graph: onnx.GraphProto, quantized_weights: set[str]) -> dict[int, onnx.NodeProto]:
     """Index of each absorbable Relu / Clip(min 0) -> the quantized op that produces its input."""
     constants = _constants(graph)

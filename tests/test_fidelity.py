@@ -572,15 +572,17 @@ def test_checks_run_on_held_out_samples_fewer_on_big_models(digits: Path, monkey
     elements = sum(int(np.prod(layer.weight_shape)) for layer in layers.values())
     twenty = Feeds([{"input": np.zeros((1, 1, 8, 8), np.float32)} for _ in range(20)], 20, "test")
     split = statistics.Split.of(twenty, layers)
-    assert split.held == list(range(12, 20)) and split.in_sample == list(range(8)) and statistics.CHECK_SAMPLES == 8
+    assert split.held == list(range(12, 20)) and split.learned == list(range(12)) and statistics.CHECK_SAMPLES == 8
+    assert split.in_sample == list(range(8))
     monkeypatch.setattr(statistics, "CHECK_BUDGET", 6 * elements)
     assert len(statistics.Split.of(twenty, layers).held) == 6
     monkeypatch.setattr(statistics, "CHECK_BUDGET", elements)
-    assert len(statistics.Split.of(twenty, layers).held) == statistics.MIN_CHECK_SAMPLES == 4
+    split = statistics.Split.of(twenty, layers)
+    assert len(split.held) == statistics.MIN_CHECK_SAMPLES == 4 and not split.in_sample  # big: no in-sample check
     # at most half the batches are held out; one batch is checked in-sample, nothing else to do
     assert statistics.Split.of(Feeds(twenty.batches[:5], 5, "test"), layers).held == [3, 4]
     one = statistics.Split.of(Feeds(twenty.batches[:1], 1, "test"), layers)
-    assert one.held == one.in_sample == [0] and not one.held_out
+    assert one.held == one.learned == [0] and not one.in_sample
 
 
 def test_layer_check_passes_hand_on_what_subgraphs_read(monkeypatch: pytest.MonkeyPatch) -> None:

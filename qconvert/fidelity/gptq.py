@@ -14,6 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# At 8 bits rounding error is small beside the rest: on ResNet-50-shaped full QDQ GPTQ gained 0.1 dB (40.4 ->
+# 40.5) for 3x the time and 2.5x the memory; on the PP-OCRv4 recognizer's k-means 8, nothing. Wider weights
+# keep plain rounding.
+MAX_BITS = 4
 DAMPING = 0.01  # of H's mean diagonal, added to it: keeps the inverse stable where inputs barely vary
 BLOCK = 128  # columns whose updates are applied together (the same result, fewer passes over the weights)
 REFIT_FLOPS = 4e10  # codebooks are refitted where the least squares cost at most this (about a second)

@@ -1,41 +1,46 @@
 """Input second moments H = Σ x xᵀ of a layer, over the columns its weight multiplies (what GPTQ needs).
 
 A Gemm's or MatMul's columns are its input features; a Conv's are the Cin/G·kh·kw values of one input
-patch, per group (im2col, cut in row chunks so memory stays bounded). The weight is seen as [G, R, C]:
-groups, output rows, columns, in the same order.
+patch, per group (im2col). Each batch's H is computed in the graph beside the statistics pass (`readers`),
+so only the matrices come back. The weight is seen as [G, R, C]: groups, output rows, columns, in the same
+order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from onnx import helper
+from onnx import helper, numpy_helper
+
+from qconvert.rewrite import After
 
 if TYPE_CHECKING:
     from qconvert.fidelity.statistics import Layer
+    from qconvert.sections import Section
 
-MAX_BYTES = 512 << 20  # the moments of all layers, held at once (float64); layers beyond go without
-CHUNK = 1 << 22  # im2col values made at once
-_EXPLICIT = (b"NOTSET", b"VALID")  # pads as written (SAME_* pads depend on the input size: left out)
+MIN_BUDGET = 64 << 20  # the moments of all layers held at once (float32): this much, or WEIGHT_SHARE of the
+WEIGHT_SHARE = 0.25  # weights' bytes if more; layers beyond, in graph order, go without (plain rounding)
+MAX_COLUMNS = 2304  # wider layers go without: their inverse alone would take 4 · C² · 8 bytes at once
 
 
 def wanted(layers: dict[str, Layer]) -> dict[str, np.ndarray]:
-    """Zeroed H for the layers that take one, in graph order until MAX_BYTES."""
-    out, total = {}, 0
+    """Zeroed H for these layers, in graph order within the budget. The pass holds about three times the
+    budget at once (onnxruntime's outputs, their copies, the sums): ResNet-50-shaped k-means 4 with
+    calibration data peaks near 600 MB for a 102 MB file."""
+    weights = sum(4 * int(np.prod(layer.weight_shape)) for layer in layers.values())
+    budget, out, total = max(MIN_BUDGET, int(WEIGHT_SHARE * weights)), {}, 0
     for name, layer in layers.items():
-        if (size := shape(layer)) is not None and total + 8 * size[0] * size[1] ** 2 <= MAX_BYTES:
-            out[name] = np.zeros((size[0], size[1], size[1]))
+        size = shape(layer)
+        if size[1] <= MAX_COLUMNS and total + 4 * size[0] * size[1] ** 2 <= budget:
+            out[name] = np.zeros((size[0], size[1], size[1]), np.float32)
             total += out[name].nbytes
     return out
 
 
-def shape(layer: Layer) -> tuple[int, int] | None:
-    """(groups, columns) of the layer's H, or None: a layout this module does not take (Conv beyond 2-D)."""
+def shape(layer: Layer) -> tuple[int, int]:
+    """(groups, columns) of the layer's H."""
     if layer.op_type == "Conv":
-        if len(layer.weight_shape) not in (3, 4) or _attributes(layer).get("auto_pad", b"NOTSET") not in _EXPLICIT:
-            return None
         return layer.groups, int(np.prod(layer.weight_shape[1:]))
     return 1, layer.weight_shape[layer.in_axis]
 
@@ -54,39 +59,55 @@ def from_matrix(layer: Layer, rows: np.ndarray) -> np.ndarray:
     return rows[0] if layer.in_axis == 1 else rows[0].T
 
 
-def accumulate(layer: Layer, x: np.ndarray, into: np.ndarray) -> None:
-    """Add one batch of the layer's input to its H ([G, C, C], float64)."""
+def readers(layer: Layer, section: Section) -> str:
+    """Nodes beside the section that reduce one batch of the layer's input to its H ([G, C, C]), in the graph:
+    only the matrix comes back. A Conv's patches come from a copy of it (same strides, pads, dilations)
+    with one group per input channel, whose kernel picks each position into a channel of its own; a 1x1
+    Conv's are its input's pixels; a Gemm's or MatMul's are its input's rows."""
+    graph, fresh, x = section.graph, section.fresh, layer.node.input[0]
+    nodes = section.after.setdefault(x, After()).nodes
+
+    def constant(name: str, array: np.ndarray) -> str:
+        graph.initializer.append(numpy_helper.from_array(array, fresh(f"{x}_qc_{name}")))
+        return graph.initializer[-1].name
+
+    def node(op: str, inputs: list[str], name: str, **attributes: Any) -> str:
+        nodes.append(helper.make_node(op, inputs, [fresh(f"{x}_qc_{name}")], **attributes))
+        return nodes[-1].output[0]
+
+    out = fresh(f"{x}_qc_second_moments")
     if layer.op_type != "Conv":
-        rows = np.moveaxis(x, layer.x_axis, -1).reshape(-1, x.shape[layer.x_axis]).astype(np.float32)
-        into[0] += rows.T @ rows  # float32 products of one batch, summed in float64
-        return
-    for patches in _patches(layer, x):  # [G, M, C]
-        into += np.swapaxes(patches, 1, 2) @ patches
+        if layer.op_type == "Gemm" and layer.x_axis == 0:  # transA: x is [K, M]
+            rows = node("Transpose", [x], "rows")
+        else:
+            rows = node("Reshape", [x, constant("rows_shape", np.array([-1, layer.in_channels], np.int64))], "rows")
+        nodes.append(helper.make_node("MatMul", [node("Transpose", [rows], "columns"), rows], [out]))
+        return out
+    groups, columns = shape(layer)
+    attributes = {a.name: helper.get_attribute_value(a) for a in layer.node.attribute if a.name != "kernel_shape"}
+    attributes["group"] = layer.in_channels
+    pixels = all(k == 1 for k in layer.weight_shape[2:]) and all(  # a 1x1 Conv's patches are its input's pixels
+        attributes.get(a, v) in (v, [v] * (len(layer.weight_shape) - 2), [v] * 2 * (len(layer.weight_shape) - 2))
+        for a, v in (("strides", 1), ("pads", 0))
+    )
+    patches = x if pixels else node("Conv", [x, constant("pick", _picking_kernel(layer))], "patches", **attributes)
+    grouped = node(
+        "Reshape", [patches, constant("groups_shape", np.array([0, groups, columns, -1], np.int64))], "grouped"
+    )
+    by_group = node("Transpose", [grouped], "by_group", perm=[1, 2, 0, 3])  # [G, C, N, positions]
+    rows = node(
+        "Reshape", [by_group, constant("matrix_shape", np.array([groups, columns, -1], np.int64))], "patch_rows"
+    )
+    nodes.append(helper.make_node("MatMul", [rows, node("Transpose", [rows], "patch_columns", perm=[0, 2, 1])], [out]))
+    return out
 
 
-def _attributes(layer: Layer) -> dict[str, object]:
-    return {a.name: helper.get_attribute_value(a) for a in layer.node.attribute}
-
-
-def _patches(layer: Layer, x: np.ndarray) -> Iterator[np.ndarray]:
-    """im2col of a 1-D or 2-D convolution's input: [G, M, Cin/G·kh·kw] per chunk of output positions."""
-    attributes: dict[str, Any] = _attributes(layer)
-    spatial = len(layer.weight_shape) - 2
-    lead = [1] * (2 - spatial)  # a 1-D convolution as 2-D of height 1
-    x = x.reshape(*x.shape[:2], *lead, *x.shape[2:])
-    kernel = lead + list(layer.weight_shape[2:])
-    strides = lead + list(attributes.get("strides", [1] * spatial))
-    dilations = lead + list(attributes.get("dilations", [1] * spatial))
-    pads = list(attributes.get("pads", [0] * 2 * spatial))
-    begin, end = [0] * len(lead) + pads[:spatial], [0] * len(lead) + pads[spatial:]
-    padded = np.pad(x, [(0, 0), (0, 0), *zip(begin, end)])
-    extent = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
-    windows = np.lib.stride_tricks.sliding_window_view(padded, extent, axis=(2, 3))
-    windows = windows[:, :, :: strides[0], :: strides[1], :: dilations[0], :: dilations[1]]  # [N, Cin, Ho, Wo, kh, kw]
-    _, channels, height, width = windows.shape[:4]
-    per_position = channels * kernel[0] * kernel[1]
-    step = max(1, CHUNK // max(per_position * width, 1))
-    for top in range(0, height, step):
-        part = windows[:, :, top : top + step]  # [N, Cin, h, Wo, kh, kw]
-        part = part.reshape(part.shape[0], layer.groups, -1, *part.shape[2:]).transpose(1, 0, 3, 4, 2, 5, 6)
-        yield np.ascontiguousarray(part.reshape(layer.groups, -1, per_position // layer.groups), np.float32)
+def _picking_kernel(layer: Layer) -> np.ndarray:
+    """[Cin·k, 1, *kernel] for a Conv with one group per input channel: output channel c·k + p is input
+    channel c at kernel position p, which is the weight's own column order within each of its groups."""
+    kernel = layer.weight_shape[2:]
+    positions = int(np.prod(kernel))
+    channels = layer.weight_shape[1] * layer.groups
+    pick = np.zeros((channels, positions, positions), np.float32)
+    pick[:, np.arange(positions), np.arange(positions)] = 1
+    return pick.reshape(channels * positions, 1, *kernel)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,11 +108,13 @@ def _layer(node: onnx.NodeProto, weight: Weight, editable: bool) -> Layer | None
 
 @dataclass(frozen=True)
 class Split:
-    """Which calibration batches the checks run on: the last ones, held out from the statistics (when there
-    are two or more batches), and as many of those the statistics came from (in-sample: the same checks
-    there, to report how far the two disagree)."""
+    """Which calibration batches the checks run on (`held`: the last ones), which the statistics come from
+    (`learned`: the others; all of them when there is a single batch), and on which of those the same
+    checks run again for the report (`in_sample`: as many as are held out; none on big models, whose
+    checks are cut to save time)."""
 
     held: list[int]
+    learned: list[int]
     in_sample: list[int]
 
     @staticmethod
@@ -128,11 +131,9 @@ class Split:
             samples += len(next(iter(feeds.batches[total - 1 - count].values())))
             count += 1
         held = list(range(total - count, total))
-        return Split(held, list(range(count)) if total > 1 else held)
-
-    @property
-    def held_out(self) -> bool:
-        return self.held != self.in_sample
+        if total == 1:
+            return Split(held, held, [])
+        return Split(held, list(range(total - count)), list(range(count)) if wanted == CHECK_SAMPLES else [])
 
 
 def subset(feeds: Feeds, indices: list[int]) -> Feeds:
@@ -150,8 +151,9 @@ class Statistics:
     ranges: dict[str, tuple[float, float]]  # min and max of the tensors asked for, over all batches
     checks: Feeds  # what the layer and whole-model checks run on: the held-out batches (`Split`)
     hessians: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # per layer: Σ x xᵀ (`hessian`)
-    in_sample: Feeds | None = None  # as many batches the statistics came from (None: nothing was held out)
+    in_sample: Feeds | None = None  # as many batches the statistics came from (None: not checked there)
     in_sample_reference: list[np.ndarray] = dataclasses.field(default_factory=list)
+    held_out: bool = False  # the checks run on batches the statistics did not come from
 
 
 def input_moments(
@@ -159,12 +161,12 @@ def input_moments(
     layers: dict[str, Layer],
     feeds: Feeds,
     extremes: list[str] | None = None,
-    second_moments: bool = False,
+    second_moments: Collection[str] = (),
 ) -> Statistics:
     """E[x] and E[x²] per input channel of each layer, in one onnxruntime pass, from the batches that the
     checks do not run on (`Split`); the model's outputs on the checks' batches; the min and max of the
-    `extremes` tensors (activation ranges) over all batches; and with `second_moments`, each layer's
-    H = Σ x xᵀ over its weight's columns (`hessian`; the inputs come back whole, one sample at a time).
+    `extremes` tensors (activation ranges) over all batches; and for the layers named in `second_moments`,
+    H = Σ x xᵀ over its weight's columns (`hessian`, reduced in the graph too).
 
     Everything is reduced in the graph as soon as the tensor exists (`add_after`) (ReduceSum, ReduceSumSquare,
     Size, ReduceMin, ReduceMax), so only vectors come back and onnxruntime frees every activation as usual.
@@ -173,7 +175,8 @@ def input_moments(
     keys: dict[tuple[str, int, int], tuple[str, str, str]] = {}  # (x, channel axis, Cin) -> sum, sum of squares, size
     reduced: dict[str, tuple[str, str]] = {}  # tensor -> its min and max
     model_outputs = [o.name for o in model.graph.output]
-    hessians = hessian.wanted(layers) if second_moments else {}
+    hessians = hessian.wanted({name: layer for name, layer in layers.items() if name in second_moments})
+    second: dict[str, str] = {}  # layer -> the output that holds one batch's H
 
     def readers(section: Section) -> None:
         for layer in layers.values():
@@ -181,9 +184,10 @@ def input_moments(
             if key not in keys and key[0] in section.made:
                 keys[key] = _channel_sums(layer, section)
                 section.wanted += keys[key]
-        section.wanted += dict.fromkeys(
-            layers[n].node.input[0] for n in hessians if layers[n].node.input[0] in section.made
-        )
+        for name in hessians:
+            if name not in second and layers[name].node.input[0] in section.made:
+                second[name] = hessian.readers(layers[name], section)
+                section.wanted.append(second[name])
         read_extremes(extremes or [], reduced, section)
         if section.complete:
             section.wanted += model_outputs
@@ -191,7 +195,7 @@ def input_moments(
     totals: dict[str, np.ndarray] = {}
     ranges = Extremes(reduced)
     split = Split.of(feeds, layers)
-    learned_from = set(range(len(feeds.batches))) - set(split.held) if split.held_out else set(split.held)
+    learned_from = set(split.learned)
     outputs: dict[int, list[np.ndarray]] = {}
     for index, values in zip(
         itertools.cycle(range(len(feeds.batches))), Sections(model, feeds, "model for calibration").passes(readers)
@@ -200,7 +204,7 @@ def input_moments(
             outputs[index] = [values[o] for o in model_outputs]  # the last section: the model's outputs too
         ranges.add(values)
         if index in learned_from:
-            _accumulate(values, layers, hessians, keys, totals)
+            _accumulate(values, {n: (second[n], h) for n, h in hessians.items() if n in second}, keys, totals)
     moments = {}
     for name, layer in layers.items():
         total, squares, size = (totals[o] for o in keys[layer.node.input[0], layer.x_axis, layer.in_channels])
@@ -211,7 +215,7 @@ def input_moments(
     def joined(indices: list[int]) -> list[np.ndarray]:
         return [np.concatenate(o).astype(np.float64) for o in zip(*(outputs[i] for i in indices))] if outputs else []
 
-    in_sample = subset(feeds, split.in_sample) if split.held_out else None
+    in_sample = subset(feeds, split.in_sample) if split.in_sample else None
     return Statistics(
         moments,
         joined(split.held),
@@ -219,21 +223,21 @@ def input_moments(
         subset(feeds, split.held),
         hessians,
         in_sample,
-        joined(split.in_sample) if split.held_out else [],
+        joined(split.in_sample),
+        split.learned != split.held,
     )
 
 
 def _accumulate(
     values: dict[str, np.ndarray],
-    layers: dict[str, Layer],
-    hessians: dict[str, np.ndarray],
+    hessians: dict[str, tuple[str, np.ndarray]],
     keys: dict[tuple[str, int, int], tuple[str, str, str]],
     totals: dict[str, np.ndarray],
 ) -> None:
-    """Add one batch's reductions to the running sums, and its layer inputs to their H."""
-    for name, into in hessians.items():
-        if (x := values.get(layers[name].node.input[0])) is not None:
-            hessian.accumulate(layers[name], x, into)
+    """Add one batch's reductions to the running sums, and its layers' H (output, running sum) to theirs."""
+    for output, into in hessians.values():
+        if output in values:
+            into += np.asarray(values[output], np.float32).reshape(into.shape)
     for sums in keys.values():
         for name in sums:
             if name in values:

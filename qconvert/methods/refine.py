@@ -19,7 +19,7 @@ from qconvert.fidelity.statistics import Layer, Moments
 from qconvert.fold import FoldFilter
 from qconvert.methods.base import Quantized
 from qconvert.methods.common import Progress, fold_pays
-from qconvert.plan import Plan
+from qconvert.plan import Plan, layer_setting
 from qconvert.report import WeightReport
 from qconvert.runtime import Feeds, calibration_feeds
 from qconvert.select import Weight
@@ -71,6 +71,7 @@ class Refiner:
     in_sample: Feeds | None = None  # as many batches the statistics came from (None: none were held out)
     in_sample_reference: list[np.ndarray] = dataclasses.field(default_factory=list)
     in_sample_snr_db: dict[str, float | None] = dataclasses.field(default_factory=dict)  # the check there, per variant
+    held_out: bool = False  # `checks` are batches the statistics did not come from
     compensated: set[str] = dataclasses.field(default_factory=set)  # weights whose data-aware result is GPTQ's
 
     @staticmethod
@@ -83,10 +84,12 @@ class Refiner:
         bias_correction: bool,
         matmul_bias: bool = True,
         extremes: list[str] | None = None,
+        compensate: frozenset[str] = frozenset(),
     ) -> Refiner:
+        """`compensate`: the weights whose data-aware result is GPTQ's (their layers' H is gathered too)."""
         layers = statistics.find_layers(model, weights)
         stats = (
-            statistics.input_moments(model, layers, feeds, extremes, second_moments=data_aware)
+            statistics.input_moments(model, layers, feeds, extremes, second_moments=compensate if data_aware else ())
             if layers
             else statistics.Statistics({}, [], {}, feeds)
         )
@@ -103,6 +106,7 @@ class Refiner:
             hessians=stats.hessians,
             in_sample=stats.in_sample,
             in_sample_reference=stats.in_sample_reference,
+            held_out=stats.held_out,
         )
         refiner.bind(model, weights)
         return refiner
@@ -227,7 +231,7 @@ class Refiner:
             "source": self.source,
             "samples": self.samples,
             "checked_on_samples": self.checks.samples,
-            "held_out": self.in_sample is not None,
+            "held_out": self.held_out,
             "layers_checked": len(decisions),
             "layers_refined": sum(bool(d.techniques) for d in decisions.values()),
             "chosen": self.chosen,
@@ -251,9 +255,11 @@ def refiner_for(
     extremes: list[str] | None = None,
 ) -> Refiner | None:
     """Statistics for the data-aware techniques the plan enables, or None (no data, nothing to refine);
-    in the same pass, the min and max of the `extremes` tensors (activation ranges)."""
+    in the same pass, the min and max of the `extremes` tensors (activation ranges). Weights of at most
+    gptq.MAX_BITS bits are rounded by GPTQ."""
     if data is None or not weights or not (plan.data_aware or plan.bias_correction):
         return None
+    compensate = frozenset(w.name for w in weights if layer_setting(plan, w.name).bits <= gptq.MAX_BITS)
     progress("gathering input statistics on the calibration data")
     feeds = calibration_feeds(model, data, plan.preprocessing)
     refiner = Refiner.gather(
@@ -264,6 +270,7 @@ def refiner_for(
         bias_correction=plan.bias_correction,
         matmul_bias=matmul_bias,
         extremes=extremes,
+        compensate=compensate,
     )
     return refiner if refiner.moments else None
 
