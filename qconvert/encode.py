@@ -157,4 +157,11 @@ def _decode(edit: GraphEdit, *, item: EncodedWeight, opset: int) -> None:
             base, "Add", [index, edit.constant(base, "channel_offsets", offsets, share=True)], "indices_global"
         )
     codebook = edit.constant(base, "codebook", palette.codebook.reshape(-1))
-    edit.node(base, "Gather", [codebook, index], "decode", output=base, axis=0)
+    if palette.scale is None:
+        edit.node(base, "Gather", [codebook, index], "decode", output=base, axis=0)
+        return
+    normalised = edit.node(base, "Gather", [codebook, index], "decode_normalised", axis=0)
+    scale_shape = [1] * len(shape)
+    scale_shape[axis if axis is not None else 0] = palette.scale.size
+    scale = edit.constant(base, "scale", palette.scale.astype(palette.codebook.dtype).reshape(scale_shape))
+    edit.node(base, "Mul", [normalised, scale], "decode", output=base)

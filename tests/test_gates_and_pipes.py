@@ -28,7 +28,7 @@ def test_failed_gate_exits_5_and_writes_no_model(tmp_path: Path, digits: Path, d
         "kmeans", digits, "--bits", "4", "--data", digits_data, "--min-snr", "60", "--min-top1", "0.9", "-o", out, "-q"
     )
     assert result.exit_code == ExitCode.GATE
-    assert re.match(r"qconvert: error: quality gate failed: --min-snr on logits: \d+\.\d\d, limit 60$", result.stderr)
+    assert re.match(r"qconvert: error: quality gate failed: --min-snr on logits: \d+\.\d+, limit 60$", result.stderr)
     assert result.stderr.strip().count("\n") == 0
     assert not out.exists()
     report = json.loads(out.with_suffix(".report.json").read_text())

@@ -186,3 +186,43 @@ def test_rows_layout_round_trip(axis: int | None) -> None:
     np.testing.assert_array_equal(from_rows(rows, w.shape, axis), w)
     if axis is not None:  # row c holds exactly the slice at index c along the axis
         np.testing.assert_array_equal(np.sort(rows[1]), np.sort(np.take(w, 1, axis=axis).ravel()))
+
+
+def test_scaled_palettes_where_channels_differ_in_range(tmp_path) -> None:
+    """Channels whose ranges differ a thousandfold: one codebook per tensor crushes the small ones, 64
+    codebooks cost 16 floats each; one codebook scaled per channel (4 bytes each) wins per stored bit.
+    The file decodes to exactly what the report measured, and zero channels stay exact."""
+    import json
+
+    import onnx
+    import onnxruntime as ort
+    from click.testing import CliRunner
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qconvert.cli import cli
+    from qconvert.quant.kmeans import palettize_scaled
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((64, 128)) * np.geomspace(1e-3, 1, 64)[:, None]).astype(np.float32)
+    w[5] = 0
+    palette = palettize_scaled(w, 4, 0)
+    assert palette.codebook.shape == (1, 16) and palette.scale is not None and palette.scale[5] == 0
+    assert np.all(reconstruct(palette)[5] == 0)
+    shared = reconstruct(palettize(w.reshape(1, -1), bits=4)).reshape(w.shape)
+    rows = [np.median([snr_db(w[c], r[c]) for c in range(64) if c != 5]) for r in (reconstruct(palette), shared)]
+    assert snr_db(w, reconstruct(palette)) > snr_db(w, shared) and rows[0] > rows[1] + 10  # small channels too
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 128])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "m.onnx")
+    args = ["kmeans", str(tmp_path / "m.onnx"), "--bits", "4", "--per-channel", "-o", str(tmp_path / "q.onnx")]
+    result = CliRunner().invoke(cli, [*args, "--json", "--no-validate"])
+    assert result.exit_code == 0, result.output
+    (report,) = json.loads(result.stdout)["per_weight"]
+    assert report["granularity"] == "per-channel-scaled" and report["groups"] == 64
+    decoded = ort.InferenceSession(str(tmp_path / "q.onnx")).run(None, {"x": np.eye(128, dtype=np.float32)})[0].T
+    assert abs(snr_db(w, decoded) - report["snr_db"]) < 0.01  # the weights the file computes with

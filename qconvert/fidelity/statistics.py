@@ -154,6 +154,8 @@ class Statistics:
     in_sample: Feeds | None = None  # as many batches the statistics came from (None: not checked there)
     in_sample_reference: list[np.ndarray] = dataclasses.field(default_factory=list)
     held_out: bool = False  # the checks run on batches the statistics did not come from
+    all_moments: dict[str, Moments] = dataclasses.field(default_factory=dict)  # from every batch
+    held_hessians: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # H of the held-out batches
 
 
 def input_moments(
@@ -172,7 +174,7 @@ def input_moments(
     Size, ReduceMin, ReduceMax), so only vectors come back and onnxruntime frees every activation as usual.
     The pass runs in sections (`Sections`), each section's readers in one `add_after` call.
     """
-    keys: dict[tuple[str, int, int], tuple[str, str, str]] = {}  # (x, channel axis, Cin) -> sum, sum of squares, size
+    keys: dict[_Key, tuple[str, str, str]] = {}  # -> sum, sum of squares, size
     reduced: dict[str, tuple[str, str]] = {}  # tensor -> its min and max
     model_outputs = [o.name for o in model.graph.output]
     hessians = hessian.wanted({name: layer for name, layer in layers.items() if name in second_moments})
@@ -192,10 +194,10 @@ def input_moments(
         if section.complete:
             section.wanted += model_outputs
 
-    totals: dict[str, np.ndarray] = {}
     ranges = Extremes(reduced)
     split = Split.of(feeds, layers)
-    learned_from = set(split.learned)
+    held_out = split.learned != split.held
+    learned, held = _Sums(hessians), _Sums({n: np.zeros_like(h) for n, h in hessians.items()} if held_out else {})
     outputs: dict[int, list[np.ndarray]] = {}
     for index, values in zip(
         itertools.cycle(range(len(feeds.batches))), Sections(model, feeds, "model for calibration").passes(readers)
@@ -203,14 +205,8 @@ def input_moments(
         if model_outputs and model_outputs[0] in values and index in split.held + split.in_sample:
             outputs[index] = [values[o] for o in model_outputs]  # the last section: the model's outputs too
         ranges.add(values)
-        if index in learned_from:
-            _accumulate(values, {n: (second[n], h) for n, h in hessians.items() if n in second}, keys, totals)
-    moments = {}
-    for name, layer in layers.items():
-        total, squares, size = (totals[o] for o in keys[layer.node.input[0], layer.x_axis, layer.in_channels])
-        count = float(size) / layer.in_channels
-        if count > 0 and total.shape == (layer.in_channels,):
-            moments[name] = Moments(total / count, squares / count)
+        (learned if index in split.learned else held).add(values, second, keys)
+    moments = learned.moments(layers, keys)
 
     def joined(indices: list[int]) -> list[np.ndarray]:
         return [np.concatenate(o).astype(np.float64) for o in zip(*(outputs[i] for i in indices))] if outputs else []
@@ -224,24 +220,45 @@ def input_moments(
         hessians,
         in_sample,
         joined(split.in_sample),
-        split.learned != split.held,
+        held_out,
+        held.moments(layers, keys, learned) if held_out else moments,
+        held.hessians,
     )
 
 
-def _accumulate(
-    values: dict[str, np.ndarray],
-    hessians: dict[str, tuple[str, np.ndarray]],
-    keys: dict[tuple[str, int, int], tuple[str, str, str]],
-    totals: dict[str, np.ndarray],
-) -> None:
-    """Add one batch's reductions to the running sums, and its layers' H (output, running sum) to theirs."""
-    for output, into in hessians.values():
-        if output in values:
-            into += np.asarray(values[output], np.float32).reshape(into.shape)
-    for sums in keys.values():
-        for name in sums:
-            if name in values:
-                totals[name] = totals.get(name, 0) + np.asarray(values[name], np.float64)
+class _Sums:
+    """Running sums over some batches: the reductions' outputs, and each layer's H (`hessians`, in place)."""
+
+    def __init__(self, hessians: dict[str, np.ndarray]) -> None:
+        self.totals: dict[str, np.ndarray] = {}
+        self.hessians = hessians
+
+    def add(
+        self, values: dict[str, np.ndarray], second: dict[str, str], keys: dict[_Key, tuple[str, str, str]]
+    ) -> None:
+        for name, into in self.hessians.items():
+            if name in second and second[name] in values:
+                into += np.asarray(values[second[name]], np.float32).reshape(into.shape)
+        for sums in keys.values():
+            for name in sums:
+                if name in values:
+                    self.totals[name] = self.totals.get(name, 0) + np.asarray(values[name], np.float64)
+
+    def moments(
+        self, layers: dict[str, Layer], keys: dict[_Key, tuple[str, str, str]], plus: _Sums | None = None
+    ) -> dict[str, Moments]:
+        """E[x] and E[x²] per input channel of each layer, over these batches (and those of `plus`)."""
+        found = {}
+        for name, layer in layers.items():
+            outputs = keys[layer.node.input[0], layer.x_axis, layer.in_channels]
+            total, squares, size = (self.totals[o] + (plus.totals[o] if plus else 0) for o in outputs)
+            count = float(size) / layer.in_channels
+            if count > 0 and total.shape == (layer.in_channels,):
+                found[name] = Moments(total / count, squares / count)
+        return found
+
+
+_Key = tuple[str, int, int]  # a layer input's reductions: (x, channel axis, Cin)
 
 
 def _channel_sums(layer: Layer, section: Section) -> tuple[str, str, str]:

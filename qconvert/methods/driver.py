@@ -301,7 +301,19 @@ def _quantize(
     }
     decisions = refiner.decide(job.model, results, lambda name: by_name[name].array())  # type: ignore[arg-type]
     job.details["calibration"] = refiner.summary(decisions)
+    if refiner.held_out:  # decided on samples the statistics did not see; the results use them all
+        refiner.learn_from_all()
+        again = [(w, refined[w.name].axis) for w in weights if (d := decisions.get(w.name)) and d.refined]
+        for (weight, _), better in zip(
+            again, in_order(data_aware, again, job.workers, sum(w.elements for w, _ in again))
+        ):
+            if better is not None:
+                refined[weight.name] = better
     items = {name: refined[name] if (d := decisions.get(name)) and d.refined else item for name, item in plain.items()}
+    if refiner.held_out:
+        decisions = refiner.final_shifts(
+            decisions, {n: items[n].dequantized for n in decisions}, lambda n: by_name[n].array()
+        )
     return items, decisions, chosen
 
 

@@ -20,7 +20,7 @@ from qconvert.encode import (
 )
 from qconvert.methods.base import Context, Need, weight_report
 from qconvert.plan import Granularity, LayerSetting
-from qconvert.quant.kmeans import Palette, nearest, palettize, palettize_tensor, reconstruct
+from qconvert.quant.kmeans import Palette, nearest, palettize, palettize_scaled, palettize_tensor, reconstruct
 from qconvert.quant.layout import snr_db, to_rows
 from qconvert.report import Histogram, WeightReport
 from qconvert.select import Weight
@@ -28,6 +28,7 @@ from qconvert.select import Weight
 DB_PER_BIT = 6.02  # SNR that one more index bit buys: what per-channel codebooks must beat per bit they cost
 ESTIMATE_MIN_ELEMENTS = 1 << 20  # granularity auto: larger weights first estimate per-channel's gain on a sample
 ESTIMATE_CHANNELS = 32
+SCALED = "per-channel-scaled"  # the report's granularity of one codebook scaled per channel
 
 
 class KMeans:
@@ -47,20 +48,21 @@ class KMeans:
         axis = weight.channel_axis
         if axis is None:
             return [None], "per-tensor: its consumers disagree on the channel axis"
-        overhead = overhead_bits(weight, setting.bits, axis)
+        overhead = min(overhead_bits(weight, setting.bits, axis), scale_bits(weight, axis))
         if overhead > context.max_codebook_overhead:
             return [None], (
-                f"per-tensor: per-channel codebooks would add {overhead:.2f} bits per weight "
+                f"per-tensor: per-channel codebooks or scales would add {overhead:.2f} bits per weight "
                 f"(> --max-codebook-overhead {context.max_codebook_overhead:g})"
             )
         if setting.granularity is Granularity.PER_CHANNEL:
             return [axis], None
         if weight.elements >= ESTIMATE_MIN_ELEMENTS:  # skip the full per-channel k-means where it cannot pay
-            gain = _sampled_gain(weight, setting.bits, axis)
-            if gain is not None and gain < 0.5 * DB_PER_BIT * overhead:
+            gains = _sampled_gains(weight, setting.bits, axis)
+            costs = overhead_bits(weight, setting.bits, axis), scale_bits(weight, axis)
+            if all(g is not None and g < 0.5 * DB_PER_BIT * c for g, c in zip(gains, costs)):
                 return [None], (
-                    f"per-tensor: per-channel codebooks would gain about {gain:.1f} dB (on "
-                    f"{ESTIMATE_CHANNELS} sampled channels) for {overhead:.2f} more bits per weight"
+                    f"per-tensor: per-channel codebooks or scales would gain about {max(gains):.1f} dB (on "  # type: ignore[type-var]
+                    f"{ESTIMATE_CHANNELS} sampled channels) for {min(costs):.2f} or more bits per weight"
                 )
         return [None, axis], None
 
@@ -80,8 +82,18 @@ class KMeans:
         importance: np.ndarray | None,
         context: Context,
     ) -> EncodedWeight:
+        """Along an axis, the better per stored bit of one codebook per channel and one scaled per channel."""
+        storage = storage_for(setting.bits, context.opset)
+        if axis is not None and overhead_bits(weight, setting.bits, axis) > context.max_codebook_overhead:
+            palette = _palette(array, setting.bits, axis, importance, context.memo, scaled=True)
+            return EncodedWeight(weight, palette, axis, setting.bits, storage)  # only scales fit the budget
         palette = _palette(array, setting.bits, axis, importance, context.memo)
-        return EncodedWeight(weight, palette, axis, setting.bits, storage_for(setting.bits, context.opset))
+        if axis is None:
+            return EncodedWeight(weight, palette, axis, setting.bits, storage)
+        scaled = _palette(array, setting.bits, axis, importance, context.memo, scaled=True)
+        rows = to_rows(array, axis)
+        scores = [_score(rows, p, weight, setting.bits, axis) for p in (palette, scaled)]
+        return EncodedWeight(weight, scaled if scores[1] > scores[0] else palette, axis, setting.bits, storage)
 
     def choose(
         self,
@@ -98,10 +110,11 @@ class KMeans:
         assert axis is not None
         array = weight.array()
         gains = [snr_db(to_rows(array, a), reconstruct(tried[a].palette)) for a in (None, axis)]
-        overhead = overhead_bits(weight, setting.bits, axis)
+        overhead = _overhead(tried[axis].palette, weight, setting.bits, axis)
         if gains[1] is None or (gains[0] is not None and gains[1] - gains[0] > DB_PER_BIT * overhead):
             return axis, None
-        return None, f"per-tensor: per-channel codebooks gained {_gain(gains)} for {overhead:.2f} more bits per weight"
+        form = "scaled codebooks" if tried[axis].palette.scale is not None else "codebooks"
+        return None, f"per-tensor: per-channel {form} gained {_gain(gains)} for {overhead:.2f} more bits per weight"
 
     def storage(self, item: EncodedWeight) -> str:  # type: ignore[override]
         return item.storage.value
@@ -120,28 +133,34 @@ class KMeans:
         note: str | None,
     ) -> WeightReport:
         palette = item.palette
-        return weight_report(
+        stored = self.data_bytes(
+            palette.indices.size, palette.codebook.shape[0], palette.codebook.dtype.itemsize, item.bits, item.storage
+        )
+        report = weight_report(
             weight,
             array,
             item,
-            groups=palette.codebook.shape[0],
-            stored_bytes=self.data_bytes(
-                palette.indices.size,
-                palette.codebook.shape[0],
-                palette.codebook.dtype.itemsize,
-                item.bits,
-                item.storage,
-            ),
+            groups=palette.indices.shape[0],
+            stored_bytes=stored + (4 * palette.scale.size if palette.scale is not None else 0),
             snr_db=snr_db(to_rows(array, item.axis), reconstruct(palette)),
             note=note,
         )
+        return dataclasses.replace(report, granularity=SCALED) if palette.scale is not None else report
 
     def histogram(self, name: str, array: np.ndarray, item: EncodedWeight) -> Histogram:  # type: ignore[override]
-        return Histogram.of(name, array, item.palette.codebook, rows=item.palette.codebook.shape[0])
+        levels = item.palette.levels()
+        return Histogram.of(name, array, levels, rows=levels.shape[0])
 
     def levels(self, item: EncodedWeight) -> np.ndarray:
-        """Per channel (one row per tensor): its codebook, ascending."""
-        return item.palette.codebook.astype(np.float64)
+        """Per channel (one row per tensor): the values it can take, ascending."""
+        palette = item.palette
+        if palette.scale is None:
+            return palette.codebook.astype(np.float64)
+        return palette.scale[:, None].astype(np.float64) * palette.codebook.astype(np.float64)
+
+    def refittable(self, item: EncodedWeight) -> bool:
+        """Free codebooks can move (`with_levels`); scaled ones are tied to their scales."""
+        return item.palette.scale is None
 
     def with_levels(self, item: EncodedWeight, levels: np.ndarray) -> EncodedWeight:
         """The item with other codebooks (sorted rows, as `levels` gives them); its indices follow in `on_values`."""
@@ -149,10 +168,16 @@ class KMeans:
         return dataclasses.replace(item, palette=Palette(codebook, item.palette.indices))
 
     def on_values(self, item: EncodedWeight, array: np.ndarray) -> EncodedWeight:
-        """The item holding `array`, whose values are entries of its codebooks."""
-        codebook = item.palette.codebook
-        indices = nearest(to_rows(array.astype(codebook.dtype), item.axis), codebook)
-        return dataclasses.replace(item, palette=Palette(codebook, indices))
+        """The item holding `array`, whose values lie on its levels."""
+        palette = item.palette
+        rows = to_rows(array, item.axis).astype(np.float64)
+        if palette.scale is not None:
+            rows = rows / np.where(palette.scale > 0, palette.scale, 1)[:, None]
+            codebook = np.broadcast_to(palette.codebook, (rows.shape[0], palette.codebook.shape[1]))
+        else:
+            codebook = palette.codebook
+        indices = nearest(rows.astype(palette.codebook.dtype), codebook)
+        return dataclasses.replace(item, palette=Palette(palette.codebook, indices, palette.scale))
 
     def stand_in(self, weight: Weight, bits: int, axis: int | None, opset: int) -> EncodedWeight:
         channels = weight.shape[axis] if axis is not None else 1
@@ -173,37 +198,64 @@ def overhead_bits(weight: Weight, bits: int, axis: int) -> float:
     return (weight.shape[axis] - 1) * (1 << bits) * itemsize * 8 / weight.elements
 
 
+def _score(rows: np.ndarray, palette: Palette, weight: Weight, bits: int, axis: int) -> float:
+    """SNR less what its side data (codebooks, scales) costs, at DB_PER_BIT per bit per weight."""
+    snr = snr_db(rows, reconstruct(palette))
+    return np.inf if snr is None else snr - DB_PER_BIT * _overhead(palette, weight, bits, axis)
+
+
+def _overhead(palette: Palette, weight: Weight, bits: int, axis: int) -> float:
+    """Bits per weight that a per-channel palette adds over one codebook: C − 1 codebooks, or C scales."""
+    return scale_bits(weight, axis) if palette.scale is not None else overhead_bits(weight, bits, axis)
+
+
+def scale_bits(weight: Weight, axis: int) -> float:
+    """Bits per weight that a scale per channel (float32) adds."""
+    return 32 * weight.shape[axis] / weight.elements
+
+
 def _palette(
     array: np.ndarray,
     bits: int,
     axis: int | None,
     importance: np.ndarray | None,
     memo: dict[tuple[object, ...], object] | None,
+    scaled: bool = False,
 ) -> Palette:
-    """palettize_tensor, looked up in `memo` by the values' digest first (palettes are deterministic)."""
-    if memo is None:
+    """palettize_tensor (or `scaled`: palettize_scaled), looked up in `memo` by the values' digest first
+    (palettes are deterministic)."""
+
+    def make() -> Palette:
+        if scaled:
+            assert axis is not None
+            return palettize_scaled(array, bits, axis, importance)
         return palettize_tensor(array, bits, axis, importance)
+
+    if memo is None:
+        return make()
     digest = hashlib.sha256(np.ascontiguousarray(array).data)
     digest.update(f"{array.dtype.str}{array.shape}".encode())
     if importance is not None:
         digest.update(np.ascontiguousarray(importance, np.float64).data)
         digest.update(f"{np.shape(importance)}".encode())
-    key = "kmeans", digest.digest(), bits, axis
+    key = "kmeans", digest.digest(), bits, axis, scaled
     if key not in memo:
-        memo[key] = palettize_tensor(array, bits, axis, importance)
+        memo[key] = make()
     palette = memo[key]
     assert isinstance(palette, Palette)
     return palette
 
 
-def _sampled_gain(weight: Weight, bits: int, axis: int) -> float | None:
-    """Per-channel codebooks' SNR gain over one shared codebook, on a seeded sample of channels (None: exact)."""
+def _sampled_gains(weight: Weight, bits: int, axis: int) -> tuple[float | None, float | None]:
+    """SNR gains over one shared codebook of per-channel codebooks and of scaled ones, on a seeded sample
+    of channels (None: exact)."""
     rows = to_rows(weight.array(), axis)
     picked = np.random.default_rng(0).choice(rows.shape[0], min(ESTIMATE_CHANNELS, rows.shape[0]), replace=False)
     sample = rows[np.sort(picked)]
-    shared = reconstruct(palettize(sample.reshape(1, -1), bits=bits)).reshape(sample.shape)
-    snrs = snr_db(sample, shared), snr_db(sample, reconstruct(palettize(sample, bits=bits)))
-    return None if None in snrs else snrs[1] - snrs[0]  # type: ignore[operator]
+    shared = snr_db(sample, reconstruct(palettize(sample.reshape(1, -1), bits=bits)).reshape(sample.shape))
+    forms = palettize(sample, bits=bits), palettize_scaled(sample, bits, 0)
+    snrs = [snr_db(sample, reconstruct(form)) for form in forms]
+    return tuple(None if shared is None or snr is None else snr - shared for snr in snrs)  # type: ignore[return-value]
 
 
 def _gain(snrs: list[float | None]) -> str:

@@ -72,6 +72,8 @@ class Refiner:
     in_sample_reference: list[np.ndarray] = dataclasses.field(default_factory=list)
     in_sample_snr_db: dict[str, float | None] = dataclasses.field(default_factory=dict)  # the check there, per variant
     held_out: bool = False  # `checks` are batches the statistics did not come from
+    all_moments: dict[str, Moments] = dataclasses.field(default_factory=dict)  # from every batch
+    held_hessians: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # H of the held-out batches
     compensated: set[str] = dataclasses.field(default_factory=set)  # weights whose data-aware result is GPTQ's
 
     @staticmethod
@@ -107,6 +109,8 @@ class Refiner:
             in_sample=stats.in_sample,
             in_sample_reference=stats.in_sample_reference,
             held_out=stats.held_out,
+            all_moments=stats.all_moments,
+            held_hessians=stats.held_hessians,
         )
         refiner.bind(model, weights)
         return refiner
@@ -140,7 +144,7 @@ class Refiner:
         levels = levels_of(item)
         rows = levels.reshape(second.shape[0], -1, levels.shape[-1]) if levels.shape[0] > 1 else levels[None]
         with_levels = getattr(method, "with_levels", None)  # free levels (codebooks) are refitted too
-        if with_levels is not None:
+        if with_levels is not None and getattr(method, "refittable", lambda _: True)(item):
             fitted, rounded = gptq.palette(hessian.matrix(layer, array), second, rows)
             item = with_levels(item, fitted.reshape(levels.shape))
         else:
@@ -224,6 +228,26 @@ class Refiner:
         elif refined is not None:
             tried.append(LayerOption(True, None))
         return tried
+
+    def learn_from_all(self) -> None:
+        """After the decisions: the statistics of every batch, the held-out ones too, for the final results."""
+        self.moments = self.all_moments
+        for name, held in self.held_hessians.items():
+            self.hessians[name] += held
+        self.held_hessians = {}
+
+    def final_shifts(
+        self, decisions: dict[str, Decision], results: dict[str, Deferred], original: Callable[[str], np.ndarray]
+    ) -> dict[str, Decision]:
+        """The decisions' bias shifts again, for these final dequantized results and the current moments."""
+        return {
+            name: dataclasses.replace(
+                d, shift=bias_shift(self.layers[name], self.moments[name], original(name), array_of(results[name]))
+            )
+            if d.shift is not None
+            else d
+            for name, d in decisions.items()
+        }
 
     def summary(self, decisions: dict[str, Decision]) -> dict[str, object]:
         """For the report's details: the data, and the whole-model check on it."""

@@ -11,16 +11,25 @@ from qconvert.quant.layout import to_rows
 
 MAX_ITERATIONS = 300
 NEAREST_CHUNK = 1 << 18  # values per search in `nearest`
+WEIGHT_FLOOR = 1e-6  # scaled palettes: the smallest weight of a value's error, relative to the largest
 COMPARE_MAX = 31  # `nearest` compares with up to this many midpoints (5 bits), else searches
 Side = Literal["left", "right"]
 
 
 @dataclass(frozen=True)
 class Palette:
-    """A palettized tensor: `codebook[c, indices]` rebuilds row c of the weight (rows = channels)."""
+    """A palettized tensor: `codebook[c, indices]` rebuilds row c of the weight (rows = channels); with
+    `scale`, one shared codebook of normalised values, row c times scale[c]."""
 
-    codebook: np.ndarray  # [C, K], the weight's dtype, each row sorted ascending
+    codebook: np.ndarray  # [C, K] (with scale: [1, K]), the weight's dtype, each row sorted ascending
     indices: np.ndarray  # [C, n] uint8, < K
+    scale: np.ndarray | None = None  # [C] float32 >= 0: per-channel scales over one codebook
+
+    def levels(self) -> np.ndarray:
+        """[C, K]: the values each row can take."""
+        if self.scale is None:
+            return self.codebook
+        return self.scale[:, None].astype(self.codebook.dtype) * self.codebook
 
 
 def palettize(
@@ -63,6 +72,22 @@ def palettize(
     del x, w
     codebook = np.sort(centroids, axis=1).astype(rows.dtype)  # rounded to what will be stored
     return Palette(codebook=codebook, indices=nearest(rows, codebook))
+
+
+def palettize_scaled(array: np.ndarray, bits: int, axis: int, importance: np.ndarray | None = None) -> Palette:
+    """One codebook for the rows along `axis` divided by their scales (each row's largest magnitude), so
+    that 4 bytes per channel buy the channels' own ranges (per-channel codebooks cost 2**bits values each).
+    A row's squared error counts its scale squared, and `importance` as in `palettize_tensor`."""
+    rows = to_rows(array, axis)
+    scale = np.max(np.abs(rows), axis=1).astype(np.float32)  # 0 for a row of zeros, which stays exact
+    divisor = np.where(scale > 0, scale, 1)
+    weights = np.broadcast_to(divisor[:, None].astype(np.float64) ** 2, rows.shape)
+    if importance is not None:
+        weights = weights * to_rows(np.broadcast_to(importance, array.shape), axis)
+    weights = np.maximum(weights / weights.max(), WEIGHT_FLOOR)  # a dead channel still counts a little
+    normalised = (rows / divisor[:, None]).astype(rows.dtype)
+    shared = palettize(normalised.reshape(1, -1), bits=bits, weights=weights.reshape(1, -1))
+    return Palette(shared.codebook, shared.indices.reshape(rows.shape), scale)
 
 
 def palettize_tensor(array: np.ndarray, bits: int, axis: int | None, importance: np.ndarray | None = None) -> Palette:
@@ -145,6 +170,10 @@ def nearest(rows: np.ndarray, codebook: np.ndarray) -> np.ndarray:
 
 def reconstruct(palette: Palette) -> np.ndarray:
     """The [C, n] tensor the palette stands for (the inverse of `palettize`)."""
+    if palette.scale is not None:
+        return palette.codebook[0][palette.indices.astype(np.intp)] * palette.scale[:, None].astype(
+            palette.codebook.dtype
+        )
     return np.take_along_axis(palette.codebook, palette.indices.astype(np.intp), axis=1)
 
 
