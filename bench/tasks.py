@@ -420,7 +420,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default=",".join(t.name for t in tasks()))
     parser.add_argument("--json", type=Path, default=ROOT / "build" / "bench" / "tasks.json")
+    parser.add_argument("--summary", type=Path, help="only print the summary tables of this JSON")
     args = parser.parse_args()
+    if args.summary:
+        print(summary(json.loads(args.summary.read_text())))
+        return
     chosen = [t for t in tasks() if t.name in args.tasks.split(",")]
     results: dict[str, list[dict[str, object]]] = {}
     print("| model | mode | task metric | output SNR dB | size % | latency vs float, 1 / 2 threads | convert s |")
@@ -437,7 +441,53 @@ def main() -> None:
                 print(f"| {task.name} | {row['mode']} | {_line(row, size)} |")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2))
+    print(summary(results))
     print(f"\nJSON: {args.json}")
+
+
+SHORT = {
+    "linear int4 weights-only": "int4 w",
+    "linear int8 weights-only": "int8 w",
+    "full QDQ int8": "QDQ int8",
+    "full QDQ int8, auto ranges": "QDQ auto ranges",
+    "ORT quantize_static": "ORT static",
+    "ORT quantize_dynamic": "ORT dynamic",
+}
+
+
+def summary(results: dict[str, list[dict[str, object]]]) -> str:
+    """The README's three tables: the first task metric, size and latency per model (rows) and mode."""
+    modes = ["float", *MODES]
+    head = "| model | " + " | ".join(SHORT.get(m, m).replace("kmeans", "km") for m in modes) + " |"
+    rule = "|---|" + "---:|" * len(modes)
+
+    def table(title: str, cell: Callable[[dict[str, object], int], str]) -> str:
+        lines = [f"\n\n{title}\n", head, rule]
+        for name, rows in results.items():
+            by_mode = {r["mode"]: r for r in rows}
+            size = int(by_mode["float"]["bytes"])  # type: ignore[call-overload]
+            cells = [
+                "-" if m not in by_mode else "fails" if "error" in by_mode[m] else cell(by_mode[m], size) for m in modes
+            ]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def metric(row: dict[str, object], size: int) -> str:
+        return f"{next(v for k, v in row.items() if k.endswith(' %')):.0f}"
+
+    def stored(row: dict[str, object], size: int) -> str:
+        return f"{100 * int(row['bytes']) / size:.0f}"  # type: ignore[call-overload]
+
+    def latency(row: dict[str, object], size: int) -> str:
+        return " / ".join(_cell(row.get(f"latency_ratio_{t}t"), 2) for t in (1, 2))
+
+    return "".join(
+        [
+            table("Task metric, % (the first of each model's metrics):", metric),
+            table("File size, % of float:", stored),
+            table("Latency vs float, 1 thread / 2 threads:", latency),
+        ]
+    )
 
 
 if __name__ == "__main__":
