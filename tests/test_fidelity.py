@@ -428,7 +428,7 @@ def test_auto_granularity_goes_per_channel_only_where_it_pays(
     from conftest import conv_model, save
 
     if sampled:
-        monkeypatch.setattr(kmeans, "ESTIMATE_MIN_ELEMENTS", 0)
+        monkeypatch.setattr(kmeans, "FORM_SAMPLE_ELEMENTS", 0)
 
     alike = conv_model(cout=64, cin=64, seed=1)  # i.i.d. channels: per-channel codebooks buy little
     skewed = conv_model(cout=64, cin=64, seed=1)

@@ -11,6 +11,7 @@ from qconvert.quant.layout import to_rows
 
 MAX_ITERATIONS = 300
 NEAREST_CHUNK = 1 << 18  # values per search in `nearest`
+SCALED_FIT_VALUES = 1 << 17  # a scaled palette's codebook is fitted on at most this many values
 WEIGHT_FLOOR = 1e-6  # scaled palettes: the smallest weight of a value's error, relative to the largest
 COMPARE_MAX = 31  # `nearest` compares with up to this many midpoints (5 bits), else searches
 Side = Literal["left", "right"]
@@ -74,19 +75,29 @@ def palettize(
     return Palette(codebook=codebook, indices=nearest(rows, codebook))
 
 
-def palettize_scaled(array: np.ndarray, bits: int, axis: int, importance: np.ndarray | None = None) -> Palette:
+def palettize_scaled(
+    array: np.ndarray, bits: int, axis: int, importance: np.ndarray | None = None, max_points: int | None = None
+) -> Palette:
     """One codebook for the rows along `axis` divided by their scales (each row's largest magnitude), so
     that 4 bytes per channel buy the channels' own ranges (per-channel codebooks cost 2**bits values each).
     A row's squared error counts its scale squared, and `importance` as in `palettize_tensor`."""
     rows = to_rows(array, axis)
     scale = np.max(np.abs(rows), axis=1).astype(np.float32)  # 0 for a row of zeros, which stays exact
     divisor = np.where(scale > 0, scale, 1)
-    weights = np.broadcast_to(divisor[:, None].astype(np.float64) ** 2, rows.shape)
+    square = divisor.astype(np.float64) ** 2  # float64: a huge channel's square would overflow float32
+    weights = np.empty(rows.shape, np.float32)
+    weights[:] = (square / square.max())[:, None]
     if importance is not None:
-        weights = weights * to_rows(np.broadcast_to(importance, array.shape), axis)
-    weights = np.maximum(weights / weights.max(), WEIGHT_FLOOR)  # a dead channel still counts a little
-    normalised = (rows / divisor[:, None]).astype(rows.dtype)
-    shared = palettize(normalised.reshape(1, -1), bits=bits, weights=weights.reshape(1, -1))
+        weights *= to_rows(np.broadcast_to(importance, array.shape), axis)
+        weights /= weights.max()
+    np.maximum(weights, WEIGHT_FLOOR, out=weights)  # a dead channel still counts a little
+    normalised = (rows / divisor[:, None]).astype(rows.dtype).reshape(1, -1)
+    flat = weights.reshape(1, -1)
+    if normalised.size > SCALED_FIT_VALUES:  # the codebook from a seeded sample; every value then takes its nearest
+        picked = np.sort(np.random.default_rng(0).choice(normalised.size, SCALED_FIT_VALUES, replace=False))
+        codebook = palettize(normalised[:, picked], bits=bits, weights=flat[:, picked], max_points=max_points).codebook
+        return Palette(codebook, nearest(normalised, codebook).reshape(rows.shape), scale)
+    shared = palettize(normalised, bits=bits, weights=flat, max_points=max_points)
     return Palette(shared.codebook, shared.indices.reshape(rows.shape), scale)
 
 
