@@ -302,8 +302,12 @@ def _quantize(
     decisions = refiner.decide(job.model, results, lambda name: by_name[name].array())  # type: ignore[arg-type]
     job.details["calibration"] = refiner.summary(decisions)
     if refiner.held_out:  # decided on samples the statistics did not see; the results use them all
-        refiner.learn_from_all()
-        again = [(w, refined[w.name].axis) for w in weights if (d := decisions.get(w.name)) and d.refined]
+        refiner.learn_from_all()  # GPTQ's results need every sample; energy-weighted clipping barely moves
+        again = [
+            (w, refined[w.name].axis)
+            for w in weights
+            if (d := decisions.get(w.name)) and d.refined and w.name in refiner.compensated
+        ]
         for (weight, _), better in zip(
             again, in_order(data_aware, again, job.workers, sum(w.elements for w, _ in again))
         ):

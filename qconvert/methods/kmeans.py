@@ -30,7 +30,7 @@ DB_PER_BIT = 6.02  # SNR that one more index bit buys: what per-channel codebook
 # per-channel form pays there; per channel computes only the form that pays more (on ResNet-50 computing
 # every form of every weight took 65 % more time and 120 MB more memory)
 FORM_SAMPLE_ELEMENTS = 1 << 18
-ESTIMATE_POINTS = 64  # the estimates cluster at most this many runs of values (exact k-means takes thousands)
+ESTIMATE_POINTS = 4  # the estimates cluster at most this many runs of values per centroid (exact k-means: thousands)
 ESTIMATE_CHANNELS = 32
 SCALED = "per-channel-scaled"  # the report's granularity of one codebook scaled per channel
 
@@ -99,10 +99,8 @@ class KMeans:
             scaled = True  # only scales fit the budget
         elif weight.elements >= FORM_SAMPLE_ELEMENTS:
             sample = _sample(weight, axis)
-            tried = [
-                palettize(sample, bits=setting.bits, max_points=ESTIMATE_POINTS),
-                _scaled_estimate(sample, setting.bits),
-            ]
+            points = ESTIMATE_POINTS << setting.bits
+            tried = [palettize(sample, bits=setting.bits, max_points=points), _scaled_estimate(sample, setting.bits)]
             scaled = _score(sample, tried[1], weight, setting.bits, axis) > _score(
                 sample, tried[0], weight, setting.bits, axis
             )
@@ -266,7 +264,7 @@ def _palette(
 
 
 def _scaled_estimate(sample: np.ndarray, bits: int) -> Palette:
-    return palettize_scaled(sample, bits, 0, max_points=ESTIMATE_POINTS)
+    return palettize_scaled(sample, bits, 0, max_points=ESTIMATE_POINTS << bits)
 
 
 def _sample(weight: Weight, axis: int) -> np.ndarray:
@@ -280,9 +278,9 @@ def _sampled_gains(weight: Weight, bits: int, axis: int) -> tuple[float | None, 
     """SNR gains over one shared codebook of per-channel codebooks and of scaled ones, on a seeded sample
     of channels (None: exact)."""
     sample = _sample(weight, axis)
-    one = reconstruct(palettize(sample.reshape(1, -1), bits=bits, max_points=ESTIMATE_POINTS))
+    one = reconstruct(palettize(sample.reshape(1, -1), bits=bits, max_points=ESTIMATE_POINTS << bits))
     shared = snr_db(sample, one.reshape(sample.shape))
-    forms = palettize(sample, bits=bits, max_points=ESTIMATE_POINTS), _scaled_estimate(sample, bits)
+    forms = palettize(sample, bits=bits, max_points=ESTIMATE_POINTS << bits), _scaled_estimate(sample, bits)
     snrs = [snr_db(sample, reconstruct(form)) for form in forms]
     return tuple(None if shared is None or snr is None else snr - shared for snr in snrs)  # type: ignore[return-value]
 
