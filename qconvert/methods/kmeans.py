@@ -30,6 +30,9 @@ DB_PER_BIT = 6.02  # SNR that one more index bit buys: what per-channel codebook
 # per-channel form pays there; per channel computes only the form that pays more (on ResNet-50 computing
 # every form of every weight took 65 % more time and 120 MB more memory)
 FORM_SAMPLE_ELEMENTS = 1 << 18
+# Scaled palettes at 5 bits and more: 32+ levels per tensor leave per-channel ranges little to buy, and on the
+# PP-OCRv4 recognizer's kmeans 8 they lowered the output SNR from 33 to 26 dB while raising the weights' own.
+SCALED_MAX_BITS = 4
 ESTIMATE_POINTS = 4  # the estimates cluster at most this many runs of values per centroid (exact k-means: thousands)
 ESTIMATE_CHANNELS = 32
 SCALED = "per-channel-scaled"  # the report's granularity of one codebook scaled per channel
@@ -52,17 +55,18 @@ class KMeans:
         axis = weight.channel_axis
         if axis is None:
             return [None], "per-tensor: its consumers disagree on the channel axis"
-        overhead = min(overhead_bits(weight, setting.bits, axis), scale_bits(weight, axis))
+        overhead = min(overhead_bits(weight, setting.bits, axis), scale_bits(weight, axis, setting.bits))
         if overhead > context.max_codebook_overhead:
             return [None], (
-                f"per-tensor: per-channel codebooks or scales would add {overhead:.2f} bits per weight "
+                f"per-tensor: per-channel {'codebooks or scales' if setting.bits <= SCALED_MAX_BITS else 'codebooks'} "
+                f"would add {overhead:.2f} bits per weight "
                 f"(> --max-codebook-overhead {context.max_codebook_overhead:g})"
             )
         if setting.granularity is Granularity.PER_CHANNEL:
             return [axis], None
         if weight.elements >= FORM_SAMPLE_ELEMENTS:  # skip the full per-channel k-means where it cannot pay
             gains = _sampled_gains(weight, setting.bits, axis)
-            costs = overhead_bits(weight, setting.bits, axis), scale_bits(weight, axis)
+            costs = overhead_bits(weight, setting.bits, axis), scale_bits(weight, axis, setting.bits)
             if all(g is not None and g < DB_PER_BIT * c for g, c in zip(gains, costs)):
                 return [None], (
                     f"per-tensor: on {ESTIMATE_CHANNELS} sampled channels, per-channel codebooks would gain about "
@@ -91,9 +95,9 @@ class KMeans:
         (measured on all channels, or past FORM_SAMPLE_ELEMENTS on a sample of them, computing only the
         winner)."""
         storage = storage_for(setting.bits, context.opset)
-        if axis is None:
+        if axis is None or setting.bits > SCALED_MAX_BITS:
             return EncodedWeight(
-                weight, _palette(array, setting.bits, None, importance, context.memo), None, setting.bits, storage
+                weight, _palette(array, setting.bits, axis, importance, context.memo), axis, setting.bits, storage
             )
         if overhead_bits(weight, setting.bits, axis) > context.max_codebook_overhead:
             scaled = True  # only scales fit the budget
@@ -226,9 +230,9 @@ def _overhead(palette: Palette, weight: Weight, bits: int, axis: int) -> float:
     return scale_bits(weight, axis) if palette.scale is not None else overhead_bits(weight, bits, axis)
 
 
-def scale_bits(weight: Weight, axis: int) -> float:
-    """Bits per weight that a scale per channel (float32) adds."""
-    return 32 * weight.shape[axis] / weight.elements
+def scale_bits(weight: Weight, axis: int, bits: int = 1) -> float:
+    """Bits per weight that a scale per channel (float32) adds (inf past SCALED_MAX_BITS: not offered)."""
+    return 32 * weight.shape[axis] / weight.elements if bits <= SCALED_MAX_BITS else np.inf
 
 
 def _palette(
