@@ -66,6 +66,8 @@ class Trial:
             rule = max(self.rules, key=lambda r: _rank(tried[r]))  # the first of the best
             details |= {"held_out_samples": self.held.samples, "held_out_snr_db": tried}
         ranges = calibrate.ranges_by(self.parts, rule)
+        if self.keep_float == 0:
+            return rule, ranges, [], details
         ranked = sorted(
             (t for t in ranges if t not in protected),
             key=lambda t: _rank(calibrate.quantization_snr(self.parts[t], *ranges[t], signed)),

@@ -128,14 +128,18 @@ def mse_range(values: np.ndarray, bins: int = 2048) -> tuple[float, float]:
 def quantization_snr(parts: list[Part], lo: float, hi: float, signed: bool = False) -> float | None:
     """SNR (dB) of a tensor's sampled values quantized on the 8-bit grid of [lo, hi] (None: exact)."""
     values = np.concatenate([p.sample for p in parts]).reshape(1, -1).astype(np.float64)
-    grid = grid_for(np.zeros((1, 1)), bits=8, symmetric=signed, lo=np.array([lo]), hi=np.array([hi]))
-    return snr_db(values, dequantize(quantize(values, grid), grid))
+    return snr_db(values, _on_grid(values, lo, hi, signed))
 
 
 def _error(values: np.ndarray, lo: float, hi: float) -> float:
-    grid = grid_for(np.zeros((1, 1)), bits=8, symmetric=False, lo=np.array([lo]), hi=np.array([hi]))
     rows = values.reshape(1, -1)
-    return float(np.mean((dequantize(quantize(rows, grid), grid) - rows) ** 2))
+    return float(np.mean((_on_grid(rows, lo, hi) - rows) ** 2))
+
+
+def _on_grid(row: np.ndarray, lo: float, hi: float, signed: bool = False) -> np.ndarray:
+    """A row of values ([1, n]) quantized and dequantized on the 8-bit activation grid of [lo, hi]."""
+    grid = grid_for(np.zeros((1, 1)), bits=8, symmetric=signed, lo=np.array([lo]), hi=np.array([hi]))
+    return dequantize(quantize(row, grid), grid)
 
 
 def _percentile(parts: list[Part], percentile: float) -> tuple[float, float]:

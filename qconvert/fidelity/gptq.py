@@ -153,5 +153,4 @@ class _Rounding:
         if self.uniform:
             count = np.rint((values - self.low) / np.where(self.step > 0, self.step, 1.0))
             return self.low + np.clip(count, 0, self.top) * self.step
-        index = np.sum(values[..., None] > self.mids, axis=-1)
-        return np.take_along_axis(self.levels, index[..., None], -1)[..., 0]
+        return np.take_along_axis(self.levels, self.index(values)[..., None], -1)[..., 0]

@@ -199,10 +199,11 @@ def input_moments(
     held_out = split.learned != split.held
     learned, held = _Sums(hessians), _Sums({n: np.zeros_like(h) for n, h in hessians.items()} if held_out else {})
     outputs: dict[int, list[np.ndarray]] = {}
+    checked = set(split.held + split.in_sample)  # the batches whose model outputs the checks compare with
     for index, values in zip(
         itertools.cycle(range(len(feeds.batches))), Sections(model, feeds, "model for calibration").passes(readers)
     ):
-        if model_outputs and model_outputs[0] in values and index in split.held + split.in_sample:
+        if model_outputs and model_outputs[0] in values and index in checked:
             outputs[index] = [values[o] for o in model_outputs]  # the last section: the model's outputs too
         ranges.add(values)
         (learned if index in split.learned else held).add(values, second, keys)

@@ -174,10 +174,7 @@ class KMeans:
 
     def levels(self, item: EncodedWeight) -> np.ndarray:
         """Per channel (one row per tensor): the values it can take, ascending."""
-        palette = item.palette
-        if palette.scale is None:
-            return palette.codebook.astype(np.float64)
-        return palette.scale[:, None].astype(np.float64) * palette.codebook.astype(np.float64)
+        return item.palette.levels(np.float64)
 
     def refittable(self, item: EncodedWeight) -> bool:
         """Free codebooks can move (`with_levels`); scaled ones are tied to their scales."""

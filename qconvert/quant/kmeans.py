@@ -26,11 +26,10 @@ class Palette:
     indices: np.ndarray  # [C, n] uint8, < K
     scale: np.ndarray | None = None  # [C] float32 >= 0: per-channel scales over one codebook
 
-    def levels(self) -> np.ndarray:
-        """[C, K]: the values each row can take."""
-        if self.scale is None:
-            return self.codebook
-        return self.scale[:, None].astype(self.codebook.dtype) * self.codebook
+    def levels(self, dtype: type | None = None) -> np.ndarray:
+        """[C, K]: the values each row can take (computed in `dtype`, default the codebook's)."""
+        codebook = self.codebook.astype(dtype or self.codebook.dtype)
+        return codebook if self.scale is None else self.scale[:, None].astype(codebook.dtype) * codebook
 
 
 def palettize(
