@@ -131,7 +131,7 @@ def ranges(
     method = plan.calibration_method
     tried = method is CalibrationMethod.AUTO or plan.float_activations != 0
     if refiner and data == plan.calibration and method is CalibrationMethod.MINMAX and not tried:
-        return _warned(Ranges(refiner.ranges, refiner.samples, "minmax"), warnings)
+        return _warned(Ranges(refiner.stats.ranges, refiner.samples, "minmax"), warnings)
     feeds = calibration_feeds(model, plan.calibration, plan.preprocessing)
     progress("calibrating activation ranges")
     tensors = calibrated(model, {w.name for w in weights}, plan.activation_type == "int8")

@@ -301,7 +301,7 @@ def _quantize(
     }
     decisions = refiner.decide(job.model, results, lambda name: by_name[name].array())  # type: ignore[arg-type]
     job.details["calibration"] = refiner.summary(decisions)
-    if refiner.held_out:  # decided on samples the statistics did not see; the results use them all
+    if refiner.stats.held_out:  # decided on samples the statistics did not see; the results use them all
         refiner.learn_from_all()  # GPTQ's results need every sample; energy-weighted clipping barely moves
         again = [
             (w, refined[w.name].axis)
@@ -314,7 +314,7 @@ def _quantize(
             if better is not None:
                 refined[weight.name] = better
     items = {name: refined[name] if (d := decisions.get(name)) and d.refined else item for name, item in plain.items()}
-    if refiner.held_out:
+    if refiner.stats.held_out:
         decisions = refiner.final_shifts(
             decisions, {n: items[n].dequantized for n in decisions}, lambda n: by_name[n].array()
         )

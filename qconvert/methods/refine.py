@@ -15,7 +15,7 @@ import onnx
 from qconvert.fidelity import checks, gptq, hessian, statistics
 from qconvert.fidelity.bias import apply_bias_shifts, bias_shift
 from qconvert.fidelity.checks import Candidate, Deferred, array_of
-from qconvert.fidelity.statistics import Layer, Moments
+from qconvert.fidelity.statistics import Layer, Statistics
 from qconvert.fold import FoldFilter
 from qconvert.methods.base import Quantized
 from qconvert.methods.common import Progress, fold_pays
@@ -54,26 +54,17 @@ class Refiner:
     """Input statistics of the layers whose weights are being quantized, gathered once, and the layers
     of the model being edited (`bind` again after the model is replaced or rebuilt)."""
 
+    stats: Statistics  # from the calibration data (moments, H, the checks' held-out batches and outputs)
     source: str  # the calibration data: where it is from, and how many samples
     samples: int
-    checks: Feeds  # its batches held out from the statistics, which the checks run on
-    moments: dict[str, Moments]
-    reference: list[np.ndarray]  # the float model's outputs on `checks`
     data_aware: bool
     bias_correction: bool
     matmul_bias: bool = True  # a MatMul's bias shift goes in a new Add node
-    ranges: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)  # min/max of the tensors asked for
     layers: dict[str, Layer] = dataclasses.field(default_factory=dict)
-    # the whole-model check, per variant
+    # the whole-model check, per variant, on the held-out batches and (for the report) in-sample
     model_snr_db: dict[str, float | None] = dataclasses.field(default_factory=dict)
+    in_sample_snr_db: dict[str, float | None] = dataclasses.field(default_factory=dict)
     chosen: str = "plain"  # the variant that won it
-    hessians: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # per layer: Σ x xᵀ (GPTQ)
-    in_sample: Feeds | None = None  # as many batches the statistics came from (None: none were held out)
-    in_sample_reference: list[np.ndarray] = dataclasses.field(default_factory=list)
-    in_sample_snr_db: dict[str, float | None] = dataclasses.field(default_factory=dict)  # the check there, per variant
-    held_out: bool = False  # `checks` are batches the statistics did not come from
-    all_moments: dict[str, Moments] = dataclasses.field(default_factory=dict)  # from every batch
-    held_hessians: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # H of the held-out batches
     compensated: set[str] = dataclasses.field(default_factory=set)  # weights whose data-aware result is GPTQ's
 
     @staticmethod
@@ -95,30 +86,14 @@ class Refiner:
             if layers
             else statistics.Statistics({}, [], {}, feeds)
         )
-        refiner = Refiner(
-            feeds.source,
-            feeds.samples,
-            stats.checks,
-            stats.moments,
-            stats.reference,
-            data_aware,
-            bias_correction,
-            matmul_bias,
-            ranges=stats.ranges,
-            hessians=stats.hessians,
-            in_sample=stats.in_sample,
-            in_sample_reference=stats.in_sample_reference,
-            held_out=stats.held_out,
-            all_moments=stats.all_moments,
-            held_hessians=stats.held_hessians,
-        )
+        refiner = Refiner(stats, feeds.source, feeds.samples, data_aware, bias_correction, matmul_bias)
         refiner.bind(model, weights)
         return refiner
 
     def bind(self, model: onnx.ModelProto, weights: list[Weight]) -> None:
         """Find the layers in `model` (the input of a layer is the same tensor before and after BN
         folding or an opset change, so its statistics still hold)."""
-        layers = statistics.find_layers(model, [w for w in weights if w.name in self.moments])
+        layers = statistics.find_layers(model, [w for w in weights if w.name in self.stats.moments])
         if not self.matmul_bias:
             layers = {
                 n: dataclasses.replace(x, bias_editable=False) if x.op_type == "MatMul" else x
@@ -130,12 +105,12 @@ class Refiner:
         """The error weights for a data-aware quantization of this weight (None: quantize it plainly)."""
         if not self.data_aware or weight.name not in self.layers:
             return None
-        return statistics.importance(self.layers[weight.name], self.moments[weight.name], weight.shape)
+        return statistics.importance(self.layers[weight.name], self.stats.moments[weight.name], weight.shape)
 
     def compensated_result(self, method: object, weight: Weight, item: Quantized, array: np.ndarray) -> Quantized:
         """`item` with its values rounded by GPTQ (`fidelity.gptq`) on the same levels, where the layer has
         its input second moments and the method can say its levels along the layer's output rows."""
-        second, layer = self.hessians.get(weight.name), self.layers.get(weight.name)
+        second, layer = self.stats.hessians.get(weight.name), self.layers.get(weight.name)
         levels_of, on_values = getattr(method, "levels", None), getattr(method, "on_values", None)
         if second is None or layer is None or levels_of is None or on_values is None:
             return item
@@ -174,7 +149,7 @@ class Refiner:
             for name in names
             for refined, shift in options[name]
         ]
-        snrs = iter(checks.layer_snr(model, candidates, self.checks))
+        snrs = iter(checks.layer_snr(model, candidates, self.stats.checks))
         measured = {name: [next(snrs) for _ in options[name]] for name in names}
         best_per_layer = {name: _best(measured[name]) for name in names}
         # Layer errors need not add up: whole-model variants decide, plain first (it wins ties).
@@ -201,11 +176,11 @@ class Refiner:
                     {name: (self.layers[name], shift) for name, (_, shift) in picked.items() if shift is not None},
                 )
             )
-        model_snrs = checks.model_snr(model, arrays, self.checks, self.reference)
+        model_snrs = checks.model_snr(model, arrays, self.stats.checks, self.stats.reference)
         self.model_snr_db = dict(zip(unique, model_snrs))
-        if self.in_sample is not None:  # for the report: how the same choice looks on samples it learned from
+        if self.stats.in_sample is not None:  # for the report: how the same choice looks on samples it learned from
             self.in_sample_snr_db = dict(
-                zip(unique, checks.model_snr(model, arrays, self.in_sample, self.in_sample_reference))
+                zip(unique, checks.model_snr(model, arrays, self.stats.in_sample, self.stats.in_sample_reference))
             )
         self.chosen = list(unique)[_best(model_snrs)]
         return {
@@ -220,7 +195,7 @@ class Refiner:
         with its bias corrected if that is on."""
         tried: list[LayerOption] = [LayerOption(False, None)]
         if self.bias_correction:
-            layer, moments, floats = self.layers[name], self.moments[name], original(name)
+            layer, moments, floats = self.layers[name], self.stats.moments[name], original(name)
             if (plain_shift := bias_shift(layer, moments, floats, array_of(plain))) is not None:
                 tried.append(LayerOption(False, plain_shift))
             if refined is not None:
@@ -231,10 +206,9 @@ class Refiner:
 
     def learn_from_all(self) -> None:
         """After the decisions: the statistics of every batch, the held-out ones too, for the final results."""
-        self.moments = self.all_moments
-        for name, held in self.held_hessians.items():
-            self.hessians[name] += held
-        self.held_hessians = {}
+        for name, held in self.stats.held_hessians.items():
+            self.stats.hessians[name] += held
+        self.stats = dataclasses.replace(self.stats, moments=self.stats.all_moments, held_hessians={})
 
     def final_shifts(
         self, decisions: dict[str, Decision], results: dict[str, Deferred], original: Callable[[str], np.ndarray]
@@ -242,7 +216,8 @@ class Refiner:
         """The decisions' bias shifts again, for these final dequantized results and the current moments."""
         return {
             name: dataclasses.replace(
-                d, shift=bias_shift(self.layers[name], self.moments[name], original(name), array_of(results[name]))
+                d,
+                shift=bias_shift(self.layers[name], self.stats.moments[name], original(name), array_of(results[name])),
             )
             if d.shift is not None
             else d
@@ -254,8 +229,8 @@ class Refiner:
         return {
             "source": self.source,
             "samples": self.samples,
-            "checked_on_samples": self.checks.samples,
-            "held_out": self.held_out,
+            "checked_on_samples": self.stats.checks.samples,
+            "held_out": self.stats.held_out,
             "layers_checked": len(decisions),
             "layers_refined": sum(bool(d.techniques) for d in decisions.values()),
             "chosen": self.chosen,
@@ -296,7 +271,7 @@ def refiner_for(
         extremes=extremes,
         compensate=compensate,
     )
-    return refiner if refiner.moments else None
+    return refiner if refiner.stats.moments else None
 
 
 # weight, its error weights -> the axis it is quantized along, and what quantizing an array gives back
