@@ -66,7 +66,7 @@ def kmeans(
 ) -> Conversion:
     """Palettize the model's weights: 2**bits k-means centroids per tensor or channel plus low-bit indices.
 
-    `options`: any other field of `KMeansPlan` (min_elements, exclude, max_codebook_overhead, raise_opset,
+    `options`: any other field of `KMeansPlan` (min_elements, exclude, max_codebook_overhead, group_size, raise_opset,
     fold_batchnorm, data_aware, bias_correction, overrides ...), of `ValidationPlan` (input_shapes, samples,
     seed, allow_unrunnable) or a gate (min_snr, max_abs_error, min_top1, max_accuracy_drop).
 

@@ -151,6 +151,13 @@ def _give_back_big_buffers() -> None:
     "the codebooks' bits on one more index bit, i.e. gains over 6 dB per added bit per weight].",
 )
 @options.CODEBOOK_OVERHEAD
+@click.option(
+    "--group-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="One codebook per N output channels (sorted by range, so that each codebook serves channels alike) "
+    "[default: per weight, the per-channel form that pays best per stored bit, groups of 16 among them].",
+)
 @options.selection(DEFAULT_MIN_ELEMENTS)
 @click.option(
     "--keep-opset", is_flag=True, help="Never raise the opset: store 4/2-bit indices bit-packed instead of uint4/uint2."
@@ -188,6 +195,7 @@ def kmeans(models: tuple[Path, ...], **o: Any) -> None:
         granularity=options.granularity(o["per_channel"], Granularity.AUTO),
         raise_opset=not o["keep_opset"],
         max_codebook_overhead=o["max_codebook_overhead"],
+        group_size=o["group_size"],
         overrides=layer_overrides(),
         **options.plan_fields(o),
     )

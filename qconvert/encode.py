@@ -150,11 +150,8 @@ def _decode(edit: GraphEdit, *, item: EncodedWeight, opset: int) -> None:
         stored = edit.constant(base, "indices", indices.astype(NATIVE_DTYPE[storage]))
         index = edit.node(base, "Cast", [stored], "indices_i32", to=onnx.TensorProto.INT32)
     if channels > 1:
-        offsets_shape = [1] * len(shape)
-        offsets_shape[axis if axis is not None else 0] = channels
-        offsets = (np.arange(channels, dtype=offset_dtype) * k).reshape(offsets_shape)
         index = edit.node(
-            base, "Add", [index, edit.constant(base, "channel_offsets", offsets, share=True)], "indices_global"
+            base, "Add", [index, _offsets(edit, base, palette, shape, axis, offset_dtype)], "indices_global"
         )
     codebook = edit.constant(base, "codebook", palette.codebook.reshape(-1))
     if palette.scale is None:
@@ -165,3 +162,31 @@ def _decode(edit: GraphEdit, *, item: EncodedWeight, opset: int) -> None:
     scale_shape[axis if axis is not None else 0] = palette.scale.size
     scale = edit.constant(base, "scale", palette.scale.astype(palette.codebook.dtype).reshape(scale_shape))
     edit.node(base, "Mul", [normalised, scale], "decode", output=base)
+
+
+def _offsets(
+    edit: GraphEdit, base: str, palette: Palette, shape: tuple[int, ...], axis: int | None, dtype: type[np.integer]
+) -> str:
+    """Where each channel's codebook starts in the flat codebook tensor, shaped to broadcast along `axis`.
+    A grouped palette's are its own, stored as uint16 where they fit and widened by a Cast."""
+    offsets_shape = [1] * len(shape)
+    offsets_shape[axis if axis is not None else 0] = palette.indices.shape[0]
+    k = palette.codebook.shape[1]
+    if palette.owner is None:
+        offsets = (np.arange(palette.codebook.shape[0], dtype=dtype) * k).reshape(offsets_shape)
+        return edit.constant(base, "channel_offsets", offsets, share=True)
+    starts = (palette.owner * k).reshape(offsets_shape)
+    narrow = edit.constant(base, "group_offsets", starts.astype(_offset_storage(palette)))
+    return edit.node(
+        base, "Cast", [narrow], "group_offsets_wide", to=onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    )
+
+
+def _offset_storage(palette: Palette) -> type[np.integer]:
+    assert palette.owner is not None
+    return np.uint16 if int(palette.owner.max()) * palette.codebook.shape[1] <= np.iinfo(np.uint16).max else np.int32
+
+
+def offset_bytes(palette: Palette) -> int:
+    """Bytes that a grouped palette's per-channel offsets take in the file (other palettes: none of their own)."""
+    return 0 if palette.owner is None else palette.owner.size * np.dtype(_offset_storage(palette)).itemsize

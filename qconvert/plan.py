@@ -77,6 +77,7 @@ class KMeansPlan:
     raise_opset: bool = True  # allow raising the opset for uint4/uint2 index storage
     # per-channel codebooks may add at most this many bits per weight; past it a weight stays per-tensor
     max_codebook_overhead: float = 1.0
+    group_size: int | None = None  # one codebook per this many channels (of like range), wherever a weight has them
     overrides: tuple[LayerOverride, ...] = ()
     calibration: Path | None = None  # inputs (.npz or images) for the data-aware techniques [default: --data]
     preprocessing: Preprocessing = field(default_factory=Preprocessing)  # for a folder of images
@@ -95,6 +96,10 @@ class KMeansPlan:
             raise UsageError(f"--max-codebook-overhead must be >= 0, got {self.max_codebook_overhead}")
         if self.min_elements < 1:
             raise UsageError(f"--min-elements must be at least 1, got {self.min_elements}")
+        if self.group_size is not None and self.group_size < 1:
+            raise UsageError(f"--group-size must be at least 1, got {self.group_size}")
+        if self.group_size is not None and self.granularity is Granularity.PER_TENSOR:
+            raise UsageError("--group-size and --per-tensor contradict each other: groups are of channels")
 
     @property
     def method(self) -> str:

@@ -18,7 +18,8 @@ from qconvert.select import Skipped
 from qconvert.validate import ValidationResult
 from qconvert.version import __version__
 
-SCHEMA_VERSION = 4  # 3: validation.metric (the task metric); 4: held-out calibration checks (in-sample beside)
+SCHEMA_VERSION = 5  # 3: validation.metric (the task metric); 4: held-out calibration checks (in-sample beside);
+# 5: options.group_size, granularity "grouped"
 
 
 @dataclass(frozen=True)

@@ -154,3 +154,28 @@ def test_linear_int4_compensates_where_inputs_correlate(tmp_path: Path):
     result = CliRunner().invoke(cli, [*args, "--exclude", "mix", "-o", str(tmp_path / "int8.onnx")])
     report = json.loads(result.output)  # int8: rounding error is small, GPTQ is not worth its cost
     assert all("error-compensated" not in w["techniques"] for w in report["per_weight"])
+
+
+def test_refitted_codebooks_serve_the_rows_that_share_them():
+    """A refit over rows that share codebooks (`owner`) solves each codebook over its own rows alone: rows
+    0 and 2 share one, 1 and 3 another, the same as refitting each pair by itself as one shared codebook;
+    and the refit lowers the output error of the rounding it refits."""
+    rng = np.random.default_rng(7)
+    x = correlated(rng, 1000, 24)
+    h = (x.T @ x)[None]
+    w = rng.standard_normal((1, 4, 24))
+    levels = np.sort(rng.standard_normal((2, 8)), axis=1)
+    owner = np.array([0, 1, 0, 1])
+    per_row = levels[owner][None]
+    rounded = gptq.compensate(w, h, per_row)
+    fitted = gptq.refit(w, h, per_row, rounded, owner)
+    for codebook, rows in ((0, [0, 2]), (1, [1, 3])):
+        alone = gptq.refit(w[:, rows], h, levels[codebook][None, None], rounded[:, rows])
+        np.testing.assert_allclose(fitted[0, rows], np.broadcast_to(alone[0, 0], (2, 8)), rtol=1e-9, atol=1e-12)
+    index = np.abs(rounded[..., None] - per_row[:, :, None, :]).argmin(-1)[..., None]  # each weight's entry
+
+    def error(levels_used: np.ndarray) -> float:
+        values = np.take_along_axis(np.broadcast_to(levels_used[:, :, None, :], (*w.shape, 8)), index, -1)[..., 0]
+        return float(np.sum(((w - values)[0] @ x.T) ** 2))
+
+    assert error(fitted) < error(per_row)

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
 import ml_dtypes
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
 
-from qconvert.quant.kmeans import nearest, palettize, reconstruct
+from qconvert.cli import cli
+from qconvert.quant.kmeans import nearest, palettize, palettize_grouped, palettize_scaled, reconstruct
 from qconvert.quant.layout import from_rows, snr_db, to_rows
 
 
@@ -192,16 +199,6 @@ def test_scaled_palettes_where_channels_differ_in_range(tmp_path) -> None:
     """Channels whose ranges differ a thousandfold: one codebook per tensor crushes the small ones, 64
     codebooks cost 16 floats each; one codebook scaled per channel (4 bytes each) wins per stored bit.
     The file decodes to exactly what the report measured, and zero channels stay exact."""
-    import json
-
-    import onnx
-    import onnxruntime as ort
-    from click.testing import CliRunner
-    from onnx import TensorProto, helper, numpy_helper
-
-    from qconvert.cli import cli
-    from qconvert.quant.kmeans import palettize_scaled
-
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((64, 128)) * np.geomspace(1e-3, 1, 64)[:, None]).astype(np.float32)
     w[5] = 0
@@ -226,3 +223,37 @@ def test_scaled_palettes_where_channels_differ_in_range(tmp_path) -> None:
     assert report["granularity"] == "per-channel-scaled" and report["groups"] == 64
     decoded = ort.InferenceSession(str(tmp_path / "q.onnx")).run(None, {"x": np.eye(128, dtype=np.float32)})[0].T
     assert abs(snr_db(w, decoded) - report["snr_db"]) < 0.01  # the weights the file computes with
+
+
+def test_grouped_palettes_share_codebooks_among_channels_of_like_range(tmp_path) -> None:
+    """Four families of 16 channels, interleaved, each drawing from 16 values of its own (ranges far apart):
+    groups of channels sorted by range put each family together, so a codebook per group is exact where one
+    per tensor is not, and costs a fraction of a codebook per channel. Auto picks it (groups of 16: one codebook
+    per family); forced --group-size 8 gives two per family; the file decodes to the weight exactly either way
+    (uint4 indices, or bit-packed ones at the model's opset 13)."""
+    rng = np.random.default_rng(1)
+    values = [np.sort(rng.standard_normal(16)) * 10.0**f for f in range(4)]
+    w = np.stack([rng.choice(values[c % 4], 128) for c in range(64)]).astype(np.float32)
+    palette = palettize_grouped(w, 4, 0, 16)
+    assert palette.codebook.shape == (4, 16) and palette.owner is not None
+    assert all(len(set(palette.owner[c::4])) == 1 for c in range(4))  # one codebook per family
+    np.testing.assert_array_equal(reconstruct(palette), w)
+    assert snr_db(w, reconstruct(palettize(w.reshape(1, -1), bits=4)).reshape(w.shape)) < 40
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 128])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "m.onnx")
+    for flags, groups in (([], 4), (["--group-size", "8"], 8), (["--group-size", "8", "--keep-opset"], 8)):
+        args = ["kmeans", str(tmp_path / "m.onnx"), "--bits", "4", *flags, "-o", str(tmp_path / f"q{len(flags)}.onnx")]
+        result = CliRunner().invoke(cli, [*args, "--json", "--no-validate"])
+        assert result.exit_code == 0, result.output
+        (report,) = json.loads(result.stdout)["per_weight"]
+        assert report["granularity"] == "grouped" and report["groups"] == groups and report["snr_db"] is None
+        # indices, codebooks and a uint16 offset per channel
+        assert report["stored_bytes"] == 64 * 128 // 2 + groups * 16 * 4 + 64 * 2
+        session = ort.InferenceSession(str(tmp_path / f"q{len(flags)}.onnx"))
+        np.testing.assert_array_equal(session.run(None, {"x": np.eye(128, dtype=np.float32)})[0].T, w)

@@ -68,48 +68,56 @@ def compensate(weights: np.ndarray, hessian: np.ndarray | Factor, levels: np.nda
     return result
 
 
-def palette(weights: np.ndarray, hessian: np.ndarray, levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Compensated rounding to a free codebook (`levels` [1, 1, L] shared, or [G, R, L] per row), the codebook
-    refitted to the assignments it gave (`refit`), then compensated rounding again: (levels, values)."""
+def palette(
+    weights: np.ndarray, hessian: np.ndarray, levels: np.ndarray, owner: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Compensated rounding to a free codebook (`levels` [1, 1, L] shared, or [G, R, L] per row, rows sharing
+    a codebook where `owner` says so), the codebook refitted to the assignments it gave (`refit`), then
+    compensated rounding again: (levels, values)."""
     factored = factor(hessian)
     rounded = compensate(weights, factored, levels)
     groups, rows, columns = weights.shape
     if groups * rows * columns**2 * levels.shape[-1] > REFIT_FLOPS:
         return levels, rounded
-    fitted = np.sort(refit(weights, hessian, levels, rounded), axis=-1)
+    fitted = np.sort(refit(weights, hessian, levels, rounded, owner), axis=-1)
     return fitted, compensate(weights, factored, fitted)
 
 
-def refit(weights: np.ndarray, hessian: np.ndarray, levels: np.ndarray, rounded: np.ndarray) -> np.ndarray:
+def refit(
+    weights: np.ndarray, hessian: np.ndarray, levels: np.ndarray, rounded: np.ndarray, owner: np.ndarray | None = None
+) -> np.ndarray:
     """The codebook values that minimise the layer's output error Σ (w − ŵ)ᵀ H (w − ŵ) with every weight
-    keeping its entry: least squares over the entries, M c = b with M = Σ Sᵀ H S and b = Σ Sᵀ H w for each
-    row's one-hot assignment S [C, L]; an entry nothing uses keeps its value."""
+    keeping its entry: least squares over the entries, M c = b with M = Σ Sᵀ H S and b = Σ Sᵀ H w over the
+    rows of each codebook (S [C, L]: a row's one-hot assignment); an entry nothing uses keeps its value.
+    Codebooks: one if `levels` is [1, 1, L], else one per row, or per `owner` value ([G·R]) of the rows."""
     groups, rows, columns = weights.shape
     count = levels.shape[-1]
-    shared = levels.shape[0] == 1 and levels.shape[1] == 1
-    index = _Rounding(np.broadcast_to(levels, (groups, rows, count))).index(rounded)  # [G, R, C]
-    system = np.zeros((1 if shared else groups * rows, count, count))
-    target = np.zeros((1 if shared else groups * rows, count))
+    per_row = np.broadcast_to(levels, (groups, rows, count))
+    shared = levels.shape[0] == levels.shape[1] == 1
+    if shared:
+        owner = np.zeros(groups * rows, np.intp)
+    elif owner is None:
+        owner = np.arange(groups * rows)
+    codebooks = int(owner.max()) + 1
+    index = _Rounding(per_row).index(rounded)  # [G, R, C]
+    system = np.zeros((codebooks, count, count))
+    target = np.zeros((codebooks, count))
+    old = np.zeros((codebooks, count))
+    old[owner] = per_row.reshape(-1, count)
     step = max(1, REFIT_CHUNK // (columns * count))
     for g in range(groups):
         for start in range(0, rows, step):
             part = slice(start, start + step)
             one_hot = (index[g, part].T[:, :, None] == np.arange(count)).astype(np.float64)  # [C, r, L]
             spread = (hessian[g] @ one_hot.reshape(columns, -1)).reshape(one_hot.shape)  # H S, all rows at once
-            m = np.einsum("crk,crl->rkl", one_hot, spread)  # Sᵀ H S
-            b = np.einsum("crl,rc->rl", spread, weights[g, part])  # Sᵀ H w (H symmetric)
-            if shared:
-                system[0] += m.sum(axis=0)
-                target[0] += b.sum(axis=0)
-            else:
-                at = g * rows + start
-                system[at : at + len(m)], target[at : at + len(m)] = m, b
-    old = np.broadcast_to(levels, (groups, rows, count)).reshape(-1, count)[: len(system)]
+            at = owner[g * rows + start : g * rows + start + one_hot.shape[1]]
+            np.add.at(system, at, np.einsum("crk,crl->rkl", one_hot, spread))  # Sᵀ H S
+            np.add.at(target, at, np.einsum("crl,rc->rl", spread, weights[g, part]))  # Sᵀ H w (H symmetric)
     ridge = 1e-9 * np.maximum(np.trace(system, axis1=1, axis2=2), 1e-30)[:, None] + (
         np.diagonal(system, axis1=1, axis2=2) == 0
     )
     solved = np.linalg.solve(system + ridge[:, :, None] * np.eye(count), (target + ridge * old)[..., None])[..., 0]
-    return solved.reshape(levels.shape if shared else (groups, rows, count))
+    return solved.reshape(levels.shape) if shared else solved[owner].reshape(groups, rows, count)
 
 
 def _inverse_cholesky(h: np.ndarray) -> np.ndarray:

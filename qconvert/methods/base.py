@@ -54,6 +54,7 @@ class Context:
 
     opset: int  # the model's opset once prepared: the storage it allows
     max_codebook_overhead: float = 1.0
+    group_size: int | None = None  # k-means: one codebook per this many channels, forced
     memo: dict[tuple[object, ...], object] | None = None
 
 

@@ -75,10 +75,14 @@ def quantize_model(
         raise UsageError(
             f"[[layer]] {unknown[0].match!r}: method must be one of {', '.join(METHODS)}, got {unknown[0].method!r}"
         )
-    overhead = plan.max_codebook_overhead if isinstance(plan, KMeansPlan) else 1.0
-    job = _Job(
-        model, plan, progress, workers, Context(opset=default_opset(model), max_codebook_overhead=overhead, memo=memo)
+    kmeans = plan if isinstance(plan, KMeansPlan) else None
+    context = Context(
+        opset=default_opset(model),
+        max_codebook_overhead=kmeans.max_codebook_overhead if kmeans else 1.0,
+        group_size=kmeans.group_size if kmeans else None,
+        memo=memo,
     )
+    job = _Job(model, plan, progress, workers, context)
     full_qdq = plan if isinstance(plan, LinearPlan) and plan.activations else None  # activations quantized too
     job.select()
     # Folding BatchNorm where it costs no accuracy needs the statistics; integer kernels need every one folded,

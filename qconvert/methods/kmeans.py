@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -16,17 +17,26 @@ from qconvert.encode import (
     fallback_storage,
     index_bytes,
     min_opset,
+    offset_bytes,
     preferred_storage,
 )
 from qconvert.methods.base import Context, Need, weight_report
 from qconvert.plan import Granularity, LayerSetting
-from qconvert.quant.kmeans import Palette, nearest, palettize, palettize_scaled, palettize_tensor, reconstruct
+from qconvert.quant.kmeans import (
+    Palette,
+    nearest,
+    palettize,
+    palettize_grouped,
+    palettize_scaled,
+    palettize_tensor,
+    reconstruct,
+)
 from qconvert.quant.layout import snr_db, to_rows
 from qconvert.report import Histogram, WeightReport
 from qconvert.select import Weight
 
 DB_PER_BIT = 6.02  # SNR that one more index bit buys: what per-channel codebooks must beat per bit they cost
-# Larger weights judge per channel on a sample of channels: granularity auto stays per tensor where neither
+# Larger weights judge per channel on a sample of channels: granularity auto stays per tensor where no
 # per-channel form pays there; per channel computes only the form that pays more (on ResNet-50 computing
 # every form of every weight took 65 % more time and 120 MB more memory)
 FORM_SAMPLE_ELEMENTS = 1 << 18
@@ -35,7 +45,12 @@ FORM_SAMPLE_ELEMENTS = 1 << 18
 SCALED_MAX_BITS = 4
 ESTIMATE_POINTS = 4  # the estimates cluster at most this many runs of values per centroid (exact k-means: thousands)
 ESTIMATE_CHANNELS = 32
-SCALED = "per-channel-scaled"  # the report's granularity of one codebook scaled per channel
+# Grouped palettes: channels per codebook tried by default. On the PP-OCR and orientation models' weights past
+# 4K elements, the best score per stored bit came from groups of 8 to 64 channels about as often each; one size
+# keeps ResNet-50-shaped kmeans 4 at 1.1x onnxruntime's quantize_static time (two sizes: 1.4x).
+GROUP_SIZES = (16,)
+# the report's granularity of one codebook scaled per channel, and of one codebook per group of channels
+GRANULARITY = {"scaled": "per-channel-scaled", "grouped": "grouped"}
 
 
 class KMeans:
@@ -48,30 +63,35 @@ class KMeans:
         return None
 
     def axes(self, weight: Weight, setting: LayerSetting, context: Context) -> tuple[list[int | None], str | None]:
-        """Per-channel is tried where its codebooks add at most --max-codebook-overhead bits per weight; auto
-        tries both (unless a sample of channels shows it cannot pay) and `choose` picks."""
+        """Along the channel axis where some form of it (`_forms`) fits --max-codebook-overhead; auto tries
+        per tensor too (unless a sample of channels shows no form can pay) and `choose` picks."""
         if setting.granularity is Granularity.PER_TENSOR:
             return [None], None
         axis = weight.channel_axis
         if axis is None:
             return [None], "per-tensor: its consumers disagree on the channel axis"
-        overhead = min(overhead_bits(weight, setting.bits, axis), scale_bits(weight, axis, setting.bits))
-        if overhead > context.max_codebook_overhead:
+        forms = _forms(weight, setting.bits, axis, context)
+        if not forms:
+            cheapest = min(f.overhead(weight, setting.bits, axis) for f in _forms(weight, setting.bits, axis))
             return [None], (
-                f"per-tensor: per-channel {'codebooks or scales' if setting.bits <= SCALED_MAX_BITS else 'codebooks'} "
-                f"would add {overhead:.2f} bits per weight "
+                f"per-tensor: per-channel palettes would add at least {cheapest:.2f} bits per weight "
                 f"(> --max-codebook-overhead {context.max_codebook_overhead:g})"
             )
-        if setting.granularity is Granularity.PER_CHANNEL:
+        if setting.granularity is Granularity.PER_CHANNEL or context.group_size is not None:
             return [axis], None
         if weight.elements >= FORM_SAMPLE_ELEMENTS:  # skip the full per-channel k-means where it cannot pay
-            gains = _sampled_gains(weight, setting.bits, axis)
-            costs = overhead_bits(weight, setting.bits, axis), scale_bits(weight, axis, setting.bits)
-            if all(g is not None and g < DB_PER_BIT * c for g, c in zip(gains, costs)):
+            sample = _sample(weight, axis)
+            shared = snr_db(sample, reconstruct(_estimate(sample, setting.bits, None)).reshape(sample.shape))
+            scores = {
+                f: _score(sample, _estimate(sample, setting.bits, f, weight.shape[axis]), weight, setting.bits, axis)
+                for f in forms
+            }
+            if shared is not None and all(score < shared for score in scores.values()):
+                best = max(scores, key=scores.__getitem__)
                 return [None], (
-                    f"per-tensor: on {ESTIMATE_CHANNELS} sampled channels, per-channel codebooks would gain about "
-                    f"{gains[0]:.1f} dB for {costs[0]:.2f} more bits per weight, scales {gains[1]:.1f} dB for "
-                    f"{costs[1]:.2f}"
+                    f"per-tensor: on {ESTIMATE_CHANNELS} sampled channels, the best per-channel form ({best.label}) "
+                    f"would gain {scores[best] - shared + DB_PER_BIT * best.overhead(weight, setting.bits, axis):.1f}"
+                    f" dB for {best.overhead(weight, setting.bits, axis):.2f} more bits per weight"
                 )
         return [None, axis], None
 
@@ -91,29 +111,25 @@ class KMeans:
         importance: np.ndarray | None,
         context: Context,
     ) -> EncodedWeight:
-        """Along an axis, the better per stored bit of one codebook per channel and one scaled per channel
-        (measured on all channels, or past FORM_SAMPLE_ELEMENTS on a sample of them, computing only the
-        winner)."""
+        """Along an axis, the best per stored bit of the forms that fit (`_forms`): all computed and measured,
+        or past FORM_SAMPLE_ELEMENTS estimated on a sample of channels and only the winner computed."""
+        forms = [] if axis is None else _forms(weight, setting.bits, axis, context)
         storage = storage_for(setting.bits, context.opset)
-        if axis is None or setting.bits > SCALED_MAX_BITS:
-            return EncodedWeight(
-                weight, _palette(array, setting.bits, axis, importance, context.memo), axis, setting.bits, storage
-            )
-        if overhead_bits(weight, setting.bits, axis) > context.max_codebook_overhead:
-            scaled = True  # only scales fit the budget
-        elif weight.elements >= FORM_SAMPLE_ELEMENTS:
-            sample = _sample(weight, axis)
-            points = ESTIMATE_POINTS << setting.bits
-            tried = [palettize(sample, bits=setting.bits, max_points=points), _scaled_estimate(sample, setting.bits)]
-            scaled = _score(sample, tried[1], weight, setting.bits, axis) > _score(
-                sample, tried[0], weight, setting.bits, axis
-            )
-        else:
-            forms = [_palette(array, setting.bits, axis, importance, context.memo, scaled=s) for s in (False, True)]
+        if len(forms) > 1 and weight.elements < FORM_SAMPLE_ELEMENTS:  # every form computed, the best kept
+            assert axis is not None
             rows = to_rows(array, axis)
-            scores = [_score(rows, p, weight, setting.bits, axis) for p in forms]
-            return EncodedWeight(weight, forms[int(scores[1] > scores[0])], axis, setting.bits, storage)
-        palette = _palette(array, setting.bits, axis, importance, context.memo, scaled=scaled)
+            tried = [_palette(array, setting.bits, axis, importance, context.memo, f) for f in forms]
+            scores = [_score(rows, p, weight, setting.bits, axis) for p in tried]
+            return EncodedWeight(weight, tried[int(np.argmax(scores))], axis, setting.bits, storage)
+        if len(forms) > 1:  # estimated on a sample of channels, only the winner computed
+            assert axis is not None
+            rows = _sample(weight, axis)
+            estimates = [
+                _score(rows, _estimate(rows, setting.bits, f, weight.shape[axis]), weight, setting.bits, axis)
+                for f in forms
+            ]
+            forms = [forms[int(np.argmax(estimates))]]
+        palette = _palette(array, setting.bits, axis, importance, context.memo, forms[0] if forms else None)
         return EncodedWeight(weight, palette, axis, setting.bits, storage)
 
     def choose(
@@ -131,10 +147,10 @@ class KMeans:
         assert axis is not None
         array = weight.array()
         gains = [snr_db(to_rows(array, a), reconstruct(tried[a].palette)) for a in (None, axis)]
-        overhead = _overhead(tried[axis].palette, weight, setting.bits, axis)
+        overhead = _Form.of(tried[axis].palette).overhead(weight, setting.bits, axis)
         if gains[1] is None or (gains[0] is not None and gains[1] - gains[0] > DB_PER_BIT * overhead):
             return axis, None
-        form = "scaled codebooks" if tried[axis].palette.scale is not None else "codebooks"
+        form = _Form.of(tried[axis].palette).label
         return None, f"per-tensor: per-channel {form} gained {_gain(gains)} for {overhead:.2f} more bits per weight"
 
     def storage(self, item: EncodedWeight) -> str:  # type: ignore[override]
@@ -161,12 +177,13 @@ class KMeans:
             weight,
             array,
             item,
-            groups=palette.indices.shape[0],
-            stored_bytes=stored + (4 * palette.scale.size if palette.scale is not None else 0),
+            groups=palette.codebook.shape[0] if palette.owner is not None else palette.indices.shape[0],
+            stored_bytes=stored + (4 * palette.scale.size if palette.scale is not None else 0) + offset_bytes(palette),
             snr_db=snr_db(to_rows(array, item.axis), reconstruct(palette)),
             note=note,
         )
-        return dataclasses.replace(report, granularity=SCALED) if palette.scale is not None else report
+        form = _Form.of(palette).kind
+        return dataclasses.replace(report, granularity=GRANULARITY[form]) if form in GRANULARITY else report
 
     def histogram(self, name: str, array: np.ndarray, item: EncodedWeight) -> Histogram:  # type: ignore[override]
         levels = item.palette.levels()
@@ -180,10 +197,19 @@ class KMeans:
         """Free codebooks can move (`with_levels`); scaled ones are tied to their scales."""
         return item.palette.scale is None
 
+    def owners(self, item: EncodedWeight) -> np.ndarray | None:
+        """Each channel's codebook, where codebooks serve groups of channels (None: each its own, or one)."""
+        return item.palette.owner
+
     def with_levels(self, item: EncodedWeight, levels: np.ndarray) -> EncodedWeight:
-        """The item with other codebooks (sorted rows, as `levels` gives them); its indices follow in `on_values`."""
-        codebook = levels.astype(item.palette.codebook.dtype)
-        return dataclasses.replace(item, palette=Palette(codebook, item.palette.indices))
+        """The item with other codebooks (per row, sorted, as `levels` gives them); its indices follow in
+        `on_values`."""
+        palette = item.palette
+        if palette.owner is not None:  # rows of one group share their levels: keep one row per codebook
+            levels = levels[np.unique(palette.owner, return_index=True)[1]]
+        return dataclasses.replace(
+            item, palette=Palette(levels.astype(palette.codebook.dtype), palette.indices, owner=palette.owner)
+        )
 
     def on_values(self, item: EncodedWeight, array: np.ndarray) -> EncodedWeight:
         """The item holding `array`, whose values lie on its levels."""
@@ -193,9 +219,9 @@ class KMeans:
             rows = rows / np.where(palette.scale > 0, palette.scale, 1)[:, None]
             codebook = np.broadcast_to(palette.codebook, (rows.shape[0], palette.codebook.shape[1]))
         else:
-            codebook = palette.codebook
+            codebook = palette.levels()
         indices = nearest(rows.astype(palette.codebook.dtype), codebook)
-        return dataclasses.replace(item, palette=Palette(palette.codebook, indices, palette.scale))
+        return dataclasses.replace(item, palette=dataclasses.replace(palette, indices=indices))
 
     def stand_in(self, weight: Weight, bits: int, axis: int | None, opset: int) -> EncodedWeight:
         channels = weight.shape[axis] if axis is not None else 1
@@ -216,20 +242,63 @@ def overhead_bits(weight: Weight, bits: int, axis: int) -> float:
     return (weight.shape[axis] - 1) * (1 << bits) * itemsize * 8 / weight.elements
 
 
+@dataclass(frozen=True)
+class _Form:
+    """A palette along the channel axis: a free codebook per channel, one codebook scaled per channel, or a
+    codebook per `size` channels of like range (grouped)."""
+
+    kind: str  # "codebooks", "scaled" or "grouped"
+    size: int = 1  # grouped: channels per codebook
+
+    @staticmethod
+    def of(palette: Palette) -> _Form:
+        if palette.owner is not None:
+            return _Form("grouped", -(-palette.owner.size // palette.codebook.shape[0]))
+        return _Form("scaled" if palette.scale is not None else "codebooks")
+
+    @property
+    def label(self) -> str:
+        return f"codebooks per {self.size} channels" if self.kind == "grouped" else f"{self.kind}"
+
+    def overhead(self, weight: Weight, bits: int, axis: int) -> float:
+        """Bits per weight that it adds over one codebook: C − 1 codebooks, C scales, or B − 1 codebooks and
+        a 16-bit offset per channel."""
+        channels = weight.shape[axis]
+        if self.kind == "scaled":
+            return 32 * channels / weight.elements
+        if self.kind == "codebooks":
+            return overhead_bits(weight, bits, axis)
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(weight.tensor.data_type).itemsize
+        codebooks = -(-channels // self.size)
+        return ((codebooks - 1) * (1 << bits) * itemsize * 8 + 16 * channels) / weight.elements
+
+    def fit(
+        self, array: np.ndarray, bits: int, axis: int, importance: np.ndarray | None, max_points: int | None = None
+    ) -> Palette:
+        if self.kind == "scaled":
+            return palettize_scaled(array, bits, axis, importance, max_points)
+        if self.kind == "grouped":
+            return palettize_grouped(array, bits, axis, self.size, importance, max_points)
+        weights = None if importance is None else to_rows(np.broadcast_to(importance, array.shape), axis)
+        return palettize(to_rows(array, axis), bits=bits, weights=weights, max_points=max_points)
+
+
+def _forms(weight: Weight, bits: int, axis: int, context: Context | None = None) -> list[_Form]:
+    """The forms along `axis` to weigh: --group-size's alone if given; else free codebooks, scales (at most
+    SCALED_MAX_BITS) and GROUP_SIZES; with a `context`, those within its --max-codebook-overhead."""
+    if context is not None and context.group_size is not None:
+        return [_Form("grouped", context.group_size)] if weight.shape[axis] > context.group_size else []
+    forms = [_Form("codebooks"), *([_Form("scaled")] if bits <= SCALED_MAX_BITS else [])]
+    forms += [_Form("grouped", size) for size in GROUP_SIZES if weight.shape[axis] > size]
+    if context is None:
+        return forms
+    return [f for f in forms if f.overhead(weight, bits, axis) <= context.max_codebook_overhead]
+
+
 def _score(rows: np.ndarray, palette: Palette, weight: Weight, bits: int, axis: int) -> float:
-    """SNR less what its side data (codebooks, scales) costs, at DB_PER_BIT per bit per weight."""
+    """SNR less what its side data (codebooks, scales, offsets) costs, at DB_PER_BIT per bit per weight."""
     snr = snr_db(rows, reconstruct(palette))
-    return np.inf if snr is None else snr - DB_PER_BIT * _overhead(palette, weight, bits, axis)
-
-
-def _overhead(palette: Palette, weight: Weight, bits: int, axis: int) -> float:
-    """Bits per weight that a per-channel palette adds over one codebook: C − 1 codebooks, or C scales."""
-    return scale_bits(weight, axis) if palette.scale is not None else overhead_bits(weight, bits, axis)
-
-
-def scale_bits(weight: Weight, axis: int, bits: int = 1) -> float:
-    """Bits per weight that a scale per channel (float32) adds (inf past SCALED_MAX_BITS: not offered)."""
-    return 32 * weight.shape[axis] / weight.elements if bits <= SCALED_MAX_BITS else np.inf
+    return np.inf if snr is None else snr - DB_PER_BIT * _Form.of(palette).overhead(weight, bits, axis)
 
 
 def _palette(
@@ -238,16 +307,15 @@ def _palette(
     axis: int | None,
     importance: np.ndarray | None,
     memo: dict[tuple[object, ...], object] | None,
-    scaled: bool = False,
+    form: _Form | None,
 ) -> Palette:
-    """palettize_tensor (or `scaled`: palettize_scaled), looked up in `memo` by the values' digest first
+    """One codebook (`axis` None) or `form`'s palette, looked up in `memo` by the values' digest first
     (palettes are deterministic)."""
 
     def make() -> Palette:
-        if scaled:
-            assert axis is not None
-            return palettize_scaled(array, bits, axis, importance)
-        return palettize_tensor(array, bits, axis, importance)
+        if axis is None or form is None:
+            return palettize_tensor(array, bits, axis, importance)
+        return form.fit(array, bits, axis, importance)
 
     if memo is None:
         return make()
@@ -256,7 +324,7 @@ def _palette(
     if importance is not None:
         digest.update(np.ascontiguousarray(importance, np.float64).data)
         digest.update(f"{np.shape(importance)}".encode())
-    key = "kmeans", digest.digest(), bits, axis, scaled
+    key = "kmeans", digest.digest(), bits, axis, form
     if key not in memo:
         memo[key] = make()
     palette = memo[key]
@@ -264,8 +332,16 @@ def _palette(
     return palette
 
 
-def _scaled_estimate(sample: np.ndarray, bits: int) -> Palette:
-    return palettize_scaled(sample, bits, 0, max_points=ESTIMATE_POINTS << bits)
+def _estimate(sample: np.ndarray, bits: int, form: _Form | None, channels: int | None = None) -> Palette:
+    """A quick palette of a sample of channels ([S, n] rows of a weight with `channels`): one codebook (form
+    None) or the form, grouped ones with as many codebooks as on all channels."""
+    points = ESTIMATE_POINTS << bits
+    if form is None:
+        one = palettize(sample.reshape(1, -1), bits=bits, max_points=points)
+        return Palette(one.codebook, one.indices.reshape(sample.shape))
+    if form.kind == "grouped" and channels is not None:
+        form = _Form("grouped", max(1, round(form.size * sample.shape[0] / channels)))
+    return form.fit(sample, bits, 0, None, max_points=points)
 
 
 def _sample(weight: Weight, axis: int) -> np.ndarray:
@@ -273,17 +349,6 @@ def _sample(weight: Weight, axis: int) -> np.ndarray:
     rows = to_rows(weight.array(), axis)
     picked = np.random.default_rng(0).choice(rows.shape[0], min(ESTIMATE_CHANNELS, rows.shape[0]), replace=False)
     return rows[np.sort(picked)]
-
-
-def _sampled_gains(weight: Weight, bits: int, axis: int) -> tuple[float | None, float | None]:
-    """SNR gains over one shared codebook of per-channel codebooks and of scaled ones, on a seeded sample
-    of channels (None: exact)."""
-    sample = _sample(weight, axis)
-    one = reconstruct(palettize(sample.reshape(1, -1), bits=bits, max_points=ESTIMATE_POINTS << bits))
-    shared = snr_db(sample, one.reshape(sample.shape))
-    forms = palettize(sample, bits=bits, max_points=ESTIMATE_POINTS << bits), _scaled_estimate(sample, bits)
-    snrs = [snr_db(sample, reconstruct(form)) for form in forms]
-    return tuple(None if shared is None or snr is None else snr - shared for snr in snrs)  # type: ignore[return-value]
 
 
 def _gain(snrs: list[float | None]) -> str:

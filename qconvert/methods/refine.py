@@ -120,7 +120,8 @@ class Refiner:
         rows = levels.reshape(second.shape[0], -1, levels.shape[-1]) if levels.shape[0] > 1 else levels[None]
         with_levels = getattr(method, "with_levels", None)  # free levels (codebooks) are refitted too
         if with_levels is not None and getattr(method, "refittable", lambda _: True)(item):
-            fitted, rounded = gptq.palette(hessian.matrix(layer, array), second, rows)
+            owners = getattr(method, "owners", lambda _: None)(item)  # codebooks shared by groups of rows
+            fitted, rounded = gptq.palette(hessian.matrix(layer, array), second, rows, owners)
             item = with_levels(item, fitted.reshape(levels.shape))
         else:
             rounded = gptq.compensate(hessian.matrix(layer, array), second, rows)

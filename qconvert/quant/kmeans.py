@@ -20,15 +20,19 @@ Side = Literal["left", "right"]
 @dataclass(frozen=True)
 class Palette:
     """A palettized tensor: `codebook[c, indices]` rebuilds row c of the weight (rows = channels); with
-    `scale`, one shared codebook of normalised values, row c times scale[c]."""
+    `scale`, one shared codebook of normalised values, row c times scale[c]; with `owner`, fewer codebooks
+    than rows, row c taking codebook[owner[c]]."""
 
-    codebook: np.ndarray  # [C, K] (with scale: [1, K]), the weight's dtype, each row sorted ascending
+    codebook: np.ndarray  # [C, K] (with scale: [1, K]; with owner: [B, K]), the weight's dtype, rows ascending
     indices: np.ndarray  # [C, n] uint8, < K
     scale: np.ndarray | None = None  # [C] float32 >= 0: per-channel scales over one codebook
+    owner: np.ndarray | None = None  # [C] intp < B: each row's codebook (grouped palettes)
 
     def levels(self, dtype: type | None = None) -> np.ndarray:
         """[C, K]: the values each row can take (computed in `dtype`, default the codebook's)."""
         codebook = self.codebook.astype(dtype or self.codebook.dtype)
+        if self.owner is not None:
+            return codebook[self.owner]
         return codebook if self.scale is None else self.scale[:, None].astype(codebook.dtype) * codebook
 
 
@@ -98,6 +102,37 @@ def palettize_scaled(
         return Palette(codebook, nearest(normalised, codebook).reshape(rows.shape), scale)
     shared = palettize(normalised, bits=bits, weights=flat, max_points=max_points)
     return Palette(shared.codebook, shared.indices.reshape(rows.shape), scale)
+
+
+def palettize_grouped(
+    array: np.ndarray,
+    bits: int,
+    axis: int,
+    size: int,
+    importance: np.ndarray | None = None,
+    max_points: int | None = None,
+) -> Palette:
+    """One codebook per `size` channels along `axis`: the channels sorted by their largest magnitude and cut
+    into ceil(C / size) groups of near-equal count, so that each codebook serves channels of like range."""
+    rows = to_rows(array, axis)
+    weights = None if importance is None else to_rows(np.broadcast_to(importance, array.shape), axis)
+    groups = -(-rows.shape[0] // size)
+    order = np.argsort(np.max(np.abs(rows), axis=1), kind="stable")
+    owner = np.empty(rows.shape[0], np.intp)
+    codebook = np.empty((groups, 1 << bits), rows.dtype)
+    members = np.array_split(order, groups)  # the longer groups first: at most two lengths
+    for length in sorted({m.size for m in members}, reverse=True):
+        picked = [g for g, m in enumerate(members) if m.size == length]
+        channels = np.concatenate([members[g] for g in picked])
+        fitted = palettize(
+            rows[channels].reshape(len(picked), -1),
+            bits=bits,
+            weights=None if weights is None else weights[channels].reshape(len(picked), -1),
+            max_points=max_points,
+        )
+        codebook[picked] = fitted.codebook
+        owner[channels] = np.repeat(picked, length)
+    return Palette(codebook, nearest(rows, codebook[owner]), owner=owner)
 
 
 def palettize_tensor(array: np.ndarray, bits: int, axis: int | None, importance: np.ndarray | None = None) -> Palette:
@@ -184,7 +219,7 @@ def reconstruct(palette: Palette) -> np.ndarray:
         return palette.codebook[0][palette.indices.astype(np.intp)] * palette.scale[:, None].astype(
             palette.codebook.dtype
         )
-    return np.take_along_axis(palette.codebook, palette.indices.astype(np.intp), axis=1)
+    return np.take_along_axis(palette.levels(), palette.indices.astype(np.intp), axis=1)
 
 
 def _run_cuts(x: np.ndarray, max_points: int) -> np.ndarray:
