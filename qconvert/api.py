@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from qconvert import io
+from qconvert import holdout, io
 from qconvert.describe import inspect_model
 from qconvert.drift import JUMPS, DebugReport
 from qconvert.drift import debug as run_debug
@@ -235,11 +235,15 @@ def convert_auto(
         *(a if a is not None else b for a, b in zip(dataclasses.astuple(target), dataclasses.astuple(gates)))
     )
     trials = Trials()
+    with holdout.held_out(plan, validation) as split:
 
-    def trial(kmeans_plan: KMeansPlan) -> Conversion:
-        return prepare(path, kmeans_plan, validation, progress, merged, workers, trials, stage_beside=output)
+        def trial(kmeans_plan: KMeansPlan) -> Conversion:
+            return prepare(path, kmeans_plan, split.validation, progress, merged, workers, trials, stage_beside=output)
 
-    conversion = auto_search.search(path, plan, validation, progress, trial)
+        conversion = auto_search.search(path, split.plan, split.validation, progress, trial)
+        if split.details is not None:
+            conversion.report.details["auto"]["held_out"] = split.details  # type: ignore[index]
+            _relabel(conversion, holdout.names(split))
     if output is not None:
         write(conversion, output, keep_failed, progress)
     return conversion
@@ -355,16 +359,19 @@ class _Scratch:
 
     def relabel(self, conversion: Conversion) -> Conversion:
         """The report without the temp paths (which differ per run): what they held, "in memory"."""
-        report = conversion.report
-        report.input_path, report.options, report.details, report.warnings = _replaced(
-            (report.input_path, report.options, report.details, report.warnings), self.names
-        )
-        report.output_path = _replaced(report.output_path, self.names)
-        if report.validation is not None:
-            report.validation = dataclasses.replace(
-                report.validation, source=_replaced(report.validation.source, self.names)
-            )
-        return conversion
+        return _relabel(conversion, self.names)
+
+
+def _relabel(conversion: Conversion, names: list[tuple[str, str]]) -> Conversion:
+    """The report's temp paths replaced by the names of what they hold."""
+    report = conversion.report
+    report.input_path, report.options, report.details, report.warnings = _replaced(
+        (report.input_path, report.options, report.details, report.warnings), names
+    )
+    report.output_path = _replaced(report.output_path, names)
+    if report.validation is not None:
+        report.validation = dataclasses.replace(report.validation, source=_replaced(report.validation.source, names))
+    return conversion
 
 
 @contextlib.contextmanager

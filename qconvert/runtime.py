@@ -158,7 +158,7 @@ def build_feeds(sess: ort.InferenceSession, plan: ValidationPlan) -> Feeds:
         feeds = load_feeds(sess, plan.data)
         if plan.labels is None:
             return feeds
-        labels = _load_labels(plan.labels)
+        labels = load_labels(plan.labels)
         if len(labels) != feeds.samples:
             raise InputError(f"{plan.labels}: {len(labels)} labels for {feeds.samples} samples in {plan.data}")
         return dataclasses.replace(feeds, labels=labels)
@@ -221,7 +221,7 @@ def _dtype(node_arg: ort.NodeArg) -> np.dtype:
         ) from None
 
 
-def _load_labels(path: Path) -> Any:
+def load_labels(path: Path) -> Any:
     """One label per sample: an .npy array (axis 0 = samples), or a .json list of anything (strings for OCR)."""
     try:
         if path.suffix.lower() == ".json":

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from qconvert import io, opset, pipeline, runtime
+from qconvert import holdout, io, opset, pipeline, runtime
 from qconvert.cli import cli
 from qconvert.errors import ExitCode, QConvertError
 from qconvert.fidelity import bias, statistics
@@ -42,9 +42,14 @@ def test_auto_meets_the_target_writes_the_model_and_a_reusable_plan(
     assert details["iterations"][-1]["passed"] or any(i["passed"] for i in details["iterations"])
     chosen = {p["weight"]: p for p in details["plan"]}
     assert all(w["bits"] == chosen[w["name"]]["bits"] for w in report["per_weight"])
-    # the plan file redoes the same model without searching
+    # --data stood in for the calibration data: fitted on the first two thirds, every plan checked on the rest
+    assert details["held_out"] == {"data": str(digits_data), "labels": None, "fitted_on": 240, "checked_on": 120}
+    assert report["validation"]["source"] == f"{digits_data} (samples 241-360, held out)"
+    # the plan file redoes the same model without searching, from the same samples
+    arrays = dict(np.load(digits_data))
+    np.savez(tmp_path / "fit.npz", **{k: v[:240] for k, v in arrays.items()})
     again = tmp_path / "again.onnx"
-    code, output = run("kmeans", digits, "--config", plan, "--data", digits_data, "-o", again, "-q")
+    code, output = run("kmeans", digits, "--config", plan, "--calibration", tmp_path / "fit.npz", "-o", again, "-q")
     assert code == 0, output
     assert again.read_bytes() == out.read_bytes()
 
@@ -260,5 +265,27 @@ def test_auto_with_an_accuracy_target(tmp_path: Path, digits: Path, digits_data:
     report = json.loads(output)
     accuracy = report["validation"]["accuracy"]
     assert accuracy["float_top1"] - accuracy["quantized_top1"] <= 0.005
+    assert report["validation"]["samples"] == 120  # the held-out third, with its labels
     assert report["details"]["auto"]["target"] == {"accuracy_drop": 0.5}
     assert report["output"]["bytes"] < 0.3 * report["input"]["bytes"]
+
+
+def test_held_out_only_where_the_checks_would_see_the_calibration_data(tmp_path: Path, digits_data: Path) -> None:
+    """Other calibration data: nothing split. The same samples under two names (and JSON labels): the last
+    third becomes the validation data, its labels with it."""
+    arrays = dict(np.load(digits_data))
+    np.savez(tmp_path / "other.npz", input=arrays["input"][:30])
+    np.savez(tmp_path / "copy.npz", input=arrays["input"][:30])
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps([f"digit {d}" for d in arrays["labels"][:30]]))
+    validation = ValidationPlan(data=tmp_path / "copy.npz", labels=labels)
+    with holdout.held_out(AutoPlan(target_snr=20, calibration=digits_data), validation) as split:
+        assert split.details is None and split.validation == validation
+    with holdout.held_out(AutoPlan(target_snr=20, calibration=tmp_path / "other.npz"), validation) as split:
+        assert split.details is not None and (split.details["fitted_on"], split.details["checked_on"]) == (20, 10)
+        assert split.plan.calibration is not None and split.validation.data is not None
+        np.testing.assert_array_equal(np.load(split.plan.calibration)["input"], arrays["input"][:20])
+        np.testing.assert_array_equal(np.load(split.validation.data)["input"], arrays["input"][20:30])
+        assert split.validation.labels is not None
+        assert json.loads(split.validation.labels.read_text()) == [f"digit {d}" for d in arrays["labels"][20:30]]
+    assert not split.validation.data.exists()  # the temp files go with the context
