@@ -19,13 +19,14 @@ from typing import Any
 import numpy as np
 import onnx
 
-from qconvert import holdout, io
+from qconvert import io
 from qconvert.describe import inspect_model
 from qconvert.drift import JUMPS, DebugReport
 from qconvert.drift import debug as run_debug
 from qconvert.errors import InputError, UsageError
 from qconvert.gates import Gates
 from qconvert.methods.common import Progress
+from qconvert.mixed import holdout
 from qconvert.mixed import search as auto_search
 from qconvert.pipeline import NO_GATES, Conversion, Trials, compare_models, prepare, write
 from qconvert.pipeline import convert as run_plan

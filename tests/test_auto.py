@@ -12,11 +12,11 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from qconvert import holdout, io, opset, pipeline, runtime
+from qconvert import io, opset, pipeline, runtime
 from qconvert.cli import cli
 from qconvert.errors import ExitCode, QConvertError
 from qconvert.fidelity import bias, statistics
-from qconvert.mixed import allocation, search, sensitivity
+from qconvert.mixed import allocation, holdout, search, sensitivity
 from qconvert.mixed import options as option_kinds
 from qconvert.plan import AutoPlan, Granularity, KMeansPlan, LayerOverride, ValidationPlan
 from qconvert.select import select_weights
