@@ -139,7 +139,9 @@ def ranges(
         found = calibrate.activation_ranges(model, tensors, feeds, method=method)
         return _warned(Ranges(found, feeds.samples, "minmax"), warnings)
     parts = calibrate.sample_parts(model, tensors, feeds)
-    fixed = "minmax" if method is CalibrationMethod.MINMAX else f"percentile {plan.percentile:g}"
+    fixed = {CalibrationMethod.MINMAX: "minmax", CalibrationMethod.ENTROPY: "entropy"}.get(
+        method, f"percentile {plan.percentile:g}"
+    )
     if not tried:
         return _warned(Ranges(calibrate.ranges_by(parts, fixed), feeds.samples, fixed), warnings)
     held, reference = None, []

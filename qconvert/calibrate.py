@@ -30,10 +30,11 @@ def activation_ranges(
     seed: int = 0,
 ) -> dict[str, tuple[float, float]]:
     """Range [lo, hi] of each named float tensor over the calibration feeds: its min/max (reduced in the
-    graph), or percentiles of a sample of its values (`sample_parts`)."""
+    graph), or percentiles or the entropy rule on a sample of its values (`sample_parts`)."""
     if method is CalibrationMethod.MINMAX:
         return _min_max(model, tensors, feeds)
-    return ranges_by(sample_parts(model, tensors, feeds, seed), f"percentile {percentile:g}")
+    rule = "entropy" if method is CalibrationMethod.ENTROPY else f"percentile {percentile:g}"
+    return ranges_by(sample_parts(model, tensors, feeds, seed), rule)
 
 
 def sample_parts(model: onnx.ModelProto, tensors: list[str], feeds: Feeds, seed: int = 0) -> dict[str, list[Part]]:
@@ -85,6 +86,7 @@ RULES: dict[str, Callable[[list[Part]], tuple[float, float]]] = {  # the rules `
     "percentile 99.999": lambda parts: _percentile(parts, 99.999),
     "percentile 99.99": lambda parts: _percentile(parts, 99.99),
     "mse": lambda parts: mse_range(np.concatenate([p.sample for p in parts])),
+    "entropy": lambda parts: entropy_range(np.concatenate([p.sample for p in parts])),
 }
 
 
@@ -123,6 +125,38 @@ def mse_range(values: np.ndarray, bins: int = 2048) -> tuple[float, float]:
     _, hi = best(np.full(shares.size, lo), np.linspace(hi, max(float(values.max()), 0.0), shares.size))
     lo, _ = best(np.linspace(lo, min(float(values.min()), 0.0), shares.size), np.full(shares.size, hi))
     return lo, hi
+
+
+def entropy_range(values: np.ndarray, bins: int = 2048) -> tuple[float, float]:
+    """The range clipped at the magnitude t that loses the least information (TensorRT's entropy calibration):
+    over the histogram of |values|, P keeps the bins below t with the counts past it added to the last, Q
+    merges those bins (without the counts past t) into as many groups as the 8-bit grid has levels there
+    (256 for values of one sign, else 128), each spread evenly over the bins where P is not empty; t
+    minimises KL(P || Q)."""
+    lo, hi = min(float(values.min()), 0.0), max(float(values.max()), 0.0)
+    top = max(-lo, hi)
+    if top <= 0:
+        return lo, hi
+    levels = 256 if lo == 0 or hi == 0 else 128
+    # exact zeros (half of a ReLU's output) stay exact on every grid: counted, their spike in the first bin
+    # would decide, as a wide range smears it over more bins (the digits CNN: 11 dB instead of min/max's 34)
+    counts = np.histogram(np.abs(values[values != 0]), bins=bins, range=(0.0, top))[0].astype(np.float64)
+    best, threshold = np.inf, top
+    for kept in range(levels, bins + 1, max(1, (bins - levels) // 120)):
+        p = counts[:kept].copy()
+        p[-1] += counts[kept:].sum()
+        group = (np.arange(kept) * levels) // kept
+        used = p > 0
+        spread = np.bincount(group, weights=counts[:kept], minlength=levels) / np.maximum(
+            np.bincount(group, weights=used, minlength=levels), 1
+        )
+        q = np.where(used, spread[group], 0.0)[used]
+        q = np.maximum(q, 1e-4 * q.max()) if q.max() > 0 else np.ones(q.size)  # clipped mass Q cannot hold
+        p = p[used] / p.sum()
+        divergence = float(np.sum(p * np.log(p / (q / q.sum()))))
+        if divergence < best:
+            best, threshold = divergence, top * kept / bins
+    return max(lo, -threshold), min(hi, threshold)
 
 
 def quantization_snr(parts: list[Part], lo: float, hi: float, signed: bool = False) -> float | None:

@@ -234,7 +234,8 @@ def kmeans(models: tuple[Path, ...], **o: Any) -> None:
     type=click.Choice([m.value for m in CalibrationMethod]),
     default="minmax",
     show_default=True,
-    help="Activation range: the observed min/max, or percentiles (--percentile).",
+    help="Activation range: the observed min/max, percentiles (--percentile), the clipping that keeps the most "
+    "information (entropy, KL divergence), or auto: the rule that measures best on held-out samples.",
 )
 @click.option(
     "--percentile",

@@ -109,6 +109,7 @@ class KMeansPlan:
 class CalibrationMethod(StrEnum):
     MINMAX = "minmax"
     PERCENTILE = "percentile"
+    ENTROPY = "entropy"  # per tensor, the clipping that keeps the most information (`calibrate.entropy_range`)
     AUTO = "auto"  # per tensor, the rule that quantizes held-out samples best (`calibrate.choose`)
 
 

@@ -373,7 +373,7 @@ def test_auto_calibration_chooses_ranges_on_held_out_samples(digits: Path, digit
     np.savez(tmp_path / "cal.npz", input=data["input"][:32])
     np.savez(tmp_path / "eval.npz", input=data["input"][100:164], labels=data["labels"][100:164])
     reports = {}
-    for method in ("minmax", "auto"):
+    for method in ("minmax", "auto", "entropy"):
         args = ["linear", str(digits), "--calibration", str(tmp_path / "cal.npz"), "--calibration-method", method]
         args += ["--data", str(tmp_path / "eval.npz"), "-o", str(tmp_path / f"{method}.onnx"), "--json"]
         result = CliRunner().invoke(cli, args)
@@ -391,6 +391,8 @@ def test_auto_calibration_chooses_ranges_on_held_out_samples(digits: Path, digit
     assert measured[chosen["rule"]] == max(measured.values())
     snr = {m: r["validation"]["outputs"][0]["snr_db"] for m, r in reports.items()}
     assert snr["auto"] > snr["minmax"] - 1.0  # held-out choices carry over to other samples
+    assert reports["entropy"]["details"]["activation_ranges"] == {"rule": "entropy"}
+    assert snr["entropy"] > snr["minmax"] - 1.0  # exact zeros left out of its histogram: see entropy_range
 
 
 def test_rules_judged_on_samples_they_did_not_come_from() -> None:
@@ -416,6 +418,24 @@ def test_rules_judged_on_samples_they_did_not_come_from() -> None:
         assert _error(values, lo, hi) <= _error(values, float(values.min()), float(values.max()))
 
 
+def test_entropy_ranges_clip_rare_outliers_and_keep_dense_ranges() -> None:
+    """KL-optimal clipping (`entropy_range`): a few far outliers beside Laplacian values are cut off while the
+    range keeps all but a sliver of the values; uniform values keep (nearly) their whole range; values that
+    never go below 0 keep 0 as their low end."""
+    from qconvert.calibrate import entropy_range
+
+    rng = np.random.default_rng(0)
+    values = rng.laplace(size=65536)
+    values[:4] = 200.0
+    lo, hi = entropy_range(values)
+    assert hi < 50 and lo == max(values.min(), -hi) and np.mean((values >= lo) & (values <= hi)) > 0.999
+    uniform = rng.uniform(-3, 3, 65536)
+    assert entropy_range(uniform)[1] > 0.95 * uniform.max()
+    relu = np.maximum(rng.standard_normal(65536), 0)
+    lo, hi = entropy_range(relu)
+    assert lo == 0 and 1.5 < hi <= relu.max()
+
+
 def test_int8_activations_are_symmetric_and_run(digits: Path, digits_data: Path, tmp_path: Path) -> None:
     """--activation-type int8: every activation's zero point is an int8 0, no Relu absorbed (a symmetric
     range keeps negative values); within a bit of uint8's fidelity. The API takes the options as strings."""
@@ -437,4 +457,4 @@ def test_int8_activations_are_symmetric_and_run(digits: Path, digits_data: Path,
         snr[kind] = converted.report.validation.outputs[0].snr_db
     assert snr["uint8"] - 6.1 < snr["int8"] < snr["uint8"]  # the Relus' outputs lose their sign bit: up to 1 bit
     with pytest.raises(qconvert.UsageError, match="calibration method"):
-        qconvert.linear(digits, calibration=digits_data, calibration_method="entropy")
+        qconvert.linear(digits, calibration=digits_data, calibration_method="kl-divergence")
