@@ -171,6 +171,13 @@ def techniques(calibration_help: str) -> Decorator:
             "costs no accuracy).",
         ),
         click.option(
+            "--equalize/--no-equalize",
+            default=None,
+            help="Rescale the channels between a Conv and the depthwise Conv it feeds through Relu so that both "
+            "weights' ranges match: the same model in float, less error for per-tensor palettes and grids "
+            "[default: on where only weights are quantized; with activations it moves their ranges too].",
+        ),
+        click.option(
             "--no-data-aware",
             "no_data_aware",
             is_flag=True,
@@ -231,6 +238,7 @@ def plan_fields(o: dict[str, Any]) -> dict[str, Any]:
         "calibration": o["calibration"],
         "preprocessing": preprocessing(o),
         "fold_batchnorm": not o["no_fold"],
+        "equalize": o["equalize"],
         "data_aware": not o["no_data_aware"],
         "bias_correction": not o["no_bias_correction"],
     }

@@ -82,6 +82,7 @@ class KMeansPlan:
     calibration: Path | None = None  # inputs (.npz or images) for the data-aware techniques [default: --data]
     preprocessing: Preprocessing = field(default_factory=Preprocessing)  # for a folder of images
     fold_batchnorm: bool = True
+    equalize: bool | None = None  # cross-layer equalization (`qconvert.equalize`); None: for weights-only plans
     data_aware: bool = True  # with calibration data: minimise each layer's output error, not its weight error
     bias_correction: bool = True  # with calibration data: keep each layer's mean output
 
@@ -128,6 +129,7 @@ class LinearPlan:
     activation_type: str = "uint8"  # full QDQ: uint8 asymmetric, or int8 symmetric (zero point 0)
     float_activations: int | str = 0  # full QDQ: activations left float (those that lose most), or "auto"
     fold_batchnorm: bool = True
+    equalize: bool | None = None  # cross-layer equalization (`qconvert.equalize`); None: for weights-only plans
     min_elements: int = 1
     exclude: tuple[str, ...] = ()
     overrides: tuple[LayerOverride, ...] = ()
@@ -189,6 +191,7 @@ class AutoPlan:
     exclude: tuple[str, ...] = ()
     max_codebook_overhead: float = 1.0
     fold_batchnorm: bool = True
+    equalize: bool | None = None  # cross-layer equalization (`qconvert.equalize`); None: for weights-only plans
     data_aware: bool = True  # in the final conversion, with --calibration only (the search assumes plain k-means)
     bias_correction: bool = True
 

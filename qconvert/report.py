@@ -19,7 +19,7 @@ from qconvert.validate import ValidationResult
 from qconvert.version import __version__
 
 SCHEMA_VERSION = 5  # 3: validation.metric (the task metric); 4: held-out calibration checks (in-sample beside);
-# 5: options.group_size, granularity "grouped"
+# 5: options.group_size and options.equalize, granularity "grouped", details.equalized, details.auto.held_out
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 
 from qconvert import activations
+from qconvert.equalize import equalize, through_batchnorm
 from qconvert.errors import QConvertError, UnsupportedModelError, UsageError
 from qconvert.fold import fold_batchnorm
 from qconvert.methods import METHODS
@@ -85,10 +86,14 @@ def quantize_model(
     job = _Job(model, plan, progress, workers, context)
     full_qdq = plan if isinstance(plan, LinearPlan) and plan.activations else None  # activations quantized too
     job.select()
+    # before the statistics: they see the equalized model
+    folded = _equalize(job) if plan.equalize or (plan.equalize is None and not full_qdq) else {}
     # Folding BatchNorm where it costs no accuracy needs the statistics; integer kernels need every one folded,
     # so full QDQ folds first and then gathers the statistics and the activation ranges in one pass.
     refiner = None if full_qdq else refiner_for(model, [w for w in job.weights if job.refined(w)], plan, data, progress)
-    folded = _fold(job, refiner, everything=full_qdq is not None)
+    folded |= _fold(job, refiner, everything=full_qdq is not None)
+    if folded:
+        job.details["folded_batchnorm"] = list(folded)
     if full_qdq:
         refiner = activations.statistics(job.model, job.weights, full_qdq, data, progress)
     _vet(job)
@@ -165,8 +170,19 @@ def _fold(job: _Job, refiner: Refiner | None, *, everything: bool) -> dict[str, 
 
     folded = fold_batchnorm(job.model, None if everything else fold_filter(job.weights, quantizer, refiner))
     job.select()
-    if folded:
-        job.details["folded_batchnorm"] = list(folded)
+    return folded
+
+
+def _equalize(job: _Job) -> dict[str, str]:
+    """Cross-layer equalization (`qconvert.equalize`), the BatchNorms inside its pairs folded first (where
+    folding is on): returns what was folded. (On the PP-OCR direction classifier's full QDQ it cost 1.6 dB of
+    output SNR, moving the activations' ranges; on a MobileNetV2-shaped model it gained 0.6: off by default
+    there.)"""
+    inside = through_batchnorm(job.model) if job.plan.fold_batchnorm else set()
+    folded = fold_batchnorm(job.model, lambda weight, *_: weight in inside) if inside else {}
+    if equalized := equalize(job.model):
+        job.details["equalized"] = equalized
+    job.select()
     return folded
 
 

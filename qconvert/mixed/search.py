@@ -177,6 +177,7 @@ def _base_plan(plan: AutoPlan, overrides: tuple[LayerOverride, ...], bits: int =
         calibration=plan.calibration,
         preprocessing=plan.preprocessing,
         fold_batchnorm=plan.fold_batchnorm,
+        equalize=plan.equalize,
         data_aware=plan.data_aware,
         bias_correction=plan.bias_correction,
     )
