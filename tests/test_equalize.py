@@ -103,3 +103,13 @@ def test_full_qdq_equalizes_only_when_asked(tmp_path: Path) -> None:
         result = CliRunner().invoke(cli, [*args, "-o", str(tmp_path / f"q{len(flags)}.onnx"), "--json", *flags])
         assert result.exit_code == 0, result.output
         assert json.loads(result.stdout)["details"].get("equalized") == expected
+
+
+def test_pairs_with_a_weight_left_float_are_left_alone(tmp_path: Path) -> None:
+    """Equalizing against a weight that stays float gains nothing: --exclude w1, no pair."""
+    onnx.save(separable(), tmp_path / "m.onnx")
+    args = ["kmeans", str(tmp_path / "m.onnx"), "--bits", "4", "--exclude", "w1", "--min-elements", "1"]
+    result = CliRunner().invoke(cli, [*args, "--no-validate", "-o", str(tmp_path / "q.onnx"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert "equalized" not in report["details"] and {w["name"] for w in report["per_weight"]} == {"w2", "w3"}

@@ -178,9 +178,10 @@ def _equalize(job: _Job) -> dict[str, str]:
     folding is on): returns what was folded. (On the PP-OCR direction classifier's full QDQ it cost 1.6 dB of
     output SNR, moving the activations' ranges; on a MobileNetV2-shaped model it gained 0.6: off by default
     there.)"""
-    inside = through_batchnorm(job.model) if job.plan.fold_batchnorm else set()
+    quantized = {w.name for w in job.weights}
+    inside = through_batchnorm(job.model, quantized) if job.plan.fold_batchnorm else set()
     folded = fold_batchnorm(job.model, lambda weight, *_: weight in inside) if inside else {}
-    if equalized := equalize(job.model):
+    if equalized := equalize(job.model, quantized):
         job.details["equalized"] = equalized
     job.select()
     return folded
