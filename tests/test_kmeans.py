@@ -195,6 +195,18 @@ def test_rows_layout_round_trip(axis: int | None) -> None:
         np.testing.assert_array_equal(np.sort(rows[1]), np.sort(np.take(w, 1, axis=axis).ravel()))
 
 
+def save_gemm(w: np.ndarray, path) -> None:
+    """x -> Gemm(w [O, I], transB) -> y, opset 13."""
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", w.shape[1]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", w.shape[0]])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+
+
 def test_scaled_palettes_where_channels_differ_in_range(tmp_path) -> None:
     """Channels whose ranges differ a thousandfold: one codebook per tensor crushes the small ones, 64
     codebooks cost 16 floats each; one codebook scaled per channel (4 bytes each) wins per stored bit.
@@ -208,14 +220,7 @@ def test_scaled_palettes_where_channels_differ_in_range(tmp_path) -> None:
     shared = reconstruct(palettize(w.reshape(1, -1), bits=4)).reshape(w.shape)
     rows = [np.median([snr_db(w[c], r[c]) for c in range(64) if c != 5]) for r in (reconstruct(palette), shared)]
     assert snr_db(w, reconstruct(palette)) > snr_db(w, shared) and rows[0] > rows[1] + 10  # small channels too
-    graph = helper.make_graph(
-        [helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 128])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64])],
-        [numpy_helper.from_array(w, "w")],
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "m.onnx")
+    save_gemm(w, tmp_path / "m.onnx")
     args = ["kmeans", str(tmp_path / "m.onnx"), "--bits", "4", "--per-channel", "-o", str(tmp_path / "q.onnx")]
     result = CliRunner().invoke(cli, [*args, "--json", "--no-validate"])
     assert result.exit_code == 0, result.output
@@ -239,14 +244,7 @@ def test_grouped_palettes_share_codebooks_among_channels_of_like_range(tmp_path)
     assert all(len(set(palette.owner[c::4])) == 1 for c in range(4))  # one codebook per family
     np.testing.assert_array_equal(reconstruct(palette), w)
     assert snr_db(w, reconstruct(palettize(w.reshape(1, -1), bits=4)).reshape(w.shape)) < 40
-    graph = helper.make_graph(
-        [helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 128])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64])],
-        [numpy_helper.from_array(w, "w")],
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "m.onnx")
+    save_gemm(w, tmp_path / "m.onnx")
     for flags, groups in (([], 4), (["--group-size", "8"], 8), (["--group-size", "8", "--keep-opset"], 8)):
         args = ["kmeans", str(tmp_path / "m.onnx"), "--bits", "4", *flags, "-o", str(tmp_path / f"q{len(flags)}.onnx")]
         result = CliRunner().invoke(cli, [*args, "--json", "--no-validate"])
