@@ -40,9 +40,6 @@ DB_PER_BIT = 6.02  # SNR that one more index bit buys: what per-channel codebook
 # per-channel form pays there; per channel computes only the form that pays more (on ResNet-50 computing
 # every form of every weight took 65 % more time and 120 MB more memory)
 FORM_SAMPLE_ELEMENTS = 1 << 18
-# Where only grouped palettes fit the overhead budget, they are checked on a sample first at any size: offered
-# and then not chosen, they would still count as per channel when BatchNorm folding decides (folded so, the
-# PP-OCR direction classifier's 5x5 depthwise kernels at 2 bits fell 8.5 -> 6.3 dB, the model 23.8 -> 11.8).
 # Scaled palettes at 5 bits and more: 32+ levels per tensor leave per-channel ranges little to buy, and on the
 # PP-OCRv4 recognizer's kmeans 8 they lowered the output SNR from 33 to 26 dB while raising the weights' own.
 SCALED_MAX_BITS = 4
@@ -82,6 +79,9 @@ class KMeans:
             )
         if setting.granularity is Granularity.PER_CHANNEL or context.group_size is not None:
             return [axis], None
+        # Where only grouped palettes fit the budget, they are checked so at any size: offered and then not
+        # chosen, they would still count as per channel when BatchNorm folding decides (folded so, the PP-OCR
+        # direction classifier's 5x5 depthwise kernels at 2 bits fell 8.5 -> 6.3 dB, the model 23.8 -> 11.8)
         only_grouped = all(f.kind == "grouped" for f in forms)
         if weight.elements >= FORM_SAMPLE_ELEMENTS or only_grouped:  # skip the full k-means where it cannot pay
             sample = _sample(weight, axis)
