@@ -54,6 +54,7 @@ class LinearWeight:
     axis: int | None
     bits: int
     integers: np.ndarray | None = None  # q; None: quantized again from the weight's array when asked
+    packed: bool = False  # int4 below opset 21: stored bit-packed, unpacked in the graph (`methods.linear`)
 
     @property
     def q(self) -> np.ndarray:

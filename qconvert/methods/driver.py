@@ -231,8 +231,7 @@ def _prepare_opset(job: _Job) -> OpsetChange:
             return OpsetChange(before, wanted, "-", f"opset raised from {before} to {wanted} for {reasons}")
         except QConvertError as e:
             if required == wanted:  # nothing to fall back to
-                hints = "".join(getattr(METHODS[n], "opset_hint", lambda _: "")(s) for n, s in above(before).items())
-                raise UnsupportedModelError(f"{reasons} needs opset {wanted}: {e}{hints}") from e
+                raise UnsupportedModelError(f"{reasons} needs opset {wanted}: {e}") from e
             reason = str(e)
     after = max(before, required)  # what the weights cannot do without; their storage can
     missing = above(after)

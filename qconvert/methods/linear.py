@@ -9,14 +9,15 @@ import numpy as np
 import onnx
 
 from qconvert import qdq
+from qconvert.encode import PACKED_MIN_OPSET, EncodedWeight, IndexStorage, encode_palettes, index_bytes
 from qconvert.methods.base import Context, Need, weight_report
 from qconvert.plan import Granularity, LayerSetting
-from qconvert.quant.layout import snr_db
+from qconvert.quant.kmeans import Palette
+from qconvert.quant.layout import snr_db, to_rows
 from qconvert.report import Histogram, WeightReport
 from qconvert.select import Weight
 
 PER_AXIS_OPSET, TYPED_SCALE_OPSET, INT4_OPSET = 13, 19, 21
-INT4_HINT = "; --bits 8 needs a lower one, and qconvert kmeans --bits 4 falls back to packed indices"
 
 
 class Linear:
@@ -45,20 +46,17 @@ class Linear:
         return [None], None
 
     def need(self, weight: Weight, setting: LayerSetting, axis: int | None) -> Need:
-        """Per-axis scales need opset 13, scales of another type than float32 19, int4 21."""
-        needed = max(
-            10,
+        """Per-axis scales need opset 13, scales of another type than float32 19; int4 wants 21, and below it
+        is stored bit-packed (opset 10) and unpacked in the graph."""
+        required = max(
+            PACKED_MIN_OPSET,
             PER_AXIS_OPSET if axis is not None else 10,
             TYPED_SCALE_OPSET if weight.tensor.data_type != onnx.TensorProto.FLOAT else 10,
-            INT4_OPSET if setting.bits == 4 else 10,
         )
-        return Need(wanted=needed, required=needed)
+        return Need(wanted=max(required, INT4_OPSET if setting.bits == 4 else 10), required=required)
 
     def opset_reason(self, settings: list[LayerSetting], before: int) -> str | None:
         return f"{'int4' if any(s.bits == 4 for s in settings) else 'per-channel'} DequantizeLinear"
-
-    def opset_hint(self, settings: list[LayerSetting]) -> str:
-        return INT4_HINT if any(s.bits == 4 for s in settings) else ""
 
     def quantize(
         self,
@@ -71,7 +69,7 @@ class Linear:
     ) -> qdq.LinearWeight:
         """With `importance`, the clipped ranges; then only the grid is kept (a result that may be dropped):
         its integers are quantized again from the weight when asked."""
-        return qdq.quantize_weight(
+        item = qdq.quantize_weight(
             weight,
             array,
             bits=setting.bits,
@@ -80,6 +78,7 @@ class Linear:
             importance=importance,
             keep=importance is None,
         )
+        return dataclasses.replace(item, packed=setting.bits == 4 and context.opset < INT4_OPSET)
 
     def choose(
         self,
@@ -90,14 +89,19 @@ class Linear:
         return next(iter(tried)), None
 
     def storage(self, item: qdq.LinearWeight) -> str:  # type: ignore[override]
-        return np.dtype(item.storage).name
+        return IndexStorage.PACKED.value if item.packed else np.dtype(item.storage).name
 
     def data_bytes(self, elements: int, channels: int, itemsize: int, bits: int, storage: str) -> int:
-        """Integers and zero points at `bits` each, a float32 scale per channel."""
+        """Integers and zero points at `bits` each, a float32 scale per channel (packed: the integers in
+        whole groups of 8, and the grid's levels instead of zero points)."""
+        if storage == IndexStorage.PACKED.value:
+            return index_bytes(elements, IndexStorage.PACKED, bits) + channels * 4 + (1 << bits) * itemsize
         return ((elements + channels) * bits + 7) // 8 + channels * 4
 
     def encode(self, model: onnx.ModelProto, items: list[qdq.LinearWeight]) -> None:  # type: ignore[override]
-        qdq.insert_weight_dq(model, items)
+        """DequantizeLinear, or for packed int4 the palette that holds the same grid (`_as_palette`)."""
+        qdq.insert_weight_dq(model, [item for item in items if not item.packed])
+        encode_palettes(model, [_as_palette(item) for item in items if item.packed])
 
     def report(
         self,
@@ -112,7 +116,7 @@ class Linear:
             array,
             item,
             groups=channels,
-            stored_bytes=self.data_bytes(weight.elements, channels, array.itemsize, item.bits, ""),
+            stored_bytes=self.data_bytes(weight.elements, channels, array.itemsize, item.bits, self.storage(item)),
             snr_db=snr_db(array, item.dequantized()),
             note=note,
         )
@@ -131,4 +135,19 @@ class Linear:
         return dataclasses.replace(item, integers=qdq.on_grid(array, item.grid, item.axis))
 
     def stand_in(self, weight: Weight, bits: int, axis: int | None, opset: int) -> qdq.LinearWeight:
-        return qdq.quantize_weight(weight, weight.array(), bits=bits, symmetric=True, axis=axis)
+        item = qdq.quantize_weight(weight, weight.array(), bits=bits, symmetric=True, axis=axis)
+        return dataclasses.replace(item, packed=bits == 4 and opset < INT4_OPSET)
+
+
+def _as_palette(item: qdq.LinearWeight) -> EncodedWeight:
+    """The grid as a palette of its 2**bits levels, indices q − qmin: symmetric, one codebook of the integers
+    times a scale per channel (what DequantizeLinear computes); with zero points, a codebook per channel."""
+    grid, dtype = item.grid, item.weight.array().dtype
+    steps = np.arange(grid.qmin, grid.qmax + 1)
+    indices = (to_rows(item.q, item.axis).astype(np.int64) - grid.qmin).astype(np.uint8)
+    if not grid.zero_point.any():
+        palette = Palette(steps[None, :].astype(dtype), indices, grid.scale.astype(np.float32))
+    else:
+        levels = (steps[None, :] - grid.zero_point[:, None]).astype(np.float32) * grid.scale[:, None]
+        palette = Palette(levels.astype(dtype), indices)
+    return EncodedWeight(item.weight, palette, item.axis, item.bits, IndexStorage.PACKED)
