@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import threading
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -84,12 +85,7 @@ class KMeans:
         # direction classifier's 5x5 depthwise kernels at 2 bits fell 8.5 -> 6.3 dB, the model 23.8 -> 11.8)
         only_grouped = all(f.kind == "grouped" for f in forms)
         if weight.elements >= FORM_SAMPLE_ELEMENTS or only_grouped:  # skip the full k-means where it cannot pay
-            sample = _sample(weight, axis)
-            shared = snr_db(sample, reconstruct(_estimate(sample, setting.bits, None)).reshape(sample.shape))
-            scores = {
-                f: _score(sample, _estimate(sample, setting.bits, f, weight.shape[axis]), weight, setting.bits, axis)
-                for f in forms
-            }
+            shared, scores = _estimated(weight, setting.bits, axis, tuple(forms))
             if shared is not None and all(score < shared for score in scores.values()):
                 best = max(scores, key=scores.__getitem__)
                 return [None], (
@@ -127,12 +123,8 @@ class KMeans:
             return EncodedWeight(weight, tried[int(np.argmax(scores))], axis, setting.bits, storage)
         if len(forms) > 1:  # estimated on a sample of channels, only the winner computed
             assert axis is not None
-            rows = _sample(weight, axis)
-            estimates = [
-                _score(rows, _estimate(rows, setting.bits, f, weight.shape[axis]), weight, setting.bits, axis)
-                for f in forms
-            ]
-            forms = [forms[int(np.argmax(estimates))]]
+            estimates = _estimated(weight, setting.bits, axis, tuple(forms))[1]
+            forms = [max(forms, key=lambda f: estimates[f])]
         palette = _palette(array, setting.bits, axis, importance, context.memo, forms[0] if forms else None)
         return EncodedWeight(weight, palette, axis, setting.bits, storage)
 
@@ -334,6 +326,32 @@ def _palette(
     palette = memo[key]
     assert isinstance(palette, Palette)
     return palette
+
+
+def _estimated(
+    weight: Weight, bits: int, axis: int, forms: tuple[_Form, ...]
+) -> tuple[float | None, dict[_Form, float]]:
+    """On a seeded sample of channels: the SNR of one codebook, and each form's score. Kept for the weight's
+    `quantize` after its `axes` (the same sample and forms: the same figures), in a small cache by the
+    sample's digest."""
+    sample = _sample(weight, axis)
+    key = (hashlib.sha256(np.ascontiguousarray(sample).data).digest(), sample.shape, bits, weight.shape, forms)
+    with _ESTIMATES_LOCK:  # quantize runs in threads
+        found = _ESTIMATES.get(key)
+    if found is None:
+        shared = snr_db(sample, reconstruct(_estimate(sample, bits, None)).reshape(sample.shape))
+        scores = {f: _score(sample, _estimate(sample, bits, f, weight.shape[axis]), weight, bits, axis) for f in forms}
+        found = shared, scores
+        with _ESTIMATES_LOCK:
+            while len(_ESTIMATES) >= ESTIMATES_KEPT:
+                del _ESTIMATES[next(iter(_ESTIMATES))]
+            _ESTIMATES[key] = found
+    return found
+
+
+_ESTIMATES: dict[tuple[object, ...], tuple[float | None, dict[_Form, float]]] = {}
+_ESTIMATES_LOCK = threading.Lock()
+ESTIMATES_KEPT = 64
 
 
 def _estimate(sample: np.ndarray, bits: int, form: _Form | None, channels: int | None = None) -> Palette:
