@@ -19,7 +19,8 @@ from qconvert.validate import ValidationResult
 from qconvert.version import __version__
 
 SCHEMA_VERSION = 5  # 3: validation.metric (the task metric); 4: held-out calibration checks (in-sample beside);
-# 5: options.group_size and options.equalize, granularity "grouped", details.equalized, details.auto.held_out
+# 5: options.group_size and options.equalize, granularity "grouped", details.equalized, details.auto.held_out,
+# latency_ms at 2 threads too (float_2t, converted_2t)
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,7 @@ def session(
     optimize: bool = True,
     initializers: tuple[list[str], list[ort.OrtValue]] | None = None,
     folder: Path | None = None,
+    threads: int | None = None,
 ) -> ort.InferenceSession:
     """An onnxruntime CPU session; `model` is a path or serialized bytes.
 
@@ -70,8 +71,11 @@ def session(
     memory, 10 % more time).
     `initializers`: names and values of the model's initializers that it marks as external.
     `folder`: where the external data of serialized `model` bytes is.
+    `threads`: onnxruntime's intra-op threads (default: its own choice, one per core).
     """
     options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
     options.log_severity_level = 4  # fatal only: failures come back as one-line errors instead
     options.enable_mem_pattern = not probe
     if not optimize:

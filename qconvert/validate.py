@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from qconvert.metrics import Metric, MetricResult, resolve
@@ -47,6 +49,9 @@ class ValidationResult:
     metric: MetricResult | None = None  # the task metric (--metric) on float and on the converted model
 
 
+INTERLEAVED_MAX_BYTES = 512 << 20  # models timed side by side up to this size together
+
+
 @dataclass(frozen=True)
 class Reference:
     """The float model's side of a comparison: the feeds, its outputs on them, and its latency."""
@@ -54,7 +59,7 @@ class Reference:
     feeds: Feeds
     names: list[str]
     outputs: list[np.ndarray]
-    latency_ms: float
+    model: str | bytes  # timed again beside the converted model
     metric: Metric | None = None  # the plan's task metric, and its value on the float model
     metric_value: float = 0.0
 
@@ -66,9 +71,8 @@ def reference(float_model: str | bytes, plan: ValidationPlan) -> Reference:
     sess = session(float_model, "input model")
     feeds = build_feeds(sess, plan)
     outputs = _run_all(sess, feeds, "input model")
-    latency = _median_ms(sess, feeds.batches[0], plan.latency_runs)
     value = metric(outputs, feeds.labels, outputs) if metric is not None else 0.0
-    return Reference(feeds, [o.name for o in sess.get_outputs()], outputs, latency, metric, value)
+    return Reference(feeds, [o.name for o in sess.get_outputs()], outputs, float_model, metric, value)
 
 
 def compare(
@@ -85,7 +89,6 @@ def compare(
     feeds = ref.feeds
     candidate = session(quantized_model, "converted model", optimize=fold)
     new_out = _run_all(candidate, feeds, "converted model")
-    new_ms = _median_ms(candidate, feeds.batches[0], plan.latency_runs if fold else 0)
     del candidate
     outputs = [_metrics(name, r, q) for name, r, q in zip(ref.names, ref.outputs, new_out)]
     accuracy = None
@@ -98,11 +101,7 @@ def compare(
                 float(np.mean(_top1(ref.outputs[scores]) == labels)),
                 float(np.mean(_top1(new_out[scores]) == labels)),
             )
-    latency = (
-        {"float": ref.latency_ms, "converted": new_ms, "runs": float(plan.latency_runs)}
-        if plan.latency_runs and fold
-        else None
-    )
+    latency = latency_ms(ref.model, quantized_model, feeds.batches[0], plan.latency_runs) if fold else None
     metric = None
     if ref.metric is not None:
         metric = MetricResult(ref.metric.name, ref.metric_value, ref.metric(new_out, feeds.labels, ref.outputs))
@@ -148,14 +147,44 @@ def _top1(output: np.ndarray) -> np.ndarray:
     return np.argmax(output.reshape(output.shape[0], -1), axis=1)
 
 
-def _median_ms(sess: ort.InferenceSession, feed: dict[str, np.ndarray], runs: int) -> float:
-    """Median onnxruntime run time (ms) on one batch, after a warm-up run."""
+def latency_ms(
+    float_model: str | bytes, converted: str | bytes, feed: dict[str, np.ndarray], runs: int
+) -> dict[str, float] | None:
+    """Median onnxruntime run times (ms) of both models on one batch at 1 and 2 threads ("float",
+    "converted"; "float_2t", "converted_2t"), after a warm-up run each. The runs alternate between the models,
+    so that a busy machine slows both alike. Past INTERLEAVED_MAX_BYTES of models: one session at a time, at
+    1 thread only (each session loads the model again)."""
     if not runs:
-        return 0.0
-    sess.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
+        return None
+    timed: dict[str, float] = {"runs": float(runs)}
+    together = _model_bytes(float_model) + _model_bytes(converted)
+    if together > INTERLEAVED_MAX_BYTES:
+        for key, model in (("float", float_model), ("converted", converted)):
+            timed.update(_medians({key: session(model, "model to time", threads=1)}, feed, runs))
+        return timed
+    for threads, suffix in ((1, ""), (2, "_2t")):
+        models = {f"float{suffix}": float_model, f"converted{suffix}": converted}
+        timed.update(_medians({k: session(m, "model to time", threads=threads) for k, m in models.items()}, feed, runs))
+    return timed
+
+
+def _model_bytes(model: str | bytes) -> int:
+    """A model's size with its external data files."""
+    if isinstance(model, bytes):
+        return len(model)
+    proto = onnx.load(model, load_external_data=False)
+    files = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+    folder = os.path.dirname(model)
+    return os.path.getsize(model) + sum(os.path.getsize(os.path.join(folder, f)) for f in files)
+
+
+def _medians(sessions: dict[str, ort.InferenceSession], feed: dict[str, np.ndarray], runs: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {key: [] for key in sessions}
+    for sess in sessions.values():
         sess.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times))
+    for _ in range(runs):
+        for key, sess in sessions.items():
+            start = time.perf_counter()
+            sess.run(None, feed)
+            times[key].append(time.perf_counter() - start)
+    return {key: 1000 * float(np.median(t)) for key, t in times.items()}

@@ -57,3 +57,14 @@ def test_report_keys_match_the_golden_schema(tmp_path: Path, digits: Path) -> No
     golden = json.loads(GOLDEN.read_text())
     assert golden["schema_version"] == SCHEMA_VERSION
     assert sorted(key_paths(report)) == golden["keys"]
+
+
+def test_latency_at_one_and_two_threads_from_alternating_runs(tmp_path: Path, digits: Path) -> None:
+    """Both models timed side by side at 1 and 2 threads: four medians, the summary line says each ratio."""
+    args = ["kmeans", str(digits), "--bits", "4", "-o", str(tmp_path / "q.onnx")]
+    report = json.loads(CliRunner().invoke(cli, [*args, "--json"]).stdout)
+    latency = report["latency_ms"]
+    assert set(latency) == {"float", "converted", "float_2t", "converted_2t", "runs"} and latency["runs"] == 10
+    assert all(value > 0 for value in latency.values())
+    summary = CliRunner().invoke(cli, [*args[:-1], str(tmp_path / "r.onnx")]).output
+    assert "onnxruntime latency, 1 thread: float" in summary and "2 threads:" in summary

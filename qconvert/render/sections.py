@@ -90,9 +90,15 @@ def notes(report: Report) -> list[str]:
         )
     if report.latency_ms:
         lat = report.latency_ms
+        two = (
+            f"; 2 threads: {lat['float_2t']:.2f} ms, {lat['converted_2t']:.2f} ms "
+            f"({lat['converted_2t'] / lat['float_2t']:.2f}x)"
+            if "float_2t" in lat
+            else ""
+        )
         lines.append(
-            f"onnxruntime latency: float {lat['float']:.2f} ms, converted {lat['converted']:.2f} ms "
-            f"({lat['converted'] / lat['float']:.2f}x; median of {int(lat['runs'])} runs)"
+            f"onnxruntime latency, 1 thread: float {lat['float']:.2f} ms, converted {lat['converted']:.2f} ms "
+            f"({lat['converted'] / lat['float']:.2f}x){two} (median of {int(lat['runs'])} runs, alternating)"
         )
     lines += [f"{key.replace('_', ' ')}: {value}" for key, value in report.details.items() if isinstance(value, str)]
     return lines + fidelity(report)
