@@ -114,6 +114,7 @@ class _State:
     output_bytes: int = 0
     result: validate.ValidationResult | None = None
     latency: dict[str, float] | None = None
+    profile: validate.Profile | None = None
     checks: list[GateResult] = field(default_factory=list)
 
     def lap(self, name: str) -> None:
@@ -294,7 +295,7 @@ def _validate(state: _State) -> None:
                 state.trials.reference = validate.reference(str(state.source), validation)
             float_side = state.trials.reference
         converted = str(state.converted) if isinstance(state.converted, Path) else state.converted
-        state.result, state.latency = validate.compare(float_side, converted, validation, fold)
+        state.result, state.latency, state.profile = validate.compare(float_side, converted, validation, fold)
     except CannotRunError as e:
         if not (validation.allow_unrunnable and e.which == "input model"):
             raise
@@ -334,6 +335,7 @@ def _report(state: _State) -> Report:
         skipped=step.skipped,
         validation=state.result,
         latency_ms=state.latency,
+        time_by_op=state.profile.as_dict() if state.profile is not None else None,
         gates=state.checks,
         histograms=step.histograms,
         details=step.details,
@@ -348,7 +350,7 @@ def compare_models(
     """Validation only: the same metrics, latency and gates for two existing models."""
     start = time.perf_counter()
     (reference, float_bytes), (converted, converted_bytes) = io.load_model(float_path), io.load_model(converted_path)
-    result, latency = validate.compare(str(float_path), converted_path.read_bytes(), validation)
+    result, latency, profile = validate.compare(str(float_path), converted_path.read_bytes(), validation)
     checks = evaluate_gates(gates, result) if gates.any else []
     return Report(
         method="compare",
@@ -362,6 +364,7 @@ def compare_models(
         skipped=[],
         validation=result,
         latency_ms=latency,
+        time_by_op=profile.as_dict() if profile is not None else None,
         gates=checks,
         timings={"total": round(time.perf_counter() - start, 4)},
     )

@@ -20,7 +20,7 @@ from qconvert.version import __version__
 
 SCHEMA_VERSION = 5  # 3: validation.metric (the task metric); 4: held-out calibration checks (in-sample beside);
 # 5: options.group_size and options.equalize, granularity "grouped", details.equalized, details.auto.held_out,
-# latency_ms at 2 threads too (float_2t, converted_2t)
+# latency_ms at 2 threads too (float_2t, converted_2t), time_by_op
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,7 @@ class Report:
     skipped: list[Skipped]
     validation: ValidationResult | None
     latency_ms: dict[str, float] | None = None  # median onnxruntime run time, float vs converted
+    time_by_op: dict[str, Any] | None = None  # where the time goes (`validate.Profile.as_dict`)
     gates: list[GateResult] = field(default_factory=list)
     histograms: list[Histogram] = field(default_factory=list)  # HTML only, not in the JSON
     details: dict[str, Any] = field(default_factory=dict)  # method-specific facts
@@ -134,6 +135,7 @@ class Report:
                 "skipped": [dataclasses.asdict(s) for s in self.skipped],
                 "validation": dataclasses.asdict(self.validation) if self.validation else None,
                 "latency_ms": self.latency_ms,
+                "time_by_op": self.time_by_op,
                 "gates": {"passed": self.passed, "checks": [dataclasses.asdict(g) for g in self.gates]},
                 "details": self.details,
                 "warnings": self.warnings,

@@ -57,6 +57,7 @@ def session(
     initializers: tuple[list[str], list[ort.OrtValue]] | None = None,
     folder: Path | None = None,
     threads: int | None = None,
+    profile: Path | None = None,
 ) -> ort.InferenceSession:
     """An onnxruntime CPU session; `model` is a path or serialized bytes.
 
@@ -72,10 +73,14 @@ def session(
     `initializers`: names and values of the model's initializers that it marks as external.
     `folder`: where the external data of serialized `model` bytes is.
     `threads`: onnxruntime's intra-op threads (default: its own choice, one per core).
+    `profile`: where onnxruntime's profiler writes its trace (the path's prefix), None: no profiling.
     """
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
+    if profile is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile)
     options.log_severity_level = 4  # fatal only: failures come back as one-line errors instead
     options.enable_mem_pattern = not probe
     if not optimize:

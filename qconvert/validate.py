@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -77,7 +80,7 @@ def reference(float_model: str | bytes, plan: ValidationPlan) -> Reference:
 
 def compare(
     float_model: str | bytes | Reference, quantized_model: str | bytes, plan: ValidationPlan, fold: bool = True
-) -> tuple[ValidationResult, dict[str, float] | None]:
+) -> tuple[ValidationResult, dict[str, float] | None, Profile | None]:
     """Run both models on the same feeds: per-output drift (and accuracy with labels), and latency.
     The float model may come as its `Reference`, run once for several comparisons.
 
@@ -102,10 +105,11 @@ def compare(
                 float(np.mean(_top1(new_out[scores]) == labels)),
             )
     latency = latency_ms(ref.model, quantized_model, feeds.batches[0], plan.latency_runs) if fold else None
+    profile = time_by_op(ref.model, quantized_model, feeds.batches[0], plan.latency_runs) if fold else None
     metric = None
     if ref.metric is not None:
         metric = MetricResult(ref.metric.name, ref.metric_value, ref.metric(new_out, feeds.labels, ref.outputs))
-    return ValidationResult(feeds.source, feeds.samples, outputs, accuracy, metric), latency
+    return ValidationResult(feeds.source, feeds.samples, outputs, accuracy, metric), latency, profile
 
 
 def _run_all(sess: ort.InferenceSession, feeds: Feeds, what: str) -> list[np.ndarray]:
@@ -166,6 +170,64 @@ def latency_ms(
         models = {f"float{suffix}": float_model, f"converted{suffix}": converted}
         timed.update(_medians({k: session(m, "model to time", threads=threads) for k, m in models.items()}, feed, runs))
     return timed
+
+
+TRANSITIONS = ("QuantizeLinear", "DequantizeLinear")
+
+
+def time_by_op(
+    float_model: str | bytes, converted: str | bytes, feed: dict[str, np.ndarray], runs: int
+) -> Profile | None:
+    """Where the time goes, from onnxruntime's profiler at 1 thread (`Profile`). None past
+    INTERLEAVED_MAX_BYTES of models, or without runs."""
+    if not runs or _model_bytes(float_model) + _model_bytes(converted) > INTERLEAVED_MAX_BYTES:
+        return None
+    found = {}
+    with tempfile.TemporaryDirectory(prefix="qconvert-profile-") as folder:
+        for key, model in (("float", float_model), ("converted", converted)):
+            sess = session(model, "model to profile", threads=1, profile=Path(folder, key))
+            for _ in range(runs + 1):  # the first run warms up and is not counted
+                sess.run(None, feed)
+            found[key] = _kernel_times(Path(sess.end_profiling()), runs)
+    transitions = sum(found["converted"].pop(f"{op} runs", 0.0) for op in TRANSITIONS)
+    for op in TRANSITIONS:
+        found["float"].pop(f"{op} runs", None)
+    return Profile(found["float"], found["converted"], round(transitions))
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Mean ms per run spent in each op type as onnxruntime runs it (fused and converted kernels under their
+    own names), per model, and the Quantize/DequantizeLinear kernels the converted model runs per run."""
+
+    float_ms: dict[str, float]
+    converted_ms: dict[str, float]
+    transitions: int
+
+    def as_dict(self) -> dict[str, object]:
+        """For the report: per model a list of {"op", "ms"}, costliest first."""
+        listed = {
+            k: [{"op": op, "ms": ms} for op, ms in t.items()]
+            for k, t in (("float", self.float_ms), ("converted", self.converted_ms))
+        }
+        return {**listed, "transitions_per_run": self.transitions}
+
+
+def _kernel_times(trace: Path, runs: int) -> dict[str, float]:
+    """Mean ms per run of each op type's kernels in a profiler trace, the first model run left out; and per
+    Quantize/DequantizeLinear, "OP runs": its kernels per run."""
+    events = json.loads(trace.read_text())
+    starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    counted_from = starts[1] if len(starts) > 1 else 0
+    times: dict[str, float] = {}
+    for event in events:
+        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time") or event["ts"] < counted_from:
+            continue
+        op = event["args"]["op_name"]
+        times[op] = round(times.get(op, 0.0) + event["dur"] / 1000 / runs, 6)
+        if op in TRANSITIONS:
+            times[f"{op} runs"] = times.get(f"{op} runs", 0.0) + 1 / runs
+    return dict(sorted(times.items(), key=lambda item: -item[1]))
 
 
 def _model_bytes(model: str | bytes) -> int:

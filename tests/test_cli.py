@@ -63,7 +63,7 @@ def test_same_input_gives_identical_model_and_report(tmp_path: Path, digits: Pat
         result = run("kmeans", digits, "--bits", "3", "--per-channel", "--data", digits_data, "-o", tmp_path / name)
         assert result.exit_code == 0, result.output
         report = json.loads((tmp_path / name).with_suffix(".report.json").read_text())
-        for volatile in ("timings_s", "latency_ms", "output"):
+        for volatile in ("timings_s", "latency_ms", "time_by_op", "output"):
             report.pop(volatile)
         report["options"].pop("data", None)
         reports.append(report)

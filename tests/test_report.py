@@ -68,3 +68,16 @@ def test_latency_at_one_and_two_threads_from_alternating_runs(tmp_path: Path, di
     assert all(value > 0 for value in latency.values())
     summary = CliRunner().invoke(cli, [*args[:-1], str(tmp_path / "r.onnx")]).output
     assert "onnxruntime latency, 1 thread: float" in summary and "2 threads:" in summary
+
+
+def test_time_by_op_shows_the_integer_kernels_and_the_transitions(tmp_path: Path, digits: Path) -> None:
+    """Full QDQ of the digits CNN: onnxruntime's profiler finds float Conv in the input and QLinearConv in the
+    output, and the Quantize/DequantizeLinear kernels between integer and float parts; the summary says so."""
+    data = str(digits.parent / "digits_test.npz")
+    args = ["linear", str(digits), "--calibration", data, "--data", data, "-o", str(tmp_path / "q.onnx")]
+    report = json.loads(CliRunner().invoke(cli, [*args, "--json"]).stdout)
+    profile = report["time_by_op"]
+    assert "Conv" in {t["op"] for t in profile["float"]} and "QLinearConv" in {t["op"] for t in profile["converted"]}
+    assert profile["transitions_per_run"] >= 2 and all(t["ms"] >= 0 for t in profile["converted"])
+    summary = CliRunner().invoke(cli, [*args[:-1], str(tmp_path / "r.onnx")]).output
+    assert "time by op, ms per run at 1 thread: float" in summary and "QLinearConv" in summary

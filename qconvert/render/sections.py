@@ -6,6 +6,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from qconvert.report import Report, WeightReport
 
@@ -100,6 +101,8 @@ def notes(report: Report) -> list[str]:
             f"onnxruntime latency, 1 thread: float {lat['float']:.2f} ms, converted {lat['converted']:.2f} ms "
             f"({lat['converted'] / lat['float']:.2f}x){two} (median of {int(lat['runs'])} runs, alternating)"
         )
+    if report.time_by_op:
+        lines.append(_time_by_op(report.time_by_op))
     lines += [f"{key.replace('_', ' ')}: {value}" for key, value in report.details.items() if isinstance(value, str)]
     return lines + fidelity(report)
 
@@ -233,3 +236,15 @@ def size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     raise AssertionError
+
+
+def _time_by_op(profile: dict[str, Any]) -> str:
+    """Where the time goes: each model's four costliest op types, and the converted model's Q/DQ kernels."""
+
+    def top(times: list[dict[str, Any]]) -> str:
+        return ", ".join(f"{t['op']} {t['ms']:.2f}" for t in times[:4])
+
+    return (
+        f"time by op, ms per run at 1 thread: float {top(profile['float'])}; converted {top(profile['converted'])}"
+        f" ({profile['transitions_per_run']} Quantize/DequantizeLinear kernels per run)"
+    )
