@@ -72,12 +72,14 @@ def session(
     memory, 10 % more time).
     `initializers`: names and values of the model's initializers that it marks as external.
     `folder`: where the external data of serialized `model` bytes is.
-    `threads`: onnxruntime's intra-op threads (default: its own choice, one per core).
+    `threads`: onnxruntime's intra-op threads (default: its own choice, one per core), for timing: its pool
+    then does not spin after a run, where sessions take turns (a spinning pool takes the core from the next).
     `profile`: where onnxruntime's profiler writes its trace (the path's prefix), None: no profiling.
     """
     options = ort.SessionOptions()
     if threads is not None:
-        options.intra_op_num_threads = threads
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if profile is not None:
         options.enable_profiling = True
         options.profile_file_prefix = str(profile)

@@ -462,23 +462,11 @@ def test_int8_activations_are_symmetric_and_run(digits: Path, digits_data: Path,
 
 
 @pytest.mark.parametrize("flags", [[], ["--asymmetric"], ["--per-tensor"]])
-def test_int4_below_opset_21_is_bit_packed_and_decodes_to_its_grid(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: list[str]
-) -> None:
+@pytest.mark.usefixtures("no_opset_21")
+def test_int4_below_opset_21_is_bit_packed_and_decodes_to_its_grid(tmp_path: Path, flags: list[str]) -> None:
     """Where the version converter cannot reach opset 21 (ddddocr's CRNN fails its checker there), int4
     weights are stored bit-packed at the opset they can have and unpacked in the graph: the file decodes to
     exactly the grid's values the report measured, at about half a byte per weight."""
-    from qconvert.errors import UnsupportedModelError
-    from qconvert.methods import driver
-
-    real = driver.raise_opset
-
-    def refuse(model: onnx.ModelProto, target: int, **kwargs: object) -> onnx.ModelProto:
-        if target >= 21:
-            raise UnsupportedModelError("the model converted to opset 21 fails the ONNX checker")
-        return real(model, target, **kwargs)
-
-    monkeypatch.setattr(driver, "raise_opset", refuse)
     w = (np.random.default_rng(0).standard_normal((64, 96)) * np.geomspace(0.1, 1, 96)).astype(np.float32)
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["y"])],
