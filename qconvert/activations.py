@@ -139,9 +139,7 @@ def ranges(
         found = calibrate.activation_ranges(model, tensors, feeds, method=method)
         return _warned(Ranges(found, feeds.samples, "minmax"), warnings)
     parts = calibrate.sample_parts(model, tensors, feeds)
-    fixed = {CalibrationMethod.MINMAX: "minmax", CalibrationMethod.ENTROPY: "entropy"}.get(
-        method, f"percentile {plan.percentile:g}"
-    )
+    fixed = calibrate.rule_for(method, plan.percentile)
     if not tried:
         return _warned(Ranges(calibrate.ranges_by(parts, fixed), feeds.samples, fixed), warnings)
     held, reference = None, []

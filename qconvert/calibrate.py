@@ -33,8 +33,14 @@ def activation_ranges(
     graph), or percentiles or the entropy rule on a sample of its values (`sample_parts`)."""
     if method is CalibrationMethod.MINMAX:
         return _min_max(model, tensors, feeds)
-    rule = "entropy" if method is CalibrationMethod.ENTROPY else f"percentile {percentile:g}"
-    return ranges_by(sample_parts(model, tensors, feeds, seed), rule)
+    return ranges_by(sample_parts(model, tensors, feeds, seed), rule_for(method, percentile))
+
+
+def rule_for(method: CalibrationMethod, percentile: float) -> str:
+    """The `RULES` name (or "percentile P") of a fixed calibration method (not auto, which chooses)."""
+    return {CalibrationMethod.MINMAX: "minmax", CalibrationMethod.ENTROPY: "entropy"}.get(
+        method, f"percentile {percentile:g}"
+    )
 
 
 def sample_parts(model: onnx.ModelProto, tensors: list[str], feeds: Feeds, seed: int = 0) -> dict[str, list[Part]]:

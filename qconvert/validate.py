@@ -57,7 +57,7 @@ INTERLEAVED_MAX_BYTES = 512 << 20  # models timed side by side up to this size t
 
 @dataclass(frozen=True)
 class Reference:
-    """The float model's side of a comparison: the feeds, its outputs on them, and its latency."""
+    """The float model's side of a comparison: the feeds, its outputs on them, and the model (for timing)."""
 
     feeds: Feeds
     names: list[str]
@@ -104,8 +104,11 @@ def compare(
                 float(np.mean(_top1(ref.outputs[scores]) == labels)),
                 float(np.mean(_top1(new_out[scores]) == labels)),
             )
-    latency = latency_ms(ref.model, quantized_model, feeds.batches[0], plan.latency_runs) if fold else None
-    profile = time_by_op(ref.model, quantized_model, feeds.batches[0], plan.latency_runs) if fold else None
+    latency, profile = None, None
+    if fold and plan.latency_runs:
+        side_by_side = _model_bytes(ref.model) + _model_bytes(quantized_model) <= INTERLEAVED_MAX_BYTES
+        latency = latency_ms(ref.model, quantized_model, feeds.batches[0], plan.latency_runs, side_by_side)
+        profile = time_by_op(ref.model, quantized_model, feeds.batches[0], plan.latency_runs) if side_by_side else None
     metric = None
     if ref.metric is not None:
         metric = MetricResult(ref.metric.name, ref.metric_value, ref.metric(new_out, feeds.labels, ref.outputs))
@@ -152,17 +155,14 @@ def _top1(output: np.ndarray) -> np.ndarray:
 
 
 def latency_ms(
-    float_model: str | bytes, converted: str | bytes, feed: dict[str, np.ndarray], runs: int
-) -> dict[str, float] | None:
+    float_model: str | bytes, converted: str | bytes, feed: dict[str, np.ndarray], runs: int, side_by_side: bool
+) -> dict[str, float]:
     """Median onnxruntime run times (ms) of both models on one batch at 1 and 2 threads ("float",
     "converted"; "float_2t", "converted_2t"), after a warm-up run each. The runs alternate between the models,
-    so that a busy machine slows both alike. Past INTERLEAVED_MAX_BYTES of models: one session at a time, at
-    1 thread only (each session loads the model again)."""
-    if not runs:
-        return None
+    so that a busy machine slows both alike. Not `side_by_side` (past INTERLEAVED_MAX_BYTES of models): one
+    session at a time, at 1 thread only (each session loads the model again)."""
     timed: dict[str, float] = {"runs": float(runs)}
-    together = _model_bytes(float_model) + _model_bytes(converted)
-    if together > INTERLEAVED_MAX_BYTES:
+    if not side_by_side:
         for key, model in (("float", float_model), ("converted", converted)):
             timed.update(_medians({key: session(model, "model to time", threads=1)}, feed, runs))
         return timed
@@ -175,13 +175,8 @@ def latency_ms(
 TRANSITIONS = ("QuantizeLinear", "DequantizeLinear")
 
 
-def time_by_op(
-    float_model: str | bytes, converted: str | bytes, feed: dict[str, np.ndarray], runs: int
-) -> Profile | None:
-    """Where the time goes, from onnxruntime's profiler at 1 thread (`Profile`). None past
-    INTERLEAVED_MAX_BYTES of models, or without runs."""
-    if not runs or _model_bytes(float_model) + _model_bytes(converted) > INTERLEAVED_MAX_BYTES:
-        return None
+def time_by_op(float_model: str | bytes, converted: str | bytes, feed: dict[str, np.ndarray], runs: int) -> Profile:
+    """Where the time goes, from onnxruntime's profiler at 1 thread (`Profile`)."""
     found = {}
     with tempfile.TemporaryDirectory(prefix="qconvert-profile-") as folder:
         for key, model in (("float", float_model), ("converted", converted)):
@@ -189,10 +184,7 @@ def time_by_op(
             for _ in range(runs + 1):  # the first run warms up and is not counted
                 sess.run(None, feed)
             found[key] = _kernel_times(Path(sess.end_profiling()), runs)
-    transitions = sum(found["converted"].pop(f"{op} runs", 0.0) for op in TRANSITIONS)
-    for op in TRANSITIONS:
-        found["float"].pop(f"{op} runs", None)
-    return Profile(found["float"], found["converted"], round(transitions))
+    return Profile(found["float"][0], *found["converted"])
 
 
 @dataclass(frozen=True)
@@ -213,21 +205,21 @@ class Profile:
         return {**listed, "transitions_per_run": self.transitions}
 
 
-def _kernel_times(trace: Path, runs: int) -> dict[str, float]:
-    """Mean ms per run of each op type's kernels in a profiler trace, the first model run left out; and per
-    Quantize/DequantizeLinear, "OP runs": its kernels per run."""
+def _kernel_times(trace: Path, runs: int) -> tuple[dict[str, float], int]:
+    """Mean ms per run of each op type's kernels in a profiler trace, costliest first, the first model run
+    left out; and the Quantize/DequantizeLinear kernels per run."""
     events = json.loads(trace.read_text())
     starts = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
     counted_from = starts[1] if len(starts) > 1 else 0
     times: dict[str, float] = {}
+    transitions = 0
     for event in events:
         if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time") or event["ts"] < counted_from:
             continue
         op = event["args"]["op_name"]
         times[op] = round(times.get(op, 0.0) + event["dur"] / 1000 / runs, 6)
-        if op in TRANSITIONS:
-            times[f"{op} runs"] = times.get(f"{op} runs", 0.0) + 1 / runs
-    return dict(sorted(times.items(), key=lambda item: -item[1]))
+        transitions += op in TRANSITIONS
+    return dict(sorted(times.items(), key=lambda item: -item[1])), round(transitions / runs)
 
 
 def _model_bytes(model: str | bytes) -> int:

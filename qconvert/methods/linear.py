@@ -142,7 +142,7 @@ class Linear:
 def _as_palette(item: qdq.LinearWeight) -> EncodedWeight:
     """The grid as a palette of its 2**bits levels, indices q − qmin: symmetric, one codebook of the integers
     times a scale per channel (what DequantizeLinear computes); with zero points, a codebook per channel."""
-    grid, dtype = item.grid, item.weight.array().dtype
+    grid, dtype = item.grid, onnx.helper.tensor_dtype_to_np_dtype(item.weight.tensor.data_type)
     steps = np.arange(grid.qmin, grid.qmax + 1)
     indices = (to_rows(item.q, item.axis).astype(np.int64) - grid.qmin).astype(np.uint8)
     if not grid.zero_point.any():

@@ -67,14 +67,17 @@ def held_out(plan: AutoPlan, validation: ValidationPlan) -> Iterator[Split]:
 
 
 def _samples(plan: AutoPlan, validation: ValidationPlan) -> tuple[dict[str, np.ndarray], Any, int] | None:
-    """The validation data's arrays, labels and sample count, where it is the calibration data and can be split
-    (None otherwise: what is wrong with unreadable data, validation says)."""
+    """The validation data's arrays, labels and sample count, where it is the calibration data (the same file,
+    or .npz files holding the same inputs) and can be split (None otherwise: what is wrong with unreadable
+    data, validation says)."""
     data = validation.data
+    calibration = plan.calibration or data
+    if data is None or calibration is None or {data.suffix.lower(), calibration.suffix.lower()} != {".npz"}:
+        return None
     try:
-        if data is None or data.suffix.lower() != ".npz" or not _same(plan.calibration or data, data):
+        arrays = _arrays(data)
+        if calibration.resolve() != data.resolve() and not _same_inputs(_arrays(calibration), arrays):
             return None
-        with np.load(data, allow_pickle=False) as stored:
-            arrays = {name: stored[name] for name in stored.files}
         labels = None if validation.labels is None else load_labels(validation.labels)
     except (OSError, ValueError, zipfile.BadZipFile, QConvertError):
         return None
@@ -82,6 +85,17 @@ def _samples(plan: AutoPlan, validation: ValidationPlan) -> tuple[dict[str, np.n
     if samples < HELD_SHARE or (labels is not None and len(labels) != samples):
         return None
     return arrays, labels, samples
+
+
+def _arrays(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as stored:
+        return {name: stored[name] for name in stored.files}
+
+
+def _same_inputs(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    """The same input arrays (labels aside)."""
+    inputs = sorted(set(a) - {LABELS})
+    return inputs == sorted(set(b) - {LABELS}) and all(np.array_equal(a[n], b[n]) for n in inputs)
 
 
 def names(split: Split) -> list[tuple[str, str]]:
@@ -96,17 +110,6 @@ def names(split: Split) -> list[tuple[str, str]]:
     ]
     labels = split.details["labels"]
     return found + ([(str(split.validation.labels), f"{labels} (samples {cut + 1}-{cut + held})")] if labels else [])
-
-
-def _same(calibration: Path, data: Path) -> bool:
-    """The same file, or .npz files holding the same arrays."""
-    if calibration.resolve() == data.resolve():
-        return True
-    if calibration.suffix.lower() != ".npz" or calibration.is_dir() or not calibration.exists():
-        return False
-    with np.load(calibration, allow_pickle=False) as a, np.load(data, allow_pickle=False) as b:
-        inputs = sorted(set(a.files) - {LABELS})
-        return inputs == sorted(set(b.files) - {LABELS}) and all(np.array_equal(a[n], b[n]) for n in inputs)
 
 
 def _held_labels(labels: Any, folder: Path) -> Path:

@@ -215,10 +215,6 @@ def nearest(rows: np.ndarray, codebook: np.ndarray) -> np.ndarray:
 
 def reconstruct(palette: Palette) -> np.ndarray:
     """The [C, n] tensor the palette stands for (the inverse of `palettize`)."""
-    if palette.scale is not None:
-        return palette.codebook[0][palette.indices.astype(np.intp)] * palette.scale[:, None].astype(
-            palette.codebook.dtype
-        )
     return np.take_along_axis(palette.levels(), palette.indices.astype(np.intp), axis=1)
 
 
