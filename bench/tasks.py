@@ -53,6 +53,8 @@ from documents import documents  # noqa: E402
 
 import qconvert  # noqa: E402
 from qconvert.metrics import resolve  # noqa: E402
+from qconvert.runtime import session  # noqa: E402
+from qconvert.validate import medians  # noqa: E402
 
 CACHE = ROOT / "build" / "real"
 SAMPLES = 16
@@ -325,23 +327,8 @@ def _preprocessed(model: Path, out: Path) -> Path:
 
 
 def _session(model: Path, threads: int = 1) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    # the sessions take turns: a pool left spinning after its run would take the core from the next one
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-
-
-def _latencies(sessions: dict[str, ort.InferenceSession], feed: dict[str, np.ndarray]) -> dict[str, float]:
-    """Median ms per run of each session on one sample, all of them in turn each round (noise hits them alike)."""
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(LATENCY_ROUNDS):
-        for name, sess in sessions.items():
-            start = time.perf_counter()
-            sess.run(None, feed)
-            times[name].append(time.perf_counter() - start)
-    return {name: 1000 * float(np.median(t)) for name, t in times.items()}
+    """A session with `threads` that does not spin between runs (the sessions take turns when timed)."""
+    return session(str(model), "model", threads=threads)
 
 
 def _snr(reference: np.ndarray, output: np.ndarray) -> float | None:
@@ -393,7 +380,7 @@ def run(task: Task, model: Path, folder: Path) -> list[dict[str, object]]:
         )
         outputs[label] = out
     for threads in (1, 2):
-        latency = _latencies({k: _session(v, threads) for k, v in outputs.items()}, {name: inputs[:1]})
+        latency = medians({k: _session(v, threads) for k, v in outputs.items()}, {name: inputs[:1]}, LATENCY_ROUNDS)
         for row in rows:
             if row["mode"] in latency:
                 row[f"latency_ratio_{threads}t"] = latency[str(row["mode"])] / latency["float"]

@@ -164,11 +164,11 @@ def latency_ms(
     timed: dict[str, float] = {"runs": float(runs)}
     if not side_by_side:
         for key, model in (("float", float_model), ("converted", converted)):
-            timed.update(_medians({key: session(model, "model to time", threads=1)}, feed, runs))
+            timed.update(medians({key: session(model, "model to time", threads=1)}, feed, runs))
         return timed
     for threads, suffix in ((1, ""), (2, "_2t")):
         models = {f"float{suffix}": float_model, f"converted{suffix}": converted}
-        timed.update(_medians({k: session(m, "model to time", threads=threads) for k, m in models.items()}, feed, runs))
+        timed.update(medians({k: session(m, "model to time", threads=threads) for k, m in models.items()}, feed, runs))
     return timed
 
 
@@ -232,7 +232,9 @@ def _model_bytes(model: str | bytes) -> int:
     return os.path.getsize(model) + sum(os.path.getsize(os.path.join(folder, f)) for f in files)
 
 
-def _medians(sessions: dict[str, ort.InferenceSession], feed: dict[str, np.ndarray], runs: int) -> dict[str, float]:
+def medians(sessions: dict[str, ort.InferenceSession], feed: dict[str, np.ndarray], runs: int) -> dict[str, float]:
+    """Median ms per run of each session on `feed`, after a warm-up run each; the sessions take turns every
+    round, so that a busy machine slows them alike."""
     times: dict[str, list[float]] = {key: [] for key in sessions}
     for sess in sessions.values():
         sess.run(None, feed)
