@@ -6,7 +6,7 @@ result.save("model.kmeans4.onnx")
 print(result.report.to_markdown())
 """
 
-from qconvert.api import Conversion, auto, compare, debug, inspect, kmeans, linear, run
+from qconvert.api import Conversion, auto, compare, debug, float16, inspect, kmeans, linear, run
 from qconvert.errors import (
     CannotRunError,
     GateFailed,
@@ -31,6 +31,7 @@ __all__ = [
     "auto",
     "compare",
     "debug",
+    "float16",
     "inspect",
     "kmeans",
     "linear",

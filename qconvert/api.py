@@ -30,7 +30,7 @@ from qconvert.mixed import holdout
 from qconvert.mixed import search as auto_search
 from qconvert.pipeline import NO_GATES, Conversion, Trials, compare_models, prepare, write
 from qconvert.pipeline import convert as run_plan
-from qconvert.plan import AutoPlan, Granularity, KMeansPlan, LinearPlan, Plan, ValidationPlan
+from qconvert.plan import AnyPlan, AutoPlan, Float16Plan, Granularity, KMeansPlan, LinearPlan, ValidationPlan
 from qconvert.report import Report
 
 ModelSource = str | os.PathLike[str] | onnx.ModelProto
@@ -112,6 +112,31 @@ def linear(
     )
 
 
+def float16(
+    model: ModelSource,
+    *,
+    keep_io_types: bool = True,
+    calibration: Data | None = None,
+    data: Data | None = None,
+    labels: Any = None,
+    output: str | os.PathLike[str] | None = None,
+    validate: bool = True,
+    keep_failed: bool = False,
+    progress: Progress | None = None,
+    **options: Any,
+) -> Conversion:
+    """The model computed in float16 where its ops allow it and the data (`calibration`, else `data`) says it
+    holds: ops that overflow or drift stay float32 with Casts around them. `options`: any other field of
+    `Float16Plan` (keep, target_snr), of `ValidationPlan`, or a gate (see `kmeans`).
+
+        result = qconvert.float16("model.onnx", data="val.npz", output="model.float16.onnx")
+    """
+    fields = {"keep_io_types": keep_io_types}
+    return _convert(
+        Float16Plan, model, fields, options, calibration, data, labels, validate, output, keep_failed, 1, progress
+    )
+
+
 def auto(
     model: ModelSource,
     *,
@@ -145,7 +170,7 @@ def auto(
 
 
 def run(
-    plan: Plan | AutoPlan,
+    plan: AnyPlan | AutoPlan,
     model: Path,
     validation: ValidationPlan | None,
     gates: Gates = NO_GATES,

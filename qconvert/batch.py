@@ -11,7 +11,7 @@ from qconvert import io
 from qconvert.errors import ExitCode, QConvertError, UsageError
 from qconvert.gates import Gates
 from qconvert.pipeline import convert, default_output
-from qconvert.plan import Plan, ValidationPlan
+from qconvert.plan import AnyPlan, ValidationPlan
 
 WORKERS = 2
 
@@ -20,7 +20,7 @@ WORKERS = 2
 class Job:
     model: Path
     output: Path
-    plan: Plan
+    plan: AnyPlan
     validation: ValidationPlan | None
     gates: Gates
     keep_failed: bool
@@ -86,5 +86,5 @@ def _run(job: Job) -> Outcome:
     )
 
 
-def output_for(model: Path, directory: Path, plan: Plan) -> Path:
+def output_for(model: Path, directory: Path, plan: AnyPlan) -> Path:
     return directory / default_output(model, plan).name

@@ -26,12 +26,14 @@ from qconvert.mixed.search import plan_toml
 from qconvert.pipeline import TOO_BIG_FOR_A_STREAM, compare_models, default_output
 from qconvert.plan import (
     DEFAULT_MIN_ELEMENTS,
+    FLOAT16_TARGET_SNR,
+    AnyPlan,
     AutoPlan,
     CalibrationMethod,
+    Float16Plan,
     Granularity,
     KMeansPlan,
     LinearPlan,
-    Plan,
 )
 from qconvert.render.debug import page as debug_page
 from qconvert.render.debug import terminal as debug_view
@@ -166,6 +168,7 @@ def _give_back_big_buffers() -> None:
     "Inputs for the data-aware palettes and bias correction: an .npz (one array per input, axis 0 = "
     "samples) or a folder of images (see --image-size ... --std) [default: --data]."
 )
+@options.FLOAT16
 @options.VALIDATION
 @options.GATES
 @options.OUTPUT
@@ -196,6 +199,7 @@ def kmeans(models: tuple[Path, ...], **o: Any) -> None:
         raise_opset=not o["keep_opset"],
         max_codebook_overhead=o["max_codebook_overhead"],
         group_size=o["group_size"],
+        float16=o["float16"],
         overrides=layer_overrides(),
         **options.plan_fields(o),
     )
@@ -259,6 +263,7 @@ def kmeans(models: tuple[Path, ...], **o: Any) -> None:
     "help on held-out calibration samples.",
 )
 @options.selection(1)
+@options.FLOAT16
 @options.VALIDATION
 @options.GATES
 @options.OUTPUT
@@ -291,8 +296,69 @@ def linear(models: tuple[Path, ...], **o: Any) -> None:
         percentile=o["percentile"],
         activation_type=o["activation_type"],
         float_activations=_count_or_auto(o["float_activations"], "--float-activations"),
+        float16=o["float16"],
         overrides=layer_overrides(),
         **options.plan_fields(o),
+    )
+    _dispatch(models, plan, o)
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path, allow_dash=True))
+@click.option(
+    "--keep-io-types/--no-keep-io-types",
+    default=True,
+    show_default=True,
+    help="Inputs and outputs stay float32 (Casts inside the graph), or become float16.",
+)
+@click.option(
+    "--keep",
+    multiple=True,
+    metavar="OP|NODE",
+    help="Op types or node names (exact or glob) that stay float32 (repeatable).",
+)
+@click.option(
+    "--target-snr",
+    type=float,
+    default=FLOAT16_TARGET_SNR,
+    show_default=True,
+    metavar="DB",
+    help="Ops stay float32, those that drift most first, until every output's SNR vs float32 on the search "
+    "data reaches this.",
+)
+@click.option(
+    "--calibration",
+    type=click.Path(path_type=Path),
+    help="Inputs the search runs on: an .npz (one array per input) or a folder of images [default: --data].",
+)
+@options.IMAGES
+@options.VALIDATION
+@options.GATES
+@options.OUTPUT
+@options.CONFIG
+def float16(models: tuple[Path, ...], **o: Any) -> None:
+    """Compute in float16: half the file, for GPU and NPU runtimes.
+
+    Every float tensor, constant and op becomes float16 where the op has a float16 form at the model's
+    opset. Ops stay float32, with Casts around them, where float16 would break them: values past its
+    range on the data (a BatchNorm's variance, large activations), shape arithmetic, index and box
+    arithmetic (TopK, NonMaxSuppression, RoiAlign ...); then, while an output's SNR vs float32 on the data
+    (--calibration, else --data, else random inputs) is under --target-snr, the ops whose own float16
+    rounding costs most. onnxruntime's CPU runs most float16 ops through float32 kernels, so the
+    validation measures float16's storage of every tensor, not a GPU's arithmetic.
+
+    \b
+    Examples:
+      qconvert float16 model.onnx --data val.npz
+      qconvert float16 model.onnx --no-keep-io-types --keep Softmax --keep 'head/*'
+      qconvert kmeans model.onnx --bits 4 --float16     # palettized, the rest in float16
+    """
+    plan = Float16Plan(
+        keep_io_types=o["keep_io_types"],
+        keep=tuple(o["keep"]),
+        target_snr=o["target_snr"],
+        calibration=o["calibration"],
+        preprocessing=options.preprocessing(o),
     )
     _dispatch(models, plan, o)
 
@@ -475,7 +541,7 @@ def _count_or_auto(value: str, option: str) -> int | str:
         raise UsageError(f"{option} takes a count or 'auto', got {value!r}") from None
 
 
-def _dispatch(models: tuple[Path, ...], plan: Plan, o: dict[str, Any]) -> None:
+def _dispatch(models: tuple[Path, ...], plan: AnyPlan, o: dict[str, Any]) -> None:
     """One model: the full single-model behaviour. Several, or a directory: batch into -o DIR."""
     if len(models) == 1 and not models[0].is_dir():
         _run(models[0], plan, o)
@@ -483,7 +549,7 @@ def _dispatch(models: tuple[Path, ...], plan: Plan, o: dict[str, Any]) -> None:
         _run_batch(models, plan, o)
 
 
-def _run_batch(models: tuple[Path, ...], plan: Plan, o: dict[str, Any]) -> None:
+def _run_batch(models: tuple[Path, ...], plan: AnyPlan, o: dict[str, Any]) -> None:
     output = o["output"]
     if (
         output is None
@@ -529,7 +595,7 @@ def _run_batch(models: tuple[Path, ...], plan: Plan, o: dict[str, Any]) -> None:
         raise CliError(f"{len(failed)} of {len(outcomes)} models failed; first: {failed[0].message}", code)
 
 
-def _run(model: Path, plan: Plan | AutoPlan, o: dict[str, Any]) -> None:
+def _run(model: Path, plan: AnyPlan | AutoPlan, o: dict[str, Any]) -> None:
     """One model: convert, write the model and the reports, print the summary (or the JSON)."""
     from_stdin, to_stdout = str(model) == "-", o["output"] is not None and str(o["output"]) == "-"
     if to_stdout and o["as_json"]:
@@ -573,7 +639,7 @@ def _run(model: Path, plan: Plan | AutoPlan, o: dict[str, Any]) -> None:
     _finish(report, console, o["as_json"])
 
 
-def _target(model: Path, plan: Plan | AutoPlan, output: Path | None) -> Path:
+def _target(model: Path, plan: AnyPlan | AutoPlan, output: Path | None) -> Path:
     """Where the model goes: -o, a file of the default name in -o's folder, or beside the input."""
     if str(model) == "-" and output is None:
         raise click.UsageError("reading the model from stdin (-) needs -o PATH or -o -")

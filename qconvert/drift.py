@@ -89,11 +89,11 @@ def debug(float_path: Path, converted_path: Path, validation: ValidationPlan, ju
     else:  # one sample per run
         feeds = _first_samples(feeds)
     names = [out for _, _, out in matched]
-    sums = _drift(reference, converted, names, seen, feeds)
+    sums = energies(reference, converted, names, seen, feeds)
     report = DebugReport(
         str(float_path), str(converted_path), feeds.samples, feeds.source, unmatched=len(order) - len(matched)
     )
-    report.tensors = [TensorDrift(out, node.op_type, i, _db(*sums[out])) for i, node, out in matched]
+    report.tensors = [TensorDrift(out, node.op_type, i, db(*sums[out])) for i, node, out in matched]
     snr = {t.name: t.snr_db for t in report.tensors}
     found = _largest_jumps(reference, [(n, o) for _, n, o in matched], snr, jumps)
     report.jumps = _explain(reference, converted, found, snr, seen, feeds)
@@ -163,7 +163,7 @@ def _runs(model: onnx.ModelProto, names: list[str], feeds: Feeds, what: str) -> 
     return [dict(zip(names, out)) for out in run_batches(sess, feeds, what, output_names=list(dict.fromkeys(names)))]
 
 
-def _drift(
+def energies(
     reference: onnx.ModelProto, converted: onnx.ModelProto, names: list[str], seen: dict[str, str], feeds: Feeds
 ) -> dict[str, tuple[float, float]]:
     """Per tensor: (signal, error) energy over the samples, one batch of both models at a time."""
@@ -253,8 +253,8 @@ def _attributed(
     ]
     input_only = [{**{x: c[seen.get(x, x)] for x in a.data}, **a.float_params} for c in converted_runs]
     truth = [run[out] for run in float_runs]
-    weight_snr = _db(*_energy(truth, _single(a.node, weight_only, reference)))
-    input_snr = _db(*_energy(truth, _single(a.node, input_only, reference)))
+    weight_snr = db(*_energy(truth, _single(a.node, weight_only, reference)))
+    input_snr = db(*_energy(truth, _single(a.node, input_only, reference)))
     weight_noise, input_noise = _noise(weight_snr), _noise(input_snr)
     cause = "unknown"
     if max(weight_noise, input_noise) > 0:
@@ -302,7 +302,7 @@ def _energy(truth: list[np.ndarray], found: list[np.ndarray]) -> tuple[float, fl
     return signal, error
 
 
-def _db(signal: float, error: float) -> float | None:
+def db(signal: float, error: float) -> float | None:
     if error == 0:
         return None
     if not np.isfinite(error):

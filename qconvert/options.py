@@ -219,6 +219,12 @@ CODEBOOK_OVERHEAD = click.option(
     "(the weight stays per-tensor).",
 )
 
+FLOAT16 = click.option(
+    "--float16",
+    is_flag=True,
+    help="Then the rest in float16 as `qconvert float16` does: codebooks, scales, weights left float, activations.",
+)
+
 CONFIG = click.option(
     "--config",
     type=FILE,

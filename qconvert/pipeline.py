@@ -17,10 +17,11 @@ from qconvert import io, validate
 from qconvert.errors import CannotRunError, QConvertError, UnsupportedModelError, UsageError, first_line
 from qconvert.gates import GateResult, Gates
 from qconvert.gates import evaluate as evaluate_gates
+from qconvert.methods import half
 from qconvert.methods.common import Progress, Step
 from qconvert.methods.driver import quantize_model
 from qconvert.opset import default_opset
-from qconvert.plan import AutoPlan, Granularity, KMeansPlan, Plan, ValidationPlan
+from qconvert.plan import AnyPlan, AutoPlan, Float16Plan, Granularity, KMeansPlan, Plan, ValidationPlan
 from qconvert.report import OpsetChange, Report
 
 NO_GATES = Gates()
@@ -97,7 +98,7 @@ class _State:
     """What the stages of one conversion hand on."""
 
     source: Path
-    plan: Plan
+    plan: AnyPlan
     validation: ValidationPlan | None
     gates: Gates
     progress: Progress
@@ -128,22 +129,25 @@ def _lap(timings: dict[str, float], name: str, since: float) -> float:
     return now
 
 
-def default_output(input_path: Path, plan: Plan | AutoPlan) -> Path:
-    """model.onnx -> model.kmeans4.onnx, model.kmeans4pc.onnx, model.int8pc.onnx, model.auto.onnx ..."""
+def default_output(input_path: Path, plan: AnyPlan | AutoPlan) -> Path:
+    """model.onnx -> model.kmeans4.onnx, model.kmeans4pc.onnx, model.int8pc.onnx, model.auto.onnx,
+    model.float16.onnx, model.kmeans4-f16.onnx ..."""
     if isinstance(plan, AutoPlan):
         return input_path.with_name(f"{input_path.stem}.auto.onnx")
+    if isinstance(plan, Float16Plan):
+        return input_path.with_name(f"{input_path.stem}.float16.onnx")
     pc = "pc" if plan.granularity is Granularity.PER_CHANNEL else ""
     if isinstance(plan, KMeansPlan):
         tag = f"kmeans{plan.bits}{pc}"
     else:
         tag = f"int{plan.bits}{pc}{'-qdq' if plan.activations else ''}"
-    return input_path.with_name(f"{input_path.stem}.{tag}.onnx")
+    return input_path.with_name(f"{input_path.stem}.{tag}{'-f16' if plan.float16 else ''}.onnx")
 
 
 def convert(
     input_path: Path,
     output_path: Path | None,
-    plan: Plan,
+    plan: AnyPlan,
     validation: ValidationPlan | None,
     progress: Progress = lambda _: None,
     gates: Gates = NO_GATES,
@@ -168,7 +172,7 @@ def convert(
 
 def prepare(
     input_path: Path,
-    plan: Plan,
+    plan: AnyPlan,
     validation: ValidationPlan | None,
     progress: Progress = lambda _: None,
     gates: Gates = NO_GATES,
@@ -216,7 +220,12 @@ def _load(state: _State) -> None:
             "supports; convert it first (onnx.version_converter)"
         )
     plan = state.plan
-    if _data(state) is not None and state.input_bytes > TECHNIQUES_LIMIT and (plan.data_aware or plan.bias_correction):
+    if (
+        not isinstance(plan, Float16Plan)
+        and (plan.data_aware or plan.bias_correction)
+        and _data(state) is not None
+        and state.input_bytes > TECHNIQUES_LIMIT
+    ):
         state.plan = dataclasses.replace(plan, data_aware=False, bias_correction=False)
         state.warnings.append(
             f"data-aware quantization and bias correction skipped: on {state.input_bytes / 1e9:.1f} GB of weights "
@@ -233,10 +242,23 @@ def _data(state: _State) -> Path | None:
 def _quantize(state: _State) -> None:
     model, state.model = state.model, None  # the step owns it: a model it converts to another opset must not stay
     assert model is not None
-    palettes = state.trials.palettes if state.trials else None
-    state.step = quantize_model(model, state.plan, state.progress, state.workers, _data(state), palettes)
+    plan, data = state.plan, _data(state)
+    if isinstance(plan, Float16Plan):
+        state.step = half.step(model, plan, state.progress, data, state.validation)
+    else:
+        palettes = state.trials.palettes if state.trials else None
+        state.step = quantize_model(model, plan, state.progress, state.workers, data, palettes)
+        if plan.float16:
+            _halve(state, state.step, plan, data)
     state.warnings += state.step.warnings
     state.lap("quantize")
+
+
+def _halve(state: _State, step: Step, plan: Plan, data: Path | None) -> None:
+    """`--float16`: the quantized model's remaining float parts in float16, judged against it."""
+    rest = Float16Plan(calibration=plan.calibration, preprocessing=plan.preprocessing)
+    step.model, step.details["float16"], warnings = half.halve(step.model, rest, state.progress, data, state.validation)
+    step.warnings += warnings
 
 
 def _serialize(state: _State) -> None:
@@ -383,7 +405,7 @@ def _plain(value: object) -> object:
     return value
 
 
-def _options(plan: Plan | None, validation: ValidationPlan | None) -> dict[str, object]:
+def _options(plan: AnyPlan | None, validation: ValidationPlan | None) -> dict[str, object]:
     options = {k: _plain(v) for k, v in dataclasses.asdict(plan).items()} if plan is not None else {}
     options["validate"] = validation is not None
     if validation is not None:

@@ -85,6 +85,7 @@ class KMeansPlan:
     equalize: bool | None = None  # cross-layer equalization (`qconvert.equalize`); None: for weights-only plans
     data_aware: bool = True  # with calibration data: minimise each layer's output error, not its weight error
     bias_correction: bool = True  # with calibration data: keep each layer's mean output
+    float16: bool = False  # then the rest in float16: codebooks, scales, weights left float, activations
 
     def __post_init__(self) -> None:
         for o in self.overrides:  # the driver checks that a method of that name is registered
@@ -135,6 +136,7 @@ class LinearPlan:
     overrides: tuple[LayerOverride, ...] = ()
     data_aware: bool = True  # with calibration data (or --data): clipping ranges that minimise the output error
     bias_correction: bool = True
+    float16: bool = False  # then the rest in float16: scales, weights left float, activations (as `Float16Plan`)
 
     def __post_init__(self) -> None:
         if any(o.method == "kmeans" for o in self.overrides):
@@ -161,6 +163,11 @@ class LinearPlan:
             raise UsageError(f"--percentile must be in (50, 100], got {self.percentile}")
         if self.min_elements < 1:
             raise UsageError(f"--min-elements must be at least 1, got {self.min_elements}")
+        if self.float16 and self.activations:
+            raise UsageError(
+                "--float16 goes with weights-only plans: with activations quantized, QuantizeLinear and "
+                "DequantizeLinear take float32 (add --weights-only, or drop --float16)"
+            )
 
     @property
     def method(self) -> str:
@@ -172,7 +179,29 @@ class LinearPlan:
         return self.calibration is not None and not self.weights_only
 
 
-Plan = KMeansPlan | LinearPlan
+FLOAT16_TARGET_SNR = 40.0
+
+
+@dataclass(frozen=True)
+class Float16Plan:
+    """Compute in float16 wherever the model's ops allow it and the data says it holds (`qconvert.fp16`)."""
+
+    keep_io_types: bool = True  # inputs and outputs stay float32 (Casts inside the graph)
+    keep: tuple[str, ...] = ()  # op types or node names (globs) that stay float32 whatever the search finds
+    target_snr: float = FLOAT16_TARGET_SNR  # dB vs the float32 model: ops stay float32 until every output meets it
+    calibration: Path | None = None  # inputs the search measures on [default: --data]
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)  # for a folder of images
+
+    @property
+    def method(self) -> str:
+        return "float16"
+
+    def keeps(self, op_type: str, name: str) -> bool:
+        return any(op_type == k or name == k or fnmatch.fnmatchcase(name, k) for k in self.keep)
+
+
+Plan = KMeansPlan | LinearPlan  # the quantizing plans
+AnyPlan = Plan | Float16Plan  # what one conversion (`pipeline.convert`) runs
 
 
 @dataclass(frozen=True)

@@ -197,7 +197,7 @@ def run_batches(
     """Each batch's outputs, one batch at a time; a failing run becomes a one-line error."""
     for feed in feeds.batches:
         try:
-            yield sess.run(output_names, feed)
+            yield sess.run(output_names, fitted(sess, feed))
         except Exception as e:
             shapes = ", ".join(f"{k}[{'x'.join(map(str, v.shape))}]" for k, v in feed.items())
             raise CannotRunError(
@@ -205,6 +205,12 @@ def run_batches(
                 "(set symbolic dimensions with --input-shape NAME=DIMS)",
                 what,
             ) from e
+
+
+def fitted(sess: ort.InferenceSession, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The feed with its float arrays in the float type each input takes (a float16 model's float32 data)."""
+    floats = {i.name: ORT_TYPES[i.type] for i in sess.get_inputs() if i.type in ("tensor(float)", "tensor(float16)")}
+    return {k: v.astype(floats[k], copy=False) if v.dtype.kind == "f" and k in floats else v for k, v in feed.items()}
 
 
 def run_with_outputs(

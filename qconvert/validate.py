@@ -16,7 +16,7 @@ import onnxruntime as ort
 from qconvert.metrics import Metric, MetricResult, resolve
 from qconvert.plan import ValidationPlan
 from qconvert.quant.layout import snr_db
-from qconvert.runtime import Feeds, build_feeds, run_batches, session
+from qconvert.runtime import Feeds, build_feeds, fitted, run_batches, session
 
 
 @dataclass(frozen=True)
@@ -181,8 +181,9 @@ def time_by_op(float_model: str | bytes, converted: str | bytes, feed: dict[str,
     with tempfile.TemporaryDirectory(prefix="qconvert-profile-") as folder:
         for key, model in (("float", float_model), ("converted", converted)):
             sess = session(model, "model to profile", threads=1, profile=Path(folder, key))
+            fed = fitted(sess, feed)
             for _ in range(runs + 1):  # the first run warms up and is not counted
-                sess.run(None, feed)
+                sess.run(None, fed)
             found[key] = _kernel_times(Path(sess.end_profiling()), runs)
     return Profile(found["float"][0], *found["converted"])
 
@@ -236,11 +237,12 @@ def medians(sessions: dict[str, ort.InferenceSession], feed: dict[str, np.ndarra
     """Median ms per run of each session on `feed`, after a warm-up run each; the sessions take turns every
     round, so that a busy machine slows them alike."""
     times: dict[str, list[float]] = {key: [] for key in sessions}
-    for sess in sessions.values():
-        sess.run(None, feed)
+    feeds = {key: fitted(sess, feed) for key, sess in sessions.items()}
+    for key, sess in sessions.items():
+        sess.run(None, feeds[key])
     for _ in range(runs):
         for key, sess in sessions.items():
             start = time.perf_counter()
-            sess.run(None, feed)
+            sess.run(None, feeds[key])
             times[key].append(time.perf_counter() - start)
     return {key: 1000 * float(np.median(t)) for key, t in times.items()}

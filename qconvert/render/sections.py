@@ -44,6 +44,14 @@ def storage_line(report: Report) -> str:
     line = f"opset {report.opset.before} -> {report.opset.after}, stored as {report.opset.storage}"
     if report.method == "compare":
         return line
+    if isinstance(half := report.details.get("float16"), dict) and report.method == "float16":
+        return (
+            f"{len(report.weights)} weights stored as float16, {len(report.skipped)} left float32; "
+            f"{half['float16_ops']} ops in float16, {half['float32_ops']} kept float32, {half['casts']} Casts; "
+            f"opset {report.opset.before}"
+        )
+    if isinstance(half, dict):
+        line += f"; the rest in float16 ({half['float32_ops']} ops kept float32, {half['casts']} Casts)"
     kinds = Counter(w.granularity for w in report.weights)
     widths = "/".join(str(b) for b in sorted({w.bits for w in report.weights})) or str(report.options.get("bits"))
     verb = "palettized" if report.method == "kmeans" else "quantized"
