@@ -179,7 +179,7 @@ class LinearPlan:
         return self.calibration is not None and not self.weights_only
 
 
-FLOAT16_TARGET_SNR = 40.0
+FLOAT16_TARGET_SNR = 30.0  # dB: float16 measured 40-81 dB on the bench models with their task metrics unchanged
 
 
 @dataclass(frozen=True)

@@ -206,7 +206,8 @@ def _weights(weights: Iterable[Weight], converted: onnx.ModelProto) -> tuple[lis
     for weight in weights:
         tensor = stored.get(weight.name)
         if weight.graph_path != MAIN_GRAPH or tensor is None or tensor.data_type != fp16.HALF:
-            skipped.append(Skipped(weight.name, weight.op_types, "read by an op that stays float32", weight.shape))
+            why = "read by an op that stays float32" if weight.graph_path == MAIN_GRAPH else "in a subgraph"
+            skipped.append(Skipped(weight.name, weight.op_types, why, weight.shape))
             continue
         array = weight.array()
         half = onnx.numpy_helper.to_array(tensor)
