@@ -142,7 +142,7 @@ def _give_back_big_buffers() -> None:
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
-@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path, allow_dash=True))
+@options.MODELS
 @click.option(
     "--bits", "-b", type=click.IntRange(1, 8), required=True, help="Index bits: 2**bits centroids per codebook (1-8)."
 )
@@ -207,7 +207,7 @@ def kmeans(models: tuple[Path, ...], **o: Any) -> None:
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
-@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path, allow_dash=True))
+@options.MODELS
 @click.option(
     "--bits", "-b", type=click.Choice(["8", "4"]), default="8", show_default=True, help="Integer width of the weights."
 )
@@ -304,7 +304,7 @@ def linear(models: tuple[Path, ...], **o: Any) -> None:
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
-@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path, allow_dash=True))
+@options.MODELS
 @click.option(
     "--keep-io-types/--no-keep-io-types",
     default=True,

@@ -29,6 +29,8 @@ def bundle(*options: Decorator) -> Decorator:
     return apply
 
 
+MODELS = click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path, allow_dash=True))
+
 VALIDATION = bundle(
     click.option(
         "--validate/--no-validate",

@@ -1,4 +1,4 @@
-"""The float16 step: `qconvert.fp16`, and `--float16` after another method's step.
+"""The float16 step: `qconvert float16`, and `--float16` after another method's step.
 
 `qconvert.fp16` rewrites the graph; this step decides on data which nodes stay float32 beyond those that
 must (`fp16.analyse`) and those the plan keeps:
@@ -39,7 +39,7 @@ ROUNDING_DB = 68.0  # dB: float16 rounding of a tensor (11 significant bits): wh
 def step(
     model: onnx.ModelProto, plan: Float16Plan, progress: Progress, data: Path | None, validation: ValidationPlan | None
 ) -> Step:
-    """`qconvert.fp16`: the model in float16, its weights reported as stored."""
+    """`qconvert float16`: the model in float16, its weights reported as stored."""
     opset = default_opset(model)
     selection = select_weights(model, min_elements=1, exclude=())
     converted, details, warnings = halve(model, plan, progress, data, validation)
@@ -96,14 +96,14 @@ def _search(
     MIN_GAIN dB is undone and ends the search. The kept nodes, the model, its Casts, and the worst output SNR
     of each model tried, the one returned last (None: exact)."""
     converted, casts = fp16.convert(graph, kept, plan.keep_io_types)
-    sums = _errors(converted, graph, feeds)
-    worst = _worst(graph, sums)
+    worst = _worst(graph, _errors(converted, graph, feeds, inside=False))
     history = [worst]
     producers = {out: i for i, node in enumerate(graph.model.graph.node) for out in node.output}
     for round_ in range(ROUNDS):
         if worst >= plan.target_snr:
             break
         progress(f"float16: outputs at {worst:.1f} dB, under {plan.target_snr:g}: keeping more ops float32")
+        sums = _errors(converted, graph, feeds, inside=True)
         trial = dict(kept)
         for i, drop in _largest_drops(graph, sums, kept, 1 << round_):
             trial[i] = _why(drop)
@@ -114,11 +114,10 @@ def _search(
         if len(trial) == len(kept):
             break
         trial_model, trial_casts = fp16.convert(graph, trial, plan.keep_io_types)
-        trial_sums = _errors(trial_model, graph, feeds)
-        history.append(_worst(graph, trial_sums))
+        history.append(_worst(graph, _errors(trial_model, graph, feeds, inside=False)))
         if history[-1] < worst + MIN_GAIN:
             break
-        kept, converted, casts, sums, worst = trial, trial_model, trial_casts, trial_sums, history[-1]
+        kept, converted, casts, worst = trial, trial_model, trial_casts, history[-1]
     return kept, converted, casts, [None if h == float("inf") else round(h, 2) for h in (*history, worst)]
 
 
@@ -166,10 +165,14 @@ def _out_of_range(graph: fp16.Graph, feeds: Feeds, kept: dict[int, str]) -> dict
     return found
 
 
-def _errors(converted: onnx.ModelProto, graph: fp16.Graph, feeds: Feeds) -> dict[str, tuple[float, float]]:
-    """(signal, error) energy of every float tensor of the float16 model against the model before."""
+def _errors(
+    converted: onnx.ModelProto, graph: fp16.Graph, feeds: Feeds, inside: bool
+) -> dict[str, tuple[float, float]]:
+    """(signal, error) energy of the float16 model's outputs (`inside`: and of every float tensor) against
+    the model before."""
     outputs = [o.name for o in graph.model.graph.output if graph.is_float(o.name)]
-    return energies(graph.model, converted, [*dict.fromkeys([*_float_tensors(graph), *outputs])], {}, feeds)
+    names = [*_float_tensors(graph), *outputs] if inside else outputs
+    return energies(graph.model, converted, [*dict.fromkeys(names)], {}, feeds)
 
 
 def _snr(signal: float, error: float) -> float:
