@@ -262,6 +262,15 @@ def kmeans(models: tuple[Path, ...], **o: Any) -> None:
     help="Full QDQ: leave float the N activations whose quantization loses most; auto: as many as measurably "
     "help on held-out calibration samples.",
 )
+@click.option(
+    "--block-size",
+    type=click.IntRange(min=0),
+    default=None,
+    metavar="B",
+    help="A scale per B weights along each weight's input axis (DequantizeLinear block_size, opset 21; below it, "
+    "per channel); 0: none [default: for int4, blocks of 32 where they gain more than ~6 dB per bit their "
+    "scales cost].",
+)
 @options.selection(1)
 @options.FLOAT16
 @options.VALIDATION
@@ -297,6 +306,7 @@ def linear(models: tuple[Path, ...], **o: Any) -> None:
         activation_type=o["activation_type"],
         float_activations=_count_or_auto(o["float_activations"], "--float-activations"),
         float16=o["float16"],
+        block_size=o["block_size"],
         overrides=layer_overrides(),
         **options.plan_fields(o),
     )

@@ -137,6 +137,7 @@ class LinearPlan:
     data_aware: bool = True  # with calibration data (or --data): clipping ranges that minimise the output error
     bias_correction: bool = True
     float16: bool = False  # then the rest in float16: scales, weights left float, activations (as `Float16Plan`)
+    block_size: int | None = None  # a scale per this many weights along the input axis (None: int4 weighs 32; 0: none)
 
     def __post_init__(self) -> None:
         if any(o.method == "kmeans" for o in self.overrides):
@@ -163,6 +164,15 @@ class LinearPlan:
             raise UsageError(f"--percentile must be in (50, 100], got {self.percentile}")
         if self.min_elements < 1:
             raise UsageError(f"--min-elements must be at least 1, got {self.min_elements}")
+        if self.block_size is not None and (self.block_size < 0 or self.block_size == 1):
+            raise UsageError(f"--block-size must be 0 (no blocks) or at least 2, got {self.block_size}")
+        if self.block_size and self.granularity is Granularity.PER_TENSOR:
+            raise UsageError("--block-size and --per-tensor contradict each other: blocks are within channels")
+        if self.block_size and self.activations:
+            raise UsageError(
+                "--block-size goes with weights-only plans: onnxruntime's integer kernels take a scale per channel "
+                "(add --weights-only, or drop --block-size)"
+            )
         if self.float16 and self.activations:
             raise UsageError(
                 "--float16 goes with weights-only plans: with activations quantized, QuantizeLinear and "

@@ -12,7 +12,7 @@ from onnx import helper, numpy_helper
 
 from qconvert import io
 from qconvert.opset import without_weights
-from qconvert.quant.layout import from_rows, to_rows
+from qconvert.quant.layout import from_rows, per_block, to_rows
 from qconvert.quant.linear import Grid, clipped_grid, dequantize, grid_for, quantize
 from qconvert.rewrite import GraphEdit, NameSource, drop_initializers, replace_weights, set_nodes, use_counts
 from qconvert.select import Weight, constant_value
@@ -55,15 +55,18 @@ class LinearWeight:
     bits: int
     integers: np.ndarray | None = None  # q; None: quantized again from the weight's array when asked
     packed: bool = False  # int4 below opset 21: stored bit-packed, unpacked in the graph (`methods.linear`)
+    block: int = 0  # B: a grid per B consecutive values along `axis` (the input axis), not per channel
 
     @property
     def q(self) -> np.ndarray:
         """The integers, in the weight's layout."""
-        return self.integers if self.integers is not None else on_grid(self.weight.array(), self.grid, self.axis)
+        if self.integers is not None:
+            return self.integers
+        return on_grid(self.weight.array(), self.grid, self.axis, self.block)
 
     def dequantized(self) -> np.ndarray:
-        rows = dequantize(to_rows(self.q, self.axis), self.grid)
-        return from_rows(rows, self.weight.shape, self.axis)
+        rows = dequantize(to_rows(self.q, self.axis, self.block), self.grid)
+        return from_rows(rows, self.weight.shape, self.axis, self.block)
 
     @property
     def storage(self) -> type:
@@ -81,24 +84,25 @@ def quantize_weight(
     axis: int | None,
     importance: np.ndarray | None = None,
     keep: bool = True,
+    block: int = 0,
 ) -> LinearWeight:
     """Min/max grids, or with `importance` (error weights broadcastable to the array) the clipped
-    ranges that minimise the weighted error. `keep` False keeps the grid only, for a result that may
-    be dropped: its integers are quantized again from `weight.array()` (which `array` must be) when
-    asked, instead of taking memory meanwhile (full QDQ of ResNet-50 holds two results per weight)."""
-    rows = to_rows(array, axis)
+    ranges that minimise the weighted error; per channel along `axis`, or with `block` per B values along it.
+    `keep` False keeps the grid only, for a result that may be dropped: its integers are quantized again from
+    `weight.array()` (which `array` must be) when asked, instead of taking memory meanwhile (full QDQ of
+    ResNet-50 holds two results per weight)."""
+    rows = to_rows(array, axis, block)
     if importance is None:
         grid = grid_for(rows, bits=bits, symmetric=symmetric)
     else:
-        grid = clipped_grid(
-            rows, bits=bits, symmetric=symmetric, weights=to_rows(np.broadcast_to(importance, array.shape), axis)
-        )
-    return LinearWeight(weight, grid, axis, bits, on_grid(array, grid, axis) if keep else None)
+        costs = to_rows(np.broadcast_to(importance, array.shape), axis, block)
+        grid = clipped_grid(rows, bits=bits, symmetric=symmetric, weights=costs)
+    return LinearWeight(weight, grid, axis, bits, on_grid(array, grid, axis, block) if keep else None, block=block)
 
 
-def on_grid(array: np.ndarray, grid: Grid, axis: int | None) -> np.ndarray:
+def on_grid(array: np.ndarray, grid: Grid, axis: int | None, block: int = 0) -> np.ndarray:
     """The array's integers on the grid, in its layout."""
-    return from_rows(quantize(to_rows(array, axis), grid), array.shape, axis)
+    return from_rows(quantize(to_rows(array, axis, block), grid), array.shape, axis, block)
 
 
 def insert_weight_dq(model: onnx.ModelProto, items: list[LinearWeight]) -> None:
@@ -108,16 +112,22 @@ def insert_weight_dq(model: onnx.ModelProto, items: list[LinearWeight]) -> None:
 
 def _weight_dq(edit: GraphEdit, *, item: LinearWeight) -> None:
     base = item.weight.name
-    per_axis = item.axis is not None
     scale = item.grid.scale.astype(item.weight.array().dtype if _needs_typed_scale(item) else np.float32)
     zero: np.ndarray = item.grid.zero_point.astype(item.storage)
+    attrs: dict[str, int] = {}
+    if item.axis is None:
+        scale, zero = scale.reshape(()), zero.reshape(())
+    elif item.block:  # scales laid out as the weight with its input axis cut to C/B
+        scale, zero = (per_block(v, item.weight.shape, item.axis, item.block) for v in (scale, zero))
+        attrs = {"axis": item.axis, "block_size": item.block}
+    else:
+        attrs = {"axis": item.axis}
     # The zero point is spelled out even when 0: onnxruntime's QGemm fusion wants it.
     inputs = [
         edit.constant(base, "quantized", item.q.astype(item.storage)),
-        edit.constant(base, "scale", scale if per_axis else scale.reshape(())),
-        edit.constant(base, "zero_point", zero if per_axis else zero.reshape(())),
+        edit.constant(base, "scale", scale),
+        edit.constant(base, "zero_point", zero),
     ]
-    attrs = {"axis": item.axis} if per_axis else {}
     edit.node(base, "DequantizeLinear", inputs, "dequantize", output=base, **attrs)
 
 

@@ -51,6 +51,18 @@ def conv_model(
     return model
 
 
+def save_gemm(w: np.ndarray, path) -> None:
+    """x -> Gemm(w [O, I], transB) -> y, opset 13."""
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", w.shape[1]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", w.shape[0]])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+
+
 def save(model: onnx.ModelProto, path: Path) -> Path:
     onnx.save(model, str(path))
     return path

@@ -6,15 +6,15 @@ import json
 
 import ml_dtypes
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
-from onnx import TensorProto, helper, numpy_helper
 
 from qconvert.cli import cli
 from qconvert.quant.kmeans import nearest, palettize, palettize_grouped, palettize_scaled, reconstruct
 from qconvert.quant.layout import from_rows, snr_db, to_rows
+
+from conftest import save_gemm
 
 
 def exact_kmeans_mse(values: np.ndarray, k: int, weights: np.ndarray | None = None) -> float:
@@ -193,18 +193,6 @@ def test_rows_layout_round_trip(axis: int | None) -> None:
     np.testing.assert_array_equal(from_rows(rows, w.shape, axis), w)
     if axis is not None:  # row c holds exactly the slice at index c along the axis
         np.testing.assert_array_equal(np.sort(rows[1]), np.sort(np.take(w, 1, axis=axis).ravel()))
-
-
-def save_gemm(w: np.ndarray, path) -> None:
-    """x -> Gemm(w [O, I], transB) -> y, opset 13."""
-    graph = helper.make_graph(
-        [helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", w.shape[1]])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", w.shape[0]])],
-        [numpy_helper.from_array(w, "w")],
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
 
 
 def test_scaled_palettes_where_channels_differ_in_range(tmp_path) -> None:

@@ -10,6 +10,7 @@ compensation serves every method that can say its levels.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,21 +45,46 @@ def factor(hessian: np.ndarray) -> Factor:
     return Factor(order, _inverse_cholesky(h))
 
 
-def compensate(weights: np.ndarray, hessian: np.ndarray | Factor, levels: np.ndarray) -> np.ndarray:
-    """The weights [G, R, C] rounded to `levels` ([G, R, L] or broadcastable, each row sorted) column by
-    column in order of decreasing input energy, the error pushed onto the rest through H (or its `factor`)."""
+@dataclass(frozen=True)
+class ElementGrids:
+    """A uniform grid per weight, low + k·step for k = 0..top (`low` and `step` [G, R, C], as the weights): where
+    scales change along the input columns (a scale per block of them)."""
+
+    low: np.ndarray
+    step: np.ndarray
+    top: int
+
+    def ordered(self, order: np.ndarray) -> ElementGrids:
+        """The grids with their columns in `order` ([G, C])."""
+        low, step = (np.take_along_axis(a, order[:, None, :], 2) for a in (self.low, self.step))
+        return ElementGrids(low, step, self.top)
+
+    def round(self, column: np.ndarray, i: int) -> np.ndarray:
+        low, step = self.low[:, :, i], self.step[:, :, i]
+        return low + np.clip(np.rint((column - low) / step), 0, self.top) * step
+
+
+def compensate(weights: np.ndarray, hessian: np.ndarray | Factor, levels: np.ndarray | ElementGrids) -> np.ndarray:
+    """The weights [G, R, C] rounded to `levels` ([G, R, L] or broadcastable, each row sorted; or a grid per
+    weight) column by column in order of decreasing input energy, the error pushed onto the rest through H (or
+    its `factor`)."""
     groups, rows, columns = weights.shape
     factored = hessian if isinstance(hessian, Factor) else factor(hessian)
     order, upper = factored.order, factored.upper
     w = np.take_along_axis(np.asarray(weights, np.float64), order[:, None, :], 2)
-    rounding = _Rounding(np.broadcast_to(levels, (groups, rows, np.shape(levels)[-1])))
+    rounding: Callable[[np.ndarray, int], np.ndarray]
+    if isinstance(levels, ElementGrids):
+        rounding = levels.ordered(order).round
+    else:
+        per_row = _Rounding(np.broadcast_to(levels, (groups, rows, np.shape(levels)[-1])))
+        rounding = lambda column, _: per_row(column)  # noqa: E731
     out = np.empty_like(w)
     for start in range(0, columns, BLOCK):
         end = min(start + BLOCK, columns)
         errors = np.empty((groups, rows, end - start))
         for i in range(start, end):
             column = w[:, :, i]
-            out[:, :, i] = rounded = rounding(column)
+            out[:, :, i] = rounded = rounding(column, i)
             error = (column - rounded) / upper[:, i, i][:, None]
             w[:, :, i:end] -= error[:, :, None] * upper[:, None, i, i:end]
             errors[:, :, i - start] = error

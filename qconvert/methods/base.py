@@ -21,6 +21,7 @@ from qconvert.report import Histogram, WeightReport
 from qconvert.select import MAIN_GRAPH, Weight
 
 Progress = Callable[[str], None]
+DB_PER_BIT = 6.02  # SNR that one more bit per weight buys: what finer codebooks or scales must beat per bit they cost
 
 
 class Quantized(Protocol):
@@ -55,6 +56,7 @@ class Context:
     opset: int  # the model's opset once prepared: the storage it allows
     max_codebook_overhead: float = 1.0
     group_size: int | None = None  # k-means: one codebook per this many channels, forced
+    block_size: int | None = None  # linear: a scale per this many weights along the input axis (None: weighed, 0: none)
     memo: dict[tuple[object, ...], object] | None = None
 
 
@@ -190,4 +192,4 @@ def join(*notes: str | None) -> str | None:
     return "; ".join(n for n in notes if n) or None
 
 
-__all__ = ["Context", "Method", "Need", "Progress", "Quantized", "file_bytes", "granularity_of", "join"]
+__all__ = ["DB_PER_BIT", "Context", "Method", "Need", "Progress", "Quantized", "file_bytes", "granularity_of", "join"]

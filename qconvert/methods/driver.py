@@ -77,14 +77,16 @@ def quantize_model(
             f"[[layer]] {unknown[0].match!r}: method must be one of {', '.join(METHODS)}, got {unknown[0].method!r}"
         )
     kmeans = plan if isinstance(plan, KMeansPlan) else None
+    linear = plan if isinstance(plan, LinearPlan) else None
+    full_qdq = linear if linear and linear.activations else None  # activations quantized too
     context = Context(
         opset=default_opset(model),
         max_codebook_overhead=kmeans.max_codebook_overhead if kmeans else 1.0,
         group_size=kmeans.group_size if kmeans else None,
+        block_size=0 if full_qdq else linear.block_size if linear else None,  # integer kernels take no blocks
         memo=memo,
     )
     job = _Job(model, plan, progress, workers, context)
-    full_qdq = plan if isinstance(plan, LinearPlan) and plan.activations else None  # activations quantized too
     job.select()
     # before the statistics: they see the equalized model
     folded = _equalize(job) if plan.equalize or (plan.equalize is None and not full_qdq) else {}

@@ -21,7 +21,7 @@ from qconvert.encode import (
     offset_bytes,
     preferred_storage,
 )
-from qconvert.methods.base import Context, Need, weight_report
+from qconvert.methods.base import DB_PER_BIT, Context, Need, weight_report
 from qconvert.plan import Granularity, LayerSetting
 from qconvert.quant.kmeans import (
     Palette,
@@ -36,7 +36,6 @@ from qconvert.quant.layout import snr_db, to_rows
 from qconvert.report import Histogram, WeightReport
 from qconvert.select import Weight
 
-DB_PER_BIT = 6.02  # SNR that one more index bit buys: what per-channel codebooks must beat per bit they cost
 # Larger weights judge per channel on a sample of channels: granularity auto stays per tensor where no
 # per-channel form pays there; per channel computes only the form that pays more (on ResNet-50 computing
 # every form of every weight took 65 % more time and 120 MB more memory)

@@ -10,14 +10,16 @@ import onnx
 
 from qconvert import qdq
 from qconvert.encode import PACKED_MIN_OPSET, EncodedWeight, IndexStorage, encode_palettes, index_bytes
-from qconvert.methods.base import Context, Need, weight_report
+from qconvert.methods.base import DB_PER_BIT, Context, Need, join, weight_report
 from qconvert.plan import Granularity, LayerSetting
 from qconvert.quant.kmeans import Palette
-from qconvert.quant.layout import snr_db, to_rows
+from qconvert.quant.layout import from_rows, snr_db, to_rows
 from qconvert.report import Histogram, WeightReport
 from qconvert.select import Weight
 
-PER_AXIS_OPSET, TYPED_SCALE_OPSET, INT4_OPSET = 13, 19, 21
+PER_AXIS_OPSET, TYPED_SCALE_OPSET, INT4_OPSET, BLOCK_OPSET = 13, 19, 21, 21
+BLOCKED = "blocked"  # the report's granularity of a weight with a scale per block
+BLOCK_SIZE = 32  # blocks weighed against per-channel scales for int4 weights when --block-size is not given
 
 
 class Linear:
@@ -37,23 +39,34 @@ class Linear:
 
     def axes(self, weight: Weight, setting: LayerSetting, context: Context) -> tuple[list[int | None], str | None]:
         """Per channel (a scale costs 4 bytes: it always pays) unless asked per tensor; depthwise kernels
-        always per channel."""
+        always per channel. Blocks (a scale per B weights along the input axis, given as that axis) instead
+        where --block-size asks, and for int4 beside per channel, to be weighed per stored bit (`choose`)."""
         axis = weight.channel_axis
-        if setting.granularity is not Granularity.PER_TENSOR:
-            return [axis], None if axis is not None else "per-tensor: its consumers disagree on the channel axis"
-        if weight.depthwise and axis is not None:
-            return [axis], "per-channel: depthwise kernels lose badly under one scale per tensor"
-        return [None], None
+        if setting.granularity is Granularity.PER_TENSOR:
+            if weight.depthwise and axis is not None:
+                return [axis], "per-channel: depthwise kernels lose badly under one scale per tensor"
+            return [None], None
+        if axis is None:
+            return [None], "per-tensor: its consumers disagree on the channel axis"
+        blocks = _blocks(weight, setting.bits, context.block_size)
+        if context.block_size:
+            if not blocks:
+                return [axis], f"per-channel: blocks of {context.block_size} do not fit its input axis"
+            return [_input_axis(weight)], None
+        return ([axis, _input_axis(weight)] if blocks else [axis]), None
 
     def need(self, weight: Weight, setting: LayerSetting, axis: int | None) -> Need:
         """Per-axis scales need opset 13, scales of another type than float32 19; int4 wants 21, and below it
-        is stored bit-packed (opset 10) and unpacked in the graph."""
+        is stored bit-packed (opset 10) and unpacked in the graph; blocks want 21, and below it fall back to
+        per channel."""
         required = max(
             PACKED_MIN_OPSET,
             PER_AXIS_OPSET if axis is not None else 10,
             TYPED_SCALE_OPSET if weight.tensor.data_type != onnx.TensorProto.FLOAT else 10,
         )
-        return Need(wanted=max(required, INT4_OPSET if setting.bits == 4 else 10), required=required)
+        blocked = axis is not None and axis != weight.channel_axis
+        wanted = INT4_OPSET if setting.bits == 4 else BLOCK_OPSET if blocked else 10
+        return Need(wanted=max(required, wanted), required=required)
 
     def opset_reason(self, settings: list[LayerSetting], before: int) -> str | None:
         return f"{'int4' if any(s.bits == 4 for s in settings) else 'per-channel'} DequantizeLinear"
@@ -69,6 +82,9 @@ class Linear:
     ) -> qdq.LinearWeight:
         """With `importance`, the clipped ranges; then only the grid is kept (a result that may be dropped):
         its integers are quantized again from the weight when asked."""
+        block = _blocks(weight, setting.bits, context.block_size) if axis not in (None, weight.channel_axis) else 0
+        if block and context.opset < BLOCK_OPSET:  # the opset could not be raised: per channel instead
+            axis, block = weight.channel_axis, 0
         item = qdq.quantize_weight(
             weight,
             array,
@@ -77,6 +93,7 @@ class Linear:
             axis=axis,
             importance=importance,
             keep=importance is None,
+            block=block,
         )
         return dataclasses.replace(item, packed=setting.bits == 4 and context.opset < INT4_OPSET)
 
@@ -86,7 +103,19 @@ class Linear:
         tried: dict[int | None, qdq.LinearWeight],  # type: ignore[override]
         setting: LayerSetting,
     ) -> tuple[int | None, str | None]:
-        return next(iter(tried)), None
+        """Blocks where they pay: they must gain more than the ~6 dB per bit that their scales' bits would buy
+        as weight bits."""
+        axes = list(tried)
+        if len(axes) == 1 or not tried[axes[1]].block:
+            return axes[0], None
+        array = weight.array()
+        channel, blocked = (tried[a] for a in axes)
+        gains = [snr_db(array, item.dequantized()) for item in (channel, blocked)]
+        overhead = (blocked.grid.scale.size - channel.grid.scale.size) * (32 + setting.bits) / weight.elements
+        if gains[1] is None or (gains[0] is not None and gains[1] - gains[0] > DB_PER_BIT * overhead):
+            return axes[1], None
+        gain = "all of the error" if gains[0] is None else f"{gains[1] - gains[0]:.1f} dB"
+        return axes[0], f"per-channel: blocks of {blocked.block} gained {gain} for {overhead:.2f} more bits per weight"
 
     def storage(self, item: qdq.LinearWeight) -> str:  # type: ignore[override]
         return IndexStorage.PACKED.value if item.packed else np.dtype(item.storage).name
@@ -111,15 +140,16 @@ class Linear:
         note: str | None,
     ) -> WeightReport:
         channels = item.grid.scale.size
-        return weight_report(
+        report = weight_report(
             weight,
             array,
             item,
             groups=channels,
             stored_bytes=self.data_bytes(weight.elements, channels, array.itemsize, item.bits, self.storage(item)),
             snr_db=snr_db(array, item.dequantized()),
-            note=note,
+            note=join(note, f"a scale per {item.block} weights along axis {item.axis}" if item.block else None),
         )
+        return dataclasses.replace(report, granularity=BLOCKED) if item.block else report
 
     def histogram(self, name: str, array: np.ndarray, item: qdq.LinearWeight) -> Histogram:  # type: ignore[override]
         return Histogram.of(name, array, self.levels(item), rows=item.grid.scale.size)
@@ -130,13 +160,44 @@ class Linear:
         steps = np.arange(grid.qmin, grid.qmax + 1)[None, :] - grid.zero_point[:, None].astype(np.int64)
         return steps * grid.scale[:, None].astype(np.float64)
 
+    def element_grids(self, item: qdq.LinearWeight) -> tuple[np.ndarray, np.ndarray, int] | None:
+        """Blocks: each weight's grid, as its lowest value and step in the weight's layout, and the steps
+        above the lowest (None: a grid per channel, which `levels` gives)."""
+        if not item.block:
+            return None
+        grid, shape = item.grid, item.weight.shape
+        rows = (grid.scale.size, item.block)
+        step = np.broadcast_to(grid.scale.astype(np.float64)[:, None], rows)
+        low = np.broadcast_to(((grid.qmin - grid.zero_point) * grid.scale.astype(np.float64))[:, None], rows)
+        return (
+            from_rows(low, shape, item.axis, item.block),
+            from_rows(step, shape, item.axis, item.block),
+            grid.qmax - grid.qmin,
+        )
+
     def on_values(self, item: qdq.LinearWeight, array: np.ndarray) -> qdq.LinearWeight:
         """The item holding `array`, whose values lie on its grid."""
-        return dataclasses.replace(item, integers=qdq.on_grid(array, item.grid, item.axis))
+        return dataclasses.replace(item, integers=qdq.on_grid(array, item.grid, item.axis, item.block))
 
     def stand_in(self, weight: Weight, bits: int, axis: int | None, opset: int) -> qdq.LinearWeight:
         item = qdq.quantize_weight(weight, weight.array(), bits=bits, symmetric=True, axis=axis)
         return dataclasses.replace(item, packed=bits == 4 and opset < INT4_OPSET)
+
+
+def _input_axis(weight: Weight) -> int | None:
+    """The axis a layer sums over, along which blocks run: the other of a convolution's or a 2-D weight's
+    first two axes (None: another layout, or a depthwise kernel, which sums over one input channel)."""
+    axis = weight.channel_axis
+    return 1 - axis if axis in (0, 1) and len(weight.shape) >= 2 and not weight.depthwise else None
+
+
+def _blocks(weight: Weight, bits: int, forced: int | None) -> int:
+    """The block size to try on the weight (0: none): the one asked for (0: none), else BLOCK_SIZE for int4,
+    where its input axis holds at least two whole blocks."""
+    size, axis = (BLOCK_SIZE if bits == 4 else 0) if forced is None else forced, _input_axis(weight)
+    return (
+        size if size and axis is not None and weight.shape[axis] % size == 0 and weight.shape[axis] >= 2 * size else 0
+    )
 
 
 def _as_palette(item: qdq.LinearWeight) -> EncodedWeight:

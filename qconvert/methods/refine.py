@@ -114,8 +114,15 @@ class Refiner:
         levels_of, on_values = getattr(method, "levels", None), getattr(method, "on_values", None)
         if second is None or layer is None or levels_of is None or on_values is None:
             return item
-        if item.axis not in (None, layer.out_axis):
-            return item
+        if item.axis not in (None, layer.out_axis):  # scales along the input axis: a grid per weight
+            grids = getattr(method, "element_grids", lambda _: None)(item)
+            if grids is None:
+                return item
+            low, step, top = grids
+            per_weight = gptq.ElementGrids(hessian.matrix(layer, low), hessian.matrix(layer, step), top)
+            rounded = gptq.compensate(hessian.matrix(layer, array), second, per_weight)
+            self.compensated.add(weight.name)
+            return on_values(item, hessian.from_matrix(layer, rounded).astype(array.dtype))  # type: ignore[no-any-return]
         levels = levels_of(item)
         rows = levels.reshape(second.shape[0], -1, levels.shape[-1]) if levels.shape[0] > 1 else levels[None]
         with_levels = getattr(method, "with_levels", None)  # free levels (codebooks) are refitted too
