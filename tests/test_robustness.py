@@ -344,6 +344,7 @@ def test_raising_the_opset_converts_like_the_version_converter_without_copying_t
     before = model.SerializeToString()
     expected = version_converter.convert_version(model, 21)
     expected.ir_version = 10
+    del expected.graph.value_info[:]  # the types it infers are not kept: the input recorded none
 
     converted = raise_opset(model, 21)
     assert model.SerializeToString() == before  # keep_input: a converted copy
