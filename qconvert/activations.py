@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 import onnx
 
-from qconvert import calibrate, qdq
+from qconvert import calibrate, qdq, speed
 from qconvert.methods.base import Progress
 from qconvert.methods.refine import Refiner, refiner_for
 from qconvert.plan import CalibrationMethod, LinearPlan
@@ -129,7 +129,7 @@ def ranges(
     on the held-out samples)."""
     assert plan.calibration is not None
     method = plan.calibration_method
-    tried = method is CalibrationMethod.AUTO or plan.float_activations != 0
+    tried = method is CalibrationMethod.AUTO or plan.float_activations != 0 or plan.optimize == "speed"
     if refiner and data == plan.calibration and method is CalibrationMethod.MINMAX and not tried:
         return _warned(Ranges(refiner.stats.ranges, refiner.samples, "minmax"), warnings)
     feeds = calibration_feeds(model, plan.calibration, plan.preprocessing)
@@ -166,10 +166,16 @@ def _warned(found: Ranges, warnings: list[str]) -> Ranges:
 
 
 def insert(
-    model: onnx.ModelProto, weights: dict[str, qdq.LinearWeight], found: Ranges, signed: bool = False
+    model: onnx.ModelProto,
+    weights: dict[str, qdq.LinearWeight],
+    found: Ranges,
+    signed: bool = False,
+    optimize: str = "size",
 ) -> dict[str, object]:
     """Relu/Clip(0, x) absorbed into the range of the op before them, Quantize/DequantizeLinear pairs on
-    the activations, int32 biases; returns what the report's details say of it."""
+    the activations, int32 biases; returns what the report's details say of it. `optimize` "speed": the
+    layers that run faster in float stay float (`qconvert.speed`)."""
+    pristine = _copy(model) if optimize == "speed" and found.trial is not None and found.trial.held else None
     names = set(weights)
     protected = set() if signed else qdq.absorbing_outputs(model, names)
     absorbed = 0 if signed else qdq.absorb_activations(model, names)
@@ -178,8 +184,20 @@ def insert(
     details: dict[str, object] = {}
     if found.trial is not None:
         rule, ranges_of, floated, details = found.trial.decide(model, weights, signed, protected)
-    tensors = [t for t in qdq.activation_tensors(model, names) if t in ranges_of]
-    count = qdq.insert_activation_qdq(model, {t: ranges_of[t] for t in tensors}, weights, signed)
+    if pristine is not None:
+        assert found.trial is not None and found.trial.held is not None
+
+        def place(candidate: onnx.ModelProto, kept: dict[str, qdq.LinearWeight]) -> None:
+            _place(candidate, kept, ranges_of, signed)
+
+        layers, details["speed"] = speed.choose(pristine, weights, place, found.trial.held, found.trial.reference)
+        speed.unencode(pristine, {n: weights[n] for n in layers})
+        model.CopyFrom(pristine)
+        weights = {n: item for n, item in weights.items() if n not in layers}
+        absorbed, count = _place(model, weights, ranges_of, signed)
+    else:
+        tensors = [t for t in qdq.activation_tensors(model, names) if t in ranges_of]
+        count = qdq.insert_activation_qdq(model, {t: ranges_of[t] for t in tensors}, weights, signed)
     return {
         "calibration_samples": found.samples,
         "activations_quantized": count,
@@ -188,6 +206,23 @@ def insert(
         "activations_left_float": floated,
         "runtime": RUNTIME,
     }
+
+
+def _place(
+    model: onnx.ModelProto, weights: dict[str, qdq.LinearWeight], ranges: dict[str, tuple[float, float]], signed: bool
+) -> tuple[int, int]:
+    """Absorb the Relus after these integer layers and quantize the activations around them, in place: how
+    many were absorbed and quantized."""
+    names = set(weights)
+    absorbed = 0 if signed else qdq.absorb_activations(model, names)
+    tensors = [t for t in qdq.activation_tensors(model, names) if t in ranges]
+    return absorbed, qdq.insert_activation_qdq(model, {t: ranges[t] for t in tensors}, weights, signed)
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
 
 
 def calibrated(model: onnx.ModelProto, quantized: set[str], signed: bool = False) -> list[str]:

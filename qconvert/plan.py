@@ -138,6 +138,7 @@ class LinearPlan:
     bias_correction: bool = True
     float16: bool = False  # then the rest in float16: scales, weights left float, activations (as `Float16Plan`)
     block_size: int | None = None  # a scale per this many weights along the input axis (None: int4 weighs 32; 0: none)
+    optimize: str = "size"  # full QDQ: "speed" keeps float the layers that run faster so (`qconvert.speed`)
 
     def __post_init__(self) -> None:
         if any(o.method == "kmeans" for o in self.overrides):
@@ -172,6 +173,13 @@ class LinearPlan:
             raise UsageError(
                 "--block-size goes with weights-only plans: onnxruntime's integer kernels take a scale per channel "
                 "(add --weights-only, or drop --block-size)"
+            )
+        if self.optimize not in ("size", "speed"):
+            raise UsageError(f"--optimize must be size or speed, got {self.optimize!r}")
+        if self.optimize == "speed" and not self.activations:
+            raise UsageError(
+                "--optimize speed chooses which layers run integer kernels: it needs full QDQ (--calibration "
+                "without --weights-only)"
             )
         if self.float16 and self.activations:
             raise UsageError(

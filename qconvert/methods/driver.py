@@ -148,7 +148,8 @@ def _insert_activations(job: _Job, items: dict[str, Quantized], ranges: activati
     assert isinstance(job.plan, LinearPlan)
     weights = {w.name: items[w.name] for w in job.weights}
     signed = job.plan.activation_type == "int8"
-    job.details.update(activations.insert(job.model, weights, ranges, signed))  # type: ignore[arg-type]
+    details = activations.insert(job.model, weights, ranges, signed, job.plan.optimize)  # type: ignore[arg-type]
+    job.details.update(details)
     if any(s.bits == 4 for s in job.settings.values()):
         job.warnings.append(
             "int4 weights in a full QDQ graph are not fused into integer kernels by onnxruntime; int8 runs faster"
