@@ -269,7 +269,7 @@ def kmeans(models: tuple[Path, ...], **o: Any) -> None:
     show_default=True,
     help="Full QDQ: size quantizes every layer; speed keeps float the families of layers (small, depthwise ...) "
     "that run faster so, measured here on held-out calibration samples at no loss of output SNR (the report "
-    "lists the timings; --exclude with its floated weights rebuilds the same model).",
+    "lists the timings; --exclude with its floated weights keeps the same layers float without timing).",
 )
 @click.option(
     "--block-size",

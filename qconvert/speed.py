@@ -8,7 +8,8 @@ did): none, the small ones, the depthwise ones, both, all but 1x1 convolutions a
 candidate's worst output SNR on the held-out calibration samples must be within TOLERANCE_DB of the full
 plan's; of those, the one with the lowest median latency (one thread, the candidates' runs taking turns) is
 kept if it beats the full plan by MARGIN. The choice depends on the machine's timings: the report lists every
-candidate's, and `--exclude` with the floated weights rebuilds the same model without measuring.
+candidate's, and `--exclude` with the floated weights keeps the same layers float without measuring (their
+weights then keep their original values).
 """
 
 from __future__ import annotations
