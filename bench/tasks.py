@@ -18,12 +18,13 @@ committed). Each task gets deterministic, labelled, in-distribution inputs made 
   bench/imagenet.py): crops of photos from the scikit-image and matplotlib wheels; top-1 in the photo's classes.
 The metrics are qconvert's own (`qconvert.metrics`, what `--metric` takes) where they apply.
 Rows: float; qconvert kmeans 2/3/4/8 bits and linear int4/int8 weights-only, with the calibration data for the
-data-aware techniques; qconvert full QDQ (int8; min/max ranges, and `--calibration-method auto`); qconvert auto
-at 25 dB output SNR (searched and checked on the calibration data only); qconvert float16, and kmeans 4 with
---float16 (the search on the calibration data); int4 weights-only with a scale per channel only and with blocks of
-32 forced (the plain int4 row weighs blocks of 32 per weight); onnxruntime quantize_static (QDQ
-int8 per channel, the same data) and quantize_dynamic, each after onnxruntime's quant_pre_process as its
-warning advises. Columns: the task metric, output SNR vs float, file size, latency vs float (1 and 2 threads,
+data-aware techniques; qconvert full QDQ (int8; min/max ranges, `--optimize speed`, and `--calibration-method
+auto`); qconvert auto at 25 dB output SNR (searched and checked on the calibration data only); qconvert float16,
+and kmeans 4 with --float16 (the search on the calibration data); int4 weights-only with a scale per channel only
+and with blocks of 32 forced (the plain int4 row weighs blocks of 32 per weight); onnxruntime quantize_static (QDQ
+int8 per channel, the same data) and quantize_dynamic, each after onnxruntime's quant_pre_process as its warning
+advises.
+Columns: the task metric, output SNR vs float, file size, latency vs float (1 and 2 threads,
 medians over interleaved rounds) and conversion time.
 """
 
@@ -283,6 +284,11 @@ def _full_qdq(model: Path, calibration: dict[str, np.ndarray], out: Path) -> Non
     qconvert.linear(model, calibration=calibration, validate=False, output=out)
 
 
+@mode("full QDQ int8, speed")
+def _full_qdq_speed(model: Path, calibration: dict[str, np.ndarray], out: Path) -> None:
+    qconvert.linear(model, calibration=calibration, optimize="speed", validate=False, output=out)
+
+
 @mode("full QDQ int8, auto ranges")
 def _full_qdq_auto(model: Path, calibration: dict[str, np.ndarray], out: Path) -> None:
     qconvert.linear(model, calibration=calibration, calibration_method="auto", validate=False, output=out)
@@ -463,6 +469,7 @@ SHORT = {
     "linear int8 weights-only": "int8 w",
     "full QDQ int8": "QDQ int8",
     "full QDQ int8, auto ranges": "QDQ auto ranges",
+    "full QDQ int8, speed": "QDQ speed",
     "ORT quantize_static": "ORT static",
     "ORT quantize_dynamic": "ORT dynamic",
     "kmeans 4 + float16": "km4+f16",

@@ -30,7 +30,7 @@ from qconvert.validate import medians
 SMALL = 4096  # weights below this many elements count as small layers
 TOLERANCE_DB = 0.5
 RUNS = 20  # timed runs of each candidate
-MARGIN = 0.03  # a candidate must be this much faster than the full plan to be kept (the rest is noise)
+MARGIN = 0.05  # a candidate must be this much faster than the full plan to be kept (the rest is noise)
 
 
 def _small(weight: Weight) -> bool:
