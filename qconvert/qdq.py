@@ -202,7 +202,7 @@ def activation_tensors(model: onnx.ModelProto, quantized_weights: set[str]) -> l
             continue
         if node.op_type in WEIGHTED_OPS and (len(node.input) < 2 or node.input[1] not in quantized_weights):
             continue
-        if node.op_type in ("Add", "Mul", "Concat") and any(i in constants for i in node.input):
+        if node.op_type == "Concat" and any(i in constants for i in node.input):
             continue
         data = node.input[: DATA_INPUTS.get(node.op_type, len(node.input))]
         for name in (*data, node.output[0]):
@@ -243,6 +243,7 @@ def insert_activation_qdq(
     renamed: dict[str, str] = {}
     scales: dict[str, float] = {}
     new_inits: list[onnx.TensorProto] = []
+    _quantize_operands(graph, ranges, signed, fresh, new_inits, front)  # before the activations' outputs are renamed
     for name, (lo, hi) in ranges.items():
         grid = grid_for(np.zeros((1, 1), np.float32), bits=8, symmetric=signed, lo=np.array([lo]), hi=np.array([hi]))
         scale = numpy_helper.from_array(grid.scale.reshape(()), fresh(f"{name}_qc_scale"))
@@ -276,6 +277,67 @@ def insert_activation_qdq(
     drop_initializers(graph, biases)
     graph.initializer.extend(new_inits)
     return len(ranges)
+
+
+def _quantize_operands(
+    graph: onnx.GraphProto,
+    ranges: dict[str, tuple[float, float]],
+    signed: bool,
+    fresh: NameSource,
+    new_inits: list[onnx.TensorProto],
+    front: list[onnx.NodeProto],
+) -> None:
+    """The constant operand of an Add or Mul whose other input and output are quantized becomes 8-bit with a
+    DequantizeLinear (one per tensor, its range its values' with 0), so that onnxruntime runs QLinearAdd /
+    QLinearMul there (a HardSwish's x + 3, a scale per channel) instead of the float op between transitions."""
+    constants = _float_constants(graph)
+    made: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type not in ("Add", "Mul") or node.output[0] not in ranges or len(node.input) != 2:
+            continue
+        held = [j for j, x in enumerate(node.input) if x in constants]
+        if len(held) != 1 or node.input[1 - held[0]] not in ranges:
+            continue
+        name = node.input[held[0]]
+        if name not in made:
+            made[name] = _quantized_constant(name, io.tensor_array(constants[name]), signed, fresh, new_inits, front)
+        node.input[held[0]] = made[name]
+
+
+def _quantized_constant(
+    name: str,
+    array: np.ndarray,
+    signed: bool,
+    fresh: NameSource,
+    new_inits: list[onnx.TensorProto],
+    front: list[onnx.NodeProto],
+) -> str:
+    """`array` as 8-bit integers on one grid over its values and 0, and the DequantizeLinear that gives it back:
+    the name of its output."""
+    lo, hi = np.array([min(float(array.min()), 0.0)]), np.array([max(float(array.max()), 0.0)])
+    grid = grid_for(array.reshape(1, -1), bits=8, symmetric=signed, lo=lo, hi=hi)
+    dtype = np.int8 if signed else np.uint8
+    inits = [
+        numpy_helper.from_array(
+            quantize(array.reshape(1, -1), grid).reshape(array.shape).astype(dtype), fresh(f"{name}_qc_quantized")
+        ),
+        numpy_helper.from_array(grid.scale.reshape(()), fresh(f"{name}_qc_scale")),
+        numpy_helper.from_array(grid.zero_point.astype(dtype).reshape(()), fresh(f"{name}_qc_zero_point")),
+    ]
+    new_inits += inits
+    output = fresh(f"{name}_qc_dequantized")
+    front.append(helper.make_node("DequantizeLinear", [t.name for t in inits], [output]))
+    return output
+
+
+def _float_constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """The main graph's float32 constants (initializers and Constant outputs) by name."""
+    found = {t.name: t for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    for node in graph.node:
+        value = constant_value(node)
+        if value is not None and value.data_type == onnx.TensorProto.FLOAT:
+            found[node.output[0]] = value
+    return found
 
 
 def _quantize_biases(

@@ -488,3 +488,43 @@ def test_int4_below_opset_21_is_bit_packed_and_decodes_to_its_grid(tmp_path: Pat
     decoded = ort.InferenceSession(str(tmp_path / "q.onnx")).run(None, {"x": np.eye(64, dtype=np.float32)})[0]
     assert snr_db(w, decoded) == pytest.approx(weight["snr_db"], abs=1e-4)
     assert len(np.unique(decoded)) <= (16 if flags == ["--per-tensor"] else 16 * 96)
+
+
+def test_constant_operands_of_add_and_mul_are_quantized_so_the_chain_stays_integer(tmp_path: Path) -> None:
+    """Conv -> Mul(scale per channel) -> Add(3) -> Conv, as exporters leave an unfused scale or a HardSwish's
+    x + 3: the constants become uint8 with a DequantizeLinear, so onnxruntime runs QLinearMul and QLinearAdd
+    between the integer convolutions instead of float ops between Dequantize and Quantize."""
+    rng = np.random.default_rng(0)
+    f = TensorProto.FLOAT
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((16, 8, 3, 3)) * 0.2).astype(np.float32), "w1"),
+        numpy_helper.from_array((rng.standard_normal((8, 16, 1, 1)) * 0.2).astype(np.float32), "w2"),
+        numpy_helper.from_array(rng.uniform(0.5, 2.0, (1, 16, 1, 1)).astype(np.float32), "scale"),
+        numpy_helper.from_array(np.array(3.0, np.float32), "three"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Mul", ["c1", "scale"], ["m"]),
+        helper.make_node("Add", ["m", "three"], ["a"]),
+        helper.make_node("Conv", ["a", "w2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", f, [1, 8, 16, 16])],
+        [helper.make_tensor_value_info("y", f, [1, 8, 16, 16])],
+        inits,
+    )
+    model = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "m.onnx")
+    data = tmp_path / "x.npz"
+    np.savez(data, x=rng.standard_normal((16, 8, 16, 16)).astype(np.float32))
+    out = tmp_path / "q.onnx"
+    result = CliRunner().invoke(
+        cli, ["linear", str(model), "--calibration", str(data), "--data", str(data), "-o", str(out), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["validation"]["outputs"][0]["snr_db"] > 30
+    ops = optimized_op_types(out, tmp_path)
+    assert ops["QLinearMul"] == 1 and ops["QLinearAdd"] == 1 and ops["QLinearConv"] == 2
+    assert "Mul" not in ops and "Add" not in ops
+    assert ops["QuantizeLinear"] + ops["DequantizeLinear"] <= 2  # the input and the output only
