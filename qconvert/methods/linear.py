@@ -152,7 +152,10 @@ class Linear:
         return dataclasses.replace(report, granularity=BLOCKED) if item.block else report
 
     def histogram(self, name: str, array: np.ndarray, item: qdq.LinearWeight) -> Histogram:  # type: ignore[override]
-        return Histogram.of(name, array, self.levels(item), rows=item.grid.scale.size)
+        drawn = Histogram.of(name, array, self.levels(item), rows=item.grid.scale.size)
+        if item.block:  # one grid per block: the widest block's levels
+            return dataclasses.replace(drawn, levels_of=drawn.levels_of.replace("channel", "block"))
+        return drawn
 
     def levels(self, item: qdq.LinearWeight) -> np.ndarray:
         """Per channel (one row per tensor): the values its grid holds, ascending."""
