@@ -237,13 +237,13 @@ def insert_activation_qdq(
     """
     graph = model.graph
     fresh = NameSource(model)
+    front: list[onnx.NodeProto] = []
+    new_inits: list[onnx.TensorProto] = []
+    _quantize_operands(graph, ranges, signed, fresh, new_inits, front)  # first: it drops the constants it replaces
     producer = {out: i for i, node in enumerate(graph.node) for out in node.output}
     after: dict[int, list[onnx.NodeProto]] = {}
-    front: list[onnx.NodeProto] = []
     renamed: dict[str, str] = {}
     scales: dict[str, float] = {}
-    new_inits: list[onnx.TensorProto] = []
-    _quantize_operands(graph, ranges, signed, fresh, new_inits, front)  # before the activations' outputs are renamed
     for name, (lo, hi) in ranges.items():
         grid = grid_for(np.zeros((1, 1), np.float32), bits=8, symmetric=signed, lo=np.array([lo]), hi=np.array([hi]))
         scale = numpy_helper.from_array(grid.scale.reshape(()), fresh(f"{name}_qc_scale"))
@@ -302,6 +302,18 @@ def _quantize_operands(
         if name not in made:
             made[name] = _quantized_constant(name, io.tensor_array(constants[name]), signed, fresh, new_inits, front)
         node.input[held[0]] = made[name]
+    _drop_unread(graph, set(made))
+
+
+def _drop_unread(graph: onnx.GraphProto, names: set[str]) -> None:
+    """These constants (initializers or Constant nodes), where nothing reads them any more (kept where the
+    graph has subgraphs, whose reads `use_counts` does not see)."""
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return
+    uses = use_counts(graph)
+    unread = {n for n in names if not uses.get(n)}
+    drop_initializers(graph, unread)
+    set_nodes(graph, [n for n in graph.node if not (n.op_type == "Constant" and n.output[0] in unread)])
 
 
 def _quantized_constant(
