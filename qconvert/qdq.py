@@ -187,6 +187,31 @@ def _absorbable(graph: onnx.GraphProto, quantized_weights: set[str]) -> dict[int
     return found
 
 
+def divisions_as_products(model: onnx.ModelProto) -> int:
+    """Each Div by a float constant becomes a Mul by its reciprocal, in place (the output keeps its name): a Mul
+    with a constant operand runs as QLinearMul, a Div only in float between a Dequantize and a Quantize (a
+    HardSwish's / 6). Returns how many. The product differs from the quotient by a rounding of the float."""
+    graph = model.graph
+    constants = _float_constants(graph)
+    fresh = NameSource(model)
+    made: dict[str, str] = {}
+    count = 0
+    for node in graph.node:
+        if node.op_type != "Div" or len(node.input) != 2 or node.input[1] not in constants:
+            continue
+        divisor = io.tensor_array(constants[node.input[1]])
+        if not np.all(np.isfinite(divisor)) or np.any(divisor == 0):
+            continue
+        if node.input[1] not in made:
+            made[node.input[1]] = fresh(f"{node.input[1]}_qc_reciprocal")
+            graph.initializer.append(numpy_helper.from_array((1.0 / divisor).astype(np.float32), made[node.input[1]]))
+        node.op_type = "Mul"
+        node.input[1] = made[node.input[1]]
+        count += 1
+    _drop_unread(graph, set(made))
+    return count
+
+
 def activation_tensors(model: onnx.ModelProto, quantized_weights: set[str]) -> list[str]:
     """The float activations of the main graph to quantize: data inputs and outputs of QDQ ops.
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from qconvert import activations
+from qconvert import activations, qdq
 from qconvert.equalize import equalize, through_batchnorm
 from qconvert.errors import QConvertError, UnsupportedModelError, UsageError
 from qconvert.fold import fold_batchnorm
@@ -94,6 +94,8 @@ def quantize_model(
     # so full QDQ folds first and then gathers the statistics and the activation ranges in one pass.
     refiner = None if full_qdq else refiner_for(model, [w for w in job.weights if job.refined(w)], plan, data, progress)
     folded |= _fold(job, refiner, everything=full_qdq is not None)
+    if full_qdq and (divisions := qdq.divisions_as_products(job.model)):
+        job.details["divisions_as_products"] = divisions
     if folded:
         job.details["folded_batchnorm"] = list(folded)
     if full_qdq:
