@@ -7,6 +7,7 @@ A node stays float32
 - by kind: index and box arithmetic (TopK, NonMaxSuppression, RoiAlign, Range, CumSum), random ops, ops of
   other domains, ops with subgraphs (If, Loop, Scan: their bodies read outer tensors by name, as float32);
 - where it computes on a shape (integers past 2048 are not exact in float16);
+- where it reads a float constant past float16's range (a BatchNorm's running variance of 1e8);
 - where the caller says (`keep`): ops that see values past float16's range on the data, and those the
   drift search keeps (`qconvert.methods.half`).
 Where float16 and float32 meet, one Cast per tensor and type. A constant read only by float16 ops is
@@ -314,10 +315,10 @@ def _homes(graph: Graph, half: list[bool], wants: dict[str, set[int]], keep_io_t
             if graph.is_float(name):
                 home[name] = HALF if q in made else FLOAT
         if node.op_type in SOURCES and node.output and graph.is_float(node.output[0]):
-            home[node.output[0]] = HALF if wants[node.output[0]] == {HALF} else FLOAT
+            home[node.output[0]] = HALF if wants.get(node.output[0]) == {HALF} else FLOAT
     for tensor in graph.model.graph.initializer:
         if tensor.data_type == FLOAT:
-            home[tensor.name] = HALF if wants[tensor.name] == {HALF} else FLOAT
+            home[tensor.name] = HALF if wants.get(tensor.name) == {HALF} else FLOAT
     for value in graph.model.graph.input:
         if graph.is_float(value.name) and value.name not in home:
             home[value.name] = FLOAT if keep_io_types or value.name in graph.outer else HALF
