@@ -133,6 +133,9 @@ def mse_range(values: np.ndarray, bins: int = 2048) -> tuple[float, float]:
     return lo, hi
 
 
+ENTROPY_FLOOR = 99.99  # percentile of |x| below which the entropy rule never clips
+
+
 def entropy_range(values: np.ndarray, bins: int = 2048) -> tuple[float, float]:
     """The range clipped at the magnitude t that loses the least information (TensorRT's entropy calibration):
     over the histogram of |values|, P keeps the bins below t with the counts past it added to the last, Q
@@ -162,7 +165,8 @@ def entropy_range(values: np.ndarray, bins: int = 2048) -> tuple[float, float]:
         divergence = float(np.sum(p * np.log(p / (q / q.sum()))))
         if divergence < best:
             best, threshold = divergence, top * kept / bins
-    return max(lo, -threshold), min(hi, threshold)
+    floor = float(np.percentile(np.abs(values), ENTROPY_FLOOR))  # the tail that clipping may not cut
+    return max(lo, -max(threshold, floor)), min(hi, max(threshold, floor))
 
 
 def quantization_snr(parts: list[Part], lo: float, hi: float, signed: bool = False) -> float | None:
