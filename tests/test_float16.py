@@ -248,3 +248,13 @@ def test_onnxruntime_cpu_runs_float16_chains_through_float32():
     )
     x = np.array([0.3, 0.1, 0.2, 0.05], np.float16)
     np.testing.assert_array_equal(run(model, {"x": x})[0], x)
+
+
+def test_a_model_past_2_gb_is_refused_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The search runs the model from memory; past protobuf's limit (lowered here) that is exit 4, not a crash."""
+    from qconvert import io
+
+    model = save(conv_model(cout=32, cin=16), tmp_path / "m.onnx")
+    monkeypatch.setattr(io, "PROTOBUF_LIMIT", 1000)
+    result = CliRunner().invoke(cli, ["float16", str(model), "-o", str(tmp_path / "h.onnx")])
+    assert result.exit_code == 4 and "under 2 GB" in result.output and not (tmp_path / "h.onnx").exists()

@@ -20,6 +20,7 @@ import onnx
 
 from qconvert import fp16, io
 from qconvert.drift import db, energies
+from qconvert.errors import UnsupportedModelError
 from qconvert.methods.base import weight_report
 from qconvert.methods.common import Progress, Step
 from qconvert.methods.float import FloatWeight
@@ -59,6 +60,8 @@ def halve(
 ) -> tuple[onnx.ModelProto, dict[str, object], list[str]]:
     """The model in float16 where it holds on the data; what was kept float32 and why; warnings."""
     progress("float16: finding the ops that stay float32")
+    if sum(io.data_bytes(t) for t in model.graph.initializer) > io.PROTOBUF_LIMIT:
+        raise UnsupportedModelError("float16 takes models under 2 GB: its search runs the model from memory")
     io.materialize(model)  # the runs below serialize it
     graph = fp16.analyse(model)
     nodes = model.graph.node
