@@ -18,9 +18,9 @@ from qconvert import calibrate, qdq, speed
 from qconvert.methods.base import Progress
 from qconvert.methods.refine import Refiner, refiner_for
 from qconvert.plan import CalibrationMethod, LinearPlan
-from qconvert.quant.layout import snr_db
 from qconvert.runtime import Feeds, calibration_feeds, model_session, run_batches
 from qconvert.select import Weight
+from qconvert.validate import worst_snr
 
 MIN_CALIBRATION_SAMPLES = 16
 RUNTIME = (
@@ -97,9 +97,7 @@ class Trial:
         trial = onnx.ModelProto()
         trial.CopyFrom(model)
         qdq.insert_activation_qdq(trial, ranges, weights, signed)
-        outputs = [np.concatenate(o) for o in zip(*run_batches(model_session(trial, "trial"), self.held, "trial"))]
-        snrs = [snr_db(r, o) for r, o in zip(self.reference, outputs)]
-        return None if all(v is None for v in snrs) else min(v for v in snrs if v is not None)
+        return worst_snr(trial, self.held, self.reference, "trial")
 
 
 def _rank(snr: float | None) -> float:
@@ -196,8 +194,7 @@ def insert(
         weights = {n: item for n, item in weights.items() if n not in layers}
         absorbed, count = _place(model, weights, ranges_of, signed)
     else:
-        tensors = [t for t in qdq.activation_tensors(model, names) if t in ranges_of]
-        count = qdq.insert_activation_qdq(model, {t: ranges_of[t] for t in tensors}, weights, signed)
+        count = _quantize_around(model, weights, ranges_of, signed)
     return {
         "calibration_samples": found.samples,
         "activations_quantized": count,
@@ -213,10 +210,16 @@ def _place(
 ) -> tuple[int, int]:
     """Absorb the Relus after these integer layers and quantize the activations around them, in place: how
     many were absorbed and quantized."""
-    names = set(weights)
-    absorbed = 0 if signed else qdq.absorb_activations(model, names)
-    tensors = [t for t in qdq.activation_tensors(model, names) if t in ranges]
-    return absorbed, qdq.insert_activation_qdq(model, {t: ranges[t] for t in tensors}, weights, signed)
+    absorbed = 0 if signed else qdq.absorb_activations(model, set(weights))
+    return absorbed, _quantize_around(model, weights, ranges, signed)
+
+
+def _quantize_around(
+    model: onnx.ModelProto, weights: dict[str, qdq.LinearWeight], ranges: dict[str, tuple[float, float]], signed: bool
+) -> int:
+    """Quantize/DequantizeLinear on the activations around these integer layers that have a range: how many."""
+    tensors = [t for t in qdq.activation_tensors(model, set(weights)) if t in ranges]
+    return qdq.insert_activation_qdq(model, {t: ranges[t] for t in tensors}, weights, signed)
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

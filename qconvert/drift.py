@@ -26,6 +26,7 @@ from qconvert import io
 from qconvert.errors import UsageError
 from qconvert.plan import ValidationPlan
 from qconvert.runtime import Feeds, build_feeds, run_batches, session
+from qconvert.select import constant_tensors
 
 JUMPS = 5  # the largest SNR drops explained by restoring their weight or their input's quantization
 MAX_SAMPLES = 8  # the runs keep the jump tensors of every sample: enough to rank, little memory
@@ -206,7 +207,7 @@ def _explain(
     """Each jump's node alone, twice: on float's input with the converted model's parameters (the weight's
     error), and on the converted model's input with float's parameters (the input's quantization); the one
     that costs the output more SNR is the cause. One run of each model gives what all the jumps need."""
-    float_constants, converted_constants = _constants(reference), _constants(converted)
+    float_constants, converted_constants = constant_tensors(reference.graph), constant_tensors(converted.graph)
     producers = {o: n for n in converted.graph.node for o in n.output}
     attributions: dict[str, _Attribution] = {}
     ready: dict[str, Jump] = {}
@@ -269,18 +270,6 @@ def _producer(producers: dict[str, onnx.NodeProto], out: str, seen: dict[str, st
     while node is not None and node.op_type in ("DequantizeLinear", "QuantizeLinear"):
         node = producers.get(node.input[0])
     return node
-
-
-def _constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    found = {t.name: t for t in model.graph.initializer}
-    found.update(
-        {
-            n.output[0]: n.attribute[0].t
-            for n in model.graph.node
-            if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"
-        }
-    )
-    return found
 
 
 def _single(node: onnx.NodeProto, feeds: list[dict[str, np.ndarray]], model: onnx.ModelProto) -> list[np.ndarray]:

@@ -27,7 +27,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.defs import OpSchema
 
 from qconvert import io
-from qconvert.opset import default_opset
+from qconvert.opset import default_opset, without_weights
+from qconvert.select import constant_tensors
 
 FLOAT, HALF = int(TensorProto.FLOAT), int(TensorProto.FLOAT16)
 HALF_MAX = 65504.0
@@ -90,20 +91,10 @@ def analyse(model: onnx.ModelProto) -> Graph:
     return graph
 
 
-def constants(graph: onnx.GraphProto) -> dict[str, TensorProto]:
-    """The graph's constant tensors by name: initializers, and Constant nodes' values."""
-    found = {t.name: t for t in graph.initializer}
-    for node in graph.node:
-        value = next((a.t for a in node.attribute if a.name == "value"), None) if node.op_type == "Constant" else None
-        if value is not None:
-            found[node.output[0]] = value
-    return found
-
-
 def _largest_constants(model: onnx.ModelProto) -> dict[str, float]:
     """The largest magnitude of each float constant."""
     largest = {}
-    for name, tensor in constants(model.graph).items():
+    for name, tensor in constant_tensors(model.graph).items():
         if tensor.data_type == FLOAT:
             array = io.tensor_array(tensor)
             largest[name] = float(np.max(np.abs(array))) if array.size else 0.0
@@ -111,13 +102,7 @@ def _largest_constants(model: onnx.ModelProto) -> dict[str, float]:
 
 
 def _types(model: onnx.ModelProto) -> dict[str, int]:
-    skeleton = onnx.ModelProto()
-    skeleton.CopyFrom(model)
-    for tensor in skeleton.graph.initializer:  # inference needs the types, not the data
-        tensor.ClearField("raw_data")
-        tensor.ClearField("float_data")
-        tensor.ClearField("external_data")
-        tensor.data_location = TensorProto.DEFAULT
+    skeleton = without_weights(model)  # inference needs the types, not the data
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton)
     except Exception:  # an op inference does not know: the types given in the model

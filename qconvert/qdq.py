@@ -15,7 +15,7 @@ from qconvert.opset import without_weights
 from qconvert.quant.layout import from_rows, per_block, to_rows
 from qconvert.quant.linear import Grid, clipped_grid, dequantize, grid_for, quantize
 from qconvert.rewrite import GraphEdit, NameSource, drop_initializers, replace_weights, set_nodes, use_counts
-from qconvert.select import Weight, constant_value
+from qconvert.select import Weight, constant_tensors, constant_value
 
 # Ops whose float inputs and outputs get Quantize/DequantizeLinear pairs, so that onnxruntime runs them
 # (or drops them, for data movement) as integer kernels. Relu and Clip(0, ...) after a quantized op are
@@ -369,12 +369,7 @@ def _quantized_constant(
 
 def _float_constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     """The main graph's float32 constants (initializers and Constant outputs) by name."""
-    found = {t.name: t for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
-    for node in graph.node:
-        value = constant_value(node)
-        if value is not None and value.data_type == onnx.TensorProto.FLOAT:
-            found[node.output[0]] = value
-    return found
+    return {k: t for k, t in constant_tensors(graph).items() if t.data_type == onnx.TensorProto.FLOAT}
 
 
 def _quantize_biases(

@@ -104,6 +104,16 @@ def constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
     return next((a.t for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR), None)
 
 
+def constant_tensors(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """The graph's constant tensors by name: initializers, and Constant nodes' values."""
+    found = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        value = constant_value(node)
+        if value is not None:
+            found[node.output[0]] = value
+    return found
+
+
 def channel_axis(node: onnx.NodeProto, weight_rank: int) -> int | None:
     """The weight's output-channel axis for this consumer (Conv 0, ConvTranspose 1, Gemm by transB ...)."""
     if node.op_type == "Conv":

@@ -21,11 +21,10 @@ import onnx
 from onnx import numpy_helper
 
 from qconvert import qdq
-from qconvert.quant.layout import snr_db
 from qconvert.rewrite import drop_initializers, set_nodes
-from qconvert.runtime import Feeds, model_session, run_batches
+from qconvert.runtime import Feeds, model_session
 from qconvert.select import MAIN_GRAPH, Weight
-from qconvert.validate import medians
+from qconvert.validate import medians, worst_snr
 
 SMALL = 4096  # weights below this many elements count as small layers
 TOLERANCE_DB = 0.5
@@ -65,7 +64,7 @@ def choose(
         if floated not in candidates.values() and len(floated) < len(weights):
             candidates[family] = floated
     built = {family: candidate(model, weights, floated, insert) for family, floated in candidates.items()}
-    snr = {family: _worst_snr(trial, held, reference) for family, trial in built.items()}  # None: exact
+    snr = {family: _worst_snr(trial, held, reference) for family, trial in built.items()}
     feed = {k: v[:1] for k, v in held.batches[0].items()}
     sessions = {family: model_session(trial, "candidate", threads=1) for family, trial in built.items()}
     times = medians(sessions, feed, RUNS)
@@ -104,9 +103,9 @@ def unencode(model: onnx.ModelProto, floated: dict[str, qdq.LinearWeight]) -> No
 
 
 def _worst_snr(model: onnx.ModelProto, held: Feeds, reference: list[np.ndarray]) -> float | None:
-    outputs = [np.concatenate(o) for o in zip(*run_batches(model_session(model, "candidate"), held, "candidate"))]
-    snrs = [snr_db(r, o) for r, o in zip(reference, outputs)]
-    return None if all(v is None for v in snrs) else round(float(min(v for v in snrs if v is not None)), 3)
+    """None: exact."""
+    snr = worst_snr(model, held, reference, "candidate")
+    return None if snr is None else round(float(snr), 3)
 
 
 def _rank(snr: float | None) -> float:

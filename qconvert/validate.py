@@ -16,7 +16,7 @@ import onnxruntime as ort
 from qconvert.metrics import Metric, MetricResult, resolve
 from qconvert.plan import ValidationPlan
 from qconvert.quant.layout import snr_db
-from qconvert.runtime import Feeds, build_feeds, fitted, run_batches, session
+from qconvert.runtime import Feeds, build_feeds, fitted, model_session, run_batches, session
 
 
 @dataclass(frozen=True)
@@ -231,6 +231,13 @@ def _model_bytes(model: str | bytes) -> int:
     files = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
     folder = os.path.dirname(model)
     return os.path.getsize(model) + sum(os.path.getsize(os.path.join(folder, f)) for f in files)
+
+
+def worst_snr(model: onnx.ModelProto, feeds: Feeds, reference: list[np.ndarray], what: str) -> float | None:
+    """The worst output SNR of an in-memory model on these feeds against the float outputs on them (None: exact)."""
+    outputs = [np.concatenate(o) for o in zip(*run_batches(model_session(model, what), feeds, what))]
+    snrs = [snr_db(r, o) for r, o in zip(reference, outputs)]
+    return None if all(v is None for v in snrs) else min(v for v in snrs if v is not None)
 
 
 def medians(sessions: dict[str, ort.InferenceSession], feed: dict[str, np.ndarray], runs: int) -> dict[str, float]:

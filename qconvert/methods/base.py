@@ -182,6 +182,11 @@ def weight_report(
     )
 
 
+def gain_text(snrs: list[float | None]) -> str:
+    """What a finer form gained over a coarser one, from their SNRs (None: exact), in a note's words."""
+    return "nothing" if snrs[0] is None else f"{snrs[1] - snrs[0]:.1f} dB" if snrs[1] is not None else "exactness"
+
+
 def readers_note(weight: Weight) -> str | None:
     if not weight.other_readers:
         return None

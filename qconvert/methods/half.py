@@ -28,7 +28,7 @@ from qconvert.opset import default_opset
 from qconvert.plan import Float16Plan, ValidationPlan
 from qconvert.report import OpsetChange, WeightReport
 from qconvert.runtime import Feeds, build_feeds, calibration_feeds, run_with_outputs, signature
-from qconvert.select import MAIN_GRAPH, Skipped, Weight, select_weights
+from qconvert.select import MAIN_GRAPH, Skipped, Weight, constant_tensors, select_weights
 
 RANGE_MARGIN = 2.0  # values seen up to half of float16's largest: unseen inputs may go further
 ROUNDS = 6  # of the drift search: at most 1 + 2 + ... + 32 nodes kept for drift
@@ -207,7 +207,7 @@ def _why(drop: float) -> str:
 
 def _weights(weights: Iterable[Weight], converted: onnx.ModelProto) -> tuple[list[WeightReport], list[Skipped]]:
     """Each weight as the float16 model stores it: float16 with its rounding's SNR, or float32 (skipped)."""
-    stored = fp16.constants(converted.graph)
+    stored = constant_tensors(converted.graph)
     reports, skipped = [], []
     for weight in weights:
         tensor = stored.get(weight.name)

@@ -21,7 +21,7 @@ from qconvert.encode import (
     offset_bytes,
     preferred_storage,
 )
-from qconvert.methods.base import DB_PER_BIT, Context, Need, weight_report
+from qconvert.methods.base import DB_PER_BIT, Context, Need, gain_text, weight_report
 from qconvert.plan import Granularity, LayerSetting
 from qconvert.quant.kmeans import (
     Palette,
@@ -146,7 +146,7 @@ class KMeans:
         if gains[1] is None or (gains[0] is not None and gains[1] - gains[0] > DB_PER_BIT * overhead):
             return axis, None
         form = _Form.of(tried[axis].palette).label
-        return None, f"per-tensor: per-channel {form} gained {_gain(gains)} for {overhead:.2f} more bits per weight"
+        return None, f"per-tensor: per-channel {form} gained {gain_text(gains)} for {overhead:.2f} more bits per weight"
 
     def storage(self, item: EncodedWeight) -> str:  # type: ignore[override]
         return item.storage.value
@@ -370,7 +370,3 @@ def _sample(weight: Weight, axis: int) -> np.ndarray:
     rows = to_rows(weight.array(), axis)
     picked = np.random.default_rng(0).choice(rows.shape[0], min(ESTIMATE_CHANNELS, rows.shape[0]), replace=False)
     return rows[np.sort(picked)]
-
-
-def _gain(snrs: list[float | None]) -> str:
-    return "nothing" if snrs[0] is None else f"{snrs[1] - snrs[0]:.1f} dB" if snrs[1] is not None else "exactness"

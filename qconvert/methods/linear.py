@@ -10,7 +10,7 @@ import onnx
 
 from qconvert import qdq
 from qconvert.encode import PACKED_MIN_OPSET, EncodedWeight, IndexStorage, encode_palettes, index_bytes
-from qconvert.methods.base import DB_PER_BIT, Context, Need, join, weight_report
+from qconvert.methods.base import DB_PER_BIT, Context, Need, gain_text, join, weight_report
 from qconvert.plan import Granularity, LayerSetting
 from qconvert.quant.kmeans import Palette
 from qconvert.quant.layout import from_rows, snr_db, to_rows
@@ -114,8 +114,8 @@ class Linear:
         overhead = (blocked.grid.scale.size - channel.grid.scale.size) * (32 + setting.bits) / weight.elements
         if gains[1] is None or (gains[0] is not None and gains[1] - gains[0] > DB_PER_BIT * overhead):
             return axes[1], None
-        gain = "all of the error" if gains[0] is None else f"{gains[1] - gains[0]:.1f} dB"
-        return axes[0], f"per-channel: blocks of {blocked.block} gained {gain} for {overhead:.2f} more bits per weight"
+        note = f"blocks of {blocked.block} gained {gain_text(gains)} for {overhead:.2f} more bits per weight"
+        return axes[0], f"per-channel: {note}"
 
     def storage(self, item: qdq.LinearWeight) -> str:  # type: ignore[override]
         return IndexStorage.PACKED.value if item.packed else np.dtype(item.storage).name
