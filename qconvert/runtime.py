@@ -198,9 +198,10 @@ def run_batches(
     sess: ort.InferenceSession, feeds: Feeds, what: str, output_names: list[str] | None = None
 ) -> Iterator[list[np.ndarray]]:
     """Each batch's outputs, one batch at a time; a failing run becomes a one-line error."""
+    floats = _float_inputs(sess)  # once, not per batch
     for feed in feeds.batches:
         try:
-            yield sess.run(output_names, fitted(sess, feed))
+            yield sess.run(output_names, _fit(floats, feed))
         except Exception as e:
             shapes = ", ".join(f"{k}[{'x'.join(map(str, v.shape))}]" for k, v in feed.items())
             raise CannotRunError(
@@ -212,7 +213,14 @@ def run_batches(
 
 def fitted(sess: ort.InferenceSession, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The feed with its float arrays in the float type each input takes (a float16 model's float32 data)."""
-    floats = {i.name: ORT_TYPES[i.type] for i in sess.get_inputs() if i.type in ("tensor(float)", "tensor(float16)")}
+    return _fit(_float_inputs(sess), feed)
+
+
+def _float_inputs(sess: ort.InferenceSession) -> dict[str, type]:
+    return {i.name: ORT_TYPES[i.type] for i in sess.get_inputs() if i.type in ("tensor(float)", "tensor(float16)")}
+
+
+def _fit(floats: dict[str, type], feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v.astype(floats[k], copy=False) if v.dtype.kind == "f" and k in floats else v for k, v in feed.items()}
 
 
