@@ -209,7 +209,10 @@ def _place(
     model: onnx.ModelProto, weights: dict[str, qdq.LinearWeight], ranges: dict[str, tuple[float, float]], signed: bool
 ) -> tuple[int, int]:
     """Absorb the Relus after these integer layers and quantize the activations around them, in place: how
-    many were absorbed and quantized."""
+    many were absorbed and quantized. None without an integer layer: a pool or an Add alone does not pay for
+    its transitions."""
+    if not weights:
+        return 0, 0
     absorbed = 0 if signed else qdq.absorb_activations(model, set(weights))
     return absorbed, _quantize_around(model, weights, ranges, signed)
 

@@ -69,6 +69,7 @@ class EncodedWeight:
     axis: int | None  # channel axis of the codebooks; None for one codebook
     bits: int
     storage: IndexStorage
+    shared_codebook: bool = False  # a codebook every weight may hold (an integer grid's): stored once per graph
 
     def dequantized(self) -> np.ndarray:
         return from_rows(reconstruct(self.palette), self.weight.shape, self.axis)
@@ -153,7 +154,7 @@ def _decode(edit: GraphEdit, *, item: EncodedWeight, opset: int) -> None:
         index = edit.node(
             base, "Add", [index, _offsets(edit, base, palette, shape, axis, offset_dtype)], "indices_global"
         )
-    codebook = edit.constant(base, "codebook", palette.codebook.reshape(-1))
+    codebook = edit.constant(base, "codebook", palette.codebook.reshape(-1), share=item.shared_codebook)
     if palette.scale is None:
         edit.node(base, "Gather", [codebook, index], "decode", output=base, axis=0)
         return

@@ -11,7 +11,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qconvert import io
+from qconvert.encode import PACKABLE_BITS, EncodedWeight, IndexStorage
 from qconvert.opset import without_weights
+from qconvert.quant.kmeans import Palette
 from qconvert.quant.layout import from_rows, per_block, to_rows
 from qconvert.quant.linear import Grid, clipped_grid, dequantize, grid_for, quantize
 from qconvert.rewrite import GraphEdit, NameSource, drop_initializers, replace_weights, set_nodes, use_counts
@@ -129,6 +131,21 @@ def _weight_dq(edit: GraphEdit, *, item: LinearWeight) -> None:
         edit.constant(base, "zero_point", zero),
     ]
     edit.node(base, "DequantizeLinear", inputs, "dequantize", output=base, **attrs)
+
+
+def as_palette(item: LinearWeight) -> EncodedWeight:
+    """The grid as a palette of its 2**bits levels, indices q − qmin, which decodes to what DequantizeLinear
+    computes by ops onnxruntime folds at load: symmetric, one codebook of the integers (shared by every such
+    weight) times a scale per channel; with zero points, a codebook per channel. Not for blocks."""
+    grid, dtype = item.grid, helper.tensor_dtype_to_np_dtype(item.weight.tensor.data_type)
+    steps = np.arange(grid.qmin, grid.qmax + 1)
+    indices = (to_rows(item.q, item.axis).astype(np.int64) - grid.qmin).astype(np.uint8)
+    storage = IndexStorage.PACKED if item.bits in PACKABLE_BITS else IndexStorage.UINT8
+    if not grid.zero_point.any():
+        palette = Palette(steps[None, :].astype(dtype), indices, grid.scale.astype(np.float32))
+        return EncodedWeight(item.weight, palette, item.axis, item.bits, storage, shared_codebook=True)
+    levels = (steps[None, :] - grid.zero_point[:, None]).astype(np.float32) * grid.scale[:, None]
+    return EncodedWeight(item.weight, Palette(levels.astype(dtype), indices), item.axis, item.bits, storage)
 
 
 def _needs_typed_scale(item: LinearWeight) -> bool:

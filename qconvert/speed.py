@@ -3,24 +3,27 @@
 An integer kernel pays for itself where a layer does enough arithmetic; a small layer (a squeeze-excite
 block's 1x1 convolutions, a depthwise kernel) between float ops costs a Quantize and a Dequantize for little
 gain, and onnxruntime's float kernels fuse the activation after it. The candidates keep families of layers
-float (their weights stored as the float values of their integer grid, so every other layer computes what it
-did): none, the small ones, the depthwise ones, both, all but 1x1 convolutions and matrix products. Each
+float (their weights decoded from the same integers by ops that onnxruntime folds at load, so every layer
+computes what it did): none, the small ones, the depthwise ones, both, all but 1x1 convolutions and matrix
+products, all (the weights-only model, as fast as float: the choice where no integer kernel pays). Each
 candidate's worst output SNR on the held-out calibration samples must be within TOLERANCE_DB of the full
-plan's; of those, the one with the lowest median latency (one thread, the candidates' runs taking turns) is
-kept if it beats the full plan by MARGIN. The choice depends on the machine's timings: the report lists every
-candidate's, and `--exclude` with the floated weights keeps the same layers float without measuring (their
-weights then keep their original values).
+plan's, or the noise it adds NEGLIGIBLE_DB below the outputs (at 55 dB, a few dB are chance). Of those, the
+one with the lowest median latency (one thread, the candidates' runs taking turns) is kept if it beats the
+full plan by MARGIN. The choice depends on the machine's timings: the report lists every candidate's, and
+`--exclude` with the floated weights keeps the same layers float without measuring (their weights then keep
+their original values).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from qconvert import qdq
+from qconvert.encode import encode_palettes
 from qconvert.rewrite import drop_initializers, set_nodes
 from qconvert.runtime import Feeds, model_session
 from qconvert.select import MAIN_GRAPH, Weight
@@ -28,6 +31,7 @@ from qconvert.validate import medians, worst_snr
 
 SMALL = 4096  # weights below this many elements count as small layers
 TOLERANCE_DB = 0.5
+NEGLIGIBLE_DB = 50.0
 RUNS = 20  # timed runs of each candidate
 MARGIN = 0.05  # a candidate must be this much faster than the full plan to be kept (the rest is noise)
 
@@ -46,6 +50,7 @@ FAMILIES: dict[str, Callable[[Weight], bool]] = {
     "depthwise": lambda w: w.depthwise,
     "small and depthwise": lambda w: _small(w) or w.depthwise,
     "all but 1x1 and matrix products": _spatial,
+    "all": lambda _: True,  # weights-only: where no integer kernel pays for its Quantize and Dequantize
 }
 
 
@@ -61,14 +66,14 @@ def choose(
     candidates: dict[str, set[str]] = {}
     for family, floats in FAMILIES.items():
         floated = {n for n, item in weights.items() if item.weight.graph_path == MAIN_GRAPH and floats(item.weight)}
-        if floated not in candidates.values() and len(floated) < len(weights):
+        if floated not in candidates.values():
             candidates[family] = floated
     built = {family: candidate(model, weights, floated, insert) for family, floated in candidates.items()}
     snr = {family: _worst_snr(trial, held, reference) for family, trial in built.items()}
     feed = {k: v[:1] for k, v in held.batches[0].items()}
     sessions = {family: model_session(trial, "candidate", threads=1) for family, trial in built.items()}
     times = medians(sessions, feed, RUNS)
-    floor = _rank(snr["none"]) - TOLERANCE_DB
+    floor = _floor(snr["none"])
     kept = min((f for f in candidates if _rank(snr[f]) >= floor), key=lambda f: times[f])
     if times[kept] > (1 - MARGIN) * times["none"]:  # within the timings' noise: every layer quantized
         kept = "none"
@@ -94,18 +99,29 @@ def candidate(
 
 
 def unencode(model: onnx.ModelProto, floated: dict[str, qdq.LinearWeight]) -> None:
-    """Each weight's DequantizeLinear replaced by its dequantized values as a float initializer, in place."""
+    """Each weight's DequantizeLinear replaced, in place, by a decode of the same integers that onnxruntime
+    folds at load (`qdq.as_palette`): the layer runs float on the values it had, and the file keeps the
+    integers. The weights are main-graph ones, found in the model this is a copy of."""
     graph = model.graph
     decoders = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.output[0] in floated]
     set_nodes(graph, [n for n in graph.node if not (n.op_type == "DequantizeLinear" and n.output[0] in floated)])
     drop_initializers(graph, {x for n in decoders for x in n.input})
-    graph.initializer.extend(numpy_helper.from_array(item.dequantized(), name) for name, item in floated.items())
+    here = [dataclasses.replace(i, weight=dataclasses.replace(i.weight, graph=graph)) for i in floated.values()]
+    encode_palettes(model, [qdq.as_palette(item) for item in here])
 
 
 def _worst_snr(model: onnx.ModelProto, held: Feeds, reference: list[np.ndarray]) -> float | None:
     """None: exact."""
     snr = worst_snr(model, held, reference, "candidate")
     return None if snr is None else round(float(snr), 3)
+
+
+def _floor(full: float | None) -> float:
+    """The worst SNR that keeps the full plan's fidelity: its noise TOLERANCE_DB louder, plus NEGLIGIBLE_DB's."""
+    if full is None:
+        return np.inf
+    noise = 10 ** (-(full - TOLERANCE_DB) / 10) + 10 ** (-NEGLIGIBLE_DB / 10)
+    return float(-10 * np.log10(noise))
 
 
 def _rank(snr: float | None) -> float:

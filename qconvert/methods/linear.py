@@ -9,11 +9,10 @@ import numpy as np
 import onnx
 
 from qconvert import qdq
-from qconvert.encode import PACKED_MIN_OPSET, EncodedWeight, IndexStorage, encode_palettes, index_bytes
+from qconvert.encode import PACKED_MIN_OPSET, IndexStorage, encode_palettes, index_bytes
 from qconvert.methods.base import DB_PER_BIT, Context, Need, gain_text, join, weight_report
 from qconvert.plan import Granularity, LayerSetting
-from qconvert.quant.kmeans import Palette
-from qconvert.quant.layout import from_rows, snr_db, to_rows
+from qconvert.quant.layout import from_rows, snr_db
 from qconvert.report import Histogram, WeightReport
 from qconvert.select import Weight
 
@@ -128,9 +127,9 @@ class Linear:
         return ((elements + channels) * bits + 7) // 8 + channels * 4
 
     def encode(self, model: onnx.ModelProto, items: list[qdq.LinearWeight]) -> None:  # type: ignore[override]
-        """DequantizeLinear, or for packed int4 the palette that holds the same grid (`_as_palette`)."""
+        """DequantizeLinear, or for packed int4 the palette that holds the same grid (`qdq.as_palette`)."""
         qdq.insert_weight_dq(model, [item for item in items if not item.packed])
-        encode_palettes(model, [_as_palette(item) for item in items if item.packed])
+        encode_palettes(model, [qdq.as_palette(item) for item in items if item.packed])
 
     def report(
         self,
@@ -201,17 +200,3 @@ def _blocks(weight: Weight, bits: int, forced: int | None) -> int:
     return (
         size if size and axis is not None and weight.shape[axis] % size == 0 and weight.shape[axis] >= 2 * size else 0
     )
-
-
-def _as_palette(item: qdq.LinearWeight) -> EncodedWeight:
-    """The grid as a palette of its 2**bits levels, indices q − qmin: symmetric, one codebook of the integers
-    times a scale per channel (what DequantizeLinear computes); with zero points, a codebook per channel."""
-    grid, dtype = item.grid, onnx.helper.tensor_dtype_to_np_dtype(item.weight.tensor.data_type)
-    steps = np.arange(grid.qmin, grid.qmax + 1)
-    indices = (to_rows(item.q, item.axis).astype(np.int64) - grid.qmin).astype(np.uint8)
-    if not grid.zero_point.any():
-        palette = Palette(steps[None, :].astype(dtype), indices, grid.scale.astype(np.float32))
-    else:
-        levels = (steps[None, :] - grid.zero_point[:, None]).astype(np.float32) * grid.scale[:, None]
-        palette = Palette(levels.astype(dtype), indices)
-    return EncodedWeight(item.weight, palette, item.axis, item.bits, IndexStorage.PACKED)
