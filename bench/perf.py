@@ -42,7 +42,7 @@ MODES = {
     "int8-weights": ("qconvert linear (int8 per channel, weights only)", "quantize_static-8", 0.5),
     "int8-qdq-32": ("qconvert linear --calibration (full QDQ, 32 samples)", "quantize_static-32", 1.5),
     "int8-qdq-32-minmax": (
-        "the same with --no-data-aware --no-bias-correction (min/max ranges, like quantize_static)",
+        "the same with --calibration-method minmax --no-data-aware --no-bias-correction (like quantize_static)",
         "quantize_static-32",
         1.5,
     ),
@@ -96,7 +96,15 @@ def convert(mode: str, model: Path, output: Path, calibration: Path) -> None:
         "kmeans4": ["kmeans", "--bits", "4"],
         "int8-weights": ["linear"],
         "int8-qdq-32": ["linear", "--calibration", str(calibration)],
-        "int8-qdq-32-minmax": ["linear", "--calibration", str(calibration), "--no-data-aware", "--no-bias-correction"],
+        "int8-qdq-32-minmax": [
+            "linear",
+            "--calibration",
+            str(calibration),
+            "--calibration-method",
+            "minmax",
+            "--no-data-aware",
+            "--no-bias-correction",
+        ],
     }[mode]
     cli.main([command[0], str(model), *command[1:], "--no-validate", "-q", "-o", str(output)], standalone_mode=False)
 

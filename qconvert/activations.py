@@ -53,6 +53,7 @@ class Trial:
     reference: list[np.ndarray]  # the float model's outputs on them
     rules: tuple[str, ...]  # the candidates (one: fixed)
     keep_float: int | str  # activations left float: a count, or "auto"
+    exact: frozenset[str] = frozenset()  # tensors ranged by min/max whatever the rule (`qdq.output_values`)
 
     def decide(
         self, model: onnx.ModelProto, weights: dict[str, qdq.LinearWeight], signed: bool, protected: set[str]
@@ -62,10 +63,11 @@ class Trial:
         details: dict[str, object] = {}
         rule = self.rules[0]
         if len(self.rules) > 1 and self.held is not None:
-            tried = {r: self._snr(model, weights, signed, calibrate.ranges_by(self.parts, r, EVEN)) for r in self.rules}
+            fits = {r: calibrate.ranges_by(self.parts, r, EVEN, self.exact) for r in self.rules}
+            tried = {r: self._snr(model, weights, signed, fit) for r, fit in fits.items()}
             rule = max(self.rules, key=lambda r: _rank(tried[r]))  # the first of the best
             details |= {"held_out_samples": self.held.samples, "held_out_snr_db": tried}
-        ranges = calibrate.ranges_by(self.parts, rule)
+        ranges = calibrate.ranges_by(self.parts, rule, exact=self.exact)
         if self.keep_float == 0:
             return rule, ranges, [], details
         ranked = sorted(
@@ -74,7 +76,7 @@ class Trial:
         )
         count = 0 if self.keep_float == "auto" else int(self.keep_float)
         if self.keep_float == "auto" and self.held is not None:
-            fit = calibrate.ranges_by(self.parts, rule, EVEN)
+            fit = calibrate.ranges_by(self.parts, rule, EVEN, self.exact)
             counts = [k for k in FLOAT_COUNTS if k <= len(ranked)]
             kept = {
                 k: self._snr(model, weights, signed, {t: fit[t] for t in fit if t not in ranked[:k]}) for k in counts
@@ -107,10 +109,22 @@ def _rank(snr: float | None) -> float:
 def statistics(
     model: onnx.ModelProto, weights: list[Weight], plan: LinearPlan, data: Path | None, progress: Progress
 ) -> Refiner | None:
-    """The data-aware techniques' statistics, and in the same pass the ranges of the activations that will
-    be quantized. A MatMul keeps no bias here: an Add after it would sit outside the integer kernel."""
+    """The data-aware techniques' statistics, and in the same pass what the activation ranges come from (min
+    and max, or samples). A MatMul keeps no bias here: an Add after it would sit outside the integer kernel."""
     extremes = calibrated(model, {w.name for w in weights}, plan.activation_type == "int8")
-    return refiner_for(model, weights, plan, data, progress, matmul_bias=False, extremes=extremes)
+    return refiner_for(
+        model, weights, plan, data, progress, matmul_bias=False, extremes=extremes, sampled=_sampled(plan)
+    )
+
+
+def _tried(plan: LinearPlan) -> bool:
+    """Whether choices are tried on held-out samples (`Trial`)."""
+    return plan.calibration_method is CalibrationMethod.AUTO or plan.float_activations != 0 or plan.optimize == "speed"
+
+
+def _sampled(plan: LinearPlan) -> bool:
+    """Whether the ranges need samples of the activations (else their min and max do)."""
+    return plan.calibration_method is not CalibrationMethod.MINMAX or _tried(plan)
 
 
 def ranges(
@@ -122,24 +136,29 @@ def ranges(
     progress: Progress,
     warnings: list[str],
 ) -> Ranges:
-    """Activation ranges: those gathered with the statistics when they came from the same data by min/max,
-    else from a pass of their own over the calibration data (for `auto`, with the float model's outputs
-    on the held-out samples)."""
+    """Activation ranges: from what the statistics pass gathered when it read the same data, else from a
+    pass of their own over the calibration data; for a trial (`auto`, `--float-activations`, `--optimize
+    speed`), with the float model's outputs on the held-out samples."""
     assert plan.calibration is not None
     method = plan.calibration_method
-    tried = method is CalibrationMethod.AUTO or plan.float_activations != 0 or plan.optimize == "speed"
-    if refiner and data == plan.calibration and method is CalibrationMethod.MINMAX and not tried:
-        return _warned(Ranges(refiner.stats.ranges, refiner.samples, "minmax"), warnings)
-    feeds = calibration_feeds(model, plan.calibration, plan.preprocessing)
-    progress("calibrating activation ranges")
-    tensors = calibrated(model, {w.name for w in weights}, plan.activation_type == "int8")
-    if method is CalibrationMethod.MINMAX and not tried:
-        found = calibrate.activation_ranges(model, tensors, feeds, method=method)
+    shared = refiner.stats if refiner and data == plan.calibration else None
+    if not _sampled(plan):
+        if shared is not None:
+            return _warned(Ranges(shared.ranges, refiner.samples if refiner else 0, "minmax"), warnings)
+        feeds = calibration_feeds(model, plan.calibration, plan.preprocessing)
+        progress("calibrating activation ranges")
+        found = calibrate.activation_ranges(model, _tensors(model, weights, plan), feeds, method=method)
         return _warned(Ranges(found, feeds.samples, "minmax"), warnings)
-    parts = calibrate.sample_parts(model, tensors, feeds)
+    feeds = calibration_feeds(model, plan.calibration, plan.preprocessing)
+    if shared is not None and shared.parts:
+        parts = shared.parts
+    else:
+        progress("calibrating activation ranges")
+        parts = calibrate.sample_parts(model, _tensors(model, weights, plan), feeds)
     fixed = calibrate.rule_for(method, plan.percentile)
-    if not tried:
-        return _warned(Ranges(calibrate.ranges_by(parts, fixed), feeds.samples, fixed), warnings)
+    exact = frozenset(qdq.output_values(model.graph))
+    if not _tried(plan):
+        return _warned(Ranges(calibrate.ranges_by(parts, fixed, exact=exact), feeds.samples, fixed), warnings)
     held, reference = None, []
     if len(feeds.batches) > 1:
         held = Feeds(feeds.batches[1::2], len(feeds.batches[1::2]), feeds.source)
@@ -147,11 +166,15 @@ def ranges(
         reference = [np.concatenate(o) for o in zip(*run)]
     rules = (fixed,) if method is not CalibrationMethod.AUTO else AUTO_RULES if held else (calibrate.PER_TENSOR,)
     return _warned(
-        Ranges({}, feeds.samples, "", Trial(parts, held, reference, rules, plan.float_activations)), warnings
+        Ranges({}, feeds.samples, "", Trial(parts, held, reference, rules, plan.float_activations, exact)), warnings
     )
 
 
-AUTO_RULES = ("minmax", "percentile 99.999", "percentile 99.99", calibrate.PER_TENSOR)
+def _tensors(model: onnx.ModelProto, weights: list[Weight], plan: LinearPlan) -> list[str]:
+    return calibrated(model, {w.name for w in weights}, plan.activation_type == "int8")
+
+
+AUTO_RULES = ("minmax", "percentile 99.999", "percentile 99.99", "mse", calibrate.PER_TENSOR)
 
 
 def _warned(found: Ranges, warnings: list[str]) -> Ranges:

@@ -236,10 +236,11 @@ def kmeans(models: tuple[Path, ...], **o: Any) -> None:
 @click.option(
     "--calibration-method",
     type=click.Choice([m.value for m in CalibrationMethod]),
-    default="minmax",
+    default="mse",
     show_default=True,
     help="Activation range: the observed min/max, percentiles (--percentile), the clipping that keeps the most "
-    "information (entropy, KL divergence), or auto: the rule that measures best on held-out samples.",
+    "information (entropy, KL divergence), the least squared error (mse), or auto: the rule that measures best on "
+    "held-out samples.",
 )
 @click.option(
     "--percentile",

@@ -111,6 +111,7 @@ class KMeansPlan:
 class CalibrationMethod(StrEnum):
     MINMAX = "minmax"
     PERCENTILE = "percentile"
+    MSE = "mse"  # per tensor, the range whose grid quantizes its values with the least squared error
     ENTROPY = "entropy"  # per tensor, the clipping that keeps the most information (`calibrate.entropy_range`)
     AUTO = "auto"  # per tensor, the rule that quantizes held-out samples best (`calibrate.choose`)
 
@@ -125,7 +126,7 @@ class LinearPlan:
     calibration: Path | None = None  # .npz of inputs or a folder of images: quantize activations too
     weights_only: bool = False  # with calibration: quantize weights only (the data serves the data-aware techniques)
     preprocessing: Preprocessing = field(default_factory=Preprocessing)  # for a folder of images
-    calibration_method: CalibrationMethod = CalibrationMethod.MINMAX
+    calibration_method: CalibrationMethod = CalibrationMethod.MSE
     percentile: float = 99.999
     activation_type: str = "uint8"  # full QDQ: uint8 asymmetric, or int8 symmetric (zero point 0)
     float_activations: int | str = 0  # full QDQ: activations left float (those that lose most), or "auto"

@@ -45,6 +45,7 @@ QDQ_OPS = {
 WEIGHTED_OPS = {"Conv", "Gemm", "MatMul"}
 DATA_INPUTS = {"Conv": 1, "Gemm": 1, "MatMul": 1, "Reshape": 1, "Resize": 1, "Clip": 1, "Squeeze": 1, "Unsqueeze": 1}
 ABSORBING = {"Conv", "Gemm", "MatMul", "Add"}  # producers that may absorb a following Relu / Clip(0, x)
+MOVING = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "DepthToSpace", "SpaceToDepth"}
 
 
 @dataclass(frozen=True)
@@ -229,6 +230,31 @@ def divisions_as_products(model: onnx.ModelProto) -> int:
     return count
 
 
+def moved_from(graph: onnx.GraphProto) -> dict[str, str]:
+    """Each tensor a data-movement op (MOVING) makes, and the tensor whose values it holds, followed back to
+    the first that an op computed: they are the same values."""
+    source: dict[str, str] = {}
+    for node in graph.node:
+        if node.op_type in MOVING and node.domain in ("", "ai.onnx") and node.input and node.output:
+            source[node.output[0]] = source.get(node.input[0], node.input[0])
+    return source
+
+
+def output_values(graph: onnx.GraphProto) -> set[str]:
+    """The graph's outputs, and the tensors that hold their values (data movement only)."""
+    outputs = {o.name for o in graph.output}
+    source = moved_from(graph)
+    roots = {source.get(name, name) for name in outputs}
+    return outputs | roots | {name for name, root in source.items() if root in roots}
+
+
+def tie_moved(graph: onnx.GraphProto, ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    """The ranges with each moved tensor's taken from the tensor it holds the values of (where that has one):
+    onnxruntime drops the Quantize/Dequantize pairs around a data-movement op only when they share a scale."""
+    source = moved_from(graph)
+    return {name: ranges.get(source.get(name, name), found) for name, found in ranges.items()}
+
+
 def activation_tensors(model: onnx.ModelProto, quantized_weights: set[str]) -> list[str]:
     """The float activations of the main graph to quantize: data inputs and outputs of QDQ ops.
 
@@ -275,9 +301,11 @@ def insert_activation_qdq(
     zero point 0 on max(|lo|, |hi|), what GPU and NPU runtimes want), int32 biases; in place.
 
     A produced tensor T becomes P -> T_float -> Q -> DQ -> T, so consumers are untouched; a graph
-    input gets Q -> DQ -> T_dq and its consumers are renamed. Returns how many activations were done.
+    input gets Q -> DQ -> T_dq and its consumers are renamed. A tensor that only moves another's values takes
+    its range (`tie_moved`). Returns how many activations were done.
     """
     graph = model.graph
+    ranges = tie_moved(graph, ranges)
     fresh = NameSource(model)
     front: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from qconvert.calibrate import Extremes, read_extremes
+from qconvert.calibrate import Part, Sampler
 from qconvert.fidelity import hessian
 from qconvert.rewrite import After, NameSource
 from qconvert.runtime import Feeds
@@ -156,6 +156,7 @@ class Statistics:
     held_out: bool = False  # the checks run on batches the statistics did not come from
     all_moments: dict[str, Moments] = dataclasses.field(default_factory=dict)  # from every batch
     held_hessians: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # H of the held-out batches
+    parts: dict[str, list[Part]] = dataclasses.field(default_factory=dict)  # samples of the tensors asked for
 
 
 def input_moments(
@@ -164,10 +165,12 @@ def input_moments(
     feeds: Feeds,
     extremes: list[str] | None = None,
     second_moments: Collection[str] = (),
+    sampled: bool = False,
 ) -> Statistics:
     """E[x] and E[x²] per input channel of each layer, in one onnxruntime pass, from the batches that the
     checks do not run on (`Split`); the model's outputs on the checks' batches; the min and max of the
-    `extremes` tensors (activation ranges) over all batches; and for the layers named in `second_moments`,
+    `extremes` tensors (activation ranges) over all batches (`sampled`: and samples of their values, `Sampler`);
+    and for the layers named in `second_moments`,
     H = Σ x xᵀ over its weight's columns (`hessian`, reduced in the graph too).
 
     Everything is reduced in the graph as soon as the tensor exists (`add_after`) (ReduceSum, ReduceSumSquare,
@@ -175,7 +178,7 @@ def input_moments(
     The pass runs in sections (`Sections`), each section's readers in one `add_after` call.
     """
     keys: dict[_Key, tuple[str, str, str]] = {}  # -> sum, sum of squares, size
-    reduced: dict[str, tuple[str, str]] = {}  # tensor -> its min and max
+    sampler = Sampler(extremes or [], len(feeds.batches), sampled=sampled)
     model_outputs = [o.name for o in model.graph.output]
     hessians = hessian.wanted({name: layer for name, layer in layers.items() if name in second_moments})
     second: dict[str, str] = {}  # layer -> the output that holds one batch's H
@@ -190,11 +193,10 @@ def input_moments(
             if name not in second and layers[name].node.input[0] in section.made:
                 second[name] = hessian.readers(layers[name], section)
                 section.wanted.append(second[name])
-        read_extremes(extremes or [], reduced, section)
+        sampler.read(section)
         if section.complete:
             section.wanted += model_outputs
 
-    ranges = Extremes(reduced)
     split = Split.of(feeds, layers)
     held_out = split.learned != split.held
     learned, held = _Sums(hessians), _Sums({n: np.zeros_like(h) for n, h in hessians.items()} if held_out else {})
@@ -205,7 +207,7 @@ def input_moments(
     ):
         if model_outputs and model_outputs[0] in values and index in checked:
             outputs[index] = [values[o] for o in model_outputs]  # the last section: the model's outputs too
-        ranges.add(values)
+        sampler.add(values)
         (learned if index in split.learned else held).add(values, second, keys)
     moments = learned.moments(layers, keys)
 
@@ -216,7 +218,7 @@ def input_moments(
     return Statistics(
         moments,
         joined(split.held),
-        ranges.ranges(),
+        sampler.ranges(),
         subset(feeds, split.held),
         hessians,
         in_sample,
@@ -224,6 +226,7 @@ def input_moments(
         held_out,
         held.moments(layers, keys, learned) if held_out else moments,
         held.hessians,
+        sampler.parts() if sampled else {},
     )
 
 

@@ -78,11 +78,14 @@ class Refiner:
         matmul_bias: bool = True,
         extremes: list[str] | None = None,
         compensate: frozenset[str] = frozenset(),
+        sampled: bool = False,
     ) -> Refiner:
         """`compensate`: the weights whose data-aware result is GPTQ's (their layers' H is gathered too)."""
         layers = statistics.find_layers(model, weights)
         stats = (
-            statistics.input_moments(model, layers, feeds, extremes, second_moments=compensate if data_aware else ())
+            statistics.input_moments(
+                model, layers, feeds, extremes, second_moments=compensate if data_aware else (), sampled=sampled
+            )
             if layers
             else statistics.Statistics({}, [], {}, feeds)
         )
@@ -260,9 +263,11 @@ def refiner_for(
     progress: Progress,
     matmul_bias: bool = True,
     extremes: list[str] | None = None,
+    sampled: bool = False,
 ) -> Refiner | None:
     """Statistics for the data-aware techniques the plan enables, or None (no data, nothing to refine);
-    in the same pass, the min and max of the `extremes` tensors (activation ranges). Weights of at most
+    in the same pass, the min and max of the `extremes` tensors (activation ranges; `sampled`: and samples of
+    their values). Weights of at most
     gptq.MAX_BITS bits are rounded by GPTQ."""
     if data is None or not weights or not (plan.data_aware or plan.bias_correction):
         return None
@@ -278,6 +283,7 @@ def refiner_for(
         matmul_bias=matmul_bias,
         extremes=extremes,
         compensate=compensate,
+        sampled=sampled,
     )
     return refiner if refiner.stats.moments else None
 
