@@ -243,3 +243,39 @@ def test_grouped_palettes_share_codebooks_among_channels_of_like_range(tmp_path)
         assert report["stored_bytes"] == 64 * 128 // 2 + groups * 16 * 4 + 64 * 2
         session = ort.InferenceSession(str(tmp_path / f"q{len(flags)}.onnx"))
         np.testing.assert_array_equal(session.run(None, {"x": np.eye(128, dtype=np.float32)})[0].T, w)
+
+
+def test_a_weight_is_encoded_only_where_that_makes_it_smaller(tmp_path) -> None:
+    """By default a weight whose encoding (indices, codebook, decode nodes and their names) takes no fewer
+    bytes than its float values stays float, with the measured sizes as the reason; `--min-elements` sets a
+    fixed threshold instead. The PP-OCR direction classifier's 585 KB model: 29 % of float -> 26 %."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = {"tiny": rng.standard_normal((4, 3, 1, 1)), "big": rng.standard_normal((16, 4, 3, 3))}
+    nodes = [
+        helper.make_node("Conv", ["x", "tiny"], ["a"]),
+        helper.make_node("Conv", ["a", "big"], ["y"], pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 8, 8])],
+        [numpy_helper.from_array(w.astype(np.float32), n) for n, w in weights.items()],
+    )
+    model = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(model))
+    sizes, reports = {}, {}
+    for label, flags in (("default", []), ("forced", ["--min-elements", "1"])):
+        out = tmp_path / f"{label}.onnx"
+        result = CliRunner().invoke(cli, ["kmeans", str(model), "--bits", "4", *flags, "-o", str(out), "--json"])
+        assert result.exit_code == 0, result.output
+        sizes[label], reports[label] = out.stat().st_size, json.loads(result.stdout)
+    assert [w["name"] for w in reports["default"]["per_weight"]] == ["big"]
+    (skipped,) = [s for s in reports["default"]["skipped"] if s["name"] == "tiny"]
+    encoded, stored = (int(word) for word in skipped["reason"].split() if word.isdigit())
+    assert stored == 48 and encoded > stored and "decode nodes" in skipped["reason"]
+    assert {w["name"] for w in reports["forced"]["per_weight"]} == {"tiny", "big"}
+    assert sizes["default"] < sizes["forced"]

@@ -13,20 +13,22 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import helper
 
 from qconvert import activations, qdq
 from qconvert.equalize import equalize, through_batchnorm
 from qconvert.errors import QConvertError, UnsupportedModelError, UsageError
 from qconvert.fold import fold_batchnorm
 from qconvert.methods import METHODS
-from qconvert.methods.base import Context, Method, Progress, Quantized, join
+from qconvert.methods.base import Context, Method, Progress, Quantized, file_bytes, join, opset_for
 from qconvert.methods.common import Step, finite, in_order, require_weights, select
 from qconvert.methods.refine import Decision, Refiner, fold_filter, refiner_for, with_techniques
-from qconvert.opset import default_opset, raise_opset
+from qconvert.opset import Reach, default_opset, raise_opset
 from qconvert.plan import KMeansPlan, LayerSetting, LinearPlan, Plan, layer_setting
 from qconvert.report import Histogram, OpsetChange, WeightReport
 from qconvert.select import Skipped, Weight
 
+PAYS_PAST_BYTES = 1 << 16  # weights larger than this always shrink when encoded (decode nodes take ~1 KB)
 FALLBACK = "\0"  # in an opset note: where the storage its weights fell back to goes, once they are quantized
 
 
@@ -58,6 +60,30 @@ class _Job:
         selection = select(self.model, self.plan)
         self.weights, self.skipped = selection.weights, list(selection.skipped)
         self.settings = {w.name: layer_setting(self.plan, w.name) for w in self.weights}
+        small = [w for w in self.weights if _float_bytes(w) <= PAYS_PAST_BYTES]
+        if self.plan.min_elements is None and small:  # where the encoding is smaller than float
+            reach = Reach(self.model)
+            for weight in small:
+                if (reason := self._costs_more(weight, reach)) is not None:
+                    self.weights.remove(weight)
+                    self.skipped.append(Skipped(weight.name, weight.op_types, reason, weight.shape))
+
+    def _costs_more(self, weight: Weight, reach: Reach) -> str | None:
+        """Why the weight stays float: its smallest encoding (one codebook or scale, with its decode nodes and
+        tensors: `file_bytes`, at the opset the conversion would give it) is no smaller than the float tensor."""
+        setting = self.settings[weight.name]
+        method = METHODS[setting.method]
+        opset = opset_for(reach, method.need(weight, setting, None))
+        if opset is None:
+            return None  # the method's own checks say why
+        encoded, stored = file_bytes(method, weight, setting.bits, None, opset), _float_bytes(weight)
+        if encoded < stored:
+            return None
+        return f"{encoded} bytes encoded with its decode nodes, {stored} as float"
+
+
+def _float_bytes(weight: Weight) -> int:
+    return weight.elements * helper.tensor_dtype_to_np_dtype(weight.tensor.data_type).itemsize
 
 
 def quantize_model(
