@@ -160,7 +160,7 @@ def _give_back_big_buffers() -> None:
     help="One codebook per N output channels (sorted by range, so that each codebook serves channels alike) "
     "[default: per weight, the per-channel form that pays best per stored bit, groups of 16 among them].",
 )
-@options.selection(None)
+@options.selection(DEFAULT_MIN_ELEMENTS)
 @click.option(
     "--keep-opset", is_flag=True, help="Never raise the opset: store 4/2-bit indices bit-packed instead of uint4/uint2."
 )
@@ -652,7 +652,7 @@ def _run(model: Path, plan: AnyPlan | AutoPlan, o: dict[str, Any]) -> None:
         report.output_path = "-" if report.passed or o["keep_failed"] else None
     _emit_reports(report, report_path, o["report_md"], o["report_html"])
     if o.get("plan_out") is not None and isinstance(report.details.get("auto"), dict):
-        io.write_atomically(o["plan_out"], plan_toml(report.details["auto"], str(model), o["min_elements"]).encode())
+        io.write_atomically(o["plan_out"], plan_toml(report.details["auto"], str(model)).encode())
     if to_stdout and report.output_path:
         assert conversion.model_bytes is not None  # stdout never gets an external-data model
         sys.stdout.buffer.write(conversion.model_bytes)

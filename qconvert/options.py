@@ -194,17 +194,14 @@ def techniques(calibration_help: str) -> Decorator:
     )
 
 
-def selection(min_elements: int | None) -> Decorator:
-    """Which weights are quantized (`min_elements` None: those whose encoding is smaller than float)."""
-    where = "where the encoded weight, decode nodes included, is smaller than float"
+def selection(min_elements: int) -> Decorator:
+    """Which weights are quantized."""
     return bundle(
         click.option(
             "--min-elements",
-            type=click.IntRange(min=1),
             default=min_elements,
-            show_default=min_elements is not None,
-            help="Leave weights with fewer elements as they are"
-            + (f" [default: {where}]." if min_elements is None else "."),
+            show_default=True,
+            help="Leave weights with fewer elements as they are.",
         ),
         click.option(
             "--exclude",

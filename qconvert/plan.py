@@ -72,7 +72,7 @@ class KMeansPlan:
 
     bits: int
     granularity: Granularity = Granularity.AUTO
-    min_elements: int | None = None  # None: where the encoded weight (with its decode nodes) is smaller
+    min_elements: int = DEFAULT_MIN_ELEMENTS
     exclude: tuple[str, ...] = ()
     raise_opset: bool = True  # allow raising the opset for uint4/uint2 index storage
     # per-channel codebooks may add at most this many bits per weight; past it a weight stays per-tensor
@@ -96,7 +96,7 @@ class KMeansPlan:
                 raise UsageError(f"--bits must be between 1 and 8, got {bits}")
         if self.max_codebook_overhead < 0:
             raise UsageError(f"--max-codebook-overhead must be >= 0, got {self.max_codebook_overhead}")
-        if self.min_elements is not None and self.min_elements < 1:
+        if self.min_elements < 1:
             raise UsageError(f"--min-elements must be at least 1, got {self.min_elements}")
         if self.group_size is not None and self.group_size < 1:
             raise UsageError(f"--group-size must be at least 1, got {self.group_size}")

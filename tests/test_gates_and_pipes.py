@@ -139,8 +139,8 @@ def test_inspect_lists_weights_and_estimates(tmp_path: Path, digits: Path) -> No
     assert [w["name"] for w in info["weights"]] == ["conv2.weight", "conv3.weight", "fc1.weight"]
     # The conversions' own size model: within 2 % of what they write, linear per channel included.
     for method, bits, granularity, flags in (
-        ("kmeans", 4, "per-tensor", ["--per-tensor", "--min-elements", "1024", "--no-fold-batchnorm"]),
-        ("kmeans", 2, "per-tensor", ["--per-tensor", "--min-elements", "1024", "--no-fold-batchnorm"]),
+        ("kmeans", 4, "per-tensor", ["--per-tensor", "--no-fold-batchnorm"]),
+        ("kmeans", 2, "per-tensor", ["--per-tensor", "--no-fold-batchnorm"]),
         ("linear", 8, "per-channel", ["--min-elements", "1024", "--no-fold-batchnorm"]),
         ("linear", 4, "per-tensor", ["--per-tensor", "--min-elements", "1024", "--no-fold-batchnorm"]),
     ):
@@ -294,8 +294,6 @@ def test_config_file_options_and_layer_overrides(tmp_path: Path, digits: Path, d
         digits,
         "--config",
         tmp_path / "qconvert.toml",
-        "--min-elements",
-        "1024",
         "--data",
         digits_data,
         "-o",
@@ -335,7 +333,7 @@ def test_mixed_bit_widths_store_each_at_its_width(tmp_path: Path, digits: Path) 
         'bits = 4\n[[layer]]\nmatch = "fc1.weight"\nbits = 2\n[[layer]]\nmatch = "conv2.weight"\nbits = 8\n'
     )
     out = tmp_path / "q.onnx"
-    result = invoke("kmeans", digits, "--config", tmp_path / "mixed.toml", "--min-elements", 1024, "-o", out, "--json")
+    result = invoke("kmeans", digits, "--config", tmp_path / "mixed.toml", "-o", out, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["opset"]["after"] == 25 and report["opset"]["storage"] == "uint2, uint4, uint8"
@@ -370,8 +368,7 @@ def test_hybrid_kmeans_with_linear_layers(tmp_path: Path, digits: Path, digits_d
         'bits = 3\n[[layer]]\nmatch = "fc1.weight"\nmethod = "linear"\nbits = 4\ngranularity = "per-channel"\n'
     )
     out = tmp_path / "q.onnx"
-    args = ["--config", tmp_path / "hybrid.toml", "--min-elements", 1024, "--data", digits_data, "-o", out, "--json"]
-    result = invoke("kmeans", digits, *args)
+    result = invoke("kmeans", digits, "--config", tmp_path / "hybrid.toml", "--data", digits_data, "-o", out, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     fc1 = next(w for w in report["per_weight"] if w["name"] == "fc1.weight")

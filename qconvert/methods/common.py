@@ -57,7 +57,7 @@ class Step:
 
 def select(model: onnx.ModelProto, plan: Plan) -> Selection:
     """The weights to quantize: selection minus those a layer override skips (reported as skipped)."""
-    selection = select_weights(model, min_elements=plan.min_elements or 1, exclude=plan.exclude)
+    selection = select_weights(model, min_elements=plan.min_elements, exclude=plan.exclude)
     kept = []
     for weight in selection.weights:
         if layer_setting(plan, weight.name).skip:

@@ -61,7 +61,7 @@ class _Job:
         self.weights, self.skipped = selection.weights, list(selection.skipped)
         self.settings = {w.name: layer_setting(self.plan, w.name) for w in self.weights}
         small = [w for w in self.weights if _float_bytes(w) <= PAYS_PAST_BYTES]
-        if self.plan.min_elements is None and small:  # where the encoding is smaller than float
+        if isinstance(self.plan, KMeansPlan) and small:  # a palette and its decode nodes may outweigh the values
             reach = Reach(self.model)
             for weight in small:
                 if (reason := self._costs_more(weight, reach)) is not None:

@@ -343,16 +343,14 @@ def _worst_snr(validation: ValidationResult | None) -> float | None:
     return min((o.snr_db for o in validation.outputs if o.snr_db is not None), default=None)
 
 
-def plan_toml(details: dict[str, object], model: str, min_elements: int | None) -> str:
-    """The chosen plan in the --config format: `qconvert kmeans MODEL --config plan.toml` redoes it (the
-    weights auto left out by `min_elements` too)."""
+def plan_toml(details: dict[str, object], model: str) -> str:
+    """The chosen plan in the --config format: `qconvert kmeans MODEL --config plan.toml` redoes it."""
     rows = details["plan"]
     assert isinstance(rows, list)
     kmeans_bits = [r["bits"] for r in rows if r["method"] == "kmeans"]
     lines = [
         f"# qconvert auto plan for {model}; reuse: qconvert kmeans {model} --config THIS_FILE",
         f"bits = {max(set(kmeans_bits), key=kmeans_bits.count) if kmeans_bits else 8}",
-        *([] if min_elements is None else [f"min_elements = {min_elements}"]),
         *([] if details.get("calibrated") else ["no_data_aware = true", "no_bias_correction = true"]),
         "",
     ]
