@@ -453,6 +453,30 @@ def test_calibration_samples_hold_the_tails_exactly_and_weigh_the_rest() -> None
     assert weights[values == 6].sum() / weights.sum() == pytest.approx(sixes, rel=0.05)
 
 
+@pytest.mark.parametrize("opset", [10, 9])
+def test_calibration_samples_below_opset_11(opset: int) -> None:
+    """Opset 10 has no TopK `largest`: the smallest values come from the negated tensor, as exactly. Before
+    opset 10 TopK's k is an attribute, which a tensor smaller than it would fail: the sample alone."""
+    from qconvert.calibrate import TAIL_PER_TENSOR, pooled, sample_parts
+    from qconvert.runtime import Feeds
+
+    x = np.random.default_rng(1).standard_normal((2, 50_000)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 50_000])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 50_000])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    parts = sample_parts(model, ["x"], Feeds([{"x": x[i : i + 1]} for i in range(2)], 2, "test"))["x"]
+    for part, batch in zip(parts, x):
+        assert pooled([part])[1].sum() == pytest.approx(batch.size)
+        if opset == 10:
+            assert set(np.sort(batch)[: TAIL_PER_TENSOR // 2 - 1]) <= set(part.tails)
+        else:
+            assert part.tails.size == 0
+
+
 def test_entropy_ranges_clip_rare_outliers_and_keep_dense_ranges() -> None:
     """KL-optimal clipping (`entropy_range`): a few far outliers beside Laplacian values are cut off while the
     range keeps all but a sliver of the values; uniform values keep (nearly) their whole range; values that
