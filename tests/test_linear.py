@@ -547,6 +547,9 @@ def test_mse_is_the_default_rule(digits: Path, digits_data: Path) -> None:
     mse = qconvert.linear(digits, calibration=digits_data, validate=False, calibration_method="mse")
     assert default.report.details["activation_ranges"]["rule"] == "mse"
     assert default.model_bytes == mse.model_bytes
+    from qconvert.render.sections import notes
+
+    assert "activation ranges: mse (the model's outputs: min/max)" in notes(default.report)
 
 
 def test_int8_activations_are_symmetric_and_run(digits: Path, digits_data: Path, tmp_path: Path) -> None:

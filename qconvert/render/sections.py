@@ -111,7 +111,12 @@ def notes(report: Report) -> list[str]:
         )
     if report.time_by_op:
         lines.append(_time_by_op(report.time_by_op))
-    if speed := (report.details.get("activation_ranges") or {}).get("speed"):
+    ranges = report.details.get("activation_ranges") or {}
+    if rule := ranges.get("rule"):
+        tried = ranges.get("held_out_snr_db") or {}
+        held = "; output SNR dB on held-out samples: " + ", ".join(f"{r} {db(v)}" for r, v in tried.items())
+        lines.append(f"activation ranges: {rule} (the model's outputs: min/max)" + (held if tried else ""))
+    if speed := ranges.get("speed"):
         lines.append(_speed(speed))
     lines += [f"{key.replace('_', ' ')}: {value}" for key, value in report.details.items() if isinstance(value, str)]
     return lines + fidelity(report)
