@@ -212,7 +212,7 @@ def insert(
             _place(candidate, kept, ranges_of, signed)
 
         layers, details["speed"] = speed.choose(pristine, weights, place, found.trial.held, found.trial.reference)
-        speed.unencode(pristine, {n: weights[n] for n in layers})
+        qdq.decode_at_load(pristine, {n: weights[n] for n in layers})
         model.CopyFrom(pristine)
         weights = {n: item for n, item in weights.items() if n not in layers}
         absorbed, count = _place(model, weights, ranges_of, signed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 
@@ -11,7 +12,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qconvert import io
-from qconvert.encode import PACKABLE_BITS, EncodedWeight, IndexStorage
+from qconvert.encode import PACKABLE_BITS, EncodedWeight, IndexStorage, encode_palettes
 from qconvert.opset import without_weights
 from qconvert.quant.kmeans import Palette
 from qconvert.quant.layout import from_rows, per_block, to_rows
@@ -147,6 +148,18 @@ def as_palette(item: LinearWeight) -> EncodedWeight:
         return EncodedWeight(item.weight, palette, item.axis, item.bits, storage, shared_codebook=True)
     levels = (steps[None, :] - grid.zero_point[:, None]).astype(np.float32) * grid.scale[:, None]
     return EncodedWeight(item.weight, Palette(levels.astype(dtype), indices), item.axis, item.bits, storage)
+
+
+def decode_at_load(model: onnx.ModelProto, items: dict[str, LinearWeight]) -> None:
+    """Each weight's DequantizeLinear replaced, in place, by a decode of the same integers that onnxruntime
+    folds at load (`as_palette`): its layer runs float on the values it had, and the file keeps the integers.
+    The weights are main-graph ones, found in the model this may be a copy of."""
+    graph = model.graph
+    decoders = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.output[0] in items]
+    set_nodes(graph, [n for n in graph.node if not (n.op_type == "DequantizeLinear" and n.output[0] in items)])
+    drop_initializers(graph, {x for n in decoders for x in n.input})
+    here = [dataclasses.replace(i, weight=dataclasses.replace(i.weight, graph=graph)) for i in items.values()]
+    encode_palettes(model, [as_palette(item) for item in here])
 
 
 def _needs_typed_scale(item: LinearWeight) -> bool:

@@ -16,15 +16,12 @@ their original values).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 
 import numpy as np
 import onnx
 
 from qconvert import qdq
-from qconvert.encode import encode_palettes
-from qconvert.rewrite import drop_initializers, set_nodes
 from qconvert.runtime import Feeds, model_session
 from qconvert.select import MAIN_GRAPH, Weight
 from qconvert.validate import medians, worst_snr
@@ -93,21 +90,9 @@ def candidate(
     """A copy of the encoded model with these weights' layers float and the others' activations quantized."""
     trial = onnx.ModelProto()
     trial.CopyFrom(model)
-    unencode(trial, {n: weights[n] for n in floated})
+    qdq.decode_at_load(trial, {n: weights[n] for n in floated})
     insert(trial, {n: item for n, item in weights.items() if n not in floated})
     return trial
-
-
-def unencode(model: onnx.ModelProto, floated: dict[str, qdq.LinearWeight]) -> None:
-    """Each weight's DequantizeLinear replaced, in place, by a decode of the same integers that onnxruntime
-    folds at load (`qdq.as_palette`): the layer runs float on the values it had, and the file keeps the
-    integers. The weights are main-graph ones, found in the model this is a copy of."""
-    graph = model.graph
-    decoders = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.output[0] in floated]
-    set_nodes(graph, [n for n in graph.node if not (n.op_type == "DequantizeLinear" and n.output[0] in floated)])
-    drop_initializers(graph, {x for n in decoders for x in n.input})
-    here = [dataclasses.replace(i, weight=dataclasses.replace(i.weight, graph=graph)) for i in floated.values()]
-    encode_palettes(model, [qdq.as_palette(item) for item in here])
 
 
 def _worst_snr(model: onnx.ModelProto, held: Feeds, reference: list[np.ndarray]) -> float | None:

@@ -183,3 +183,46 @@ def test_batchnorm_folds_in_models_that_list_initializers_as_inputs(
         initializers = {t.name for t in written.graph.initializer}
         assert [i.name for i in written.graph.input if i.name not in initializers] == ["input"]
         onnx.checker.check_model(written, full_check=True)
+
+
+def test_full_qdq_decodes_at_load_the_weights_no_integer_kernel_reads(tmp_path: Path) -> None:
+    """An LSTM runs float in a full QDQ graph: a DequantizeLinear on its weights would run on every
+    inference (0.7 ms of ddddocr's 5.5). They keep their integers, decoded by ops onnxruntime folds at
+    load, to the values DequantizeLinear gives; the Gemm before them still runs an integer kernel."""
+    import qconvert
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "G": rng.standard_normal((16, 16)).astype(np.float32),
+        "W": rng.standard_normal((1, 4 * 32, 16)).astype(np.float32),
+        "R": rng.standard_normal((1, 4 * 32, 32)).astype(np.float32),
+    }
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gemm", ["x", "G"], ["g"], transB=1),
+            helper.make_node("Unsqueeze", ["g", "axes"], ["s"]),
+            helper.make_node("LSTM", ["s", "W", "R"], ["y"], hidden_size=32),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 1, 1, 32])],
+        [*(numpy_helper.from_array(a, n) for n, a in arrays.items()), numpy_helper.from_array(np.array([1]), "axes")],
+    )
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    data = {"x": rng.standard_normal((40, 16)).astype(np.float32)}
+    full = qconvert.linear(path, calibration=data, validate=False)
+    weights_only = qconvert.linear(path, validate=False)
+    assert full.report.details["decoded_at_load"] == ["R", "W"]
+    dequantized = {n.output[0] for n in full.model.graph.node if n.op_type == "DequantizeLinear"}
+    assert "G" in dequantized and not dequantized & {"R", "W"}
+
+    def values(model: onnx.ModelProto) -> list[np.ndarray]:
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        probe.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in ("W", "R"))
+        sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+        return sess.run(["W", "R"], {"x": data["x"][:5]})
+
+    for got, want in zip(values(full.model), values(weights_only.model)):
+        assert np.array_equal(got, want)

@@ -10,6 +10,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeGuard
 
 import numpy as np
 import onnx
@@ -26,7 +27,7 @@ from qconvert.methods.refine import Decision, Refiner, fold_filter, refiner_for,
 from qconvert.opset import Reach, default_opset, raise_opset
 from qconvert.plan import KMeansPlan, LayerSetting, LinearPlan, Plan, layer_setting
 from qconvert.report import Histogram, OpsetChange, WeightReport
-from qconvert.select import Skipped, Weight
+from qconvert.select import MAIN_GRAPH, Skipped, Weight
 
 PAYS_PAST_BYTES = 1 << 16  # weights larger than this always shrink when encoded (decode nodes take ~1 KB)
 FALLBACK = "\0"  # in an opset note: where the storage its weights fell back to goes, once they are quantized
@@ -175,6 +176,11 @@ def _insert_activations(job: _Job, items: dict[str, Quantized], ranges: activati
     """Full QDQ: the activations around the encoded integer weights."""
     assert isinstance(job.plan, LinearPlan)
     weights = {w.name: items[w.name] for w in job.weights}
+    floats = {n: i for n, i in weights.items() if _float_layer(i)}
+    if floats:
+        qdq.decode_at_load(job.model, floats)
+        job.details["decoded_at_load"] = sorted(floats)
+        weights = {n: i for n, i in weights.items() if n not in floats}
     signed = job.plan.activation_type == "int8"
     details = activations.insert(job.model, weights, ranges, signed, job.plan.optimize)  # type: ignore[arg-type]
     job.details.update(details)
@@ -182,6 +188,17 @@ def _insert_activations(job: _Job, items: dict[str, Quantized], ranges: activati
         job.warnings.append(
             "int4 weights in a full QDQ graph are not fused into integer kernels by onnxruntime; int8 runs faster"
         )
+
+
+def _float_layer(item: Quantized) -> TypeGuard[qdq.LinearWeight]:
+    """A DequantizeLinear weight that no integer kernel reads (an LSTM's): decoded on every inference, unless
+    decoded at load instead (`qdq.decode_at_load`, main graph)."""
+    return (
+        isinstance(item, qdq.LinearWeight)
+        and not item.packed
+        and item.weight.graph_path == MAIN_GRAPH
+        and not all(c.op_type in qdq.WEIGHTED_OPS for c in item.weight.consumers)
+    )
 
 
 def _fold(job: _Job, refiner: Refiner | None, *, everything: bool) -> dict[str, str]:
