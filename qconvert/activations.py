@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from qconvert import calibrate, qdq, speed
 from qconvert.methods.base import Progress
@@ -35,25 +36,36 @@ class Ranges(NamedTuple):
     trial: Trial | None = None  # choices made once the weights are in (`Trial`)
 
 
-EVEN = slice(0, None, 2)  # the calibration samples trial ranges come from; the odd ones are held out
+EVEN = slice(0, None, 2)  # the calibration samples trial ranges come from; the odd ones are held out ...
+ODD = slice(1, None, 2)  # ... and the other way round (`Trial.crossed`)
 FLOAT_COUNTS = (0, 1, 2, 4, 8, 16, 32)  # activations left float that `--float-activations auto` tries
 FLOAT_TOLERANCE_DB = 0.5  # ... keeping the fewest within this much of the best held-out SNR
 
 
 @dataclass
 class Trial:
-    """Choices tried in the quantized model on held-out samples (the odd calibration samples) against the
-    float model's outputs there, with ranges from the even ones: the range rule (`--calibration-method
-    auto`: min/max, percentiles, per tensor), then how many activations stay float (`--float-activations`:
-    those whose own quantization loses most, fewest within FLOAT_TOLERANCE_DB of the best). The final
-    ranges come from all samples."""
+    """Choices tried in the quantized model on held-out samples against the float model's outputs there, in two
+    folds (ranges from the even calibration samples judged on the odd ones, and the other way round; the figure
+    is their mean): the range rule (`--calibration-method auto`: min/max, percentiles, mse, per tensor), then how
+    many activations stay float (`--float-activations`: those whose own quantization loses most, fewest within
+    FLOAT_TOLERANCE_DB of the best). The final ranges come from all samples."""
 
     parts: dict[str, list[calibrate.Part]]  # per tensor and sample
     held: Feeds | None  # the odd samples (None: a single sample, nothing to hold out)
-    reference: list[np.ndarray]  # the float model's outputs on them
+    reference: list[np.ndarray]  # the float model's outputs on them (`--optimize speed` judges on these alone)
     rules: tuple[str, ...]  # the candidates (one: fixed)
     keep_float: int | str  # activations left float: a count, or "auto"
     exact: frozenset[str] = frozenset()  # tensors ranged by min/max whatever the rule (`qdq.output_values`)
+    crossed: tuple[Feeds, list[np.ndarray]] | None = None  # the even samples and float's outputs on them
+
+    def _judged_samples(self) -> int:
+        assert self.held is not None
+        return self.held.samples + (self.crossed[0].samples if self.crossed else 0)
+
+    def _fits(self, rule: str) -> list[dict[str, tuple[float, float]]]:
+        """The rule's ranges from the even samples, and (crossed) from the odd ones."""
+        slices = (EVEN, ODD) if self.crossed else (EVEN,)
+        return [calibrate.ranges_by(self.parts, rule, fit, self.exact) for fit in slices]
 
     def decide(
         self, model: onnx.ModelProto, weights: dict[str, qdq.LinearWeight], signed: bool, protected: set[str]
@@ -63,10 +75,9 @@ class Trial:
         details: dict[str, object] = {}
         rule = self.rules[0]
         if len(self.rules) > 1 and self.held is not None:
-            fits = {r: calibrate.ranges_by(self.parts, r, EVEN, self.exact) for r in self.rules}
-            tried = {r: self._snr(model, weights, signed, fit) for r, fit in fits.items()}
+            tried = {r: self._snr(model, weights, signed, self._fits(r)) for r in self.rules}
             rule = max(self.rules, key=lambda r: _rank(tried[r]))  # the first of the best
-            details |= {"held_out_samples": self.held.samples, "held_out_snr_db": tried}
+            details |= {"held_out_samples": self._judged_samples(), "held_out_snr_db": tried}
         ranges = calibrate.ranges_by(self.parts, rule, exact=self.exact)
         if self.keep_float == 0:
             return rule, ranges, [], details
@@ -76,14 +87,15 @@ class Trial:
         )
         count = 0 if self.keep_float == "auto" else int(self.keep_float)
         if self.keep_float == "auto" and self.held is not None:
-            fit = calibrate.ranges_by(self.parts, rule, EVEN, self.exact)
+            fits = self._fits(rule)
             counts = [k for k in FLOAT_COUNTS if k <= len(ranked)]
             kept = {
-                k: self._snr(model, weights, signed, {t: fit[t] for t in fit if t not in ranked[:k]}) for k in counts
+                k: self._snr(model, weights, signed, [{t: f[t] for t in f if t not in ranked[:k]} for f in fits])
+                for k in counts
             }
             best = max(_rank(v) for v in kept.values())
             count = min(k for k in counts if _rank(kept[k]) >= best - FLOAT_TOLERANCE_DB)
-            details |= {"held_out_samples": self.held.samples, "float_activations_snr_db": kept}
+            details |= {"held_out_samples": self._judged_samples(), "float_activations_snr_db": kept}
         floated = ranked[:count]
         return rule, {t: r for t, r in ranges.items() if t not in floated}, floated, details
 
@@ -92,14 +104,20 @@ class Trial:
         model: onnx.ModelProto,
         weights: dict[str, qdq.LinearWeight],
         signed: bool,
-        ranges: dict[str, tuple[float, float]],
+        fits: list[dict[str, tuple[float, float]]],
     ) -> float | None:
-        """The worst output SNR on the held-out samples of the model with these activations quantized."""
+        """The worst output SNR on held-out samples of the model with these activations quantized: ranges from
+        the even samples judged on the odd ones and (crossed) from the odd ones on the even ones, averaged."""
         assert self.held is not None
-        trial = onnx.ModelProto()
-        trial.CopyFrom(model)
-        qdq.insert_activation_qdq(trial, ranges, weights, signed)
-        return worst_snr(trial, self.held, self.reference, "trial")
+        judged = [(self.held, self.reference), *([self.crossed] if self.crossed else [])]
+        scores = []
+        for ranges, (held, reference) in zip(fits, judged):
+            trial = onnx.ModelProto()
+            trial.CopyFrom(model)
+            qdq.insert_activation_qdq(trial, ranges, weights, signed)
+            scores.append(_rank(worst_snr(trial, held, reference, "trial")))
+        mean = float(np.mean(scores))
+        return None if np.isinf(mean) else mean
 
 
 def _rank(snr: float | None) -> float:
@@ -159,15 +177,22 @@ def ranges(
     exact = frozenset(qdq.output_values(model.graph))
     if not _tried(plan):
         return _warned(Ranges(calibrate.ranges_by(parts, fixed, exact=exact), feeds.samples, fixed), warnings)
-    held, reference = None, []
+    held: Feeds | None = None
+    reference: list[np.ndarray] = []
+    crossed = None
     if len(feeds.batches) > 1:
-        held = Feeds(feeds.batches[1::2], len(feeds.batches[1::2]), feeds.source)
-        run = run_batches(model_session(model, "float model"), held, "float model")
-        reference = [np.concatenate(o) for o in zip(*run)]
+        sess = model_session(model, "float model")
+        held, reference = _judged(sess, feeds, ODD)
+        crossed = _judged(sess, feeds, EVEN)
     rules = (fixed,) if method is not CalibrationMethod.AUTO else AUTO_RULES if held else (calibrate.PER_TENSOR,)
-    return _warned(
-        Ranges({}, feeds.samples, "", Trial(parts, held, reference, rules, plan.float_activations, exact)), warnings
-    )
+    trial = Trial(parts, held, reference, rules, plan.float_activations, exact, crossed)
+    return _warned(Ranges({}, feeds.samples, "", trial), warnings)
+
+
+def _judged(sess: ort.InferenceSession, feeds: Feeds, batches: slice) -> tuple[Feeds, list[np.ndarray]]:
+    """Those calibration batches, and the float model's outputs on them."""
+    some = Feeds(feeds.batches[batches], len(feeds.batches[batches]), feeds.source)
+    return some, [np.concatenate(o) for o in zip(*run_batches(sess, some, "float model"))]
 
 
 def _tensors(model: onnx.ModelProto, weights: list[Weight], plan: LinearPlan) -> list[str]:
