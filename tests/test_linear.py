@@ -497,6 +497,30 @@ def test_calibration_samples_below_opset_11(opset: int) -> None:
             assert part.tails.size == 0
 
 
+@pytest.mark.parametrize("opset", [13, 10])
+def test_calibration_samples_skip_an_empty_tensor(opset: int) -> None:
+    """Gather and TopK fail on an empty tensor: the sample comes from a copy with one value more, k from the
+    size, and the empty batch is left out (its min is infinite)."""
+    from qconvert.calibrate import sample_parts
+    from qconvert.runtime import Feeds
+
+    ends = {n: numpy_helper.from_array(np.array([v]), n) for n, v in (("start", 100), ("end", 100), ("axis", 1))}
+    graph = helper.make_graph(
+        [helper.make_node("Slice", ["x", "start", "end", "axis"], ["empty"]), helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 100])],
+        [
+            helper.make_tensor_value_info("empty", TensorProto.FLOAT, [1, None]),
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 100]),
+        ],
+        list(ends.values()),
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    feeds = Feeds([{"x": np.random.default_rng(i).random((1, 100), np.float32)} for i in range(2)], 2, "test")
+    parts = sample_parts(model, ["empty", "y"], feeds)
+    assert list(parts) == ["y"] and len(parts["y"]) == 2
+
+
 def test_entropy_ranges_clip_rare_outliers_and_keep_dense_ranges() -> None:
     """KL-optimal clipping (`entropy_range`): a few far outliers beside Laplacian values are cut off while the
     range keeps all but a sliver of the values; uniform values keep (nearly) their whole range; values that
