@@ -214,6 +214,9 @@ def test_full_qdq_decodes_at_load_the_weights_no_integer_kernel_reads(tmp_path: 
     full = qconvert.linear(path, calibration=data, validate=False)
     weights_only = qconvert.linear(path, validate=False)
     assert full.report.details["decoded_at_load"] == ["R", "W"]
+    from qconvert.render.sections import notes
+
+    assert "decoded at load, as no integer kernel reads them: 2 weights (R, W)" in notes(full.report)
     dequantized = {n.output[0] for n in full.model.graph.node if n.op_type == "DequantizeLinear"}
     assert "G" in dequantized and not dequantized & {"R", "W"}
 

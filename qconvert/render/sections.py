@@ -118,6 +118,11 @@ def notes(report: Report) -> list[str]:
         lines.append(f"activation ranges: {rule} (the model's outputs: min/max)" + (held if tried else ""))
     if speed := ranges.get("speed"):
         lines.append(_speed(speed))
+    if loaded := report.details.get("decoded_at_load"):
+        lines.append(
+            f"decoded at load, as no integer kernel reads them: {len(loaded)} weights ({', '.join(loaded[:3])}"
+            + (" ...)" if len(loaded) > 3 else ")")
+        )
     lines += [f"{key.replace('_', ' ')}: {value}" for key, value in report.details.items() if isinstance(value, str)]
     return lines + fidelity(report)
 
