@@ -318,7 +318,7 @@ def insert_activation_qdq(
     its range (`tie_moved`). Returns how many activations were done.
     """
     graph = model.graph
-    ranges = tie_moved(graph, ranges)
+    ranges = _tie_products(graph, tie_moved(graph, ranges))
     fresh = NameSource(model)
     front: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []
@@ -359,7 +359,123 @@ def insert_activation_qdq(
     set_nodes(graph, nodes)
     drop_initializers(graph, biases)
     graph.initializer.extend(new_inits)
+    fold_scalar_products(graph)
     return len(ranges)
+
+
+def fold_scalar_products(graph: onnx.GraphProto) -> int:
+    """Each quantized product of a quantized activation and a positive scalar constant (a HardSwish's / 6, a
+    Div made a Mul) whose range is the activation's times the constant (`_tie_products`) becomes a
+    DequantizeLinear of the activation's integers, in place: DQ(q, S, Z) * c -> Q(c S, Z) -> DQ is DQ(q, c S, Z),
+    without requantizing, and onnxruntime runs no QLinearMul for it. Returns how many."""
+    producer = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    constants = constant_tensors(graph)
+    gone: set[int] = set()
+    maybe_unread: list[onnx.NodeProto] = []
+    inputs: set[str] = set()
+    for node in graph.node:
+        found = _scalar_product(node, producer, readers, constants)
+        if found is None:
+            continue
+        dequantize, quantize, requantized = found
+        del requantized.input[0]
+        requantized.input.insert(0, dequantize.input[0])
+        gone.update((id(node), id(quantize)))
+        maybe_unread += [producer[i] for i in node.input if i in producer]
+        inputs.update((*node.input, *quantize.input))
+    if gone:
+        kept = [n for n in graph.node if id(n) not in gone]
+        uses = use_counts(helper.make_graph(kept, "", [], list(graph.output)))
+        unread = [n for n in maybe_unread if not any(uses.get(o) for o in n.output)]
+        set_nodes(graph, [n for n in kept if all(n is not u for u in unread)])
+        _drop_unread(graph, {*inputs, *(i for n in unread for i in n.input)})
+    return len(gone) // 2
+
+
+def _scalar_product(
+    node: onnx.NodeProto,
+    producer: dict[str, onnx.NodeProto],
+    readers: dict[str, list[onnx.NodeProto]],
+    constants: dict[str, onnx.TensorProto],
+) -> tuple[onnx.NodeProto, onnx.NodeProto, onnx.NodeProto] | None:
+    """For Mul(DQ(q, S, Z), c) -> Q(S', Z') -> DQ, with c a positive scalar (a constant or its DequantizeLinear),
+    S one scale and S' = c S to float precision, Z' = Z: the activation's DequantizeLinear, the Quantize and the
+    DequantizeLinear after it."""
+    after = readers.get(node.output[0], []) if node.op_type == "Mul" and len(node.input) == 2 else []
+    if len(after) != 1 or after[0].op_type != "QuantizeLinear":
+        return None
+    again = readers.get(after[0].output[0], [])
+    if len(again) != 1 or again[0].op_type != "DequantizeLinear":
+        return None
+    for data, other in ((node.input[0], node.input[1]), (node.input[1], node.input[0])):
+        dequantize, factor = producer.get(data), _scalar(other, producer, constants)
+        if (
+            dequantize is not None
+            and dequantize.op_type == "DequantizeLinear"
+            and dequantize.input[0] not in constants
+            and dequantize.input[1] in constants
+            and len(constants[dequantize.input[1]].dims) == 0
+            and factor is not None
+            and factor > 0
+            and _same_grid(dequantize, again[0], factor, constants)
+        ):
+            return dequantize, after[0], again[0]
+    return None
+
+
+def _same_grid(
+    dequantize: onnx.NodeProto, requantized: onnx.NodeProto, factor: float, constants: dict[str, onnx.TensorProto]
+) -> bool:
+    """Whether the product's grid is the activation's scaled by `factor`: equal zero points, scales within
+    float rounding."""
+    if (
+        len(dequantize.input) < 3
+        or len(requantized.input) < 3
+        or not all(i in constants for i in requantized.input[1:])
+    ):
+        return False
+    scale, zero = (io.tensor_array(constants[i]) for i in dequantize.input[1:3])
+    product_scale, product_zero = (io.tensor_array(constants[i]) for i in requantized.input[1:3])
+    return (
+        product_zero.dtype == zero.dtype
+        and np.array_equal(product_zero, zero)
+        and bool(np.isclose(float(product_scale), factor * float(scale), rtol=1e-6))
+    )
+
+
+def _tie_products(graph: onnx.GraphProto, ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    """The ranges with each product of a quantized activation and a positive scalar constant given the
+    activation's range times the constant: its integers are then the activation's (`fold_scalar_products`)."""
+    constants = constant_tensors(graph)
+    producer = {out: node for node in graph.node for out in node.output}
+    tied = dict(ranges)
+    for node in graph.node:
+        if node.op_type != "Mul" or len(node.input) != 2 or node.output[0] not in tied:
+            continue
+        for data, other in ((node.input[0], node.input[1]), (node.input[1], node.input[0])):
+            factor = _scalar(other, producer, constants)
+            if data in tied and factor is not None and factor > 0:
+                lo, hi = tied[data]
+                tied[node.output[0]] = (lo * factor, hi * factor)
+                break
+    return tied
+
+
+def _scalar(name: str, producer: dict[str, onnx.NodeProto], constants: dict[str, onnx.TensorProto]) -> float | None:
+    """The value of a one-element float constant, given as such or as the DequantizeLinear of one (else None)."""
+    node = producer.get(name)
+    if name in constants:
+        value = io.tensor_array(constants[name])
+    elif node is not None and node.op_type == "DequantizeLinear" and all(i in constants for i in node.input):
+        q, scale, *zero = (io.tensor_array(constants[i]).astype(np.float64) for i in node.input)
+        value = (q - (zero[0] if zero else 0)) * scale
+    else:
+        return None
+    return float(value.reshape(-1)[0]) if value.size == 1 and np.issubdtype(value.dtype, np.floating) else None
 
 
 def _quantize_operands(

@@ -651,9 +651,11 @@ def test_int4_below_opset_21_is_bit_packed_and_decodes_to_its_grid(tmp_path: Pat
 
 def test_constant_operands_of_add_and_mul_are_quantized_so_the_chain_stays_integer(tmp_path: Path) -> None:
     """Conv -> Mul(scale per channel) -> Add(3) -> Div(6) -> Conv, as exporters leave an unfused scale or a
-    HardSwish's (x + 3) / 6: the Div becomes a Mul by 1/6 and the constants uint8 with a DequantizeLinear, so
-    onnxruntime runs QLinearMul, QLinearAdd and QLinearMul between the integer convolutions instead of float ops
-    between Dequantize and Quantize."""
+    HardSwish's (x + 3) / 6: the constants become uint8 with a DequantizeLinear, so onnxruntime runs QLinearMul
+    and QLinearAdd between the integer convolutions instead of float ops between Dequantize and Quantize; the Div
+    becomes a Mul by 1/6, whose range is the Add's over 6: its integers are the Add's, read by a DequantizeLinear
+    with the scale over 6 (`qdq.fold_scalar_products`), and no kernel runs for it. The bias of the Conv after it
+    is quantized on that scale."""
     rng = np.random.default_rng(0)
     f = TensorProto.FLOAT
     inits = [
@@ -662,13 +664,14 @@ def test_constant_operands_of_add_and_mul_are_quantized_so_the_chain_stays_integ
         numpy_helper.from_array(rng.uniform(0.5, 2.0, (1, 16, 1, 1)).astype(np.float32), "scale"),
         numpy_helper.from_array(np.array(3.0, np.float32), "three"),
         numpy_helper.from_array(np.array(6.0, np.float32), "six"),
+        numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b2"),
     ]
     nodes = [
         helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
         helper.make_node("Mul", ["c1", "scale"], ["m"]),
         helper.make_node("Add", ["m", "three"], ["a"]),
         helper.make_node("Div", ["a", "six"], ["d"]),
-        helper.make_node("Conv", ["d", "w2"], ["y"]),
+        helper.make_node("Conv", ["d", "w2", "b2"], ["y"]),
     ]
     graph = helper.make_graph(
         nodes,
@@ -689,6 +692,6 @@ def test_constant_operands_of_add_and_mul_are_quantized_so_the_chain_stays_integ
     stored = {t.name for t in onnx.load(out).graph.initializer}
     assert not {"scale", "three", "six"} & stored  # the float constants went with their last reader
     ops = optimized_op_types(out, tmp_path)
-    assert ops["QLinearMul"] == 2 and ops["QLinearAdd"] == 1 and ops["QLinearConv"] == 2
+    assert ops["QLinearMul"] == 1 and ops["QLinearAdd"] == 1 and ops["QLinearConv"] == 2
     assert not {"Mul", "Add", "Div"} & set(ops)
     assert ops["QuantizeLinear"] + ops["DequantizeLinear"] <= 2  # the input and the output only
