@@ -159,17 +159,17 @@ def ranges(
     speed`), with the float model's outputs on the held-out samples."""
     assert plan.calibration is not None
     method = plan.calibration_method
-    shared = refiner.stats if refiner and data == plan.calibration else None
+    shared = refiner if refiner and data == plan.calibration else None  # its pass read the same data
     if not _sampled(plan):
         if shared is not None:
-            return _warned(Ranges(shared.ranges, refiner.samples if refiner else 0, "minmax"), warnings)
+            return _warned(Ranges(shared.stats.ranges, shared.samples, "minmax"), warnings)
         feeds = calibration_feeds(model, plan.calibration, plan.preprocessing)
         progress("calibrating activation ranges")
         found = calibrate.activation_ranges(model, _tensors(model, weights, plan), feeds, method=method)
         return _warned(Ranges(found, feeds.samples, "minmax"), warnings)
     feeds = calibration_feeds(model, plan.calibration, plan.preprocessing)
-    if shared is not None and shared.parts:
-        parts = shared.parts
+    if shared is not None and shared.stats.parts:
+        parts = shared.stats.parts
     else:
         progress("calibrating activation ranges")
         parts = calibrate.sample_parts(model, _tensors(model, weights, plan), feeds)

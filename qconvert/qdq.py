@@ -363,37 +363,35 @@ def insert_activation_qdq(
     return len(ranges)
 
 
-def fold_scalar_products(graph: onnx.GraphProto) -> int:
+def fold_scalar_products(graph: onnx.GraphProto) -> None:
     """Each quantized product of a quantized activation and a positive scalar constant (a HardSwish's / 6, a
     Div made a Mul) whose range is the activation's times the constant (`_tie_products`) becomes a
     DequantizeLinear of the activation's integers, in place: DQ(q, S, Z) * c -> Q(c S, Z) -> DQ is DQ(q, c S, Z),
-    without requantizing, and onnxruntime runs no QLinearMul for it. Returns how many."""
+    without requantizing, and onnxruntime runs no QLinearMul for it. Nodes are known by their output's name."""
     producer = {out: node for node in graph.node for out in node.output}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
     constants = constant_tensors(graph)
-    gone: set[int] = set()
-    maybe_unread: list[onnx.NodeProto] = []
-    inputs: set[str] = set()
+    gone: set[str] = set()  # the Mul's and its Quantize's outputs
+    maybe_unread: set[str] = set()  # the outputs of what fed the Mul
     for node in graph.node:
         found = _scalar_product(node, producer, readers, constants)
         if found is None:
             continue
         dequantize, quantize, requantized = found
-        del requantized.input[0]
-        requantized.input.insert(0, dequantize.input[0])
-        gone.update((id(node), id(quantize)))
-        maybe_unread += [producer[i] for i in node.input if i in producer]
-        inputs.update((*node.input, *quantize.input))
-    if gone:
-        kept = [n for n in graph.node if id(n) not in gone]
-        uses = use_counts(helper.make_graph(kept, "", [], list(graph.output)))
-        unread = [n for n in maybe_unread if not any(uses.get(o) for o in n.output)]
-        set_nodes(graph, [n for n in kept if all(n is not u for u in unread)])
-        _drop_unread(graph, {*inputs, *(i for n in unread for i in n.input)})
-    return len(gone) // 2
+        requantized.input[0] = dequantize.input[0]
+        gone.update((node.output[0], quantize.output[0]))
+        maybe_unread.update(i for i in node.input if i in producer)
+    if not gone:
+        return
+    kept = [n for n in graph.node if n.output[0] not in gone]
+    read = {name for n in kept for name in n.input} | {o.name for o in graph.output}
+    unread = maybe_unread - read
+    removed = [n for n in graph.node if n.output[0] in gone | unread]
+    set_nodes(graph, [n for n in kept if n.output[0] not in unread])
+    _drop_unread(graph, {i for n in removed for i in n.input})
 
 
 def _scalar_product(
