@@ -24,8 +24,10 @@ from qconvert.select import select_weights
 
 
 def layer_model(op: str, rng: np.random.Generator) -> tuple[onnx.ModelProto, np.ndarray]:
-    """x -> one Conv (2 groups, no bias, no padding) / Gemm (transB, alpha, beta, C) / MatMul -> y."""
+    """x -> one Conv (2 groups, no bias, no padding) / Gemm (transB, alpha, beta, C) / MatMul (and an Add of a
+    bias, as exporters write a Linear layer) -> y."""
     inits = []
+    nodes = []
     if op == "Conv":
         x_shape, y_shape = [64, 6, 5, 5], [64, 8, 3, 3]
         w = rng.standard_normal((8, 3, 3, 3))
@@ -39,9 +41,13 @@ def layer_model(op: str, rng: np.random.Generator) -> tuple[onnx.ModelProto, np.
         x_shape, y_shape = [2, 16, 12], [2, 16, 10]
         w = rng.standard_normal((12, 10))
         node = helper.make_node("MatMul", ["x", "w"], ["y"])
+        if op == "MatMul+Add":
+            node.output[0] = "p"
+            inits.append(numpy_helper.from_array(rng.standard_normal(10).astype(np.float32), "b"))
+            nodes.append(helper.make_node("Add", ["p", "b"], ["y"]))
     inits.append(numpy_helper.from_array(w.astype(np.float32), "w"))
     graph = helper.make_graph(
-        [node],
+        [node, *nodes],
         "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
@@ -49,7 +55,7 @@ def layer_model(op: str, rng: np.random.Generator) -> tuple[onnx.ModelProto, np.
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     # Inputs with a mean far from zero, different per channel: the case bias correction is for.
-    axis = -1 if op == "MatMul" else 1
+    axis = -1 if op.startswith("MatMul") else 1
     offsets = np.moveaxis(np.zeros(x_shape), axis, -1) + rng.uniform(0, 3, x_shape[axis])
     x = (rng.standard_normal(x_shape) + np.moveaxis(offsets, -1, axis)).astype(np.float32)
     return model, x
@@ -71,18 +77,19 @@ def feeds(x: np.ndarray) -> Feeds:
     return Feeds([{"x": x}], x.shape[0], "test")
 
 
-@pytest.mark.parametrize("op", ["Conv", "Gemm", "MatMul"])
+@pytest.mark.parametrize("op", ["Conv", "Gemm", "MatMul", "MatMul+Add"])
 def test_bias_correction_restores_the_mean_output(op: str) -> None:
     rng = np.random.default_rng(0)
     model, x = layer_model(op, rng)
     weights = select_weights(model).weights
     layers = statistics.find_layers(model, weights)
     moments = statistics.input_moments(model, layers, feeds(x)).moments
-    w = numpy_helper.to_array(model.graph.initializer[-1])
+    w = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w"))
     coarse = np.round(w * 2 + 0.3) / 2  # a biased quantizer: its error has a non-zero mean
     shift = bias.bias_shift(layers["w"], moments["w"], w, coarse)
     quantized = with_weight(model, coarse)
     mean_axis = tuple(a for a in range(x.ndim) if a != (1 if op == "Conv" else x.ndim - 1))
+    stored = len(quantized.graph.initializer)
     before = np.abs((run(model, x) - run(quantized, x)).mean(axis=mean_axis)).max()
     bias.apply_bias_shifts(
         quantized, {"w": (statistics.find_layers(quantized, select_weights(quantized).weights)["w"], shift)}
@@ -91,8 +98,9 @@ def test_bias_correction_restores_the_mean_output(op: str) -> None:
     after = np.abs((run(model, x) - run(quantized, x)).mean(axis=mean_axis)).max()
     # exact for Gemm and MatMul; a Conv's windows see the channel mean only on average over the data
     assert before > 0.5 and after < (0.03 if op == "Conv" else 1e-5) * before
-    if op == "MatMul":
+    if op.startswith("MatMul"):  # an Add of the shift, or the existing Add's bias shifted
         assert [n.op_type for n in quantized.graph.node] == ["MatMul", "Add"]
+        assert len(quantized.graph.initializer) == stored + (op == "MatMul")
 
 
 def test_one_pass_gives_the_activation_ranges_too() -> None:

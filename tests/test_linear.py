@@ -556,7 +556,7 @@ def quantizer_ranges(model: onnx.ModelProto) -> dict[str, tuple[float, float]]:
     return {
         n.output[0]: (float(stored[n.input[1]]), float(stored[n.input[2]]))
         for n in model.graph.node
-        if n.op_type == "DequantizeLinear" and n.input[0].endswith("_qc_q")
+        if n.op_type == "DequantizeLinear" and n.input[0].endswith("_qc_q") and not n.attribute  # not per channel
     }
 
 
@@ -695,3 +695,107 @@ def test_constant_operands_of_add_and_mul_are_quantized_so_the_chain_stays_integ
     assert ops["QLinearMul"] == 1 and ops["QLinearAdd"] == 1 and ops["QLinearConv"] == 2
     assert not {"Mul", "Add", "Div"} & set(ops)
     assert ops["QuantizeLinear"] + ops["DequantizeLinear"] <= 2  # the input and the output only
+
+
+def channel_scaled_model(tmp_path: Path, spread: float = 3.0) -> tuple[Path, Path]:
+    """x -> Conv -> Clip(0, 6) -> depthwise Conv "dw" (channel magnitudes 10**-spread to 1, as BatchNorm folding
+    leaves them) -> Relu -> 1x1 Conv -> y; and its data."""
+    rng = np.random.default_rng(0)
+    f = TensorProto.FLOAT
+    magnitude = np.logspace(-spread, 0, 16).astype(np.float32)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((16, 8, 3, 3)) * 0.3).astype(np.float32), "w1"),
+        numpy_helper.from_array(
+            rng.standard_normal((16, 1, 3, 3)).astype(np.float32) * magnitude[:, None, None, None], "dw"
+        ),
+        numpy_helper.from_array((rng.standard_normal(16) * 0.1 * magnitude).astype(np.float32), "dwb"),
+        numpy_helper.from_array((rng.standard_normal((8, 16, 1, 1)) * 0.3).astype(np.float32), "w3"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+        numpy_helper.from_array(np.array(6.0, np.float32), "six"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Clip", ["c1", "zero", "six"], ["r1"]),
+        helper.make_node("Conv", ["r1", "dw", "dwb"], ["c2"], pads=[1, 1, 1, 1], group=16),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("Conv", ["r2", "w3"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", f, [1, 8, 12, 12])],
+        [helper.make_tensor_value_info("y", f, [1, 8, 12, 12])],
+        inits,
+    )
+    model = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "m.onnx")
+    data = tmp_path / "x.npz"
+    np.savez(data, x=rng.standard_normal((16, 8, 12, 12)).astype(np.float32))
+    return model, data
+
+
+def test_onnxruntime_quantizes_a_float_conv_after_a_dequantize_unless_read_per_channel(tmp_path: Path) -> None:
+    """Pinned fact (onnxruntime's WeightBiasQuantization, at every optimization level): a Conv between a
+    DequantizeLinear with one scale and a QuantizeLinear gets its float weight quantized per tensor, symmetric
+    int8, and the small channels of a folded depthwise weight round to nothing. `qdq.keep_float_layers` feeds it a
+    DequantizeLinear of the same integers with the scale repeated per channel, which onnxruntime leaves float."""
+    from qconvert.qdq import keep_float_layers
+
+    model_path, data = channel_scaled_model(tmp_path)
+    model = onnx.load(model_path)
+    q = [
+        numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+        numpy_helper.from_array(np.array(0, np.uint8), "z"),
+    ]
+    model.graph.initializer.extend(q)
+    nodes = list(model.graph.node)
+    nodes[2].input[0] = "r1_dq"
+    nodes[3].input[0] = "c2_dq"
+    nodes[3:3] = [
+        helper.make_node("QuantizeLinear", ["c2", "s", "z"], ["c2_q"]),
+        helper.make_node("DequantizeLinear", ["c2_q", "s", "z"], ["c2_dq"]),
+    ]
+    nodes[2:2] = [
+        helper.make_node("QuantizeLinear", ["r1", "s", "z"], ["r1_q"]),
+        helper.make_node("DequantizeLinear", ["r1_q", "s", "z"], ["r1_dq"]),
+    ]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    x = {"x": np.load(data)["x"][:1]}
+
+    def worst_channel_snr(m: onnx.ModelProto) -> float:
+        runs = []
+        for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC):
+            options = ort.SessionOptions()
+            options.graph_optimization_level = level
+            probe = onnx.ModelProto()
+            probe.CopyFrom(m)
+            probe.graph.output.append(helper.make_tensor_value_info("c2", TensorProto.FLOAT, None))
+            sess = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            runs.append(sess.run(["c2"], x)[0])
+        exact, optimized = runs
+        error = ((exact - optimized) ** 2).sum(axis=(0, 2, 3)) + 1e-30
+        return float(10 * np.log10((exact**2).sum(axis=(0, 2, 3)) / error).min())
+
+    assert worst_channel_snr(model) < 20  # onnxruntime requantized the float weight
+    assert keep_float_layers(model) == 1
+    assert worst_channel_snr(model) > 100  # float, as written
+
+
+def test_a_layer_left_float_stays_float_and_its_relu_takes_one_range(tmp_path: Path) -> None:
+    """Full QDQ with the depthwise layer excluded: it reads its input per channel (it runs float, not
+    requantized by onnxruntime), and the Relu after it quantizes its input on its output's range (the values it
+    cuts off are not spread over the grid); the model is no worse than with every layer quantized."""
+    import qconvert
+
+    model, data = channel_scaled_model(tmp_path, spread=1.0)
+    full = qconvert.linear(model, calibration=data, data=data)
+    floated = qconvert.linear(model, calibration=data, data=data, exclude=["dw"])
+    snr = [r.report.validation.outputs[0].snr_db for r in (full, floated)]
+    assert snr[1] >= snr[0] - 0.5 and snr[0] > 25
+    graph = floated.model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    depthwise = next(n for n in graph.node if n.op_type == "Conv" and n.input[1] == "dw")
+    reader = producer[depthwise.input[0]]
+    assert reader.op_type == "DequantizeLinear" and reader.attribute[0].i == 1
+    ranges = quantizer_ranges(floated.model)
+    assert ranges["c2"] == ranges["r2"]  # the Relu after the float layer: not absorbed, one range

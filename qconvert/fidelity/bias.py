@@ -42,9 +42,12 @@ def apply_bias_shifts(model: onnx.ModelProto, shifts: dict[str, tuple[Layer, np.
     constants = {t.name: t for t in graph.initializer}
     constants.update({node.output[0]: tensor for node in graph.node if (tensor := constant_value(node)) is not None})
     uses = use_counts(graph)
+    readers = {name: node for node in graph.node for name in node.input}  # of the tensors read once
     after: Additions = {}  # MatMul output -> the Add that makes it
     for layer, shift in shifts.values():
         node = layer.node
+        if layer.op_type == "MatMul" and _into_next_bias(node, shift, readers, constants, uses):
+            continue
         if layer.op_type == "MatMul":
             bias = numpy_helper.from_array(shift.astype(np.float32), fresh(f"{layer.weight}_qc_bias"))
             graph.initializer.append(bias)
@@ -75,3 +78,26 @@ def apply_bias_shifts(model: onnx.ModelProto, shifts: dict[str, tuple[Layer, np.
             node.input[2] = bias.name
     if after:
         add_after(graph, after)
+
+
+def _into_next_bias(
+    node: onnx.NodeProto,
+    shift: np.ndarray,
+    readers: dict[str, onnx.NodeProto],
+    constants: dict[str, onnx.TensorProto],
+    uses: dict[str, int],
+) -> bool:
+    """Add the shift to the bias of the Add that alone reads the MatMul's product, where that bias is a constant
+    of one value per output channel read only there (a Linear layer as exporters write it), in place: no Add of
+    our own then, and no second bias in the file."""
+    add = readers.get(node.output[0]) if uses.get(node.output[0]) == 1 else None
+    if add is None or add.op_type != "Add" or len(add.input) != 2:
+        return False
+    bias = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+    if bias not in constants or uses.get(bias) != 1:
+        return False
+    old = io.tensor_array(constants[bias])
+    if old.dtype != np.float32 or old.size != shift.size or old.shape[-1:] != shift.shape:
+        return False
+    constants[bias].CopyFrom(numpy_helper.from_array((old + shift).astype(np.float32), constants[bias].name))
+    return True
