@@ -16,6 +16,7 @@ import onnx
 import onnxruntime as ort
 
 from qconvert import calibrate, qdq, speed
+from qconvert.fidelity import empirical
 from qconvert.methods.base import Progress
 from qconvert.methods.refine import Refiner, refiner_for
 from qconvert.plan import CalibrationMethod, LinearPlan
@@ -34,12 +35,14 @@ class Ranges(NamedTuple):
     samples: int  # the calibration samples they come from
     rule: str  # what gave them (minmax, percentile P)
     trial: Trial | None = None  # choices made once the weights are in (`Trial`)
+    shift: tuple[empirical.Targets, Feeds] | None = None  # for bias correction, and the calibration batches
 
 
 EVEN = slice(0, None, 2)  # the calibration samples trial ranges come from; the odd ones are held out ...
 ODD = slice(1, None, 2)  # ... and the other way round (`Trial.crossed`)
 FLOAT_COUNTS = (0, 1, 2, 4, 8, 16, 32)  # activations left float that `--float-activations auto` tries
 FLOAT_TOLERANCE_DB = 0.5  # ... keeping the fewest within this much of the best held-out SNR
+SHIFT_GAIN_DB = 0.1  # bias correction is kept where it gains this much on held-out samples
 
 
 @dataclass
@@ -160,14 +163,14 @@ def ranges(
     assert plan.calibration is not None
     method = plan.calibration_method
     shared = refiner if refiner and data == plan.calibration else None  # its pass read the same data
+    feeds = calibration_feeds(model, plan.calibration, plan.preprocessing)
+    shift = _targets(model, weights, plan, feeds, progress)
     if not _sampled(plan):
         if shared is not None:
-            return _warned(Ranges(shared.stats.ranges, shared.samples, "minmax"), warnings)
-        feeds = calibration_feeds(model, plan.calibration, plan.preprocessing)
+            return _warned(Ranges(shared.stats.ranges, shared.samples, "minmax", shift=shift), warnings)
         progress("calibrating activation ranges")
         found = calibrate.activation_ranges(model, _tensors(model, weights, plan), feeds, method=method)
-        return _warned(Ranges(found, feeds.samples, "minmax"), warnings)
-    feeds = calibration_feeds(model, plan.calibration, plan.preprocessing)
+        return _warned(Ranges(found, feeds.samples, "minmax", shift=shift), warnings)
     if shared is not None and shared.stats.parts:
         parts = shared.stats.parts
     else:
@@ -176,7 +179,9 @@ def ranges(
     fixed = calibrate.rule_for(method, plan.percentile)
     exact = frozenset(qdq.output_values(model.graph))
     if not _tried(plan):
-        return _warned(Ranges(calibrate.ranges_by(parts, fixed, exact=exact), feeds.samples, fixed), warnings)
+        return _warned(
+            Ranges(calibrate.ranges_by(parts, fixed, exact=exact), feeds.samples, fixed, shift=shift), warnings
+        )
     held: Feeds | None = None
     reference: list[np.ndarray] = []
     crossed = None
@@ -186,7 +191,19 @@ def ranges(
         crossed = _judged(sess, feeds, EVEN)
     rules = (fixed,) if method is not CalibrationMethod.AUTO else AUTO_RULES if held else (calibrate.PER_TENSOR,)
     trial = Trial(parts, held, reference, rules, plan.float_activations, exact, crossed)
-    return _warned(Ranges({}, feeds.samples, "", trial), warnings)
+    return _warned(Ranges({}, feeds.samples, "", trial, shift), warnings)
+
+
+def _targets(
+    model: onnx.ModelProto, weights: list[Weight], plan: LinearPlan, feeds: Feeds, progress: Progress
+) -> tuple[empirical.Targets, Feeds] | None:
+    """What bias correction needs of the float model, where it is asked for and there are samples to hold out."""
+    if not plan.bias_correction or len(feeds.batches) < 2:
+        return None
+    progress("measuring the float model's layer outputs")
+    names = {w.name for w in weights}
+    absorbed = {} if plan.activation_type == "int8" else qdq.absorbed_outputs(model, names)
+    return empirical.float_targets(model, names, absorbed, feeds), feeds
 
 
 def _judged(sess: ort.InferenceSession, feeds: Feeds, batches: slice) -> tuple[Feeds, list[np.ndarray]]:
@@ -243,6 +260,8 @@ def insert(
         absorbed, count = _place(model, weights, ranges_of, signed)
     else:
         count = _quantize_around(model, weights, ranges_of, signed)
+    if found.shift is not None:
+        details["bias_correction"] = _shift_biases(model, *found.shift)
     return {
         "calibration_samples": found.samples,
         "activations_quantized": count,
@@ -251,6 +270,26 @@ def insert(
         "activations_left_float": floated,
         "runtime": RUNTIME,
     }
+
+
+def _shift_biases(model: onnx.ModelProto, targets: empirical.Targets, feeds: Feeds) -> dict[str, object]:
+    """Empirical bias correction (`qconvert.fidelity.empirical`), fitted on the even calibration samples and
+    kept, in place, where it raises the worst output SNR on the odd ones by SHIFT_GAIN_DB."""
+    trial = _copy(model)
+    layers = empirical.correct(trial, targets, feeds, EVEN)
+    if not layers:
+        return {"layers": 0}
+    held = Feeds(feeds.batches[ODD], len(feeds.batches[ODD]), feeds.source)
+    reference = [np.concatenate(o) for o in zip(*targets.outputs[ODD])]
+    snr = [worst_snr(m, held, reference, "quantized model") for m in (model, trial)]
+    kept = bool(_rank(snr[1]) >= _rank(snr[0]) + SHIFT_GAIN_DB)
+    if kept:
+        model.CopyFrom(trial)
+    return {"layers": layers, "held_out_snr_db": {"without": _round(snr[0]), "with": _round(snr[1])}, "kept": kept}
+
+
+def _round(snr: float | None) -> float | None:
+    return None if snr is None else round(float(snr), 2)
 
 
 def _place(

@@ -198,6 +198,12 @@ def absorbing_outputs(model: onnx.ModelProto, quantized_weights: set[str]) -> se
     return {graph.node[index].output[0] for index in _absorbable(graph, quantized_weights)}
 
 
+def absorbed_outputs(model: onnx.ModelProto, quantized_weights: set[str]) -> dict[str, str]:
+    """Each output that `absorb_activations` will replace -> the activation's output that replaces it."""
+    graph = model.graph
+    return {source.output[0]: graph.node[i].output[0] for i, source in _absorbable(graph, quantized_weights).items()}
+
+
 def _absorbable(graph: onnx.GraphProto, quantized_weights: set[str]) -> dict[int, onnx.NodeProto]:
     """Index of each absorbable Relu / Clip(min 0) -> the quantized op that produces its input."""
     constants = _constants(graph)

@@ -380,7 +380,11 @@ def test_auto_calibration_chooses_ranges_on_held_out_samples(digits: Path, digit
         result = CliRunner().invoke(cli, args)
         assert result.exit_code == 0, result.output
         reports[method] = json.loads(result.output)
-    assert reports["minmax"]["details"]["activation_ranges"] == {"rule": "minmax"}
+    ranges = {
+        m: {k: v for k, v in r["details"]["activation_ranges"].items() if k != "bias_correction"}
+        for m, r in reports.items()
+    }
+    assert ranges["minmax"] == {"rule": "minmax"}
     chosen = reports["auto"]["details"]["activation_ranges"]
     measured = chosen["held_out_snr_db"]
     assert chosen["held_out_samples"] == 32 and set(measured) == {
@@ -393,7 +397,7 @@ def test_auto_calibration_chooses_ranges_on_held_out_samples(digits: Path, digit
     assert measured[chosen["rule"]] == max(measured.values())
     snr = {m: r["validation"]["outputs"][0]["snr_db"] for m, r in reports.items()}
     assert snr["auto"] > snr["minmax"] - 1.0  # held-out choices carry over to other samples
-    assert reports["entropy"]["details"]["activation_ranges"] == {"rule": "entropy"}
+    assert ranges["entropy"] == {"rule": "entropy"}
     assert snr["entropy"] > snr["minmax"] - 1.0  # exact zeros left out of its histogram: see entropy_range
 
 
@@ -412,7 +416,9 @@ def test_auto_judges_each_rule_on_both_halves(digits: Path, digits_data: Path, t
         return 10.0 if len(judged) % 2 else 20.0
 
     monkeypatch.setattr(activations, "worst_snr", fold_snr)
-    result = qconvert.linear(digits, calibration=tmp_path / "cal.npz", calibration_method="auto", validate=False)
+    result = qconvert.linear(
+        digits, calibration=tmp_path / "cal.npz", calibration_method="auto", validate=False, bias_correction=False
+    )
     measured = result.report.details["activation_ranges"]["held_out_snr_db"]
     assert set(measured.values()) == {15.0} and judged == [16, 16] * len(activations.AUTO_RULES)
 
@@ -799,3 +805,46 @@ def test_a_layer_left_float_stays_float_and_its_relu_takes_one_range(tmp_path: P
     assert reader.op_type == "DequantizeLinear" and reader.attribute[0].i == 1
     ranges = quantizer_ranges(floated.model)
     assert ranges["c2"] == ranges["r2"]  # the Relu after the float layer: not absorbed, one range
+
+
+def test_biases_absorb_the_mean_error_the_quantized_activations_add(tmp_path: Path) -> None:
+    """Channels that sit between two steps of their tensor's grid round the same way every time: a mean error
+    per channel that the weights' bias correction cannot see. Full QDQ measures each integer layer's mean
+    output error in the quantized model, layer by layer, and its bias absorbs it where that gains on the
+    held-out calibration samples (`qconvert.fidelity.empirical`); --no-bias-correction leaves it."""
+    import qconvert
+
+    rng = np.random.default_rng(0)
+    f = TensorProto.FLOAT
+    # c1: 8 channels that vary widely (they set the grid's step), 8 nearly constant ones between its steps
+    spread = np.repeat([10.0, 0.001], 8)[:, None, None, None]
+    w2 = np.tile(np.repeat([0.05, 2.0], 8), (4, 1))[:, :, None, None] * rng.choice([-1, 1], (4, 16, 1, 1))
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((16, 4, 1, 1)) * spread).astype(np.float32), "w1"),
+        numpy_helper.from_array(np.concatenate([np.zeros(8), rng.uniform(0, 1, 8)]).astype(np.float32), "b1"),
+        numpy_helper.from_array(w2.astype(np.float32), "w2"),
+        numpy_helper.from_array(np.zeros(4, np.float32), "b2"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"]),
+        helper.make_node("Conv", ["c1", "w2", "b2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", f, [1, 4, 8, 8])],
+        [helper.make_tensor_value_info("y", f, [1, 4, 8, 8])],
+        inits,
+    )
+    model = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "m.onnx")
+    data, held = tmp_path / "x.npz", tmp_path / "v.npz"
+    np.savez(data, x=rng.standard_normal((16, 4, 8, 8)).astype(np.float32))
+    np.savez(held, x=rng.standard_normal((16, 4, 8, 8)).astype(np.float32))
+    corrected = qconvert.linear(model, calibration=data, data=held)
+    plain = qconvert.linear(model, calibration=data, data=held, bias_correction=False)
+    shift = corrected.report.details["activation_ranges"]["bias_correction"]
+    assert shift["kept"] and shift["layers"] == 2
+    assert shift["held_out_snr_db"]["with"] > shift["held_out_snr_db"]["without"] + 3
+    snr = [r.report.validation.outputs[0].snr_db for r in (corrected, plain)]
+    assert snr[0] > snr[1] + 3  # on data neither saw
+    assert "bias_correction" not in plain.report.details["activation_ranges"]
