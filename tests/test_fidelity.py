@@ -646,3 +646,18 @@ def test_layer_check_passes_hand_on_what_subgraphs_read(monkeypatch: pytest.Monk
     a_section_per_layer(monkeypatch)
     np.testing.assert_allclose(checks.layer_snr(model, candidates, samples), one_pass, rtol=1e-5)
     assert starts == [["x"], ["c1"], ["c2", "cond", "r1"]]
+
+
+def test_bias_shifts_keep_what_the_samples_agree_on() -> None:
+    """Empirical bias correction shrinks each channel's mean error by how little its samples agree: a shift
+    every sample shows is kept whole, one that is mostly sample noise (a layer after a global pool sees one
+    value per channel and sample) shrinks to nothing."""
+    from qconvert.fidelity.empirical import _shrunk
+
+    rng = np.random.default_rng(0)
+    steady = 0.5 + 0.01 * rng.standard_normal(8)
+    noisy = 0.05 + np.tile([1.0, -1.0], 4)  # a mean of 0.05 among samples 1 apart
+    shift = _shrunk(np.stack([steady, noisy], axis=1))
+    assert abs(shift[0] - steady.mean()) < 1e-3 * steady.mean()
+    assert shift[1] == 0
+    assert np.array_equal(_shrunk(np.zeros((8, 3))), np.zeros(3))

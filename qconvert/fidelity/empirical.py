@@ -81,11 +81,23 @@ def correct(model: onnx.ModelProto, targets: Targets, feeds: Feeds, batches: sli
         bias_feeds = {name: other.bias.astype(np.float32) for name, other in zip(inputs, layers)}
         with_biases = Feeds([{**feed, **bias_feeds} for feed in fit.batches], fit.samples, fit.source)
         runs = list(run_batches(sess, with_biases, "quantized model", [outputs[index]]))
-        measured = np.mean([run[0] for run in runs], axis=0)
-        target = np.mean(targets.means[layer.tensor][batches], axis=0)
-        layer.bias = layer.bias - (measured - target)
+        errors = np.stack([run[0] for run in runs]) - np.stack(targets.means[layer.tensor][batches])
+        layer.bias = layer.bias - _shrunk(errors)
     _write_back(model, layers)
     return len(layers)
+
+
+def _shrunk(errors: np.ndarray) -> np.ndarray:
+    """The mean of per-batch mean errors (batches x channels), each channel's shrunk towards 0 by how little its
+    batches agree: by (1 - se² / mean²)⁺, se the mean's standard error. A layer that sees one value per channel
+    and sample (after a global pool) would otherwise take the noise of a few samples for a bias."""
+    mean = errors.mean(axis=0)
+    if len(errors) < 2:
+        return mean
+    variance = errors.var(axis=0, ddof=1) / len(errors)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        keep = np.where(mean != 0, np.clip(1 - variance / mean**2, 0, 1), 0)
+    return mean * keep
 
 
 def _layers(model: onnx.ModelProto, tensors: set[str]) -> list[Layer]:
