@@ -42,7 +42,7 @@ EVEN = slice(0, None, 2)  # the calibration samples trial ranges come from; the 
 ODD = slice(1, None, 2)  # ... and the other way round (`Trial.crossed`)
 FLOAT_COUNTS = (0, 1, 2, 4, 8, 16, 32)  # activations left float that `--float-activations auto` tries
 FLOAT_TOLERANCE_DB = 0.5  # ... keeping the fewest within this much of the best held-out SNR
-SHIFT_GAIN_DB = 0.1  # bias correction is kept where it gains this much on held-out samples
+SHIFT_GAIN_DB = 0.1  # bias correction is kept where it gains this much on the held-out samples of both folds
 
 
 @dataclass
@@ -273,19 +273,27 @@ def insert(
 
 
 def _shift_biases(model: onnx.ModelProto, targets: empirical.Targets, feeds: Feeds) -> dict[str, object]:
-    """Empirical bias correction (`qconvert.fidelity.empirical`), fitted on the even calibration samples and
-    kept, in place, where it raises the worst output SNR on the odd ones by SHIFT_GAIN_DB."""
-    trial = _copy(model)
-    layers = empirical.correct(trial, targets, feeds, EVEN)
-    if not layers:
+    """Empirical bias correction (`qconvert.fidelity.empirical`) in two folds: fitted on the even calibration
+    samples and judged on the odd ones, and the other way round; where both raise the worst output SNR by
+    SHIFT_GAIN_DB, the mean of the two fits is kept, in place."""
+    if not targets.batches():
+        return {"skipped": f"{len(targets.ranks)} layers of {targets.macs / 1e9:.1f} GMAC: too costly to fit"}
+    folds = [(EVEN, ODD), (ODD, EVEN)]
+    fits = [empirical.fit(model, targets, feeds, fitted) for fitted, _ in folds]
+    if not fits[0]:
         return {"layers": 0}
-    held = Feeds(feeds.batches[ODD], len(feeds.batches[ODD]), feeds.source)
-    reference = [np.concatenate(o) for o in zip(*targets.outputs[ODD])]
-    snr = [worst_snr(m, held, reference, "quantized model") for m in (model, trial)]
-    kept = bool(_rank(snr[1]) >= _rank(snr[0]) + SHIFT_GAIN_DB)
+    measured = []
+    for fit, (_, judged) in zip(fits, folds):
+        trial = _copy(model)
+        empirical.apply(trial, fit)
+        held = Feeds(feeds.batches[judged], len(feeds.batches[judged]), feeds.source)
+        reference = [np.concatenate(o) for o in zip(*targets.outputs[judged])]
+        measured.append([worst_snr(m, held, reference, "quantized model") for m in (model, trial)])
+    kept = all(_rank(after) >= _rank(before) + SHIFT_GAIN_DB for before, after in measured)
     if kept:
-        model.CopyFrom(trial)
-    return {"layers": layers, "held_out_snr_db": {"without": _round(snr[0]), "with": _round(snr[1])}, "kept": kept}
+        empirical.apply(model, {name: (fits[0][name] + fits[1][name]) / 2 for name in fits[0]})
+    figures = [{"without": _round(before), "with": _round(after)} for before, after in measured]
+    return {"layers": len(fits[0]), "samples": targets.batches(), "held_out_snr_db": figures, "kept": kept}
 
 
 def _round(snr: float | None) -> float | None:

@@ -810,8 +810,9 @@ def test_a_layer_left_float_stays_float_and_its_relu_takes_one_range(tmp_path: P
 def test_biases_absorb_the_mean_error_the_quantized_activations_add(tmp_path: Path) -> None:
     """Channels that sit between two steps of their tensor's grid round the same way every time: a mean error
     per channel that the weights' bias correction cannot see. Full QDQ measures each integer layer's mean
-    output error in the quantized model, layer by layer, and its bias absorbs it where that gains on the
-    held-out calibration samples (`qconvert.fidelity.empirical`); --no-bias-correction leaves it."""
+    output error in the quantized model, layer by layer, and its bias absorbs it where that gains on both halves
+    of the calibration samples, each fitted on the other (`qconvert.fidelity.empirical`); --no-bias-correction
+    leaves it."""
     import qconvert
 
     rng = np.random.default_rng(0)
@@ -844,7 +845,9 @@ def test_biases_absorb_the_mean_error_the_quantized_activations_add(tmp_path: Pa
     plain = qconvert.linear(model, calibration=data, data=held, bias_correction=False)
     shift = corrected.report.details["activation_ranges"]["bias_correction"]
     assert shift["kept"] and shift["layers"] == 2
-    assert shift["held_out_snr_db"]["with"] > shift["held_out_snr_db"]["without"] + 3
+    assert all(
+        fold["with"] > fold["without"] + 3 for fold in shift["held_out_snr_db"]
+    )  # each half, fitted on the other
     snr = [r.report.validation.outputs[0].snr_db for r in (corrected, plain)]
     assert snr[0] > snr[1] + 3  # on data neither saw
     assert "bias_correction" not in plain.report.details["activation_ranges"]

@@ -7,8 +7,8 @@ error of its output, measured in the quantized model against the float model on 
 layer in graph order: a layer's correction changes what every layer after it sees, so they are measured after
 it (correcting all at once from one measurement overshoots by the errors the earlier corrections remove).
 
-The correction is fitted on the even calibration samples and kept only where it raises the worst output SNR on
-the odd ones (`activations.insert` judges).
+`activations.insert` fits it on each half of the calibration samples, judges each fit on the other half, and
+keeps the mean of the two where both raise the worst output SNR there.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ from qconvert.runtime import Feeds, model_session, run_batches
 from qconvert.select import constant_tensors
 
 LAYERS = ("Conv", "Gemm")
+FIT_BATCHES = 8  # calibration batches a fit measures on (a run of the model per layer and batch) ...
+FIT_MACS = 5e11  # ... fewer where those runs would pass this many multiply-accumulates (ResNet-50: 2) ...
+MIN_FIT_BATCHES = 2  # ... and none under this many
 FLOAT_SUFFIX = "_qc_float"  # `qdq.insert_activation_qdq`: a quantized op's output T is T_qc_float, then Q -> DQ -> T
 
 
@@ -39,6 +42,13 @@ class Targets:
     ranks: dict[str, int]
     means: dict[str, list[np.ndarray]] = field(default_factory=dict)
     outputs: list[list[np.ndarray]] = field(default_factory=list)
+    macs: float = 0.0  # multiply-accumulates of these layers per sample: what a run of the model costs
+
+    def batches(self) -> int:
+        """How many calibration batches a fit measures on: FIT_BATCHES, fewer where a run per layer and batch
+        would pass FIT_MACS (0: none, too costly)."""
+        affordable = FIT_MACS / max(self.macs * len(self.ranks), 1.0)
+        return int(min(FIT_BATCHES, affordable)) if affordable >= MIN_FIT_BATCHES else 0
 
 
 @dataclass
@@ -46,7 +56,6 @@ class Layer:
     node: onnx.NodeProto  # the integer layer
     tensor: str  # what the ops after it read, by name (`Targets`)
     bias: np.ndarray  # float, per output channel
-    scale: np.ndarray | None  # of its int32 bias (None: a float bias)
 
 
 def float_targets(model: onnx.ModelProto, quantized: set[str], absorbed: dict[str, str], feeds: Feeds) -> Targets:
@@ -58,33 +67,77 @@ def float_targets(model: onnx.ModelProto, quantized: set[str], absorbed: dict[st
         if node.op_type in LAYERS and len(node.input) > 2 and node.input[1] in quantized and node.input[1] in constants:
             ranks[node.output[0]] = len(constants[node.input[1]].dims)
             keys.append(absorbed.get(node.output[0], node.output[0]))
-    probe, means = _probe(model, ranks)
+    static = _static_macs(model, ranks, constants)
+    if static is not None and not Targets(dict.fromkeys(keys, 0), macs=static).batches():
+        return Targets(dict(zip(keys, ranks.values())), macs=static)  # too costly to fit: nothing to measure
+    probe, means, sizes = _probe(model, ranks)
     names = [o.name for o in model.graph.output]
-    sess = model_session(model, "float model", skeleton=probe)
-    runs = list(run_batches(sess, feeds, "float model", [*names, *means]))
+    sess = model_session(model, "float model", skeleton=probe, probe=True)
+    runs = list(run_batches(sess, feeds, "float model", [*names, *means, *sizes]))
     outputs = [run[: len(names)] for run in runs]
     by_key = {key: [run[len(names) + i] for run in runs] for i, key in enumerate(keys)}
-    return Targets(dict(zip(keys, ranks.values())), by_key, outputs)
+    per_sample = runs[0][len(names) + len(means) :] if runs else []
+    samples = len(next(iter(feeds.batches[0].values()))) if feeds.batches else 1
+    weights = [int(np.prod(constants[n.input[1]].dims)) for n in model.graph.node if n.output[0] in ranks]
+    macs = sum(w * float(size) for w, size in zip(weights, per_sample)) / max(samples, 1)
+    return Targets(dict(zip(keys, ranks.values())), by_key, outputs, macs)
 
 
-def correct(model: onnx.ModelProto, targets: Targets, feeds: Feeds, batches: slice) -> int:
-    """Shift the biases of the model's integer layers, in place, layer by layer in graph order, so that each
-    output's per-channel mean on these batches is the float model's; returns how many layers."""
+def _static_macs(model: onnx.ModelProto, ranks: dict[str, int], constants: dict[str, onnx.TensorProto]) -> float | None:
+    """The layers' multiply-accumulates per sample from the shapes ONNX infers (None: some are not fixed)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(without_weights(model)).graph
+    except Exception:  # inference fails on some exported models
+        return None
+    shapes = {v.name: v.type.tensor_type.shape.dim for v in (*inferred.value_info, *inferred.output)}
+    macs = 0.0
+    for node in model.graph.node:
+        dims = shapes.get(node.output[0]) if node.output[0] in ranks else None
+        if node.output[0] in ranks and (dims is None or not all(d.HasField("dim_value") for d in dims[2:])):
+            return None
+        if dims is not None:
+            macs += float(np.prod(constants[node.input[1]].dims)) * float(np.prod([d.dim_value for d in dims[2:]]))
+    return macs
+
+
+def fit(model: onnx.ModelProto, targets: Targets, feeds: Feeds, batches: slice) -> dict[str, np.ndarray]:
+    """The biases of the model's integer layers (by their node's output), layer by layer in graph order, that
+    bring each output's per-channel mean on these batches to the float model's (`_shrunk`)."""
     layers = _layers(model, set(targets.means))
     if not layers:
-        return 0
-    probe, outputs = _probe(model, {layer.node.output[0]: targets.ranks[layer.tensor] for layer in layers})
+        return {}
+    probe, outputs, _ = _probe(model, {layer.node.output[0]: targets.ranks[layer.tensor] for layer in layers})
     inputs = _biases_as_inputs(probe, layers)
-    sess = model_session(model, "quantized model", skeleton=probe)
-    fit = Feeds(feeds.batches[batches], len(feeds.batches[batches]), feeds.source)
+    sess = model_session(model, "quantized model", skeleton=probe, probe=True)
+    some = feeds.batches[batches][: targets.batches()]
+    fitted = Feeds(some, len(some), feeds.source)
     for index, layer in enumerate(layers):
         bias_feeds = {name: other.bias.astype(np.float32) for name, other in zip(inputs, layers)}
-        with_biases = Feeds([{**feed, **bias_feeds} for feed in fit.batches], fit.samples, fit.source)
+        with_biases = Feeds([{**feed, **bias_feeds} for feed in fitted.batches], fitted.samples, fitted.source)
         runs = list(run_batches(sess, with_biases, "quantized model", [outputs[index]]))
-        errors = np.stack([run[0] for run in runs]) - np.stack(targets.means[layer.tensor][batches])
+        errors = np.stack([run[0] for run in runs]) - np.stack(targets.means[layer.tensor][batches][: len(some)])
         layer.bias = layer.bias - _shrunk(errors)
-    _write_back(model, layers)
-    return len(layers)
+    return {layer.node.output[0]: layer.bias for layer in layers}
+
+
+def apply(model: onnx.ModelProto, biases: dict[str, np.ndarray]) -> None:
+    """Write these biases (`fit`'s, by their layer's output) into the model, in place, each in its form: int32 on
+    its scale, or float."""
+    graph = model.graph
+    constants = constant_tensors(graph)
+    producer = {out: node for node in graph.node for out in node.output}
+    for node in graph.node:
+        bias = biases.get(node.output[0]) if node.op_type in LAYERS else None
+        if bias is None:
+            continue
+        name = node.input[2]
+        if name in constants:
+            constants[name].CopyFrom(numpy_helper.from_array(bias.astype(np.float32), constants[name].name))
+            continue
+        stored, scale = (constants[i] for i in producer[name].input[:2])
+        limit = np.iinfo(np.int32)
+        q = np.clip(np.round(bias / io.tensor_array(scale).astype(np.float64)), limit.min, limit.max)
+        stored.CopyFrom(numpy_helper.from_array(q.astype(np.int32), stored.name))
 
 
 def _shrunk(errors: np.ndarray) -> np.ndarray:
@@ -120,7 +173,7 @@ def _layers(model: onnx.ModelProto, tensors: set[str]) -> list[Layer]:
             continue
         found = _bias(node, producer, constants, uses) if _dequantized(node, producer) else None
         if found is not None:
-            layers.append(Layer(node, tensor, *found))
+            layers.append(Layer(node, tensor, found))
     return layers
 
 
@@ -133,15 +186,15 @@ def _bias(
     producer: dict[str, onnx.NodeProto],
     constants: dict[str, onnx.TensorProto],
     uses: dict[str, int],
-) -> tuple[np.ndarray, np.ndarray | None] | None:
-    """The layer's bias, its own, as floats, and the scale of its int32 form (None: float); None: a form not
-    handled (none, shared, 2-D, a Gemm's scaled by beta)."""
+) -> np.ndarray | None:
+    """The layer's bias, its own, as floats (float, or int32 on a scale); None: a form not handled (none,
+    shared, 2-D, a Gemm's scaled by beta)."""
     name = layer.input[2] if len(layer.input) > 2 else ""
     if not name or uses.get(name) != 1 or any(a.name == "beta" and a.f != 1.0 for a in layer.attribute):
         return None
     if name in constants:
         value = io.tensor_array(constants[name])
-        return (value.astype(np.float64), None) if value.dtype == np.float32 and value.ndim == 1 else None
+        return value.astype(np.float64) if value.dtype == np.float32 and value.ndim == 1 else None
     dequantize = producer.get(name)
     if dequantize is None or dequantize.op_type != "DequantizeLinear" or len(dequantize.input) > 2:
         return None
@@ -150,25 +203,25 @@ def _bias(
     q, scale = (io.tensor_array(constants[i]) for i in dequantize.input[:2])
     if q.dtype != np.int32 or q.ndim != 1 or uses.get(dequantize.input[0]) != 1:
         return None
-    scale = np.broadcast_to(scale.astype(np.float64), q.shape)
-    return q * scale, scale
+    return q * scale.astype(np.float64)
 
 
-def _probe(model: onnx.ModelProto, tensors: dict[str, int]) -> tuple[onnx.ModelProto, list[str]]:
+def _probe(model: onnx.ModelProto, tensors: dict[str, int]) -> tuple[onnx.ModelProto, list[str], list[str]]:
     """A copy of the model without its large weights' data (`model_session` reads them from the model) that also
-    outputs each tensor's mean per channel (axis 1)."""
+    outputs each tensor's mean per channel (axis 1), and how many values each mean is over."""
     probe = without_weights(model)
     graph, fresh, opset = probe.graph, NameSource(probe), default_opset(probe)
-    outputs = []
+    outputs, sizes = [], []
     for name, rank in tensors.items():
         total = fresh(f"{name}_qc_channel_sum")
         axes = [0, *range(2, rank)]
         graph.node.extend(reduction("ReduceSum", name, axes, total, graph, fresh, opset))
-        mean = fresh(f"{name}_qc_channel_mean")
-        graph.node.append(helper.make_node("Div", [total, _size(graph, name, axes, fresh)], [mean]))
-        graph.output.append(helper.make_tensor_value_info(mean, onnx.TensorProto.FLOAT, None))
+        mean, size = fresh(f"{name}_qc_channel_mean"), _size(graph, name, axes, fresh)
+        graph.node.append(helper.make_node("Div", [total, size], [mean]))
+        graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in (mean, size))
         outputs.append(mean)
-    return probe, outputs
+        sizes.append(size)
+    return probe, outputs, sizes
 
 
 def _size(graph: onnx.GraphProto, name: str, axes: list[int], fresh: NameSource) -> str:
@@ -199,19 +252,3 @@ def _biases_as_inputs(probe: onnx.ModelProto, layers: list[Layer]) -> list[str]:
         probe.graph.input.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [len(layer.bias)]))
         names.append(name)
     return names
-
-
-def _write_back(model: onnx.ModelProto, layers: list[Layer]) -> None:
-    """Each layer's bias in its form: int32 on its scale, or float."""
-    graph = model.graph
-    constants = constant_tensors(graph)
-    producer = {out: node for node in graph.node for out in node.output}
-    for layer in layers:
-        name = layer.node.input[2]
-        if layer.scale is None:
-            constants[name].CopyFrom(numpy_helper.from_array(layer.bias.astype(np.float32), constants[name].name))
-            continue
-        stored = constants[producer[name].input[0]]
-        limit = np.iinfo(np.int32)
-        q = np.clip(np.round(layer.bias / layer.scale), limit.min, limit.max).astype(np.int32)
-        stored.CopyFrom(numpy_helper.from_array(q, stored.name))
