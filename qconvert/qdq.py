@@ -397,10 +397,13 @@ def keep_float_layers(model: onnx.ModelProto) -> int:
     graph = model.graph
     producer = {out: node for node in graph.node for out in node.output}
     constants = constant_tensors(graph)
-    found = [n for n in graph.node if _float_layer_input(n, producer, constants) is not None]
+    found = [n for n in graph.node if _float_layer_input(n, producer, constants)]
     if not found:
         return 0
-    inferred = onnx.shape_inference.infer_shapes(without_weights(model)).graph
+    try:
+        inferred = onnx.shape_inference.infer_shapes(without_weights(model)).graph
+    except Exception:  # inference fails on some exported models: their float layers are left as they are
+        return 0
     shapes = {v.name: v.type.tensor_type.shape for v in (*inferred.value_info, *inferred.input, *inferred.output)}
     fresh = NameSource(model)
     made: dict[str, str] = {}
@@ -434,24 +437,23 @@ def keep_float_layers(model: onnx.ModelProto) -> int:
 
 def _float_layer_input(
     node: onnx.NodeProto, producer: dict[str, onnx.NodeProto], constants: dict[str, onnx.TensorProto]
-) -> onnx.NodeProto | None:
-    """The DequantizeLinear with one scale and a zero point that feeds a float Conv/ConvTranspose/Gemm, or None."""
+) -> bool:
+    """Whether this is a float Conv/ConvTranspose/Gemm fed by a DequantizeLinear with one scale and a zero point."""
     if (
         node.op_type not in ("Conv", "ConvTranspose", "Gemm")
         or node.domain not in ("", "ai.onnx")
         or len(node.input) < 2
     ):
-        return None
+        return False
     weight, source = producer.get(node.input[1]), producer.get(node.input[0])
     if (weight is not None and weight.op_type == "DequantizeLinear") or source is None:
-        return None
-    if (
-        source.op_type != "DequantizeLinear"
-        or len(source.input) < 3
-        or not all(i in constants for i in source.input[1:3])
-    ):
-        return None
-    return source if int(np.prod(constants[source.input[1]].dims)) == 1 else None
+        return False
+    return (
+        source.op_type == "DequantizeLinear"
+        and len(source.input) == 3
+        and all(i in constants for i in source.input[1:3])
+        and int(np.prod(constants[source.input[1]].dims)) == 1
+    )
 
 
 def fold_scalar_products(graph: onnx.GraphProto) -> None:
