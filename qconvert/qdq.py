@@ -17,7 +17,15 @@ from qconvert.opset import without_weights
 from qconvert.quant.kmeans import Palette
 from qconvert.quant.layout import from_rows, per_block, to_rows
 from qconvert.quant.linear import Grid, clipped_grid, dequantize, grid_for, quantize
-from qconvert.rewrite import GraphEdit, NameSource, drop_initializers, replace_weights, set_nodes, use_counts
+from qconvert.rewrite import (
+    GraphEdit,
+    NameSource,
+    drop_initializers,
+    readers_of,
+    replace_weights,
+    set_nodes,
+    use_counts,
+)
 from qconvert.select import Weight, constant_tensors, constant_value
 
 # Ops whose float inputs and outputs get Quantize/DequantizeLinear pairs, so that onnxruntime runs them
@@ -462,10 +470,7 @@ def fold_scalar_products(graph: onnx.GraphProto) -> None:
     DequantizeLinear of the activation's integers, in place: DQ(q, S, Z) * c -> Q(c S, Z) -> DQ is DQ(q, c S, Z),
     without requantizing, and onnxruntime runs no QLinearMul for it. Nodes are known by their output's name."""
     producer = {out: node for node in graph.node for out in node.output}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = readers_of(graph)
     constants = constant_tensors(graph)
     gone: set[str] = set()  # the Mul's and its Quantize's outputs
     maybe_unread: set[str] = set()  # the outputs of what fed the Mul

@@ -166,6 +166,15 @@ def add_after(graph: onnx.GraphProto, additions: Additions) -> None:
     set_nodes(graph, nodes)
 
 
+def readers_of(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """The nodes that read each tensor name of the graph, in graph order."""
+    found: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            found.setdefault(name, []).append(node)
+    return found
+
+
 def use_counts(graph: onnx.GraphProto) -> dict[str, int]:
     """How many node inputs (and graph outputs) read each tensor name of the graph."""
     uses: dict[str, int] = {}

@@ -33,6 +33,24 @@ WEIGHT_CASES = {  # op, weight shape, attributes, expected channel axis
 }
 
 
+def x_to_y(
+    tmp_path: Path, nodes: list[onnx.NodeProto], inits: list[TensorProto], shape: list[int], rng: np.random.Generator
+) -> tuple[Path, Path]:
+    """A model of these nodes from x[1, *shape] to y of the same shape (opset 13), and 16 samples of x."""
+    f = TensorProto.FLOAT
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", f, [1, *shape])],
+        [helper.make_tensor_value_info("y", f, [1, *shape])],
+        inits,
+    )
+    model = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "m.onnx")
+    data = tmp_path / "x.npz"
+    np.savez(data, x=rng.standard_normal((16, *shape)).astype(np.float32))
+    return model, data
+
+
 def single_op_model(op: str, shape: tuple[int, ...], attrs: dict, opset: int) -> onnx.ModelProto:
     spread = np.linspace(0.1, 2, shape[0]).reshape(-1, *[1] * (len(shape) - 1))
     w = (np.random.default_rng(0).standard_normal(shape) * spread).astype(np.float32)
@@ -663,7 +681,6 @@ def test_constant_operands_of_add_and_mul_are_quantized_so_the_chain_stays_integ
     with the scale over 6 (`qdq.fold_scalar_products`), and no kernel runs for it. The bias of the Conv after it
     is quantized on that scale."""
     rng = np.random.default_rng(0)
-    f = TensorProto.FLOAT
     inits = [
         numpy_helper.from_array((rng.standard_normal((16, 8, 3, 3)) * 0.2).astype(np.float32), "w1"),
         numpy_helper.from_array((rng.standard_normal((8, 16, 1, 1)) * 0.2).astype(np.float32), "w2"),
@@ -679,16 +696,7 @@ def test_constant_operands_of_add_and_mul_are_quantized_so_the_chain_stays_integ
         helper.make_node("Div", ["a", "six"], ["d"]),
         helper.make_node("Conv", ["d", "w2", "b2"], ["y"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", f, [1, 8, 16, 16])],
-        [helper.make_tensor_value_info("y", f, [1, 8, 16, 16])],
-        inits,
-    )
-    model = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "m.onnx")
-    data = tmp_path / "x.npz"
-    np.savez(data, x=rng.standard_normal((16, 8, 16, 16)).astype(np.float32))
+    model, data = x_to_y(tmp_path, nodes, inits, [8, 16, 16], rng)
     out = tmp_path / "q.onnx"
     result = CliRunner().invoke(
         cli, ["linear", str(model), "--calibration", str(data), "--data", str(data), "-o", str(out), "--json"]
@@ -707,7 +715,6 @@ def channel_scaled_model(tmp_path: Path, spread: float = 3.0) -> tuple[Path, Pat
     """x -> Conv -> Clip(0, 6) -> depthwise Conv "dw" (channel magnitudes 10**-spread to 1, as BatchNorm folding
     leaves them) -> Relu -> 1x1 Conv -> y; and its data."""
     rng = np.random.default_rng(0)
-    f = TensorProto.FLOAT
     magnitude = np.logspace(-spread, 0, 16).astype(np.float32)
     inits = [
         numpy_helper.from_array((rng.standard_normal((16, 8, 3, 3)) * 0.3).astype(np.float32), "w1"),
@@ -726,16 +733,7 @@ def channel_scaled_model(tmp_path: Path, spread: float = 3.0) -> tuple[Path, Pat
         helper.make_node("Relu", ["c2"], ["r2"]),
         helper.make_node("Conv", ["r2", "w3"], ["y"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", f, [1, 8, 12, 12])],
-        [helper.make_tensor_value_info("y", f, [1, 8, 12, 12])],
-        inits,
-    )
-    model = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "m.onnx")
-    data = tmp_path / "x.npz"
-    np.savez(data, x=rng.standard_normal((16, 8, 12, 12)).astype(np.float32))
+    model, data = x_to_y(tmp_path, nodes, inits, [8, 12, 12], rng)
     return model, data
 
 
@@ -816,7 +814,6 @@ def test_biases_absorb_the_mean_error_the_quantized_activations_add(tmp_path: Pa
     import qconvert
 
     rng = np.random.default_rng(0)
-    f = TensorProto.FLOAT
     # c1: 8 channels that vary widely (they set the grid's step), 8 nearly constant ones between its steps
     spread = np.repeat([10.0, 0.001], 8)[:, None, None, None]
     w2 = np.tile(np.repeat([0.05, 2.0], 8), (4, 1))[:, :, None, None] * rng.choice([-1, 1], (4, 16, 1, 1))
@@ -830,16 +827,8 @@ def test_biases_absorb_the_mean_error_the_quantized_activations_add(tmp_path: Pa
         helper.make_node("Conv", ["x", "w1", "b1"], ["c1"]),
         helper.make_node("Conv", ["c1", "w2", "b2"], ["y"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", f, [1, 4, 8, 8])],
-        [helper.make_tensor_value_info("y", f, [1, 4, 8, 8])],
-        inits,
-    )
-    model = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "m.onnx")
-    data, held = tmp_path / "x.npz", tmp_path / "v.npz"
-    np.savez(data, x=rng.standard_normal((16, 4, 8, 8)).astype(np.float32))
+    model, data = x_to_y(tmp_path, nodes, inits, [4, 8, 8], rng)
+    held = tmp_path / "v.npz"
     np.savez(held, x=rng.standard_normal((16, 4, 8, 8)).astype(np.float32))
     corrected = qconvert.linear(model, calibration=data, data=held)
     plain = qconvert.linear(model, calibration=data, data=held, bias_correction=False)

@@ -22,7 +22,7 @@ from onnx import helper, numpy_helper
 from qconvert import io
 from qconvert.fidelity.statistics import reduction
 from qconvert.opset import default_opset, without_weights
-from qconvert.rewrite import NameSource, use_counts
+from qconvert.rewrite import NameSource, readers_of, use_counts
 from qconvert.runtime import Feeds, model_session, run_batches
 from qconvert.select import constant_tensors
 
@@ -159,10 +159,7 @@ def _layers(model: onnx.ModelProto, tensors: set[str]) -> list[Layer]:
     biases as floats."""
     graph = model.graph
     producer = {out: node for node in graph.node for out in node.output}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = readers_of(graph)
     constants = constant_tensors(graph)
     uses = use_counts(graph)
     layers = []
