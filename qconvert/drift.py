@@ -209,13 +209,15 @@ def _explain(
     that costs the output more SNR is the cause. One run of each model gives what all the jumps need."""
     float_constants, converted_constants = constant_tensors(reference.graph), constant_tensors(converted.graph)
     producers = {o: n for n in converted.graph.node for o in n.output}
+    computed = set(producers) | {i.name for i in converted.graph.input}
     attributions: dict[str, _Attribution] = {}
     ready: dict[str, Jump] = {}
     for node, out, before in found:
         layer = _producer(producers, out, seen)
         data = [x for x in node.input if x and x not in float_constants]
         params = {x: io.tensor_array(float_constants[x]) for x in node.input if x in float_constants}
-        if layer is None or len(layer.input) != len(node.input) or not data:  # fused into another node there
+        missing = any(seen.get(x, x) not in computed for x in data)  # absorbed there (a Relu's input ...)
+        if layer is None or len(layer.input) != len(node.input) or not data or missing:  # or fused into another node
             ready[out] = Jump(out, node.op_type, before, snr[out], None, None, "unknown")
         elif not params:  # no parameters: only what reaches the node can be the cause
             ready[out] = Jump(out, node.op_type, before, snr[out], None, snr[out], "activation")

@@ -109,3 +109,20 @@ def test_debug_through_the_api_on_full_qdq(tmp_path: Path) -> None:
     onnx.save(other, str(unrelated))
     result = CliRunner().invoke(cli, ["debug", str(model), str(unrelated)])
     assert result.exit_code == ExitCode.USAGE and "no intermediate tensor" in result.stderr
+
+
+def test_a_jump_whose_input_was_absorbed_is_named_without_running_it(tmp_path: Path) -> None:
+    """A Clip absorbed into the integer Conv before it: the converted model has no tensor for the Clip's input,
+    so its jump cannot be run alone: it is named, its SNR measured, its cause unknown (this used to fail the
+    whole report on onnxruntime's "Graph output does not exist")."""
+    from test_linear import channel_scaled_model
+
+    import qconvert
+
+    model, data = channel_scaled_model(tmp_path, spread=1.0)
+    converted = tmp_path / "q.onnx"
+    qconvert.linear(model, calibration=data, validate=False, output=converted)
+    report = qconvert.debug(model, converted, data=data)
+    jumps = {jump.tensor: jump for jump in report.jumps}
+    assert jumps["r1"].cause == "unknown" and jumps["r1"].weight_error_snr_db is None
+    assert jumps["r1"].snr_db is not None and jumps["r1"].snr_db > 20  # measured all the same
