@@ -13,7 +13,6 @@ from typing import NamedTuple
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from qconvert import calibrate, qdq, speed
 from qconvert.fidelity import empirical
@@ -186,9 +185,9 @@ def ranges(
     reference: list[np.ndarray] = []
     crossed = None
     if len(feeds.batches) > 1:
-        sess = model_session(model, "float model")
-        held, reference = _judged(sess, feeds, ODD)
-        crossed = _judged(sess, feeds, EVEN)
+        outputs = _float_outputs(model, feeds, shift)
+        held, reference = _judged(outputs, feeds, ODD)
+        crossed = _judged(outputs, feeds, EVEN)
     rules = (fixed,) if method is not CalibrationMethod.AUTO else AUTO_RULES if held else (calibrate.PER_TENSOR,)
     trial = Trial(parts, held, reference, rules, plan.float_activations, exact, crossed)
     return _warned(Ranges({}, feeds.samples, "", trial, shift), warnings)
@@ -206,10 +205,19 @@ def _targets(
     return empirical.float_targets(model, names, absorbed, feeds), feeds
 
 
-def _judged(sess: ort.InferenceSession, feeds: Feeds, batches: slice) -> tuple[Feeds, list[np.ndarray]]:
-    """Those calibration batches, and the float model's outputs on them."""
+def _float_outputs(
+    model: onnx.ModelProto, feeds: Feeds, shift: tuple[empirical.Targets, Feeds] | None
+) -> list[list[np.ndarray]]:
+    """The float model's outputs on each calibration batch: those bias correction's pass took, else a run."""
+    if shift is not None and len(shift[0].outputs) == len(feeds.batches):
+        return shift[0].outputs
+    return list(run_batches(model_session(model, "float model"), feeds, "float model"))
+
+
+def _judged(outputs: list[list[np.ndarray]], feeds: Feeds, batches: slice) -> tuple[Feeds, list[np.ndarray]]:
+    """Those calibration batches, and the float model's outputs on them (`outputs`: on each batch)."""
     some = Feeds(feeds.batches[batches], len(feeds.batches[batches]), feeds.source)
-    return some, [np.concatenate(o) for o in zip(*run_batches(sess, some, "float model"))]
+    return some, [np.concatenate(o) for o in zip(*outputs[batches])]
 
 
 def _tensors(model: onnx.ModelProto, weights: list[Weight], plan: LinearPlan) -> list[str]:
@@ -286,8 +294,7 @@ def _shift_biases(model: onnx.ModelProto, targets: empirical.Targets, feeds: Fee
     for fit, (_, judged) in zip(fits, folds):
         trial = _copy(model)
         empirical.apply(trial, fit)
-        held = Feeds(feeds.batches[judged], len(feeds.batches[judged]), feeds.source)
-        reference = [np.concatenate(o) for o in zip(*targets.outputs[judged])]
+        held, reference = _judged(targets.outputs, feeds, judged)
         measured.append([worst_snr(m, held, reference, "quantized model") for m in (model, trial)])
     kept = all(_audible(after) >= _audible(before) + SHIFT_GAIN_DB for before, after in measured)
     if kept:
