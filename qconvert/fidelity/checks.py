@@ -185,7 +185,7 @@ def model_snr(
     snrs = []
     for arrays, shifts in variants:
         outputs: list[list[np.ndarray]] = [[] for _ in model_outputs]
-        for values in sections.passes(partial(_variant, arrays, shifts, model_outputs)):
+        for values in sections.passes(partial(variant, arrays, shifts, model_outputs)):
             for kept, name in zip(outputs, model_outputs):
                 if name in values:
                     kept.append(np.asarray(values[name], np.float64))
@@ -194,7 +194,7 @@ def model_snr(
     return snrs
 
 
-def _variant(
+def variant(
     arrays: dict[str, Deferred], shifts: dict[str, tuple[Layer, np.ndarray]], model_outputs: list[str], section: Section
 ) -> None:
     """A section of a whole-model variant: its weights replaced, bias shifts added after its layers."""

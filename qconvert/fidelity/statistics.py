@@ -157,6 +157,7 @@ class Statistics:
     all_moments: dict[str, Moments] = dataclasses.field(default_factory=dict)  # from every batch
     held_hessians: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # H of the held-out batches
     parts: dict[str, list[Part]] = dataclasses.field(default_factory=dict)  # samples of the tensors asked for
+    learned: list[int] = dataclasses.field(default_factory=list)  # the batches `moments` came from
 
 
 def input_moments(
@@ -227,6 +228,7 @@ def input_moments(
         held.moments(layers, keys, learned) if held_out else moments,
         held.hessians,
         sampler.parts() if sampled else {},
+        split.learned,
     )
 
 

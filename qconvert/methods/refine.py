@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 import onnx
 
-from qconvert.fidelity import checks, gptq, hessian, statistics
+from qconvert.fidelity import checks, gptq, hessian, sequential, statistics
 from qconvert.fidelity.bias import apply_bias_shifts, bias_shift
 from qconvert.fidelity.checks import Candidate, Deferred, array_of
 from qconvert.fidelity.statistics import Layer, Statistics
@@ -28,6 +28,9 @@ DATA_AWARE = "data-aware"
 COMPENSATED = "error-compensated"  # GPTQ rounding, part of the data-aware result where the layer allows it
 BIAS_CORRECTED = "bias-corrected"
 BATCHNORM_FOLDED = "batchnorm-folded"
+SEQUENTIAL = "sequential"  # GPTQ again in graph order, on the quantized model's inputs, towards the float outputs
+SEQUENTIAL_GAIN_DB = 0.1  # kept where the whole model's output gains this much on the held-out samples
+SEQUENTIAL_BATCHES = 16  # calibration batches a fit runs on, at most
 
 
 class LayerOption(NamedTuple):
@@ -66,6 +69,7 @@ class Refiner:
     in_sample_snr_db: dict[str, float | None] = dataclasses.field(default_factory=dict)
     chosen: str = "plain"  # the variant that won it
     compensated: set[str] = dataclasses.field(default_factory=set)  # weights whose data-aware result is GPTQ's
+    feeds: Feeds | None = None  # the calibration data, where GPTQ may round layers again (`fidelity.sequential`)
 
     @staticmethod
     def gather(
@@ -90,6 +94,7 @@ class Refiner:
             else statistics.Statistics({}, [], {}, feeds)
         )
         refiner = Refiner(stats, feeds.source, feeds.samples, data_aware, bias_correction, matmul_bias)
+        refiner.feeds = feeds if data_aware and stats.hessians else None
         refiner.bind(model, weights)
         return refiner
 
@@ -110,10 +115,14 @@ class Refiner:
             return None
         return statistics.importance(self.layers[weight.name], self.stats.moments[weight.name], weight.shape)
 
-    def compensated_result(self, method: object, weight: Weight, item: Quantized, array: np.ndarray) -> Quantized:
-        """`item` with its values rounded by GPTQ (`fidelity.gptq`) on the same levels, where the layer has
-        its input second moments and the method can say its levels along the layer's output rows."""
-        second, layer = self.stats.hessians.get(weight.name), self.layers.get(weight.name)
+    def compensated_result(
+        self, method: object, weight: Weight, item: Quantized, array: np.ndarray, second: np.ndarray | None = None
+    ) -> Quantized:
+        """`item` with `array` rounded by GPTQ (`fidelity.gptq`) on the same levels, where the layer has its input
+        second moments (or is given them: `second`) and the method can say its levels along the layer's output
+        rows."""
+        second = self.stats.hessians.get(weight.name) if second is None else second
+        layer = self.layers.get(weight.name)
         levels_of, on_values = getattr(method, "levels", None), getattr(method, "on_values", None)
         if second is None or layer is None or levels_of is None or on_values is None:
             return item
@@ -214,6 +223,72 @@ class Refiner:
         elif refined is not None:
             tried.append(LayerOption(True, None))
         return tried
+
+    def sequential_layers(self, model: onnx.ModelProto, decisions: dict[str, Decision]) -> list[Layer]:
+        """The layers GPTQ rounded that `fidelity.sequential` can round again, in graph order; none where a fit on
+        every calibration batch would cost too much."""
+        if self.feeds is None:
+            return []
+        position = {node.output[0]: i for i, node in enumerate(model.graph.node) if node.output}
+        layers = [
+            self.layers[name]
+            for name, decision in decisions.items()
+            if decision.refined and name in self.compensated and sequential.supported(self.layers[name])
+        ]
+        if not sequential.affordable(model, layers, self.feeds, min(len(self.feeds.batches), SEQUENTIAL_BATCHES)):
+            return []
+        return sorted(layers, key=lambda x: position[x.node.output[0]])
+
+    def round_sequentially(
+        self,
+        model: onnx.ModelProto,
+        fitted: list[Layer],
+        items: dict[str, Quantized],
+        decisions: dict[str, Decision],
+        quantizing: Callable[[str], tuple[object, Weight]],
+        batches: list[int],
+    ) -> tuple[dict[str, Quantized], dict[str, Decision]]:
+        """`fitted` rounded again (`fidelity.sequential`) on these calibration batches, starting from `items` (every
+        quantized weight's, by name; `quantizing` gives a weight's method and Weight): the new items and decisions."""
+        assert self.feeds is not None
+        new = dict(items)
+
+        def reround(name: str, target: np.ndarray, second: np.ndarray) -> np.ndarray:
+            method, weight = quantizing(name)
+            new[name] = self.compensated_result(method, weight, items[name], target.astype(np.float32), second)
+            return new[name].dequantized()
+
+        shifts = {n: (self.layers[n], d.shift) for n, d in decisions.items() if d.shift is not None}
+        feeds = statistics.subset(self.feeds, batches[:SEQUENTIAL_BATCHES])
+        values = {name: item.dequantized for name, item in items.items()}
+        original = lambda name: quantizing(name)[1].array()  # noqa: E731
+        result = sequential.fit(model, fitted, values, shifts, original, reround, feeds, self.bias_correction)
+        updated = dict(decisions)
+        for name, (_, shift) in result.items():
+            techniques = (*[t for t in decisions[name].techniques if t != BIAS_CORRECTED], SEQUENTIAL)
+            updated[name] = dataclasses.replace(
+                decisions[name], shift=shift, techniques=techniques + (BIAS_CORRECTED,) * (shift is not None)
+            )
+        return new, updated
+
+    def sequential_pays(
+        self,
+        model: onnx.ModelProto,
+        before: tuple[dict[str, Quantized], dict[str, Decision]],
+        after: tuple[dict[str, Quantized], dict[str, Decision]],
+    ) -> dict[str, object]:
+        """The whole model's output SNR on the held-out batches before and after `round_sequentially`, and whether
+        that kept it."""
+        variants = [
+            (
+                {name: item.dequantized for name, item in items.items()},
+                {n: (self.layers[n], d.shift) for n, d in decisions.items() if d.shift is not None},
+            )
+            for items, decisions in (before, after)
+        ]
+        old, new = checks.model_snr(model, variants, self.stats.checks, self.stats.reference)  # type: ignore[arg-type]
+        kept = new is None or (old is not None and new >= old + SEQUENTIAL_GAIN_DB)
+        return {"model_snr_db": old, "sequential_model_snr_db": new, "kept": kept}
 
     def learn_from_all(self) -> None:
         """After the decisions: the statistics of every batch, the held-out ones too, for the final results."""

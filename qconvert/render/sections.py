@@ -16,6 +16,7 @@ SHORT_TECHNIQUE = {
     "data-aware": "data",
     "error-compensated": "gptq",
     "bias-corrected": "bias",
+    "sequential": "seq",
 }
 
 
@@ -161,6 +162,12 @@ def fidelity(report: Report) -> list[str]:
             else "on that data"
         )
         lines.append(line + f"; output SNR dB {where}: {variants}; kept: {check.get('chosen')}")
+        if isinstance(again := check.get("sequential"), dict):
+            verdict = f"kept, then fitted on {again['samples']} samples" if again["kept"] else "not kept"
+            lines.append(
+                f"{again['layers']} GPTQ layers rounded again in graph order on the quantized model's inputs: "
+                f"{db(again['model_snr_db'])} -> {db(again['sequential_model_snr_db'])} dB {where}; {verdict}"
+            )
     return lines
 
 
