@@ -1,0 +1,112 @@
+"""Sequential GPTQ towards the float outputs (`qconvert.fidelity.sequential`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import qconvert
+from qconvert.fidelity import hessian, sequential, statistics
+from qconvert.runtime import Feeds
+from qconvert.select import select_weights
+from tests.test_gptq import one_node
+
+
+@pytest.mark.parametrize(
+    "node, x_shape, w_shape",
+    [
+        (
+            helper.make_node("Conv", ["x", "w"], ["y"], group=2, strides=[2, 1], pads=[1, 0, 1, 2]),
+            (2, 4, 9, 8),
+            (6, 2, 3, 3),
+        ),
+        (
+            helper.make_node("Conv", ["x", "w"], ["y"], group=3, dilations=[2, 2], pads=[2] * 4),
+            (1, 3, 7, 7),
+            (3, 1, 3, 3),
+        ),
+        (helper.make_node("Conv", ["x", "w"], ["y"], strides=[2, 2]), (2, 5, 6, 6), (4, 5, 1, 1)),
+        (helper.make_node("MatMul", ["x", "w"], ["y"]), (2, 7, 5), (5, 3)),
+        (helper.make_node("Gemm", ["x", "w"], ["y"], transA=1), (5, 6), (5, 3)),
+    ],
+)
+def test_patches_are_the_rows_whose_second_moments_the_statistics_pass_gathers(node, x_shape, w_shape):
+    """The rows `patches` makes in numpy (im2col) give the H that the in-graph pass gives, in the weight's column
+    order, and as many as `_rows` counts from the input's shape."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    model = one_node(node, rng.standard_normal(w_shape))
+    layer = statistics.find_layers(model, select_weights(model).weights)["w"]
+    h = statistics.input_moments(model, {"w": layer}, Feeds([{"x": x}], 1, "test"), second_moments={"w"}).hessians
+    rows = sequential.patches(layer, x)
+    assert rows.shape[:2] == hessian.shape(layer) and rows.shape[2] == sequential._rows(layer, x.shape)
+    np.testing.assert_allclose(rows @ rows.transpose(0, 2, 1), h["w"], rtol=1e-4, atol=1e-4)
+
+
+def test_the_target_is_the_float_weight_where_the_inputs_are_exact_and_undoes_a_known_distortion():
+    """x̂ = x: W' = W. x̂ = A x (an invertible mixing the layers before added): W' ≈ W A⁻¹, which gives W x
+    from x̂."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1, 6, 4000))
+    w = rng.standard_normal((1, 3, 6))
+    same = sequential._Sums.zeros(1, 6)
+    same.add(x, x)
+    np.testing.assert_allclose(sequential._target(w, same), w, atol=1e-12)
+    mixing = np.eye(6) + 0.3 * rng.standard_normal((6, 6))
+    mixed = sequential._Sums.zeros(1, 6)
+    mixed.add(x, mixing @ x)
+    target = sequential._target(w, mixed)
+    error = lambda v: float(np.sum((w[0] @ x[0] - v[0] @ mixing @ x[0]) ** 2) / np.sum((w[0] @ x[0]) ** 2))  # noqa: E731
+    assert error(target) < 1e-3 < 0.1 < error(w)
+
+
+def chain(tmp_path: Path, layers: int, width: int) -> Path:
+    """x [N, T, width] through `layers` MatMuls with Relu between: a deep net whose errors add up."""
+    rng = np.random.default_rng(2)
+    nodes, weights, y = [], [], "x"
+    for i in range(layers):
+        w = rng.standard_normal((width, width)) * np.sqrt(2 / width)
+        weights.append(numpy_helper.from_array(w.astype(np.float32), f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [y, f"w{i}"], [f"m{i}"]))
+        y = f"m{i}" if i == layers - 1 else f"r{i}"
+        if i < layers - 1:
+            nodes.append(helper.make_node("Relu", [f"m{i}"], [y]))
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64, width])],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, ["N", 64, width])],
+        weights,
+    )
+    path = tmp_path / "chain.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    return path
+
+
+def test_rounding_again_in_graph_order_beats_gptq_on_float_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """k-means 3 of a deep chain: the layers rounded again on the quantized model's inputs, the report says so,
+    and the model is closer to float on samples it never saw than with GPTQ on the float inputs alone."""
+    model = chain(tmp_path, layers=6, width=48)
+    mixing = np.eye(48) + 0.5 * np.random.default_rng(3).standard_normal((48, 48))
+    calibration, unseen = (
+        {"x": (np.random.default_rng(seed).standard_normal((n, 64, 48)) @ mixing).astype(np.float32)}
+        for seed, n in ((4, 16), (5, 8))
+    )
+
+    def snr(**kwargs: object) -> tuple[float, dict]:
+        report = qconvert.kmeans(model, bits=3, calibration=calibration, data=unseen, **kwargs).report.to_dict()
+        return report["validation"]["outputs"][0]["snr_db"], report
+
+    again, report = snr(output=tmp_path / "again.onnx")
+    verdict = report["details"]["calibration"]["sequential"]
+    assert verdict["kept"] and verdict["layers"] == 6 and verdict["samples"] == 16
+    assert verdict["sequential_model_snr_db"] > verdict["model_snr_db"]
+    assert all("sequential" in w["techniques"] for w in report["per_weight"])
+    monkeypatch.setattr(sequential, "MACS", 0)  # too costly everywhere: GPTQ on the float inputs alone
+    once, report = snr(output=tmp_path / "once.onnx")
+    assert "sequential" not in report["details"]["calibration"]
+    assert again > once + 1.0, (again, once)
