@@ -193,6 +193,14 @@ def techniques(calibration_help: str) -> Decorator:
             "full QDQ: also what the quantized activations add, measured layer by layer, where that gains on held-out "
             "samples).",
         ),
+        click.option(
+            "--no-sequential",
+            "no_sequential",
+            is_flag=True,
+            help="With calibration data, at 4 bits and fewer: do not round the GPTQ layers again in graph order on "
+            "the quantized model's own inputs (by default done where the output gains on held-out samples; it runs "
+            "the float and the quantized model over the calibration data about three times more).",
+        ),
     )
 
 
@@ -251,6 +259,7 @@ def plan_fields(o: dict[str, Any]) -> dict[str, Any]:
         "equalize": o["equalize"],
         "data_aware": not o["no_data_aware"],
         "bias_correction": not o["no_bias_correction"],
+        "sequential": not o["no_sequential"],
     }
 
 

@@ -85,6 +85,7 @@ class KMeansPlan:
     equalize: bool | None = None  # cross-layer equalization (`qconvert.equalize`); None: for weights-only plans
     data_aware: bool = True  # with calibration data: minimise each layer's output error, not its weight error
     bias_correction: bool = True  # with calibration data: keep each layer's mean output
+    sequential: bool = True  # with calibration data: GPTQ layers rounded again in graph order (`fidelity.sequential`)
     float16: bool = False  # then the rest in float16: codebooks, scales, weights left float, activations
 
     def __post_init__(self) -> None:
@@ -137,6 +138,7 @@ class LinearPlan:
     overrides: tuple[LayerOverride, ...] = ()
     data_aware: bool = True  # with calibration data (or --data): clipping ranges that minimise the output error
     bias_correction: bool = True
+    sequential: bool = True
     float16: bool = False  # then the rest in float16: scales, weights left float, activations (as `Float16Plan`)
     block_size: int | None = None  # a scale per this many weights along the input axis (None: int4 weighs 32; 0: none)
     optimize: str = "size"  # full QDQ: "speed" keeps float the layers that run faster so (`qconvert.speed`)
@@ -242,6 +244,7 @@ class AutoPlan:
     equalize: bool | None = None  # cross-layer equalization (`qconvert.equalize`); None: for weights-only plans
     data_aware: bool = True  # in the final conversion, with --calibration only (the search assumes plain k-means)
     bias_correction: bool = True
+    sequential: bool = True
 
     def __post_init__(self) -> None:
         targets = [

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 import qconvert
+from qconvert.cli import cli
 from qconvert.fidelity import hessian, sequential, statistics
 from qconvert.runtime import Feeds
 from qconvert.select import select_weights
@@ -87,7 +90,7 @@ def chain(tmp_path: Path, layers: int, width: int) -> Path:
     return path
 
 
-def test_rounding_again_in_graph_order_beats_gptq_on_float_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_rounding_again_in_graph_order_beats_gptq_on_float_inputs(tmp_path: Path):
     """k-means 3 of a deep chain: the layers rounded again on the quantized model's inputs, the report says so,
     and the model is closer to float on samples it never saw than with GPTQ on the float inputs alone."""
     model = chain(tmp_path, layers=6, width=48)
@@ -106,7 +109,11 @@ def test_rounding_again_in_graph_order_beats_gptq_on_float_inputs(tmp_path: Path
     assert verdict["kept"] and verdict["layers"] == 6 and verdict["samples"] == 16
     assert verdict["sequential_model_snr_db"] > verdict["model_snr_db"]
     assert all("sequential" in w["techniques"] for w in report["per_weight"])
-    monkeypatch.setattr(sequential, "MACS", 0)  # too costly everywhere: GPTQ on the float inputs alone
-    once, report = snr(output=tmp_path / "once.onnx")
+    once, report = snr(output=tmp_path / "once.onnx", sequential=False)  # GPTQ on the float inputs alone
     assert "sequential" not in report["details"]["calibration"]
     assert again > once + 1.0, (again, once)
+    np.savez(tmp_path / "cal.npz", **calibration)
+    args = ["kmeans", str(model), "--bits", "3", "--calibration", str(tmp_path / "cal.npz"), "--no-validate"]
+    result = CliRunner().invoke(cli, [*args, "--no-sequential", "-o", str(tmp_path / "cli.onnx"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert "sequential" not in json.loads(result.output)["details"]["calibration"]

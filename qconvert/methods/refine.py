@@ -83,8 +83,10 @@ class Refiner:
         extremes: list[str] | None = None,
         compensate: frozenset[str] = frozenset(),
         sampled: bool = False,
+        round_again: bool = False,
     ) -> Refiner:
-        """`compensate`: the weights whose data-aware result is GPTQ's (their layers' H is gathered too)."""
+        """`compensate`: the weights whose data-aware result is GPTQ's (their layers' H is gathered too);
+        `round_again`: they may be rounded again in graph order (`round_sequentially`)."""
         layers = statistics.find_layers(model, weights)
         stats = (
             statistics.input_moments(
@@ -94,7 +96,7 @@ class Refiner:
             else statistics.Statistics({}, [], {}, feeds)
         )
         refiner = Refiner(stats, feeds.source, feeds.samples, data_aware, bias_correction, matmul_bias)
-        refiner.feeds = feeds if data_aware and stats.hessians else None
+        refiner.feeds = feeds if round_again and data_aware and stats.hessians else None
         refiner.bind(model, weights)
         return refiner
 
@@ -359,6 +361,7 @@ def refiner_for(
         extremes=extremes,
         compensate=compensate,
         sampled=sampled,
+        round_again=plan.sequential,
     )
     return refiner if refiner.stats.moments else None
 

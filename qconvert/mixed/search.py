@@ -180,6 +180,7 @@ def _base_plan(plan: AutoPlan, overrides: tuple[LayerOverride, ...], bits: int =
         equalize=plan.equalize,
         data_aware=plan.data_aware,
         bias_correction=plan.bias_correction,
+        sequential=plan.sequential,
     )
 
 
