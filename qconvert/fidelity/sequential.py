@@ -10,8 +10,8 @@ min ‖W x − Ŵ x̂‖². Its unconstrained minimum is W' = W + W (C − Ĥ)(�
 mean output error that remains, W x̄ − Ŵ x̄̂. A layer with fewer input rows than ROWS_PER_COLUMN per column (after
 a global pool: one row per sample) keeps W as its target: C − Ĥ would be fitted to the noise of a few samples.
 
-`driver._quantize` fits on the batches the statistics came from,
-keeps the result where the whole model measures better on the held-out ones, and fits again on all.
+`Refiner.round_sequentially` drives it; `driver._quantize` fits on the batches the statistics came from, keeps
+the result where the whole model measures better on the held-out ones, and fits again on all.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from qconvert.runtime import Feeds
 from qconvert.sections import Section, Sections
 
 ROWS_PER_COLUMN = 4  # input rows a layer needs per column of its weight to be fitted to the float outputs
+MAX_ROWS = 8192  # rows of a batch that the sums take (evenly spaced): a 240x240 map's 57600 say little more
 MACS = 1e12  # a fit's multiply-accumulates in the fitted layers, at most, on ...
 MIN_BATCHES = 4  # ... at least this many batches
 
@@ -54,6 +55,9 @@ class _Sums:
         return _Sums(square, square.copy(), vector, vector.copy())
 
     def add(self, x: np.ndarray, x_hat: np.ndarray) -> None:
+        """One batch's rows, every `step`-th of them past MAX_ROWS (the same ones of both)."""
+        step = -(-x.shape[2] // MAX_ROWS)
+        x, x_hat = x[:, :, ::step], x_hat[:, :, ::step]
         columns = x.shape[1]
         products = np.concatenate([x, x_hat], axis=1) @ x_hat.transpose(0, 2, 1)  # one product for both
         self.cross += products[:, :columns]
@@ -77,7 +81,7 @@ def affordable(model: onnx.ModelProto, layers: list[Layer], feeds: Feeds, batche
     for layer in layers:
         groups, columns = hessian.shape(layer)
         rows = _rows(layer, shapes[layer.node.input[0]])
-        macs += 2 * int(np.prod(layer.weight_shape)) * rows + 2 * groups * columns**2 * rows
+        macs += 2 * int(np.prod(layer.weight_shape)) * rows + 2 * groups * columns**2 * min(rows, MAX_ROWS)
     return macs * max(batches, MIN_BATCHES) <= MACS
 
 
@@ -145,10 +149,6 @@ def _quantized(
     """A section of the model quantized so far: its weights' values and bias shifts, and the layer's input `x`."""
     variant(arrays, shifts, [], section)
     _wanting_one(x, section)
-
-
-def by_name(layers: list[Layer], weight: str) -> Layer:
-    return next(layer for layer in layers if layer.weight == weight)
 
 
 def patches(layer: Layer, x: np.ndarray) -> np.ndarray:
