@@ -54,6 +54,11 @@ class _Job:
     def method(self, weight: Weight) -> Method:
         return METHODS[self.settings[weight.name].method]
 
+    def quantizing(self, name: str) -> tuple[Method, Weight]:
+        """A weight's method, and the weight, by name."""
+        weight = next(w for w in self.weights if w.name == name)
+        return self.method(weight), weight
+
     def refined(self, weight: Weight) -> bool:
         """The data-aware techniques serve the plan's own method; a layer override's other method runs plain."""
         return self.settings[weight.name].method == self.plan.method
@@ -390,9 +395,10 @@ def _quantize(
         )
     if in_order_again and refiner.feeds is not None:  # kept: fitted again on every batch
         job.progress(f"rounding {len(in_order_again)} layers again in graph order, on all calibration batches")
-        quantizing = lambda name: (job.method(by_name[name]), by_name[name])  # noqa: E731
         batches = list(range(len(refiner.feeds.batches)))
-        items, decisions = refiner.round_sequentially(job.model, in_order_again, items, decisions, quantizing, batches)
+        items, decisions = refiner.round_sequentially(
+            job.model, in_order_again, items, decisions, job.quantizing, batches
+        )
     return items, decisions, chosen
 
 
@@ -414,9 +420,7 @@ def _rounded_again(
     if not fitted:
         return []
     job.progress(f"rounding {len(fitted)} layers again in graph order")
-    by_name = {w.name: w for w in job.weights}
-    quantizing = lambda name: (job.method(by_name[name]), by_name[name])  # noqa: E731
-    after = refiner.round_sequentially(job.model, fitted, items, decisions, quantizing, refiner.stats.learned)
+    after = refiner.round_sequentially(job.model, fitted, items, decisions, job.quantizing, refiner.stats.learned)
     verdict = refiner.sequential_pays(job.model, (items, decisions), after)
     samples = min(len(refiner.feeds.batches), SEQUENTIAL_BATCHES) if refiner.feeds else 0
     job.details["calibration"]["sequential"] = {"layers": len(fitted), "samples": samples, **verdict}  # type: ignore[index]
