@@ -21,7 +21,8 @@ from qconvert.version import __version__
 SCHEMA_VERSION = 7  # 3: validation.metric (the task metric); 4: held-out calibration checks (in-sample beside);
 # 5: options.group_size and options.equalize, granularity "grouped", details.equalized, details.auto.held_out,
 # latency_ms at 2 threads too (float_2t, converted_2t), time_by_op; 6: method "float16", options.float16,
-# details.float16, options.block_size, granularity "blocked"; 7: details.calibration.sequential, technique "sequential"
+# details.float16, options.block_size, granularity "blocked"; 7: details.calibration.sequential, technique "sequential",
+# options.sequential
 
 
 @dataclass(frozen=True)
