@@ -267,10 +267,9 @@ class Refiner:
         result = sequential.fit(model, fitted, values, shifts, original, reround, feeds, self.bias_correction)
         updated = dict(decisions)
         for name, (_, shift) in result.items():
-            techniques = (*[t for t in decisions[name].techniques if t != BIAS_CORRECTED], SEQUENTIAL)
-            updated[name] = dataclasses.replace(
-                decisions[name], shift=shift, techniques=techniques + (BIAS_CORRECTED,) * (shift is not None)
-            )
+            kept = [t for t in decisions[name].techniques if t != BIAS_CORRECTED]  # the fit's shift replaces any
+            techniques = (*kept, SEQUENTIAL, *([BIAS_CORRECTED] if shift is not None else []))
+            updated[name] = dataclasses.replace(decisions[name], shift=shift, techniques=techniques)
         return new, updated
 
     def sequential_pays(
