@@ -14,6 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 import qconvert
 from qconvert.cli import cli
 from qconvert.fidelity import hessian, sequential, statistics
+from qconvert.methods import refine
+from qconvert.render.sections import fidelity
 from qconvert.runtime import Feeds
 from qconvert.select import select_weights
 from tests.test_gptq import one_node
@@ -117,3 +119,56 @@ def test_rounding_again_in_graph_order_beats_gptq_on_float_inputs(tmp_path: Path
     result = CliRunner().invoke(cli, [*args, "--no-sequential", "-o", str(tmp_path / "cli.onnx"), "--json"])
     assert result.exit_code == 0, result.output
     assert "sequential" not in json.loads(result.output)["details"]["calibration"]
+
+
+@pytest.mark.parametrize("measured", ["as measured", "unshifted better"])
+def test_the_last_layer_keeps_its_bias_shift_only_where_the_held_out_samples_say_so(tmp_path, monkeypatch, measured):
+    """The last layer rounded again is measured with and without its bias shift (no later layer was fitted to it);
+    the better stays, the report says both, and the final fit and the written model follow it (a MatMul's shift is
+    an Add after it). "unshifted better" makes the held-out check prefer it, as on the PP-OCRv4 recognizer."""
+    if measured == "unshifted better":
+        real = refine.checks.model_snr
+
+        def preferring(model, variants, *args):  # type: ignore[no-untyped-def]
+            snrs = real(model, variants, *args)
+            return [*snrs[:2], snrs[1] + 1] if len(variants) == 3 else snrs
+
+        monkeypatch.setattr(refine.checks, "model_snr", preferring)
+    path = chain(tmp_path, layers=3, width=32)
+    calibration = {"x": (np.random.default_rng(6).standard_normal((16, 64, 32)) + 0.5).astype(np.float32)}
+    conversion = qconvert.kmeans(path, bits=3, calibration=calibration, validate=False)
+    report = conversion.report.to_dict()
+    verdict = report["details"]["calibration"]["sequential"]
+    last = verdict["last_layer"]
+    assert last["layer"] == "w2" and verdict["kept"]
+    assert last["shifted"] == (last["shifted_model_snr_db"] >= last["unshifted_model_snr_db"])
+    assert last["shifted"] == (measured == "as measured")
+    assert verdict["sequential_model_snr_db"] == max(last["shifted_model_snr_db"], last["unshifted_model_snr_db"])
+    techniques = {w["name"]: w["techniques"] for w in report["per_weight"]}
+    assert "sequential" in techniques["w2"] and ("bias-corrected" in techniques["w2"]) == last["shifted"]
+    assert all("bias-corrected" in techniques[w] for w in ("w0", "w1"))
+    graph = conversion.model.graph
+    last_product = next(n.output[0] for n in graph.node if n.op_type == "MatMul" and "w2" in "".join(n.input))
+    assert any(last_product in n.input for n in graph.node if n.op_type == "Add") == last["shifted"]
+    said = "\n".join(fidelity(conversion.report))
+    assert f"{verdict['layers']} GPTQ layers rounded again in graph order" in said
+    assert ("w2, the last of them, keeps its bias" in said) == (not last["shifted"])
+
+
+def test_a_fit_leaves_the_unshifted_layers_bias_alone(tmp_path: Path):
+    model = onnx.load(chain(tmp_path, layers=2, width=8))
+    weights = select_weights(model).weights
+    layers = statistics.find_layers(model, weights)
+    arrays = {w.name: w.array() for w in weights}
+    x = (np.random.default_rng(7).standard_normal((2, 64, 8)) + 1).astype(np.float32)
+    feeds = Feeds([{"x": x}], 2, "test")
+    noisy = {name: (lambda a=a: a + 0.1) for name, a in arrays.items()}
+
+    def fit(unshifted: tuple[str, ...]) -> dict:
+        fitted = [layers["w0"], layers["w1"]]
+        reround = lambda name, target, second: np.round(target, 1)  # noqa: E731
+        return sequential.fit(model, fitted, noisy, {}, arrays.__getitem__, reround, feeds, True, unshifted)
+
+    both, one = fit(()), fit(("w1",))
+    assert both["w0"][1] is not None and both["w1"][1] is not None
+    assert one["w1"][1] is None and np.array_equal(one["w0"][1], both["w0"][1])

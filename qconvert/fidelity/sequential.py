@@ -7,7 +7,8 @@ each layer 15-22 dB alone, the model 7.9 dB). Here the layers are rounded again 
 inputs x̂ that the model quantized so far gives it, towards what the float layer gives on the float inputs:
 min ‖W x − Ŵ x̂‖². Its unconstrained minimum is W' = W + W (C − Ĥ)(Ĥ + λI)⁻¹, with C = Σ x x̂ᵀ and Ĥ = Σ x̂ x̂ᵀ
 (the ridge pulls towards W, not towards 0); what is left is GPTQ of W' on Ĥ. The layer's bias takes the
-mean output error that remains, W x̄ − Ŵ x̄̂. A layer with fewer input rows than ROWS_PER_COLUMN per column (after
+mean output error that remains, W x̄ − Ŵ x̄̂ (except where the held-out samples refuse it: see
+`Refiner.sequential_pays`). A layer with fewer input rows than ROWS_PER_COLUMN per column (after
 a global pool: one row per sample) keeps W as its target: C − Ĥ would be fitted to the noise of a few samples.
 
 `Refiner.round_sequentially` drives it; `driver._quantize` fits on the batches the statistics came from, keeps
@@ -16,7 +17,7 @@ the result where the whole model measures better on the held-out ones, and fits 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from functools import partial
 
@@ -102,10 +103,11 @@ def fit(
     reround: Reround,
     feeds: Feeds,
     correct_bias: bool,
+    unshifted: Collection[str] = (),
 ) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
     """The `fitted` layers (graph order) rounded again one after the other, on these batches: their values and
-    (`correct_bias`, where their bias can take it) bias shifts. `values`: every quantized weight's dequantized
-    values; `shifts`: the layers' bias shifts so far.
+    (`correct_bias`, where their bias can take it, but not the `unshifted` layers') bias shifts. `values`: every
+    quantized weight's dequantized values; `shifts`: the layers' bias shifts so far.
 
     The float and the quantized model run in step, in sections (`Sections`) that end at each fitted layer: each
     section continues from the tensors the previous one handed on, so a fit costs about one run of each model
@@ -125,7 +127,8 @@ def fit(
         target = _target(floats, sums) if sums.rows >= ROWS_PER_COLUMN * floats.shape[2] else floats
         rounded = reround(layer.weight, hessian.from_matrix(layer, target), sums.quantized)
         arrays[layer.weight] = rounded
-        shift = _shift(floats, hessian.matrix(layer, rounded), sums) if correct_bias and layer.bias_editable else None
+        shifted = correct_bias and layer.bias_editable and layer.weight not in unshifted
+        shift = _shift(floats, hessian.matrix(layer, rounded), sums) if shifted else None
         if shift is None:
             offsets.pop(layer.weight, None)
         else:

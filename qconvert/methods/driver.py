@@ -375,7 +375,7 @@ def _quantize(
     }
     decisions = refiner.decide(job.model, results, lambda name: by_name[name].array())  # type: ignore[arg-type]
     job.details["calibration"] = refiner.summary(decisions)
-    in_order_again = _rounded_again(job, refiner, _chosen(plain, refined, decisions), decisions)
+    in_order_again, unshifted = _rounded_again(job, refiner, _chosen(plain, refined, decisions), decisions)
     if refiner.stats.held_out:  # decided on samples the statistics did not see; the results use them all
         refiner.learn_from_all()  # GPTQ's results need every sample; energy-weighted clipping barely moves
         again = [
@@ -397,7 +397,7 @@ def _quantize(
         job.progress(f"rounding {len(in_order_again)} layers again in graph order, on all calibration batches")
         batches = list(range(len(refiner.feeds.batches)))
         items, decisions = refiner.round_sequentially(
-            job.model, in_order_again, items, decisions, job.quantizing, batches
+            job.model, in_order_again, items, decisions, job.quantizing, batches, unshifted
         )
     return items, decisions, chosen
 
@@ -410,21 +410,24 @@ def _chosen(
 
 def _rounded_again(
     job: _Job, refiner: Refiner, items: dict[str, Quantized], decisions: dict[str, Decision]
-) -> list[Layer]:
-    """The layers that `fidelity.sequential` rounds again: where a fit on the batches the statistics came from
-    measures better on the held-out ones (the report's calibration details say). Not in full QDQ: its fit would
-    not see the activations' rounding."""
+) -> tuple[list[Layer], list[str]]:
+    """The layers that `fidelity.sequential` rounds again, and those of them whose bias it leaves alone: where a
+    fit on the batches the statistics came from measures better on the held-out ones (the report's calibration
+    details say). Not in full QDQ: its fit would not see the activations' rounding."""
     if isinstance(job.plan, LinearPlan) and job.plan.activations:
-        return []
+        return [], []
     fitted = refiner.sequential_layers(job.model, decisions)
     if not fitted:
-        return []
+        return [], []
     job.progress(f"rounding {len(fitted)} layers again in graph order")
     after = refiner.round_sequentially(job.model, fitted, items, decisions, job.quantizing, refiner.stats.learned)
-    verdict = refiner.sequential_pays(job.model, (items, decisions), after)
+    verdict = refiner.sequential_pays(job.model, (items, decisions), after, fitted[-1].weight)
     samples = min(len(refiner.feeds.batches), SEQUENTIAL_BATCHES) if refiner.feeds else 0
     job.details["calibration"]["sequential"] = {"layers": len(fitted), "samples": samples, **verdict}  # type: ignore[index]
-    return fitted if verdict["kept"] else []
+    if not verdict["kept"]:
+        return [], []
+    last = verdict.get("last_layer")
+    return fitted, [] if not isinstance(last, dict) or last["shifted"] else [fitted[-1].weight]
 
 
 def _described(job: _Job, opset: OpsetChange, items: dict[str, Quantized]) -> OpsetChange:

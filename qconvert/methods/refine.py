@@ -4,7 +4,7 @@ the plain result wherever they would make a layer's output worse."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -249,9 +249,11 @@ class Refiner:
         decisions: dict[str, Decision],
         quantizing: Callable[[str], tuple[object, Weight]],
         batches: list[int],
+        unshifted: Collection[str] = (),
     ) -> tuple[dict[str, Quantized], dict[str, Decision]]:
         """`fitted` rounded again (`fidelity.sequential`) on these calibration batches, starting from `items` (every
-        quantized weight's, by name; `quantizing` gives a weight's method and Weight): the new items and decisions."""
+        quantized weight's, by name; `quantizing` gives a weight's method and Weight): the new items and decisions.
+        The `unshifted` layers' biases are left as they are."""
         assert self.feeds is not None
         new = dict(items)
 
@@ -264,12 +266,12 @@ class Refiner:
         feeds = statistics.subset(self.feeds, batches[:SEQUENTIAL_BATCHES])
         values = {name: item.dequantized for name, item in items.items()}
         original = lambda name: quantizing(name)[1].array()  # noqa: E731
-        result = sequential.fit(model, fitted, values, shifts, original, reround, feeds, self.bias_correction)
+        result = sequential.fit(
+            model, fitted, values, shifts, original, reround, feeds, self.bias_correction, unshifted
+        )
         updated = dict(decisions)
         for name, (_, shift) in result.items():
-            kept = [t for t in decisions[name].techniques if t != BIAS_CORRECTED]  # the fit's shift replaces any
-            techniques = (*kept, SEQUENTIAL, *([BIAS_CORRECTED] if shift is not None else []))
-            updated[name] = dataclasses.replace(decisions[name], shift=shift, techniques=techniques)
+            updated[name] = _shifted(decisions[name], shift, SEQUENTIAL)
         return new, updated
 
     def sequential_pays(
@@ -277,19 +279,39 @@ class Refiner:
         model: onnx.ModelProto,
         before: tuple[dict[str, Quantized], dict[str, Decision]],
         after: tuple[dict[str, Quantized], dict[str, Decision]],
+        last: str,
     ) -> dict[str, object]:
         """The whole model's output SNR on the held-out batches before and after `round_sequentially`, and whether
-        that kept it."""
+        that kept it. The `last` layer rounded again is measured without its bias shift too (no later layer was
+        fitted to it): a mean output error taken out of a classifier's logits, over every position, can move the
+        logits that win. The PP-OCRv4 recognizer's 6625 classes at kmeans 3 went 56 → 94 % exact match without
+        it, and its held-out SNR said so (9.0 → 10.1 dB). The shift stays where it measures no worse."""
+        items, decisions = after
+        candidates = [before, after]
+        if shifted := decisions[last].shift is not None:
+            candidates.append((items, {**decisions, last: _shifted(decisions[last], None)}))
         variants = [
             (
-                {name: item.dequantized for name, item in items.items()},
-                {n: (self.layers[n], d.shift) for n, d in decisions.items() if d.shift is not None},
+                {name: item.dequantized for name, item in values.items()},
+                {n: (self.layers[n], d.shift) for n, d in choices.items() if d.shift is not None},
             )
-            for items, decisions in (before, after)
+            for values, choices in candidates
         ]
-        old, new = checks.model_snr(model, variants, self.stats.checks, self.stats.reference)  # type: ignore[arg-type]
-        kept = new is None or (old is not None and new >= old + SEQUENTIAL_GAIN_DB)
-        return {"model_snr_db": old, "sequential_model_snr_db": new, "kept": kept}
+        old, *new = checks.model_snr(model, variants, self.stats.checks, self.stats.reference)  # type: ignore[arg-type]
+        chosen = new[_best(new)]
+        verdict: dict[str, object] = {
+            "model_snr_db": old,
+            "sequential_model_snr_db": chosen,
+            "kept": chosen is None or (old is not None and chosen >= old + SEQUENTIAL_GAIN_DB),
+        }
+        if shifted:
+            verdict["last_layer"] = {
+                "layer": last,
+                "shifted_model_snr_db": new[0],
+                "unshifted_model_snr_db": new[1],
+                "shifted": _best(new) == 0,
+            }
+        return verdict
 
     def learn_from_all(self) -> None:
         """After the decisions: the statistics of every batch, the held-out ones too, for the final results."""
@@ -399,6 +421,13 @@ def _in_sample(measured: dict[str, float | None], label: str) -> dict[str, float
 def _pick(result: tuple[Deferred, Deferred | None], refined: bool) -> Deferred:
     plain, better = result
     return better if refined and better is not None else plain
+
+
+def _shifted(decision: Decision, shift: np.ndarray | None, technique: str | None = None) -> Decision:
+    """The decision with this bias shift instead of its own (and `technique` added before it)."""
+    kept = [t for t in decision.techniques if t != BIAS_CORRECTED]
+    techniques = (*kept, *([technique] if technique else []), *([BIAS_CORRECTED] if shift is not None else []))
+    return dataclasses.replace(decision, shift=shift, techniques=techniques)
 
 
 def _best(snrs: list[float | None]) -> int:

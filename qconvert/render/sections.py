@@ -168,6 +168,11 @@ def fidelity(report: Report) -> list[str]:
                 f"{again['layers']} GPTQ layers rounded again in graph order on the quantized model's inputs: "
                 f"{db(again['model_snr_db'])} -> {db(again['sequential_model_snr_db'])} dB {where}; {verdict}"
             )
+            if isinstance(last := again.get("last_layer"), dict) and not last["shifted"]:
+                lines.append(
+                    f"{last['layer']}, the last of them, keeps its bias: {db(last['shifted_model_snr_db'])} dB with "
+                    f"the mean output error taken out, {db(last['unshifted_model_snr_db'])} without"
+                )
     return lines
 
 
