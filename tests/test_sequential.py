@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
@@ -14,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 import qconvert
 from qconvert.cli import cli
 from qconvert.fidelity import hessian, sequential, statistics
+from qconvert.fidelity.bias import bias_shift
 from qconvert.methods import refine
 from qconvert.render.sections import fidelity
 from qconvert.runtime import Feeds
@@ -172,3 +174,42 @@ def test_a_fit_leaves_the_unshifted_layers_bias_alone(tmp_path: Path):
     both, one = fit(()), fit(("w1",))
     assert both["w0"][1] is not None and both["w1"][1] is not None
     assert one["w1"][1] is None and np.array_equal(one["w0"][1], both["w0"][1])
+
+
+@pytest.mark.parametrize(
+    "cin, cout, groups, stride, pads, dilation, k, extra",
+    [
+        (3, 2, 1, 2, [0] * 4, 1, 2, [0, 0]),  # taps that tile the output (a detector's upsampling head)
+        (4, 6, 2, 2, [1, 0, 1, 2], 1, 3, [1, 0]),  # grouped, overlapping taps, uneven pads, output padding
+        (4, 4, 4, 1, [1] * 4, 2, 3, [0, 0]),  # depthwise, dilated
+        (6, 3, 1, 1, [0] * 4, 1, 1, [0, 0]),  # 1x1: the input's pixels
+    ],
+)
+def test_a_conv_transpose_is_a_layer_whose_rows_give_its_output(cin, cout, groups, stride, pads, dilation, k, extra):
+    """ConvTranspose ([Cin, Cout/G, k, k]) as the techniques see it: its weight as [G, R, C] times the rows that
+    `patches` makes is onnxruntime's output; the in-graph H is those rows' H; its bias shift is the mean output
+    error where the taps tile the output."""
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal((cin, cout // groups, k, k))
+    x = (rng.standard_normal((2, cin, 5, 6)) + 0.5).astype(np.float32)
+    node = helper.make_node(
+        "ConvTranspose", ["x", "w"], ["y"], group=groups, strides=[stride] * 2, pads=pads,
+        dilations=[dilation] * 2, output_padding=extra,
+    )  # fmt: skip
+    model = one_node(node, w)
+    y = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0].astype(np.float64)
+    layer = statistics.find_layers(model, select_weights(model).weights)["w"]
+    assert sequential.supported(layer) and layer.in_channels == cin
+    rows = sequential.patches(layer, x).astype(np.float64)
+    assert rows.shape[:2] == hessian.shape(layer) and rows.shape[2] == sequential._rows(layer, x.shape)
+    matrix = hessian.matrix(layer, w)
+    np.testing.assert_array_equal(hessian.from_matrix(layer, matrix), w)
+    outputs = (matrix @ rows).reshape(cout, 2, -1).transpose(1, 0, 2)  # [G, R, N·pixels] -> [N, Cout, pixels]
+    np.testing.assert_allclose(outputs, y.reshape(2, cout, -1), rtol=1e-4, atol=1e-4)
+    stats = statistics.input_moments(model, {"w": layer}, Feeds([{"x": x}], 2, "test"), second_moments={"w"})
+    np.testing.assert_allclose(stats.hessians["w"], rows @ rows.transpose(0, 2, 1), rtol=1e-4, atol=1e-3)
+    if stride == k and not any(pads):
+        rounded = np.round(w)
+        shift = bias_shift(layer, stats.moments["w"], w, rounded)
+        error = (matrix - hessian.matrix(layer, rounded)) @ rows.mean(axis=2)[:, :, None]
+        np.testing.assert_allclose(shift, error.reshape(-1), rtol=1e-5)

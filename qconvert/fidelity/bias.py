@@ -22,6 +22,9 @@ def bias_shift(layer: Layer, moments: Moments, original: np.ndarray, quantized: 
     delta = (original.astype(np.float64) - quantized.astype(np.float64)) * mean
     reduce = tuple(a for a in range(original.ndim) if a != layer.out_axis)
     shift = delta.sum(axis=reduce)
+    if layer.op_type == "ConvTranspose":  # an input pixel's taps spread over prod(strides) output pixels
+        strides = next((list(a.ints) for a in layer.node.attribute if a.name == "strides"), [1])
+        shift /= float(np.prod(strides))
     if layer.op_type == "Gemm":
         shift *= next((a.f for a in layer.node.attribute if a.name == "alpha"), 1.0)
     return shift
@@ -29,7 +32,7 @@ def bias_shift(layer: Layer, moments: Moments, original: np.ndarray, quantized: 
 
 def output_layout(layer: Layer, shift: np.ndarray) -> np.ndarray:
     """A per-output-channel shift shaped to add to the layer's output: [Cout, 1, 1] against [N, Cout, H, W]."""
-    return shift.reshape(-1, *([1] * (len(layer.weight_shape) - 2))) if layer.op_type == "Conv" else shift
+    return shift.reshape(-1, *([1] * (len(layer.weight_shape) - 2))) if layer.convolution else shift
 
 
 def apply_bias_shifts(model: onnx.ModelProto, shifts: dict[str, tuple[Layer, np.ndarray]]) -> None:

@@ -128,7 +128,7 @@ def _layer_checks(
         graph.initializer.append(hole(w, section.replaced[w]))
         out, diff = fresh(f"{y}_qc_candidate"), fresh(f"{y}_qc_diff")
         checks += [layer_copy(layer.node, w, out, fresh), helper.make_node("Sub", [out, y], [diff])]
-        axes = [0, *range(2, len(layer.weight_shape))] if layer.op_type == "Conv" else [0]
+        axes = [0, *range(2, len(layer.weight_shape))] if layer.convolution else [0]
         if layer.op_type == "MatMul":  # [..., C] -> [rows, C]
             shape, rows = fresh(f"{y}_qc_rows_shape"), fresh(f"{y}_qc_rows")
             graph.initializer.append(

@@ -1,9 +1,10 @@
 """Input second moments H = Σ x xᵀ of a layer, over the columns its weight multiplies (what GPTQ needs).
 
 A Gemm's or MatMul's columns are its input features; a Conv's are the Cin/G·kh·kw values of one input
-patch, per group (im2col). Each batch's H is computed in the graph beside the statistics pass (`readers`),
-so only the matrices come back. The weight is seen as [G, R, C]: groups, output rows, columns, in the same
-order.
+patch, per group (im2col); a ConvTranspose's the Cin/G·kh·kw input values that its kernel's taps bring to one
+output pixel (zero where a tap brings none: strides). Each batch's H is computed in the graph beside the
+statistics pass (`readers`), so only the matrices come back. The weight is seen as [G, R, C]: groups, output
+rows, columns, in the same order.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def shape(layer: Layer) -> tuple[int, int]:
     """(groups, columns) of the layer's H."""
     if layer.op_type == "Conv":
         return layer.groups, int(np.prod(layer.weight_shape[1:]))
+    if layer.op_type == "ConvTranspose":
+        return layer.groups, layer.weight_shape[0] // layer.groups * int(np.prod(layer.weight_shape[2:]))
     return 1, layer.weight_shape[layer.in_axis]
 
 
@@ -49,6 +52,9 @@ def matrix(layer: Layer, array: np.ndarray) -> np.ndarray:
     """The weight as [G, R, C]."""
     if layer.op_type == "Conv":
         return array.reshape(layer.groups, array.shape[0] // layer.groups, -1)
+    if layer.op_type == "ConvTranspose":  # [Cin, Cout/G, *kernel] -> [G, Cout/G, Cin/G · taps]
+        by_group = array.reshape(layer.groups, array.shape[0] // layer.groups, array.shape[1], -1)
+        return by_group.transpose(0, 2, 1, 3).reshape(layer.groups, array.shape[1], -1)
     return (array if layer.in_axis == 1 else array.T)[None]
 
 
@@ -56,14 +62,18 @@ def from_matrix(layer: Layer, rows: np.ndarray) -> np.ndarray:
     """The inverse of `matrix`."""
     if layer.op_type == "Conv":
         return rows.reshape(layer.weight_shape)
+    if layer.op_type == "ConvTranspose":
+        cin, cout = layer.weight_shape[:2]
+        by_group = rows.reshape(layer.groups, cout, cin // layer.groups, -1).transpose(0, 2, 1, 3)
+        return by_group.reshape(layer.weight_shape)
     return rows[0] if layer.in_axis == 1 else rows[0].T
 
 
 def readers(layer: Layer, section: Section) -> str:
     """Nodes beside the section that reduce one batch of the layer's input to its H ([G, C, C]), in the graph:
-    only the matrix comes back. A Conv's patches come from a copy of it (same strides, pads, dilations)
-    with one group per input channel, whose kernel picks each position into a channel of its own; a 1x1
-    Conv's are its input's pixels; a Gemm's or MatMul's are its input's rows."""
+    only the matrix comes back. A Conv's (or ConvTranspose's) patches come from a copy of it (same strides,
+    pads, dilations) with one group per input channel, whose kernel picks each position into a channel of its
+    own; a 1x1 one's are its input's pixels; a Gemm's or MatMul's are its input's rows."""
     graph, fresh, x = section.graph, section.fresh, layer.node.input[0]
     nodes = section.after.setdefault(x, After()).nodes
 
@@ -76,7 +86,7 @@ def readers(layer: Layer, section: Section) -> str:
         return nodes[-1].output[0]
 
     out = fresh(f"{x}_qc_second_moments")
-    if layer.op_type != "Conv":
+    if not layer.convolution:
         if layer.op_type == "Gemm" and layer.x_axis == 0:  # transA: x is [K, M]
             rows = node("Transpose", [x], "rows")
         else:
@@ -90,7 +100,9 @@ def readers(layer: Layer, section: Section) -> str:
         attributes.get(a, v) in (v, [v] * (len(layer.weight_shape) - 2), [v] * 2 * (len(layer.weight_shape) - 2))
         for a, v in (("strides", 1), ("pads", 0))
     )
-    patches = x if pixels else node("Conv", [x, constant("pick", _picking_kernel(layer))], "patches", **attributes)
+    patches = (
+        x if pixels else node(layer.op_type, [x, constant("pick", _picking_kernel(layer))], "patches", **attributes)
+    )
     grouped = node(
         "Reshape", [patches, constant("groups_shape", np.array([0, groups, columns, -1], np.int64))], "grouped"
     )
@@ -103,11 +115,11 @@ def readers(layer: Layer, section: Section) -> str:
 
 
 def _picking_kernel(layer: Layer) -> np.ndarray:
-    """[Cin·k, 1, *kernel] for a Conv with one group per input channel: output channel c·k + p is input
-    channel c at kernel position p, which is the weight's own column order within each of its groups."""
+    """The kernel of a Conv or ConvTranspose with one group per input channel whose output channel c·k + p is
+    input channel c at kernel position p, the weight's own column order within each of its groups: [Cin·k, 1,
+    *kernel] (Conv) or [Cin, k, *kernel] (ConvTranspose)."""
     kernel = layer.weight_shape[2:]
     positions = int(np.prod(kernel))
-    channels = layer.weight_shape[1] * layer.groups
-    pick = np.zeros((channels, positions, positions), np.float32)
-    pick[:, np.arange(positions), np.arange(positions)] = 1
-    return pick.reshape(channels * positions, 1, *kernel)
+    pick = np.broadcast_to(np.eye(positions, dtype=np.float32), (layer.in_channels, positions, positions))
+    shape = (layer.in_channels, positions) if layer.op_type == "ConvTranspose" else (-1, 1)
+    return np.ascontiguousarray(pick).reshape(*shape, *kernel)

@@ -87,11 +87,16 @@ def affordable(model: onnx.ModelProto, layers: list[Layer], feeds: Feeds, batche
 
 
 def supported(layer: Layer) -> bool:
-    """Layers whose input rows `patches` can make: Gemm, MatMul, and 2-D convolutions with explicit pads."""
-    if layer.op_type != "Conv":
+    """Layers whose input rows `patches` can make: Gemm, MatMul, and 2-D convolutions (and ConvTranspose without
+    an output_shape) with explicit pads."""
+    if not layer.convolution:
         return True
-    auto_pad = next((helper.get_attribute_value(a) for a in layer.node.attribute if a.name == "auto_pad"), b"NOTSET")
-    return len(layer.weight_shape) == 4 and auto_pad in (b"NOTSET", b"VALID")
+    attributes = {a.name: helper.get_attribute_value(a) for a in layer.node.attribute}
+    return (
+        len(layer.weight_shape) == 4
+        and attributes.get("auto_pad", b"NOTSET") in (b"NOTSET", b"VALID")
+        and "output_shape" not in attributes
+    )
 
 
 def fit(
@@ -156,26 +161,63 @@ def _quantized(
 
 def patches(layer: Layer, x: np.ndarray) -> np.ndarray:
     """The layer's input as the rows its weight's columns multiply, [G, C, rows] in `hessian.matrix`'s column
-    order (a Conv's Cin/G·kh·kw patch: im2col)."""
-    if layer.op_type != "Conv":
+    order (a Conv's Cin/G·kh·kw patch: im2col; a ConvTranspose's the same count of values its taps bring)."""
+    if not layer.convolution:
         rows = x.T if layer.op_type == "Gemm" and layer.x_axis == 0 else x.reshape(-1, layer.in_channels)
         return np.ascontiguousarray(rows.T[None], np.float32)
+    columns = (_brought if layer.op_type == "ConvTranspose" else _columns)(layer, x)
+    n, channels, kh, kw = columns.shape[:4]
+    groups = layer.groups
+    grouped = columns.reshape(n, groups, channels // groups, kh, kw, -1).transpose(1, 2, 3, 4, 0, 5)
+    return grouped.reshape(groups, (channels // groups) * kh * kw, -1)
+
+
+def _columns(layer: Layer, x: np.ndarray) -> np.ndarray:
+    """A Conv's input patches, [N, Cin, kh, kw, out_h, out_w]."""
     (kh, kw), (sh, sw), (dh, dw), (top, left, bottom, right) = _geometry(layer)
     padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
     n, channels, height, width = padded.shape
     out_h, out_w = (height - dh * (kh - 1) - 1) // sh + 1, (width - dw * (kw - 1) - 1) // sw + 1
-    groups = layer.groups
     columns = np.empty((n, channels, kh, kw, out_h, out_w), np.float32)
     for i in range(kh):
         taken = slice(i * dh, i * dh + (out_h - 1) * sh + 1, sh)
         for j in range(kw):
             columns[:, :, i, j] = padded[:, :, taken, j * dw : j * dw + (out_w - 1) * sw + 1 : sw]
-    grouped = columns.reshape(n, groups, channels // groups, kh, kw, out_h * out_w).transpose(1, 2, 3, 4, 0, 5)
-    return grouped.reshape(groups, (channels // groups) * kh * kw, -1)
+    return columns
+
+
+def _brought(layer: Layer, x: np.ndarray) -> np.ndarray:
+    """What each kernel tap of a ConvTranspose brings to each output pixel, [N, Cin, kh, kw, out_h, out_w]: the
+    input placed every stride from the tap's offset, cropped by the pads (zero where the tap brings nothing)."""
+    (kh, kw), (sh, sw), (dh, dw), (top, left, _, _) = _geometry(layer)
+    n, channels, height, width = x.shape
+    out_h, out_w = _transposed_size(layer, x.shape)
+    reach_h, reach_w = (height - 1) * sh + 1, (width - 1) * sw + 1
+    canvas = np.zeros(
+        (n, channels, max(top + out_h, (kh - 1) * dh + reach_h), max(left + out_w, (kw - 1) * dw + reach_w)),
+        np.float32,
+    )
+    columns = np.empty((n, channels, kh, kw, out_h, out_w), np.float32)
+    for i in range(kh):
+        for j in range(kw):
+            canvas[:] = 0
+            canvas[:, :, i * dh : i * dh + reach_h : sh, j * dw : j * dw + reach_w : sw] = x
+            columns[:, :, i, j] = canvas[:, :, top : top + out_h, left : left + out_w]
+    return columns
+
+
+def _transposed_size(layer: Layer, shape: tuple[int, ...]) -> tuple[int, int]:
+    """A ConvTranspose's output height and width for an input of this shape."""
+    (kh, kw), (sh, sw), (dh, dw), (top, left, bottom, right) = _geometry(layer)
+    extra = next((list(a.ints) for a in layer.node.attribute if a.name == "output_padding"), [0, 0])
+    return (
+        sh * (shape[2] - 1) + extra[0] + (kh - 1) * dh + 1 - top - bottom,
+        sw * (shape[3] - 1) + extra[1] + (kw - 1) * dw + 1 - left - right,
+    )
 
 
 def _geometry(layer: Layer) -> tuple[list[int], list[int], list[int], list[int]]:
-    """A 2-D Conv's kernel, strides, dilations and pads."""
+    """A 2-D Conv's (or ConvTranspose's) kernel, strides, dilations and pads."""
     attributes = {a.name: helper.get_attribute_value(a) for a in layer.node.attribute}
     kernel = list(layer.weight_shape[2:])
     strides, dilations = attributes.get("strides", [1, 1]), attributes.get("dilations", [1, 1])
@@ -184,8 +226,10 @@ def _geometry(layer: Layer) -> tuple[list[int], list[int], list[int], list[int]]
 
 def _rows(layer: Layer, shape: tuple[int, ...]) -> int:
     """How many input rows (`patches`) a batch of this shape gives the layer."""
-    if layer.op_type != "Conv":
+    if not layer.convolution:
         return int(np.prod(shape)) // layer.in_channels
+    if layer.op_type == "ConvTranspose":
+        return shape[0] * int(np.prod(_transposed_size(layer, shape)))
     (kh, kw), (sh, sw), (dh, dw), (top, left, bottom, right) = _geometry(layer)
     out_h = (shape[2] + top + bottom - dh * (kh - 1) - 1) // sh + 1
     out_w = (shape[3] + left + right - dw * (kw - 1) - 1) // sw + 1

@@ -25,9 +25,12 @@ CHECK_BUDGET = 32 << 20  # ... or fewer, down to MIN_CHECK_SAMPLES, to keep weig
 MIN_CHECK_SAMPLES = 4
 
 
+CONVOLUTIONS = ("Conv", "ConvTranspose")
+
+
 @dataclass(frozen=True)
 class Layer:
-    """A float32 weight read by exactly one Conv, Gemm or MatMul of the main graph.
+    """A float32 weight read by exactly one Conv, ConvTranspose, Gemm or MatMul of the main graph.
 
     y = x·W (Gemm/MatMul) or y = conv(x, W): the mean and energy of x per input channel say what
     each weight's error costs at the output.
@@ -36,7 +39,7 @@ class Layer:
     weight: str
     node: onnx.NodeProto  # the consumer, in the model's graph (valid until the graph is rebuilt)
     x_axis: int  # the input channel axis of x (Conv 1, Gemm 1 or 0 by transA, MatMul last)
-    in_axis: int  # the weight's input-channel axis (Conv 1, Gemm 0 or 1 by transB, MatMul 0)
+    in_axis: int  # the weight's input-channel axis (Conv 1, ConvTranspose 0, Gemm 0 or 1 by transB, MatMul 0)
     out_axis: int  # the weight's output-channel axis
     weight_shape: tuple[int, ...]
     groups: int = 1  # Conv groups: output channel o reads input channels of group o // (Cout / groups)
@@ -52,6 +55,11 @@ class Layer:
     @property
     def op_type(self) -> str:
         return self.node.op_type
+
+    @property
+    def convolution(self) -> bool:
+        """A Conv or ConvTranspose: x and y are [N, C, *spatial], and the weight's columns are patches (`hessian`)."""
+        return self.op_type in CONVOLUTIONS
 
 
 @dataclass(frozen=True)
@@ -86,7 +94,7 @@ def _plain_layer_weight(weight: Weight) -> bool:
         and len(weight.consumers) == 1
         and not weight.other_readers
         and weight.tensor.data_type == onnx.TensorProto.FLOAT
-        and weight.consumers[0].op_type in ("Conv", "Gemm", "MatMul")
+        and weight.consumers[0].op_type in (*CONVOLUTIONS, "Gemm", "MatMul")
     )
 
 
@@ -96,6 +104,8 @@ def _layer(node: onnx.NodeProto, weight: Weight, editable: bool) -> Layer | None
     rank = len(weight.shape)
     if node.op_type == "Conv" and rank >= 3:
         return Layer(weight.name, node, 1, 1, 0, weight.shape, int(attrs.get("group", 1)), editable)
+    if node.op_type == "ConvTranspose" and rank >= 3:  # the weight is [Cin, Cout/G, *kernel]
+        return Layer(weight.name, node, 1, 0, 1, weight.shape, int(attrs.get("group", 1)), editable)
     if node.op_type == "Gemm":
         trans_b = int(attrs.get("transB", 0))
         return Layer(
@@ -272,7 +282,7 @@ def _channel_sums(layer: Layer, section: Section) -> tuple[str, str, str]:
     graph, fresh = section.graph, section.fresh
     x = layer.node.input[0]
     nodes = section.after.setdefault(x, After()).nodes
-    if layer.op_type == "Conv":
+    if layer.convolution:
         axes = [0, *range(2, len(layer.weight_shape))]
     elif layer.op_type == "Gemm":
         axes = [1 - layer.x_axis]
@@ -301,6 +311,8 @@ def per_weight(layer: Layer, values: np.ndarray, shape: tuple[int, ...]) -> np.n
         return values[channel].reshape(cout, cin_group, *([1] * (len(shape) - 2)))
     if values.size != shape[layer.in_axis]:
         return None
+    if layer.op_type == "ConvTranspose":
+        return values.reshape(-1, *([1] * (len(shape) - 1)))
     return values[:, None] if layer.in_axis == 0 else values[None, :]
 
 
