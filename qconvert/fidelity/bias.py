@@ -21,13 +21,7 @@ def bias_shift(layer: Layer, moments: Moments, original: np.ndarray, quantized: 
         return None
     delta = (original.astype(np.float64) - quantized.astype(np.float64)) * mean
     reduce = tuple(a for a in range(original.ndim) if a != layer.out_axis)
-    shift = delta.sum(axis=reduce)
-    if layer.op_type == "ConvTranspose":  # an input pixel's taps spread over prod(strides) output pixels
-        strides = next((list(a.ints) for a in layer.node.attribute if a.name == "strides"), [1])
-        shift /= float(np.prod(strides))
-    if layer.op_type == "Gemm":
-        shift *= next((a.f for a in layer.node.attribute if a.name == "alpha"), 1.0)
-    return shift
+    return delta.sum(axis=reduce) * layer.mean_gain
 
 
 def output_layout(layer: Layer, shift: np.ndarray) -> np.ndarray:

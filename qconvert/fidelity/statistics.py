@@ -57,6 +57,18 @@ class Layer:
         return self.node.op_type
 
     @property
+    def mean_gain(self) -> float:
+        """What Σ E[x]·W over the weight's other axes is multiplied by to give an output channel's mean: a Gemm's
+        alpha; for a ConvTranspose 1 / prod(strides), as an input pixel's taps spread over that many output pixels
+        (exact where they tile the output); else 1."""
+        attributes = {a.name: helper.get_attribute_value(a) for a in self.node.attribute}
+        if self.op_type == "Gemm":
+            return float(attributes.get("alpha", 1.0))
+        if self.op_type == "ConvTranspose":
+            return 1.0 / float(np.prod(attributes.get("strides", [1])))
+        return 1.0
+
+    @property
     def convolution(self) -> bool:
         """A Conv or ConvTranspose: x and y are [N, C, *spatial], and the weight's columns are patches (`hessian`)."""
         return self.op_type in CONVOLUTIONS

@@ -42,7 +42,7 @@ def noise_estimate(
     centre = statistics.per_weight(layer, moments.mean, shape)
     variance = np.broadcast_to(1.0 if spread is None else spread, shape)  # unknown layout: plain weight error
     mean = np.broadcast_to(0.0 if centre is None else centre, shape)
-    alpha = next((a.f for a in layer.node.attribute if a.name == "alpha"), 1.0) if layer.op_type == "Gemm" else 1.0
+    gain = layer.mean_gain
     others = tuple(a for a in range(len(shape)) if a != layer.out_axis)
 
     def estimate(
@@ -54,7 +54,7 @@ def noise_estimate(
             if channels is None
             else (np.take(variance, channels, layer.out_axis), np.take(mean, channels, layer.out_axis))
         )
-        shift = 0.0 if corrected else float(np.sum((alpha * np.sum(delta * mu, axis=others)) ** 2))
+        shift = 0.0 if corrected else float(np.sum((gain * np.sum(delta * mu, axis=others)) ** 2))
         scale = 1.0 if channels is None else shape[layer.out_axis] / channels.size
         return scale * (float(np.sum(var * delta * delta)) + shift)
 
