@@ -200,9 +200,10 @@ def _brought(layer: Layer, x: np.ndarray) -> np.ndarray:
     columns = np.empty((n, channels, kh, kw, out_h, out_w), np.float32)
     for i in range(kh):
         for j in range(kw):
-            canvas[:] = 0
-            canvas[:, :, i * dh : i * dh + reach_h : sh, j * dw : j * dw + reach_w : sw] = x
+            placed = np.s_[:, :, i * dh : i * dh + reach_h : sh, j * dw : j * dw + reach_w : sw]
+            canvas[placed] = x
             columns[:, :, i, j] = canvas[:, :, top : top + out_h, left : left + out_w]
+            canvas[placed] = 0  # the canvas is all zeros again for the next tap
     return columns
 
 

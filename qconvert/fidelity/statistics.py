@@ -323,9 +323,7 @@ def per_weight(layer: Layer, values: np.ndarray, shape: tuple[int, ...]) -> np.n
         return values[channel].reshape(cout, cin_group, *([1] * (len(shape) - 2)))
     if values.size != shape[layer.in_axis]:
         return None
-    if layer.op_type == "ConvTranspose":
-        return values.reshape(-1, *([1] * (len(shape) - 1)))
-    return values[:, None] if layer.in_axis == 0 else values[None, :]
+    return values.reshape([-1 if axis == layer.in_axis else 1 for axis in range(len(shape))])
 
 
 def importance(layer: Layer, moments: Moments, shape: tuple[int, ...]) -> np.ndarray | None:
