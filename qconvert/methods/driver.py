@@ -23,7 +23,7 @@ from qconvert.fidelity.statistics import Layer
 from qconvert.fold import fold_batchnorm
 from qconvert.methods import METHODS
 from qconvert.methods.base import Context, Method, Progress, Quantized, file_bytes, join, opset_for
-from qconvert.methods.common import Step, finite, in_order, require_weights, select
+from qconvert.methods.common import Step, finite, in_order, require_weights, select, small_setting
 from qconvert.methods.refine import SEQUENTIAL_BATCHES, Decision, Refiner, fold_filter, refiner_for, with_techniques
 from qconvert.opset import Reach, default_opset, raise_opset
 from qconvert.plan import KMeansPlan, LayerSetting, LinearPlan, Plan, layer_setting
@@ -63,10 +63,15 @@ class _Job:
         """The data-aware techniques serve the plan's own method; a layer override's other method runs plain."""
         return self.settings[weight.name].method == self.plan.method
 
+    def why_other_method(self, weight: Weight) -> str:
+        if self.settings[weight.name] == layer_setting(self.plan, weight.name):
+            return f"{self.method(weight).name} by a layer override"
+        return f"int8: {weight.elements} elements < --min-elements {self.plan.min_elements}"
+
     def select(self) -> None:
         selection = select(self.model, self.plan)
         self.weights, self.skipped = selection.weights, list(selection.skipped)
-        self.settings = {w.name: layer_setting(self.plan, w.name) for w in self.weights}
+        self.settings = {w.name: small_setting(self.plan, w) for w in self.weights}
         small = [w for w in self.weights if _float_bytes(w) <= PAYS_PAST_BYTES]
         if isinstance(self.plan, KMeansPlan) and small:  # a palette and its decode nodes may outweigh the values
             reach = Reach(self.model)
@@ -81,8 +86,8 @@ class _Job:
         setting = self.settings[weight.name]
         method = METHODS[setting.method]
         opset = opset_for(reach, method.need(weight, setting, None))
-        if opset is None:
-            return None  # the method's own checks say why
+        if opset is None:  # the method's own checks say why, unless it is the int8 of a small weight
+            return None if setting == layer_setting(self.plan, weight.name) else "int8 needs opset 10"
         encoded, stored = file_bytes(method, weight, setting.bits, None, opset), _float_bytes(weight)
         if encoded < stored:
             return None
@@ -171,7 +176,7 @@ def _reports(
     for weight in job.weights:
         item, decision = items[weight.name], decisions.get(weight.name)
         method, array = job.method(weight), weight.array()
-        overridden = f"{method.name} by a layer override" if not job.refined(weight) else None
+        overridden = None if job.refined(weight) else job.why_other_method(weight)
         note = join(overridden, job.axes[weight.name][1], chosen[weight.name], decision.note if decision else None)
         reports.append(with_techniques(method.report(weight, array, item, note), weight.name in folded, decision))
         histograms.append(method.histogram(weight.name, array, item))
