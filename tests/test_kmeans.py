@@ -278,3 +278,14 @@ def test_a_weight_is_encoded_only_where_that_makes_it_smaller(tmp_path) -> None:
     encoded, stored = (int(word) for word in skipped["reason"].split() if word.isdigit())
     assert stored == 48 and encoded > stored and "decode nodes" in skipped["reason"]
     assert files["measured"] == files["excluded"]
+    # under the default --min-elements both are too small for a palette: int8 where that is smaller than float
+    result = CliRunner().invoke(cli, ["kmeans", str(model), "--bits", "4", "-o", str(tmp_path / "d.onnx"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    (big,) = report["per_weight"]
+    assert (big["name"], big["bits"], big["note"]) == ("big", 8, "int8: 576 elements < --min-elements 1024")
+    assert big["stored_bytes"] < big["float_bytes"] / 3
+    (skipped,) = report["skipped"]
+    assert skipped["name"] == "tiny" and skipped["reason"].endswith("48 as float")
+    nodes = [n.op_type for n in onnx.load(str(tmp_path / "d.onnx")).graph.node]
+    assert nodes.count("DequantizeLinear") == 1 and "Gather" not in nodes
