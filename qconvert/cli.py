@@ -163,16 +163,16 @@ def _give_back_big_buffers() -> None:
 )
 @options.selection(
     DEFAULT_MIN_ELEMENTS,
-    "Weights with fewer elements are too small for a palette to pay (its codebook and decode nodes): they take "
-    "--small-weights.",
+    "Weights with fewer elements are too small for a palette to pay (its codebook and decode nodes): they stay "
+    "float, or take --small-weights int8.",
 )
 @click.option(
     "--small-weights",
     type=click.Choice(SMALL_WEIGHTS),
     default=SMALL_WEIGHTS[0],
     show_default=True,
-    help="What weights under --min-elements become: int8 DequantizeLinear (a scale per channel where that pays), "
-    "where that is smaller than their float values; or left float.",
+    help="What weights under --min-elements become: left float, or int8 DequantizeLinear (a scale per channel where "
+    "that pays; bias-corrected with calibration data) where that is smaller than their float values.",
 )
 @click.option(
     "--keep-opset", is_flag=True, help="Never raise the opset: store 4/2-bit indices bit-packed instead of uint4/uint2."

@@ -40,8 +40,7 @@ def inspect_model(path: Path, *, min_elements: int) -> dict[str, Any]:
     ]
     itemsize = {w.name: onnx.helper.tensor_dtype_to_np_dtype(w.tensor.data_type).itemsize for w in selection.weights}
     float_bytes = sum(w.elements * itemsize[w.name] for w in selection.weights)
-    small = [w for w in select_weights(model).weights if w.elements < min_elements]
-    estimates = _estimates(model, selection.weights, size, float_bytes, small)
+    estimates = _estimates(model, selection.weights, size, float_bytes)
     return {
         "path": str(path),
         "bytes": size,
@@ -65,31 +64,19 @@ def _value(value: onnx.ValueInfoProto) -> dict[str, Any]:
     return {"name": value.name, "dtype": dtype, "shape": dims}
 
 
-def _estimates(
-    model: onnx.ModelProto, weights: list[Weight], size: int, float_bytes: int, small: list[Weight]
-) -> list[dict[str, Any]]:
+def _estimates(model: onnx.ModelProto, weights: list[Weight], size: int, float_bytes: int) -> list[dict[str, Any]]:
     """The file size per method, bits and granularity: the size model of the conversions themselves
-    (`methods.base.file_bytes`: data plus decode nodes, at the opset the model can reach), plus the rest.
-    k-means takes the `small` weights (under --min-elements) to int8 where that is smaller (`--small-weights`)."""
+    (`methods.base.file_bytes`: data plus decode nodes, at the opset the model can reach), plus the rest."""
     reach = Reach(model)
     context = Context(opset=reach.current)
-    estimates, small_names = [], {w.name for w in small}
+    estimates = []
     for method, bits, granularity in ROWS:
         total, highest = size - float_bytes, reach.current
-        settings = [(w, LayerSetting(method.name, bits, granularity, False)) for w in weights]
-        if method.name == "kmeans":
-            settings += [(w, LayerSetting("linear", 8, Granularity.PER_CHANNEL, False)) for w in small]
-        for weight, setting in settings:
-            encoding = METHODS[setting.method]
-            axis = encoding.axes(weight, setting, context)[0][-1]
-            opset = opset_for(reach, encoding.need(weight, setting, axis))
-            stored = file_bytes(encoding, weight, setting.bits, axis, opset) if opset is not None else None
-            if weight.name in small_names:  # encoded only where that is smaller; its bytes are in `size`
-                floats = weight.array().nbytes
-                total -= floats - min(stored or floats, floats)
-                opset = opset if stored is not None and stored < floats else None
-            else:
-                total += stored if stored is not None else weight.array().nbytes
+        for weight in weights:
+            setting = LayerSetting(method.name, bits, granularity, False)
+            axis = method.axes(weight, setting, context)[0][-1]
+            opset = opset_for(reach, method.need(weight, setting, axis))
+            total += file_bytes(method, weight, bits, axis, opset) if opset is not None else weight.array().nbytes
             highest = max(highest, opset or highest)
         total += reach.growth(highest) or 0  # what converting the rest of the graph to that opset adds
         estimates.append(

@@ -12,7 +12,7 @@ from qconvert.errors import UsageError
 from qconvert.images import Preprocessing
 
 DEFAULT_MIN_ELEMENTS = 1024
-SMALL_WEIGHTS = ("int8", "float")  # what k-means does with weights under --min-elements
+SMALL_WEIGHTS = ("float", "int8")  # what k-means does with weights under --min-elements
 
 
 class Granularity(StrEnum):
@@ -88,8 +88,8 @@ class KMeansPlan:
     bias_correction: bool = True  # with calibration data: keep each layer's mean output
     sequential: bool = True  # with calibration data: GPTQ layers rounded again in graph order (`fidelity.sequential`)
     float16: bool = False  # then the rest in float16: codebooks, scales, weights left float, activations
-    # weights under min_elements, too small for a palette to pay: "int8" (linear, where smaller than float) or "float"
-    small_weights: str = "int8"
+    # weights under min_elements, too small for a palette to pay: "float", or "int8" (linear, where smaller than float)
+    small_weights: str = "float"
 
     def __post_init__(self) -> None:
         if self.small_weights not in SMALL_WEIGHTS:

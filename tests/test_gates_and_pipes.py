@@ -273,7 +273,6 @@ def test_html_report_is_self_contained_with_pictures(tmp_path: Path, digits: Pat
 CONFIG = """
 bits = 2
 per-channel = true
-small-weights = "float"
 min-snr = 5
 exclude = ["fc1.*"]
 
@@ -337,7 +336,7 @@ def test_mixed_bit_widths_store_each_at_its_width(tmp_path: Path, digits: Path) 
     result = invoke("kmeans", digits, "--config", tmp_path / "mixed.toml", "-o", out, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["opset"]["after"] == 25 and report["opset"]["storage"] == "int8, uint2, uint4, uint8"  # int8: small
+    assert report["opset"]["after"] == 25 and report["opset"]["storage"] == "uint2, uint4, uint8"
     types = {t.name: t.data_type for t in onnx.load(str(out)).graph.initializer if t.name.endswith("_indices")}
     assert types == {
         "conv2.weight_qc_indices": onnx.TensorProto.UINT8,
@@ -374,9 +373,9 @@ def test_hybrid_kmeans_with_linear_layers(tmp_path: Path, digits: Path, digits_d
     report = json.loads(result.stdout)
     fc1 = next(w for w in report["per_weight"] if w["name"] == "fc1.weight")
     assert fc1["bits"] == 4 and fc1["granularity"] == "per-channel" and "linear" in fc1["note"]
-    assert report["opset"]["after"] == 21 and report["opset"]["storage"] == "int4, int8, packed"
+    assert report["opset"]["after"] == 21 and report["opset"]["storage"] == "int4, packed"
     ops = [n.op_type for n in onnx.load(str(out)).graph.node]
-    assert ops.count("DequantizeLinear") == 3 and ops.count("Gather") == 2  # conv1 and fc2 are small: int8
+    assert ops.count("DequantizeLinear") == 1 and ops.count("Gather") == 2
     assert report["validation"]["accuracy"]["quantized_top1"] > 0.95
 
 

@@ -278,8 +278,9 @@ def test_a_weight_is_encoded_only_where_that_makes_it_smaller(tmp_path) -> None:
     encoded, stored = (int(word) for word in skipped["reason"].split() if word.isdigit())
     assert stored == 48 and encoded > stored and "decode nodes" in skipped["reason"]
     assert files["measured"] == files["excluded"]
-    # under the default --min-elements both are too small for a palette: int8 where that is smaller than float
-    result = CliRunner().invoke(cli, ["kmeans", str(model), "--bits", "4", "-o", str(tmp_path / "d.onnx"), "--json"])
+    # with --small-weights int8, those under --min-elements take int8 where that is smaller than float
+    args = ["kmeans", str(model), "--bits", "4", "--small-weights", "int8", "-o", str(tmp_path / "d.onnx"), "--json"]
+    result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     (big,) = report["per_weight"]

@@ -188,6 +188,5 @@ def test_the_size_model_and_the_api_know_it(digits: Path, ternary: Ternary) -> N
         fold_batchnorm=False,
         exclude=("conv*",),
         overrides=(qconvert.plan.LayerOverride("fc1.weight", method="ternary"),),
-        small_weights="float",  # fc2 stays float
     )
     assert abs(alone.report.output_bytes - (digits.stat().st_size - weight.array().nbytes + size)) < 64

@@ -42,8 +42,6 @@ def report_args(samples: Path, folder: Path) -> list[str]:
         "top5",
         "--max-metric-drop",
         "5",
-        "--exclude",
-        "fc2.weight",  # a skipped weight
         "-o",
         str(folder / "q.onnx"),
         "--json",

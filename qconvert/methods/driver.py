@@ -60,13 +60,21 @@ class _Job:
         return self.method(weight), weight
 
     def refined(self, weight: Weight) -> bool:
-        """The data-aware techniques serve the plan's own method; a layer override's other method runs plain."""
-        return self.settings[weight.name].method == self.plan.method
+        """The data-aware techniques serve the plan's own method, and the int8 of k-means' small weights (their
+        bias correction keeps the response to flat inputs of filters whose values nearly cancel); a layer
+        override's other method runs plain."""
+        return self.settings[weight.name].method == self.plan.method or self._small(weight)
 
-    def why_other_method(self, weight: Weight) -> str:
-        if self.settings[weight.name] == layer_setting(self.plan, weight.name):
-            return f"{self.method(weight).name} by a layer override"
-        return f"int8: {weight.elements} elements < --min-elements {self.plan.min_elements}"
+    def _small(self, weight: Weight) -> bool:
+        return self.settings[weight.name] != layer_setting(self.plan, weight.name)
+
+    def note(self, weight: Weight) -> str | None:
+        """Why the weight takes another method than the plan's (None: it does not)."""
+        if self.settings[weight.name].method == self.plan.method:
+            return None
+        if self._small(weight):
+            return f"int8: {weight.elements} elements < --min-elements {self.plan.min_elements}"
+        return f"{self.method(weight).name} by a layer override"
 
     def select(self) -> None:
         selection = select(self.model, self.plan)
@@ -87,7 +95,7 @@ class _Job:
         method = METHODS[setting.method]
         opset = opset_for(reach, method.need(weight, setting, None))
         if opset is None:  # the method's own checks say why, unless it is the int8 of a small weight
-            return None if setting == layer_setting(self.plan, weight.name) else "int8 needs opset 10"
+            return "int8 needs opset 10" if self._small(weight) else None
         encoded, stored = file_bytes(method, weight, setting.bits, None, opset), _float_bytes(weight)
         if encoded < stored:
             return None
@@ -176,7 +184,7 @@ def _reports(
     for weight in job.weights:
         item, decision = items[weight.name], decisions.get(weight.name)
         method, array = job.method(weight), weight.array()
-        overridden = None if job.refined(weight) else job.why_other_method(weight)
+        overridden = job.note(weight)
         note = join(overridden, job.axes[weight.name][1], chosen[weight.name], decision.note if decision else None)
         reports.append(with_techniques(method.report(weight, array, item, note), weight.name in folded, decision))
         histograms.append(method.histogram(weight.name, array, item))

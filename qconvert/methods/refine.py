@@ -18,8 +18,8 @@ from qconvert.fidelity.checks import Candidate, Deferred, array_of
 from qconvert.fidelity.statistics import Layer, Statistics
 from qconvert.fold import FoldFilter
 from qconvert.methods.base import Quantized
-from qconvert.methods.common import Progress, fold_pays
-from qconvert.plan import Plan, layer_setting
+from qconvert.methods.common import Progress, fold_pays, small_setting
+from qconvert.plan import Plan
 from qconvert.report import WeightReport
 from qconvert.runtime import Feeds, calibration_feeds
 from qconvert.select import Weight
@@ -369,7 +369,7 @@ def refiner_for(
     gptq.MAX_BITS bits are rounded by GPTQ."""
     if data is None or not weights or not (plan.data_aware or plan.bias_correction):
         return None
-    compensate = frozenset(w.name for w in weights if layer_setting(plan, w.name).bits <= gptq.MAX_BITS)
+    compensate = frozenset(w.name for w in weights if small_setting(plan, w).bits <= gptq.MAX_BITS)
     progress("gathering input statistics on the calibration data")
     feeds = calibration_feeds(model, data, plan.preprocessing)
     refiner = Refiner.gather(

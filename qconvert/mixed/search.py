@@ -181,7 +181,6 @@ def _base_plan(plan: AutoPlan, overrides: tuple[LayerOverride, ...], bits: int =
         data_aware=plan.data_aware,
         bias_correction=plan.bias_correction,
         sequential=plan.sequential,
-        small_weights="float",  # the search weighs every weight it quantizes; the small ones are not among them
     )
 
 
@@ -353,7 +352,6 @@ def plan_toml(details: dict[str, object], model: str) -> str:
     lines = [
         f"# qconvert auto plan for {model}; reuse: qconvert kmeans {model} --config THIS_FILE",
         f"bits = {max(set(kmeans_bits), key=kmeans_bits.count) if kmeans_bits else 8}",
-        'small_weights = "float"',  # the plan names every weight it quantizes
         *([] if details.get("calibrated") else ["no_data_aware = true", "no_bias_correction = true"]),
         "",
     ]
