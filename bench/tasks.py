@@ -19,8 +19,8 @@ and its metric (the classifiers' also `agree`: the share of samples whose top cl
   bench/imagenet.py): crops of photos from the scikit-image and matplotlib wheels; top-1 in the photo's classes.
 The metrics are qconvert's own (`qconvert.metrics`, what `--metric` takes) where they apply.
 Rows: float; qconvert kmeans 2/3/4/8 bits and linear int4/int8 weights-only, with the calibration data for the
-data-aware techniques; qconvert full QDQ (int8; min/max ranges, `--optimize speed`, and `--calibration-method
-auto`); qconvert auto at 25 dB output SNR (searched and checked on the calibration data only); qconvert float16,
+data-aware techniques; qconvert full QDQ (int8; the default ranges, `--optimize speed`, and `--calibration-method
+mse`); qconvert auto at 25 dB output SNR (searched and checked on the calibration data only); qconvert float16,
 and kmeans 4 with --float16 (the search on the calibration data); int4 weights-only with a scale per channel only
 and with blocks of 32 forced (the plain int4 row weighs blocks of 32 per weight); onnxruntime quantize_static (QDQ
 int8 per channel, the same data) and quantize_dynamic, each after onnxruntime's quant_pre_process as its warning
@@ -309,9 +309,9 @@ def _full_qdq_speed(model: Path, calibration: dict[str, np.ndarray], out: Path) 
     qconvert.linear(model, calibration=calibration, optimize="speed", validate=False, output=out)
 
 
-@mode("full QDQ int8, auto ranges")
-def _full_qdq_auto(model: Path, calibration: dict[str, np.ndarray], out: Path) -> None:
-    qconvert.linear(model, calibration=calibration, calibration_method="auto", validate=False, output=out)
+@mode("full QDQ int8, mse ranges")
+def _full_qdq_mse(model: Path, calibration: dict[str, np.ndarray], out: Path) -> None:
+    qconvert.linear(model, calibration=calibration, calibration_method="mse", validate=False, output=out)
 
 
 @mode("auto 25 dB")
@@ -488,7 +488,7 @@ SHORT = {
     "linear int4 weights-only": "int4 w",
     "linear int8 weights-only": "int8 w",
     "full QDQ int8": "QDQ int8",
-    "full QDQ int8, auto ranges": "QDQ auto ranges",
+    "full QDQ int8, mse ranges": "QDQ mse",
     "full QDQ int8, speed": "QDQ speed",
     "ORT quantize_static": "ORT static",
     "ORT quantize_dynamic": "ORT dynamic",

@@ -132,7 +132,7 @@ class LinearPlan:
     calibration: Path | None = None  # .npz of inputs or a folder of images: quantize activations too
     weights_only: bool = False  # with calibration: quantize weights only (the data serves the data-aware techniques)
     preprocessing: Preprocessing = field(default_factory=Preprocessing)  # for a folder of images
-    calibration_method: CalibrationMethod = CalibrationMethod.MSE
+    calibration_method: CalibrationMethod = CalibrationMethod.AUTO
     percentile: float = 99.999
     activation_type: str = "uint8"  # full QDQ: uint8 asymmetric, or int8 symmetric (zero point 0)
     float_activations: int | str = 0  # full QDQ: activations left float (those that lose most), or "auto"
