@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import ml_dtypes
 import numpy as np
@@ -290,3 +291,38 @@ def test_a_weight_is_encoded_only_where_that_makes_it_smaller(tmp_path) -> None:
     assert skipped["name"] == "tiny" and skipped["reason"].endswith("48 as float")
     nodes = [n.op_type for n in onnx.load(str(tmp_path / "d.onnx")).graph.node]
     assert nodes.count("DequantizeLinear") == 1 and "Gather" not in nodes
+
+
+def test_small_int8_weights_are_bias_corrected_where_their_filters_cancel(tmp_path) -> None:
+    """--small-weights int8 with calibration data: a depthwise filter whose values nearly cancel (a derivative, as
+    in the PP-OCRv4 recognizer's stem) answers flat inputs with its rounding error alone; bias correction takes
+    that mean error out, and the layer check keeps it."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    derivative = np.array([[0.3, -2.1, 0.4], [-1.9, 6.0, -1.6], [1.5, -4.0, 1.4]], np.float32)
+    weight = np.stack([derivative * s + rng.normal(0, 1e-3, (3, 3)) for s in rng.uniform(0.5, 2, 16)])[:, None]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], group=16)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 16, 12, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 16, 10, 10])],
+        [numpy_helper.from_array(weight.astype(np.float32), "w")],
+    )
+    model = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(model))
+    flat = rng.uniform(1, 3, (32, 16, 1, 1)) + rng.normal(0, 0.001, (32, 16, 12, 12))
+    np.savez(tmp_path / "cal.npz", x=flat.astype(np.float32))
+    args = ["kmeans", str(model), "--bits", "4", "--small-weights", "int8", "--calibration", str(tmp_path / "cal.npz")]
+    result = CliRunner().invoke(cli, [*args, "-o", str(tmp_path / "q.onnx"), "--json", "--no-validate"])
+    assert result.exit_code == 0, result.output
+    (small,) = json.loads(result.stdout)["per_weight"]
+    assert (
+        small["bits"] == 8
+        and small["note"].startswith("int8: 144 elements")
+        and "bias-corrected" in small["techniques"]
+    )
+    figures = re.findall(r"plain ([-\d.]+) dB, plain \+ bias-corrected ([-\d.]+) dB", small["note"])
+    plain, corrected = (float(v) for v in figures[0])
+    assert corrected > plain + 6, small["note"]  # the layer's output SNR on the calibration data

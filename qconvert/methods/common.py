@@ -56,9 +56,9 @@ class Step:
 
 
 def select(model: onnx.ModelProto, plan: Plan) -> Selection:
-    """The weights to quantize: selection minus those a layer override skips (reported as skipped); a k-means
-    plan's small weights too, unless they stay float (`small_setting`)."""
-    smallest = 1 if isinstance(plan, KMeansPlan) and plan.small_weights != "float" else plan.min_elements
+    """The weights to quantize: selection minus those a layer override skips (reported as skipped); with
+    `--small-weights int8`, a k-means plan's small weights too (`small_setting`)."""
+    smallest = 1 if isinstance(plan, KMeansPlan) and plan.small_weights == "int8" else plan.min_elements
     selection = select_weights(model, min_elements=smallest, exclude=plan.exclude)
     kept = []
     for weight in selection.weights:
@@ -72,11 +72,12 @@ def select(model: onnx.ModelProto, plan: Plan) -> Selection:
 
 def small_setting(plan: Plan, weight: Weight) -> LayerSetting:
     """How a weight is quantized (`layer_setting`); in a k-means plan, one under --min-elements that no layer
-    override names is too small for a palette (its codebook and decode nodes would outweigh its indices) and
-    takes int8 DequantizeLinear instead (`--small-weights`)."""
+    override names is too small for a palette (its codebook and decode nodes would outweigh its indices): with
+    `--small-weights int8` it takes int8 DequantizeLinear."""
     setting = layer_setting(plan, weight.name)
     if (
         isinstance(plan, KMeansPlan)
+        and plan.small_weights == "int8"
         and weight.elements < plan.min_elements
         and not any(o.applies_to(weight.name) for o in plan.overrides)
     ):
