@@ -18,12 +18,13 @@ from qconvert.select import Skipped
 from qconvert.validate import ValidationResult
 from qconvert.version import __version__
 
-SCHEMA_VERSION = 9  # 3: validation.metric (the task metric); 4: held-out calibration checks (in-sample beside);
+SCHEMA_VERSION = 10  # 3: validation.metric (the task metric); 4: held-out calibration checks (in-sample beside);
 # 5: options.group_size and options.equalize, granularity "grouped", details.equalized, details.auto.held_out,
 # latency_ms at 2 threads too (float_2t, converted_2t), time_by_op; 6: method "float16", options.float16,
 # details.float16, options.block_size, granularity "blocked"; 7: details.calibration.sequential, technique "sequential",
 # options.sequential; 8: details.calibration.sequential.last_layer (its bias shift measured with and without);
-# 9: options.small_weights (k-means: weights under --min-elements take int8)
+# 9: options.small_weights (k-means: weights under --min-elements take int8); 10: sequential.last_layer always,
+# with plain_model_snr_db (and plain_shifted_model_snr_db) and rounded_again
 
 
 @dataclass(frozen=True)

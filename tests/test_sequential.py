@@ -123,17 +123,22 @@ def test_rounding_again_in_graph_order_beats_gptq_on_float_inputs(tmp_path: Path
     assert "sequential" not in json.loads(result.output)["details"]["calibration"]
 
 
-@pytest.mark.parametrize("measured", ["as measured", "unshifted better"])
-def test_the_last_layer_keeps_its_bias_shift_only_where_the_held_out_samples_say_so(tmp_path, monkeypatch, measured):
-    """The last layer rounded again is measured with and without its bias shift (no later layer was fitted to it);
-    the better stays, the report says both, and the final fit and the written model follow it (a MatMul's shift is
-    an Add after it). "unshifted better" makes the held-out check prefer it, as on the PP-OCRv4 recognizer."""
-    if measured == "unshifted better":
+LAST = ("shifted_model_snr_db", "unshifted_model_snr_db", "plain_shifted_model_snr_db", "plain_model_snr_db")
+
+
+@pytest.mark.parametrize("measured", ["as measured", "unshifted better", "plain better"])
+def test_the_last_layer_keeps_what_the_held_out_samples_say(tmp_path, monkeypatch, measured):
+    """The last layer rounded again is measured with and without its bias shift (no later layer was fitted to it),
+    and plainly rounded with and without one; the best stays, the report says all four, and the final fit and the
+    written model follow it (a MatMul's shift is an Add after it). "unshifted better" and "plain better" make the
+    held-out check prefer one, as on the PP-OCRv4 recognizer and detector."""
+    if measured != "as measured":
         real = refine.checks.model_snr
+        boosted = 1 + LAST.index("unshifted_model_snr_db" if measured == "unshifted better" else "plain_model_snr_db")
 
         def preferring(model, variants, *args):  # type: ignore[no-untyped-def]
             snrs = real(model, variants, *args)
-            return [*snrs[:2], snrs[1] + 1] if len(variants) == 3 else snrs
+            return [s + 10 * (i == boosted) for i, s in enumerate(snrs)] if len(variants) == 5 else snrs
 
         monkeypatch.setattr(refine.checks, "model_snr", preferring)
     path = chain(tmp_path, layers=3, width=32)
@@ -143,18 +148,23 @@ def test_the_last_layer_keeps_its_bias_shift_only_where_the_held_out_samples_say
     verdict = report["details"]["calibration"]["sequential"]
     last = verdict["last_layer"]
     assert last["layer"] == "w2" and verdict["kept"]
-    assert last["shifted"] == (last["shifted_model_snr_db"] >= last["unshifted_model_snr_db"])
-    assert last["shifted"] == (measured == "as measured")
-    assert verdict["sequential_model_snr_db"] == max(last["shifted_model_snr_db"], last["unshifted_model_snr_db"])
+    best = max(LAST, key=lambda k: last[k])
+    assert verdict["sequential_model_snr_db"] == last[best]
+    assert last["shifted"] == (best in ("shifted_model_snr_db", "plain_shifted_model_snr_db"))
+    assert last["rounded_again"] == (best in ("shifted_model_snr_db", "unshifted_model_snr_db"))
+    if measured != "as measured":
+        assert best == LAST[boosted - 1]
     techniques = {w["name"]: w["techniques"] for w in report["per_weight"]}
-    assert "sequential" in techniques["w2"] and ("bias-corrected" in techniques["w2"]) == last["shifted"]
+    assert ("sequential" in techniques["w2"]) == last["rounded_again"]
+    assert ("bias-corrected" in techniques["w2"]) == last["shifted"]
     assert all("bias-corrected" in techniques[w] for w in ("w0", "w1"))
     graph = conversion.model.graph
     last_product = next(n.output[0] for n in graph.node if n.op_type == "MatMul" and "w2" in "".join(n.input))
     assert any(last_product in n.input for n in graph.node if n.op_type == "Add") == last["shifted"]
     said = "\n".join(fidelity(conversion.report))
     assert f"{verdict['layers']} GPTQ layers rounded again in graph order" in said
-    assert ("w2, the last of them, keeps its bias" in said) == (not last["shifted"])
+    assert ("w2, the last of them, keeps its bias" in said) == (last["rounded_again"] and not last["shifted"])
+    assert ("w2, the last of them, stays plainly rounded" in said) == (not last["rounded_again"])
 
 
 def test_a_fit_leaves_the_unshifted_layers_bias_alone(tmp_path: Path):

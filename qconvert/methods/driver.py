@@ -388,7 +388,9 @@ def _quantize(
     }
     decisions = refiner.decide(job.model, results, lambda name: by_name[name].array())  # type: ignore[arg-type]
     job.details["calibration"] = refiner.summary(decisions)
-    in_order_again, unshifted = _rounded_again(job, refiner, _chosen(plain, refined, decisions), decisions)
+    in_order_again, unshifted, decisions = _rounded_again(
+        job, refiner, plain, _chosen(plain, refined, decisions), decisions
+    )
     if refiner.stats.held_out:  # decided on samples the statistics did not see; the results use them all
         refiner.learn_from_all()  # GPTQ's results need every sample; energy-weighted clipping barely moves
         again = [
@@ -422,25 +424,33 @@ def _chosen(
 
 
 def _rounded_again(
-    job: _Job, refiner: Refiner, items: dict[str, Quantized], decisions: dict[str, Decision]
-) -> tuple[list[Layer], list[str]]:
-    """The layers that `fidelity.sequential` rounds again, and those of them whose bias it leaves alone: where a
-    fit on the batches the statistics came from measures better on the held-out ones (the report's calibration
-    details say). Not in full QDQ: its fit would not see the activations' rounding."""
+    job: _Job,
+    refiner: Refiner,
+    plain: dict[str, Quantized],
+    items: dict[str, Quantized],
+    decisions: dict[str, Decision],
+) -> tuple[list[Layer], list[str], dict[str, Decision]]:
+    """The layers that `fidelity.sequential` rounds again, those of them whose bias it leaves alone, and the
+    decisions: where a fit on the batches the statistics came from measures better on the held-out ones (the
+    report's calibration details say), the last of them rounded again or plain, whichever measures better. Not in
+    full QDQ: its fit would not see the activations' rounding."""
     if isinstance(job.plan, LinearPlan) and job.plan.activations:
-        return [], []
+        return [], [], decisions
     fitted = refiner.sequential_layers(job.model, decisions)
     if not fitted:
-        return [], []
+        return [], [], decisions
     job.progress(f"rounding {len(fitted)} layers again in graph order")
     after = refiner.round_sequentially(job.model, fitted, items, decisions, job.quantizing, refiner.stats.learned)
-    verdict = refiner.sequential_pays(job.model, (items, decisions), after, fitted[-1].weight)
+    name = fitted[-1].weight
+    last = (name, plain[name], job.quantizing(name)[1].array())
+    verdict, plain_last = refiner.sequential_pays(job.model, (items, decisions), after, last)
     samples = min(len(refiner.feeds.batches), SEQUENTIAL_BATCHES) if refiner.feeds else 0
     job.details["calibration"]["sequential"] = {"layers": len(fitted), "samples": samples, **verdict}  # type: ignore[index]
     if not verdict["kept"]:
-        return [], []
-    last = verdict.get("last_layer")
-    return fitted, [] if not isinstance(last, dict) or last["shifted"] else [fitted[-1].weight]
+        return [], [], decisions
+    if plain_last is not None:
+        return fitted[:-1], [], {**decisions, name: plain_last}
+    return fitted, [] if after[1][name].shift is None or verdict["last_layer"]["shifted"] else [name], decisions  # type: ignore[index]
 
 
 def _described(job: _Job, opset: OpsetChange, items: dict[str, Quantized]) -> OpsetChange:

@@ -279,39 +279,55 @@ class Refiner:
         model: onnx.ModelProto,
         before: tuple[dict[str, Quantized], dict[str, Decision]],
         after: tuple[dict[str, Quantized], dict[str, Decision]],
-        last: str,
-    ) -> dict[str, object]:
-        """The whole model's output SNR on the held-out batches before and after `round_sequentially`, and whether
-        that kept it. The `last` layer rounded again is measured without its bias shift too (no later layer was
-        fitted to it): a mean output error taken out of a classifier's logits, over every position, can move the
-        logits that win. The PP-OCRv4 recognizer's 6625 classes at kmeans 3 went 56 → 94 % exact match without
-        it, and its held-out SNR said so (9.0 → 10.1 dB). The shift stays where it measures no worse."""
+        last: tuple[str, Quantized, np.ndarray],
+    ) -> tuple[dict[str, object], Decision | None]:
+        """The whole model's output SNR on the held-out batches before and after `round_sequentially`, whether that
+        kept it, and the last layer's decision when its plain result measures better than its rounding again.
+
+        The `last` layer rounded again (name, its plain result, its float values) is measured without its bias shift
+        too, and plain (no later layer was fitted to it): a mean output error taken out of a classifier's logits,
+        over every position, can move the logits that win (the PP-OCRv4 recognizer's 6625 classes at kmeans 3 went
+        56 → 94 % exact match without it; held out 9.0 → 10.1 dB), and GPTQ at 2 bits rounded the PP-OCRv4
+        detector's ConvTranspose head worse than plain rounding (held out 10.55 against 10.88 dB)."""
         items, decisions = after
-        candidates = [before, after]
-        if shifted := decisions[last].shift is not None:
-            candidates.append((items, {**decisions, last: _shifted(decisions[last], None)}))
+        name, plain, original = last
+        kept = decisions[name]
+        plain_shift = bias_shift(self.layers[name], self.stats.moments[name], original, plain.dequantized())
+        options = [(items[name], kept.shift), (plain, plain_shift if kept.shift is not None else None)]
+        if kept.shift is not None:
+            options[1:1] = [(items[name], None)]
+            options.append((plain, None))
         variants = [
             (
-                {name: item.dequantized for name, item in values.items()},
+                {n: item.dequantized for n, item in values.items()},
                 {n: (self.layers[n], d.shift) for n, d in choices.items() if d.shift is not None},
             )
-            for values, choices in candidates
+            for values, choices in [
+                before,
+                *(({**items, name: item}, {**decisions, name: _shifted(kept, shift)}) for item, shift in options),
+            ]
         ]
         old, *new = checks.model_snr(model, variants, self.stats.checks, self.stats.reference)  # type: ignore[arg-type]
-        chosen = new[_best(new)]
+        best = _best(new)
+        chosen = new[best]
+        rounded_again = options[best][0] is not plain
         verdict: dict[str, object] = {
             "model_snr_db": old,
             "sequential_model_snr_db": chosen,
             "kept": chosen is None or (old is not None and chosen >= old + SEQUENTIAL_GAIN_DB),
+            "last_layer": {
+                "layer": name,
+                **dict(zip(_LAST_LABELS[len(options)], new)),
+                "rounded_again": rounded_again,
+                "shifted": options[best][1] is not None,
+            },
         }
-        if shifted:
-            verdict["last_layer"] = {
-                "layer": last,
-                "shifted_model_snr_db": new[0],
-                "unshifted_model_snr_db": new[1],
-                "shifted": _best(new) == 0,
-            }
-        return verdict
+        if rounded_again:
+            return verdict, None
+        shift = options[best][1]
+        layer_snr = kept.plain_layer_snr_db if shift is None else None  # measured by `decide` without a shift only
+        techniques = (BIAS_CORRECTED,) if shift is not None else ()
+        return verdict, Decision(False, shift, techniques, layer_snr, kept.plain_layer_snr_db, kept.note)
 
     def learn_from_all(self) -> None:
         """After the decisions: the statistics of every batch, the held-out ones too, for the final results."""
@@ -421,6 +437,12 @@ def _in_sample(measured: dict[str, float | None], label: str) -> dict[str, float
 def _pick(result: tuple[Deferred, Deferred | None], refined: bool) -> Deferred:
     plain, better = result
     return better if refined and better is not None else plain
+
+
+_LAST_LABELS = {  # the last layer's candidates (`Refiner.sequential_pays`), by how many were measured
+    2: ("rounded_again_model_snr_db", "plain_model_snr_db"),
+    4: ("shifted_model_snr_db", "unshifted_model_snr_db", "plain_shifted_model_snr_db", "plain_model_snr_db"),
+}
 
 
 def _shifted(decision: Decision, shift: np.ndarray | None, technique: str | None = None) -> Decision:

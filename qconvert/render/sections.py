@@ -168,12 +168,27 @@ def fidelity(report: Report) -> list[str]:
                 f"{again['layers']} GPTQ layers rounded again in graph order on the quantized model's inputs: "
                 f"{db(again['model_snr_db'])} -> {db(again['sequential_model_snr_db'])} dB {where}; {verdict}"
             )
-            if isinstance(last := again.get("last_layer"), dict) and not last["shifted"]:
-                lines.append(
-                    f"{last['layer']}, the last of them, keeps its bias: {db(last['shifted_model_snr_db'])} dB with "
-                    f"the mean output error taken out, {db(last['unshifted_model_snr_db'])} without"
-                )
+            if isinstance(last := again.get("last_layer"), dict) and again["kept"]:
+                lines += _last_layer(last)
     return lines
+
+
+def _last_layer(last: dict[str, Any]) -> list[str]:
+    """What became of the last layer rounded again, where that is not simply its rounding again with a shift."""
+    if not last["rounded_again"]:
+        again = last.get("shifted_model_snr_db", last.get("rounded_again_model_snr_db"))
+        shifted = last.get("plain_shifted_model_snr_db")
+        return [
+            f"{last['layer']}, the last of them, stays plainly rounded: {db(last['plain_model_snr_db'])} dB"
+            + (f" ({db(shifted)} with its bias shift)" if shifted is not None else "")
+            + f" against {db(again)} rounded again"
+        ]
+    if not last["shifted"] and "unshifted_model_snr_db" in last:
+        return [
+            f"{last['layer']}, the last of them, keeps its bias: {db(last['shifted_model_snr_db'])} dB with "
+            f"the mean output error taken out, {db(last['unshifted_model_snr_db'])} without"
+        ]
+    return []
 
 
 def auto_plan(report: Report) -> Table | None:
