@@ -443,14 +443,14 @@ def _rounded_again(
     after = refiner.round_sequentially(job.model, fitted, items, decisions, job.quantizing, refiner.stats.learned)
     name = fitted[-1].weight
     last = (name, plain[name], job.quantizing(name)[1].array())
-    verdict, plain_last = refiner.sequential_pays(job.model, (items, decisions), after, last)
+    verdict, chosen = refiner.sequential_pays(job.model, (items, decisions), after, last)
     samples = min(len(refiner.feeds.batches), SEQUENTIAL_BATCHES) if refiner.feeds else 0
     job.details["calibration"]["sequential"] = {"layers": len(fitted), "samples": samples, **verdict}  # type: ignore[index]
     if not verdict["kept"]:
         return [], [], decisions
-    if plain_last is not None:
-        return fitted[:-1], [], {**decisions, name: plain_last}
-    return fitted, [] if after[1][name].shift is None or verdict["last_layer"]["shifted"] else [name], decisions  # type: ignore[index]
+    if not chosen.refined:  # plainly rounded: not fitted again
+        return fitted[:-1], [], {**decisions, name: chosen}
+    return fitted, [name] if after[1][name].shift is not None and chosen.shift is None else [], decisions
 
 
 def _described(job: _Job, opset: OpsetChange, items: dict[str, Quantized]) -> OpsetChange:

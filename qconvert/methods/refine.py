@@ -280,9 +280,9 @@ class Refiner:
         before: tuple[dict[str, Quantized], dict[str, Decision]],
         after: tuple[dict[str, Quantized], dict[str, Decision]],
         last: tuple[str, Quantized, np.ndarray],
-    ) -> tuple[dict[str, object], Decision | None]:
+    ) -> tuple[dict[str, object], Decision]:
         """The whole model's output SNR on the held-out batches before and after `round_sequentially`, whether that
-        kept it, and the last layer's decision when its plain result measures better than its rounding again.
+        kept it, and the last layer's decision: rounded again (refined) or plain, with its shift or without.
 
         The `last` layer rounded again (name, its plain result, its float values) is measured without its bias shift
         too, and plain (no later layer was fitted to it): a mean output error taken out of a classifier's logits,
@@ -322,9 +322,9 @@ class Refiner:
                 "shifted": options[best][1] is not None,
             },
         }
-        if rounded_again:
-            return verdict, None
         shift = options[best][1]
+        if rounded_again:
+            return verdict, _shifted(kept, shift)
         layer_snr = kept.plain_layer_snr_db if shift is None else None  # measured by `decide` without a shift only
         techniques = (BIAS_CORRECTED,) if shift is not None else ()
         return verdict, Decision(False, shift, techniques, layer_snr, kept.plain_layer_snr_db, kept.note)
